@@ -1,0 +1,116 @@
+"""`edge-agent`: run the device agent, or show what a device has installed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from .protocol import ProtocolError
+from .slots import SlotStore
+from .trust import TrustError
+
+app = typer.Typer(
+    help=(
+        "The fleetledger edge agent. It watches this device's signed assignment on NATS, "
+        "verifies it against the pinned trust root, downloads and checks the model, installs "
+        "it into an A/B slot, runs it with the TFLite runtime and reports back to the hub."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+
+@app.command()
+def run(
+    device_id: str = typer.Option(..., "--device-id", help="This device's enrolled id."),
+    nats_url: str = typer.Option(
+        "nats://127.0.0.1:4222", "--nats", help="NATS server URL the hub uses."
+    ),
+    state_dir: Path = typer.Option(
+        ..., "--state-dir", help="Directory for model slots and agent state (survives restarts)."
+    ),
+    trust_root: Path = typer.Option(
+        ..., "--trust-root", help="The trust-root file from `hub init` (trust-root.bin)."
+    ),
+    rate: float = typer.Option(
+        20.0, "--rate", help="Inferences per second on generated inputs (0 = none)."
+    ),
+    window: float = typer.Option(5.0, "--window", help="Telemetry window length in seconds."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Run the agent until SIGTERM or Ctrl-C."""
+    from .agent import AgentConfig, EdgeAgent  # numpy/TFLite only when actually running
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"{device_id} %(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+    try:
+        agent = EdgeAgent(
+            AgentConfig(
+                device_id=device_id, nats_url=nats_url, state_dir=state_dir,
+                trust_root=trust_root, inference_hz=rate, window_seconds=window,
+            )
+        )
+    except (TrustError, ProtocolError, OSError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot reach NATS at {nats_url}: {exc}")
+        raise typer.Exit(3) from exc
+
+
+@app.command()
+def status(
+    state_dir: Path = typer.Option(..., "--state-dir", help="The agent's state directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Show the installed model (active slot) and the one kept for revert."""
+    slots = SlotStore(state_dir)
+    active, previous = slots.active(), slots.previous()
+    counter = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        counter = json.loads((state_dir / "agent.json").read_text())["last_counter"]
+    info = {
+        "active": None if active is None else {"slot": active.name, **active.metadata},
+        "previous": None if previous is None else {"slot": previous.name, **previous.metadata},
+        "last_counter": counter,
+    }
+    if as_json:
+        print(json.dumps(info))
+        return
+    Console().print_json(json.dumps(info))
+    if active is None:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""The device wire protocol: message types and their encode/decode, no I/O.
+
+Every message is canonical msgpack (ledger.encoding). Signed documents travel as an
+envelope `{"signatures": [{"keyid", "sig"}], "signed": <canonical bytes>}` whose
+signatures cover the `signed` bytes under a domain tag per document type, so a
+signature for one type can never be replayed as another. Decoders are strict: a
+wrong type, a missing field or an oversized message is a `ProtocolError` whose
+message says which field is wrong. See docs/PROTOCOL.md ("Wire protocol").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from ledger.encoding import EncodingError, canonical_decode, canonical_encode
+from ledger.signing import SigningKey
+
+MAX_ENVELOPE_BYTES = 256 * 1024
+MAX_SIGNATURES = 16
+
+DOMAIN_ROOT = "root"
+DOMAIN_MANIFEST = "release-manifest"
+DOMAIN_ASSIGNMENT = "assignment"
+
+# Device ids become NATS subject tokens and KV keys, so keep them to a safe alphabet.
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+
+class ProtocolError(ValueError):
+    """A message is malformed, of the wrong type, or too large."""
+
+
+def check_device_id(device_id: str) -> str:
+    if not DEVICE_ID_RE.match(device_id):
+        raise ProtocolError(
+            f"invalid device id {device_id!r}: use 1-64 letters, digits, '-' or '_'"
+        )
+    return device_id
+
+
+def check_model_ref(name: str, version: str) -> None:
+    if not MODEL_NAME_RE.match(name):
+        raise ProtocolError(
+            f"invalid model name {name!r}: use 1-64 lowercase letters, digits, '-' or '_'"
+        )
+    if not VERSION_RE.match(version):
+        raise ProtocolError(
+            f"invalid model version {version!r}: use 1-32 letters, digits, '-' or '_'"
+        )
+
+
+def manifest_key(name: str, version: str) -> str:
+    """KV key of a release manifest (`.` is the KV hierarchy separator)."""
+    check_model_ref(name, version)
+    return f"{name}.{version}"
+
+
+def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if name not in doc:
+        raise ProtocolError(f"{what}: missing field {name!r}")
+    value = doc[name]
+    # bool is an int in Python; never accept it where a number is meant.
+    if isinstance(value, bool) and kind is not bool:
+        raise ProtocolError(f"{what}: field {name!r} must be {_kind_name(kind)}, got bool")
+    if not isinstance(value, kind):
+        raise ProtocolError(
+            f"{what}: field {name!r} must be {_kind_name(kind)}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def decode_map(data: bytes, what: str, max_bytes: int = MAX_ENVELOPE_BYTES) -> dict[str, Any]:
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{what}: {len(data)} bytes is over the {max_bytes}-byte limit")
+    try:
+        value = canonical_decode(data, max_bytes=max_bytes)
+    except EncodingError as exc:
+        raise ProtocolError(f"{what}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what}: expected a map, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------- signed envelopes
+
+
+@dataclass(frozen=True)
+class Signature:
+    keyid: str
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class SignedEnvelope:
+    """Canonical bytes of a document plus the signatures over them."""
+
+    signed: bytes
+    signatures: tuple[Signature, ...]
+
+    @classmethod
+    def sign(cls, document: Mapping[str, Any], domain: str, keys: list[SigningKey]) -> SignedEnvelope:
+        signed = canonical_encode(document)
+        return cls(signed, tuple(Signature(k.keyid, k.sign(domain, signed)) for k in keys))
+
+    def encode(self) -> bytes:
+        return canonical_encode(
+            {
+                "signatures": [{"keyid": s.keyid, "sig": s.sig} for s in self.signatures],
+                "signed": self.signed,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "signed envelope") -> SignedEnvelope:
+        doc = decode_map(data, what)
+        signed = _field(doc, "signed", bytes, what)
+        raw_sigs = _field(doc, "signatures", list, what)
+        if len(raw_sigs) > MAX_SIGNATURES:
+            raise ProtocolError(f"{what}: more than {MAX_SIGNATURES} signatures")
+        sigs = []
+        for raw in raw_sigs:
+            if not isinstance(raw, dict):
+                raise ProtocolError(f"{what}: each signature must be a map")
+            sigs.append(
+                Signature(_field(raw, "keyid", str, what), _field(raw, "sig", bytes, what))
+            )
+        return cls(signed, tuple(sigs))
+
+    def document(self, what: str) -> dict[str, Any]:
+        return decode_map(self.signed, what)
+
+
+# ---------------------------------------------------------------- documents
+
+D = TypeVar("D", bound="_Document")
+
+
+@dataclass(frozen=True)
+class _Document:
+    TYPE: ClassVar[str] = ""
+    _FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+
+    def to_map(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["type"] = self.TYPE
+        return out
+
+    @classmethod
+    def from_map(cls: type[D], doc: Mapping[str, Any]) -> D:
+        what = cls.TYPE
+        if doc.get("type") != cls.TYPE:
+            raise ProtocolError(f"expected a {cls.TYPE!r} document, got type {doc.get('type')!r}")
+        values: dict[str, Any] = {}
+        for name, kind in cls._FIELDS.items():
+            values[name] = _field(doc, name, kind, what)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ReleaseManifest(_Document):
+    """What the release key vouches for: this exact blob is model name/version."""
+
+    TYPE = "release-manifest"
+    name: str
+    version: str
+    digest: str  # BLAKE3 hex of the .tflite blob
+    size: int
+    format: str
+    inputs: list[Any]
+    outputs: list[Any]
+    created: int  # ns
+    expires: int  # ns
+
+    _FIELDS = {
+        "name": str, "version": str, "digest": str, "size": int, "format": str,
+        "inputs": list, "outputs": list, "created": int, "expires": int,
+    }
+
+
+@dataclass(frozen=True)
+class Assignment(_Document):
+    """What the director key tells one device to run; `counter` only grows."""
+
+    TYPE = "assignment"
+    device: str
+    model: str
+    version: str
+    digest: str
+    manifest_hash: str  # BLAKE3 hex of the signed manifest envelope bytes
+    counter: int
+    rollout: str
+    issued_at: int
+    expires: int
+
+    _FIELDS = {
+        "device": str, "model": str, "version": str, "digest": str, "manifest_hash": str,
+        "counter": int, "rollout": str, "issued_at": int, "expires": int,
+    }
+
+
+# Status events a device reports.
+STATUS_APPLIED = "applied"
+STATUS_FAILED = "failed"
+STATUS_STARTED = "started"
+STATUS_EVENTS = (STATUS_APPLIED, STATUS_FAILED, STATUS_STARTED)
+
+
+@dataclass(frozen=True)
+class StatusReport(_Document):
+    """A device's word about an update outcome or its running model."""
+
+    TYPE = "status"
+    device: str
+    boot: str
+    seq: int
+    ts: int
+    event: str
+    model: str
+    version: str
+    digest: str
+    counter: int
+    reason: str
+    probe_output: list[float] = field(default_factory=list)
+
+    _FIELDS = {
+        "device": str, "boot": str, "seq": int, "ts": int, "event": str, "model": str,
+        "version": str, "digest": str, "counter": int, "reason": str, "probe_output": list,
+    }
+
+
+@dataclass(frozen=True)
+class TelemetryWindow(_Document):
+    """Inference counters over one fixed window on one device."""
+
+    TYPE = "telemetry"
+    device: str
+    boot: str
+    seq: int
+    model: str
+    version: str
+    digest: str
+    start: int
+    end: int
+    count: int
+    errors: int
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_max: float
+
+    _FIELDS = {
+        "device": str, "boot": str, "seq": int, "model": str, "version": str, "digest": str,
+        "start": int, "end": int, "count": int, "errors": int,
+        "latency_ms_p50": (float, int), "latency_ms_p95": (float, int),
+        "latency_ms_max": (float, int),
+    }
+
+
+def encode_report(report: StatusReport | TelemetryWindow) -> bytes:
+    return canonical_encode(report.to_map())
+
+
+def decode_report(data: bytes) -> StatusReport | TelemetryWindow:
+    doc = decode_map(data, "report")
+    kind = doc.get("type")
+    if kind == StatusReport.TYPE:
+        status = StatusReport.from_map(doc)
+        check_device_id(status.device)
+        if status.event not in STATUS_EVENTS:
+            raise ProtocolError(f"status: unknown event {status.event!r}")
+        if not all(isinstance(v, float | int) for v in status.probe_output):
+            raise ProtocolError("status: probe_output must be a list of numbers")
+        return status
+    if kind == TelemetryWindow.TYPE:
+        window = TelemetryWindow.from_map(doc)
+        check_device_id(window.device)
+        if window.count < 0 or window.errors < 0 or window.errors > window.count:
+            raise ProtocolError("telemetry: counts must satisfy 0 <= errors <= count")
+        return window
+    raise ProtocolError(f"report: unknown type {kind!r}")
+
+
+def report_subject(device: str, kind: str) -> str:
+    return f"fleet.report.{check_device_id(device)}.{kind}"
+
+
+def report_msg_id(device: str, boot: str, seq: int) -> str:
+    return f"{device}.{boot}.{seq}"
