@@ -96,7 +96,8 @@ class EdgeAgent:
             return 0
         except (ValueError, KeyError, TypeError) as exc:
             # Safer to fall back to the installed model's counter than to zero.
-            log.warning("agent state %s unreadable (%s); using the active slot", self._state_path, exc)
+            log.warning("agent state %s unreadable (%s); using the active slot",
+                        self._state_path, exc)
             active = self.slots.active()
             return int(active.metadata.get("counter", 0)) if active else 0
 
@@ -237,7 +238,9 @@ class EdgeAgent:
             raise UpdateRefused(f"release manifest {key} not found") from exc
         raw = entry.value or b""
         if blake3.blake3(raw).hexdigest() != assignment.manifest_hash:
-            raise UpdateRefused(f"manifest {key} is not the one the assignment names (hash differs)")
+            raise UpdateRefused(
+                f"manifest {key} is not the one the assignment names (hash differs)"
+            )
         envelope = proto.SignedEnvelope.decode(raw, "release manifest")
         manifest = proto.ReleaseManifest.from_map(
             self.trust.verify(envelope, "release", proto.DOMAIN_MANIFEST)

@@ -10,6 +10,7 @@ a longer object is refused (TUF's "endless data" attack) without reading it all.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from nats.js import JetStreamContext
@@ -77,9 +78,8 @@ async def iter_object_chunks(
                     )
                 yield msg.data
     finally:
-        try:
+        # The connection may already be gone; the ephemeral consumer expires anyway.
+        with contextlib.suppress(Exception):
             await sub.unsubscribe()
-        except Exception:  # the connection may already be gone; the consumer expires anyway
-            pass
     if received != expected_size:
         raise FetchError(f"blob {name} ended after {received} of {expected_size} bytes")

@@ -109,7 +109,9 @@ class SignedEnvelope:
     signatures: tuple[Signature, ...]
 
     @classmethod
-    def sign(cls, document: Mapping[str, Any], domain: str, keys: list[SigningKey]) -> SignedEnvelope:
+    def sign(
+        cls, document: Mapping[str, Any], domain: str, keys: list[SigningKey]
+    ) -> SignedEnvelope:
         signed = canonical_encode(document)
         return cls(signed, tuple(Signature(k.keyid, k.sign(domain, signed)) for k in keys))
 
@@ -144,12 +146,13 @@ class SignedEnvelope:
 # ---------------------------------------------------------------- documents
 
 D = TypeVar("D", bound="_Document")
+FieldSpec = dict[str, type | tuple[type, ...]]
 
 
 @dataclass(frozen=True)
 class _Document:
     TYPE: ClassVar[str] = ""
-    _FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+    _FIELDS: ClassVar[FieldSpec] = {}
 
     def to_map(self) -> dict[str, Any]:
         out = asdict(self)
@@ -171,7 +174,7 @@ class _Document:
 class ReleaseManifest(_Document):
     """What the release key vouches for: this exact blob is model name/version."""
 
-    TYPE = "release-manifest"
+    TYPE: ClassVar[str] = "release-manifest"
     name: str
     version: str
     digest: str  # BLAKE3 hex of the .tflite blob
@@ -182,7 +185,7 @@ class ReleaseManifest(_Document):
     created: int  # ns
     expires: int  # ns
 
-    _FIELDS = {
+    _FIELDS: ClassVar[FieldSpec] = {
         "name": str, "version": str, "digest": str, "size": int, "format": str,
         "inputs": list, "outputs": list, "created": int, "expires": int,
     }
@@ -192,7 +195,7 @@ class ReleaseManifest(_Document):
 class Assignment(_Document):
     """What the director key tells one device to run; `counter` only grows."""
 
-    TYPE = "assignment"
+    TYPE: ClassVar[str] = "assignment"
     device: str
     model: str
     version: str
@@ -203,7 +206,7 @@ class Assignment(_Document):
     issued_at: int
     expires: int
 
-    _FIELDS = {
+    _FIELDS: ClassVar[FieldSpec] = {
         "device": str, "model": str, "version": str, "digest": str, "manifest_hash": str,
         "counter": int, "rollout": str, "issued_at": int, "expires": int,
     }
@@ -220,7 +223,7 @@ STATUS_EVENTS = (STATUS_APPLIED, STATUS_FAILED, STATUS_STARTED)
 class StatusReport(_Document):
     """A device's word about an update outcome or its running model."""
 
-    TYPE = "status"
+    TYPE: ClassVar[str] = "status"
     device: str
     boot: str
     seq: int
@@ -233,7 +236,7 @@ class StatusReport(_Document):
     reason: str
     probe_output: list[float] = field(default_factory=list)
 
-    _FIELDS = {
+    _FIELDS: ClassVar[FieldSpec] = {
         "device": str, "boot": str, "seq": int, "ts": int, "event": str, "model": str,
         "version": str, "digest": str, "counter": int, "reason": str, "probe_output": list,
     }
@@ -243,7 +246,7 @@ class StatusReport(_Document):
 class TelemetryWindow(_Document):
     """Inference counters over one fixed window on one device."""
 
-    TYPE = "telemetry"
+    TYPE: ClassVar[str] = "telemetry"
     device: str
     boot: str
     seq: int
@@ -258,7 +261,7 @@ class TelemetryWindow(_Document):
     latency_ms_p95: float
     latency_ms_max: float
 
-    _FIELDS = {
+    _FIELDS: ClassVar[FieldSpec] = {
         "device": str, "boot": str, "seq": int, "model": str, "version": str, "digest": str,
         "start": int, "end": int, "count": int, "errors": int,
         "latency_ms_p50": (float, int), "latency_ms_p95": (float, int),

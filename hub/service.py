@@ -105,7 +105,10 @@ class HubService:
                 await task
         self._tasks.clear()
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
+            # Handlers are done by now; flush what we published and close.
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+            await self._nc.close()
         self.store.close()
 
     async def _ensure_layout(self) -> None:

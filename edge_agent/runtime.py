@@ -1,0 +1,299 @@
+"""The one place the edge agent touches the TFLite runtime.
+
+Everything the interpreter can throw becomes `ModelRuntimeError`, so callers (install
+pipeline, health window) handle one exception type whose message says what to fix.
+
+The runtime does NOT verify the flatbuffer structure: a truncated or malformed file can
+crash the process (SIGSEGV) instead of raising. So a model from outside is first loaded
+by `preflight`, in a child process, and only then with `LoadedModel.load` in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+try:
+    from tflite_runtime.interpreter import Interpreter
+except ImportError:  # pragma: no cover - depends on what the device has installed
+    try:
+        # ai-edge-litert is the successor package; same Interpreter API.
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        # Importing this module must not fail on a box without a runtime (the CLI
+        # still has to print a clear error), so the failure is deferred to load time.
+        Interpreter = None
+
+__all__ = [
+    "LoadedModel",
+    "ModelRuntimeError",
+    "PreflightResult",
+    "TensorSpec",
+    "describe",
+    "preflight",
+    "probe_input",
+]
+
+# A fixed seed keeps the smoke input of non-float models reproducible across runs.
+_SMOKE_SEED = 20240229
+
+
+class ModelRuntimeError(Exception):
+    """A model could not be loaded or run; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name, e.g. "float32"
+    quantization: tuple[float, int]  # (scale, zero_point); (0.0, 0) when not quantized
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        return np.dtype(self.dtype)
+
+
+def probe_input(n: int) -> NDArray[np.float32]:
+    """The fixed float32 [1, n] input everyone uses to tell model versions apart.
+
+    Values are multiples of 1/4 in [-1, 1], exact in float32, so the probe is
+    bit-identical on every platform (no libm involved).
+    """
+    if n < 1:
+        raise ValueError(f"probe input needs at least one element, got n={n}")
+    values = (np.arange(n, dtype=np.float64) % 9 - 4) / 4
+    return values.astype(np.float32).reshape(1, n)
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    return TensorSpec(
+        name=str(detail["name"]),
+        shape=tuple(int(d) for d in detail["shape"]),
+        dtype=np.dtype(detail["dtype"]).name,
+        quantization=(float(scale), int(zero_point)),
+    )
+
+
+class LoadedModel:
+    """A TFLite model with its tensors allocated, ready to run on the first input."""
+
+    def __init__(self, interpreter: Any, source: str) -> None:
+        # Use `load` / `from_bytes`; this takes an interpreter that is already allocated.
+        self._interpreter = interpreter
+        self._source = source
+        # The interpreter keeps per-call state in its tensors; one caller at a time.
+        self._lock = threading.Lock()
+        try:
+            self._inputs = [_spec(d) for d in interpreter.get_input_details()]
+            self._outputs = [_spec(d) for d in interpreter.get_output_details()]
+            self._input_index = int(interpreter.get_input_details()[0]["index"])
+            self._output_index = int(interpreter.get_output_details()[0]["index"])
+        except (ValueError, RuntimeError, IndexError, KeyError, TypeError) as exc:
+            raise ModelRuntimeError(
+                f"{source}: cannot read the model's input/output tensors: {exc}"
+            ) from exc
+
+    @classmethod
+    def load(cls, path: Path) -> LoadedModel:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ModelRuntimeError(f"cannot read model file {path}: {exc}") from exc
+        # Loading from bytes (not model_path) makes the runtime verify the flatbuffer,
+        # so a corrupt file is an error rather than a crash.
+        return cls._build(data, source=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LoadedModel:
+        return cls._build(bytes(data), source="model bytes")
+
+    @classmethod
+    def _build(cls, data: bytes, source: str) -> LoadedModel:
+        if Interpreter is None:
+            raise ModelRuntimeError(
+                "no TFLite runtime is installed: pip install tflite-runtime (or ai-edge-litert)"
+            )
+        if not data:
+            raise ModelRuntimeError(f"{source}: model file is empty")
+        try:
+            interpreter = Interpreter(model_content=data, num_threads=1)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelRuntimeError(
+                f"{source}: model file is not a valid TFLite flatbuffer: {exc}"
+            ) from exc
+        try:
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelRuntimeError(
+                f"{source}: the TFLite runtime rejected the model graph "
+                f"(unsupported op or inconsistent tensors): {exc}"
+            ) from exc
+        model = cls(interpreter, source)
+        if not model._inputs or not model._outputs:
+            raise ModelRuntimeError(f"{source}: model has no inputs or no outputs")
+        return model
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    def run(self, x: NDArray[Any]) -> NDArray[Any]:
+        """Run one inference on the first input; return a copy of the first output."""
+        spec = self._inputs[0]
+        if not isinstance(x, np.ndarray):
+            raise ModelRuntimeError(f"input must be a numpy array, got {type(x).__name__}")
+        if tuple(x.shape) != spec.shape or x.dtype != spec.numpy_dtype:
+            raise ModelRuntimeError(
+                f"input {spec.name!r} expects shape {list(spec.shape)} dtype {spec.dtype}, "
+                f"got shape {list(x.shape)} dtype {x.dtype.name}"
+            )
+        with self._lock:
+            try:
+                self._interpreter.set_tensor(self._input_index, x)
+                self._interpreter.invoke()
+                out = self._interpreter.get_tensor(self._output_index)
+            except (ValueError, RuntimeError) as exc:
+                raise ModelRuntimeError(f"{self._source}: inference failed: {exc}") from exc
+        return np.array(out, copy=True)
+
+    def generated_input(self, rng: np.random.Generator) -> NDArray[Any]:
+        """Random data fitting the first input: floats in [-1, 1], integers over their range."""
+        spec = self._inputs[0]
+        dtype = spec.numpy_dtype
+        if dtype.kind == "f":
+            return rng.uniform(-1.0, 1.0, size=spec.shape).astype(dtype)
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            return rng.integers(
+                int(info.min), int(info.max), size=spec.shape, dtype=dtype, endpoint=True
+            )
+        if dtype.kind == "b":
+            return rng.integers(0, 2, size=spec.shape).astype(dtype)
+        raise ModelRuntimeError(
+            f"cannot generate input data for {spec.name!r} of dtype {spec.dtype}"
+        )
+
+    def smoke_test(self) -> NDArray[Any]:
+        """Run the probe input once; the result identifies the model version.
+
+        Float models get `probe_input` (reshaped to the input's shape); other dtypes a
+        fixed-seed generated input. Non-finite float output fails the test: a model
+        that answers NaN to a plain input is broken, whatever the runtime says.
+        """
+        spec = self._inputs[0]
+        dtype = spec.numpy_dtype
+        size = int(np.prod(spec.shape, dtype=np.int64))
+        if dtype.kind == "f" and size >= 1:
+            x = probe_input(size).reshape(spec.shape).astype(dtype)
+        else:
+            x = self.generated_input(np.random.default_rng(_SMOKE_SEED))
+        out = self.run(x)
+        if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+            raise ModelRuntimeError(
+                f"{self._source}: smoke inference produced non-finite output values"
+            )
+        return out
+
+
+def _signature(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+
+
+def describe(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """JSON-able input/output signature of the model at `path`."""
+    model = LoadedModel.load(path)
+    return {"inputs": _signature(model.inputs), "outputs": _signature(model.outputs)}
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    signature: dict[str, list[dict[str, Any]]]  # as returned by `describe`
+    smoke_output: NDArray[Any]
+
+
+# Exit status the child uses for "ModelRuntimeError, message on the last stderr line".
+_PREFLIGHT_REJECTED = 3
+
+
+def preflight(path: Path, timeout: float = 120.0) -> PreflightResult:
+    """Load and smoke-test `path` in a child process.
+
+    A native crash then kills the child, not the agent, and comes back as a
+    ModelRuntimeError like any other bad model.
+    """
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "edge_agent.runtime", str(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise ModelRuntimeError(
+            f"{path}: loading and smoke-testing the model took longer than {timeout:.0f}s"
+        ) from exc
+    if proc.returncode < 0:
+        try:
+            how = signal.Signals(-proc.returncode).name
+        except ValueError:
+            how = f"signal {-proc.returncode}"
+        raise ModelRuntimeError(
+            f"{path}: the TFLite runtime crashed ({how}) loading the model; the file is "
+            "truncated, corrupt, or not a model this runtime supports"
+        )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        if proc.returncode != _PREFLIGHT_REJECTED:
+            detail = f"model check process failed: {detail}"
+        raise ModelRuntimeError(detail)
+    try:
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = report["smoke_output"]
+        smoke = np.asarray(out["values"], dtype=out["dtype"]).reshape(out["shape"])
+        signature = {"inputs": report["inputs"], "outputs": report["outputs"]}
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelRuntimeError(f"{path}: unreadable report from model check: {exc}") from exc
+    return PreflightResult(signature=signature, smoke_output=smoke)
+
+
+def _preflight_child(path: str) -> int:
+    try:
+        model = LoadedModel.load(Path(path))
+        out = model.smoke_test()
+    except ModelRuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return _PREFLIGHT_REJECTED
+    report = {
+        "inputs": _signature(model.inputs),
+        "outputs": _signature(model.outputs),
+        "smoke_output": {
+            "dtype": out.dtype.name,
+            "shape": list(out.shape),
+            "values": out.ravel().tolist(),
+        },
+    }
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m edge_agent.runtime MODEL.tflite", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_preflight_child(sys.argv[1]))

@@ -1,0 +1,150 @@
+"""Test harness: a real nats-server, a real hub, real agent processes.
+
+Waiting is done on events (ledger entries as the hub publishes them on
+`ledger.entry`), each with a timeout; never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from hub.home import HubConfig, init_home
+from hub.service import HubService
+from ledger.entry import Entry
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LedgerFeed:
+    """Collects entries from the hub's live ledger feed."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self._changed = asyncio.Event()
+        self._nc: NATS | None = None
+
+    async def start(self, url: str) -> None:
+        self._nc = await nats.connect(url, name="test-feed")
+        await self._nc.subscribe("ledger.entry", cb=self._on_entry)
+
+    async def _on_entry(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        entry = Entry.from_body(
+            msg.data, bytes.fromhex(headers["Ledger-Prev"]), bytes.fromhex(headers["Ledger-Hash"])
+        )
+        self.entries.append(entry)
+        self._changed.set()
+
+    async def wait_for(
+        self, predicate: Callable[[list[Entry]], bool], timeout: float = 30.0, what: str = ""
+    ) -> list[Entry]:
+        async def until() -> None:
+            while not predicate(self.entries):
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except TimeoutError:
+            kinds = [(e.seq, e.kind, e.subject) for e in self.entries[-10:]]
+            raise AssertionError(f"timed out waiting for {what}; last entries: {kinds}") from None
+        return self.entries
+
+    def of_kind(self, kind: str, device: str | None = None) -> list[Entry]:
+        return [
+            e for e in self.entries
+            if e.kind == kind and (device is None or e.subject == f"device:{device}")
+        ]
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+
+
+@dataclass
+class AgentProcess:
+    device_id: str
+    nats_url: str
+    state_dir: Path
+    trust_root: Path
+    log_path: Path
+    rate: float = 50.0
+    window: float = 0.5
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> AgentProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "edge_agent.cli", "run",
+                    "--device-id", self.device_id, "--nats", self.nats_url,
+                    "--state-dir", str(self.state_dir), "--trust-root", str(self.trust_root),
+                    "--rate", str(self.rate), "--window", str(self.window),
+                    "--log-level", "DEBUG",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Fleet:
+    """A hub (in this process) plus agents (child processes) on one nats-server."""
+
+    root: Path
+    nats_url: str
+    config: HubConfig = field(init=False)
+    hub: HubService = field(init=False)
+    feed: LedgerFeed = field(init=False)
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+
+    async def start(self) -> Fleet:
+        self.config = init_home(self.root / "hub", self.nats_url)
+        self.hub = HubService(self.config)
+        await self.hub.start()
+        self.feed = LedgerFeed()
+        await self.feed.start(self.nats_url)
+        return self
+
+    def agent(self, device_id: str) -> AgentProcess:
+        if device_id not in self.agents:
+            self.agents[device_id] = AgentProcess(
+                device_id, self.nats_url, self.root / "devices" / device_id,
+                self.config.trust_root_path, self.root / f"{device_id}.log",
+            )
+        return self.agents[device_id]
+
+    async def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        await self.feed.close()
+        await self.hub.stop()

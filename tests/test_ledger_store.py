@@ -1,0 +1,263 @@
+"""LedgerStore on real SQLite files: appends, reads, atomicity, append-only triggers."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
+
+from ledger.entry import GENESIS_PREV, Entry
+from ledger.errors import EntryError, LedgerNotFoundError, StoreError
+from ledger.store import FORMAT, LedgerStore, NewEvent
+from ledger.verify import ENTRY_EDITED, MISSING_ENTRY
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[LedgerStore]:
+    opened = LedgerStore.open(db_path)
+    yield opened
+    opened.close()
+
+
+def fill(store: LedgerStore, n: int) -> list[Entry]:
+    return [
+        store.append("device.status", f"dev-{i}", f"device:dev-{i}", {"i": i, "b": b"\x01" * i})
+        for i in range(n)
+    ]
+
+
+def test_append_and_read_back(store: LedgerStore) -> None:
+    appended = store.append("model.registered", "op-1", "model:kws/3", {"digest": b"\xaa" * 32},
+                            ts=123)  # fmt: skip
+    assert appended.seq == 0 and appended.ts == 123 and appended.prev == GENESIS_PREV
+    assert store.get(0) == appended
+    assert store.head() == appended
+    assert store.count() == 1
+    assert store.get(1) is None
+
+
+def test_empty_ledger(store: LedgerStore) -> None:
+    assert store.head() is None and store.count() == 0 and store.tail(5) == []
+    result = store.verify()
+    assert result.ok and result.entries == 0
+
+
+def test_entries_chain_across_calls_and_reopen(db_path: Path) -> None:
+    with LedgerStore.open(db_path) as first:
+        a = first.append("a.b", "hub", "s", {})
+        bc = first.append_many([NewEvent("a.c", "hub", "s", {"n": 1}),
+                                NewEvent("a.d", "hub", "t", {}, ts=7)])  # fmt: skip
+    with LedgerStore.open(db_path) as again:
+        d = again.append("a.e", "hub", "s", {})
+        entries = list(again.iter_entries())
+    assert [e.seq for e in entries] == [0, 1, 2, 3]
+    assert entries == [a, *bc, d]
+    for before, after in itertools.pairwise(entries):
+        assert after.prev == before.hash
+    assert all(e.hash_matches() for e in entries)
+
+
+def test_default_ts_is_the_wall_clock_in_ns(store: LedgerStore) -> None:
+    import time
+
+    before = time.time_ns()
+    entry = store.append("a.b", "hub", "s", {})
+    assert before <= entry.ts <= time.time_ns()
+
+
+def test_iteration_in_batches_and_tail(store: LedgerStore) -> None:
+    entries = fill(store, 25)
+    assert list(store.iter_entries(batch=4)) == entries
+    assert list(store.iter_entries(start=20, batch=3)) == entries[20:]
+    assert [r.hash for r in store.iter_raw(batch=7)] == [e.hash for e in entries]
+    assert store.tail(3) == entries[-3:]
+    assert store.tail(100) == entries
+    assert store.verify().head_hash == entries[-1].hash
+
+
+def test_apply_runs_in_the_same_transaction(store: LedgerStore) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE projection (seq INTEGER, kind TEXT)"))
+
+    def project(conn: Connection, entries: list[Entry]) -> None:
+        for e in entries:
+            conn.execute(text("INSERT INTO projection VALUES (:s, :k)"), {"s": e.seq, "k": e.kind})
+
+    store.append_many([NewEvent("a.b", "hub", "s", {}), NewEvent("a.c", "hub", "s", {})], project)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT seq, kind FROM projection")).all() == [(0, "a.b"),
+                                                                                (1, "a.c")]
+
+
+def test_failing_apply_leaves_the_ledger_unchanged(store: LedgerStore) -> None:
+    fill(store, 2)
+    head = store.head()
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE projection (seq INTEGER)"))
+
+    class Refused(Exception):
+        pass
+
+    def project_then_fail(conn: Connection, entries: list[Entry]) -> None:
+        conn.execute(text("INSERT INTO projection VALUES (:s)"), {"s": entries[0].seq})
+        raise Refused("command rejected")
+
+    with pytest.raises(Refused):
+        store.append("a.b", "hub", "s", {}, apply=project_then_fail)
+    assert store.count() == 2 and store.head() == head
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM projection")).scalar() == 0
+    assert store.append("a.c", "hub", "s", {}).seq == 2
+
+
+def test_invalid_event_appends_nothing(store: LedgerStore) -> None:
+    with pytest.raises(EntryError, match="kind"):
+        store.append_many([NewEvent("a.b", "hub", "s", {}), NewEvent("Bad", "hub", "s", {})])
+    assert store.count() == 0
+
+
+def test_update_and_delete_are_refused(store: LedgerStore, db_path: Path) -> None:
+    fill(store, 3)
+    for sql in ("UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 1",
+                "DELETE FROM ledger_entries WHERE seq = 2"):  # fmt: skip
+        with pytest.raises(IntegrityError, match="append-only"), store.engine.begin() as conn:
+            conn.execute(text(sql))
+        raw = sqlite3.connect(db_path)
+        try:
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                raw.execute(sql)
+        finally:
+            raw.close()
+    assert store.verify().ok and store.count() == 3
+
+
+def tamper(db_path: Path, *statements: str) -> None:
+    raw = sqlite3.connect(db_path)
+    try:
+        raw.execute("DROP TRIGGER ledger_entries_no_update")
+        raw.execute("DROP TRIGGER ledger_entries_no_delete")
+        for sql in statements:
+            raw.execute(sql)
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def test_tampered_payload_is_found(store: LedgerStore, db_path: Path) -> None:
+    entries = fill(store, 6)
+    body = bytearray(entries[4].body)
+    body[-1] ^= 0x01  # the last byte is inside the payload
+    tamper(db_path, f"UPDATE ledger_entries SET body = x'{body.hex()}' WHERE seq = 4")
+    result = store.verify()
+    assert (result.ok, result.first_bad_seq, result.problem) == (False, 4, ENTRY_EDITED)
+    assert result.entries == 4
+
+
+def test_deleted_middle_row_is_reported_missing(store: LedgerStore, db_path: Path) -> None:
+    fill(store, 6)
+    tamper(db_path, "DELETE FROM ledger_entries WHERE seq = 3")
+    result = store.verify()
+    assert not result.ok and result.first_bad_seq == 3
+    assert result.problem is not None and result.problem.startswith(MISSING_ENTRY)
+
+
+def test_sqlite_is_in_wal_mode_and_records_its_format(store: LedgerStore, db_path: Path) -> None:
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        meta = dict(raw.execute("SELECT key, value FROM ledger_meta").fetchall())
+    finally:
+        raw.close()
+    assert meta == {"format": FORMAT, "hash": "blake3"}
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_open_without_create(tmp_path: Path) -> None:
+    with pytest.raises(LedgerNotFoundError, match="no ledger database"):
+        LedgerStore.open(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_open_refuses_files_that_are_not_ledgers(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        LedgerStore.open(garbage, create=False)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(StoreError, match="not a fleetledger ledger"):
+        LedgerStore.open(other, create=False)
+
+
+def test_open_refuses_an_unknown_format(db_path: Path) -> None:
+    LedgerStore.open(db_path).close()
+    raw = sqlite3.connect(db_path)
+    raw.execute("UPDATE ledger_meta SET value = 'fleetledger-ledger/99' WHERE key = 'format'")
+    raw.commit()
+    raw.close()
+    with pytest.raises(StoreError, match="ledger/99"):
+        LedgerStore.open(db_path)
+
+
+def test_sqlite_url_and_memory(tmp_path: Path) -> None:
+    with LedgerStore.open(f"sqlite:///{tmp_path / 'by-url.db'}") as by_url:
+        by_url.append("a.b", "hub", "s", {})
+    assert (tmp_path / "by-url.db").exists()
+    with LedgerStore.open("sqlite://") as memory:
+        fill(memory, 3)
+        assert memory.verify().entries == 3
+
+
+def test_concurrent_appenders_never_interleave(db_path: Path) -> None:
+    # Two stores on one file stand in for two processes; the database serialises them.
+    stores = [LedgerStore.open(db_path), LedgerStore.open(db_path)]
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for i in range(20):
+                stores[index % 2].append_many(
+                    [NewEvent("a.b", f"w{index}", "s", {"i": i}) for _ in range(3)]
+                )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    result = stores[0].verify()
+    assert result.ok and result.entries == 4 * 20 * 3
+    batches = [e.actor for e in stores[1].iter_entries()]
+    # Each append_many is contiguous: no batch was split by another writer.
+    assert all(len(set(batches[i:i + 3])) == 1 for i in range(0, len(batches), 3))
+    for s in stores:
+        s.close()
+
+
+def test_append_waits_for_another_writer_then_gives_up_clearly(db_path: Path) -> None:
+    LedgerStore.open(db_path).close()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with LedgerStore.open(db_path, create=False, busy_timeout_ms=100) as store:
+            with pytest.raises(StoreError, match="locked by another writer"):
+                store.append("a.b", "hub", "s", {})
+            assert store.count() == 0  # readers are not blocked (WAL)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
