@@ -1,0 +1,197 @@
+"""The walking-skeleton demo: one real model travels from the hub to five devices.
+
+Starts a private nats-server, `hub serve` (SQLite ledger under the data dir) and five
+`edge-agent` processes; registers v1, deploys it to all, waits until every device
+reports it applied; then the same for v2; prints the fleet and the ledger check.
+Every process it started is stopped on the way out, also on Ctrl-C.
+
+Run it with `scripts/demo` (which sets up the virtual environment first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+
+from hub.client import HubClient, HubError  # noqa: E402
+from hub.embedded_nats import EmbeddedNats  # noqa: E402
+from hub.home import init_home  # noqa: E402
+from hub.modelgen import model_for_version  # noqa: E402
+
+console = Console()
+BIN = Path(sys.executable).parent
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the demo itself is killed, so nothing is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class Processes:
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent, cwd=ROOT,
+        )
+        self.started.append((name, proc))
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc in self.started:
+            if proc.poll() is not None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.started):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in reversed(self.started):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+async def wait_for_version(
+    client: HubClient, procs: Processes, version: str, devices: list[str], timeout: float
+) -> None:
+    with Progress(
+        TextColumn("[bold]kws/{task.fields[version]}[/bold]"), BarColumn(),
+        TextColumn("{task.completed}/{task.total} devices applied"), TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("rollout", total=len(devices), version=version)
+        deadline = time.monotonic() + timeout
+        while True:
+            procs.check_alive()
+            rows: list[dict[str, Any]] = await client.call("devices")
+            failed = [r for r in rows if r["state"] == "failed"]
+            if failed:
+                raise RuntimeError(f"{failed[0]['device']} failed: {failed[0]['last_error']}")
+            done = sum(1 for r in rows if r["version"] == version and r["state"] == "applied")
+            progress.update(task, completed=done)
+            if done == len(devices):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {done} of {len(devices)} devices applied v{version}")
+            await asyncio.sleep(0.1)
+
+
+async def wait_for_telemetry(client: HubClient, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows: list[dict[str, Any]] = await client.call("devices")
+        if all((r["inferences"] or 0) > 0 for r in rows):
+            return
+        await asyncio.sleep(0.2)
+
+
+async def drive(url: str, home: Path, models: dict[str, Path], devices: list[str],
+                procs: Processes, data: Path) -> None:
+    deadline = time.monotonic() + 15
+    while True:  # hub serve creates the buckets; wait until it answers
+        try:
+            async with await HubClient.connect(url, timeout=2) as probe:
+                await probe.call("status")
+            break
+        except HubError:
+            procs.check_alive()
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    async with await HubClient.connect(url) as client:
+        for device in devices:
+            await client.call("device.enroll", {"device": device})
+            procs.start(device, [
+                str(BIN / "edge-agent"), "run", "--device-id", device, "--nats", url,
+                "--state-dir", str(data / "devices" / device),
+                "--trust-root", str(home / "trust-root.bin"), "--rate", "20", "--window", "1",
+            ])
+        console.print(f"enrolled and started {len(devices)} agents: {', '.join(devices)}")
+        for version in ("1", "2"):
+            result = await client.register_model(models[version], "kws", version)
+            console.print(f"registered kws/{version} (digest {result['digest'][:16]}…), "
+                          f"deploying to all devices")
+            await client.call("deploy", {"model": "kws", "version": version, "all": True})
+            await wait_for_version(client, procs, version, devices, timeout=60)
+        await wait_for_telemetry(client, timeout=10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "demo-data",
+                        help="working directory for this run (wiped at start)")
+    parser.add_argument("--devices", type=int, default=5, help="number of agents")
+    args = parser.parse_args()
+    data: Path = args.data.resolve()
+    if data.exists():
+        shutil.rmtree(data)
+    (data / "logs").mkdir(parents=True)
+    devices = [f"dev-{i:02d}" for i in range(1, args.devices + 1)]
+    models = {}
+    for version in ("1", "2"):
+        models[version] = data / "models" / f"kws-v{version}.tflite"
+        models[version].parent.mkdir(parents=True, exist_ok=True)
+        models[version].write_bytes(model_for_version(int(version)))
+
+    # SIGTERM ends the demo like Ctrl-C does, through the same clean-up.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    started = time.monotonic()
+    nats_server = EmbeddedNats(store_dir=data / "nats")
+    procs = Processes(data / "logs")
+    code = 0
+    try:
+        nats_server.start()
+        console.print(f"nats-server {nats_server.url} (pid {nats_server.pid})")
+        home = data / "hub"
+        init_home(home, nats_server.url)
+        procs.start("hub", [str(BIN / "hub"), "serve", "--home", str(home)])
+        asyncio.run(drive(nats_server.url, home, models, devices, procs, data))
+        env = dict(os.environ, COLUMNS="110")
+        subprocess.run([str(BIN / "hub"), "devices", "--home", str(home)], env=env, check=True)
+        verify = subprocess.run([str(BIN / "ledger"), "verify", "--db", str(home / "ledger.db")])
+        code = verify.returncode
+        console.print(f"demo finished in {time.monotonic() - started:.1f} s; "
+                      f"logs and ledger in {data}")
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; stopping everything[/yellow]")
+        code = 130
+    except (RuntimeError, HubError, subprocess.CalledProcessError) as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish clean-up even on a second ^C
+        procs.stop_all()
+        nats_server.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
