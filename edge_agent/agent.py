@@ -6,10 +6,22 @@ current model keeps serving):
 1. the assignment envelope is signed by the director role and names this device;
 2. its counter is above the last one seen (anti-rollback / replay);
 3. the release manifest it names (by hash) is signed by the release role;
-4. the blob is streamed from the Object Store to a temp file, never past the size
-   the manifest states, and its BLAKE3 digest must match;
-5. the file is loaded and smoke-tested in a child process, written to the
-   inactive slot, loaded here, and the slots switch with an atomic rename.
+4. the blob is streamed from the Object Store to a partial file that survives a lost
+   connection or a restart (edge_agent.download), never past the size the manifest
+   states, and its BLAKE3 digest must match;
+5. the file is loaded and smoke-tested in a child process, moved into the inactive
+   slot, loaded here, and the slots switch with an atomic rename;
+6. a health window watches the new model (edge_agent.health); a load failure, too many
+   inference errors or a crash loop reverts to the previous slot, reported as
+   `reverted` with the evidence.
+
+One update runs at a time: a newer assignment cancels the one in progress (its partial
+download stays on disk and is resumed if the same blob is wanted again).
+
+Test hook: the environment variable FLEET_AGENT_FAULTS injects faults, as a comma
+separated list of `key:value` items: `error_rate:R` (fail that fraction of inferences),
+`load_error:1` (the active model fails to load at start), `version:V` (only while a model
+of version V is active). Example: `FLEET_AGENT_FAULTS=error_rate:1.0,version:2`.
 """
 
 from __future__ import annotations
@@ -19,11 +31,11 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import secrets
-import tempfile
+import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +47,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from . import protocol as proto
-from .fetch import BlobTooLarge, FetchError, iter_object_chunks
+from .download import DigestMismatch, DownloadStats, ResumableDownload
+from .fetch import BlobTooLarge, FetchError
+from .health import HealthWindow
 from .runtime import LoadedModel, ModelRuntimeError, preflight
 from .slots import SlotStore, atomic_write_bytes
 from .telemetry import TelemetryWindowBuilder
@@ -47,10 +61,47 @@ MODELS_BUCKET = "models"
 MANIFESTS_BUCKET = "manifests"
 ASSIGNMENTS_BUCKET = "assignments"
 OUTBOX_LIMIT = 1000
+FAULTS_ENV = "FLEET_AGENT_FAULTS"
+STATS_NAME = "stats.json"
 
 
 class UpdateRefused(Exception):
-    """The update's data is bad or untrusted; retrying the same assignment won't help."""
+    """The update's data is bad or untrusted; retrying the same assignment won't help.
+
+    `assignment` is set when the refused assignment itself is authentic and for this
+    device (its fields then go into the failure report).
+    """
+
+    def __init__(self, reason: str, assignment: proto.Assignment | None = None) -> None:
+        super().__init__(reason)
+        self.assignment = assignment
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Injected faults for tests (see the module docstring); none by default."""
+
+    error_rate: float = 0.0
+    load_error: bool = False
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Faults:
+        values: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in spec.split(","))):
+            key, _, value = item.partition(":")
+            values[key.strip()] = value.strip()
+        try:
+            return cls(
+                error_rate=float(values.get("error_rate", 0.0)),
+                load_error=values.get("load_error", "0") not in ("", "0", "false"),
+                version=values.get("version") or None,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{FAULTS_ENV}={spec!r} is not valid: {exc}") from exc
+
+    def applies(self, meta: dict[str, Any]) -> bool:
+        return self.version is None or str(meta.get("version")) == self.version
 
 
 @dataclass(frozen=True)
@@ -62,6 +113,9 @@ class AgentConfig:
     inference_hz: float = 20.0
     window_seconds: float = 5.0
     fetch_retries: int = 5
+    health_window: float = 30.0
+    max_error_rate: float = 0.5
+    faults: str | None = None  # None: read FLEET_AGENT_FAULTS
 
 
 class EdgeAgent:
@@ -74,7 +128,11 @@ class EdgeAgent:
         self.slots = SlotStore(config.state_dir)
         self.slots.discard_stale_temp_files()
         self._state_path = config.state_dir / "agent.json"
+        self._stats_path = config.state_dir / STATS_NAME
         self.last_counter = self._load_last_counter()
+        self.health = HealthWindow(config.state_dir, config.health_window, config.max_error_rate)
+        spec = config.faults if config.faults is not None else os.environ.get(FAULTS_ENV, "")
+        self.faults = Faults.parse(spec)
         self.boot = secrets.token_hex(4)
         self._seq = 0
         self.model: LoadedModel | None = None
@@ -86,6 +144,13 @@ class EdgeAgent:
         self._window = TelemetryWindowBuilder()
         self._rng = np.random.default_rng()
         self.installs = 0  # successful switches in this process (tests read it)
+        self.download_stats = DownloadStats()
+        # Resident memory (KiB) around downloads: a blob must stream, not pile up here.
+        self._rss_kib: dict[str, int] = {"at_start": _rss_kib()}
+        self._update_task: asyncio.Task[None] | None = None
+        self._inflight: proto.Assignment | None = None
+        self._rewatch = asyncio.Event()
+        self._stopping = False
 
     # ------------------------------------------------------------ state
 
@@ -105,29 +170,58 @@ class EdgeAgent:
         self.last_counter = counter
         atomic_write_bytes(self._state_path, json.dumps({"last_counter": counter}).encode())
 
+    def _write_stats(self) -> None:
+        """Transfer counters and peak memory, for operators and tests (stats.json)."""
+        rss = _rss_kib()
+        if "download_max" in self._rss_kib:  # sampled at every download checkpoint
+            self._rss_kib["download_max"] = max(self._rss_kib["download_max"], rss)
+        stats = {"boot": self.boot, "download": asdict(self.download_stats),
+                 "rss_kib": {**self._rss_kib, "now": rss, "peak": _peak_rss_kib()}}
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(self._stats_path, json.dumps(stats).encode())
+
+    def _start_up(self) -> None:
+        """Count this start in an open health window, then load the active model."""
+        active = self.slots.active()
+        crash_loop = self.health.on_boot(active.metadata.get("digest") if active else None)
+        if crash_loop is not None and active is not None:
+            self.model_meta = dict(active.metadata)
+            log.error("%s", crash_loop)
+            if self._revert(crash_loop):
+                return
+        self._load_active_model()
+
     def _load_active_model(self) -> None:
         active = self.slots.active()
         if active is None:
             log.info("no model installed yet")
             return
+        self.model_meta = dict(active.metadata)
         try:
+            if self.faults.load_error and self.faults.applies(self.model_meta):
+                raise ModelRuntimeError(f"{active.path}: load failure injected by {FAULTS_ENV}")
             self.model = LoadedModel.load(active.path)
-            self.model_meta = dict(active.metadata)
             log.info("running %s/%s from slot %s", self.model_meta.get("model"),
                      self.model_meta.get("version"), active.name)
         except ModelRuntimeError as exc:
             log.error("active model does not load: %s", exc)
             self.model = None
+            self._revert(f"load error: {exc}")
 
     # ------------------------------------------------------------ main loop
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._load_active_model()
+        self._start_up()
+
+        async def on_reconnect() -> None:
+            self._rewatch.set()  # a watch may not survive a server restart
+
         self._nc = await nats.connect(
             self.config.nats_url,
             name=f"edge-agent:{self.device_id}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            reconnected_cb=on_reconnect,
         )
         self._js = self._nc.jetstream()
         self._report_status(proto.STATUS_STARTED, reason="")
@@ -139,14 +233,22 @@ class EdgeAgent:
         try:
             await stop.wait()
         finally:
+            log.info("stopping")
+            self._stopping = True
+            if self._update_task is not None:
+                tasks.append(self._update_task)
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # Bounded: a library call that swallows a cancellation (asyncio.wait_for in
+            # Python 3.11 can) must not keep the agent from stopping.
+            _, pending = await asyncio.wait(tasks, timeout=3.0)
+            if pending:
+                log.warning("tasks did not stop in time: %s",
+                            ", ".join(t.get_name() for t in pending))
             await self._flush_outbox(timeout=2.0)
             with contextlib.suppress(Exception):
-                await self._nc.close()
+                await asyncio.wait_for(self._nc.close(), 2.0)
+            log.info("stopped")
 
     @property
     def js(self) -> JetStreamContext:
@@ -154,7 +256,8 @@ class EdgeAgent:
         return self._js
 
     async def _watch_assignments(self) -> None:
-        while True:
+        while not self._stopping:
+            self._rewatch.clear()
             try:
                 kv = await self.js.key_value(ASSIGNMENTS_BUCKET)
                 watcher = await kv.watch(self.device_id)
@@ -167,32 +270,87 @@ class EdgeAgent:
                 await asyncio.sleep(1.0)
                 continue
             try:
-                while True:
+                while not self._rewatch.is_set() and not self._stopping:
                     try:
-                        entry = await watcher.updates(timeout=5.0)
+                        entry = await watcher.updates(timeout=1.0)
                     except TimeoutError:
                         continue
                     if entry is None or entry.value is None or entry.operation is not None:
                         continue  # "caught up" marker, or a delete/purge
                     await self.handle_assignment(entry.value)
+                if self._rewatch.is_set():
+                    log.info("reconnected; watching the assignment again")
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
                 raise
             except Exception as exc:
                 log.warning("assignment watch failed (%s); restarting it", exc)
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
                 await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     # ------------------------------------------------------------ updates
 
     async def handle_assignment(self, data: bytes) -> None:
-        assignment: proto.Assignment | None = None
+        """Check an assignment; start installing it if it is new (cancelling an older one)."""
         try:
             assignment = self._verify_assignment(data)
-            if assignment is None:
-                return
+        except UpdateRefused as exc:
+            log.error("update refused: %s", exc)
+            self._report_status(proto.STATUS_FAILED, reason=str(exc), assignment=exc.assignment)
+            return
+        if assignment is None:
+            return
+        task = self._update_task
+        if task is not None and not task.done():
+            assert self._inflight is not None
+            log.info("assignment %d supersedes %d still in progress; cancelling that",
+                     assignment.counter, self._inflight.counter)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._inflight = assignment
+        self._update_task = asyncio.create_task(
+            self._apply(assignment), name=f"update-{assignment.counter}"
+        )
+
+    def _verify_assignment(self, data: bytes) -> proto.Assignment | None:
+        """The assignment if it is authentic, for us and new; None if already handled."""
+        try:
+            envelope = proto.SignedEnvelope.decode(data, "assignment")
+            doc = self.trust.verify(envelope, "director", proto.DOMAIN_ASSIGNMENT)
+            assignment = proto.Assignment.from_map(doc)
+        except (proto.ProtocolError, TrustError) as exc:
+            raise UpdateRefused(str(exc)) from exc
+        if assignment.device != self.device_id:
+            raise UpdateRefused(
+                f"assignment is for device {assignment.device}, not {self.device_id}"
+            )
+        counter = assignment.counter
+        inflight = self._inflight.counter if self._inflight is not None else None
+        installed = self.model_meta.get("counter") if self.model is not None else None
+        if counter == inflight:
+            log.info("assignment %d is already being installed", counter)
+            return None
+        if counter == installed and counter <= self.last_counter:
+            log.info("assignment %d already installed", counter)
+            return None
+        if counter == self.last_counter:
+            log.info("assignment %d was already handled", counter)
+            return None  # refused or reverted before, and reported then
+        if counter < max(self.last_counter, inflight or 0):
+            raise UpdateRefused(
+                f"assignment counter {counter} is not above the last seen "
+                f"{max(self.last_counter, inflight or 0)}: rollback or replay refused",
+                assignment,
+            )
+        # Above everything seen, or installed but not recorded (crash right after the
+        # switch): in both cases (re)apply, which reports the outcome.
+        return assignment
+
+    async def _apply(self, assignment: proto.Assignment) -> None:
+        try:
             for attempt in range(1, self.config.fetch_retries + 1):
                 try:
                     await self._install(assignment)
@@ -200,42 +358,37 @@ class EdgeAgent:
                 except FetchError as exc:
                     if attempt == self.config.fetch_retries:
                         raise UpdateRefused(f"download failed {attempt} times: {exc}") from exc
-                    log.warning("download failed (%s); retrying", exc)
+                    log.warning("transfer failed (%s); retrying", exc)
                     await asyncio.sleep(min(5.0, 0.5 * attempt))
-        except (UpdateRefused, proto.ProtocolError, TrustError) as exc:
-            log.error("update refused: %s", exc)
-            if assignment is not None and assignment.counter > self.last_counter:
+        except asyncio.CancelledError:
+            log.info("update to counter %d cancelled", assignment.counter)
+            raise
+        except Exception as exc:
+            if isinstance(exc, UpdateRefused | proto.ProtocolError | TrustError):
+                log.error("update refused: %s", exc)
+                reason = str(exc)
+            else:  # a bug or a local fault (disk full): still reported, never silent
+                log.exception("update to counter %d failed", assignment.counter)
+                reason = f"internal error installing the update: {exc!r}"
+            if assignment.counter > self.last_counter:
                 # Remember we saw it so a replay of the same bad assignment is ignored.
                 self._save_last_counter(assignment.counter)
-            self._report_status(proto.STATUS_FAILED, reason=str(exc), assignment=assignment)
-
-    def _verify_assignment(self, data: bytes) -> proto.Assignment | None:
-        envelope = proto.SignedEnvelope.decode(data, "assignment")
-        doc = self.trust.verify(envelope, "director", proto.DOMAIN_ASSIGNMENT)
-        assignment = proto.Assignment.from_map(doc)
-        if assignment.device != self.device_id:
-            raise UpdateRefused(
-                f"assignment is for device {assignment.device}, not {self.device_id}"
-            )
-        if assignment.counter <= self.last_counter:
-            if self.model_meta.get("counter") == assignment.counter:
-                log.info("assignment %d already installed", assignment.counter)
-                return None
-            if assignment.counter == self.last_counter:
-                return None  # seen and already reported on
-            raise UpdateRefused(
-                f"assignment counter {assignment.counter} is not above the last seen "
-                f"{self.last_counter}: rollback or replay refused"
-            )
-        return assignment
+            self._report_status(proto.STATUS_FAILED, reason=reason, assignment=assignment)
+        finally:
+            if self._inflight is assignment:
+                self._inflight = None
 
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
-        kv = await self.js.key_value(MANIFESTS_BUCKET)
         key = proto.manifest_key(assignment.model, assignment.version)
         try:
+            kv = await self.js.key_value(MANIFESTS_BUCKET)
             entry = await kv.get(key)
         except KeyNotFoundError as exc:
             raise UpdateRefused(f"release manifest {key} not found") from exc
+        except (asyncio.CancelledError, UpdateRefused):
+            raise
+        except Exception as exc:  # disconnected, timed out
+            raise FetchError(f"cannot read release manifest {key}: {exc!r}") from exc
         raw = entry.value or b""
         if blake3.blake3(raw).hexdigest() != assignment.manifest_hash:
             raise UpdateRefused(
@@ -261,6 +414,7 @@ class EdgeAgent:
         if active is not None and active.metadata.get("digest") == manifest.digest and self.model:
             # Same bytes already running: record the new assignment, no download.
             self.slots.activate(active.name, meta)
+            self.model_meta = dict(meta)
         else:
             await self._download_and_switch(manifest, meta)
         self._save_last_counter(assignment.counter)
@@ -274,42 +428,69 @@ class EdgeAgent:
     async def _download_and_switch(
         self, manifest: proto.ReleaseManifest, meta: dict[str, Any]
     ) -> None:
-        fd, tmp_name = tempfile.mkstemp(dir=self.slots.slots_dir, prefix=".download.",
-                                        suffix=".tmp")
-        tmp = Path(tmp_name)
+        download = ResumableDownload(
+            self.slots.slots_dir, lambda: self.js, MODELS_BUCKET, manifest.digest,
+            manifest.size, stats=self.download_stats, on_checkpoint=self._write_stats,
+        )
+        self._rss_kib["before_download"] = self._rss_kib["download_max"] = _rss_kib()
+        wire_before = self.download_stats.bytes_received
         try:
-            hasher = blake3.blake3()
-            with os.fdopen(fd, "wb") as fh:
-                try:
-                    async for chunk in iter_object_chunks(
-                        self.js, MODELS_BUCKET, manifest.digest, manifest.size
-                    ):
-                        hasher.update(chunk)
-                        fh.write(chunk)
-                except BlobTooLarge as exc:
-                    raise UpdateRefused(str(exc)) from exc
-            if hasher.hexdigest() != manifest.digest:
-                raise UpdateRefused(
-                    f"downloaded blob's BLAKE3 digest {hasher.hexdigest()[:16]}... does not "
-                    f"match the signed manifest's {manifest.digest[:16]}..."
-                )
-            try:
-                # In a child process first: a crashing runtime must not take the agent down.
-                await asyncio.to_thread(preflight, tmp)
-            except ModelRuntimeError as exc:
-                raise UpdateRefused(f"model does not load: {exc}") from exc
-            slot = self.slots.inactive_name()
-            path = self.slots.write_inactive(_file_chunks(tmp))
-            try:
-                loaded = LoadedModel.load(path)
-                loaded.smoke_test()
-            except ModelRuntimeError as exc:
-                raise UpdateRefused(f"model does not load: {exc}") from exc
-            self.slots.activate(slot, meta)
-            self.model, self.model_meta = loaded, dict(meta)
+            path = await download.run()
+        except (BlobTooLarge, DigestMismatch) as exc:
+            raise UpdateRefused(str(exc)) from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            self._write_stats()
+        log.info("downloaded %s: %d bytes over the wire for a %d-byte blob",
+                 manifest.digest[:16], self.download_stats.bytes_received - wire_before,
+                 manifest.size)
+        try:
+            # In a child process first: a crashing runtime must not take the agent down.
+            await asyncio.to_thread(preflight, path)
+        except ModelRuntimeError as exc:
+            download.discard()
+            raise UpdateRefused(f"model does not load: {exc}") from exc
+        # From here to the switch nothing awaits, so no other update or revert interleaves.
+        slot = self.slots.install_inactive(path)
+        try:
+            loaded = LoadedModel.load(self.slots.slot_path(slot))
+            loaded.smoke_test()
+        except ModelRuntimeError as exc:
+            raise UpdateRefused(f"model does not load: {exc}") from exc
+        self.health.start(meta)
+        self.slots.activate(slot, meta)
+        self.model, self.model_meta = loaded, dict(meta)
+
+    # ------------------------------------------------------------ health + revert
+
+    def _revert(self, evidence: str) -> bool:
+        """Go back to the previous slot; report `reverted` with the evidence."""
+        bad = dict(self.model_meta)
+        previous = self.slots.previous()
+        if previous is None:
+            log.error("cannot revert (%s): no previous model to go back to", evidence)
+            self.health.clear()
+            return False
+        try:
+            digest = _file_digest(previous.path)
+            if digest != previous.metadata.get("digest"):
+                raise ModelRuntimeError(f"{previous.path} does not match its recorded digest")
+            loaded = LoadedModel.load(previous.path)
+            loaded.smoke_test()
+        except (ModelRuntimeError, OSError) as exc:
+            log.error("cannot revert (%s): the previous model is unusable: %s", evidence, exc)
+            self.health.clear()
+            return False
+        self.slots.revert()
+        self.health.clear()
+        self.model, self.model_meta = loaded, dict(previous.metadata)
+        reason = (f"{evidence}; reverted {bad.get('model')}/{bad.get('version')} "
+                  f"(counter {bad.get('counter')}) to {previous.metadata.get('model')}/"
+                  f"{previous.metadata.get('version')}")
+        log.error("%s", reason)
+        # The model fields name what runs now; the counter is the reverted assignment's.
+        self._report_status(proto.STATUS_REVERTED, reason=reason,
+                            counter=int(bad.get("counter", 0)))
+        return True
 
     # ------------------------------------------------------------ inference + telemetry
 
@@ -318,19 +499,36 @@ class EdgeAgent:
         window_end = time.monotonic() + self.config.window_seconds
         while True:
             if period is not None and self.model is not None:
-                model = self.model
-                started = time.perf_counter()
-                ok = True
-                try:
-                    model.run(model.generated_input(self._rng))
-                except ModelRuntimeError as exc:
-                    ok = False
-                    log.debug("inference failed: %s", exc)
-                self._window.record((time.perf_counter() - started) * 1000.0, ok)
+                self._infer_once(self.model)
+            if self.health.expired():
+                log.info("health window of %s/%s passed", self.model_meta.get("model"),
+                         self.model_meta.get("version"))
+                self.health.clear()
             if time.monotonic() >= window_end:
                 window_end = time.monotonic() + self.config.window_seconds
                 self._emit_window()
             await asyncio.sleep(period if period is not None else self.config.window_seconds)
+
+    def _infer_once(self, model: LoadedModel) -> None:
+        started = time.perf_counter()
+        ok = True
+        faults = self.faults
+        try:
+            if faults.error_rate and faults.applies(self.model_meta) and (
+                self._rng.random() < faults.error_rate
+            ):
+                raise ModelRuntimeError(f"inference failure injected by {FAULTS_ENV}")
+            model.run(model.generated_input(self._rng))
+        except ModelRuntimeError as exc:
+            ok = False
+            log.debug("inference failed: %s", exc)
+        self._window.record((time.perf_counter() - started) * 1000.0, ok)
+        watching = self.health.watching
+        if watching is not None and watching.digest == self.model_meta.get("digest"):
+            evidence = self.health.record(ok)
+            if evidence is not None:
+                self._emit_window()  # the failing model's last window, before the switch
+                self._revert(evidence)
 
     def _emit_window(self) -> None:
         summary = self._window.take()
@@ -357,15 +555,18 @@ class EdgeAgent:
         reason: str,
         assignment: proto.Assignment | None = None,
         probe_output: list[float] | None = None,
+        counter: int | None = None,
     ) -> None:
         meta = self.model_meta
+        if counter is None:
+            counter = assignment.counter if assignment else int(meta.get("counter", 0))
         report = proto.StatusReport(
             device=self.device_id, boot=self.boot, seq=self._next_seq(), ts=time.time_ns(),
             event=event,
             model=assignment.model if assignment else str(meta.get("model", "")),
             version=assignment.version if assignment else str(meta.get("version", "")),
             digest=assignment.digest if assignment else str(meta.get("digest", "")),
-            counter=assignment.counter if assignment else int(meta.get("counter", 0)),
+            counter=counter,
             reason=reason[:1000],
             probe_output=probe_output or [],
         )
@@ -381,7 +582,7 @@ class EdgeAgent:
         self._outbox.put_nowait(item)
 
     async def _send_outbox(self) -> None:
-        while True:
+        while not self._stopping:
             subject, data, msg_id = await self._outbox.get()
             await self._publish_until_acked(subject, data, msg_id)
 
@@ -409,7 +610,24 @@ class EdgeAgent:
                 )
 
 
-def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+def _peak_rss_kib() -> int:
+    """This process's peak resident memory so far, in KiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # macOS counts bytes
+
+
+def _rss_kib() -> int:
+    """This process's resident memory now, in KiB (the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except (OSError, ValueError, IndexError):
+        return _peak_rss_kib()
+
+
+def _file_digest(path: Path) -> str:
+    hasher = blake3.blake3()
     with open(path, "rb") as fh:
-        while chunk := fh.read(size):
-            yield chunk
+        while block := fh.read(1 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()

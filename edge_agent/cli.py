@@ -46,6 +46,15 @@ def run(
         20.0, "--rate", help="Inferences per second on generated inputs (0 = none)."
     ),
     window: float = typer.Option(5.0, "--window", help="Telemetry window length in seconds."),
+    health_window: float = typer.Option(
+        30.0, "--health-window",
+        help="Seconds to watch a newly installed model; a load failure, too many inference "
+        "errors or 3 restarts in this window revert to the previous model (0 = off).",
+    ),
+    max_error_rate: float = typer.Option(
+        0.5, "--max-error-rate",
+        help="Inference error rate (0-1) in the health window above which the agent reverts.",
+    ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
@@ -61,9 +70,10 @@ def run(
             AgentConfig(
                 device_id=device_id, nats_url=nats_url, state_dir=state_dir,
                 trust_root=trust_root, inference_hz=rate, window_seconds=window,
+                health_window=health_window, max_error_rate=max_error_rate,
             )
         )
-    except (TrustError, ProtocolError, OSError) as exc:
+    except (TrustError, ProtocolError, OSError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
 

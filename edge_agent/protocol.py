@@ -20,6 +20,7 @@ from ledger.signing import SigningKey
 
 MAX_ENVELOPE_BYTES = 256 * 1024
 MAX_SIGNATURES = 16
+MAX_INT64 = 2**63 - 1
 
 DOMAIN_ROOT = "root"
 DOMAIN_MANIFEST = "release-manifest"
@@ -36,7 +37,7 @@ class ProtocolError(ValueError):
 
 
 def check_device_id(device_id: str) -> str:
-    if not DEVICE_ID_RE.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise ProtocolError(
             f"invalid device id {device_id!r}: use 1-64 letters, digits, '-' or '_'"
         )
@@ -44,11 +45,11 @@ def check_device_id(device_id: str) -> str:
 
 
 def check_model_ref(name: str, version: str) -> None:
-    if not MODEL_NAME_RE.match(name):
+    if not MODEL_NAME_RE.fullmatch(name):
         raise ProtocolError(
             f"invalid model name {name!r}: use 1-64 lowercase letters, digits, '-' or '_'"
         )
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise ProtocolError(
             f"invalid model version {version!r}: use 1-32 letters, digits, '-' or '_'"
         )
@@ -71,6 +72,9 @@ def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], wha
         raise ProtocolError(
             f"{what}: field {name!r} must be {_kind_name(kind)}, got {type(value).__name__}"
         )
+    # Numbers end up in SQL columns and sums: keep them in signed 64-bit range.
+    if isinstance(value, int) and not 0 <= value <= MAX_INT64:
+        raise ProtocolError(f"{what}: field {name!r} must be between 0 and 2**63-1")
     return value
 
 
@@ -184,10 +188,13 @@ class ReleaseManifest(_Document):
     outputs: list[Any]
     created: int  # ns
     expires: int  # ns
+    # Per output: the reference histogram's bin edges from validation, so devices
+    # bin their outputs the same way and the hub can compute drift (PSI).
+    drift_bins: list[Any] = field(default_factory=list)
 
     _FIELDS: ClassVar[FieldSpec] = {
         "name": str, "version": str, "digest": str, "size": int, "format": str,
-        "inputs": list, "outputs": list, "created": int, "expires": int,
+        "inputs": list, "outputs": list, "created": int, "expires": int, "drift_bins": list,
     }
 
 
@@ -216,7 +223,8 @@ class Assignment(_Document):
 STATUS_APPLIED = "applied"
 STATUS_FAILED = "failed"
 STATUS_STARTED = "started"
-STATUS_EVENTS = (STATUS_APPLIED, STATUS_FAILED, STATUS_STARTED)
+STATUS_REVERTED = "reverted"  # the agent went back to the previous slot by itself
+STATUS_EVENTS = (STATUS_APPLIED, STATUS_FAILED, STATUS_STARTED, STATUS_REVERTED)
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,22 @@ class SlotStore:
             self._write_state(state)
         return atomic_write_chunks(self.slot_path(slot), chunks)
 
+    def install_inactive(self, source: Path) -> str:
+        """Move the complete file `source` into the inactive slot; returns the slot name.
+
+        `source` must be in the same directory as the slots (a rename, not a copy) and
+        already fsynced. As with `write_inactive`, a `previous` record naming that slot
+        is dropped first.
+        """
+        slot = self.inactive_name()
+        state = self._read_state()
+        if state is not None and self._slot_of(state.get("previous")) == slot:
+            state["previous"] = None
+            self._write_state(state)
+        os.replace(source, self.slot_path(slot))
+        _fsync_dir(self.slots_dir)
+        return slot
+
     def activate(self, slot: str, metadata: dict[str, Any]) -> None:
         """Make `slot` active; the slot active until now becomes `previous`."""
         path = self.slot_path(slot)
@@ -133,6 +149,25 @@ class SlotStore:
                 "previous": previous,
             }
         )
+
+    def revert(self) -> ActiveSlot:
+        """Make the previous slot active again, in one atomic write of the state file.
+
+        The slot we leave is not kept as a revert target (it is the one that failed),
+        so `previous()` is None afterwards. Raises LookupError if there is no previous
+        slot to go back to.
+        """
+        previous = self.previous()
+        if previous is None:
+            raise LookupError("no previous model to revert to")
+        self._write_state(
+            {
+                "format": _STATE_FORMAT,
+                "active": {"slot": previous.name, "metadata": dict(previous.metadata)},
+                "previous": None,
+            }
+        )
+        return previous
 
     def discard_stale_temp_files(self) -> int:
         """Remove temp files left by writes that died midway; call once at agent start."""

@@ -14,9 +14,10 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from edge_agent.protocol import ProtocolError, decode_map
-from ledger.encoding import canonical_encode
+from ledger.signing import SigningKey
 
-from .service import API_PREFIX, MODELS_BUCKET
+from .commands import sign_command
+from .layout import API_PREFIX, MODELS_BUCKET
 
 
 class HubError(Exception):
@@ -33,19 +34,32 @@ def file_digest(path: Path) -> tuple[str, int]:
     return hasher.hexdigest(), size
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py prints a traceback per failed attempt by default; the CLI says one line."""
+
+
+async def _quiet_event() -> None:
+    pass
+
+
 class HubClient:
-    def __init__(self, nc: NATS, timeout: float) -> None:
+    """Sends operator commands, each signed with the operator's own key."""
+
+    def __init__(self, nc: NATS, key: SigningKey, timeout: float) -> None:
         self.nc = nc
+        self.key = key
         self.timeout = timeout
 
     @classmethod
-    async def connect(cls, url: str, timeout: float = 30.0) -> HubClient:
+    async def connect(cls, url: str, key: SigningKey, timeout: float = 30.0) -> HubClient:
         try:
             nc = await nats.connect(url, name="hub-cli", connect_timeout=5,
-                                    max_reconnect_attempts=2, allow_reconnect=False)
+                                    max_reconnect_attempts=1, reconnect_time_wait=0.2,
+                                    allow_reconnect=False,
+                                    error_cb=_quiet, disconnected_cb=_quiet_event)
         except Exception as exc:
             raise HubError(f"cannot connect to NATS at {url}: {exc}") from exc
-        return cls(nc, timeout)
+        return cls(nc, key, timeout)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -62,7 +76,8 @@ class HubClient:
     async def call(self, verb: str, body: dict[str, Any] | None = None) -> Any:
         try:
             msg = await self.nc.request(
-                API_PREFIX + verb, canonical_encode(body or {}), timeout=self.timeout
+                API_PREFIX + verb, sign_command(self.key, verb, body or {}),
+                timeout=self.timeout,
             )
         except NoRespondersError as exc:
             raise HubError("no hub is serving on this NATS server; start `hub serve`") from exc
@@ -77,7 +92,7 @@ class HubClient:
         return reply.get("result")
 
     async def upload_model(self, path: Path) -> tuple[str, int]:
-        """Put the file into the Object Store under its BLAKE3 digest."""
+        """Put a file (model or data set) into the Object Store under its BLAKE3 digest."""
         digest, size = file_digest(path)
         js = self.nc.jetstream()
         try:
@@ -88,8 +103,19 @@ class HubClient:
             await obs.put(digest, fh)
         return digest, size
 
-    async def register_model(self, path: Path, name: str, version: str) -> Any:
+    async def register_model(
+        self, path: Path, name: str, version: str,
+        lineage: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
+    ) -> Any:
         digest, size = await self.upload_model(path)
-        return await self.call(
-            "model.register", {"name": name, "version": version, "digest": digest, "size": size}
-        )
+        return await self.call("model.register", {
+            "name": name, "version": version, "digest": digest, "size": size,
+            "lineage": lineage or {}, "card": card or {},
+        })
+
+    async def validate_model(self, name: str, version: str, data: Path) -> Any:
+        """Upload the validation set (.npz) as a blob and ask the hub to run the gate."""
+        digest, size = await self.upload_model(data)
+        return await self.call("model.validate", {
+            "name": name, "version": version, "data_digest": digest, "data_size": size,
+        })

@@ -1,7 +1,9 @@
 """The catalog of ledger event kinds the hub writes, and their payload fields.
 
-One place for every kind, so docs/PROTOCOL.md ("Event catalog") and the
-projections agree. Payloads are maps; readers keep fields they do not know.
+One place for every kind, so docs/PROTOCOL.md ("Event catalog") and the projections
+agree. Payloads are maps; readers keep fields they do not know. Events caused by an
+operator carry the signed command envelope in `command` (on the first event of the
+command) and have the operator's key id as actor.
 """
 
 from __future__ import annotations
@@ -10,30 +12,49 @@ from typing import Final
 
 HUB_ACTOR: Final = "hub"
 
-# kind -> payload fields (documentation and a check in the tests)
+OPERATOR_ADDED: Final = "operator.added"
+OPERATOR_REVOKED: Final = "operator.revoked"
 MODEL_REGISTERED: Final = "model.registered"
+MODEL_VALIDATED: Final = "model.validated"
+MODEL_APPROVED: Final = "model.approved"
+MODEL_REJECTED: Final = "model.rejected"
 MODEL_RELEASED: Final = "model.released"
+MODEL_DEPRECATED: Final = "model.deprecated"
+MODEL_REVOKED: Final = "model.revoked"
 DEVICE_ENROLLED: Final = "device.enrolled"
 DEPLOYMENT_CREATED: Final = "deployment.created"
 DEVICE_ASSIGNED: Final = "device.assigned"
 DEVICE_UPDATE_APPLIED: Final = "device.update_applied"
 DEVICE_UPDATE_FAILED: Final = "device.update_failed"
+DEVICE_UPDATE_REVERTED: Final = "device.update_reverted"
 
+_REPORT = ("device", "model", "version", "digest", "counter", "boot", "report_seq")
+
+# kind -> payload fields every event of that kind has (`command` where an operator acted)
 CATALOG: Final[dict[str, tuple[str, ...]]] = {
-    MODEL_REGISTERED: ("name", "version", "digest", "size", "format", "inputs", "outputs"),
+    OPERATOR_ADDED: ("name", "keyid", "public", "roles"),
+    OPERATOR_REVOKED: ("name", "keyid", "reason"),
+    MODEL_REGISTERED: (
+        "name", "version", "digest", "size", "format", "inputs", "outputs", "lineage", "card",
+    ),
+    MODEL_VALIDATED: (
+        "name", "version", "passed", "failures", "metrics", "reference_histograms",
+        "dataset_digest", "policy", "approvals_required",
+    ),
+    MODEL_APPROVED: ("name", "version", "approvals", "required"),
+    MODEL_REJECTED: ("name", "version", "reason"),
     MODEL_RELEASED: ("name", "version", "digest", "manifest_hash", "manifest", "expires"),
+    MODEL_DEPRECATED: ("name", "version", "reason"),
+    MODEL_REVOKED: ("name", "version", "reason"),
     DEVICE_ENROLLED: ("device",),
     DEPLOYMENT_CREATED: ("deployment", "model", "version", "devices"),
     DEVICE_ASSIGNED: (
         "device", "deployment", "model", "version", "digest", "counter", "manifest_hash",
         "assignment",
     ),
-    DEVICE_UPDATE_APPLIED: (
-        "device", "model", "version", "digest", "counter", "boot", "report_seq", "probe_output",
-    ),
-    DEVICE_UPDATE_FAILED: (
-        "device", "model", "version", "digest", "counter", "boot", "report_seq", "reason",
-    ),
+    DEVICE_UPDATE_APPLIED: (*_REPORT, "probe_output"),
+    DEVICE_UPDATE_FAILED: (*_REPORT, "reason"),
+    DEVICE_UPDATE_REVERTED: (*_REPORT, "reason"),
 }
 
 
@@ -47,3 +68,7 @@ def device_subject(device: str) -> str:
 
 def deployment_subject(deployment: str) -> str:
     return f"deployment:{deployment}"
+
+
+def operator_subject(name: str) -> str:
+    return f"operator:{name}"

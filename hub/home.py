@@ -3,6 +3,8 @@
     DIR/config.toml     nats_url, database, expiry settings
     DIR/keys/<role>.key Ed25519 seeds (0600): root, release, director, log
     DIR/trust-root.bin  signed trust root handed to devices at enrolment
+    DIR/operators/admin.key  the first operator's key (admin, operator, registrant)
+    DIR/policy.toml     validation thresholds and approvals per model name
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ from edge_agent.trust import ROLES, TrustRoot
 from ledger.signing import KeyFileError, SigningKey
 
 CONFIG_NAME = "config.toml"
+POLICY_NAME = "policy.toml"
+BOOTSTRAP_ADMIN = "admin"
+BOOTSTRAP_ROLES = ("admin", "operator", "registrant")
+DEFAULT_POLICY = """\
+# Validation thresholds and approvals, per model name (`hub model validate` reads this).
+# [default] applies to every model; [models.NAME] overrides it for one model.
+[default]
+task = "classification"
+min_accuracy = 0.5
+max_group_gap = 0.5
+max_flip_rate = 0.5
+max_p95_latency_ms = 100.0
+approvals_required = 1
+"""
 TRUST_ROOT_NAME = "trust-root.bin"
 DEFAULT_HOME_ENV = "FLEET_HUB_HOME"
 
@@ -31,6 +47,15 @@ class HubConfig:
     database: str
     manifest_ttl_days: int = 365
     assignment_ttl_days: int = 30
+    admin_public: str = ""
+    origin: str = "fleetledger/hub"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.home / POLICY_NAME
+
+    def operator_key_path(self, name: str) -> Path:
+        return self.home / "operators" / f"{name}.key"
 
     @property
     def trust_root_path(self) -> Path:
@@ -67,12 +92,19 @@ def init_home(
         key.save(home / "keys" / f"{role}.key")
     root = TrustRoot.build({role: [key] for role, key in keys.items()})
     (home / TRUST_ROOT_NAME).write_bytes(root.encode())
+    admin = SigningKey.generate()
+    admin.save(home / "operators" / f"{BOOTSTRAP_ADMIN}.key")
+    if not (home / POLICY_NAME).exists():
+        (home / POLICY_NAME).write_text(DEFAULT_POLICY)
     config_path.write_text(
         "# fleetledger hub configuration (written by `hub init`)\n"
         f"nats_url = {_toml_str(nats_url)}\n"
         f"database = {_toml_str(database)}\n"
         "manifest_ttl_days = 365\n"
         "assignment_ttl_days = 30\n"
+        "# The first operator, added to the ledger when `hub serve` first starts.\n"
+        f"admin_public = {_toml_str(admin.public.raw.hex())}\n"
+        f"origin = {_toml_str('fleetledger/' + home.resolve().name)}\n"
     )
     return load_config(home)
 
@@ -94,6 +126,8 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             database=str(raw.get("database", "ledger.db")),
             manifest_ttl_days=int(raw.get("manifest_ttl_days", 365)),
             assignment_ttl_days=int(raw.get("assignment_ttl_days", 30)),
+            admin_public=str(raw.get("admin_public", "")),
+            origin=str(raw.get("origin", "fleetledger/hub")),
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc

@@ -6,6 +6,7 @@ loads and runs, so tests and benchmarks exercise the real install path on the ed
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import flatbuffers
@@ -14,9 +15,15 @@ import tflite
 from numpy.typing import NDArray
 
 # Shared with the agent so hub-side expectations and device smoke tests use one probe.
-from edge_agent.runtime import probe_input
+from edge_agent.runtime import LoadedModel, probe_input
 
-__all__ = ["dense_params_for_version", "make_dense_model", "model_for_version", "probe_input"]
+__all__ = [
+    "dense_params_for_version",
+    "make_dense_model",
+    "make_int8_dense_model",
+    "model_for_version",
+    "probe_input",
+]
 
 _SCHEMA_VERSION = 3
 _FILE_IDENTIFIER = b"TFL3"
@@ -192,3 +199,154 @@ def model_for_version(version: int, n_in: int = 8, n_out: int = 4, extra_bytes: 
     return make_dense_model(
         weights, bias, description=f"fleetledger test model v{version}", padding=padding
     )
+
+
+# --- Fully int8-quantized models -------------------------------------------------------
+#
+# The layout follows TFLite's int8 quantization spec: activations are asymmetric int8
+# (scale, zero_point), weights symmetric int8 (zero_point 0), the bias int32 with
+# scale = input_scale * weight_scale and zero_point 0. A real value is
+# `(q - zero_point) * scale`.
+
+_INT8_MIN, _INT8_MAX = -128, 127
+# op_version.cc gives FULLY_CONNECTED with int8 tensors version 4.
+_FULLY_CONNECTED_INT8_VERSION = 4
+
+
+def _quantization(builder: flatbuffers.Builder, scale: float, zero_point: int) -> int:
+    scale_off = builder.CreateNumpyVector(np.asarray([scale], dtype=np.float32))
+    zero_off = builder.CreateNumpyVector(np.asarray([zero_point], dtype=np.int64))
+    tflite.QuantizationParametersStart(builder)
+    tflite.QuantizationParametersAddScale(builder, scale_off)
+    tflite.QuantizationParametersAddZeroPoint(builder, zero_off)
+    tflite.QuantizationParametersAddQuantizedDimension(builder, 0)
+    return int(tflite.QuantizationParametersEnd(builder))
+
+
+def _quantized_tensor(
+    builder: flatbuffers.Builder,
+    name: str,
+    shape: list[int],
+    buffer: int,
+    tensor_type: int,
+    quantization: tuple[float, int],
+) -> int:
+    quant_off = _quantization(builder, *quantization)
+    name_off = builder.CreateString(name)
+    shape_off = _int32_vector(builder, shape)
+    tflite.TensorStart(builder)
+    tflite.TensorAddShape(builder, shape_off)
+    tflite.TensorAddType(builder, tensor_type)
+    tflite.TensorAddBuffer(builder, buffer)
+    tflite.TensorAddName(builder, name_off)
+    tflite.TensorAddQuantization(builder, quant_off)
+    return int(tflite.TensorEnd(builder))
+
+
+def _asymmetric_int8(low: float, high: float) -> tuple[float, int]:
+    """(scale, zero_point) mapping [low, high] (widened to contain 0) onto int8."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if high - low <= 0.0:
+        high = low + 1.0  # an all-zero range still needs a usable, positive scale
+    scale = (high - low) / (_INT8_MAX - _INT8_MIN)
+    zero_point = int(np.clip(round(_INT8_MIN - low / scale), _INT8_MIN, _INT8_MAX))
+    return float(np.float32(scale)), zero_point
+
+
+def make_int8_dense_model(
+    weights: NDArray[Any],
+    bias: NDArray[Any],
+    calibration_inputs: NDArray[Any],
+    activation: str = "none",
+    description: str = "",
+) -> bytes:
+    """The int8 twin of `make_dense_model`: int8 "input" [1, in] -> int8 "output" [1, out].
+
+    Fully quantized, as TFLite post-training quantization would produce it: int8 input
+    and weights, int32 bias, int8 output, each with its (scale, zero_point) in the
+    tensor. The input range comes from `calibration_inputs` (rows of float features,
+    shape (N, in)) and the output range from the float model's outputs on those rows.
+    Callers quantize inputs with the input tensor's parameters and dequantize outputs
+    with the output tensor's (`LoadedModel.inputs[0].quantization`).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    calib = np.asarray(calibration_inputs, dtype=np.float64)
+    if w.ndim != 2 or b.shape != (w.shape[0],):
+        raise ValueError(f"weights must be (out, in) and bias (out,); got {w.shape} and {b.shape}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    n_out, n_in = (int(d) for d in w.shape)
+    if calib.ndim != 2 or calib.shape[1] != n_in or calib.shape[0] < 1:
+        raise ValueError(f"calibration_inputs must be (N >= 1, {n_in}); got {calib.shape}")
+    if not np.all(np.isfinite(calib)):
+        raise ValueError("calibration_inputs contain NaN or infinite values")
+
+    in_scale, in_zero = _asymmetric_int8(float(calib.min()), float(calib.max()))
+    float_out = calib @ w.T + b
+    if activation == "relu":
+        float_out = np.maximum(float_out, 0.0)
+    out_scale, out_zero = _asymmetric_int8(float(float_out.min()), float(float_out.max()))
+    max_abs_w = float(np.abs(w).max())
+    w_scale = float(np.float32(max_abs_w / _INT8_MAX if max_abs_w > 0 else 1.0))
+    q_w = np.clip(np.round(w / w_scale), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    # The runtime checks bias_scale == input_scale * weight_scale (to 1e-6 relative).
+    bias_scale = float(np.float32(np.float64(in_scale) * np.float64(w_scale)))
+    q_b = np.round(b / bias_scale).astype(np.int32)
+
+    builder = flatbuffers.Builder(1024 + q_w.nbytes + q_b.nbytes)
+    blobs: list[bytes | None] = [None, q_w.tobytes(), q_b.tobytes()]
+    buffers = _table_vector(builder, [_buffer(builder, blob) for blob in blobs])
+    int8, int32 = tflite.TensorType.INT8, tflite.TensorType.INT32
+    tensors = _table_vector(
+        builder,
+        [
+            _quantized_tensor(builder, "input", [1, n_in], 0, int8, (in_scale, in_zero)),
+            _quantized_tensor(builder, "weights", [n_out, n_in], 1, int8, (w_scale, 0)),
+            _quantized_tensor(builder, "bias", [n_out], 2, int32, (bias_scale, 0)),
+            _quantized_tensor(builder, "output", [1, n_out], 0, int8, (out_scale, out_zero)),
+        ],
+    )
+    operators = _table_vector(builder, [_fully_connected_op(builder, _ACTIVATIONS[activation])])
+    sg_inputs = _int32_vector(builder, [0])
+    sg_outputs = _int32_vector(builder, [3])
+    sg_name = builder.CreateString("main")
+    tflite.SubGraphStart(builder)
+    tflite.SubGraphAddTensors(builder, tensors)
+    tflite.SubGraphAddInputs(builder, sg_inputs)
+    tflite.SubGraphAddOutputs(builder, sg_outputs)
+    tflite.SubGraphAddOperators(builder, operators)
+    tflite.SubGraphAddName(builder, sg_name)
+    subgraphs = _table_vector(builder, [tflite.SubGraphEnd(builder)])
+
+    code = tflite.BuiltinOperator.FULLY_CONNECTED
+    tflite.OperatorCodeStart(builder)
+    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, code)
+    tflite.OperatorCodeAddBuiltinCode(builder, code)
+    tflite.OperatorCodeAddVersion(builder, _FULLY_CONNECTED_INT8_VERSION)
+    opcodes = _table_vector(builder, [tflite.OperatorCodeEnd(builder)])
+    desc = builder.CreateString(description)
+
+    tflite.ModelStart(builder)
+    tflite.ModelAddVersion(builder, _SCHEMA_VERSION)
+    tflite.ModelAddOperatorCodes(builder, opcodes)
+    tflite.ModelAddSubgraphs(builder, subgraphs)
+    tflite.ModelAddDescription(builder, desc)
+    tflite.ModelAddBuffers(builder, buffers)
+    builder.Finish(tflite.ModelEnd(builder), file_identifier=_FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def write_validation_set(model: Path, out: Path, rows: int = 64, seed: int = 7) -> Path:
+    """A validation .npz a model passes: labels are its own predictions, two groups.
+
+    For demos and tests of the lifecycle; real validation data comes from the user
+    (see scripts/make_validation_data.py for a noisier set with a fairness gap).
+    """
+    loaded = LoadedModel.load(model)
+    rng = np.random.default_rng(seed)
+    shape = loaded.inputs[0].shape
+    inputs = rng.uniform(-1, 1, size=(rows, *shape[1:])).astype(np.float32)
+    labels = np.array([int(np.argmax(loaded.run(x[None, ...]))) for x in inputs])
+    np.savez(out, inputs=inputs, labels=labels, groups=np.arange(rows) % 2)
+    return out

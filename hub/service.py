@@ -1,11 +1,11 @@
 """`hub serve`: the NATS service and the only writer of the ledger.
 
-It owns the JetStream layout (DESIGN.md "NATS layout"), answers operator
-requests on `hub.api.<verb>`, and turns device reports into ledger events. Every
-handler refuses bad input with a message and keeps serving; a command's events
-and their projection updates commit in one transaction, and side effects that
-devices act on (assignments in the KV bucket) are written only after the ledger
-has them, so a device never runs something the ledger does not show.
+It owns the JetStream layout (DESIGN.md "NATS layout"), answers signed operator
+commands on `hub.api.<verb>`, and turns device reports into ledger events. Every
+handler refuses bad input with a message and keeps serving; a command's events and
+their projection updates commit in one transaction, and side effects that devices
+act on (manifests and assignments in KV) are written only after the ledger has
+them, so a device never runs something the ledger does not show.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import tempfile
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,57 +24,73 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from sqlalchemy import Connection, select
 
 from edge_agent import protocol as proto
-from edge_agent.fetch import BlobTooLarge, FetchError, iter_object_chunks
-from edge_agent.runtime import ModelRuntimeError, describe
+from edge_agent.fetch import iter_object_chunks
 from ledger.encoding import canonical_encode
 from ledger.entry import Entry
-from ledger.store import LedgerStore, NewEvent
+from ledger.store import ENTRIES, LedgerStore, NewEvent
 
 from . import events as ev
 from . import projections as proj
-from .home import HubConfig
+from .api import CommandError, Commands, Outcome
+from .commands import CommandRefused, Operator, VerifiedCommand, open_command
+from .home import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
+from .layout import (
+    API_PREFIX,
+    ASSIGNMENTS_BUCKET,
+    LEDGER_STREAM,
+    MANIFESTS_BUCKET,
+    MODELS_BUCKET,
+    REPORTS_DURABLE,
+    REPORTS_STREAM,
+)
 
 log = logging.getLogger("hub")
 
-MODELS_BUCKET = "models"
-MANIFESTS_BUCKET = "manifests"
-ASSIGNMENTS_BUCKET = "assignments"
-REPORTS_STREAM = "REPORTS"
-LEDGER_STREAM = "LEDGER"
-API_PREFIX = "hub.api."
-REPORTS_DURABLE = "hub-reports"
-DAY_NS = 24 * 3600 * 10**9
+MAX_REQUEST_BYTES = 256 * 1024
 
-
-class CommandError(Exception):
-    """An operator command was refused; the message goes back to the operator."""
-
-
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[Connection, VerifiedCommand], Any]
 
 
 class HubService:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
-        self.release_key = config.load_key("release")
-        self.director_key = config.load_key("director")
         self.store = LedgerStore.open(config.database_url())
         with self.store.engine.begin() as conn:
             proj.create_tables(conn)
+        self.commands = Commands(config, self)
         self._write_lock = asyncio.Lock()
+        self._read_nonces: set[str] = set()
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.refused_reports = 0
-        self._handlers: dict[str, Handler] = {
+        c = self.commands
+        self._writes: dict[str, Handler] = {
+            "operator.add": c.operator_add,
+            "operator.revoke": c.operator_revoke,
+            "model.register": c.model_register,
+            "model.validate": c.model_validate,
+            "model.approve": c.model_approve,
+            "model.reject": c.model_reject,
+            "model.release": c.model_release,
+            "model.deprecate": c.model_deprecate,
+            "model.revoke": c.model_revoke,
+            "device.enroll": c.device_enroll,
+            "deploy": self._deploy,
+        }
+        self._reads: dict[str, Callable[[VerifiedCommand], Any]] = {
             "status": self._api_status,
-            "model.register": self._api_register,
-            "models": self._api_models,
-            "device.enroll": self._api_enroll,
-            "devices": self._api_devices,
-            "deploy": self._api_deploy,
+            "whoami": lambda cmd: {"name": cmd.operator.name, "keyid": cmd.operator.keyid,
+                                   "roles": list(cmd.operator.roles)},
+            "models": lambda cmd: self._read(lambda conn: proj.list_releases(
+                conn, cmd.body.get("name") if isinstance(cmd.body.get("name"), str) else None)),
+            "model.show": self._api_model_show,
+            "model.history": self._api_model_history,
+            "devices": lambda cmd: self._read(proj.list_devices),
+            "operators": lambda cmd: self._read(proj.list_operators),
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -88,6 +101,7 @@ class HubService:
         return self._js
 
     async def start(self) -> None:
+        self._bootstrap_admin()
         self._nc = await nats.connect(
             self.config.nats_url, name="hub", max_reconnect_attempts=-1, reconnect_time_wait=0.5
         )
@@ -100,16 +114,36 @@ class HubService:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a stuck NATS call must not keep the hub from stopping.
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5)
         self._tasks.clear()
         if self._nc is not None and not self._nc.is_closed:
             # Handlers are done by now; flush what we published and close.
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=2)
-            await self._nc.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), 5)
         self.store.close()
+
+    def _bootstrap_admin(self) -> None:
+        """The first operator comes from `hub init`'s config, recorded once in the ledger."""
+        with self.store.engine.connect() as conn:
+            if proj.list_operators(conn):
+                return
+        if not self.config.admin_public:
+            log.warning("no operators in the ledger and no admin_public in config.toml")
+            return
+        public = bytes.fromhex(self.config.admin_public)
+        from ledger.signing import PublicKey
+
+        payload = {"name": BOOTSTRAP_ADMIN, "keyid": PublicKey(public).keyid,
+                   "public": public, "roles": sorted(BOOTSTRAP_ROLES), "bootstrap": True}
+        self.store.append_many(
+            [NewEvent(ev.OPERATOR_ADDED, ev.HUB_ACTOR, ev.operator_subject(BOOTSTRAP_ADMIN),
+                      payload)],
+            apply=proj.apply_entries,
+        )
 
     async def _ensure_layout(self) -> None:
         js = self.js
@@ -134,39 +168,96 @@ class HubService:
             StreamConfig(name=LEDGER_STREAM, subjects=["ledger.entry", "ledger.checkpoint"])
         )
 
+    # ------------------------------------------------------------ Effects (for api.py)
+
+    async def read_blob(self, digest: str, size: int, dest: Path) -> str:
+        hasher = blake3.blake3()
+        with open(dest, "wb") as fh:
+            async for chunk in iter_object_chunks(self.js, MODELS_BUCKET, digest, size):
+                hasher.update(chunk)
+                fh.write(chunk)
+        return hasher.hexdigest()
+
+    async def put_manifest(self, key: str, envelope: bytes) -> None:
+        await (await self.js.key_value(MANIFESTS_BUCKET)).put(key, envelope)
+
+    async def _put_assignment(self, device: str, envelope: bytes) -> None:
+        await (await self.js.key_value(ASSIGNMENTS_BUCKET)).put(device, envelope)
+
     # ------------------------------------------------------------ ledger writes
 
     async def _append(self, new: list[NewEvent]) -> list[Entry]:
-        async with self._write_lock:
-            entries = self.store.append_many(new, apply=proj.apply_entries)
+        entries = self.store.append_many(new, apply=proj.apply_entries)
+        if self._js is None:
+            return entries  # not serving (offline use): no feed to publish to
         for entry in entries:
             with contextlib.suppress(Exception):  # the feed is a convenience; the DB is truth
-                await self.js.publish("ledger.entry", entry.body, headers=_entry_headers(entry))
+                await self._js.publish("ledger.entry", entry.body, headers=_entry_headers(entry))
         return entries
 
-    def _read(self) -> Any:
-        return self.store.engine.connect()
+    def _read(self, fn: Callable[[Connection], Any]) -> Any:
+        with self.store.engine.connect() as conn:
+            return fn(conn)
 
     # ------------------------------------------------------------ operator API
 
+    def _operators(self) -> dict[str, Operator]:
+        rows = self._read(proj.list_operators)
+        return {
+            r["keyid"]: Operator(r["name"], r["keyid"], r["public"], tuple(r["roles"]),
+                                 bool(r["revoked"]))
+            for r in rows
+        }
+
     async def _on_api(self, msg: Msg) -> None:
         verb = msg.subject[len(API_PREFIX):]
-        handler = self._handlers.get(verb)
         try:
-            if handler is None:
-                raise CommandError(f"unknown command {verb!r}; known: {', '.join(self._handlers)}")
-            body = proto.decode_map(msg.data, f"{verb} request") if msg.data else {}
-            result = await handler(body)
+            if len(msg.data) > MAX_REQUEST_BYTES:
+                raise CommandError(f"request is over {MAX_REQUEST_BYTES} bytes")
+            if verb not in self._writes and verb not in self._reads:
+                known = ", ".join(sorted([*self._writes, *self._reads]))
+                raise CommandError(f"unknown command {verb!r}; known: {known}")
+            result = await self._dispatch(verb, msg.data)
             reply: dict[str, Any] = {"ok": True, "result": result}
-        except (CommandError, proto.ProtocolError) as exc:
+        except (CommandError, CommandRefused, proto.ProtocolError) as exc:
             reply = {"ok": False, "error": str(exc)}
         except Exception as exc:  # keep serving; the operator gets one line
             log.exception("command %s failed", verb)
             reply = {"ok": False, "error": f"internal error in {verb}: {exc}"}
         if msg.reply:
-            await msg.respond(canonical_encode(_jsonable(reply)))
+            with contextlib.suppress(Exception):
+                await msg.respond(canonical_encode(reply))
 
-    async def _api_status(self, body: dict[str, Any]) -> Any:
+    async def _dispatch(self, verb: str, data: bytes) -> Any:
+        """Check and run one signed command; raises CommandError/CommandRefused."""
+        if verb in self._reads:
+            cmd = open_command(data, verb, self._operators(), self._read_nonces)
+            self._read_nonces.add(cmd.nonce)
+            result = self._reads[verb](cmd)
+            return await result if asyncio.iscoroutine(result) else result
+        # One writer at a time: state checks and the append see the same state.
+        async with self._write_lock:
+            with self.store.engine.connect() as conn:
+                used = _NonceLookup(conn)
+                cmd = open_command(data, verb, self._operators(), used)
+                outcome = self._writes[verb](conn, cmd)
+                if asyncio.iscoroutine(outcome):
+                    outcome = await outcome
+            assert isinstance(outcome, Outcome)
+            entries = await self._append(outcome.events)
+        for effect in outcome.after_commit:
+            await effect()
+        result = outcome.result
+        if isinstance(result, dict):
+            result = {**result, "seq": [e.seq for e in entries]}
+        return result
+
+    def _deploy(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        head = self.store.head()
+        next_seq = 0 if head is None else head.seq + 1
+        return self.commands.deploy(conn, cmd, next_seq, self._put_assignment)
+
+    def _api_status(self, cmd: VerifiedCommand) -> Any:
         head = self.store.head()
         return {
             "entries": 0 if head is None else head.seq + 1,
@@ -174,142 +265,39 @@ class HubService:
             "refused_reports": self.refused_reports,
         }
 
-    async def _api_models(self, body: dict[str, Any]) -> Any:
-        with self._read() as conn:
-            return proj.list_releases(conn)
+    def _api_model_show(self, cmd: VerifiedCommand) -> Any:
+        name = cmd.body.get("name")
+        if not isinstance(name, str):
+            raise CommandError("missing 'name'")
+        version = cmd.body.get("version")
+        rows = self._read(lambda conn: proj.list_releases(conn, name))
+        if isinstance(version, str):
+            rows = [r for r in rows if r["version"] == version]
+        if not rows:
+            raise CommandError(f"no model {name}{'/' + version if version else ''} registered")
+        return rows
 
-    async def _api_devices(self, body: dict[str, Any]) -> Any:
-        with self._read() as conn:
-            return proj.list_devices(conn)
-
-    async def _api_enroll(self, body: dict[str, Any]) -> Any:
-        device = _text(body, "device")
-        try:
-            proto.check_device_id(device)
-        except proto.ProtocolError as exc:
-            raise CommandError(str(exc)) from exc
-        with self._read() as conn:
-            if proj.get_device(conn, device) is not None:
-                raise CommandError(f"device {device} is already enrolled")
-        entries = await self._append(
-            [NewEvent(ev.DEVICE_ENROLLED, ev.HUB_ACTOR, ev.device_subject(device),
-                      {"device": device})]
-        )
-        return {"device": device, "seq": entries[0].seq}
-
-    async def _api_register(self, body: dict[str, Any]) -> Any:
-        name, version = _text(body, "name"), _text(body, "version")
-        digest, size = _text(body, "digest"), _int(body, "size")
-        try:
-            proto.check_model_ref(name, version)
-        except proto.ProtocolError as exc:
-            raise CommandError(str(exc)) from exc
-        with self._read() as conn:
-            if proj.get_release(conn, name, version) is not None:
-                raise CommandError(
-                    f"model {name}/{version} is already registered; versions are immutable, "
-                    "register a new version"
-                )
-        signature = await self._inspect_blob(digest, size)
-        now = time.time_ns()
-        manifest = proto.ReleaseManifest(
-            name=name, version=version, digest=digest, size=size, format="tflite",
-            inputs=signature["inputs"], outputs=signature["outputs"], created=now,
-            expires=now + self.config.manifest_ttl_days * DAY_NS,
-        )
-        envelope = proto.SignedEnvelope.sign(
-            manifest.to_map(), proto.DOMAIN_MANIFEST, [self.release_key]
-        ).encode()
-        manifest_hash = blake3.blake3(envelope).hexdigest()
-        kv = await self.js.key_value(MANIFESTS_BUCKET)
-        await kv.put(proto.manifest_key(name, version), envelope)
-        subject = ev.model_subject(name, version)
-        entries = await self._append([
-            NewEvent(ev.MODEL_REGISTERED, ev.HUB_ACTOR, subject, {
-                "name": name, "version": version, "digest": digest, "size": size,
-                "format": "tflite", "inputs": signature["inputs"],
-                "outputs": signature["outputs"],
-            }),
-            # The skeleton releases on registration; the approval gate comes in front later.
-            NewEvent(ev.MODEL_RELEASED, ev.HUB_ACTOR, subject, {
-                "name": name, "version": version, "digest": digest,
-                "manifest_hash": manifest_hash, "manifest": envelope,
-                "expires": manifest.expires,
-            }),
-        ])
-        return {"name": name, "version": version, "digest": digest,
-                "manifest_hash": manifest_hash, "seq": [e.seq for e in entries]}
-
-    async def _inspect_blob(self, digest: str, size: int) -> dict[str, Any]:
-        """Read the uploaded blob back, check its digest, and load it with TFLite."""
-        hasher = blake3.blake3()
-        fd, tmp = tempfile.mkstemp(suffix=".tflite")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                try:
-                    async for chunk in iter_object_chunks(self.js, MODELS_BUCKET, digest, size):
-                        hasher.update(chunk)
-                        fh.write(chunk)
-                except (FetchError, BlobTooLarge) as exc:
-                    raise CommandError(f"cannot read the uploaded model: {exc}") from exc
-            if hasher.hexdigest() != digest:
-                raise CommandError(
-                    f"the object store blob does not match digest {digest}; upload it again"
-                )
-            try:
-                return describe(Path(tmp))
-            except ModelRuntimeError as exc:
-                raise CommandError(f"not a loadable TFLite model: {exc}") from exc
-        finally:
-            os.unlink(tmp)
-
-    async def _api_deploy(self, body: dict[str, Any]) -> Any:
-        name, version = _text(body, "model"), _text(body, "version")
-        wanted = body.get("devices", [])
-        if not isinstance(wanted, list) or not all(isinstance(d, str) for d in wanted):
-            raise CommandError("devices must be a list of device ids")
-        all_devices = body.get("all") is True
-        if not wanted and not all_devices:
-            raise CommandError("name at least one --device, or use --all")
-        with self._read() as conn:
-            release = proj.get_release(conn, name, version)
-            if release is None or release["state"] != "released":
-                raise CommandError(f"model {name}/{version} is not released; see `hub models`")
-            known = {d["device"]: d for d in proj.list_devices(conn)}
-        targets = sorted(known) if all_devices else list(dict.fromkeys(wanted))
-        unknown = [d for d in targets if d not in known]
-        if unknown:
-            raise CommandError(f"unknown device(s): {', '.join(unknown)}; enroll them first")
-        if not targets:
-            raise CommandError("no devices are enrolled")
-        head = self.store.head()
-        deployment = f"dep-{0 if head is None else head.seq + 1}"
-        now = time.time_ns()
-        new = [NewEvent(ev.DEPLOYMENT_CREATED, ev.HUB_ACTOR, ev.deployment_subject(deployment),
-                        {"deployment": deployment, "model": name, "version": version,
-                         "devices": targets})]
-        envelopes: dict[str, bytes] = {}
-        for device in targets:
-            counter = int(known[device]["counter"]) + 1
-            assignment = proto.Assignment(
-                device=device, model=name, version=version, digest=release["digest"],
-                manifest_hash=release["manifest_hash"], counter=counter, rollout=deployment,
-                issued_at=now, expires=now + self.config.assignment_ttl_days * DAY_NS,
-            )
-            envelope = proto.SignedEnvelope.sign(
-                assignment.to_map(), proto.DOMAIN_ASSIGNMENT, [self.director_key]
-            ).encode()
-            envelopes[device] = envelope
-            new.append(NewEvent(ev.DEVICE_ASSIGNED, ev.HUB_ACTOR, ev.device_subject(device), {
-                "device": device, "deployment": deployment, "model": name, "version": version,
-                "digest": release["digest"], "counter": counter,
-                "manifest_hash": release["manifest_hash"], "assignment": envelope,
-            }))
-        await self._append(new)
-        kv = await self.js.key_value(ASSIGNMENTS_BUCKET)
-        for device, envelope in envelopes.items():
-            await kv.put(device, envelope)
-        return {"deployment": deployment, "devices": targets}
+    def _api_model_history(self, cmd: VerifiedCommand) -> Any:
+        """Every event about a model, with the operator keys needed to check signatures."""
+        name = cmd.body.get("name")
+        if not isinstance(name, str) or not name:
+            raise CommandError("missing 'name'")
+        prefix = f"model:{name}/"
+        query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
+                 .where(ENTRIES.c.subject.startswith(prefix, autoescape=True))
+                 .order_by(ENTRIES.c.seq))
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(query).all()
+            operators = proj.list_operators(conn)
+        events = []
+        for body, prev, hash_ in rows:
+            entry = Entry.from_body(body, prev, hash_)
+            events.append({"seq": entry.seq, "ts": entry.ts, "kind": entry.kind,
+                           "actor": entry.actor, "subject": entry.subject,
+                           "payload": entry.payload})
+        return {"events": events,
+                "operators": [{"name": o["name"], "keyid": o["keyid"], "public": o["public"]}
+                              for o in operators]}
 
     # ------------------------------------------------------------ device reports
 
@@ -332,6 +320,10 @@ class HubService:
                 except proto.ProtocolError as exc:
                     self.refused_reports += 1
                     log.warning("refused report on %s: %s", msg.subject, exc)
+                except Exception:
+                    # One poisonous report must never stop intake for the whole fleet.
+                    self.refused_reports += 1
+                    log.exception("report on %s could not be processed", msg.subject)
                 with contextlib.suppress(Exception):
                     await msg.ack()
 
@@ -344,8 +336,7 @@ class HubService:
             raise proto.ProtocolError(
                 f"report for device {report.device} arrived on {parts[2]}'s subject"
             )
-        with self._read() as conn:
-            device = proj.get_device(conn, report.device)
+        device = self._read(lambda conn: proj.get_device(conn, report.device))
         if device is None:
             raise proto.ProtocolError(f"report from unknown device {report.device}")
         if isinstance(report, proto.TelemetryWindow):
@@ -366,11 +357,15 @@ class HubService:
         if report.event == proto.STATUS_APPLIED:
             kind = ev.DEVICE_UPDATE_APPLIED
             payload = {**common, "probe_output": [float(v) for v in report.probe_output]}
+        elif report.event == proto.STATUS_REVERTED:
+            kind = ev.DEVICE_UPDATE_REVERTED
+            payload = {**common, "reason": report.reason}
         else:
             kind = ev.DEVICE_UPDATE_FAILED
             payload = {**common, "reason": report.reason}
-        await self._append([NewEvent(kind, report.device, ev.device_subject(report.device),
-                                     payload)])
+        async with self._write_lock:
+            await self._append([NewEvent(kind, report.device, ev.device_subject(report.device),
+                                         payload)])
 
     def _touch(self, device: str, ts: int) -> None:
         with self.store.engine.begin() as conn:
@@ -409,29 +404,17 @@ class HubService:
                 )
 
 
-def _text(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value:
-        raise CommandError(f"missing or invalid {key!r}: expected text")
-    return value
+class _NonceLookup:
+    """`nonce in lookup` against the ledger-derived nonce table."""
 
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
 
-def _int(body: dict[str, Any], key: str) -> int:
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise CommandError(f"missing or invalid {key!r}: expected a non-negative integer")
-    return value
+    def __contains__(self, nonce: object) -> bool:
+        return isinstance(nonce, str) and proj.nonce_used(self.conn, nonce)
 
 
 def _entry_headers(entry: Entry) -> dict[str, str]:
     return {"Nats-Msg-Id": f"ledger.{entry.seq}", "Ledger-Seq": str(entry.seq),
             "Ledger-Hash": entry.hash.hex(), "Ledger-Prev": entry.prev.hex()}
 
-
-def _jsonable(value: Any) -> Any:
-    """Rows may hold None and floats; canonical encoding takes them as they are."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ledger.entry import Entry
-from ledger.errors import LedgerError, LedgerNotFoundError
+from ledger.errors import LedgerError, LedgerNotFoundError, ProofError
+from ledger.merkle import verify_inclusion
 from ledger.store import LedgerStore
 
 # Exit codes: scripts tell "the ledger is damaged" from "the check could not run".
@@ -27,7 +28,9 @@ app = typer.Typer(
         "Each entry's hash covers the hash of the entry before it, so editing, deleting "
         "or reordering any stored entry breaks the chain from that point on. "
         "`ledger verify` recomputes the chain from the stored bytes alone and names the "
-        "first bad entry; `ledger show` lists the most recent entries."
+        "first bad entry; `ledger show` lists the most recent entries. "
+        "The entries are also the leaves of an RFC 9162 Merkle tree: `ledger root` prints "
+        "its root and `ledger prove` an entry's inclusion proof."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -64,7 +67,9 @@ def verify(
     For every entry, in seq order: its seq follows the previous one with no gap, its
     prev equals the previous entry's hash (32 zero bytes for seq 0), its indexed
     columns match its body, and its stored hash equals
-    BLAKE3("fleetledger/entry/v1\\0" + prev + body).
+    BLAKE3("fleetledger/entry/v1\\0" + prev + body). The stored Merkle tree must match
+    too: each entry's leaf is HASH(0x00 + body) and every stored subtree hash is the
+    hash of its children.
 
     Exit 0 and print `OK: N entries, head HASH` when all hold; exit 1 and print
     `FAIL at seq S: PROBLEM` at the first entry that does not; exit 2 when the check
@@ -88,6 +93,8 @@ def verify(
                     "head_hash": head,
                     "first_bad_seq": result.first_bad_seq,
                     "problem": result.problem,
+                    "merkle_hash": store.tree_hash.name,
+                    "merkle_root": result.merkle_root.hex() if result.merkle_root else None,
                     "db": store.location,
                 }
             )
@@ -170,6 +177,95 @@ def show(
     for e in entries:
         table.add_row(str(e.seq), _iso(e.ts)[:-1], e.kind, e.actor, e.subject, e.hash.hex()[:12])
     Console().print(table)
+
+
+@app.command()
+def root(
+    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    size: int | None = typer.Option(
+        None, "--size", min=0, help="Tree size (number of entries); default: all."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
+) -> None:
+    """Print the Merkle tree root (RFC 9162) of the first SIZE entries.
+
+    Prints `SIZE ROOT HASHNAME`, where HASHNAME (blake3 or sha256) is the tree's hash,
+    chosen when the ledger was created. Exit 2 if SIZE is larger than the ledger.
+    """
+    store = _open(db)
+    try:
+        tree_size = store.count() if size is None else size
+        root_hash = store.root(tree_size)
+    except LedgerError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    finally:
+        store.close()
+    name = store.tree_hash.name
+    if as_json:
+        typer.echo(json.dumps({"size": tree_size, "root": root_hash.hex(), "merkle_hash": name}))
+    else:
+        typer.echo(f"{tree_size} {root_hash.hex()} {name}")
+
+
+@app.command()
+def prove(
+    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    seq: int = typer.Option(..., "--seq", min=0, help="The entry to prove."),
+    size: int | None = typer.Option(
+        None, "--size", min=1, help="Tree size to prove it in; default: all entries."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
+) -> None:
+    """Print an entry with its Merkle inclusion proof (RFC 9162 §2.1.3).
+
+    Shows the entry, its leaf hash HASH(0x00 + body), the tree size and root, and the
+    proof: the hashes from the leaf's sibling up to the root's child. The proof is
+    checked before it is printed: exit 1 if it does not lead from this entry's body
+    to the root (the stored tree is damaged; run `ledger verify`), 2 if SEQ or SIZE
+    is out of range.
+    """
+    store = _open(db)
+    try:
+        tree_size = store.count() if size is None else size
+        proof = store.inclusion_proof(seq, tree_size)
+        root_hash = store.root(tree_size)
+        entry = store.get(seq)
+    except LedgerError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    finally:
+        store.close()
+    th = store.tree_hash
+    if entry is None:
+        _fail(f"no entry with seq {seq}", EXIT_USAGE)
+    leaf = th.leaf(entry.body)
+    try:
+        verify_inclusion(th, seq, tree_size, leaf, proof, root_hash)
+    except ProofError as exc:
+        _fail(f"the stored Merkle tree does not prove seq {seq}: {exc}", EXIT_DAMAGED)
+    if as_json:
+        doc = {
+            "entry": _entry_json(entry),
+            "body": entry.body.hex(),
+            "merkle_hash": th.name,
+            "leaf_index": seq,
+            "leaf_hash": leaf.hex(),
+            "tree_size": tree_size,
+            "root": root_hash.hex(),
+            "inclusion_proof": [h.hex() for h in proof],
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    lines = [
+        f"entry      seq {entry.seq}, {entry.kind}, actor {entry.actor}, subject {entry.subject}, "
+        f"time {_iso(entry.ts)}",
+        f"hash       {entry.hash.hex()}",
+        f"leaf hash  {leaf.hex()} ({th.name})",
+        f"tree size  {tree_size}",
+        f"root       {root_hash.hex()}",
+        f"proof      {len(proof)} hashes, leaf's sibling first",
+        *(f"  {i:>2}  {h.hex()}" for i, h in enumerate(proof)),
+    ]
+    typer.echo("\n".join(lines))
 
 
 def main() -> None:

@@ -3,6 +3,13 @@
 * `EntryError`: an entry's fields or bytes are malformed (the *data* is bad).
 * `StoreError`: the database could not be opened, read or written (the *storage*
   failed); `LedgerNotFoundError` is the common "wrong path" case.
+* `ProofError`: a Merkle inclusion or consistency proof does not verify.
+* `TreeRangeError`: a tree size, leaf index or seq asked about is out of range
+  (e.g. a proof for an entry the tree of that size does not contain).
+* `NoteError` / `CheckpointError`: a signed note or checkpoint is malformed or a
+  signature from a trusted key fails; `UnverifiedNoteError`: no trusted key signed it.
+* `WitnessError`: a witness refused a checkpoint (with both notes when it is evidence
+  of a fork or rollback); `WitnessStateError`: the witness's state file is unusable.
 
 Chain damage found by verification is not an exception: it is a `VerifyResult`
 that names the first bad seq, because finding damage is a normal outcome of an audit.
@@ -25,3 +32,75 @@ class StoreError(LedgerError):
 
 class LedgerNotFoundError(StoreError):
     """No ledger database exists at the given location (and creating one was not asked)."""
+
+
+class ProofError(LedgerError):
+    """A Merkle inclusion or consistency proof does not verify (the *proof* is bad)."""
+
+
+class TreeRangeError(LedgerError, ValueError):
+    """A Merkle tree size, leaf index or seq is out of range for the request."""
+
+
+# -- signed notes, checkpoints, witnesses (ledger/note.py, checkpoint.py, witness.py) --
+
+
+class NoteError(LedgerError, ValueError):
+    """A signed note, key string or signature is malformed, or a signature from a known
+    key does not verify (the *note* is bad)."""
+
+
+class UnverifiedNoteError(NoteError):
+    """A well-formed note has no signature from any key the caller trusts.
+
+    `note` is the parsed note (every signature in `note.unverified_sigs`), for display.
+    """
+
+    def __init__(self, message: str, note: object) -> None:
+        super().__init__(message)
+        self.note = note
+
+
+class CheckpointError(NoteError):
+    """A checkpoint's text is not a strict C2SP tlog-checkpoint, or it is not signed by
+    the expected log key for the expected origin."""
+
+
+class WitnessError(LedgerError):
+    """A witness refused to cosign a checkpoint.
+
+    When the refusal is evidence against the log (a fork: two checkpoints of one log
+    that cannot both be true, or a rollback) `old_note` is the checkpoint this witness
+    accepted before and `new_note` the one it refused, both exactly as signed; `str()`
+    prints both so they can be handed to an auditor.
+    """
+
+    def __init__(
+        self, message: str, old_note: bytes | None = None, new_note: bytes | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.old_note = old_note
+        self.new_note = new_note
+
+    @property
+    def evidence(self) -> tuple[bytes, bytes] | None:
+        if self.old_note is None or self.new_note is None:
+            return None
+        return (self.old_note, self.new_note)
+
+    def __str__(self) -> str:
+        if self.evidence is None:
+            return self.message
+        old = self.evidence[0].decode("utf-8", "replace")
+        new = self.evidence[1].decode("utf-8", "replace")
+        return (
+            f"{self.message}\n"
+            f"--- checkpoint accepted before ---\n{old}"
+            f"--- checkpoint refused now ---\n{new}"
+        )
+
+
+class WitnessStateError(LedgerError):
+    """The witness's state file could not be read or written, or is corrupt. A witness
+    must stop rather than forget what it cosigned, so this is never ignored."""

@@ -9,6 +9,12 @@ One writer at a time is enforced by the database, not by this process: SQLite ta
 its write lock at `BEGIN IMMEDIATE` (so the head we read cannot move under us), and
 PostgreSQL takes a self-conflicting table lock. The primary key on `seq` is the
 backstop: two appends can never both write the same seq.
+
+The Merkle tree (RFC 9162, ledger/merkle.py) is stored beside the entries as the hash
+of every complete subtree (`ledger_tree`, keyed by level and index; the "stored
+hashes" of Go's sumdb/tlog). Each append writes the new leaves and the nodes they
+complete in the same transaction, computed from the O(log n) subtree hashes on the
+tree's right edge, so any root or proof later needs only O(log n) node reads.
 """
 
 from __future__ import annotations
@@ -16,24 +22,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args
 
 from sqlalchemy import (
     BigInteger,
     Connection,
     Engine,
+    Integer,
     LargeBinary,
     Row,
     Select,
     Table,
     Text,
+    and_,
     create_engine,
     event,
     func,
     insert,
     inspect,
+    or_,
     select,
 )
 from sqlalchemy.engine import URL, make_url
@@ -42,13 +51,39 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Field, SQLModel
 
 from ledger.entry import GENESIS_PREV, Entry, build_entry
-from ledger.errors import EntryError, LedgerNotFoundError, StoreError
-from ledger.verify import RawRow, VerifyResult, verify_chain
+from ledger.errors import EntryError, LedgerNotFoundError, StoreError, TreeRangeError
+from ledger.merkle import (
+    BLAKE3,
+    DEFAULT_TREE_HASH,
+    HASHES,
+    GetNode,
+    MerkleFrontier,
+    TreeHash,
+    consistency_proof,
+    frontier_coordinates,
+    inclusion_proof,
+    root_at,
+)
+from ledger.verify import (
+    MERKLE_TREE_MISMATCH,
+    RawRow,
+    TreeCheck,
+    TreeRow,
+    VerifyResult,
+    verify_chain,
+)
 
 FORMAT = "fleetledger-ledger/1"
 HASH_NAME = "blake3"
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+# SQLite durability (WAL mode): FULL fsyncs the WAL at every commit, NORMAL only at
+# checkpoints (see docs/ARCHITECTURE.md, "Ledger and state"). PostgreSQL ignores it.
+Synchronous = Literal["FULL", "NORMAL"]
+DEFAULT_SYNCHRONOUS: Synchronous = "FULL"
+# Any constant: PostgreSQL openers serialise schema creation on this advisory lock.
+_PG_SCHEMA_LOCK_KEY = 0x666C656574  # "fleet"
 APPEND_ONLY_MESSAGE = "ledger entries are append-only"
+TREE_APPEND_ONLY_MESSAGE = "ledger Merkle tree nodes are append-only"
 # Connection execution option that makes the SQLite "begin" hook take the write lock.
 _WRITE_TXN_OPTION = "fleetledger_write"
 
@@ -57,8 +92,13 @@ class LedgerEntryRow(SQLModel, table=True):
     __tablename__ = "ledger_entries"
 
     # Not autoincrement: seq is chosen by the appender from the head it read under
-    # the write lock (and PostgreSQL must not attach a sequence to it).
-    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    # the write lock (and PostgreSQL must not attach a sequence to it). 64-bit like ts;
+    # SQLite keeps INTEGER, its rowid alias (BIGINT there would add a second index).
+    seq: int = Field(
+        primary_key=True,
+        sa_type=BigInteger().with_variant(Integer(), "sqlite"),
+        sa_column_kwargs={"autoincrement": False},
+    )
     ts: int = Field(sa_type=BigInteger)
     kind: str = Field(sa_type=Text, index=True)
     actor: str = Field(sa_type=Text)
@@ -75,8 +115,34 @@ class LedgerMetaRow(SQLModel, table=True):
     value: str = Field(sa_type=Text)
 
 
+class _Digest(LargeBinary):
+    """A hash column: bytes go to the driver as they are. (LargeBinary's bind processor
+    costs about as much as the insert itself on the append path; results are still
+    converted to bytes.)"""
+
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> None:
+        return None
+
+
+class LedgerTreeRow(SQLModel, table=True):
+    """One complete subtree of the Merkle tree: leaves [idx * 2**level, (idx+1) * 2**level)."""
+
+    __tablename__ = "ledger_tree"
+    # SQLite: the primary key is the table (no rowid, no second index to maintain).
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    level: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    idx: int = Field(
+        primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False}
+    )
+    hash: bytes = Field(sa_type=_Digest)
+
+
 ENTRIES: Table = SQLModel.metadata.tables["ledger_entries"]
 META: Table = SQLModel.metadata.tables["ledger_meta"]
+TREE: Table = SQLModel.metadata.tables["ledger_tree"]
 _ROW_COLUMNS = (
     ENTRIES.c.seq,
     ENTRIES.c.ts,
@@ -93,18 +159,38 @@ _SQLITE_TRIGGERS = [
         BEFORE {verb} ON ledger_entries
         BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}'); END"""
     for verb in ("UPDATE", "DELETE")
+] + [
+    f"""CREATE TRIGGER IF NOT EXISTS ledger_tree_no_{verb.lower()}
+        BEFORE {verb} ON ledger_tree
+        BEGIN SELECT RAISE(ABORT, '{TREE_APPEND_ONLY_MESSAGE}'); END"""
+    for verb in ("UPDATE", "DELETE")
 ]
 _POSTGRES_TRIGGERS = [
+    # SQLSTATE class 23, like SQLite's RAISE(ABORT): an IntegrityError on both backends.
     f"""CREATE OR REPLACE FUNCTION ledger_entries_append_only() RETURNS trigger
         LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION '{APPEND_ONLY_MESSAGE}'; END $$""",
+        BEGIN RAISE EXCEPTION '{APPEND_ONLY_MESSAGE}'
+              USING ERRCODE = 'integrity_constraint_violation'; END $$""",
     """CREATE OR REPLACE TRIGGER ledger_entries_no_change
         BEFORE UPDATE OR DELETE ON ledger_entries
         FOR EACH ROW EXECUTE FUNCTION ledger_entries_append_only()""",
     """CREATE OR REPLACE TRIGGER ledger_entries_no_truncate
         BEFORE TRUNCATE ON ledger_entries
         FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_append_only()""",
+    f"""CREATE OR REPLACE FUNCTION ledger_tree_append_only() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION '{TREE_APPEND_ONLY_MESSAGE}'
+              USING ERRCODE = 'integrity_constraint_violation'; END $$""",
+    """CREATE OR REPLACE TRIGGER ledger_tree_no_change
+        BEFORE UPDATE OR DELETE ON ledger_tree
+        FOR EACH ROW EXECUTE FUNCTION ledger_tree_append_only()""",
+    """CREATE OR REPLACE TRIGGER ledger_tree_no_truncate
+        BEFORE TRUNCATE ON ledger_tree
+        FOR EACH STATEMENT EXECUTE FUNCTION ledger_tree_append_only()""",
 ]
+# Nodes are read in one statement; this many (level, idx) pairs at most per statement.
+_TREE_READ_CHUNK = 200
+_T = TypeVar("_T")
 
 ApplyCallback = Callable[[Connection, list[Entry]], None]
 
@@ -133,7 +219,7 @@ def _is_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:")
 
 
-def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int) -> None:
+def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int, synchronous: Synchronous) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from pysqlite so the "begin" hook below decides
@@ -144,7 +230,7 @@ def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             cursor.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed append survives power loss, not only a process crash.
-            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
         finally:
             cursor.close()
 
@@ -164,6 +250,27 @@ def _raw(row: Row[Any]) -> RawRow:
     )  # fmt: skip
 
 
+def _in_range(what: str, value: int, lo: int, hi: int, why: str) -> int:
+    """`value` if lo <= value <= hi, else `TreeRangeError` saying why."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TreeRangeError(f"{what} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        bounds = f" (allowed: {lo}..{hi})" if lo <= hi else ""
+        raise TreeRangeError(f"{what} {value} is out of range{bounds}: {why}")
+    return value
+
+
+def _tree_insert_sql(conn: Connection) -> str:
+    # The driver's own executemany with plain tuples: about 3x cheaper per row than
+    # insert(TREE) with parameter dicts, on a path that writes ~2 rows per entry.
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # sqlite3 | psycopg, pg8000
+    return f"INSERT INTO ledger_tree (level, idx, hash) VALUES ({mark}, {mark}, {mark})"
+
+
+def _has(count: int) -> str:
+    return f"the ledger has {count} entries" if count else "the ledger is empty"
+
+
 def _entry(row: Row[Any]) -> Entry:
     try:
         return Entry.from_body(bytes(row.body), bytes(row.prev), bytes(row.hash))
@@ -177,6 +284,7 @@ class LedgerStore:
     def __init__(self, engine: Engine, where: str) -> None:
         self._engine = engine
         self._where = where
+        self._th: TreeHash = BLAKE3  # replaced by what the ledger records, in _prepare
 
     # -- opening ---------------------------------------------------------------------
 
@@ -187,10 +295,22 @@ class LedgerStore:
         *,
         create: bool = True,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        synchronous: Synchronous = DEFAULT_SYNCHRONOUS,
+        tree_hash: str | None = None,
     ) -> LedgerStore:
         """Open the ledger at a filesystem path (SQLite) or a SQLAlchemy URL starting
         with `sqlite:` or `postgresql`. With `create=False` a missing database raises
-        `LedgerNotFoundError` instead of being created (what an auditor wants)."""
+        `LedgerNotFoundError` instead of being created (what an auditor wants).
+        `synchronous` is SQLite's durability level: "FULL" (default) or "NORMAL".
+        `tree_hash` ("blake3" or "sha256") is the Merkle tree's hash, chosen when the
+        ledger is created (default blake3) and recorded in it; an existing ledger always
+        uses what it recorded, and naming a different one raises `StoreError`."""
+        if tree_hash is not None and tree_hash not in HASHES:
+            raise StoreError(
+                f"unknown Merkle tree hash {tree_hash!r}; choose one of {', '.join(HASHES)}"
+            )
+        if synchronous not in get_args(Synchronous):
+            raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
         url = _to_url(location)
         where = url.render_as_string(hide_password=True)
         sqlite = url.get_backend_name() == "sqlite"
@@ -212,20 +332,20 @@ class LedgerStore:
                 "psycopg, and use a postgresql+psycopg:// URL)"
             ) from exc
         if sqlite:
-            _install_sqlite_hooks(engine, busy_timeout_ms)
+            _install_sqlite_hooks(engine, busy_timeout_ms, synchronous)
         store = cls(engine, where)
         try:
-            store._prepare(create)
+            store._prepare(create, tree_hash)
         except BaseException:
             engine.dispose()
             raise
         return store
 
-    def _prepare(self, create: bool) -> None:
+    def _prepare(self, create: bool, tree_hash: str | None = None) -> None:
         try:
             if create:
-                with self._write_transaction() as conn:
-                    self._create_schema(conn)
+                with self._write_transaction(schema=True) as conn:
+                    self._create_schema(conn, tree_hash)
             if not inspect(self._engine).has_table(META.name):
                 raise StoreError(f"{self._where} is not a fleetledger ledger (no ledger_meta)")
             with self._engine.connect() as conn:
@@ -238,9 +358,21 @@ class LedgerStore:
                 f"{self._where} holds format={meta.get('format')!r} hash={meta.get('hash')!r}; "
                 f"this version reads only format={FORMAT!r} hash={HASH_NAME!r}"
             )
+        recorded = meta.get("merkle_hash")
+        if recorded not in HASHES:
+            raise StoreError(
+                f"{self._where} records merkle_hash={recorded!r}; this version needs one of "
+                f"{', '.join(HASHES)} (ledgers made before the Merkle tree are not supported)"
+            )
+        if tree_hash is not None and tree_hash != recorded:
+            raise StoreError(
+                f"{self._where} was created with Merkle tree hash {recorded!r}; it cannot be "
+                f"opened with {tree_hash!r} (the hash is chosen once, when a ledger is created)"
+            )
+        self._th = HASHES[str(recorded)]
 
-    def _create_schema(self, conn: Connection) -> None:
-        SQLModel.metadata.create_all(conn, tables=[ENTRIES, META])
+    def _create_schema(self, conn: Connection, tree_hash: str | None = None) -> None:
+        SQLModel.metadata.create_all(conn, tables=[ENTRIES, META, TREE])
         dialect = conn.dialect.name
         triggers = _SQLITE_TRIGGERS if dialect == "sqlite" else _POSTGRES_TRIGGERS
         if dialect in ("sqlite", "postgresql"):
@@ -248,6 +380,8 @@ class LedgerStore:
                 conn.exec_driver_sql(ddl)
         present = set(conn.execute(select(META.c.key)).scalars())
         wanted = {"format": FORMAT, "hash": HASH_NAME}
+        if "format" not in present:  # a new ledger: its tree hash is chosen now, once
+            wanted["merkle_hash"] = tree_hash or DEFAULT_TREE_HASH
         rows = [{"key": k, "value": v} for k, v in wanted.items() if k not in present]
         if rows:
             conn.execute(insert(META), rows)
@@ -264,9 +398,10 @@ class LedgerStore:
         return StoreError(f"cannot {action} ledger {self._where}: {detail}")
 
     @contextmanager
-    def _write_transaction(self) -> Iterator[Connection]:
+    def _write_transaction(self, *, schema: bool = False) -> Iterator[Connection]:
         """One write transaction holding the database's writer lock. Errors raised by
-        the body (e.g. the caller's `apply`) roll back and propagate unchanged."""
+        the body (e.g. the caller's `apply`) roll back and propagate unchanged.
+        `schema=True`: the tables may not exist yet (PostgreSQL then cannot lock them)."""
         try:
             conn = self._engine.connect()
         except SQLAlchemyError as exc:
@@ -275,7 +410,10 @@ class LedgerStore:
             conn.execution_options(**{_WRITE_TXN_OPTION: True})
             try:
                 txn = conn.begin()
-                if conn.dialect.name == "postgresql":
+                if conn.dialect.name == "postgresql" and schema:
+                    # Concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL.
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK_KEY})")
+                elif conn.dialect.name == "postgresql":
                     # Conflicts with itself, not with readers: one appender at a time.
                     conn.exec_driver_sql(
                         "LOCK TABLE ledger_entries IN SHARE ROW EXCLUSIVE MODE"
@@ -353,6 +491,7 @@ class LedgerStore:
             }
             for e in entries
         ]  # fmt: skip
+        tree_rows = self._tree_rows(conn, entries)
         try:
             conn.execute(insert(ENTRIES), rows)
         except IntegrityError as exc:
@@ -362,7 +501,32 @@ class LedgerStore:
             ) from exc
         except SQLAlchemyError as exc:
             raise self._error("append to", exc) from exc
+        try:
+            conn.exec_driver_sql(_tree_insert_sql(conn), tree_rows)
+        except IntegrityError as exc:
+            raise StoreError(
+                f"cannot append to ledger {self._where}: its Merkle tree already has nodes "
+                f"for seq {entries[0].seq} (run `ledger verify`)"
+            ) from exc
+        except SQLAlchemyError as exc:
+            raise self._error("append to", exc) from exc
         return entries
+
+    def _tree_rows(self, conn: Connection, entries: list[Entry]) -> list[tuple[int, int, bytes]]:
+        """The leaves of `entries` and every node they complete, as rows to insert,
+        computed from the O(log n) complete subtrees on the current tree's right edge."""
+        size = entries[0].seq
+        try:
+            frontier = self._from_nodes(
+                conn,
+                lambda get: MerkleFrontier(
+                    self._th, size, [get(lv, i) for lv, i in frontier_coordinates(size)]
+                ),
+            )
+        except SQLAlchemyError as exc:
+            raise self._error("read the Merkle tree of", exc) from exc
+        leaf = self._th.leaf
+        return [node for e in entries for node in frontier.append(leaf(e.body))]
 
     # -- reading -----------------------------------------------------------------------
 
@@ -418,8 +582,134 @@ class LedgerStore:
             yield _raw(row)
 
     def verify(self, expected_head: tuple[int, bytes] | None = None) -> VerifyResult:
-        """Verify the whole stored chain; see `ledger.verify.verify_chain`."""
-        return verify_chain(self.iter_raw(), expected_head)
+        """Verify the whole stored chain and Merkle tree; see `ledger.verify.verify_chain`.
+
+        Every stored tree node is compared with the node recomputed from the bodies;
+        then the root of the verified size is read back from stored nodes, the way
+        `root()` (and so every published root) computes it, and must be the same.
+        """
+        tree = TreeCheck(self._th, self._iter_tree_rows())
+        result = verify_chain(self.iter_raw(), expected_head, tree)
+        if result.ok and self.root(result.entries) != result.merkle_root:
+            problem = (
+                f"{MERKLE_TREE_MISMATCH}: the root read from stored nodes for size "
+                f"{result.entries} differs from the root recomputed from the entries"
+            )
+            return replace(result, ok=False, first_bad_seq=result.entries - 1, problem=problem)
+        return result
+
+    # -- the Merkle tree ----------------------------------------------------------------
+
+    @property
+    def tree_hash(self) -> TreeHash:
+        """The Merkle tree's hash function, as recorded in the ledger (`merkle_hash`)."""
+        return self._th
+
+    def root(self, size: int | None = None) -> bytes:
+        """The Merkle root (RFC 9162 MTH) of the first `size` entries (default: all)."""
+
+        def compute(conn: Connection, current: int) -> bytes:
+            n = current if size is None else _in_range("tree size", size, 0, current, _has(current))
+            return self._from_nodes(conn, lambda get: root_at(self._th, n, get))
+
+        return self._read_tree("compute the Merkle root of", compute)
+
+    def inclusion_proof(self, seq: int, size: int | None = None) -> list[bytes]:
+        """The RFC 9162 inclusion proof of entry `seq` in the tree of `size` entries
+        (default: all), leaf's sibling first; O(log n) node reads."""
+
+        def compute(conn: Connection, current: int) -> list[bytes]:
+            n = current if size is None else _in_range("tree size", size, 0, current, _has(current))
+            why = _has(current) if size is None else f"not in the tree of size {n}"
+            index = _in_range("seq", seq, 0, n - 1, why)
+            return self._from_nodes(conn, lambda get: inclusion_proof(self._th, index, n, get))
+
+        return self._read_tree("prove inclusion in", compute)
+
+    def consistency_proof(self, m: int, n: int) -> list[bytes]:
+        """The RFC 9162 consistency proof from the tree of `m` entries to the tree of
+        `n` entries (empty when m == n or m == 0); O(log n) node reads."""
+
+        def compute(conn: Connection, current: int) -> list[bytes]:
+            second = _in_range("second tree size", n, 0, current, _has(current))
+            first = _in_range("first tree size", m, 0, second, f"it exceeds the second, {n}")
+            return self._from_nodes(
+                conn, lambda get: consistency_proof(self._th, first, second, get)
+            )
+
+        return self._read_tree("prove consistency in", compute)
+
+    def leaf_hash(self, seq: int) -> bytes:
+        """The stored Merkle leaf hash of entry `seq`: HASH(0x00 || body)."""
+
+        def compute(conn: Connection, current: int) -> bytes:
+            index = _in_range("seq", seq, 0, current - 1, _has(current))
+            return self._from_nodes(conn, lambda get: get(0, index))
+
+        return self._read_tree("read the Merkle tree of", compute)
+
+    def _read_tree(self, action: str, compute: Callable[[Connection, int], _T]) -> _T:
+        # One read transaction (a snapshot in SQLite WAL), so the size and the nodes agree.
+        try:
+            with self._engine.connect() as conn:
+                head = conn.execute(
+                    select(ENTRIES.c.seq).order_by(ENTRIES.c.seq.desc()).limit(1)
+                ).first()
+                return compute(conn, 0 if head is None else head.seq + 1)
+        except SQLAlchemyError as exc:
+            raise self._error(action, exc) from exc
+
+    def _from_nodes(self, conn: Connection, compute: Callable[[GetNode], _T]) -> _T:
+        """Run `compute(get_node)` with every node it needs read in one statement: a dry
+        run records which nodes it asks for (what it asks never depends on the hashes)."""
+        wanted: list[tuple[int, int]] = []
+        blank = bytes(self._th.size)
+
+        def record(level: int, idx: int) -> bytes:
+            wanted.append((level, idx))
+            return blank
+
+        compute(record)
+        found: dict[tuple[int, int], bytes] = {}
+        for start in range(0, len(wanted), _TREE_READ_CHUNK):
+            chunk = wanted[start : start + _TREE_READ_CHUNK]
+            where = or_(*(and_(TREE.c.level == lv, TREE.c.idx == i) for lv, i in chunk))
+            for row in conn.execute(select(TREE.c.level, TREE.c.idx, TREE.c.hash).where(where)):
+                found[(row.level, row.idx)] = bytes(row.hash)
+
+        def stored(level: int, idx: int) -> bytes:
+            node = found.get((level, idx))
+            if node is None:
+                raise StoreError(
+                    f"ledger {self._where}: Merkle tree node (level {level}, index {idx}) is "
+                    "missing (run `ledger verify`)"
+                )
+            return node
+
+        return compute(stored)
+
+    def _iter_tree_rows(self, batch: int = 1000) -> Iterator[TreeRow]:
+        """Stored tree nodes in the order appends complete them (see `TreeCheck`): per
+        batch of leaves [start, end), the nodes whose last leaf falls in it."""
+        start = 0
+        while True:
+            end = start + batch
+            ranges = []
+            level = 0
+            while (1 << level) <= end:
+                # Node (level, i) is completed by leaf (i + 1) * 2**level - 1.
+                lo = ((start + (1 << level)) >> level) - 1
+                hi = (end >> level) - 1
+                if lo <= hi:
+                    ranges.append(and_(TREE.c.level == level, TREE.c.idx.between(lo, hi)))
+                level += 1
+            rows = self._fetch(select(TREE.c.level, TREE.c.idx, TREE.c.hash).where(or_(*ranges)))
+            if not rows:
+                return
+            rows.sort(key=lambda r: (((r.idx + 1) << r.level) - 1, r.level))
+            for r in rows:
+                yield TreeRow(r.level, r.idx, bytes(r.hash))
+            start = end
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -1,18 +1,20 @@
-"""Streaming verification of a ledger's hash chain (pure, no I/O).
+"""Streaming verification of a ledger's hash chain and Merkle tree (pure, no I/O).
 
-Works on raw stored rows, one at a time, in O(1) memory, and never decodes a payload:
-each check compares bytes. It stops at the first bad row and names it, because every
-later hash depends on that one and would only repeat the same finding.
+Works on raw stored rows, one at a time, in O(1) memory for the chain and O(log n) for
+the Merkle tree (a `MerkleFrontier`), and never decodes a payload: each check compares
+bytes. It stops at the first bad row and names it, because every later hash depends
+on that one and would only repeat the same finding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ledger.entry import GENESIS_PREV, chain_hash, header_prefix
 from ledger.errors import EntryError
+from ledger.merkle import MerkleFrontier, TreeHash
 
 # The problems, worded for the person reading the report. Details follow after ": ".
 MISSING_ENTRY = "missing entry"
@@ -22,6 +24,8 @@ COLUMNS_MISMATCH = "indexed columns do not match the entry body"
 ENTRY_EDITED = "entry edited: stored hash does not match its contents"
 TRUNCATED = "ledger truncated"
 FORKED = "ledger forked"
+MERKLE_LEAF_MISMATCH = "Merkle leaf does not match the entry"
+MERKLE_TREE_MISMATCH = "stored Merkle tree does not match the entries"
 
 
 class RawRow(NamedTuple):
@@ -37,16 +41,39 @@ class RawRow(NamedTuple):
     hash: bytes
 
 
+class TreeRow(NamedTuple):
+    """One stored Merkle tree node: the complete subtree at (level, idx); level 0 = leaf."""
+
+    level: int
+    idx: int
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class TreeCheck:
+    """The stored Merkle tree, to check alongside the chain.
+
+    `rows` must come in the order appends complete them: for each seq, the leaf
+    (0, seq) and then every node that leaf completes, lowest level first (what
+    `MerkleFrontier.append` returns). Rows past the last entry are not read.
+    """
+
+    tree_hash: TreeHash
+    rows: Iterable[TreeRow]
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     """Outcome of a verification. On failure `entries` and `head_hash` describe the
-    good prefix before `first_bad_seq`."""
+    good prefix before `first_bad_seq`; `merkle_root` (when the tree was checked) is
+    the root recomputed from the good prefix's bodies."""
 
     ok: bool
     entries: int
     head_hash: bytes | None
     first_bad_seq: int | None
     problem: str | None
+    merkle_root: bytes | None = None
 
 
 def _row_problem(row: RawRow, expected_seq: int, expected_prev: bytes) -> tuple[int, str] | None:
@@ -69,8 +96,26 @@ def _row_problem(row: RawRow, expected_seq: int, expected_prev: bytes) -> tuple[
     return None
 
 
+def _tree_problem(completed: list[tuple[int, int, bytes]], stored: Iterator[TreeRow]) -> str | None:
+    """Compare the nodes one leaf completes with the next stored tree rows."""
+    for level, idx, want in completed:
+        got = next(stored, None)
+        what = "leaf" if level == 0 else f"node (level {level}, index {idx})"
+        if got is None or (got.level, got.idx) != (level, idx):
+            found = "" if got is None else f" (found level {got.level}, index {got.idx})"
+            base = MERKLE_LEAF_MISMATCH if level == 0 else MERKLE_TREE_MISMATCH
+            return f"{base}: the {what} is missing{found}"
+        if got.hash != want:
+            if level == 0:
+                return MERKLE_LEAF_MISMATCH
+            return f"{MERKLE_TREE_MISMATCH}: {what} differs from the hash of its children"
+    return None
+
+
 def verify_chain(
-    rows: Iterable[RawRow], expected_head: tuple[int, bytes] | None = None
+    rows: Iterable[RawRow],
+    expected_head: tuple[int, bytes] | None = None,
+    tree: TreeCheck | None = None,
 ) -> VerifyResult:
     """Check that `rows` (in stored order) form one unbroken chain from genesis.
 
@@ -82,25 +127,42 @@ def verify_chain(
     A chain alone cannot show that entries were cut off at the end. `expected_head`
     = (seq, hash) of an entry known from elsewhere (a signed checkpoint, an earlier
     audit) closes that gap: the ledger must contain that entry with that hash.
+
+    With `tree`, each row's stored Merkle leaf must also equal HASH(0x00 || body), and
+    every stored node completed by that leaf must equal the node recomputed from the
+    bodies (so the root of every size computed from stored nodes is the true one).
     """
     count = 0
     prev_hash = GENESIS_PREV
     head: bytes | None = None
     trusted_seq, trusted_hash = expected_head if expected_head is not None else (-1, b"")
+    frontier = MerkleFrontier(tree.tree_hash) if tree is not None else None
+    stored = iter(tree.rows) if tree is not None else iter(())
+
+    def result(ok: bool, bad_seq: int | None = None, problem: str | None = None) -> VerifyResult:
+        root = frontier.root() if frontier is not None else None
+        return VerifyResult(ok, count, head, bad_seq, problem, root)
+
     for row in rows:
         found = _row_problem(row, count, prev_hash)
         if found is not None:
-            return VerifyResult(False, count, head, found[0], found[1])
+            return result(False, found[0], found[1])
         if row.seq == trusted_seq and row.hash != trusted_hash:
             problem = (
                 f"{FORKED}: seq {row.seq} has hash {row.hash.hex()}, "
                 f"a trusted head says {trusted_hash.hex()}"
             )
-            return VerifyResult(False, count, head, row.seq, problem)
+            return result(False, row.seq, problem)
+        if tree is not None and frontier is not None:
+            completed = frontier.completed_by(tree.tree_hash.leaf(row.body))
+            tree_problem = _tree_problem(completed, stored)
+            if tree_problem is not None:
+                return result(False, row.seq, tree_problem)
+            frontier.advance(completed)
         count += 1
         prev_hash = row.hash
         head = row.hash
     if expected_head is not None and count <= trusted_seq:
         problem = f"{TRUNCATED}: it ends before seq {trusted_seq}, which a trusted head names"
-        return VerifyResult(False, count, head, count, problem)
-    return VerifyResult(True, count, head, None, None)
+        return result(False, count, problem)
+    return result(True)

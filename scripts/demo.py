@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import os
 import shutil
@@ -31,7 +32,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 from hub.client import HubClient, HubError  # noqa: E402
 from hub.embedded_nats import EmbeddedNats  # noqa: E402
 from hub.home import init_home  # noqa: E402
-from hub.modelgen import model_for_version  # noqa: E402
+from hub.modelgen import model_for_version, write_validation_set  # noqa: E402
+from ledger.signing import SigningKey  # noqa: E402
 
 console = Console()
 BIN = Path(sys.executable).parent
@@ -40,10 +42,8 @@ PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """Children get SIGTERM if the demo itself is killed, so nothing is orphaned."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 class Processes:
@@ -115,10 +115,11 @@ async def wait_for_telemetry(client: HubClient, timeout: float) -> None:
 
 async def drive(url: str, home: Path, models: dict[str, Path], devices: list[str],
                 procs: Processes, data: Path) -> None:
+    admin_key = SigningKey.load(home / "operators" / "admin.key")
     deadline = time.monotonic() + 15
     while True:  # hub serve creates the buckets; wait until it answers
         try:
-            async with await HubClient.connect(url, timeout=2) as probe:
+            async with await HubClient.connect(url, admin_key, timeout=2) as probe:
                 await probe.call("status")
             break
         except HubError:
@@ -126,22 +127,44 @@ async def drive(url: str, home: Path, models: dict[str, Path], devices: list[str
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
-    async with await HubClient.connect(url) as client:
+    # Four eyes: the admin registers, alice (an approver) approves.
+    alice_key = SigningKey.generate()
+    async with await HubClient.connect(url, admin_key) as admin:
+        await admin.call("operator.add", {"name": "alice", "roles": ["approver"],
+                                          "public": alice_key.public.raw})
+        alice_key.save(home / "operators" / "alice.key")
+        console.print("admin added operator alice (approver)")
         for device in devices:
-            await client.call("device.enroll", {"device": device})
+            await admin.call("device.enroll", {"device": device})
             procs.start(device, [
                 str(BIN / "edge-agent"), "run", "--device-id", device, "--nats", url,
                 "--state-dir", str(data / "devices" / device),
                 "--trust-root", str(home / "trust-root.bin"), "--rate", "20", "--window", "1",
             ])
         console.print(f"enrolled and started {len(devices)} agents: {', '.join(devices)}")
-        for version in ("1", "2"):
-            result = await client.register_model(models[version], "kws", version)
-            console.print(f"registered kws/{version} (digest {result['digest'][:16]}…), "
-                          f"deploying to all devices")
-            await client.call("deploy", {"model": "kws", "version": version, "all": True})
-            await wait_for_version(client, procs, version, devices, timeout=60)
-        await wait_for_telemetry(client, timeout=10)
+        async with await HubClient.connect(url, alice_key) as alice:
+            for version in ("1", "2"):
+                await release(admin, alice, models[version], version, data)
+                await admin.call("deploy", {"model": "kws", "version": version, "all": True})
+                await wait_for_version(admin, procs, version, devices, timeout=60)
+        await wait_for_telemetry(admin, timeout=10)
+
+
+async def release(admin: HubClient, alice: HubClient, model: Path, version: str,
+                  data: Path) -> None:
+    card = {"intended_use": "demo keyword spotter", "owners": ["demo team"]}
+    lineage = {"code_ref": "demo", "params": {"version": int(version)}}
+    result = await admin.register_model(model, "kws", version, lineage, card)
+    console.print(f"admin registered kws/{version} (digest {result['digest'][:16]}…)")
+    dataset = write_validation_set(model, data / "models" / f"kws-v{version}-validation.npz")
+    report = await admin.validate_model("kws", version, dataset)
+    if not report["passed"]:
+        raise RuntimeError(f"validation failed: {report['failures']}")
+    console.print(f"validation passed: accuracy {report['metrics'].get('accuracy', 0):.3f}, "
+                  f"flip rate {report['metrics'].get('flip_rate', 0):.3f}")
+    await alice.call("model.approve", {"name": "kws", "version": version})
+    await admin.call("model.release", {"name": "kws", "version": version})
+    console.print(f"alice approved, admin released kws/{version}; deploying to all devices")
 
 
 def main() -> int:
@@ -176,6 +199,8 @@ def main() -> int:
         asyncio.run(drive(nats_server.url, home, models, devices, procs, data))
         env = dict(os.environ, COLUMNS="110")
         subprocess.run([str(BIN / "hub"), "devices", "--home", str(home)], env=env, check=True)
+        subprocess.run([str(BIN / "hub"), "model", "history", "kws", "--home", str(home)],
+                       env=env, check=True)
         verify = subprocess.run([str(BIN / "ledger"), "verify", "--db", str(home / "ledger.db")])
         code = verify.returncode
         console.print(f"demo finished in {time.monotonic() - started:.1f} s; "

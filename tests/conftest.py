@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from hub.embedded_nats import EmbeddedNats
 from hub.modelgen import model_for_version
 from tests.fleet import Fleet
+from tests.pg import PgServer, PgUnavailable
 
 
 @pytest.fixture
@@ -40,3 +42,47 @@ async def fleet(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Flee
         yield fleet
     finally:
         await fleet.stop()
+
+
+# -- a throwaway PostgreSQL server (tests/pg.py) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One private PostgreSQL server for the whole session. Missing binaries fail the
+    tests that need it (CI must run them) unless FLEET_ALLOW_NO_PG=1 says skip."""
+    try:
+        server = PgServer().start()
+    except PgUnavailable as exc:
+        missing = str(exc)
+    else:
+        missing = ""
+    if missing and os.environ.get("FLEET_ALLOW_NO_PG") == "1":
+        pytest.skip(f"FLEET_ALLOW_NO_PG=1: {missing}")
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: PgServer) -> str:
+    """SQLAlchemy URL of a database shared by the session (postgresql+psycopg://...)."""
+    return pg_server.create_database("fleet_session")
+
+
+@pytest.fixture
+def fresh_pg_url(pg_server: PgServer) -> str:
+    """SQLAlchemy URL of a new, empty database for this test alone."""
+    return pg_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh, empty ledger goes, once per backend: a SQLite file path, then a
+    new PostgreSQL database. A test taking it is a backend-neutral behaviour test."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return str(request.getfixturevalue("fresh_pg_url"))

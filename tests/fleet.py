@@ -7,6 +7,7 @@ Waiting is done on events (ledger entries as the hub publishes them on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,9 +20,12 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from hub.client import HubClient
 from hub.home import HubConfig, init_home
+from hub.modelgen import write_validation_set
 from hub.service import HubService
 from ledger.entry import Entry
+from ledger.signing import SigningKey
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +73,8 @@ class LedgerFeed:
 
     async def close(self) -> None:
         if self._nc is not None:
-            await self._nc.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), 5)
 
 
 @dataclass
@@ -133,7 +138,27 @@ class Fleet:
         await self.hub.start()
         self.feed = LedgerFeed()
         await self.feed.start(self.nats_url)
+        self.admin_key = SigningKey.load(self.config.operator_key_path("admin"))
+        self.approver_key = SigningKey.generate()
+        async with await self.client() as admin:
+            await admin.call("operator.add", {"name": "approver", "roles": ["approver"],
+                                              "public": self.approver_key.public.raw})
         return self
+
+    async def client(self, key: SigningKey | None = None) -> HubClient:
+        """A connected operator client (the admin unless another key is given)."""
+        return await HubClient.connect(self.nats_url, key or self.admin_key)
+
+    async def release_model(self, path: Path, name: str, version: str) -> dict[str, object]:
+        """Walk a model through the whole lifecycle: register, validate, approve, release."""
+        async with await self.client() as admin, await self.client(self.approver_key) as appr:
+            registered = await admin.register_model(path, name, version)
+            data = write_validation_set(path, self.root / f"{name}-{version}-validation.npz")
+            result = await admin.validate_model(name, version, data)
+            assert result["passed"], result["failures"]
+            await appr.call("model.approve", {"name": name, "version": version})
+            await admin.call("model.release", {"name": name, "version": version})
+        return dict(registered)
 
     def agent(self, device_id: str) -> AgentProcess:
         if device_id not in self.agents:

@@ -68,11 +68,11 @@ async def test_three_agents_take_v1_then_v2_and_the_ledger_proves_it(
     fleet: Fleet, model_files: dict[str, Path]
 ) -> None:
     devices = ["dev-0", "dev-1", "dev-2"]
-    async with await HubClient.connect(fleet.nats_url) as client:
-        await client.register_model(model_files["1"], "kws", "1")
+    async with await fleet.client() as client:
+        await fleet.release_model(model_files["1"], "kws", "1")
         await setup_devices(fleet, client, devices)
         await deploy_and_wait(fleet, client, "1", devices)
-        await client.register_model(model_files["2"], "kws", "2")
+        await fleet.release_model(model_files["2"], "kws", "2")
         await deploy_and_wait(fleet, client, "2", devices)
 
         # Each device's reported output for the probe input is the output of the
@@ -101,11 +101,13 @@ async def test_three_agents_take_v1_then_v2_and_the_ledger_proves_it(
     store = LedgerStore.open(fleet.config.database_url())
     entries = list(store.iter_entries())
     kinds = [e.kind for e in entries]
-    assert kinds[:2] == [ev.MODEL_REGISTERED, ev.MODEL_RELEASED]
-    assert kinds[2:5] == [ev.DEVICE_ENROLLED] * 3
+    assert kinds[:2] == [ev.OPERATOR_ADDED, ev.OPERATOR_ADDED]  # the admin, the approver
+    assert kinds[2:6] == [ev.MODEL_REGISTERED, ev.MODEL_VALIDATED, ev.MODEL_APPROVED,
+                          ev.MODEL_RELEASED]
+    assert kinds[6:9] == [ev.DEVICE_ENROLLED] * 3
     first_deploy = kinds.index(ev.DEPLOYMENT_CREATED)
     assert kinds[first_deploy + 1:first_deploy + 4] == [ev.DEVICE_ASSIGNED] * 3
-    v2_registered = kinds.index(ev.MODEL_REGISTERED, 1)
+    v2_registered = kinds.index(ev.MODEL_REGISTERED, 3)
     assert kinds[:v2_registered].count(ev.DEVICE_UPDATE_APPLIED) == 3
     assert kinds[v2_registered:].count(ev.DEVICE_UPDATE_APPLIED) == 3
     assert [e.seq for e in entries] == list(range(len(entries)))
@@ -138,11 +140,11 @@ async def test_three_agents_take_v1_then_v2_and_the_ledger_proves_it(
 async def test_blob_with_a_flipped_byte_is_refused_and_old_model_keeps_running(
     fleet: Fleet, model_files: dict[str, Path]
 ) -> None:
-    async with await HubClient.connect(fleet.nats_url) as client:
-        await client.register_model(model_files["1"], "kws", "1")
+    async with await fleet.client() as client:
+        await fleet.release_model(model_files["1"], "kws", "1")
         await setup_devices(fleet, client, ["dev-0"])
         await deploy_and_wait(fleet, client, "1", ["dev-0"])
-        v2 = await client.register_model(model_files["2"], "kws", "2")
+        v2 = await fleet.release_model(model_files["2"], "kws", "2")
 
         # The attacker rewrites the stored blob, keeping its name (the digest).
         data = bytearray(model_files["2"].read_bytes())
@@ -172,8 +174,8 @@ async def test_blob_with_a_flipped_byte_is_refused_and_old_model_keeps_running(
 async def test_manifest_signed_by_a_key_outside_the_trust_root_is_refused(
     fleet: Fleet, model_files: dict[str, Path]
 ) -> None:
-    async with await HubClient.connect(fleet.nats_url) as client:
-        await client.register_model(model_files["1"], "kws", "1")
+    async with await fleet.client() as client:
+        await fleet.release_model(model_files["1"], "kws", "1")
         await setup_devices(fleet, client, ["dev-0"])
         await deploy_and_wait(fleet, client, "1", ["dev-0"])
 
@@ -214,8 +216,8 @@ async def test_manifest_signed_by_a_key_outside_the_trust_root_is_refused(
 async def test_agent_killed_and_restarted_comes_back_on_its_model_without_downloading(
     fleet: Fleet, model_files: dict[str, Path]
 ) -> None:
-    async with await HubClient.connect(fleet.nats_url) as client:
-        await client.register_model(model_files["1"], "kws", "1")
+    async with await fleet.client() as client:
+        await fleet.release_model(model_files["1"], "kws", "1")
         await setup_devices(fleet, client, ["dev-0"])
         await deploy_and_wait(fleet, client, "1", ["dev-0"])
 

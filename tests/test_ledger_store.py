@@ -1,4 +1,6 @@
-"""LedgerStore on real SQLite files: appends, reads, atomicity, append-only triggers."""
+"""LedgerStore on real SQLite files and a real PostgreSQL server: appends, reads,
+atomicity, append-only triggers. One behaviour suite: every test taking `store` or
+`ledger_url` (tests/conftest.py) runs on both backends (PostgreSQL from tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, make_url, text
 from sqlalchemy.exc import IntegrityError
 
 from ledger.entry import GENESIS_PREV, Entry
@@ -24,10 +27,41 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[LedgerStore]:
-    opened = LedgerStore.open(db_path)
+def store(ledger_url: str) -> Iterator[LedgerStore]:
+    opened = LedgerStore.open(ledger_url)
     yield opened
     opened.close()
+
+
+def is_postgres(ledger_url: str) -> bool:
+    return ledger_url.startswith("postgresql")
+
+
+def raw_execute(ledger_url: str, *statements: str, disable_triggers: bool = False) -> None:
+    """Run SQL on the database directly, with the driver, bypassing LedgerStore (what
+    someone with the file or a superuser login can do)."""
+    if is_postgres(ledger_url):
+        conninfo = make_url(ledger_url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(conninfo) as pg:  # commits on a clean exit
+            if disable_triggers:
+                pg.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ALL")
+            for sql in statements:
+                pg.execute(sql.encode())
+        return
+    raw = sqlite3.connect(ledger_url)
+    try:
+        if disable_triggers:
+            raw.execute("DROP TRIGGER ledger_entries_no_update")
+            raw.execute("DROP TRIGGER ledger_entries_no_delete")
+        for sql in statements:
+            raw.execute(sql)
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def blob_literal(ledger_url: str, data: bytes) -> str:
+    return f"'\\x{data.hex()}'::bytea" if is_postgres(ledger_url) else f"x'{data.hex()}'"
 
 
 def fill(store: LedgerStore, n: int) -> list[Entry]:
@@ -53,12 +87,12 @@ def test_empty_ledger(store: LedgerStore) -> None:
     assert result.ok and result.entries == 0
 
 
-def test_entries_chain_across_calls_and_reopen(db_path: Path) -> None:
-    with LedgerStore.open(db_path) as first:
+def test_entries_chain_across_calls_and_reopen(ledger_url: str) -> None:
+    with LedgerStore.open(ledger_url) as first:
         a = first.append("a.b", "hub", "s", {})
         bc = first.append_many([NewEvent("a.c", "hub", "s", {"n": 1}),
                                 NewEvent("a.d", "hub", "t", {}, ts=7)])  # fmt: skip
-    with LedgerStore.open(db_path) as again:
+    with LedgerStore.open(ledger_url) as again:
         d = again.append("a.e", "hub", "s", {})
         entries = list(again.iter_entries())
     assert [e.seq for e in entries] == [0, 1, 2, 3]
@@ -127,61 +161,64 @@ def test_invalid_event_appends_nothing(store: LedgerStore) -> None:
     assert store.count() == 0
 
 
-def test_update_and_delete_are_refused(store: LedgerStore, db_path: Path) -> None:
+def test_update_and_delete_are_refused(store: LedgerStore, ledger_url: str) -> None:
     fill(store, 3)
-    for sql in ("UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 1",
-                "DELETE FROM ledger_entries WHERE seq = 2"):  # fmt: skip
+    statements = ["UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 1",
+                  "DELETE FROM ledger_entries WHERE seq = 2"]  # fmt: skip
+    if is_postgres(ledger_url):
+        statements.append("TRUNCATE ledger_entries")  # SQLite has no TRUNCATE
+    for sql in statements:
         with pytest.raises(IntegrityError, match="append-only"), store.engine.begin() as conn:
             conn.execute(text(sql))
-        raw = sqlite3.connect(db_path)
-        try:
-            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-                raw.execute(sql)
-        finally:
-            raw.close()
+        with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError), match="append-only"):
+            raw_execute(ledger_url, sql)
     assert store.verify().ok and store.count() == 3
 
 
-def tamper(db_path: Path, *statements: str) -> None:
-    raw = sqlite3.connect(db_path)
-    try:
-        raw.execute("DROP TRIGGER ledger_entries_no_update")
-        raw.execute("DROP TRIGGER ledger_entries_no_delete")
-        for sql in statements:
-            raw.execute(sql)
-        raw.commit()
-    finally:
-        raw.close()
+def tamper(ledger_url: str, *statements: str) -> None:
+    raw_execute(ledger_url, *statements, disable_triggers=True)
 
 
-def test_tampered_payload_is_found(store: LedgerStore, db_path: Path) -> None:
+def test_tampered_payload_is_found(store: LedgerStore, ledger_url: str) -> None:
     entries = fill(store, 6)
     body = bytearray(entries[4].body)
     body[-1] ^= 0x01  # the last byte is inside the payload
-    tamper(db_path, f"UPDATE ledger_entries SET body = x'{body.hex()}' WHERE seq = 4")
+    edited = blob_literal(ledger_url, bytes(body))
+    tamper(ledger_url, f"UPDATE ledger_entries SET body = {edited} WHERE seq = 4")
     result = store.verify()
     assert (result.ok, result.first_bad_seq, result.problem) == (False, 4, ENTRY_EDITED)
     assert result.entries == 4
 
 
-def test_deleted_middle_row_is_reported_missing(store: LedgerStore, db_path: Path) -> None:
+def test_deleted_middle_row_is_reported_missing(store: LedgerStore, ledger_url: str) -> None:
     fill(store, 6)
-    tamper(db_path, "DELETE FROM ledger_entries WHERE seq = 3")
+    tamper(ledger_url, "DELETE FROM ledger_entries WHERE seq = 3")
     result = store.verify()
     assert not result.ok and result.first_bad_seq == 3
     assert result.problem is not None and result.problem.startswith(MISSING_ENTRY)
 
 
-def test_sqlite_is_in_wal_mode_and_records_its_format(store: LedgerStore, db_path: Path) -> None:
+def test_sqlite_is_in_wal_mode_and_records_its_format(db_path: Path) -> None:
+    store = LedgerStore.open(db_path)
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         meta = dict(raw.execute("SELECT key, value FROM ledger_meta").fetchall())
     finally:
         raw.close()
-    assert meta == {"format": FORMAT, "hash": "blake3"}
+    assert meta == {"format": FORMAT, "hash": "blake3", "merkle_hash": "blake3"}
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    store.close()
+
+
+def test_sqlite_synchronous_is_configurable(db_path: Path) -> None:
+    with LedgerStore.open(db_path, synchronous="NORMAL") as store:
+        store.append("a.b", "hub", "s", {})
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with pytest.raises(ValueError, match="synchronous"):
+        LedgerStore.open(db_path, synchronous="OFF")  # type: ignore[arg-type]
 
 
 def test_open_without_create(tmp_path: Path) -> None:
@@ -201,14 +238,13 @@ def test_open_refuses_files_that_are_not_ledgers(tmp_path: Path) -> None:
         LedgerStore.open(other, create=False)
 
 
-def test_open_refuses_an_unknown_format(db_path: Path) -> None:
-    LedgerStore.open(db_path).close()
-    raw = sqlite3.connect(db_path)
-    raw.execute("UPDATE ledger_meta SET value = 'fleetledger-ledger/99' WHERE key = 'format'")
-    raw.commit()
-    raw.close()
+def test_open_refuses_an_unknown_format(ledger_url: str) -> None:
+    LedgerStore.open(ledger_url).close()
+    raw_execute(
+        ledger_url, "UPDATE ledger_meta SET value = 'fleetledger-ledger/99' WHERE key = 'format'"
+    )
     with pytest.raises(StoreError, match="ledger/99"):
-        LedgerStore.open(db_path)
+        LedgerStore.open(ledger_url)
 
 
 def test_sqlite_url_and_memory(tmp_path: Path) -> None:
@@ -220,9 +256,9 @@ def test_sqlite_url_and_memory(tmp_path: Path) -> None:
         assert memory.verify().entries == 3
 
 
-def test_concurrent_appenders_never_interleave(db_path: Path) -> None:
-    # Two stores on one file stand in for two processes; the database serialises them.
-    stores = [LedgerStore.open(db_path), LedgerStore.open(db_path)]
+def test_concurrent_appenders_never_interleave(ledger_url: str) -> None:
+    # Two stores on one database stand in for two processes; the database serialises them.
+    stores = [LedgerStore.open(ledger_url), LedgerStore.open(ledger_url)]
     errors: list[BaseException] = []
 
     def worker(index: int) -> None:

@@ -1,0 +1,335 @@
+"""The three console scripts, run as real subprocesses the way people run them.
+
+`hub`, `edge-agent` and `ledger` are run as `python -m <module>` with PYTHONPATH set to
+the repository root (so the tests pass from any working directory). Help explains each
+command; mistakes end in one `error:` message and a documented exit status (2: usage or
+missing home/database, 3: NATS unreachable, 1: the hub refused), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edge_agent import cli as agent_cli
+from edge_agent.trust import TrustRoot
+from hub import cli as hub_cli
+from hub.client import HubClient, HubError
+from hub.embedded_nats import EmbeddedNats
+from ledger import cli as ledger_cli
+from ledger.signing import SigningKey
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ROLES = ("root", "release", "director", "log")
+
+
+def cli_env(columns: str | None = "300") -> dict[str, str]:
+    """The environment for a CLI child: this repository importable, no stray hub home.
+
+    A wide COLUMNS keeps rich from wrapping messages mid-word, so the tests read the
+    words; `columns=None` leaves the width to the tool, as under cron or CI.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("FLEET_HUB_HOME", None)
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = columns
+    return env
+
+
+def run(module: str, *args: str, columns: str | None = "300",
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # Run from outside the repository: nothing may depend on the working directory.
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True,
+        env=cli_env(columns), cwd=REPO_ROOT.parent, timeout=timeout, check=False,
+    )
+
+
+def flat(text: str) -> str:
+    """Help text without rich's box drawing, on one line with single spaces."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def clear_error(done: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    """The command failed with `code` and an `error:` message naming `words`."""
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    message = flat(done.stderr)
+    assert message.startswith("error:"), done.stderr
+    for word in words:
+        assert word in message, done.stderr
+    return message
+
+
+# ---------------------------------------------------------------- help
+
+HELP_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "hub": (("hub.cli",), ("enroll devices", "hub init DIR", "init", "serve", "status",
+                           "devices", "deploy", "model", "device", "operator")),
+    "hub init": (("hub.cli", "init"), ("Create a hub home", "trust root", "config.toml",
+                                       "--force", "--nats", "--database")),
+    "hub serve": (("hub.cli", "serve"), ("Run the hub", "SIGTERM", "--home", "--log-level")),
+    "hub status": (("hub.cli", "status"), ("ledger head", "--json", "--timeout")),
+    "hub model": (("hub.cli", "model"), ("register", "validate", "release", "list")),
+    "hub model register": (("hub.cli", "model", "register"), ("tflite", "--name",
+                                                              "--version")),
+    "hub model list": (("hub.cli", "model", "list"), ("List registered model versions",)),
+    "hub device": (("hub.cli", "device"), ("Enroll devices", "enroll")),
+    "hub operator": (("hub.cli", "operator"), ("Operators", "add", "revoke")),
+    "hub device enroll": (("hub.cli", "device", "enroll"),
+                          ("Enroll a device", "trust-root", "letters, digits")),
+    "hub devices": (("hub.cli", "devices"), ("The fleet", "last seen", "telemetry",
+                                             "FLEET_HUB_HOME")),
+    "hub deploy": (("hub.cli", "deploy"), ("signed assignment", "--model", "--version",
+                                           "--device", "--all")),
+    "edge-agent": (("edge_agent.cli",), ("edge agent", "trust root", "A/B slot", "run",
+                                         "status")),
+    "edge-agent run": (("edge_agent.cli", "run"), ("SIGTERM", "--device-id", "--trust-root",
+                                                   "--state-dir", "--nats")),
+    "edge-agent status": (("edge_agent.cli", "status"), ("installed model", "revert",
+                                                         "--state-dir", "--json")),
+    "ledger": (("ledger.cli",), ("hash-chained", "verify", "show")),
+    "ledger verify": (("ledger.cli", "verify"), ("hash chain", "Exit 0", "FAIL at seq",
+                                                 "--db", "--json")),
+    "ledger show": (("ledger.cli", "show"), ("most recent entries", "--last", "--db")),
+}
+
+
+TOP_LEVEL = ("hub", "edge-agent", "ledger")
+
+
+@pytest.fixture(scope="module")
+def top_level_help() -> dict[str, subprocess.CompletedProcess[str]]:
+    """`--help` of the three console scripts, as subprocesses run in parallel."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {
+            name: pool.submit(run, HELP_CASES[name][0][0], "--help") for name in TOP_LEVEL
+        }
+        return {name: f.result() for name, f in futures.items()}
+
+
+def assert_explains(command: str, code: int, stdout: str, stderr: str = "") -> None:
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    text = flat(stdout)
+    assert "Usage:" in text
+    for words in HELP_CASES[command][1]:
+        assert words in text, f"{words!r} not in the help of {command}:\n{stdout}"
+
+
+@pytest.mark.parametrize("command", TOP_LEVEL)
+def test_console_script_help_exits_0_and_explains_it(
+    top_level_help: dict[str, subprocess.CompletedProcess[str]], command: str
+) -> None:
+    done = top_level_help[command]
+    assert_explains(command, done.returncode, done.stdout, done.stderr)
+
+
+# Each `hub` start-up costs most of a second (hub.client imports hub.service and with it
+# SQLAlchemy and TFLite), so subcommand help goes through the very same Typer apps in
+# this process; the three subprocess runs above cover the console-script wiring.
+APPS = {"hub": hub_cli.app, "edge-agent": agent_cli.app, "ledger": ledger_cli.app}
+
+
+@pytest.mark.parametrize("command", [c for c in HELP_CASES if c not in TOP_LEVEL])
+def test_subcommand_help_exits_0_and_explains_it(command: str) -> None:
+    tool, *words = command.split()
+    result = CliRunner().invoke(APPS[tool], [*words, "--help"], prog_name=tool,
+                                env={"COLUMNS": "100"})
+    assert_explains(command, result.exit_code, result.stdout)
+    assert f"Usage: {command}" in flat(result.stdout)
+
+
+# ---------------------------------------------------------------- hub init
+
+
+def test_hub_init_creates_config_trust_root_and_private_keys(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    done = run("hub.cli", "init", str(home), "--nats", "nats://127.0.0.1:4999")
+    assert done.returncode == 0, done.stderr
+    assert "next: hub serve --home" in flat(done.stdout)
+    config = (home / "config.toml").read_text()
+    assert 'nats_url = "nats://127.0.0.1:4999"' in config
+    root = TrustRoot.load(home / "trust-root.bin")
+    assert set(root.roles) >= set(ROLES)
+    for role in ROLES:
+        key = home / "keys" / f"{role}.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, role
+        assert len(bytes.fromhex(key.read_text().strip())) == 32
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def test_hub_init_on_an_existing_home_exits_2_and_keeps_the_keys(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run("hub.cli", "init", str(home)).returncode == 0
+    keys = {role: (home / "keys" / f"{role}.key").read_bytes() for role in ROLES}
+    root = (home / "trust-root.bin").read_bytes()
+
+    done = run("hub.cli", "init", str(home))
+    clear_error(done, 2, "already a hub home", "--force")
+    assert {role: (home / "keys" / f"{role}.key").read_bytes() for role in ROLES} == keys
+    assert (home / "trust-root.bin").read_bytes() == root
+
+    forced = run("hub.cli", "init", str(home), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (home / "keys" / "root.key").read_bytes() != keys["root"]
+
+
+def test_hub_error_is_one_line_when_stderr_is_a_pipe(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run("hub.cli", "init", str(home)).returncode == 0
+    done = run("hub.cli", "init", str(home), columns=None)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# ---------------------------------------------------------------- missing things
+
+
+def test_hub_devices_with_a_missing_home_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    done = run("hub.cli", "devices", "--home", str(missing))
+    clear_error(done, 2, "config.toml not found", "hub init")
+    assert not missing.exists()
+
+
+def test_ledger_verify_with_a_missing_database_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    done = run("ledger.cli", "verify", "--db", str(missing))
+    clear_error(done, 2, "no ledger database", "--db")
+    assert not missing.exists()
+
+
+def test_edge_agent_with_a_missing_trust_root_exits_2(tmp_path: Path) -> None:
+    done = run("edge_agent.cli", "run", "--device-id", "dev-1", "--state-dir",
+               str(tmp_path / "state"), "--trust-root", str(tmp_path / "nope.bin"))
+    clear_error(done, 2, "cannot read trust root", "nope.bin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def devices_without_nats(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """`hub devices` against a port nobody listens on (run once: it takes seconds)."""
+    home = tmp_path_factory.mktemp("nonats") / "home"
+    url = f"nats://127.0.0.1:{free_port()}"
+    assert run("hub.cli", "init", str(home), "--nats", url).returncode == 0
+    return url, run("hub.cli", "devices", "--home", str(home))
+
+
+def test_hub_devices_without_nats_exits_3_naming_the_url(
+    devices_without_nats: tuple[str, subprocess.CompletedProcess[str]],
+) -> None:
+    url, done = devices_without_nats
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == ""
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert f"cannot connect to NATS at {url}" in errors[0]
+
+
+def test_hub_devices_without_nats_prints_no_traceback(
+    devices_without_nats: tuple[str, subprocess.CompletedProcess[str]],
+) -> None:
+    _, done = devices_without_nats
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr
+    assert flat(done.stderr).startswith("error:"), done.stderr
+
+
+# ---------------------------------------------------------------- against a running hub
+
+
+async def _hub_answers(url: str, key: SigningKey) -> bool:
+    with contextlib.suppress(HubError):
+        async with await HubClient.connect(url, key, timeout=2) as client:
+            await client.call("status")
+            return True
+    return False
+
+
+@pytest.fixture
+def served_home(tmp_path: Path, nats_server: EmbeddedNats) -> Iterator[Path]:
+    """A hub home with `hub serve` running on it as a child process."""
+    home = tmp_path / "home"
+    assert run("hub.cli", "init", str(home), "--nats", nats_server.url).returncode == 0
+    log = open(tmp_path / "hub.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub.cli", "serve", "--home", str(home)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=cli_env(),
+    )
+    try:
+        admin = SigningKey.load(home / "operators" / "admin.key")
+        deadline = time.monotonic() + 30
+        while not asyncio.run(_hub_answers(nats_server.url, admin)):
+            assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+            assert time.monotonic() < deadline, "hub serve did not answer within 30 s"
+            time.sleep(0.1)
+        yield home
+        assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+def test_enroll_and_list_devices_through_a_running_hub(served_home: Path) -> None:
+    home = str(served_home)
+    done = run("hub.cli", "device", "enroll", "dev-1", "--json", "--home", home)
+    assert done.returncode == 0, done.stderr
+    enrolled = json.loads(done.stdout)
+    assert enrolled["device"] == "dev-1"
+    (seq,) = enrolled["seq"]  # the bootstrap admin's entry comes first
+
+    # The rest only read (or are refused): run them side by side to save start-up time.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        listed = pool.submit(run, "hub.cli", "devices", "--json", "--home", home)
+        again = pool.submit(run, "hub.cli", "device", "enroll", "dev-1", "--home", home)
+        status = pool.submit(run, "hub.cli", "status", "--json", "--home", home)
+        verify = pool.submit(run, "ledger.cli", "verify", "--db", str(served_home / "ledger.db"))
+
+    done = listed.result()
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["device"], r["state"], r["enrolled_seq"]) for r in rows] == [
+        ("dev-1", "enrolled", seq)
+    ]
+    clear_error(again.result(), 1, "dev-1 is already enrolled")
+    assert status.result().returncode == 0, status.result().stderr
+    assert json.loads(status.result().stdout)["entries"] == seq + 1
+    assert verify.result().returncode == 0, verify.result().stderr
+    assert verify.result().stdout.startswith(f"OK: {seq + 1} entries")
+
+
+def test_deploy_needs_devices_or_all_before_calling_the_hub(tmp_path: Path) -> None:
+    # No hub home exists: the usage error must come first, without contacting anything.
+    done = run("hub.cli", "deploy", "--model", "kws", "--version", "1",
+               "--home", str(tmp_path / "none"))
+    clear_error(done, 2, "--device", "--all")
