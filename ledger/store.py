@@ -706,9 +706,12 @@ class LedgerStore:
             rows = self._fetch(select(TREE.c.level, TREE.c.idx, TREE.c.hash).where(or_(*ranges)))
             if not rows:
                 return
-            rows.sort(key=lambda r: (((r.idx + 1) << r.level) - 1, r.level))
-            for r in rows:
-                yield TreeRow(r.level, r.idx, bytes(r.hash))
+            # Sort by (completing seq, level); bytes(): PostgreSQL drivers give memoryview.
+            batch_rows = sorted(
+                (((r.idx + 1) << r.level) - 1, r.level, r.idx, bytes(r.hash)) for r in rows
+            )
+            for _, level, idx, h in batch_rows:
+                yield TreeRow(level, idx, h)
             start = end
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -100,15 +100,16 @@ def _tree_problem(completed: list[tuple[int, int, bytes]], stored: Iterator[Tree
     """Compare the nodes one leaf completes with the next stored tree rows."""
     for level, idx, want in completed:
         got = next(stored, None)
+        if got is not None and got.hash == want and got.level == level and got.idx == idx:
+            continue
         what = "leaf" if level == 0 else f"node (level {level}, index {idx})"
         if got is None or (got.level, got.idx) != (level, idx):
             found = "" if got is None else f" (found level {got.level}, index {got.idx})"
             base = MERKLE_LEAF_MISMATCH if level == 0 else MERKLE_TREE_MISMATCH
             return f"{base}: the {what} is missing{found}"
-        if got.hash != want:
-            if level == 0:
-                return MERKLE_LEAF_MISMATCH
-            return f"{MERKLE_TREE_MISMATCH}: {what} differs from the hash of its children"
+        if level == 0:
+            return MERKLE_LEAF_MISMATCH
+        return f"{MERKLE_TREE_MISMATCH}: {what} differs from the hash of its children"
     return None
 
 
