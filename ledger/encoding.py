@@ -108,10 +108,16 @@ def canonical_decode(data: bytes, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
         )
     except msgpack.ExtraData as exc:
         raise EncodingError("trailing bytes after the document") from exc
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise EncodingError(f"malformed msgpack: {exc}") from exc
-    except Exception as exc:  # msgpack raises a few unrelated types on garbage
-        raise EncodingError(f"malformed msgpack: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        # Some (e.g. a truncated document) carry no message; say what kind it was.
+        detail = str(exc) or {
+            "OutOfData": "the document is truncated",
+            "FormatError": "not a valid msgpack type byte",
+            "StackError": "nested too deeply",
+        }.get(type(exc).__name__, type(exc).__name__)
+        if "exceeds max_" in detail:  # msgpack caps lengths by the buffer size
+            detail = "a container declares more items than the document holds (truncated?)"
+        raise EncodingError(f"malformed msgpack: {detail}") from exc
     _check_maps(value, 0)
     if canonical_encode(value) != data:
         raise EncodingError("bytes are valid msgpack but not in canonical form")
