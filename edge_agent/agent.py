@@ -46,12 +46,18 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
+from ledger.signing import KeyFileError, SigningKey
+
 from . import protocol as proto
 from .download import DigestMismatch, DownloadStats, ResumableDownload
 from .fetch import BlobTooLarge, FetchError
 from .health import HealthWindow
+from .kv_watch import KeyWatch
+from .nats_auth import NatsAuth
+from .root_updater import RootUpdater
 from .runtime import LoadedModel, ModelRuntimeError, preflight
 from .slots import SlotStore, atomic_write_bytes
+from .spool import Spool
 from .telemetry import TelemetryWindowBuilder
 from .trust import TrustError, TrustRoot
 
@@ -60,7 +66,7 @@ log = logging.getLogger("edge_agent")
 MODELS_BUCKET = "models"
 MANIFESTS_BUCKET = "manifests"
 ASSIGNMENTS_BUCKET = "assignments"
-OUTBOX_LIMIT = 1000
+DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 FAULTS_ENV = "FLEET_AGENT_FAULTS"
 STATS_NAME = "stats.json"
 
@@ -84,6 +90,8 @@ class Faults:
     error_rate: float = 0.0
     load_error: bool = False
     version: str | None = None
+    install_error: bool = False  # refuse to install (the assignment's version must match)
+    output_shift: float = 0.0  # added to every output before it is counted (drift)
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
@@ -96,6 +104,8 @@ class Faults:
                 error_rate=float(values.get("error_rate", 0.0)),
                 load_error=values.get("load_error", "0") not in ("", "0", "false"),
                 version=values.get("version") or None,
+                install_error=values.get("install_error", "0") not in ("", "0", "false"),
+                output_shift=float(values.get("output_shift", 0.0)),
             )
         except ValueError as exc:
             raise ValueError(f"{FAULTS_ENV}={spec!r} is not valid: {exc}") from exc
@@ -116,6 +126,11 @@ class AgentConfig:
     health_window: float = 30.0
     max_error_rate: float = 0.5
     faults: str | None = None  # None: read FLEET_AGENT_FAULTS
+    device_key: Path | None = None  # signs status reports; without it the hub refuses them
+    nats_ca: Path | None = None  # the NATS server's CA certificate (TLS); from the bundle
+    spool_max_bytes: int = DEFAULT_SPOOL_BYTES  # reports kept on disk until acked
+    spool_fsync: bool = True
+    isolate_preflight: bool = True  # smoke-test a new model in a child process first
 
 
 class EdgeAgent:
@@ -123,8 +138,10 @@ class EdgeAgent:
         proto.check_device_id(config.device_id)
         self.config = config
         self.device_id = config.device_id
-        self.trust = TrustRoot.load(config.trust_root)
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        # The pinned root, or a newer one accepted by an earlier chain walk.
+        self.roots = RootUpdater(config.trust_root, config.state_dir)
+        self.device_key = _load_device_key(config.device_key)
         self.slots = SlotStore(config.state_dir)
         self.slots.discard_stale_temp_files()
         self._state_path = config.state_dir / "agent.json"
@@ -139,9 +156,12 @@ class EdgeAgent:
         self.model_meta: dict[str, Any] = {}
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._outbox: asyncio.Queue[tuple[str, bytes, str]] = asyncio.Queue(OUTBOX_LIMIT)
-        self.dropped_reports = 0
+        # Reports wait on disk until JetStream acknowledges them (edge_agent/spool.py).
+        self.spool = Spool(config.state_dir / "spool", max_bytes=config.spool_max_bytes,
+                           fsync=config.spool_fsync)
+        self._spooled = asyncio.Event()
         self._window = TelemetryWindowBuilder()
+        self._window_meta: dict[str, Any] = {}  # the model the open window counts
         self._rng = np.random.default_rng()
         self.installs = 0  # successful switches in this process (tests read it)
         self.download_stats = DownloadStats()
@@ -151,6 +171,45 @@ class EdgeAgent:
         self._inflight: proto.Assignment | None = None
         self._rewatch = asyncio.Event()
         self._stopping = False
+
+    @property
+    def trust(self) -> TrustRoot:
+        return self.roots.trust
+
+    async def refresh_roots(self) -> None:
+        """Walk to the newest published trust root; report a refused one."""
+        try:
+            refused = await self.roots.refresh(self.js)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # disconnected: the next assignment or watch tries again
+            log.warning("cannot check for a newer trust root: %s", exc)
+            return
+        if refused is not None:
+            self._report_status(proto.STATUS_FAILED, reason=refused)
+
+    async def _watch_roots(self) -> None:
+        from .trust_chain import LATEST_KEY, ROOTS_BUCKET
+
+        while not self._stopping:
+            await self.refresh_roots()
+            try:
+                kv = await self.js.key_value(ROOTS_BUCKET)
+                watcher = await kv.watch(LATEST_KEY)
+                try:
+                    while not self._stopping:
+                        with contextlib.suppress(TimeoutError):
+                            entry = await watcher.updates(timeout=5.0)
+                            if entry is not None and entry.value:
+                                await self.refresh_roots()
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # no bucket yet, or reconnecting
+                log.debug("trust root watch: %s", exc)
+                await asyncio.sleep(2.0)
 
     # ------------------------------------------------------------ state
 
@@ -222,12 +281,14 @@ class EdgeAgent:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             reconnected_cb=on_reconnect,
+            **self.nats_auth().options(),
         )
         self._js = self._nc.jetstream()
         self._report_status(proto.STATUS_STARTED, reason="")
         tasks = [
             asyncio.create_task(self._send_outbox(), name="outbox"),
             asyncio.create_task(self._watch_assignments(), name="watch"),
+            asyncio.create_task(self._watch_roots(), name="roots"),
             asyncio.create_task(self._inference_loop(), name="inference"),
         ]
         try:
@@ -250,6 +311,13 @@ class EdgeAgent:
                 await asyncio.wait_for(self._nc.close(), 2.0)
             log.info("stopped")
 
+    def nats_auth(self) -> NatsAuth:
+        """The device key is the device's NATS identity (an nkey); TLS with the bundle's CA."""
+        if self.device_key is None:
+            return NatsAuth(ca_file=self.config.nats_ca)
+        return NatsAuth.for_device(self.device_id, self.device_key.private_raw(),
+                                   self.config.nats_ca)
+
     @property
     def js(self) -> JetStreamContext:
         assert self._js is not None
@@ -259,8 +327,9 @@ class EdgeAgent:
         while not self._stopping:
             self._rewatch.clear()
             try:
-                kv = await self.js.key_value(ASSIGNMENTS_BUCKET)
-                watcher = await kv.watch(self.device_id)
+                # Not kv.watch(): its consumer-create subject does not name the key, so
+                # the server could not confine a device to its own (edge_agent/kv_watch.py).
+                watcher = await KeyWatch.start(self.js, ASSIGNMENTS_BUCKET, self.device_id)
             except (BucketNotFoundError, NotFoundError):
                 log.info("assignments bucket not there yet; is the hub running?")
                 await asyncio.sleep(1.0)
@@ -275,8 +344,8 @@ class EdgeAgent:
                         entry = await watcher.updates(timeout=1.0)
                     except TimeoutError:
                         continue
-                    if entry is None or entry.value is None or entry.operation is not None:
-                        continue  # "caught up" marker, or a delete/purge
+                    if entry.operation is not None:
+                        continue  # a delete/purge
                     await self.handle_assignment(entry.value)
                 if self._rewatch.is_set():
                     log.info("reconnected; watching the assignment again")
@@ -294,6 +363,7 @@ class EdgeAgent:
 
     async def handle_assignment(self, data: bytes) -> None:
         """Check an assignment; start installing it if it is new (cancelling an older one)."""
+        await self.refresh_roots()  # an assignment may be signed by a newly rotated key
         try:
             assignment = self._verify_assignment(data)
         except UpdateRefused as exc:
@@ -409,7 +479,10 @@ class EdgeAgent:
         meta = {
             "model": manifest.name, "version": manifest.version, "digest": manifest.digest,
             "counter": assignment.counter, "manifest_hash": assignment.manifest_hash,
+            "drift_bins": manifest.drift_bins,  # telemetry bins outputs on these edges
         }
+        if self.faults.install_error and self.faults.applies(meta):
+            raise UpdateRefused(f"install failure injected by {FAULTS_ENV}")
         active = self.slots.active()
         if active is not None and active.metadata.get("digest") == manifest.digest and self.model:
             # Same bytes already running: record the new assignment, no download.
@@ -445,7 +518,8 @@ class EdgeAgent:
                  manifest.size)
         try:
             # In a child process first: a crashing runtime must not take the agent down.
-            await asyncio.to_thread(preflight, path)
+            if self.config.isolate_preflight:
+                await asyncio.to_thread(preflight, path)
         except ModelRuntimeError as exc:
             download.discard()
             raise UpdateRefused(f"model does not load: {exc}") from exc
@@ -510,19 +584,29 @@ class EdgeAgent:
             await asyncio.sleep(period if period is not None else self.config.window_seconds)
 
     def _infer_once(self, model: LoadedModel) -> None:
+        meta = self.model_meta
+        if (self._window_meta.get("digest"), self._window_meta.get("counter")) != (
+            meta.get("digest"), meta.get("counter")
+        ):
+            self._emit_window()  # the previous model's last window
+            self._window_meta = dict(meta)
+            self._window.set_drift_bins(meta.get("drift_bins") or [])
         started = time.perf_counter()
         ok = True
         faults = self.faults
+        output = None
         try:
-            if faults.error_rate and faults.applies(self.model_meta) and (
+            if faults.error_rate and faults.applies(meta) and (
                 self._rng.random() < faults.error_rate
             ):
                 raise ModelRuntimeError(f"inference failure injected by {FAULTS_ENV}")
-            model.run(model.generated_input(self._rng))
+            output = model.run(model.generated_input(self._rng))
+            if faults.output_shift and faults.applies(meta):
+                output = output + faults.output_shift
         except ModelRuntimeError as exc:
             ok = False
             log.debug("inference failed: %s", exc)
-        self._window.record((time.perf_counter() - started) * 1000.0, ok)
+        self._window.record((time.perf_counter() - started) * 1000.0, ok, output)
         watching = self.health.watching
         if watching is not None and watching.digest == self.model_meta.get("digest"):
             evidence = self.health.record(ok)
@@ -534,12 +618,12 @@ class EdgeAgent:
         summary = self._window.take()
         if summary is None:
             return
+        meta = self._window_meta
         window = proto.TelemetryWindow(
             device=self.device_id, boot=self.boot, seq=self._next_seq(),
-            model=str(self.model_meta.get("model", "")),
-            version=str(self.model_meta.get("version", "")),
-            digest=str(self.model_meta.get("digest", "")),
-            **summary,
+            model=str(meta.get("model", "")), version=str(meta.get("version", "")),
+            digest=str(meta.get("digest", "")), counter=int(meta.get("counter", 0)),
+            dropped=self.spool.dropped, **summary,
         )
         self._enqueue("telemetry", proto.encode_report(window), window.seq)
 
@@ -570,21 +654,29 @@ class EdgeAgent:
             reason=reason[:1000],
             probe_output=probe_output or [],
         )
-        self._enqueue("status", proto.encode_report(report), report.seq)
+        data = (proto.encode_signed_report(report, self.device_key) if self.device_key
+                else proto.encode_report(report))  # unsigned: the hub will refuse it
+        self._enqueue("status", data, report.seq)
+
+    @property
+    def dropped_reports(self) -> int:
+        return self.spool.dropped
 
     def _enqueue(self, kind: str, data: bytes, seq: int) -> None:
-        item = (proto.report_subject(self.device_id, kind), data,
-                proto.report_msg_id(self.device_id, self.boot, seq))
-        if self._outbox.full():
-            # Bounded memory: drop the oldest and count it, so loss is never silent.
-            self._outbox.get_nowait()
-            self.dropped_reports += 1
-        self._outbox.put_nowait(item)
+        # Durable and bounded: a full spool drops its oldest and counts it (never silent).
+        self.spool.append(proto.report_subject(self.device_id, kind),
+                          proto.report_msg_id(self.device_id, self.boot, seq), data)
+        self._spooled.set()
 
     async def _send_outbox(self) -> None:
         while not self._stopping:
-            subject, data, msg_id = await self._outbox.get()
-            await self._publish_until_acked(subject, data, msg_id)
+            record = self.spool.peek()
+            if record is None:
+                self._spooled.clear()
+                await self._spooled.wait()
+                continue
+            await self._publish_until_acked(record.subject, record.data, record.msg_id)
+            self.spool.ack(record)
 
     async def _publish_until_acked(self, subject: str, data: bytes, msg_id: str) -> None:
         delay = 0.2
@@ -600,14 +692,27 @@ class EdgeAgent:
                 delay = min(delay * 2, 5.0)
 
     async def _flush_outbox(self, timeout: float) -> None:
+        """Try to send what is spooled; what is left stays on disk for the next start."""
         deadline = time.monotonic() + timeout
-        while not self._outbox.empty() and time.monotonic() < deadline:
-            subject, data, msg_id = self._outbox.get_nowait()
-            with contextlib.suppress(Exception):
+        while (record := self.spool.peek()) is not None and time.monotonic() < deadline:
+            try:
                 await asyncio.wait_for(
-                    self._publish_until_acked(subject, data, msg_id),
+                    self._publish_until_acked(record.subject, record.data, record.msg_id),
                     max(0.1, deadline - time.monotonic()),
                 )
+            except Exception:
+                return
+            self.spool.ack(record)
+
+
+def _load_device_key(path: Path | None) -> SigningKey | None:
+    if path is None:
+        log.warning("no device key: status reports go unsigned and the hub refuses them")
+        return None
+    try:
+        return SigningKey.load(path)
+    except KeyFileError as exc:
+        raise ValueError(f"device key: {exc}") from exc
 
 
 def _peak_rss_kib() -> int:

@@ -32,15 +32,26 @@ err = Console(stderr=True)
 
 @app.command()
 def run(
-    device_id: str = typer.Option(..., "--device-id", help="This device's enrolled id."),
-    nats_url: str = typer.Option(
-        "nats://127.0.0.1:4222", "--nats", help="NATS server URL the hub uses."
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Device bundle directory from `hub device enroll` (device.toml, "
+        "device.key, trust-root.bin); the flags below override what it says.",
     ),
-    state_dir: Path = typer.Option(
-        ..., "--state-dir", help="Directory for model slots and agent state (survives restarts)."
+    device_id: str | None = typer.Option(
+        None, "--device-id", help="This device's enrolled id (or from --bundle)."),
+    nats_url: str | None = typer.Option(
+        None, "--nats", help="NATS server URL the hub uses (default: the bundle's, else "
+        "nats://127.0.0.1:4222)."
     ),
-    trust_root: Path = typer.Option(
-        ..., "--trust-root", help="The trust-root file from `hub init` (trust-root.bin)."
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="Directory for model slots and agent state (survives "
+        "restarts); default BUNDLE/state."
+    ),
+    trust_root: Path | None = typer.Option(
+        None, "--trust-root", help="The pinned trust-root file (or from --bundle)."
+    ),
+    device_key: Path | None = typer.Option(
+        None, "--device-key", help="This device's Ed25519 key (or from --bundle); it signs "
+        "status reports. Without one the agent runs but the hub refuses its reports."
     ),
     rate: float = typer.Option(
         20.0, "--rate", help="Inferences per second on generated inputs (0 = none)."
@@ -59,7 +70,29 @@ def run(
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
     from .agent import AgentConfig, EdgeAgent  # numpy/TFLite only when actually running
+    from .bundle import BundleError, DeviceBundle
 
+    if bundle is not None:
+        try:
+            b = DeviceBundle.load(bundle)
+        except BundleError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        device_id = device_id or b.device_id
+        nats_url = nats_url or b.nats_url
+        trust_root = trust_root or b.trust_root
+        device_key = device_key or b.device_key
+        nats_ca = b.nats_ca
+        state_dir = state_dir or bundle / "state"
+    else:
+        nats_ca = None
+    missing = [flag for flag, value in (("--device-id", device_id), ("--state-dir", state_dir),
+                                        ("--trust-root", trust_root)) if value is None]
+    if missing:
+        err.print(f"[red]error:[/red] give --bundle DIR, or {', '.join(missing)}")
+        raise typer.Exit(2)
+    assert device_id is not None and state_dir is not None and trust_root is not None
+    nats_url = nats_url or "nats://127.0.0.1:4222"
     logging.basicConfig(
         level=log_level.upper(),
         format=f"{device_id} %(message)s",
@@ -71,6 +104,7 @@ def run(
                 device_id=device_id, nats_url=nats_url, state_dir=state_dir,
                 trust_root=trust_root, inference_hz=rate, window_seconds=window,
                 health_window=health_window, max_error_rate=max_error_rate,
+                device_key=device_key, nats_ca=nats_ca,
             )
         )
     except (TrustError, ProtocolError, OSError, ValueError) as exc:

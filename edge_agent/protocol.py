@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ledger.encoding import EncodingError, canonical_decode, canonical_encode
-from ledger.signing import SigningKey
+from ledger.signing import PublicKey, SigningKey
 
 MAX_ENVELOPE_BYTES = 256 * 1024
 MAX_SIGNATURES = 16
@@ -25,6 +25,7 @@ MAX_INT64 = 2**63 - 1
 DOMAIN_ROOT = "root"
 DOMAIN_MANIFEST = "release-manifest"
 DOMAIN_ASSIGNMENT = "assignment"
+DOMAIN_DEVICE_REPORT = "device-report"  # a device's own key over its status report
 
 # Device ids become NATS subject tokens and KV keys, so keep them to a safe alphabet.
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -157,6 +158,7 @@ FieldSpec = dict[str, type | tuple[type, ...]]
 class _Document:
     TYPE: ClassVar[str] = ""
     _FIELDS: ClassVar[FieldSpec] = {}
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # may be absent from the map
 
     def to_map(self) -> dict[str, Any]:
         out = asdict(self)
@@ -170,6 +172,8 @@ class _Document:
             raise ProtocolError(f"expected a {cls.TYPE!r} document, got type {doc.get('type')!r}")
         values: dict[str, Any] = {}
         for name, kind in cls._FIELDS.items():
+            if name in cls._OPTIONAL and name not in doc:
+                continue  # absent: the dataclass default (older senders)
             values[name] = _field(doc, name, kind, what)
         return cls(**values)
 
@@ -268,13 +272,21 @@ class TelemetryWindow(_Document):
     latency_ms_p50: float
     latency_ms_p95: float
     latency_ms_max: float
+    # Rollouts and drift (optional on the wire; see docs/PROTOCOL.md "Telemetry"):
+    counter: int = 0  # assignment counter of the model that ran
+    latency_buckets: list[int] = field(default_factory=list)  # edge_agent.bins buckets
+    output_hist: list[list[int]] = field(default_factory=list)  # per output, drift_bins
+    dropped: int = 0  # reports this device's spool has dropped so far (never silent)
 
     _FIELDS: ClassVar[FieldSpec] = {
         "device": str, "boot": str, "seq": int, "model": str, "version": str, "digest": str,
         "start": int, "end": int, "count": int, "errors": int,
         "latency_ms_p50": (float, int), "latency_ms_p95": (float, int),
         "latency_ms_max": (float, int),
+        "counter": int, "latency_buckets": list, "output_hist": list, "dropped": int,
     }
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"counter", "latency_buckets", "output_hist", "dropped"})
 
 
 def encode_report(report: StatusReport | TelemetryWindow) -> bytes:
@@ -297,8 +309,22 @@ def decode_report(data: bytes) -> StatusReport | TelemetryWindow:
         check_device_id(window.device)
         if window.count < 0 or window.errors < 0 or window.errors > window.count:
             raise ProtocolError("telemetry: counts must satisfy 0 <= errors <= count")
+        _check_counts(window.latency_buckets, "latency_buckets")
+        if len(window.output_hist) > 64:
+            raise ProtocolError("telemetry: output_hist has more than 64 outputs")
+        for hist in window.output_hist:
+            if not isinstance(hist, list):
+                raise ProtocolError("telemetry: output_hist must be a list of count lists")
+            _check_counts(hist, "output_hist")
         return window
     raise ProtocolError(f"report: unknown type {kind!r}")
+
+
+def _check_counts(values: list[Any], what: str) -> None:
+    if len(values) > 256 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT64 for v in values
+    ):
+        raise ProtocolError(f"telemetry: {what} must be at most 256 counts >= 0")
 
 
 def report_subject(device: str, kind: str) -> str:
@@ -307,3 +333,36 @@ def report_subject(device: str, kind: str) -> str:
 
 def report_msg_id(device: str, boot: str, seq: int) -> str:
     return f"{device}.{boot}.{seq}"
+
+
+# ---------------------------------------------------------------- signed device reports
+
+
+def encode_signed_report(report: StatusReport, key: SigningKey) -> bytes:
+    """A status report in a SignedEnvelope signed by the device key (`device-report`)."""
+    return SignedEnvelope.sign(report.to_map(), DOMAIN_DEVICE_REPORT, [key]).encode()
+
+
+def decode_signed_report(data: bytes) -> tuple[StatusReport, SignedEnvelope]:
+    """Structure only: the envelope and the status inside; the signature is not checked
+    here (the reader holds the device's public key: see `report_signed_by`)."""
+    envelope = SignedEnvelope.decode(data, "signed status report")
+    report = decode_report(envelope.signed)
+    if not isinstance(report, StatusReport):
+        raise ProtocolError("signed report: only status reports are signed")
+    return report, envelope
+
+
+def read_report(data: bytes) -> tuple[StatusReport | TelemetryWindow, SignedEnvelope | None]:
+    """A report as it arrives: a signed status envelope, or a bare (unsigned) map."""
+    doc = decode_map(data, "report")
+    if "type" not in doc and "signed" in doc and "signatures" in doc:
+        return decode_signed_report(data)
+    return decode_report(data), None
+
+
+def report_signed_by(envelope: SignedEnvelope, public: bytes) -> bool:
+    """True if the device key `public` signed this report envelope."""
+    key = PublicKey(public)
+    return any(s.keyid == key.keyid and key.verify(DOMAIN_DEVICE_REPORT, envelope.signed, s.sig)
+               for s in envelope.signatures)

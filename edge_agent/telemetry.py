@@ -1,11 +1,21 @@
-"""Inference counters over one fixed window (pure)."""
+"""Inference counters over one fixed window (pure).
+
+A window has the count, errors, latency percentiles, a latency histogram on the fixed
+buckets of edge_agent.bins, and, once the running model's release manifest gives
+reference bin edges (`drift_bins`, one list per output), a histogram per output on
+exactly those edges, with the same binning rule the hub used for the reference.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
+
+from .bins import LATENCY_BUCKETS_MS, bin_index, check_edges, latency_bucket
 
 # Keep at most this many latency samples per window; beyond it we sample evenly
 # enough for percentiles without growing memory with the inference rate.
@@ -14,22 +24,43 @@ MAX_SAMPLES = 4096
 
 class TelemetryWindowBuilder:
     def __init__(self) -> None:
+        self._edges: list[NDArray[np.float64]] = []
         self._reset(time.time_ns())
+
+    def set_drift_bins(self, drift_bins: Sequence[Sequence[float]]) -> None:
+        """Bin edges per output (from the manifest) of the model that runs from now on;
+        outputs with unusable edges get no histogram."""
+        edges = []
+        for e in drift_bins:
+            try:
+                edges.append(check_edges(e))
+            except ValueError:
+                break  # keep output indexes aligned: stop at the first bad one
+        self._edges = edges
+        self._hist = [[0] * (e.size - 1) for e in self._edges]
 
     def _reset(self, start: int) -> None:
         self.start = start
         self.count = 0
         self.errors = 0
         self._latencies: list[float] = []
+        self._buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._hist = [[0] * (e.size - 1) for e in self._edges]
 
-    def record(self, latency_ms: float, ok: bool) -> None:
+    def record(self, latency_ms: float, ok: bool, output: NDArray[Any] | None = None) -> None:
         self.count += 1
         if not ok:
             self.errors += 1
+        self._buckets[latency_bucket(latency_ms)] += 1
         if len(self._latencies) < MAX_SAMPLES:
             self._latencies.append(latency_ms)
         else:
             self._latencies[self.count % MAX_SAMPLES] = latency_ms
+        if output is not None and ok and self._edges:
+            # Output k of a [1, n] (or [n]) tensor goes into histogram k.
+            flat = np.asarray(output).reshape(-1)
+            for k, edges in enumerate(self._edges[: flat.size]):
+                self._hist[k][int(bin_index(flat[k], edges)[0])] += 1
 
     def take(self) -> dict[str, Any] | None:
         """Close the window and return its summary, or None if nothing ran in it."""
@@ -46,6 +77,8 @@ class TelemetryWindowBuilder:
             "latency_ms_p50": float(np.percentile(lat, 50)),
             "latency_ms_p95": float(np.percentile(lat, 95)),
             "latency_ms_max": float(lat.max()),
+            "latency_buckets": list(self._buckets),
+            "output_hist": [list(h) for h in self._hist],
         }
         self._reset(end)
         return summary

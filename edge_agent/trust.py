@@ -67,7 +67,14 @@ class TrustRoot:
     # ------------------------------------------------------------ loading
 
     @classmethod
-    def from_envelope(cls, envelope: SignedEnvelope, now: int | None = None) -> TrustRoot:
+    def from_envelope(
+        cls, envelope: SignedEnvelope, now: int | None = None, allow_expired: bool = False
+    ) -> TrustRoot:
+        """Parse a root that vouches for itself (a threshold of its own root keys).
+
+        `allow_expired` is for intermediate roots of a rotation chain (and a stored root
+        that expired while the device was off): the chain walk judges the final one.
+        """
         try:
             doc = envelope.document("trust root")
         except ProtocolError as exc:
@@ -96,10 +103,12 @@ class TrustRoot:
         for name, role in roles.items():
             if role.threshold < 1:
                 raise TrustError(f"trust root: role {name} has threshold below 1")
+        if not 1 <= version <= 2**63 - 1:
+            raise TrustError(f"trust root: version {version} is not a positive integer")
         root = cls(version, expires, keys, roles, envelope)
         # A root vouches for itself: it must meet its own root threshold.
-        root.verify(envelope, "root", DOMAIN_ROOT, now=now)
-        if (now if now is not None else time.time_ns()) > expires:
+        root.check_signatures(envelope, "root", DOMAIN_ROOT)
+        if not allow_expired and root.expired(now):
             raise TrustError("trust root has expired; fetch a newer root from the hub")
         return root
 
@@ -116,10 +125,25 @@ class TrustRoot:
 
     # ------------------------------------------------------------ checking
 
+    def expired(self, now: int | None = None) -> bool:
+        return (now if now is not None else time.time_ns()) > self.expires
+
     def verify(
         self, envelope: SignedEnvelope, role: str, domain: str, now: int | None = None
     ) -> dict[str, Any]:
         """Return the signed document if a threshold of `role`'s keys signed it."""
+        self.check_signatures(envelope, role, domain)
+        try:
+            doc = envelope.document(domain)
+        except ProtocolError as exc:
+            raise TrustError(str(exc)) from exc
+        expires = doc.get("expires")
+        if isinstance(expires, int) and (now if now is not None else time.time_ns()) > expires:
+            raise TrustError(f"{domain} expired; the hub must re-sign it")
+        return doc
+
+    def check_signatures(self, envelope: SignedEnvelope, role: str, domain: str) -> None:
+        """Raise TrustError unless a threshold of `role`'s keys signed `envelope`."""
         spec = self.roles.get(role)
         if spec is None:
             raise TrustError(f"trust root has no role {role!r}")
@@ -136,14 +160,12 @@ class TrustRoot:
                 f"{domain}: {len(valid)} valid signature(s) from the {role} role, "
                 f"{spec.threshold} required (signed by: {signers})"
             )
-        try:
-            doc = envelope.document(domain)
-        except ProtocolError as exc:
-            raise TrustError(str(exc)) from exc
-        expires = doc.get("expires")
-        if isinstance(expires, int) and (now if now is not None else time.time_ns()) > expires:
-            raise TrustError(f"{domain} expired; the hub must re-sign it")
-        return doc
+
+    def role_signers(self, role: str, keys: list[SigningKey]) -> list[SigningKey]:
+        """Those of `keys` that the `role` of this root lists (the ones worth signing with)."""
+        spec = self.roles.get(role)
+        listed = set(spec.keyids) if spec is not None else set()
+        return [k for k in keys if k.keyid in listed]
 
 
 def _as(value: Any, kind: type) -> Any:

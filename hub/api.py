@@ -29,7 +29,9 @@ from . import events as ev
 from . import lifecycle as lc
 from . import projections as proj
 from .commands import ROLES, VerifiedCommand
+from .devices import REVOKED, write_bundle
 from .home import HubConfig
+from .keyring import Keyring
 
 DAY_NS = 24 * 3600 * 10**9
 MAX_DATASET_BYTES = 64 * 1024 * 1024
@@ -44,6 +46,7 @@ class Effects(Protocol):
 
     async def read_blob(self, digest: str, size: int, dest: Path) -> str: ...
     async def put_manifest(self, key: str, envelope: bytes) -> None: ...
+    async def sync_nats_users(self) -> bool: ...
 
 
 @dataclass
@@ -87,8 +90,16 @@ class Commands:
     def __init__(self, config: HubConfig, effects: Effects) -> None:
         self.config = config
         self.effects = effects
-        self.release_key = config.load_key("release")
-        self.director_key = config.load_key("director")
+        # Signing keys come from the keyring: after `hub keys rotate` the new key signs.
+        self.keyring = Keyring(config)
+
+    @property
+    def release_key(self) -> SigningKey:
+        return self.keyring.signers("release")[-1]
+
+    @property
+    def director_key(self) -> SigningKey:
+        return self.keyring.signers("director")[-1]
 
     # ------------------------------------------------------------ helpers
 
@@ -267,7 +278,7 @@ class Commands:
             drift_bins=[h.get("edges", []) for h in histograms if isinstance(h, dict)],
         )
         envelope = proto.SignedEnvelope.sign(
-            manifest.to_map(), proto.DOMAIN_MANIFEST, [self.release_key]
+            manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
         ).encode()
         manifest_hash = blake3.blake3(envelope).hexdigest()
         payload = {"name": name, "version": version, "digest": row["digest"],
@@ -292,9 +303,43 @@ class Commands:
             raise CommandError(str(exc)) from exc
         if proj.get_device(conn, device) is not None:
             raise CommandError(f"device {device} is already enrolled")
+        # The device's own key signs its status reports. Made here unless the device
+        # brings its public key; the bundle is written before the ledger names the key.
+        public = cmd.body.get("public")
+        key = None
+        if public is None:
+            key = SigningKey.generate()
+            public = key.public.raw
+        elif not isinstance(public, bytes) or len(public) != 32:
+            raise CommandError("'public' must be a 32-byte Ed25519 public key")
+        bundle = write_bundle(self.config, device, key)
         event = self._event(cmd, ev.DEVICE_ENROLLED, ev.device_subject(device),
-                            {"device": device})
-        return Outcome([event], {"device": device})
+                            {"device": device, "public": public})
+        result = {"device": device, "bundle": str(bundle), "keyid": PublicKey(public).keyid}
+        return Outcome([event], result, [self._nats_users_effect(result)])
+
+    def device_revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        """Shut a device out: its NATS user goes; its reports are refused from now on."""
+        device = _text(cmd.body, "device")
+        row = proj.get_device(conn, device)
+        if row is None:
+            raise CommandError(f"no device {device} is enrolled")
+        if row["state"] == REVOKED:
+            raise CommandError(f"device {device} is already revoked")
+        reason = cmd.body.get("reason", "")
+        if not isinstance(reason, str):
+            raise CommandError("'reason' must be text")
+        event = self._event(cmd, ev.DEVICE_REVOKED, ev.device_subject(device),
+                            {"device": device, "reason": reason})
+        result: dict[str, Any] = {"device": device}
+        return Outcome([event], result, [self._nats_users_effect(result)])
+
+    def _nats_users_effect(self, result: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+        """After the commit: the NATS users file follows the ledger's devices and the local
+        server has been told to reload it before the reply goes out."""
+        async def effect() -> None:
+            result["reloaded"] = await self.effects.sync_nats_users()
+        return effect
 
     def deploy(self, conn: Connection, cmd: VerifiedCommand, next_seq: int,
                put_assignment: Callable[[str, bytes], Awaitable[None]]) -> Outcome:
@@ -310,7 +355,7 @@ class Commands:
         if release is None:
             raise CommandError(f"model {name}/{version} is not registered; see `hub model list`")
         self._transition("deploy", release)
-        known = {d["device"]: d for d in proj.list_devices(conn)}
+        known = {d["device"]: d for d in proj.list_devices(conn) if d["state"] != REVOKED}
         targets = sorted(known) if all_devices else list(dict.fromkeys(wanted))
         unknown = [d for d in targets if d not in known]
         if unknown:
@@ -331,7 +376,7 @@ class Commands:
                 issued_at=now, expires=now + self.config.assignment_ttl_days * DAY_NS,
             )
             envelope = proto.SignedEnvelope.sign(
-                assignment.to_map(), proto.DOMAIN_ASSIGNMENT, [self.director_key]
+                assignment.to_map(), proto.DOMAIN_ASSIGNMENT, self.keyring.signers("director")
             ).encode()
             events.append(self._event(cmd, ev.DEVICE_ASSIGNED, ev.device_subject(device), {
                 "device": device, "deployment": deployment, "model": name, "version": version,

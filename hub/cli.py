@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -42,7 +43,8 @@ model_app = typer.Typer(
     help="Model versions: register, validate, approve, release, show, history.",
     no_args_is_help=True,
 )
-device_app = typer.Typer(help="Enroll devices.", no_args_is_help=True)
+device_app = typer.Typer(help="Enroll devices; what each device said it ran.",
+                         no_args_is_help=True)
 operator_app = typer.Typer(help="Operators (people) and their roles.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(device_app, name="device")
@@ -93,7 +95,8 @@ def _run(config: HubConfig, key: Path | None, timeout: float,
     signing_key = _key(config, key)
 
     async def go() -> T:
-        async with await HubClient.connect(config.nats_url, signing_key, timeout) as client:
+        async with await HubClient.connect(config.nats_url, signing_key, timeout,
+                                           config.nats_auth("operator")) as client:
             return await fn(client)
 
     try:
@@ -147,19 +150,28 @@ def init(
         "ledger.db", "--database", help="SQLite file (relative to DIR) or a database URL."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing home's keys."),
+    tls: bool = typer.Option(False, "--tls", help="Also make a CA and a server certificate "
+                             "for 127.0.0.1/localhost; server and clients then use TLS."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Write no NATS server "
+                                 "configuration (a server without users; tests, benchmarks)."),
 ) -> None:
     """Create a hub home: Ed25519 keys for the root, release, director and log roles, the
     signed trust root that devices pin (DIR/trust-root.bin), the first operator's key
     (DIR/operators/admin.key), a validation policy (DIR/policy.toml) and DIR/config.toml."""
     try:
-        config = init_home(home, nats_url, database, force)
+        config = init_home(home, nats_url, database, force, nats_auth=not no_auth, tls=tls)
     except HomeError as exc:
         raise _fail(str(exc), EXIT_USAGE) from exc
     out.print(f"hub home ready in [bold]{home}[/bold]")
     out.print(f"  trust root for devices: {config.trust_root_path}")
+    out.print(f"  log verifier key (for `ledger witness` / `ledger verify --log-key`): "
+              f"{config.home / 'log.vkey'}")
     out.print(f"  first operator key (admin): {config.operator_key_path('admin')}")
     out.print(f"  validation policy: {config.policy_path}")
     out.print(f"  ledger: {config.database_url()}")
+    if not no_auth:
+        out.print(f"  nats-server config (users, permissions{', TLS' if tls else ''}): "
+                  f"{home / 'nats' / 'nats-server.conf'}; run nats-server -js -c with it")
     out.print(f"next: hub serve --home {home}")
 
 
@@ -168,9 +180,14 @@ def serve(
     home: Path = HOME,
     nats_url: str | None = NATS_URL,
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port",
+        help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config.toml "
+             "metrics_port; default off)."),
 ) -> None:
     """Run the hub: create the NATS buckets and streams, answer signed operator commands,
-    and record device reports in the ledger. Stops cleanly on SIGTERM or Ctrl-C."""
+    record device reports in the ledger, and drive rollouts. Stops cleanly on SIGTERM or
+    Ctrl-C."""
     from .service import HubService
 
     logging.basicConfig(
@@ -178,6 +195,8 @@ def serve(
         handlers=[RichHandler(console=err, show_path=False)],
     )
     config = _config(home, nats_url)
+    if metrics_port is not None:
+        config = dataclasses.replace(config, metrics_port=metrics_port)
 
     async def main() -> None:
         service = HubService(config)
@@ -588,15 +607,38 @@ def device_enroll(
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
     as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
-    """Enroll a device so it can be deployed to. Give the device the trust-root file."""
+    """Enroll a device so it can be deployed to. The hub makes the device's own key (it
+    signs the device's status reports) and writes a device bundle, HOME/devices/ID/
+    (device.toml, device.key, trust-root.bin): copy it to the device."""
     config = _config(home, nats_url)
     result = _call(config, key, timeout, "device.enroll", {"device": device_id})
     if as_json:
         _print_json(result)
     else:
-        out.print(f"enrolled {device_id} (ledger seq {result['seq'][0]}); start it with:")
-        out.print(f"  edge-agent run --device-id {device_id} --nats {config.nats_url} "
-                  f"--state-dir STATE --trust-root {config.trust_root_path}", soft_wrap=True)
+        out.print(f"enrolled {device_id} (ledger seq {result['seq'][0]}, device key "
+                  f"{result['keyid']}); bundle in {result['bundle']}; start it with:")
+        out.print(f"  edge-agent run --bundle {result['bundle']} --state-dir STATE",
+                  soft_wrap=True)
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device_id: str = typer.Argument(..., help="The enrolled device to shut out."),
+    reason: str = typer.Option("", "--reason", help="Why (kept in the ledger)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Shut a device out: the hub records `device.revoked`, removes the device's user from
+    the NATS server's users file and reloads the server (its connection is closed and it
+    cannot connect again), and refuses any report still arriving from it."""
+    result = _call(_config(home, nats_url), key, timeout, "device.revoke",
+                   {"device": device_id, "reason": reason})
+    if as_json:
+        _print_json(result)
+    else:
+        note = "" if result.get("reloaded") else (
+            "; the NATS server is not local: reload it (nats-server --signal reload) to apply")
+        out.print(f"revoked {device_id} (ledger seq {result['seq'][0]}){note}")
 
 
 @app.command()
@@ -646,6 +688,11 @@ def deploy(
                   f"{len(result['devices'])} device(s); watch with `hub devices`")
 
 
+# They register `hub keys`, `hub device history`; `hub device tag`, `hub rollout`,
+# `hub telemetry`.
+from . import cli_keys, cli_rollouts  # noqa: E402,F401
+
+
 def main() -> None:
     try:
         app()
@@ -654,4 +701,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m hub.cli`: run the imported module, where cli_keys/cli_rollouts registered
+    # their commands (they import `hub.cli`, not `__main__`).
+    from hub.cli import main as package_main
+
+    package_main()

@@ -13,6 +13,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from edge_agent.nats_auth import NO_AUTH, NatsAuth
 from edge_agent.protocol import ProtocolError, decode_map
 from ledger.signing import SigningKey
 
@@ -51,12 +52,16 @@ class HubClient:
         self.timeout = timeout
 
     @classmethod
-    async def connect(cls, url: str, key: SigningKey, timeout: float = 30.0) -> HubClient:
+    async def connect(cls, url: str, key: SigningKey, timeout: float = 30.0,
+                      auth: NatsAuth = NO_AUTH) -> HubClient:
+        """Connect as an operator: `auth` is the NATS identity (config.nats_auth()),
+        `key` the operator's own signing key."""
         try:
             nc = await nats.connect(url, name="hub-cli", connect_timeout=5,
                                     max_reconnect_attempts=1, reconnect_time_wait=0.2,
                                     allow_reconnect=False,
-                                    error_cb=_quiet, disconnected_cb=_quiet_event)
+                                    error_cb=_quiet, disconnected_cb=_quiet_event,
+                                    **auth.options())
         except Exception as exc:
             raise HubError(f"cannot connect to NATS at {url}: {exc}") from exc
         return cls(nc, key, timeout)

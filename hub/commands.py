@@ -36,12 +36,23 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "model.deprecate": ("operator", "admin"),
     "model.revoke": ("operator", "admin"),
     "device.enroll": ("operator", "admin"),
+    "device.revoke": ("admin",),
     "deploy": ("operator",),
+    "device.tag": ("operator", "admin"),
+    "rollout.create": ("operator",),
+    "rollout.start": ("operator",),
+    "rollout.pause": ("operator",),
+    "rollout.resume": ("operator",),
+    "rollout.abort": ("operator",),
+    "rollout.rollback": ("operator",),
     "operator.add": ("admin",),
     "operator.revoke": ("admin",),
+    "keys.rotate": ("admin",),
+    "keys.revoke": ("admin",),
 }
 READ_VERBS: Final = frozenset(
-    {"status", "models", "model.show", "model.history", "devices", "operators", "whoami"}
+    {"status", "models", "model.show", "model.history", "devices", "operators", "whoami",
+     "keys", "device.history", "rollouts", "rollout.status", "telemetry"}
 )
 
 

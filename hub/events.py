@@ -22,13 +22,34 @@ MODEL_RELEASED: Final = "model.released"
 MODEL_DEPRECATED: Final = "model.deprecated"
 MODEL_REVOKED: Final = "model.revoked"
 DEVICE_ENROLLED: Final = "device.enrolled"
+DEVICE_REVOKED: Final = "device.revoked"
 DEPLOYMENT_CREATED: Final = "deployment.created"
 DEVICE_ASSIGNED: Final = "device.assigned"
 DEVICE_UPDATE_APPLIED: Final = "device.update_applied"
 DEVICE_UPDATE_FAILED: Final = "device.update_failed"
 DEVICE_UPDATE_REVERTED: Final = "device.update_reverted"
+KEYS_ROTATED: Final = "keys.rotated"
+KEYS_REVOKED: Final = "keys.revoked"
+MODEL_RESIGNED: Final = "model.resigned"
+DEVICE_TAGGED: Final = "device.tagged"
+ROLLOUT_CREATED: Final = "rollout.created"
+ROLLOUT_STARTED: Final = "rollout.started"
+ROLLOUT_PAUSED: Final = "rollout.paused"
+ROLLOUT_RESUMED: Final = "rollout.resumed"
+ROLLOUT_ABORTED: Final = "rollout.aborted"
+ROLLOUT_WAVE_STARTED: Final = "rollout.wave_started"
+ROLLOUT_WAVE_BAKING: Final = "rollout.wave_baking"
+ROLLOUT_WAVE_COMPLETED: Final = "rollout.wave_completed"
+ROLLOUT_DEVICES_TIMED_OUT: Final = "rollout.devices_timed_out"
+ROLLOUT_DEVICE_ADDED: Final = "rollout.device_added"
+ROLLOUT_HALTED: Final = "rollout.halted"
+ROLLOUT_COMPLETED: Final = "rollout.completed"
+ROLLOUT_ROLLED_BACK: Final = "rollout.rolled_back"
+CONTROLLER_ACTOR: Final = "hub"  # rollout controller decisions
 
-_REPORT = ("device", "model", "version", "digest", "counter", "boot", "report_seq")
+# `report` is the device-signed status envelope (bytes), checked with the enrolled key.
+_REPORT = ("device", "model", "version", "digest", "counter", "boot", "report_seq", "report")
+_KEYS = ("role", "keyid", "threshold", "version", "root")
 
 # kind -> payload fields every event of that kind has (`command` where an operator acted)
 CATALOG: Final[dict[str, tuple[str, ...]]] = {
@@ -46,7 +67,8 @@ CATALOG: Final[dict[str, tuple[str, ...]]] = {
     MODEL_RELEASED: ("name", "version", "digest", "manifest_hash", "manifest", "expires"),
     MODEL_DEPRECATED: ("name", "version", "reason"),
     MODEL_REVOKED: ("name", "version", "reason"),
-    DEVICE_ENROLLED: ("device",),
+    DEVICE_ENROLLED: ("device", "public"),
+    DEVICE_REVOKED: ("device", "reason"),
     DEPLOYMENT_CREATED: ("deployment", "model", "version", "devices"),
     DEVICE_ASSIGNED: (
         "device", "deployment", "model", "version", "digest", "counter", "manifest_hash",
@@ -55,6 +77,23 @@ CATALOG: Final[dict[str, tuple[str, ...]]] = {
     DEVICE_UPDATE_APPLIED: (*_REPORT, "probe_output"),
     DEVICE_UPDATE_FAILED: (*_REPORT, "reason"),
     DEVICE_UPDATE_REVERTED: (*_REPORT, "reason"),
+    DEVICE_TAGGED: ("device", "group", "tags"),
+    ROLLOUT_CREATED: (
+        "rollout", "model", "version", "digest", "manifest_hash", "target", "waves",
+        "wave_sizes", "devices", "policy",
+    ),
+    ROLLOUT_STARTED: ("rollout",),
+    ROLLOUT_PAUSED: ("rollout", "reason"),
+    ROLLOUT_RESUMED: ("rollout",),
+    ROLLOUT_ABORTED: ("rollout", "reason"),
+    ROLLOUT_WAVE_STARTED: ("rollout", "wave", "devices"),
+    ROLLOUT_WAVE_BAKING: ("rollout", "wave", "bake_s", "evidence"),
+    ROLLOUT_WAVE_COMPLETED: ("rollout", "wave", "evidence"),
+    ROLLOUT_DEVICES_TIMED_OUT: ("rollout", "wave", "devices", "deadline_s", "evidence"),
+    ROLLOUT_DEVICE_ADDED: ("rollout", "wave", "device"),
+    ROLLOUT_HALTED: ("rollout", "wave", "reason", "evidence"),
+    ROLLOUT_COMPLETED: ("rollout", "evidence"),
+    ROLLOUT_ROLLED_BACK: ("rollout", "reason", "auto", "devices", "skipped"),
 }
 
 
@@ -68,6 +107,14 @@ def device_subject(device: str) -> str:
 
 def deployment_subject(deployment: str) -> str:
     return f"deployment:{deployment}"
+
+
+def rollout_subject(rollout: str) -> str:
+    return f"rollout:{rollout}"
+
+
+def root_subject(version: int) -> str:
+    return f"trust-root:{version}"
 
 
 def operator_subject(name: str) -> str:

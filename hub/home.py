@@ -3,19 +3,27 @@
     DIR/config.toml     nats_url, database, expiry settings
     DIR/keys/<role>.key Ed25519 seeds (0600): root, release, director, log
     DIR/trust-root.bin  signed trust root handed to devices at enrolment
+    DIR/log.vkey        the log's C2SP verifier key (checkpoints), for witnesses/auditors
+    DIR/witnesses       witness verifier keys whose cosignatures the hub stores
     DIR/operators/admin.key  the first operator's key (admin, operator, registrant)
     DIR/policy.toml     validation thresholds and approvals per model name
+    DIR/nats/           nats-server.conf, users.conf, credentials.toml, tls/ (hub/nats_config.py)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.nats_auth import NatsAuth
 from edge_agent.trust import ROLES, TrustRoot
+from ledger.note import Signer
 from ledger.signing import KeyFileError, SigningKey
+
+from .nats_config import auth_for, write_server_config
 
 CONFIG_NAME = "config.toml"
 POLICY_NAME = "policy.toml"
@@ -33,6 +41,7 @@ max_p95_latency_ms = 100.0
 approvals_required = 1
 """
 TRUST_ROOT_NAME = "trust-root.bin"
+LOG_VKEY_NAME = "log.vkey"
 DEFAULT_HOME_ENV = "FLEET_HUB_HOME"
 
 
@@ -49,6 +58,10 @@ class HubConfig:
     assignment_ttl_days: int = 30
     admin_public: str = ""
     origin: str = "fleetledger/hub"
+    metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None = off, 0 = any
+    # Checkpoints (hub/checkpointer.py): sign after this many new entries or seconds.
+    checkpoint_every_entries: int = 100
+    checkpoint_every_seconds: float = 10.0
 
     @property
     def policy_path(self) -> Path:
@@ -70,6 +83,10 @@ class HubConfig:
         except KeyFileError as exc:
             raise HomeError(str(exc)) from exc
 
+    def nats_auth(self, role: str = "operator") -> NatsAuth:
+        """NATS credentials (and the TLS CA) of `hub`, `operator` or `witness`."""
+        return auth_for(self.home, role)
+
     def database_url(self) -> str:
         """A path relative to the home directory, or a SQLAlchemy URL as given."""
         if "://" in self.database or self.database.startswith("sqlite:"):
@@ -79,9 +96,12 @@ class HubConfig:
 
 
 def init_home(
-    home: Path, nats_url: str, database: str = "ledger.db", force: bool = False
+    home: Path, nats_url: str, database: str = "ledger.db", force: bool = False,
+    nats_auth: bool = True, tls: bool = False,
 ) -> HubConfig:
-    """Create keys for every role, the signed trust root and the config file."""
+    """Create keys for every role, the signed trust root and the config file; with
+    `nats_auth`, the NATS server's configuration and identities (hub/nats_config.py),
+    with `tls` also a CA and a server certificate."""
     config_path = home / CONFIG_NAME
     if config_path.exists() and not force:
         raise HomeError(f"{home} is already a hub home (use --force to overwrite its keys)")
@@ -96,6 +116,8 @@ def init_home(
     admin.save(home / "operators" / f"{BOOTSTRAP_ADMIN}.key")
     if not (home / POLICY_NAME).exists():
         (home / POLICY_NAME).write_text(DEFAULT_POLICY)
+    # The log's identity in checkpoints and its key name: no spaces, no '+'.
+    origin = "fleetledger/" + re.sub(r"[\s+]", "-", home.resolve().name)
     config_path.write_text(
         "# fleetledger hub configuration (written by `hub init`)\n"
         f"nats_url = {_toml_str(nats_url)}\n"
@@ -104,8 +126,16 @@ def init_home(
         "assignment_ttl_days = 30\n"
         "# The first operator, added to the ledger when `hub serve` first starts.\n"
         f"admin_public = {_toml_str(admin.public.raw.hex())}\n"
-        f"origin = {_toml_str('fleetledger/' + home.resolve().name)}\n"
+        f"origin = {_toml_str(origin)}\n"
+        "# Signed checkpoints of the ledger: after this many new entries or seconds.\n"
+        "checkpoint_every_entries = 100\n"
+        "checkpoint_every_seconds = 10.0\n"
     )
+    # The log's C2SP verifier key: what witnesses and auditors pass as --log-key.
+    log_vkey = Signer.from_signing_key(origin, keys["log"]).vkey()
+    (home / LOG_VKEY_NAME).write_text(log_vkey + "\n")
+    if nats_auth or tls:
+        write_server_config(home, tls=tls)
     return load_config(home)
 
 
@@ -128,6 +158,9 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             assignment_ttl_days=int(raw.get("assignment_ttl_days", 30)),
             admin_public=str(raw.get("admin_public", "")),
             origin=str(raw.get("origin", "fleetledger/hub")),
+            metrics_port=int(raw["metrics_port"]) if "metrics_port" in raw else None,
+            checkpoint_every_entries=int(raw.get("checkpoint_every_entries", 100)),
+            checkpoint_every_seconds=float(raw.get("checkpoint_every_seconds", 10.0)),
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc

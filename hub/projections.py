@@ -22,6 +22,7 @@ from ledger.entry import Entry
 
 from . import events as ev
 from . import lifecycle as lc
+from . import rollout_state
 
 
 class OperatorRow(SQLModel, table=True):
@@ -68,13 +69,14 @@ class DeviceRow(SQLModel, table=True):
     __tablename__ = "proj_devices"
     device: str = Field(primary_key=True)
     enrolled_seq: int
+    public: bytes | None = None  # the device's Ed25519 key: its status reports are signed
     counter: int = 0  # last assignment counter the hub issued
     assigned_model: str | None = None
     assigned_version: str | None = None
     model: str | None = None  # what the device last said it runs
     version: str | None = None
     digest: str | None = None
-    state: str = "enrolled"  # enrolled | assigned | applied | failed | reverted
+    state: str = "enrolled"  # enrolled | assigned | applied | failed | reverted | revoked
     last_error: str | None = None
     last_report_boot: str | None = None
     last_report_seq: int | None = None
@@ -101,7 +103,8 @@ DEVICES: Table = SQLModel.metadata.tables[DeviceRow.__tablename__]
 TELEMETRY: Table = SQLModel.metadata.tables[DeviceTelemetryRow.__tablename__]
 
 # The tables `hub rebuild` must reproduce exactly from the ledger.
-LEDGER_PROJECTIONS: tuple[Table, ...] = (OPERATORS, NONCES, RELEASES, DEVICES)
+LEDGER_PROJECTIONS: tuple[Table, ...] = (OPERATORS, NONCES, RELEASES, DEVICES,
+                                         *rollout_state.TABLES)
 
 
 def create_tables(conn: Connection, include_telemetry: bool = True) -> None:
@@ -122,6 +125,7 @@ def apply_entries(conn: Connection, entries: Sequence[Entry]) -> None:
         handler = _HANDLERS.get(entry.kind)
         if handler is not None:
             handler(conn, entry, entry.payload)
+        rollout_state.apply(conn, entry)  # groups, tags, rollouts, waves
 
 
 def _record_nonce(conn: Connection, seq: int, envelope: bytes) -> None:
@@ -206,9 +210,11 @@ def _state_change(state: str) -> Any:
 
 
 def _enrolled(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
-    conn.execute(
-        insert(DEVICES).values(device=p["device"], enrolled_seq=entry.seq, updated_ts=entry.ts)
-    )
+    public = p.get("public")
+    conn.execute(insert(DEVICES).values(
+        device=p["device"], enrolled_seq=entry.seq, updated_ts=entry.ts,
+        public=public if isinstance(public, bytes) else None,
+    ))
 
 
 def _device_update(conn: Connection, device: str, **values: Any) -> None:
@@ -255,7 +261,12 @@ _HANDLERS = {
     ev.MODEL_RELEASED: _state_change(lc.RELEASED),
     ev.MODEL_DEPRECATED: _state_change(lc.DEPRECATED),
     ev.MODEL_REVOKED: _state_change(lc.REVOKED),
+    ev.MODEL_RESIGNED: lambda conn, entry, p: _release_update(
+        conn, entry, p, manifest_hash=p["manifest_hash"]),
     ev.DEVICE_ENROLLED: _enrolled,
+    ev.DEVICE_REVOKED: lambda conn, entry, p: _device_update(
+        conn, p["device"], state="revoked", last_error=p["reason"] or "revoked",
+        updated_ts=entry.ts),
     ev.DEVICE_ASSIGNED: _assigned,
     ev.DEVICE_UPDATE_APPLIED: _applied,
     ev.DEVICE_UPDATE_FAILED: _failed,

@@ -36,7 +36,9 @@ from . import events as ev
 from . import projections as proj
 from .api import CommandError, Commands, Outcome
 from .commands import CommandRefused, Operator, VerifiedCommand, open_command
+from .devices import REVOKED, NatsUsersSync, check_report_signature, device_history
 from .home import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
+from .keys_api import KeyCommands, publish_roots, put_root
 from .layout import (
     API_PREFIX,
     ASSIGNMENTS_BUCKET,
@@ -46,6 +48,12 @@ from .layout import (
     REPORTS_DURABLE,
     REPORTS_STREAM,
 )
+from .ledger_api import LedgerPublishing, start_ledger_publishing
+from .metrics import MetricsServer
+from .rollout_api import read_handlers
+from .rollout_commands import AssignmentIssuer, RolloutCommands
+from .rollout_controller import RolloutController
+from .telemetry_ingest import TelemetryIngest
 
 log = logging.getLogger("hub")
 
@@ -61,12 +69,15 @@ class HubService:
         with self.store.engine.begin() as conn:
             proj.create_tables(conn)
         self.commands = Commands(config, self)
+        self.keys = KeyCommands(config, self.commands.keyring, self)
         self._write_lock = asyncio.Lock()
         self._read_nonces: set[str] = set()
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.ledger_publishing: LedgerPublishing | None = None  # checkpoints + ledger.api
         self.refused_reports = 0
+        self._nats_users = NatsUsersSync(config, self.store.engine)
         c = self.commands
         self._writes: dict[str, Handler] = {
             "operator.add": c.operator_add,
@@ -79,7 +90,10 @@ class HubService:
             "model.deprecate": c.model_deprecate,
             "model.revoke": c.model_revoke,
             "device.enroll": c.device_enroll,
+            "device.revoke": c.device_revoke,
             "deploy": self._deploy,
+            "keys.rotate": self.keys.rotate,
+            "keys.revoke": self.keys.revoke,
         }
         self._reads: dict[str, Callable[[VerifiedCommand], Any]] = {
             "status": self._api_status,
@@ -91,7 +105,17 @@ class HubService:
             "model.history": self._api_model_history,
             "devices": lambda cmd: self._read(proj.list_devices),
             "operators": lambda cmd: self._read(proj.list_operators),
+            "keys": self.keys.show,
+            "device.history": lambda cmd: device_history(self.store, cmd.body.get("device")),
         }
+        # Targeting, rollouts and telemetry (rollout_*.py, telemetry_ingest.py, metrics.py).
+        self.telemetry = TelemetryIngest(self.store.engine)
+        issuer = AssignmentIssuer(lambda: self.commands.keyring.signers("director"),
+                                  config.assignment_ttl_days)
+        self.controller = RolloutController(self, issuer)
+        self._writes.update(RolloutCommands(issuer, self._put_assignment).handlers())
+        self._reads.update(read_handlers(self))
+        self.metrics: MetricsServer | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -102,22 +126,38 @@ class HubService:
 
     async def start(self) -> None:
         self._bootstrap_admin()
+        # The NATS users file follows the ledger's devices (enrolled, not revoked).
+        await self.sync_nats_users()
         self._nc = await nats.connect(
-            self.config.nats_url, name="hub", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            self.config.nats_url, name="hub", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            **self.config.nats_auth("hub").options(),
         )
         self._js = self._nc.jetstream()
         await self._ensure_layout()
+        await publish_roots(self.js, self.commands.keyring, self.store)
         await self._nc.subscribe(API_PREFIX + ">", cb=self._on_api)
+        self.ledger_publishing = await start_ledger_publishing(
+            self.config, self.store, self._nc, self.js)
         self._tasks.append(asyncio.create_task(self._consume_reports(), name="reports"))
+        self._tasks.append(asyncio.create_task(self.controller.run(), name="rollouts"))
+        if self.config.metrics_port is not None:
+            self.metrics = MetricsServer(self, self.config.metrics_port)
+            await self.metrics.start()
         log.info("hub serving on %s, ledger %s", self.config.nats_url, self.config.database_url())
 
     async def stop(self) -> None:
+        if self.ledger_publishing is not None:
+            await self.ledger_publishing.stop()  # signs a last checkpoint of what was added
         for task in self._tasks:
             task.cancel()
         # Bounded: a stuck NATS call must not keep the hub from stopping.
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5)
         self._tasks.clear()
+        await self._nats_users.close()
+        if self.metrics is not None:
+            await self.metrics.stop()
+        self.telemetry.flush()
         if self._nc is not None and not self._nc.is_closed:
             # Handlers are done by now; flush what we published and close.
             with contextlib.suppress(Exception):
@@ -181,8 +221,16 @@ class HubService:
     async def put_manifest(self, key: str, envelope: bytes) -> None:
         await (await self.js.key_value(MANIFESTS_BUCKET)).put(key, envelope)
 
+    async def sync_nats_users(self) -> bool:
+        return await self._nats_users.sync()
+
     async def _put_assignment(self, device: str, envelope: bytes) -> None:
         await (await self.js.key_value(ASSIGNMENTS_BUCKET)).put(device, envelope)
+
+    put_assignment = _put_assignment
+
+    async def publish_root(self, data: bytes) -> None:
+        await put_root(self.js, data)
 
     # ------------------------------------------------------------ ledger writes
 
@@ -324,6 +372,9 @@ class HubService:
                     # One poisonous report must never stop intake for the whole fleet.
                     self.refused_reports += 1
                     log.exception("report on %s could not be processed", msg.subject)
+            # Acknowledge only once the batch's telemetry is stored: counted exactly once.
+            self.telemetry.flush()
+            for msg in msgs:
                 with contextlib.suppress(Exception):
                     await msg.ack()
 
@@ -331,7 +382,7 @@ class HubService:
         parts = subject.split(".")
         if len(parts) != 4:
             raise proto.ProtocolError(f"unexpected report subject {subject}")
-        report = proto.decode_report(data)
+        report, envelope = proto.read_report(data)
         if report.device != parts[2]:
             raise proto.ProtocolError(
                 f"report for device {report.device} arrived on {parts[2]}'s subject"
@@ -339,9 +390,12 @@ class HubService:
         device = self._read(lambda conn: proj.get_device(conn, report.device))
         if device is None:
             raise proto.ProtocolError(f"report from unknown device {report.device}")
+        if device["state"] == REVOKED:
+            raise proto.ProtocolError(f"report from revoked device {report.device}")
         if isinstance(report, proto.TelemetryWindow):
-            self._record_telemetry(report)
+            self.telemetry.offer(report)
             return
+        check_report_signature(device, envelope)  # refused unless the device's key signed it
         self._touch(report.device, report.ts)
         if report.event == proto.STATUS_STARTED:
             return
@@ -352,7 +406,7 @@ class HubService:
         common = {
             "device": report.device, "model": report.model, "version": report.version,
             "digest": report.digest, "counter": report.counter, "boot": report.boot,
-            "report_seq": report.seq,
+            "report_seq": report.seq, "report": data,
         }
         if report.event == proto.STATUS_APPLIED:
             kind = ev.DEVICE_UPDATE_APPLIED
@@ -379,28 +433,6 @@ class HubService:
                     proj.TELEMETRY.update()
                     .where(proj.TELEMETRY.c.device == device)
                     .values(last_seen=max(ts, row.last_seen))
-                )
-
-    def _record_telemetry(self, w: proto.TelemetryWindow) -> None:
-        with self.store.engine.begin() as conn:
-            row = conn.execute(
-                proj.TELEMETRY.select().where(proj.TELEMETRY.c.device == w.device)
-            ).first()
-            if row is not None and row.boot == w.boot and row.window_seq >= w.seq:
-                return  # a window we already counted
-            values = {
-                "last_seen": w.end, "boot": w.boot, "window_seq": w.seq,
-                "latency_ms_p95": float(w.latency_ms_p95),
-            }
-            if row is None:
-                conn.execute(proj.TELEMETRY.insert().values(
-                    device=w.device, inferences=w.count, errors=w.errors, **values))
-            else:
-                conn.execute(
-                    proj.TELEMETRY.update()
-                    .where(proj.TELEMETRY.c.device == w.device)
-                    .values(inferences=row.inferences + w.count, errors=row.errors + w.errors,
-                            **values)
                 )
 
 

@@ -53,6 +53,7 @@ import blake3
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_agent import bins
 from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
 from ledger.encoding import canonical_encode
 
@@ -384,17 +385,13 @@ def histogram_counts(values: NDArray[Any], edges: list[float]) -> list[int]:
 
     Bin i holds edges[i] <= v < edges[i+1]; values below the first edge count in the
     first bin and values at or above the last edge in the last bin, so every value is
-    counted exactly once.
+    counted exactly once. The rule lives in edge_agent.bins, which devices import too.
     """
-    e = np.asarray(edges, dtype=np.float64)
-    if e.ndim != 1 or e.size < 2 or not np.all(np.diff(e) > 0):
-        raise ValueError("edges must be at least two strictly increasing numbers")
-    return [int(c) for c in np.bincount(_bin_index(values, e), minlength=e.size - 1)]
+    return bins.histogram_counts(values, edges)
 
 
 def _bin_index(values: NDArray[Any], edges: NDArray[np.float64]) -> NDArray[np.intp]:
-    v = np.asarray(values, dtype=np.float64).ravel()
-    return np.clip(np.searchsorted(edges, v, side="right") - 1, 0, edges.size - 2)
+    return bins.bin_index(values, edges)
 
 
 def _quantile_edges(values: NDArray[np.float64], bins: int) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -54,56 +55,6 @@ def _open(db: str) -> LedgerStore:
         _fail(f"{exc} (check the --db path)", EXIT_USAGE)
     except LedgerError as exc:
         _fail(str(exc), EXIT_USAGE)
-
-
-@app.command()
-def verify(
-    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
-) -> None:
-    """Verify the hash chain from the stored bytes alone.
-
-    No payload is decoded and nothing from the hub is trusted.
-    For every entry, in seq order: its seq follows the previous one with no gap, its
-    prev equals the previous entry's hash (32 zero bytes for seq 0), its indexed
-    columns match its body, and its stored hash equals
-    BLAKE3("fleetledger/entry/v1\\0" + prev + body). The stored Merkle tree must match
-    too: each entry's leaf is HASH(0x00 + body) and every stored subtree hash is the
-    hash of its children.
-
-    Exit 0 and print `OK: N entries, head HASH` when all hold; exit 1 and print
-    `FAIL at seq S: PROBLEM` at the first entry that does not; exit 2 when the check
-    cannot run (no such database, unreadable file). Record the head hash: a later
-    run that reports a different hash at that seq means history was rewritten.
-    """
-    store = _open(db)
-    try:
-        result = store.verify()
-    except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    finally:
-        store.close()
-    head = result.head_hash.hex() if result.head_hash is not None else None
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "ok": result.ok,
-                    "entries": result.entries,
-                    "head_hash": head,
-                    "first_bad_seq": result.first_bad_seq,
-                    "problem": result.problem,
-                    "merkle_hash": store.tree_hash.name,
-                    "merkle_root": result.merkle_root.hex() if result.merkle_root else None,
-                    "db": store.location,
-                }
-            )
-        )
-    elif result.ok:
-        typer.echo(f"OK: {result.entries} entries, head {head or 'none (empty ledger)'}")
-    else:
-        typer.echo(f"FAIL at seq {result.first_bad_seq}: {result.problem}")
-    raise typer.Exit(EXIT_OK if result.ok else EXIT_DAMAGED)
 
 
 def _iso(ts_ns: int) -> str:
@@ -215,8 +166,17 @@ def prove(
         None, "--size", min=1, help="Tree size to prove it in; default: all entries."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write a proof bundle (entry, inclusion proof at the latest "
+        "signed checkpoint, the checkpoint with its cosignatures) to this file instead; "
+        "check it with `ledger verify-bundle`.", metavar="BUNDLE",
+    ),
 ) -> None:
     """Print an entry with its Merkle inclusion proof (RFC 9162 §2.1.3).
+
+    With --out, write a proof bundle instead: the proof is then for the tree size of
+    the latest signed checkpoint (the hub's `ledger_checkpoints`), so anyone holding
+    the log's verifier key can check it offline with `ledger verify-bundle`.
 
     Shows the entry, its leaf hash HASH(0x00 + body), the tree size and root, and the
     proof: the hashes from the leaf's sibling up to the root's child. The proof is
@@ -225,6 +185,9 @@ def prove(
     is out of range.
     """
     store = _open(db)
+    if out is not None:
+        _write_bundle(store, seq, out)
+        return
     try:
         tree_size = store.count() if size is None else size
         proof = store.inclusion_proof(seq, tree_size)
@@ -268,9 +231,33 @@ def prove(
     typer.echo("\n".join(lines))
 
 
+def _write_bundle(store: LedgerStore, seq: int, out: Path) -> None:
+    from ledger.bundle import make_bundle
+
+    try:
+        data = make_bundle(store, seq)
+    except LedgerError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    finally:
+        store.close()
+    try:
+        out.write_bytes(data)
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc}", EXIT_USAGE)
+    typer.echo(f"wrote {out}: proof bundle for seq {seq} ({len(data)} bytes)")
+
+
+# They register `ledger verify`, `export`, `verify-bundle`, `witness`, `witness-key`
+# (cli_audit) and `ledger query`, `tail` (cli_browse).
+from ledger import cli_audit, cli_browse  # noqa: E402,F401
+
+
 def main() -> None:
     app(prog_name="ledger")
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's app: the one cli_audit and cli_browse registered on.
+    from ledger import cli as _cli
+
+    _cli.main()

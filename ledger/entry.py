@@ -13,12 +13,17 @@ and docs/PROTOCOL.md, "Ledger entries").
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
 
-from ledger.encoding import MAX_DOCUMENT_BYTES, EncodingError, canonical_decode, canonical_encode
+from ledger.encoding import (
+    MAX_DOCUMENT_BYTES,
+    EncodingError,
+    canonical_decode,
+    canonical_encode,
+    canonical_encode_record,
+)
 from ledger.errors import EntryError
 
 GENESIS_PREV = bytes(32)
@@ -51,15 +56,48 @@ def _check_name(name: str, value: object) -> None:
         raise EntryError(f"{name} is {len(value)} characters; the limit is {MAX_NAME_CHARS}")
 
 
-def _check_header(seq: object, ts: object, kind: object, actor: object, subject: object) -> None:
-    _check_int("seq", seq)
-    _check_int("ts (UTC nanoseconds)", ts)
+# Kinds already checked against KIND_PATTERN: a ledger uses a few dozen, and the regex
+# is a measurable part of an append. Bounded, so odd input cannot grow it without end.
+_GOOD_KINDS: set[str] = set()
+_GOOD_KINDS_MAX = 4096
+
+
+def _check_kind(kind: object) -> None:
+    if type(kind) is str and kind in _GOOD_KINDS:
+        return
     if not isinstance(kind, str) or not KIND_PATTERN.fullmatch(kind):
         raise EntryError(
             f"kind {kind!r} is not a dotted lower-case name such as 'model.registered'"
         )
-    _check_name("actor", actor)
-    _check_name("subject", subject)
+    if type(kind) is str and len(_GOOD_KINDS) < _GOOD_KINDS_MAX:
+        _GOOD_KINDS.add(kind)
+
+
+def _check_header(seq: object, ts: object, kind: object, actor: object, subject: object) -> None:
+    # The common case in a few comparisons; anything unusual gets the precise message.
+    if not (
+        type(seq) is int
+        and type(ts) is int
+        and 0 <= seq <= MAX_INT64
+        and 0 <= ts <= MAX_INT64
+        and type(actor) is str
+        and type(subject) is str
+        and 0 < len(actor) <= MAX_NAME_CHARS
+        and 0 < len(subject) <= MAX_NAME_CHARS
+    ):
+        _check_int("seq", seq)
+        _check_int("ts (UTC nanoseconds)", ts)
+        _check_kind(kind)
+        _check_name("actor", actor)
+        _check_name("subject", subject)
+    else:
+        _check_kind(kind)
+
+
+def check_header(seq: object, ts: object, kind: object, actor: object, subject: object) -> None:
+    """Raise `EntryError` if these indexed columns break the rules of docs/PROTOCOL.md
+    (cheap: nothing is encoded)."""
+    _check_header(seq, ts, kind, actor, subject)
 
 
 def _check_digest(name: str, value: object) -> None:
@@ -74,8 +112,8 @@ def header_prefix(seq: int, ts: int, kind: str, actor: str, subject: str) -> byt
     five fields can be checked against the stored columns without touching the payload.
     """
     _check_header(seq, ts, kind, actor, subject)
-    fields = (seq, ts, kind, actor, subject)
-    return BODY_ARRAY_HEADER + b"".join(canonical_encode(v) for v in fields)
+    # The 5-element array's encoding is its 1-byte header (0x95) and then the fields.
+    return BODY_ARRAY_HEADER + canonical_encode((seq, ts, kind, actor, subject))[1:]
 
 
 def encode_body(
@@ -86,7 +124,7 @@ def encode_body(
     if not isinstance(payload, dict):
         raise EntryError(f"payload must be a map (dict), got {type(payload).__name__}")
     try:
-        body = canonical_encode([seq, ts, kind, actor, subject, payload])
+        body = canonical_encode_record((seq, ts, kind, actor, subject), payload)
     except EncodingError as exc:
         raise EntryError(f"payload of {kind} for {subject} cannot be encoded: {exc}") from exc
     # Refuse what canonical_decode would refuse, so every appended entry can be read back.
@@ -103,38 +141,101 @@ def chain_hash(prev: bytes, body: bytes) -> bytes:
     return blake3.blake3(CHAIN_DOMAIN + prev + body).digest()
 
 
-@dataclass(frozen=True)
 class Entry:
-    """One ledger entry. Construction validates every field.
+    """One ledger entry (immutable). Construction validates every field.
 
-    `body` is fixed when the entry is made: treat `payload` as read-only, since
-    changing it afterwards would not change the bytes that were hashed and stored.
+    `Entry(seq, ts, kind, actor, subject, payload, prev, hash)` encodes the body from
+    the fields. The body is fixed when the entry is made; `payload` is the body's
+    payload as any reader decodes it (tuples become lists, bytearrays bytes), decoded
+    on first use: entries made by an append that nobody reads the payload of never pay
+    for it. Treat the returned dict as read-only.
+
+    Two entries are equal when their fields and bodies are (the body is the payload's
+    one canonical encoding); the hash of an entry leaves the payload out.
     """
+
+    __slots__ = ("_body", "_payload", "actor", "hash", "kind", "prev", "seq", "subject", "ts")
 
     seq: int
     ts: int
     kind: str
     actor: str
     subject: str
-    payload: dict[str, Any] = field(hash=False)
     prev: bytes
     hash: bytes
-    # Private: only `from_body` and `build_entry` pass it, with bytes they just encoded
-    # or decoded, which saves re-encoding the payload. Empty means "compute it".
-    _body: bytes = field(default=b"", repr=False, compare=False, hash=False)
+    _body: bytes
+    _payload: dict[str, Any] | None
 
-    def __post_init__(self) -> None:
-        _check_digest("prev", self.prev)
-        _check_digest("hash", self.hash)
-        if self._body:
-            _check_header(self.seq, self.ts, self.kind, self.actor, self.subject)
-            if not isinstance(self.payload, dict):
-                raise EntryError(f"payload must be a map, got {type(self.payload).__name__}")
+    def __init__(
+        self,
+        seq: int,
+        ts: int,
+        kind: str,
+        actor: str,
+        subject: str,
+        payload: dict[str, Any],
+        prev: bytes,
+        hash: bytes,
+        _body: bytes = b"",
+    ) -> None:
+        # `_body` is private: `from_body` passes the bytes it just decoded `payload` from.
+        _check_digest("prev", prev)
+        _check_digest("hash", hash)
+        if _body:
+            _check_header(seq, ts, kind, actor, subject)
+            if not isinstance(payload, dict):
+                raise EntryError(f"payload must be a map, got {type(payload).__name__}")
+            stored: dict[str, Any] | None = payload
         else:
-            body = encode_body(
-                self.seq, self.ts, self.kind, self.actor, self.subject, self.payload
-            )
-            object.__setattr__(self, "_body", body)
+            _body = encode_body(seq, ts, kind, actor, subject, payload)
+            stored = None  # decoded from the body when asked for: the caller's dict may change
+        _set = object.__setattr__
+        for name, value in (
+            ("seq", seq), ("ts", ts), ("kind", kind), ("actor", actor), ("subject", subject),
+            ("prev", prev), ("hash", hash), ("_body", _body), ("_payload", stored),
+        ):  # fmt: skip
+            _set(self, name, value)
+
+    @classmethod
+    def _trusted(
+        cls, seq: int, ts: int, kind: str, actor: str, subject: str, body: bytes, prev: bytes,
+        hash: bytes,
+    ) -> Entry:  # fmt: skip
+        """An entry from fields the caller has just validated and encoded (`body`) and
+        hashed: what an append makes, at a fraction of the cost of `Entry(...)`."""
+        entry = object.__new__(cls)
+        _set = object.__setattr__
+        _set(entry, "seq", seq)
+        _set(entry, "ts", ts)
+        _set(entry, "kind", kind)
+        _set(entry, "actor", actor)
+        _set(entry, "subject", subject)
+        _set(entry, "prev", prev)
+        _set(entry, "hash", hash)
+        _set(entry, "_body", body)
+        _set(entry, "_payload", None)
+        return entry
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Entry is immutable; cannot assign to {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Entry is immutable; cannot delete {name!r}")
+
+    def _key(self) -> tuple[int, int, str, str, str, bytes, bytes]:
+        return (self.seq, self.ts, self.kind, self.actor, self.subject, self.prev, self.hash)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self._key() == other._key() and self._body == other._body
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Entry._trusted, (self.seq, self.ts, self.kind, self.actor, self.subject,
+                                 self._body, self.prev, self.hash))  # fmt: skip
 
     def __repr__(self) -> str:
         return (
@@ -142,6 +243,15 @@ class Entry:
             f"subject={self.subject!r}, payload={self.payload!r}, prev={self.prev.hex()[:16]}…, "
             f"hash={self.hash.hex()[:16]}…)"
         )
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The payload map, decoded from the body (once, then kept)."""
+        payload = self._payload
+        if payload is None:
+            payload = canonical_decode(self._body)[5]
+            object.__setattr__(self, "_payload", payload)
+        return payload
 
     @property
     def body(self) -> bytes:
@@ -184,12 +294,10 @@ def build_entry(
     the previous Entry; this form lets a store chain on a head it has not decoded)."""
     _check_digest("prev", prev_hash)
     body = encode_body(seq, ts, kind, actor, subject, payload)
-    # Keep a private copy of the payload, exactly as any later reader will decode it
-    # (tuples become lists, bytearrays bytes), not the caller's still-mutable dict.
-    stored_payload: dict[str, Any] = canonical_decode(body)[5]
-    return Entry(
-        seq, ts, kind, actor, subject, stored_payload, prev_hash, chain_hash(prev_hash, body), body
-    )
+    # The payload is not copied here: `Entry.payload` decodes it from the body when
+    # asked, exactly as any later reader will see it, not the caller's mutable dict.
+    return Entry._trusted(seq, ts, kind, actor, subject, body, prev_hash,
+                          chain_hash(prev_hash, body))  # fmt: skip
 
 
 def make_entry(

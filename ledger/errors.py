@@ -8,6 +8,8 @@
   (e.g. a proof for an entry the tree of that size does not contain).
 * `NoteError` / `CheckpointError`: a signed note or checkpoint is malformed or a
   signature from a trusted key fails; `UnverifiedNoteError`: no trusted key signed it.
+* `ExportError` / `BundleError`: an export file or a proof bundle is malformed or
+  does not verify.
 * `WitnessError`: a witness refused a checkpoint (with both notes when it is evidence
   of a fork or rollback); `WitnessStateError`: the witness's state file is unusable.
 
@@ -104,3 +106,12 @@ class WitnessError(LedgerError):
 class WitnessStateError(LedgerError):
     """The witness's state file could not be read or written, or is corrupt. A witness
     must stop rather than forget what it cosigned, so this is never ignored."""
+
+
+class ExportError(LedgerError):
+    """An export file (ledger/export.py) is malformed or cannot be read or written."""
+
+
+class BundleError(LedgerError):
+    """A proof bundle (ledger/bundle.py) is malformed or does not verify; the message
+    says which check failed."""

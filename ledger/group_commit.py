@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ledger.entry import Entry, encode_body, header_prefix
+from ledger.entry import Entry, check_header, encode_body
 from ledger.errors import EntryError, StoreError
 from ledger.store import ApplyCallback, LedgerStore, NewEvent
 
@@ -49,7 +49,7 @@ class _Request:
 def check_event(event: NewEvent) -> None:
     """Raise `EntryError` if `event` could never be appended (cheap: the payload is only
     checked to be a map; whether it encodes is found out when it is written)."""
-    header_prefix(0, 0 if event.ts is None else event.ts, event.kind, event.actor, event.subject)
+    check_header(0, 0 if event.ts is None else event.ts, event.kind, event.actor, event.subject)
     if not isinstance(event.payload, dict):
         raise EntryError(f"payload must be a map (dict), got {type(event.payload).__name__}")
 

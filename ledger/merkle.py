@@ -24,7 +24,7 @@ RFC 9162 §2.1.3.2 and §2.1.4.2 step by step and raises `ProofError` on failure
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import blake3
@@ -58,6 +58,11 @@ class TreeHash:
     def node(self, left: bytes, right: bytes) -> bytes:
         """HASH(0x01 || left || right)."""
         return self._digest(NODE_PREFIX + left + right)
+
+    @property
+    def digest(self) -> Callable[[bytes], bytes]:
+        """The bare HASH (no prefix), for loops that hash many leaves and nodes."""
+        return self._digest
 
 
 def _sha256(data: bytes) -> bytes:
@@ -412,6 +417,11 @@ class MerkleFrontier:
     def size(self) -> int:
         return self._size
 
+    @property
+    def subtrees(self) -> list[bytes]:
+        """The right edge: one complete subtree hash per bit set in `size`, largest first."""
+        return list(self._stack)
+
     def append(self, leaf_hash: bytes) -> list[tuple[int, int, bytes]]:
         """Add the next leaf; return the nodes it completes, leaf first."""
         completed = self.completed_by(leaf_hash)
@@ -431,6 +441,27 @@ class MerkleFrontier:
             idx >>= 1
             completed.append((level, idx, h))
         return completed
+
+    def extend(self, leaf_hashes: Iterable[bytes]) -> list[tuple[int, int, bytes]]:
+        """Append many leaves; return every node they complete, in the order `append`
+        would (each leaf, then the nodes it completes, lowest first). The batch form of
+        `append`, for the append path: one call instead of one per leaf."""
+        digest, prefix = self._th.digest, NODE_PREFIX
+        stack, size = self._stack, self._size
+        out: list[tuple[int, int, bytes]] = []
+        add, push, pop = out.append, stack.append, stack.pop
+        for h in leaf_hashes:
+            add((0, size, h))
+            idx, level = size, 0
+            while idx & 1:  # a right child: its left sibling is the last subtree
+                h = digest(prefix + pop() + h)
+                level += 1
+                idx >>= 1
+                add((level, idx, h))
+            push(h)
+            size += 1
+        self._size = size
+        return out
 
     def advance(self, completed: Sequence[tuple[int, int, bytes]]) -> None:
         """Append the leaf whose `completed_by` result is `completed`."""

@@ -20,12 +20,13 @@ tree's right edge, so any root or proof later needs only O(log n) node reads.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
+import blake3
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -36,13 +37,11 @@ from sqlalchemy import (
     Select,
     Table,
     Text,
-    and_,
     create_engine,
     event,
     func,
     insert,
     inspect,
-    or_,
     select,
 )
 from sqlalchemy.engine import URL, make_url
@@ -50,12 +49,13 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLA
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Field, SQLModel
 
-from ledger.entry import GENESIS_PREV, Entry, build_entry
+from ledger.entry import CHAIN_DOMAIN, GENESIS_PREV, Entry, encode_body
 from ledger.errors import EntryError, LedgerNotFoundError, StoreError, TreeRangeError
 from ledger.merkle import (
     BLAKE3,
     DEFAULT_TREE_HASH,
     HASHES,
+    LEAF_PREFIX,
     GetNode,
     MerkleFrontier,
     TreeHash,
@@ -67,9 +67,11 @@ from ledger.merkle import (
 from ledger.verify import (
     MERKLE_TREE_MISMATCH,
     RawRow,
+    StoredRow,
     TreeCheck,
     TreeRow,
     VerifyResult,
+    VerifyStart,
     verify_chain,
 )
 
@@ -260,11 +262,30 @@ def _in_range(what: str, value: int, lo: int, hi: int, why: str) -> int:
     return value
 
 
-def _tree_insert_sql(conn: Connection) -> str:
-    # The driver's own executemany with plain tuples: about 3x cheaper per row than
-    # insert(TREE) with parameter dicts, on a path that writes ~2 rows per entry.
+# The append path runs these through the driver's own executemany with plain tuples
+# (Connection.exec_driver_sql): several times cheaper per row than insert(TABLE) with
+# parameter dicts, which pays SQLAlchemy's per-row bind processing.
+_ENTRY_INSERT = (
+    "INSERT INTO ledger_entries (seq, ts, kind, actor, subject, body, prev, hash) "
+    "VALUES ({m}, {m}, {m}, {m}, {m}, {m}, {m}, {m})"
+)
+_TREE_INSERT = "INSERT INTO ledger_tree (level, idx, hash) VALUES ({m}, {m}, {m})"
+_blake3 = blake3.blake3
+_HEAD_SQL = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
+
+
+def _nodes_sql(conditions: Iterable[str]) -> str:
+    """One statement reading the tree nodes that match any of `conditions` (each over
+    the primary key): a UNION ALL of index lookups. SQLite plans one large OR slowly
+    (~0.4 ms for a proof's 20 nodes, 20x the lookups themselves)."""
+    return " UNION ALL ".join(
+        f"SELECT level, idx, hash FROM ledger_tree WHERE {c}" for c in conditions
+    )
+
+
+def _insert_sql(conn: Connection, template: str) -> str:
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # sqlite3 | psycopg, pg8000
-    return f"INSERT INTO ledger_tree (level, idx, hash) VALUES ({mark}, {mark}, {mark})"
+    return template.format(m=mark)
 
 
 def _has(count: int) -> str:
@@ -285,6 +306,9 @@ class LedgerStore:
         self._engine = engine
         self._where = where
         self._th: TreeHash = BLAKE3  # replaced by what the ledger records, in _prepare
+        self._url: str | None = where  # how another process opens it (see open)
+        # (size, head hash, right-edge subtrees) after this store's last committed append.
+        self._edge: tuple[int, bytes, list[bytes]] | None = None
 
     # -- opening ---------------------------------------------------------------------
 
@@ -334,6 +358,10 @@ class LedgerStore:
         if sqlite:
             _install_sqlite_hooks(engine, busy_timeout_ms, synchronous)
         store = cls(engine, where)
+        if not sqlite:
+            store._url = url.render_as_string(hide_password=False)
+        elif _is_memory(url):
+            store._url = None  # no other process can open it
         try:
             store._prepare(create, tree_hash)
         except BaseException:
@@ -465,59 +493,70 @@ class LedgerStore:
         if not events:
             return []
         with self._write_transaction() as conn:
-            entries = self._insert_chained(conn, events)
+            entries, frontier = self._insert_chained(conn, events)
             if apply is not None:
                 apply(conn, entries)
+        # Committed: the next append in this process continues from here without
+        # reading the right edge again (it checks the head first; see _frontier).
+        self._edge = (frontier.size, entries[-1].hash, frontier.subtrees)
         return entries
 
-    def _insert_chained(self, conn: Connection, events: Sequence[NewEvent]) -> list[Entry]:
+    def _insert_chained(
+        self, conn: Connection, events: Sequence[NewEvent]
+    ) -> tuple[list[Entry], MerkleFrontier]:
         try:
-            head = conn.execute(
-                select(ENTRIES.c.seq, ENTRIES.c.hash).order_by(ENTRIES.c.seq.desc()).limit(1)
-            ).first()
+            head = conn.exec_driver_sql(_HEAD_SQL).first()
         except SQLAlchemyError as exc:
             raise self._error("read the head of", exc) from exc
-        seq, prev = (head.seq + 1, bytes(head.hash)) if head is not None else (0, GENESIS_PREV)
-        entries: list[Entry] = []
+        seq, prev = (head[0] + 1, bytes(head[1])) if head is not None else (0, GENESIS_PREV)
+        first = seq
+        frontier = self._frontier(conn, seq, prev)
+        # The hot loop: encode (which validates), chain, and keep the row as a tuple for
+        # the driver's executemany; the Entry objects share the same bytes objects.
+        rows: list[tuple[int, int, str, str, str, bytes, bytes, bytes]] = []
+        leaves: list[bytes] = []
+        digest = self._th.digest
+        make = Entry._trusted
+        now = time.time_ns
         for ev in events:
-            ts = ev.ts if ev.ts is not None else time.time_ns()
-            entry = build_entry(seq, prev, ts, ev.kind, ev.actor, ev.subject, ev.payload)
-            entries.append(entry)
-            seq, prev = seq + 1, entry.hash
-        rows = [
-            {
-                "seq": e.seq, "ts": e.ts, "kind": e.kind, "actor": e.actor,
-                "subject": e.subject, "body": e.body, "prev": e.prev, "hash": e.hash,
-            }
-            for e in entries
-        ]  # fmt: skip
-        tree_rows = self._tree_rows(conn, entries)
+            ts = ev.ts if ev.ts is not None else now()
+            kind, actor, subject = ev.kind, ev.actor, ev.subject
+            body = encode_body(seq, ts, kind, actor, subject, ev.payload)
+            digest_ = _blake3(CHAIN_DOMAIN + prev + body).digest()  # entry.chain_hash
+            rows.append((seq, ts, kind, actor, subject, body, prev, digest_))
+            leaves.append(digest(LEAF_PREFIX + body))
+            seq, prev = seq + 1, digest_
+        # Row order (seq, ts, kind, actor, subject, body, prev, hash) is Entry._trusted's.
+        entries = [make(*row) for row in rows]
+        tree_rows = frontier.extend(leaves)
         try:
-            conn.execute(insert(ENTRIES), rows)
+            conn.exec_driver_sql(_insert_sql(conn, _ENTRY_INSERT), rows)
         except IntegrityError as exc:
             raise StoreError(
-                f"cannot append to ledger {self._where}: seq {entries[0].seq} was taken "
+                f"cannot append to ledger {self._where}: seq {first} was taken "
                 "by another writer (the database did not serialise appends)"
             ) from exc
         except SQLAlchemyError as exc:
             raise self._error("append to", exc) from exc
         try:
-            conn.exec_driver_sql(_tree_insert_sql(conn), tree_rows)
+            conn.exec_driver_sql(_insert_sql(conn, _TREE_INSERT), tree_rows)
         except IntegrityError as exc:
             raise StoreError(
                 f"cannot append to ledger {self._where}: its Merkle tree already has nodes "
-                f"for seq {entries[0].seq} (run `ledger verify`)"
+                f"for seq {first} (run `ledger verify`)"
             ) from exc
         except SQLAlchemyError as exc:
             raise self._error("append to", exc) from exc
-        return entries
+        return entries, frontier
 
-    def _tree_rows(self, conn: Connection, entries: list[Entry]) -> list[tuple[int, int, bytes]]:
-        """The leaves of `entries` and every node they complete, as rows to insert,
-        computed from the O(log n) complete subtrees on the current tree's right edge."""
-        size = entries[0].seq
+    def _frontier(self, conn: Connection, size: int, head_hash: bytes) -> MerkleFrontier:
+        """The tree's right edge at `size` (one node per bit of `size`): kept from this
+        store's last append when the head is still the one it wrote, else read."""
+        edge = self._edge
+        if edge is not None and edge[0] == size and edge[1] == head_hash:
+            return MerkleFrontier(self._th, size, edge[2])
         try:
-            frontier = self._from_nodes(
+            return self._from_nodes(
                 conn,
                 lambda get: MerkleFrontier(
                     self._th, size, [get(lv, i) for lv, i in frontier_coordinates(size)]
@@ -525,8 +564,6 @@ class LedgerStore:
             )
         except SQLAlchemyError as exc:
             raise self._error("read the Merkle tree of", exc) from exc
-        leaf = self._th.leaf
-        return [node for e in entries for node in frontier.append(leaf(e.body))]
 
     # -- reading -----------------------------------------------------------------------
 
@@ -576,20 +613,40 @@ class LedgerStore:
         for row in self._iter_rows(start, batch):
             yield _entry(row)
 
-    def iter_raw(self, batch: int = 1000) -> Iterator[RawRow]:
-        """Every stored row, undecoded, in seq order (what verification reads)."""
-        for row in self._iter_rows(0, batch):
+    def iter_raw(self, batch: int = 1000, start: int = 0) -> Iterator[RawRow]:
+        """Every stored row from seq `start` on, undecoded, in seq order (what
+        verification reads)."""
+        for row in self._iter_rows(start, batch):
             yield _raw(row)
 
-    def verify(self, expected_head: tuple[int, bytes] | None = None) -> VerifyResult:
+    def verify(
+        self, expected_head: tuple[int, bytes] | None = None, *, jobs: int = 1
+    ) -> VerifyResult:
         """Verify the whole stored chain and Merkle tree; see `ledger.verify.verify_chain`.
 
         Every stored tree node is compared with the node recomputed from the bodies;
         then the root of the verified size is read back from stored nodes, the way
         `root()` (and so every published root) computes it, and must be the same.
+        `jobs` > 1 checks segments of the ledger in that many processes (see
+        ledger/verify_parallel.py); the result is the same, first bad seq included.
         """
-        tree = TreeCheck(self._th, self._iter_tree_rows())
-        result = verify_chain(self.iter_raw(), expected_head, tree)
+        if jobs > 1:
+            from ledger.verify_parallel import verify_parallel  # it imports this module
+
+            result = verify_parallel(self, expected_head, jobs)
+        else:
+            tree = TreeCheck(self._th, self._iter_tree_rows())
+            result = verify_chain(self.iter_raw(), expected_head, tree)
+        return self._check_stored_root(result)
+
+    def _resume_verify(
+        self, expected_head: tuple[int, bytes] | None, start: VerifyStart
+    ) -> VerifyResult:
+        """Verify sequentially from seq `start.count`, the entries before taken as good."""
+        tree = TreeCheck(self._th, self._iter_tree_rows(start=start.count))
+        return verify_chain(self.iter_raw(start=start.count), expected_head, tree, start)
+
+    def _check_stored_root(self, result: VerifyResult) -> VerifyResult:
         if result.ok and self.root(result.entries) != result.merkle_root:
             problem = (
                 f"{MERKLE_TREE_MISMATCH}: the root read from stored nodes for size "
@@ -597,6 +654,56 @@ class LedgerStore:
             )
             return replace(result, ok=False, first_bad_seq=result.entries - 1, problem=problem)
         return result
+
+    # -- raw reads for the parallel verifier (ledger/verify_parallel.py) ---------------
+
+    @property
+    def url(self) -> str | None:
+        """What another process opens this ledger with (a path, or a URL that may hold
+        a password); None for an in-memory database."""
+        return self._url
+
+    def _read_driver(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """The rows of one read, unpackable like tuples; bytes columns as bytes (some
+        PostgreSQL drivers give memoryview)."""
+        try:
+            with self._engine.connect() as conn:
+                rows: list[Any] = list(conn.exec_driver_sql(sql, params).fetchall())
+        except SQLAlchemyError as exc:
+            raise self._error("read", exc) from exc
+        if rows and any(isinstance(v, memoryview) for v in rows[0]):
+            return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows]
+        return rows
+
+    def _entry_rows(self, start: int, stop: int) -> list[StoredRow]:
+        """The stored rows with start <= seq < stop, in seq order."""
+        mark = "?" if self._engine.dialect.paramstyle == "qmark" else "%s"
+        sql = (
+            "SELECT seq, ts, kind, actor, subject, body, prev, hash FROM ledger_entries "
+            f"WHERE seq >= {mark} AND seq < {mark} ORDER BY seq"
+        )
+        return self._read_driver(sql, (start, stop))
+
+    def _tree_nodes(
+        self, start: int, stop: int, max_level: int | None = None
+    ) -> dict[tuple[int, int], bytes]:
+        """The stored nodes completed by leaves start <= seq < stop (at most `max_level`),
+        keyed by (level, index); with start = stop = 0, every node above `max_level`."""
+        ranges = []
+        if start < stop:
+            level = 0
+            while (1 << level) <= stop and (max_level is None or level <= max_level):
+                # Node (level, i) is completed by leaf (i + 1) * 2**level - 1.
+                lo = ((start + (1 << level)) >> level) - 1
+                hi = (stop >> level) - 1
+                if lo <= hi:  # our own integers: no parameters needed
+                    ranges.append(f"level = {level} AND idx BETWEEN {lo} AND {hi}")
+                level += 1
+        else:
+            ranges.append(f"level > {int(max_level or 0)}")
+        if not ranges:
+            return {}
+        return {(level, idx): h for level, idx, h in self._read_driver(_nodes_sql(ranges))}
 
     # -- the Merkle tree ----------------------------------------------------------------
 
@@ -652,10 +759,8 @@ class LedgerStore:
         # One read transaction (a snapshot in SQLite WAL), so the size and the nodes agree.
         try:
             with self._engine.connect() as conn:
-                head = conn.execute(
-                    select(ENTRIES.c.seq).order_by(ENTRIES.c.seq.desc()).limit(1)
-                ).first()
-                return compute(conn, 0 if head is None else head.seq + 1)
+                head = conn.exec_driver_sql(_HEAD_SQL).first()
+                return compute(conn, 0 if head is None else head[0] + 1)
         except SQLAlchemyError as exc:
             raise self._error(action, exc) from exc
 
@@ -673,9 +778,12 @@ class LedgerStore:
         found: dict[tuple[int, int], bytes] = {}
         for start in range(0, len(wanted), _TREE_READ_CHUNK):
             chunk = wanted[start : start + _TREE_READ_CHUNK]
-            where = or_(*(and_(TREE.c.level == lv, TREE.c.idx == i) for lv, i in chunk))
-            for row in conn.execute(select(TREE.c.level, TREE.c.idx, TREE.c.hash).where(where)):
-                found[(row.level, row.idx)] = bytes(row.hash)
+            # Plain SQL, integers inlined (ours, computed): a proof on a freshly opened
+            # store costs no statement compilation, just the O(log n) index lookups.
+            for level, idx, h in conn.exec_driver_sql(_nodes_sql(
+                f"level = {int(lv)} AND idx = {int(i)}" for lv, i in chunk
+            )):  # fmt: skip
+                found[(level, idx)] = bytes(h)
 
         def stored(level: int, idx: int) -> bytes:
             node = found.get((level, idx))
@@ -688,30 +796,20 @@ class LedgerStore:
 
         return compute(stored)
 
-    def _iter_tree_rows(self, batch: int = 1000) -> Iterator[TreeRow]:
-        """Stored tree nodes in the order appends complete them (see `TreeCheck`): per
-        batch of leaves [start, end), the nodes whose last leaf falls in it."""
-        start = 0
+    def _iter_tree_rows(self, batch: int = 1000, start: int = 0) -> Iterator[TreeRow]:
+        """Stored tree nodes in the order appends complete them (see `TreeCheck`), from
+        those completed by leaf `start` on: per batch of leaves [start, end), the nodes
+        whose last leaf falls in it."""
         while True:
             end = start + batch
-            ranges = []
-            level = 0
-            while (1 << level) <= end:
-                # Node (level, i) is completed by leaf (i + 1) * 2**level - 1.
-                lo = ((start + (1 << level)) >> level) - 1
-                hi = (end >> level) - 1
-                if lo <= hi:
-                    ranges.append(and_(TREE.c.level == level, TREE.c.idx.between(lo, hi)))
-                level += 1
-            rows = self._fetch(select(TREE.c.level, TREE.c.idx, TREE.c.hash).where(or_(*ranges)))
-            if not rows:
+            nodes = self._tree_nodes(start, end)
+            if not nodes:
                 return
-            # Sort by (completing seq, level); bytes(): PostgreSQL drivers give memoryview.
-            batch_rows = sorted(
-                (((r.idx + 1) << r.level) - 1, r.level, r.idx, bytes(r.hash)) for r in rows
-            )
-            for _, level, idx, h in batch_rows:
-                yield TreeRow(level, idx, h)
+            # Sort by (completing seq, level).
+            for _, level, idx in sorted(
+                (((idx + 1) << level) - 1, level, idx) for level, idx in nodes
+            ):
+                yield TreeRow(level, idx, nodes[(level, idx)])
             start = end
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -12,9 +12,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ledger.entry import GENESIS_PREV, chain_hash, header_prefix
+import blake3
+import msgpack
+
+from ledger.entry import (
+    BODY_ARRAY_HEADER,
+    CHAIN_DOMAIN,
+    GENESIS_PREV,
+    MAX_INT64,
+    chain_hash,
+    check_header,
+    header_prefix,
+)
 from ledger.errors import EntryError
-from ledger.merkle import MerkleFrontier, TreeHash
+from ledger.merkle import LEAF_PREFIX, NODE_PREFIX, MerkleFrontier, TreeHash
 
 # The problems, worded for the person reading the report. Details follow after ": ".
 MISSING_ENTRY = "missing entry"
@@ -113,10 +124,22 @@ def _tree_problem(completed: list[tuple[int, int, bytes]], stored: Iterator[Tree
     return None
 
 
+@dataclass(frozen=True)
+class VerifyStart:
+    """Where a verification resumes: `count` entries already verified (so the first row
+    must be seq `count`), the last one's hash, and the Merkle tree's right edge at that
+    size (`MerkleFrontier.subtrees`; only read when a tree is checked)."""
+
+    count: int
+    prev_hash: bytes
+    subtrees: tuple[bytes, ...] = ()
+
+
 def verify_chain(
     rows: Iterable[RawRow],
     expected_head: tuple[int, bytes] | None = None,
     tree: TreeCheck | None = None,
+    start: VerifyStart | None = None,
 ) -> VerifyResult:
     """Check that `rows` (in stored order) form one unbroken chain from genesis.
 
@@ -132,12 +155,20 @@ def verify_chain(
     With `tree`, each row's stored Merkle leaf must also equal HASH(0x00 || body), and
     every stored node completed by that leaf must equal the node recomputed from the
     bodies (so the root of every size computed from stored nodes is the true one).
+
+    With `start`, the first `start.count` entries are taken as verified already (the
+    parallel verifier resumes here after a damaged segment): `rows` and `tree.rows`
+    begin at seq `start.count`, and the result counts and roots the whole ledger.
     """
-    count = 0
-    prev_hash = GENESIS_PREV
-    head: bytes | None = None
+    count = 0 if start is None else start.count
+    prev_hash = GENESIS_PREV if start is None else start.prev_hash
+    head: bytes | None = None if start is None or not count else prev_hash
     trusted_seq, trusted_hash = expected_head if expected_head is not None else (-1, b"")
-    frontier = MerkleFrontier(tree.tree_hash) if tree is not None else None
+    frontier = (
+        None
+        if tree is None
+        else MerkleFrontier(tree.tree_hash, count, start.subtrees if start else ())
+    )
     stored = iter(tree.rows) if tree is not None else iter(())
 
     def result(ok: bool, bad_seq: int | None = None, problem: str | None = None) -> VerifyResult:
@@ -164,6 +195,109 @@ def verify_chain(
         prev_hash = row.hash
         head = row.hash
     if expected_head is not None and count <= trusted_seq:
-        problem = f"{TRUNCATED}: it ends before seq {trusted_seq}, which a trusted head names"
-        return result(False, count, problem)
+        return result(False, count, truncated_problem(trusted_seq))
     return result(True)
+
+
+def truncated_problem(trusted_seq: int) -> str:
+    return f"{TRUNCATED}: it ends before seq {trusted_seq}, which a trusted head names"
+
+
+# -- segments, for verifying in parallel ------------------------------------------------
+
+StoredRow = tuple[int, int, str, str, str, bytes, bytes, bytes]
+"""A stored entry row as the driver returns it: (seq, ts, kind, actor, subject, body,
+prev, hash), the fields of `RawRow`."""
+
+
+@dataclass(frozen=True)
+class SegmentCheck:
+    """What one worker found in the entries [start, stop): enough for the parent to join
+    the seams (`first_prev` must be the hash before `start`) and finish the Merkle tree
+    (`subtrees`: the right edge of the segment's own tree, one root for a full
+    segment). `damaged` says only *that* something is wrong; the parent re-verifies
+    from `start` in one process to say exactly what and where, as `verify_chain` does."""
+
+    start: int
+    stop: int
+    first_prev: bytes | None
+    last_hash: bytes | None
+    subtrees: tuple[bytes, ...]
+    damaged: bool
+
+
+def check_segment(
+    tree_hash: TreeHash,
+    start: int,
+    stop: int,
+    batches: Iterable[tuple[list[StoredRow], dict[tuple[int, int], bytes]]],
+    expected_head: tuple[int, bytes] | None = None,
+) -> SegmentCheck:
+    """Check entries [start, stop) and the stored tree nodes inside them.
+
+    `start` must be a multiple of a power of two at least `stop - start` (the segment is
+    one aligned subtree, or the start of one). `batches` gives the rows in seq order,
+    each batch with the stored nodes completed by its leaves, keyed by (level, index).
+    Every check of `verify_chain` is made, except the two that need the entry before
+    `start` (its `prev` link, checked by the caller with `first_prev`) and the nodes
+    above the segment (checked by the caller from the segments' roots).
+    """
+    digest, leaf_prefix, node_prefix = tree_hash.digest, LEAF_PREFIX, NODE_PREFIX
+    chain, domain = blake3.blake3, CHAIN_DOMAIN
+    pack = msgpack.Packer().pack  # ints only: the canonical (shortest) forms
+    trusted_seq, trusted_hash = expected_head if expected_head is not None else (-1, b"")
+    names: dict[tuple[str, str, str], bytes] = {}
+    stack: list[bytes] = []
+    expected, first_prev, last = start, None, None
+
+    def outcome(damaged: bool) -> SegmentCheck:
+        return SegmentCheck(start, stop, first_prev, last, tuple(stack), damaged)
+
+    for rows, nodes in batches:
+        for seq, ts, kind, actor, subject, body, prev, stored_hash in rows:
+            if seq != expected:
+                return outcome(True)
+            if last is None:
+                first_prev = prev
+            elif prev != last:
+                return outcome(True)
+            # Columns: the body must start with 0x96, enc(seq), enc(ts), enc(kind, actor,
+            # subject); the three names are checked and encoded once per distinct triple.
+            key = (kind, actor, subject)
+            tail = names.get(key)
+            if tail is None:
+                try:
+                    check_header(0, 0, kind, actor, subject)
+                except EntryError:
+                    return outcome(True)
+                tail = pack(key)[1:]
+                if len(names) < 65536:
+                    names[key] = tail
+            if type(ts) is not int or not 0 <= ts <= MAX_INT64:
+                return outcome(True)
+            numbers = pack((seq, ts))[1:]
+            if (
+                body[:1] != BODY_ARRAY_HEADER
+                or not body.startswith(numbers, 1)
+                or not body.startswith(tail, 1 + len(numbers))
+            ):
+                return outcome(True)
+            if chain(domain + prev + body).digest() != stored_hash:
+                return outcome(True)
+            if seq == trusted_seq and stored_hash != trusted_hash:
+                return outcome(True)
+            # The Merkle leaf and the nodes it completes inside the segment.
+            node = digest(leaf_prefix + body)
+            if nodes.get((0, seq)) != node:
+                return outcome(True)
+            idx, level = seq - start, 0
+            while idx & 1:
+                node = digest(node_prefix + stack.pop() + node)
+                level += 1
+                idx >>= 1
+                if nodes.get((level, (start >> level) + idx)) != node:
+                    return outcome(True)
+            stack.append(node)
+            last = stored_hash
+            expected += 1
+    return outcome(expected != stop)

@@ -135,11 +135,11 @@ async def drive(url: str, home: Path, models: dict[str, Path], devices: list[str
         alice_key.save(home / "operators" / "alice.key")
         console.print("admin added operator alice (approver)")
         for device in devices:
-            await admin.call("device.enroll", {"device": device})
+            enrolled = await admin.call("device.enroll", {"device": device})
+            # The bundle holds the device's own key (it signs its reports) and its root.
             procs.start(device, [
-                str(BIN / "edge-agent"), "run", "--device-id", device, "--nats", url,
-                "--state-dir", str(data / "devices" / device),
-                "--trust-root", str(home / "trust-root.bin"), "--rate", "20", "--window", "1",
+                str(BIN / "edge-agent"), "run", "--bundle", enrolled["bundle"], "--nats", url,
+                "--state-dir", str(data / "devices" / device), "--rate", "20", "--window", "1",
             ])
         console.print(f"enrolled and started {len(devices)} agents: {', '.join(devices)}")
         async with await HubClient.connect(url, alice_key) as alice:

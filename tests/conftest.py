@@ -9,14 +9,36 @@ from pathlib import Path
 import pytest
 
 from hub.embedded_nats import EmbeddedNats
+from hub.home import HubConfig, init_home, set_nats_url
 from hub.modelgen import model_for_version
+from hub.nats_config import server_conf_path
 from tests.fleet import Fleet
 from tests.pg import PgServer, PgUnavailable
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(store_dir=tmp_path / "nats").start()
+def hub_home(tmp_path: Path) -> HubConfig:
+    """A hub home (tmp_path/hub) with NATS identities; `nats_server` runs its config."""
+    return init_home(tmp_path / "hub", "nats://127.0.0.1:4222")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path, hub_home: HubConfig) -> Iterator[EmbeddedNats]:
+    """A nats-server with the hub home's users and permissions (auth on, as deployed);
+    the home's nats_url is pointed at it."""
+    server = EmbeddedNats(store_dir=tmp_path / "nats",
+                          config_file=server_conf_path(hub_home.home)).start()
+    set_nats_url(hub_home.home, server.url)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def bare_nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server without users, for tests of NATS mechanics that need no hub."""
+    server = EmbeddedNats(store_dir=tmp_path / "bare-nats").start()
     try:
         yield server
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,13 +43,7 @@ class ConfiguredAgent(AgentProcess):
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "edge_agent.cli", "run",
-                    "--device-id", self.device_id, "--nats", self.nats_url,
-                    "--state-dir", str(self.state_dir), "--trust-root", str(self.trust_root),
-                    "--rate", str(self.rate), "--window", str(self.window),
-                    "--log-level", "DEBUG", *self.extra_args,
-                ],
+                self.command(self.extra_args),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         return self
@@ -66,7 +59,8 @@ def configured_agent(
     """Register (not start) an agent for `device` in the fleet, so fleet.stop() stops it."""
     agent = ConfiguredAgent(
         device, fleet.nats_url, fleet.root / "devices" / device, fleet.config.trust_root_path,
-        fleet.root / f"{device}.log", extra_args=extra_args or [], env=env or {},
+        fleet.root / f"{device}.log", bundle=fleet.bundle(device),
+        extra_args=extra_args or [], env=env or {},
     )
     fleet.agents[device] = agent
     return agent
@@ -90,7 +84,7 @@ class ReportWatch:
         return watch
 
     async def _on_msg(self, msg: Msg) -> None:
-        self.reports.append(proto.decode_report(msg.data))
+        self.reports.append(proto.read_report(msg.data)[0])
         self._changed.set()
 
     def mark(self) -> int:

@@ -20,14 +20,24 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from edge_agent.nats_auth import NO_AUTH, NatsAuth
 from hub.client import HubClient
-from hub.home import HubConfig, init_home
+from hub.home import HubConfig, init_home, load_config
 from hub.modelgen import write_validation_set
 from hub.service import HubService
 from ledger.entry import Entry
 from ledger.signing import SigningKey
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def url_as(config: HubConfig, role: str = "hub") -> str:
+    """config.nats_url with the role's NATS user and password in it (none: unchanged)."""
+    auth = config.nats_auth(role)
+    if auth.user is None:
+        return config.nats_url
+    scheme, rest = config.nats_url.split("://", 1)
+    return f"{scheme}://{auth.user}:{auth.password}@{rest}"
 
 
 class LedgerFeed:
@@ -38,8 +48,8 @@ class LedgerFeed:
         self._changed = asyncio.Event()
         self._nc: NATS | None = None
 
-    async def start(self, url: str) -> None:
-        self._nc = await nats.connect(url, name="test-feed")
+    async def start(self, url: str, auth: NatsAuth = NO_AUTH) -> None:
+        self._nc = await nats.connect(url, name="test-feed", **auth.options())
         await self._nc.subscribe("ledger.entry", cb=self._on_entry)
 
     async def _on_entry(self, msg: Msg) -> None:
@@ -86,21 +96,32 @@ class AgentProcess:
     log_path: Path
     rate: float = 50.0
     window: float = 0.5
+    # The device bundle from enrolment (device key, pinned root); used when it exists.
+    bundle: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def command(self, extra: list[str] | None = None) -> list[str]:
+        """`edge-agent run` for this device: with its bundle if enrolment wrote one (the
+        bundle's key signs reports and its root is the one pinned at enrolment)."""
+        if self.bundle is not None and (self.bundle / "device.toml").exists():
+            identity = ["--bundle", str(self.bundle)]
+        else:
+            identity = ["--trust-root", str(self.trust_root)]
+        return [
+            sys.executable, "-m", "edge_agent.cli", "run", *identity,
+            "--device-id", self.device_id, "--nats", self.nats_url,
+            "--state-dir", str(self.state_dir),
+            "--rate", str(self.rate), "--window", str(self.window),
+            "--log-level", "DEBUG", *(extra or []),
+        ]
 
     def start(self) -> AgentProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO_ROOT)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "edge_agent.cli", "run",
-                    "--device-id", self.device_id, "--nats", self.nats_url,
-                    "--state-dir", str(self.state_dir), "--trust-root", str(self.trust_root),
-                    "--rate", str(self.rate), "--window", str(self.window),
-                    "--log-level", "DEBUG",
-                ],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env=env,
             )
         return self
 
@@ -133,11 +154,15 @@ class Fleet:
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
     async def start(self) -> Fleet:
-        self.config = init_home(self.root / "hub", self.nats_url)
+        home = self.root / "hub"
+        if (home / "config.toml").exists():  # made by the hub_home fixture (NATS auth on)
+            self.config = load_config(home, self.nats_url)
+        else:
+            self.config = init_home(home, self.nats_url)
         self.hub = HubService(self.config)
         await self.hub.start()
         self.feed = LedgerFeed()
-        await self.feed.start(self.nats_url)
+        await self.feed.start(self.nats_url, self.config.nats_auth("hub"))
         self.admin_key = SigningKey.load(self.config.operator_key_path("admin"))
         self.approver_key = SigningKey.generate()
         async with await self.client() as admin:
@@ -145,9 +170,22 @@ class Fleet:
                                               "public": self.approver_key.public.raw})
         return self
 
-    async def client(self, key: SigningKey | None = None) -> HubClient:
-        """A connected operator client (the admin unless another key is given)."""
-        return await HubClient.connect(self.nats_url, key or self.admin_key)
+    async def client(self, key: SigningKey | None = None, role: str = "operator") -> HubClient:
+        """A connected operator client (the admin unless another key is given). It is on
+        NATS as the `operator` user; role="hub" is for tests whose raw NATS traffic plays
+        an attacker with write access (a forged KV entry, a tampered blob, a bad report)."""
+        return await HubClient.connect(self.nats_url, key or self.admin_key,
+                                       auth=self.config.nats_auth(role))
+
+    def url_as(self, role: str = "hub") -> str:
+        """The NATS URL with a role's user and password in it (`nats://user:pw@host:port`),
+        for tools that take only a URL (`ledger witness --nats`) and side connections."""
+        return url_as(self.config, role)
+
+    async def connect(self, role: str = "hub", name: str = "test") -> NATS:
+        """A side connection to the fleet's NATS server as `hub`, `operator` or `witness`."""
+        return await nats.connect(self.nats_url, name=name,
+                                  **self.config.nats_auth(role).options())
 
     async def release_model(self, path: Path, name: str, version: str) -> dict[str, object]:
         """Walk a model through the whole lifecycle: register, validate, approve, release."""
@@ -165,8 +203,13 @@ class Fleet:
             self.agents[device_id] = AgentProcess(
                 device_id, self.nats_url, self.root / "devices" / device_id,
                 self.config.trust_root_path, self.root / f"{device_id}.log",
+                bundle=self.bundle(device_id),
             )
         return self.agents[device_id]
+
+    def bundle(self, device_id: str) -> Path:
+        """Where `device.enroll` writes the device's bundle."""
+        return self.config.home / "devices" / device_id
 
     async def stop(self) -> None:
         for agent in self.agents.values():

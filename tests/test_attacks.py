@@ -92,7 +92,7 @@ async def target(fleet: Fleet, model_files: dict[str, Path]) -> AsyncIterator[Ta
     await fleet.release_model(model_files["1"], "kws", "1")
     async with await fleet.client() as client:
         await client.call("device.enroll", {"device": DEVICE})
-        reports = await ReportWatch.start(fleet.nats_url, DEVICE)
+        reports = await ReportWatch.start(fleet.url_as(), DEVICE)
         fleet.agent(DEVICE).start()
         await deploy_and_wait(fleet, client, "1", [DEVICE])
         digest = blake3.blake3(model_files["1"].read_bytes()).hexdigest()

@@ -271,10 +271,13 @@ async def _hub_answers(url: str, key: SigningKey) -> bool:
 
 
 @pytest.fixture
-def served_home(tmp_path: Path, nats_server: EmbeddedNats) -> Iterator[Path]:
-    """A hub home with `hub serve` running on it as a child process."""
+def served_home(tmp_path: Path, bare_nats_server: EmbeddedNats) -> Iterator[Path]:
+    """A hub home with `hub serve` running on it as a child process (NATS without users:
+    these tests are about the CLI; tests/test_nats_permissions.py covers auth)."""
+    nats_server = bare_nats_server
     home = tmp_path / "home"
-    assert run("hub.cli", "init", str(home), "--nats", nats_server.url).returncode == 0
+    assert run("hub.cli", "init", str(home), "--nats", nats_server.url,
+               "--no-auth").returncode == 0
     log = open(tmp_path / "hub.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "hub.cli", "serve", "--home", str(home)],

@@ -52,7 +52,7 @@ async def test_sigkill_at_random_points_of_updates_never_breaks_the_active_model
     digests = {v: blake3.blake3(p.read_bytes()).hexdigest() for v, p in files.items()}
 
     agent = fleet.agent(DEVICE)
-    reports = await ReportWatch.start(fleet.nats_url, DEVICE)
+    reports = await ReportWatch.start(fleet.url_as(), DEVICE)
     async with await fleet.client() as client:
         await client.call("device.enroll", {"device": DEVICE})
         agent.start()

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-import nats
 import numpy as np
 import pytest
 
@@ -26,7 +25,6 @@ from edge_agent.slots import SlotStore
 from hub import events as ev
 from hub.client import HubClient
 from hub.service import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
-from ledger.encoding import canonical_decode
 from ledger.signing import SigningKey
 from ledger.store import LedgerStore
 from tests.fleet import REPO_ROOT, Fleet
@@ -140,7 +138,7 @@ async def test_three_agents_take_v1_then_v2_and_the_ledger_proves_it(
 async def test_blob_with_a_flipped_byte_is_refused_and_old_model_keeps_running(
     fleet: Fleet, model_files: dict[str, Path]
 ) -> None:
-    async with await fleet.client() as client:
+    async with await fleet.client(role="hub") as client:  # plays an attacker in NATS
         await fleet.release_model(model_files["1"], "kws", "1")
         await setup_devices(fleet, client, ["dev-0"])
         await deploy_and_wait(fleet, client, "1", ["dev-0"])
@@ -174,7 +172,7 @@ async def test_blob_with_a_flipped_byte_is_refused_and_old_model_keeps_running(
 async def test_manifest_signed_by_a_key_outside_the_trust_root_is_refused(
     fleet: Fleet, model_files: dict[str, Path]
 ) -> None:
-    async with await fleet.client() as client:
+    async with await fleet.client(role="hub") as client:  # plays an attacker in NATS
         await fleet.release_model(model_files["1"], "kws", "1")
         await setup_devices(fleet, client, ["dev-0"])
         await deploy_and_wait(fleet, client, "1", ["dev-0"])
@@ -229,10 +227,10 @@ async def test_agent_killed_and_restarted_comes_back_on_its_model_without_downlo
 
     agent.kill()
     reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    nc = await nats.connect(fleet.nats_url)
+    nc = await fleet.connect()
 
     async def on_report(msg: Any) -> None:
-        await reports.put(canonical_decode(msg.data))
+        await reports.put(proto.read_report(msg.data)[0].to_map())
 
     await nc.subscribe("fleet.report.dev-0.*", cb=on_report)
     agent.start()

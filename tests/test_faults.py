@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.nats_auth import NO_AUTH, NatsAuth
 from hub import events as ev
 from hub.client import HubClient, HubError
 from hub.embedded_nats import EmbeddedNats
-from hub.home import init_home
+from hub.home import load_config
 from ledger.signing import SigningKey
 from ledger.store import LedgerStore
 from tests.fleet import REPO_ROOT
@@ -34,12 +35,13 @@ def start_hub(home: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def wait_until_serving(url: str, key: SigningKey, proc: subprocess.Popen[bytes]) -> None:
+async def wait_until_serving(url: str, key: SigningKey, proc: subprocess.Popen[bytes],
+                             auth: NatsAuth = NO_AUTH) -> None:
     async def ready() -> None:
         while True:
             assert proc.poll() is None, "hub serve exited"
             with contextlib.suppress(HubError):
-                async with await HubClient.connect(url, key, timeout=1) as client:
+                async with await HubClient.connect(url, key, timeout=1, auth=auth) as client:
                     await client.call("status")
                     return
             await asyncio.sleep(0.1)
@@ -51,13 +53,14 @@ async def wait_until_serving(url: str, key: SigningKey, proc: subprocess.Popen[b
 async def test_hub_killed_during_a_burst_loses_no_acknowledged_command(
     tmp_path: Path, nats_server: EmbeddedNats
 ) -> None:
-    config = init_home(tmp_path / "hub", nats_server.url)
+    config = load_config(tmp_path / "hub")  # the nats_server fixture's home (auth on)
     key = SigningKey.load(config.operator_key_path("admin"))
     proc = start_hub(config.home, tmp_path / "hub.log")
     acknowledged: list[str] = []
     try:
-        await wait_until_serving(nats_server.url, key, proc)
-        async with await HubClient.connect(nats_server.url, key, timeout=5) as client:
+        await wait_until_serving(nats_server.url, key, proc, config.nats_auth())
+        async with await HubClient.connect(nats_server.url, key, timeout=5,
+                                           auth=config.nats_auth()) as client:
 
             async def enroll(device: str) -> None:
                 with contextlib.suppress(HubError):
@@ -78,7 +81,7 @@ async def test_hub_killed_during_a_burst_loses_no_acknowledged_command(
 
         # Restart: the hub opens the same ledger and serves again.
         proc = start_hub(config.home, tmp_path / "hub.log")
-        await wait_until_serving(nats_server.url, key, proc)
+        await wait_until_serving(nats_server.url, key, proc, config.nats_auth())
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

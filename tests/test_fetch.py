@@ -15,8 +15,8 @@ from hub.embedded_nats import EmbeddedNats
 from tests.fleet import REPO_ROOT
 
 
-async def test_reads_a_multi_chunk_object_exactly(nats_server: EmbeddedNats) -> None:
-    nc = await nats.connect(nats_server.url)
+async def test_reads_a_multi_chunk_object_exactly(bare_nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(bare_nats_server.url)
     js = nc.jetstream()
     obs = await js.create_object_store("models")
     data = os.urandom(3 * 1024 * 1024 + 17)  # many 128 KiB chunks plus a partial one
@@ -29,9 +29,9 @@ async def test_reads_a_multi_chunk_object_exactly(nats_server: EmbeddedNats) -> 
 
 
 async def test_stops_at_the_stated_size_when_the_object_is_longer(
-    nats_server: EmbeddedNats,
+    bare_nats_server: EmbeddedNats,
 ) -> None:
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(bare_nats_server.url)
     js = nc.jetstream()
     obs = await js.create_object_store("models")
     data = os.urandom(1024 * 1024)
@@ -44,8 +44,8 @@ async def test_stops_at_the_stated_size_when_the_object_is_longer(
     await nc.close()
 
 
-async def test_missing_object_is_a_transfer_error(nats_server: EmbeddedNats) -> None:
-    nc = await nats.connect(nats_server.url)
+async def test_missing_object_is_a_transfer_error(bare_nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(bare_nats_server.url)
     js = nc.jetstream()
     await js.create_object_store("models")
     with pytest.raises(FetchError, match="not in the object store"):
@@ -66,13 +66,13 @@ def test_importing_the_agent_pulls_in_neither_sqlalchemy_nor_the_hub() -> None:
 
 
 async def test_endless_data_behind_lying_metadata_is_cut_off_at_the_stated_size(
-    nats_server: EmbeddedNats,
+    bare_nats_server: EmbeddedNats,
 ) -> None:
     """The metadata claims the honest size, but the chunk subject holds more bytes."""
     import base64
     import json
 
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(bare_nats_server.url)
     js = nc.jetstream()
     obs = await js.create_object_store("models")
     data = os.urandom(256 * 1024)

@@ -8,7 +8,6 @@ import contextlib
 import os
 import random
 
-import nats
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -105,7 +104,7 @@ def test_reports_refuse_garbage_cleanly(data: bytes) -> None:
 @pytest.mark.timeout(120)
 async def test_hub_keeps_serving_through_a_garbage_flood(fleet: Fleet) -> None:
     before = (fleet.hub.store.count(), fleet.hub.store.head())
-    nc = await nats.connect(fleet.nats_url)
+    nc = await fleet.connect()
     js = nc.jetstream()
     rnd = random.Random(1)
     subjects = ["hub.api.deploy", "hub.api.device.enroll", "hub.api.model.register",

@@ -125,9 +125,8 @@ async def test_roles_revocation_and_unsigned_commands_are_enforced(
                       "cannot revoke your own key")
     # A command that is not a signed envelope at all.
     before = ledger_state(fleet)
-    import nats
 
-    nc = await nats.connect(fleet.nats_url)
+    nc = await fleet.connect()
     from ledger.encoding import canonical_decode, canonical_encode
 
     reply = canonical_decode((await nc.request(

@@ -27,12 +27,13 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 
 from edge_agent import protocol as proto
+from edge_agent.nats_auth import NatsAuth
 from edge_agent.protocol import SignedEnvelope
 from hub import events as ev
 from hub.client import HubClient, HubError
 from hub.commands import sign_command
 from hub.embedded_nats import EmbeddedNats
-from hub.home import HubConfig, init_home
+from hub.home import HubConfig, load_config
 from hub.service import ASSIGNMENTS_BUCKET, MODELS_BUCKET
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.signing import SigningKey
@@ -88,14 +89,22 @@ async def wait_refused(client: HubClient, at_least: int, timeout: float = WAIT) 
     return int(await poll(check, timeout, f"refused_reports to reach {at_least}"))
 
 
-def status_report(device: str, **changes: Any) -> bytes:
+def status_report(device: str, key: SigningKey | None = None, **changes: Any) -> bytes:
+    """A status report as a device sends it: signed by `key` (unsigned without one)."""
     report = proto.StatusReport(
         device=device, boot="boot-1", seq=1, ts=time.time_ns(), event=proto.STATUS_APPLIED,
         model="kws", version="1", digest="ab" * 32, counter=1, reason="",
         probe_output=[0.5],
     )
     doc = report.to_map() | changes
-    return canonical_encode(doc)
+    if key is None:
+        return canonical_encode(doc)
+    return SignedEnvelope.sign(doc, proto.DOMAIN_DEVICE_REPORT, [key]).encode()
+
+
+def device_key(fleet: Fleet, device: str) -> SigningKey:
+    """The key `device.enroll` made for `device` (in its bundle)."""
+    return SigningKey.load(fleet.bundle(device) / "device.key")
 
 
 def telemetry_report(device: str, **changes: Any) -> bytes:
@@ -375,7 +384,8 @@ async def test_report_naming_another_device_than_its_subject_is_refused(
         await client.call("device.enroll", {"device": device})
     before = ledger_state(fleet)
     js = client.nc.jetstream()
-    await js.publish("fleet.report.dev-b.status", status_report("dev-a"))
+    signed = status_report("dev-a", device_key(fleet, "dev-a"))
+    await js.publish("fleet.report.dev-b.status", signed)
     await js.publish("fleet.report.dev-b.telemetry", telemetry_report("dev-a"))
     await wait_refused(client, 2)
     assert ledger_state(fleet) == before
@@ -384,7 +394,7 @@ async def test_report_naming_another_device_than_its_subject_is_refused(
     assert not rows["dev-a"]["inferences"] and not rows["dev-b"]["inferences"]
 
     # The very same report on its own device's subject is taken.
-    await js.publish("fleet.report.dev-a.status", status_report("dev-a"))
+    await js.publish("fleet.report.dev-a.status", signed)
     await fleet.feed.wait_for(lambda _: bool(fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED)),
                               timeout=WAIT, what="dev-a's own report to reach the ledger")
     applied = fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED)
@@ -409,9 +419,9 @@ def admin_key(config: HubConfig) -> SigningKey:
     return SigningKey.load(config.operator_key_path("admin"))
 
 
-async def _hub_answers(url: str, key: SigningKey) -> bool:
+async def _hub_answers(url: str, key: SigningKey, auth: NatsAuth) -> bool:
     with contextlib.suppress(HubError):
-        async with await HubClient.connect(url, key, timeout=2) as c:
+        async with await HubClient.connect(url, key, timeout=2, auth=auth) as c:
             await c.call("status")
             return True
     return False
@@ -421,7 +431,7 @@ async def _hub_answers(url: str, key: SigningKey) -> bool:
 async def hub_process(tmp_path: Path, nats_server: EmbeddedNats
                       ) -> AsyncIterator[tuple[HubConfig, subprocess.Popen[bytes]]]:
     """`hub serve` as a child process, stopped by its PID."""
-    config = init_home(tmp_path / "hub", nats_server.url)
+    config = load_config(tmp_path / "hub")  # the nats_server fixture's home (auth on)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     with open(tmp_path / "hub.log", "wb") as log:
         proc = subprocess.Popen(
@@ -430,7 +440,8 @@ async def hub_process(tmp_path: Path, nats_server: EmbeddedNats
         )
     try:
         key = admin_key(config)
-        await poll(lambda: _hub_answers(nats_server.url, key), WAIT, "`hub serve` to answer")
+        await poll(lambda: _hub_answers(nats_server.url, key, config.nats_auth()), WAIT,
+                   "`hub serve` to answer")
         yield config, proc
     finally:
         if proc.poll() is None:
@@ -452,7 +463,8 @@ async def test_a_truncated_model_is_refused_and_the_hub_process_survives(
     data = model_files["1"].read_bytes()
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(data[: len(data) // 2])
-    async with await HubClient.connect(nats_server.url, admin_key(config), WAIT) as c:
+    async with await HubClient.connect(nats_server.url, admin_key(config), WAIT,
+                                       auth=config.nats_auth()) as c:
         task = asyncio.create_task(c.register_model(truncated, "kws", "1"))
 
         async def settled() -> bool:
@@ -471,7 +483,8 @@ async def test_a_report_with_an_out_of_range_number_does_not_stop_report_intake(
     hub_process: tuple[HubConfig, subprocess.Popen[bytes]], nats_server: EmbeddedNats,
 ) -> None:
     config, _ = hub_process
-    async with await HubClient.connect(nats_server.url, admin_key(config), WAIT) as c:
+    async with await HubClient.connect(nats_server.url, admin_key(config), WAIT,
+                                       auth=config.nats_auth("hub")) as c:  # raw reports too
         await c.call("device.enroll", {"device": "dev-1"})
         entries = (await c.call("status"))["entries"]
         js = c.nc.jetstream()
@@ -490,12 +503,13 @@ async def test_hub_process_refuses_garbage_reports_and_keeps_serving(
     config, proc = hub_process
     with LedgerStore.open(config.database_url()) as store:
         entries = store.count()
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **config.nats_auth("hub").options())
     try:
         await nc.jetstream().publish("fleet.report.dev-1.status", b"\xc1garbage")
     finally:
         await nc.close()
-    async with await HubClient.connect(nats_server.url, admin_key(config), WAIT) as c:
+    async with await HubClient.connect(nats_server.url, admin_key(config), WAIT,
+                                       auth=config.nats_auth()) as c:
         assert await wait_refused(c, 1) == 1
     assert proc.poll() is None
     with LedgerStore.open(config.database_url()) as store:

@@ -130,8 +130,10 @@ async def _run(tmp: Path, assets: dict[str, Path], ops: list[tuple[str, str]]) -
                     model="kws", version="1", digest="00", counter=1, reason="",
                     probe_output=[0.5],
                 )
+                bundle_key = hub.config.home / "devices" / arg / "device.key"
+                signer = SigningKey.load(bundle_key) if bundle_key.exists() else admin
                 await hub._handle_report(f"fleet.report.{arg}.status",
-                                         proto.encode_report(status))
+                                         proto.encode_signed_report(status, signer))
         except (CommandError, CommandRefused, proto.ProtocolError):
             pass  # refused commands must leave no trace; the digests below check it
     rebuilt, count = rebuild_digest(hub.store)

@@ -1,0 +1,73 @@
+"""The binning rule devices and the hub share (pure, numpy only).
+
+Reference histograms (hub.validation) and device output histograms (edge_agent.telemetry)
+must put every value into the same bin, or the drift score (PSI) measures the rule, not
+the model. So there is exactly one rule, here:
+
+    bin i holds edges[i] <= v < edges[i+1]; values below the first edge count in the
+    first bin, values at or above the last edge (and +inf) in the last bin; NaN counts
+    in the last bin too (numpy's searchsorted sorts it after +inf).
+
+Edges must be at least two strictly increasing finite numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+def check_edges(edges: Sequence[float] | NDArray[Any]) -> NDArray[np.float64]:
+    """The edges as a float64 array; ValueError unless strictly increasing and finite."""
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim != 1 or e.size < 2 or not np.all(np.isfinite(e)) or not np.all(np.diff(e) > 0):
+        raise ValueError("edges must be at least two strictly increasing finite numbers")
+    return e
+
+
+def bin_index(values: Any, edges: NDArray[np.float64]) -> NDArray[np.intp]:
+    """The bin of every value (flattened), for checked `edges`."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    return np.clip(np.searchsorted(edges, v, side="right") - 1, 0, edges.size - 2)
+
+
+def histogram_counts(values: Any, edges: Sequence[float] | NDArray[Any]) -> list[int]:
+    """Counts of `values` in the bins given by `edges` (len(edges) - 1 counts)."""
+    e = check_edges(edges)
+    return [int(c) for c in np.bincount(bin_index(values, e), minlength=e.size - 1)]
+
+
+# Upper bounds (ms) of the latency histogram in telemetry windows; a last, open bucket
+# (+inf) follows, so a window has len(LATENCY_BUCKETS_MS) + 1 latency counts.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
+)
+
+
+def latency_bucket(latency_ms: float) -> int:
+    """Index of the first bucket whose upper bound is >= latency_ms (last: +inf)."""
+    for i, bound in enumerate(LATENCY_BUCKETS_MS):
+        if latency_ms <= bound:
+            return i
+    return len(LATENCY_BUCKETS_MS)
+
+
+def quantile_from_buckets(counts: Sequence[int], q: float) -> float | None:
+    """The q-quantile (0..1) of a latency histogram, interpolated inside its bucket;
+    the open last bucket answers with its lower bound. None for an empty histogram."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0.0
+    for i, c in enumerate(counts):
+        if c and seen + c >= rank:
+            low = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
+            if i >= len(LATENCY_BUCKETS_MS):
+                return low
+            return low + (LATENCY_BUCKETS_MS[i] - low) * (rank - seen) / c
+        seen += c
+    return LATENCY_BUCKETS_MS[-1]

@@ -1,0 +1,64 @@
+"""Watch one key of a KV bucket with a consumer whose filter is in the API subject.
+
+nats-py's `KeyValue.watch` creates its ordered consumer with `$JS.API.CONSUMER.CREATE.
+<stream>`, the filter subject only in the request body, so the server cannot tell which
+key a client asks for; allowing that subject would let a device read every device's
+assignment. Giving the consumer a name makes nats-py use `$JS.API.CONSUMER.CREATE.
+<stream>.<name>.<filter>` (nats-server 2.10+), which the server's permissions can limit
+to the device's own key (hub/nats_config.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.nuid import NUID
+
+KV_OPERATION = "KV-Operation"
+INACTIVE_THRESHOLD = 120.0  # seconds; the server drops an abandoned watch's consumer
+
+
+@dataclass(frozen=True)
+class KeyUpdate:
+    value: bytes
+    revision: int
+    operation: str | None  # None for a value; "DEL" or "PURGE"
+
+
+class KeyWatch:
+    """The latest value of `$KV.<bucket>.<key>` and every later update, in order."""
+
+    def __init__(self) -> None:
+        self._updates: asyncio.Queue[KeyUpdate] = asyncio.Queue()
+        self._sub: JetStreamContext.PushSubscription | None = None
+
+    @classmethod
+    async def start(cls, js: JetStreamContext, bucket: str, key: str) -> KeyWatch:
+        watch = cls()
+        name = "w" + NUID().next().decode()
+        watch._sub = await js.subscribe(
+            f"$KV.{bucket}.{key}", stream=f"KV_{bucket}", cb=watch._on_msg,
+            ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=INACTIVE_THRESHOLD, config=api.ConsumerConfig(name=name),
+        )
+        return watch
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        self._updates.put_nowait(KeyUpdate(msg.data, msg.metadata.sequence.stream,
+                                           headers.get(KV_OPERATION)))
+
+    async def updates(self, timeout: float) -> KeyUpdate:
+        """The next update; TimeoutError if none comes within `timeout` seconds."""
+        return await asyncio.wait_for(self._updates.get(), timeout)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None

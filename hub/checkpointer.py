@@ -1,0 +1,207 @@
+"""The hub's checkpointer: signs the ledger's tree head, stores it, publishes it.
+
+Every `checkpoint_every_entries` new entries or `checkpoint_every_seconds` (whichever
+comes first, and only when the tree grew) the hub signs a C2SP checkpoint of the
+current tree size with the log key (HOME/keys/log.key, key name = the configured
+`origin`), stores it in `ledger_checkpoints` (ledger/checkpoint_store.py) and publishes
+the note on `ledger.checkpoint` (JetStream stream LEDGER). Witnesses cosign it and send
+the cosigned note back on `ledger.cosignature` (hub/ledger_api.py); `accept_cosignature`
+keeps the cosignatures of the witnesses listed in HOME/witnesses.
+
+It learns that the tree grew from the hub's own `ledger.entry` feed (so the append path
+needs no hook) and reads size and root from the database, which is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from ledger.checkpoint import Checkpoint, sign_checkpoint
+from ledger.checkpoint_store import CheckpointStore, StoredCheckpoint
+from ledger.errors import NoteError
+from ledger.note import (
+    ALG_COSIGNATURE_V1,
+    CosignatureVerifier,
+    Signer,
+    open_note,
+    parse_note,
+    parse_vkey,
+)
+from ledger.remote import CHECKPOINT_SUBJECT, ENTRY_SUBJECT
+from ledger.store import LedgerStore
+
+from .home import HomeError, HubConfig
+
+log = logging.getLogger("hub.checkpoints")
+
+WITNESSES_NAME = "witnesses"
+
+
+class CosignatureRefused(Exception):
+    """A cosigned note the hub will not store; the message says why."""
+
+
+def load_witness_keys(path: Path) -> list[CosignatureVerifier]:
+    """Witness verifier keys, one C2SP vkey per line ('#' starts a comment). A missing
+    file means no witnesses; a bad line raises `NoteError` naming it."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    keys = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key = parse_vkey(line)
+        if not isinstance(key, CosignatureVerifier):
+            raise NoteError(f"{path} line {number}: not a cosignature (type 0x04) key")
+        keys.append(key)
+    return keys
+
+
+def log_signer(config: HubConfig) -> Signer:
+    """The log's note signer: the log role key, named by the configured origin."""
+    try:
+        return Signer.from_signing_key(config.origin, config.load_key("log"))
+    except NoteError as exc:
+        raise HomeError(f"origin {config.origin!r} in config.toml cannot name the log key: "
+                        f"{exc}") from exc
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        store: LedgerStore,
+        signer: Signer,
+        every_entries: int = 100,
+        every_seconds: float = 10.0,
+        witnesses_path: Path | None = None,
+    ) -> None:
+        if every_entries < 1 or every_seconds <= 0:
+            raise ValueError("checkpoint cadence must be at least 1 entry and > 0 seconds")
+        self.store = store
+        self.checkpoints = CheckpointStore(store)
+        self.signer = signer
+        self.every_entries = every_entries
+        self.every_seconds = every_seconds
+        self.witnesses_path = witnesses_path
+        self._js: JetStreamContext | None = None
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._due = asyncio.Event()
+        self._lock = asyncio.Lock()
+        latest = self.checkpoints.latest()
+        self._signed_size = 0 if latest is None else latest.size
+
+    @classmethod
+    def from_config(cls, config: HubConfig, store: LedgerStore) -> Checkpointer:
+        return cls(store, log_signer(config), config.checkpoint_every_entries,
+                   config.checkpoint_every_seconds, config.home / WITNESSES_NAME)
+
+    async def start(self, nc: NATS, js: JetStreamContext) -> None:
+        self._js = js
+        self._sub = await nc.subscribe(ENTRY_SUBJECT, cb=self._on_entry)
+        self._task = asyncio.create_task(self._run(), name="checkpointer")
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # Sign what was appended since the last checkpoint, so it is not left unsigned.
+        with contextlib.suppress(Exception):
+            await self.sign_now()
+
+    async def _on_entry(self, msg: Msg) -> None:
+        try:
+            seq = int((msg.headers or {})["Ledger-Seq"])
+        except (KeyError, ValueError):
+            return
+        if seq + 1 - self._signed_size >= self.every_entries:
+            self._due.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due.wait(), self.every_seconds)
+            self._due.clear()
+            try:
+                await self.sign_now()
+            except Exception:  # keep signing later; the ledger itself is unaffected
+                log.exception("could not sign a checkpoint")
+
+    async def sign_now(self) -> StoredCheckpoint | None:
+        """Sign, store and publish a checkpoint of the current tree if it grew since the
+        last one; return the latest checkpoint (None while the ledger is empty)."""
+        async with self._lock:
+            size = self.store.count()
+            latest = self.checkpoints.latest()
+            if latest is not None and latest.size >= size:
+                return latest
+            if size == 0:
+                return None
+            root = self.store.root(size)
+            note = sign_checkpoint(Checkpoint(self.signer.name, size, root), self.signer)
+            self.checkpoints.add(size, root, note)
+            self._signed_size = size
+            stored = self.checkpoints.get(size)
+            log.info("checkpoint signed: tree size %d, root %s", size, root.hex()[:16])
+        if self._js is not None:
+            with contextlib.suppress(Exception):  # witnesses can also ask the API for it
+                await self._js.publish(CHECKPOINT_SUBJECT, note, headers={
+                    "Nats-Msg-Id": f"checkpoint.{size}", "Ledger-Tree-Size": str(size)})
+        return stored
+
+    def accept_cosignature(self, data: bytes) -> tuple[int, list[str]]:
+        """Store the cosignatures in a note a witness sent back. The text must be a
+        checkpoint this log signed; each cosignature must come from a witness key listed
+        in HOME/witnesses and verify. Returns (tree size, names stored now)."""
+        try:
+            text, _ = parse_note(data)
+            cp = Checkpoint.parse(text)
+        except NoteError as exc:
+            raise CosignatureRefused(f"not a checkpoint note: {exc}") from exc
+        stored = self.checkpoints.get(cp.size)
+        if stored is None or parse_note(stored.note)[0] != text:
+            raise CosignatureRefused(
+                f"the hub signed no such checkpoint (tree size {cp.size}, origin {cp.origin})"
+            )
+        try:
+            witnesses = (load_witness_keys(self.witnesses_path)
+                         if self.witnesses_path is not None else [])
+        except (NoteError, OSError) as exc:
+            raise CosignatureRefused(f"the hub's witness list is unusable: {exc}") from exc
+        if not witnesses:
+            raise CosignatureRefused(
+                "this hub lists no witnesses (add their vkeys to HOME/witnesses)"
+            )
+        known = {(w.name, w.key_hash) for w in witnesses}
+        try:
+            note = open_note(data, [self.signer.verifier(), *witnesses])
+        except NoteError as exc:
+            raise CosignatureRefused(f"refused: {exc}") from exc
+        added = []
+        for sig in note.sigs:
+            key = (sig.name, sig.key_hash)
+            if key in known and self.checkpoints.add_cosignature(cp.size, sig):
+                added.append(sig.name)
+        if not any((s.name, s.key_hash) in known for s in note.sigs):
+            raise CosignatureRefused(
+                "no cosignature from a witness listed in HOME/witnesses "
+                f"(type 0x{ALG_COSIGNATURE_V1:02x} keys)"
+            )
+        if added:
+            log.info("checkpoint %d cosigned by %s", cp.size, ", ".join(added))
+        return cp.size, added

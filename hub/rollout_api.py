@@ -1,0 +1,86 @@
+"""Read verbs for rollouts and telemetry (`rollouts`, `rollout.status`, `telemetry`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from ledger.entry import Entry
+from ledger.store import ENTRIES
+
+from . import events as ev
+from . import rollout_state as rs
+from .api import CommandError
+from .commands import VerifiedCommand
+from .rollout_controller import wave_views
+
+if TYPE_CHECKING:
+    from .service import HubService
+
+RECENT_EVENTS = 30
+
+
+def read_handlers(hub: HubService) -> dict[str, Callable[[VerifiedCommand], Any]]:
+    def rollouts(cmd: VerifiedCommand) -> Any:
+        out = []
+        with hub.store.engine.connect() as conn:
+            for r in rs.list_rollouts(conn):
+                devices = rs.list_rollout_devices(conn, r["rollout"])
+                out.append({
+                    **{k: r[k] for k in ("rollout", "model", "version", "target", "state",
+                                         "current_wave", "created_ts", "updated_ts",
+                                         "reason")},
+                    "waves": len(rs.list_waves(conn, r["rollout"])),
+                    "devices": len(devices),
+                    "counts": dict(Counter(d["state"] for d in devices)),
+                })
+        return out
+
+    def status(cmd: VerifiedCommand) -> Any:
+        rid = cmd.body.get("rollout")
+        if not isinstance(rid, str) or not rid:
+            raise CommandError("missing 'rollout'")
+        return rollout_status(hub, rid)
+
+    def telemetry(cmd: VerifiedCommand) -> Any:
+        device = cmd.body.get("device")
+        t = hub.telemetry
+        fleet = [{"model": m, "version": v, "inferences": n, "errors": e}
+                 for (m, v), (n, e) in sorted(t.totals_by_model().items())]
+        return {"fleet": fleet, "windows": t.windows_total, "duplicates": t.duplicates_total,
+                "dropped": t.dropped_total, "ingest_lag_s": t.last_lag_s,
+                "devices": t.device_rows(device if isinstance(device, str) else None)}
+
+    return {"rollouts": rollouts, "rollout.status": status, "telemetry": telemetry}
+
+
+def rollout_status(hub: HubService, rid: str) -> dict[str, Any]:
+    with hub.store.engine.connect() as conn:
+        rollout = rs.get_rollout(conn, rid)
+        if rollout is None:
+            raise CommandError(f"no rollout {rid}; see `hub rollout list`")
+        waves = rs.list_waves(conn, rid)
+        views = {w.index: w for w in wave_views(conn, rid)}
+        devices = rs.list_rollout_devices(conn, rid)
+        telemetry = hub.controller.telemetry_view(conn, rollout).evidence()
+        rows = conn.execute(
+            select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
+            .where(ENTRIES.c.subject == ev.rollout_subject(rid))
+            .order_by(ENTRIES.c.seq.desc()).limit(RECENT_EVENTS)).all()
+    events = []
+    for body, prev, hash_ in reversed(rows):
+        e = Entry.from_body(body, prev, hash_)
+        payload = {k: v for k, v in e.payload.items() if k not in ("command", "devices")}
+        events.append({"seq": e.seq, "ts": e.ts, "kind": e.kind, "actor": e.actor,
+                       "payload": payload})
+    return {
+        "rollout": rollout,
+        "waves": [{**w, "counts": views[w["wave"]].counts() if w["wave"] in views else {}}
+                  for w in waves],
+        "devices": devices,
+        "telemetry": telemetry,
+        "events": events,
+    }

@@ -1,0 +1,298 @@
+"""Telemetry ingest: de-duplicated aggregation of device windows, per device and model
+assignment (device, digest, counter), which maps to a rollout wave.
+
+Windows arrive on the REPORTS stream. JetStream drops a re-published message id within
+its duplicate window; here, a window whose (boot, seq) this device already sent is not
+counted again (a redelivery after a hub restart, or a spool resend after the window).
+`offer` counts in memory; `flush` writes everything counted since the last flush in one
+transaction, and the report consumer acknowledges the messages only after that, so a
+window is counted exactly once across hub and NATS restarts.
+
+Telemetry is not a lifecycle fact: these tables are not rebuilt from the ledger. What
+the rollout controller concludes from them is, with the numbers, in the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlmodel import Field, SQLModel
+
+from edge_agent import protocol as proto
+from edge_agent.bins import LATENCY_BUCKETS_MS, quantile_from_buckets
+
+from . import projections as proj
+from . import rollouts as ro
+
+MAX_BOOTS_REMEMBERED = 16
+MIN_PER_BIN = 20  # PSI is judged once an output has this many samples per reference bin
+
+
+class TelemetryAggRow(SQLModel, table=True):
+    __tablename__ = "telemetry_agg"
+    device: str = Field(primary_key=True)
+    digest: str = Field(primary_key=True)
+    counter: int = Field(primary_key=True)
+    model: str = ""
+    version: str = ""
+    windows: int = 0
+    inferences: int = 0
+    errors: int = 0
+    latency_buckets: str = "[]"  # JSON counts
+    output_hist: str = "[]"  # JSON list of count lists
+    first_ts: int = 0
+    last_ts: int = 0
+
+
+class TelemetryDeviceRow(SQLModel, table=True):
+    __tablename__ = "telemetry_devices"
+    device: str = Field(primary_key=True)
+    seen: str = "{}"  # JSON {boot: highest window seq counted}
+    windows: int = 0
+    duplicates: int = 0
+    dropped: int = 0  # the device spool's own count of dropped reports
+
+
+AGG = SQLModel.metadata.tables[TelemetryAggRow.__tablename__]
+DEVS = SQLModel.metadata.tables[TelemetryDeviceRow.__tablename__]
+
+
+@dataclass
+class _Agg:
+    model: str
+    version: str
+    windows: int = 0
+    inferences: int = 0
+    errors: int = 0
+    latency: list[int] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+    first_ts: int = 0
+    last_ts: int = 0
+    stored: bool = False
+
+
+@dataclass
+class _Dev:
+    seen: dict[str, int] = field(default_factory=dict)
+    windows: int = 0
+    duplicates: int = 0
+    dropped: int = 0
+    stored: bool = False
+    inferences: int = 0  # totals over this device's aggregates (memory only)
+    errors: int = 0
+
+
+def _add(into: list[int], more: Iterable[int]) -> list[int]:
+    more = list(more)
+    if len(into) < len(more):
+        into.extend([0] * (len(more) - len(into)))
+    for i, v in enumerate(more):
+        into[i] += int(v)
+    return into
+
+
+class TelemetryIngest:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        with engine.begin() as conn:
+            for table in (AGG, DEVS, proj.TELEMETRY):
+                table.create(conn, checkfirst=True)
+            self._aggs: dict[tuple[str, str, int], _Agg] = {}
+            for r in conn.execute(select(AGG)).mappings():
+                self._aggs[(r["device"], r["digest"], r["counter"])] = _Agg(
+                    r["model"], r["version"], r["windows"], r["inferences"], r["errors"],
+                    json.loads(r["latency_buckets"]), json.loads(r["output_hist"]),
+                    r["first_ts"], r["last_ts"], stored=True)
+            self._devs: dict[str, _Dev] = {
+                r["device"]: _Dev(json.loads(r["seen"]), r["windows"], r["duplicates"],
+                                  r["dropped"], stored=True)
+                for r in conn.execute(select(DEVS)).mappings()
+            }
+        for (device, _, _), a in self._aggs.items():
+            dev = self._devs.setdefault(device, _Dev())
+            dev.inferences += a.inferences
+            dev.errors += a.errors
+        self._dirty_aggs: set[tuple[str, str, int]] = set()
+        self._dirty_devs: set[str] = set()
+        self._latest: dict[str, proto.TelemetryWindow] = {}
+        self.windows_total = sum(d.windows for d in self._devs.values())
+        self.duplicates_total = sum(d.duplicates for d in self._devs.values())
+        self.last_lag_s = 0.0
+        self.last_ingest_ns = 0
+
+    # ------------------------------------------------------------ intake
+
+    def offer(self, w: proto.TelemetryWindow) -> bool:
+        """Count a window unless it was counted before; True if counted."""
+        dev = self._devs.setdefault(w.device, _Dev())
+        self._dirty_devs.add(w.device)
+        if dev.seen.get(w.boot, -1) >= w.seq:
+            dev.duplicates += 1
+            self.duplicates_total += 1
+            return False
+        dev.seen[w.boot] = w.seq
+        if len(dev.seen) > MAX_BOOTS_REMEMBERED:  # oldest boots first (insertion order)
+            for boot in list(dev.seen)[: len(dev.seen) - MAX_BOOTS_REMEMBERED]:
+                del dev.seen[boot]
+        dev.windows += 1
+        dev.dropped = max(dev.dropped, w.dropped)
+        self.windows_total += 1
+        key = (w.device, w.digest, w.counter)
+        agg = self._aggs.setdefault(key, _Agg(w.model, w.version, first_ts=w.start))
+        agg.windows += 1
+        agg.inferences += w.count
+        agg.errors += w.errors
+        dev.inferences += w.count
+        dev.errors += w.errors
+        _add(agg.latency, w.latency_buckets)
+        for k, hist in enumerate(w.output_hist):
+            if len(agg.outputs) <= k:
+                agg.outputs.append([])
+            _add(agg.outputs[k], hist)
+        agg.last_ts = max(agg.last_ts, w.end)
+        self._dirty_aggs.add(key)
+        self._latest[w.device] = w
+        now = time.time_ns()
+        self.last_ingest_ns = now
+        self.last_lag_s = max(0.0, (now - w.end) / 1e9)
+        return True
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush, in one transaction."""
+        if not (self._dirty_aggs or self._dirty_devs):
+            return
+        with self.engine.begin() as conn:
+            for key in sorted(self._dirty_aggs):
+                self._write_agg(conn, key, self._aggs[key])
+            for device in sorted(self._dirty_devs):
+                self._write_dev(conn, device, self._devs[device])
+            for device, w in self._latest.items():
+                self._write_device_counters(conn, device, w)
+        self._dirty_aggs.clear()
+        self._dirty_devs.clear()
+        self._latest.clear()
+
+    def _write_agg(self, conn: Connection, key: tuple[str, str, int], a: _Agg) -> None:
+        values = {"model": a.model, "version": a.version, "windows": a.windows,
+                  "inferences": a.inferences, "errors": a.errors,
+                  "latency_buckets": json.dumps(a.latency), "output_hist": json.dumps(a.outputs),
+                  "first_ts": a.first_ts, "last_ts": a.last_ts}
+        if a.stored:
+            conn.execute(update(AGG).where(AGG.c.device == key[0], AGG.c.digest == key[1],
+                                           AGG.c.counter == key[2]).values(**values))
+        else:
+            conn.execute(insert(AGG).values(device=key[0], digest=key[1], counter=key[2],
+                                            **values))
+            a.stored = True
+
+    def _write_dev(self, conn: Connection, device: str, d: _Dev) -> None:
+        values = {"seen": json.dumps(d.seen), "windows": d.windows,
+                  "duplicates": d.duplicates, "dropped": d.dropped}
+        if d.stored:
+            conn.execute(update(DEVS).where(DEVS.c.device == device).values(**values))
+        else:
+            conn.execute(insert(DEVS).values(device=device, **values))
+            d.stored = True
+
+    def _write_device_counters(self, conn: Connection, device: str,
+                               w: proto.TelemetryWindow) -> None:
+        """The per-device totals `hub devices` shows (table device_telemetry)."""
+        dev = self._devs[device]
+        values = {"last_seen": w.end, "boot": w.boot, "window_seq": w.seq,
+                  "latency_ms_p95": float(w.latency_ms_p95),
+                  "inferences": dev.inferences, "errors": dev.errors}
+        exists = conn.execute(select(proj.TELEMETRY.c.device)
+                              .where(proj.TELEMETRY.c.device == device)).first()
+        if exists is None:
+            conn.execute(insert(proj.TELEMETRY).values(device=device, **values))
+        else:
+            conn.execute(update(proj.TELEMETRY).where(proj.TELEMETRY.c.device == device)
+                         .values(**values))
+
+    # ------------------------------------------------------------ views
+
+    def view(self, assignments: Iterable[tuple[str, str, int]],
+             reference: list[dict[str, Any]] | None) -> ro.TelemetryView:
+        """Telemetry summed over (device, digest, counter) assignments, with PSI against
+        the release's reference histograms (validation payload)."""
+        inferences = errors = 0
+        latency: list[int] = []
+        outputs: list[list[int]] = []
+        for key in assignments:
+            a = self._aggs.get(key)
+            if a is None:
+                continue
+            inferences += a.inferences
+            errors += a.errors
+            _add(latency, a.latency)
+            for k, hist in enumerate(a.outputs):
+                if len(outputs) <= k:
+                    outputs.append([])
+                _add(outputs[k], hist)
+        p95 = quantile_from_buckets(latency, 0.95) if latency else None
+        per_output = psi_per_output(reference or [], outputs)
+        observed = sum(outputs[0]) if outputs else 0
+        return ro.TelemetryView(inferences, errors, p95,
+                                max(per_output) if per_output else None, tuple(per_output),
+                                observed)
+
+    def totals_by_model(self) -> dict[tuple[str, str], tuple[int, int]]:
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for a in self._aggs.values():
+            n, e = out.get((a.model, a.version), (0, 0))
+            out[(a.model, a.version)] = (n + a.inferences, e + a.errors)
+        return out
+
+    def latency_by_model(self) -> dict[tuple[str, str], list[int]]:
+        out: dict[tuple[str, str], list[int]] = {}
+        for a in self._aggs.values():
+            _add(out.setdefault((a.model, a.version), []), a.latency)
+        return out
+
+    def device_rows(self, device: str | None = None) -> list[dict[str, Any]]:
+        rows = []
+        for (d, digest, counter), a in sorted(self._aggs.items()):
+            if device is not None and d != device:
+                continue
+            dev = self._devs.get(d, _Dev())
+            rows.append({
+                "device": d, "model": a.model, "version": a.version, "digest": digest,
+                "counter": counter, "windows": a.windows, "inferences": a.inferences,
+                "errors": a.errors, "p95_ms": quantile_from_buckets(a.latency, 0.95),
+                "output_hist": a.outputs, "last_ts": a.last_ts, "dropped": dev.dropped,
+                "duplicates": dev.duplicates,
+            })
+        return rows
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(d.dropped for d in self._devs.values())
+
+    @property
+    def inferences_total(self) -> int:
+        return sum(a.inferences for a in self._aggs.values())
+
+
+def psi_per_output(reference: list[dict[str, Any]], observed: list[list[int]]) -> list[float]:
+    """PSI of each output's observed bin counts against the reference histogram; outputs
+    with fewer than MIN_PER_BIN samples per bin, or mismatched bins, are left out."""
+    from .validation import psi  # numpy; the one PSI definition
+
+    out: list[float] = []
+    for k, ref in enumerate(reference):
+        counts = ref.get("counts") if isinstance(ref, dict) else None
+        if k >= len(observed) or not isinstance(counts, list):
+            continue
+        obs = observed[k]
+        if len(obs) != len(counts) or sum(obs) < MIN_PER_BIN * len(counts) or sum(counts) <= 0:
+            continue  # too few samples: PSI of a handful of values is mostly noise
+        out.append(float(psi(counts, obs)))
+    return out
+
+
+LATENCY_BOUNDS_S = tuple(b / 1000.0 for b in LATENCY_BUCKETS_MS)

@@ -1,0 +1,254 @@
+"""The portable export file: a whole ledger (entries + signed checkpoints) in one file
+that `ledger verify FILE` checks offline, with nothing but the log's verifier key.
+
+Format (docs/PROTOCOL.md, "Export file"): a sequence of frames, each a 4-byte
+big-endian length followed by that many bytes of canonical msgpack:
+
+1. the header map ``{"format": "fleetledger-export/1", "hash": "blake3",
+   "merkle_hash": "blake3"|"sha256", "origin": text|nil, "entries": N,
+   "checkpoints": K}`` (exactly these keys);
+2. K checkpoint frames, each a ``bin``: a signed checkpoint note (log signature plus
+   any cosignatures), tree sizes strictly increasing, each at most N;
+3. N entry frames, each the array ``[body, prev, hash]`` (three ``bin``), seq 0 first;
+
+and nothing after. Checkpoints come first so that a verifier streaming the entries
+knows at which sizes to take the Merkle root (O(K + log N) memory).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import IO, Any
+
+from ledger.checkpoint import Checkpoint, SignedCheckpoint, detect_fork, open_checkpoint
+from ledger.checkpoint_store import CheckpointStore
+from ledger.encoding import MAX_DOCUMENT_BYTES, EncodingError, canonical_decode, canonical_encode
+from ledger.entry import GENESIS_PREV, Entry
+from ledger.errors import EntryError, ExportError, NoteError
+from ledger.merkle import HASHES, MerkleFrontier
+from ledger.note import CosignatureVerifier, Verifier, b64encode, parse_note
+from ledger.store import HASH_NAME, LedgerStore
+from ledger.verify import RawRow, _row_problem
+
+EXPORT_FORMAT = "fleetledger-export/1"
+HEADER_KEYS = frozenset({"format", "hash", "merkle_hash", "origin", "entries", "checkpoints"})
+_LENGTH = struct.Struct(">I")
+# An entry frame is a body (at most 4 MiB) plus two hashes and a few header bytes.
+MAX_FRAME_BYTES = MAX_DOCUMENT_BYTES + 1024
+
+
+def _frame(doc: Any) -> bytes:
+    data = canonical_encode(doc) if not isinstance(doc, bytes) else doc
+    return _LENGTH.pack(len(data)) + data
+
+
+def write_export(store: LedgerStore, out: Path) -> tuple[int, int]:
+    """Write the ledger (as of now) with its stored checkpoints to `out`, atomically.
+    Returns (entries, checkpoints) written."""
+    checkpoints = CheckpointStore(store, create=False)
+    size = store.count()
+    cps = checkpoints.all(max_size=size)
+    origins = set()
+    for cp in cps:
+        text, _ = parse_note(cp.note)
+        origins.add(text.split("\n", 1)[0])
+    if len(origins) > 1:
+        raise ExportError(f"the stored checkpoints name several origins: {sorted(origins)}")
+    header = {
+        "format": EXPORT_FORMAT, "hash": HASH_NAME, "merkle_hash": store.tree_hash.name,
+        "origin": origins.pop() if origins else None, "entries": size, "checkpoints": len(cps),
+    }
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(_frame(header))
+            for cp in cps:
+                fh.write(_frame(canonical_encode(cp.full_note())))
+            written = 0
+            for row in store.iter_raw():
+                if row.seq >= size:
+                    break
+                fh.write(_frame([row.body, row.prev, row.hash]))
+                written += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        if written != size:
+            raise ExportError(f"read {written} entries, expected {size}")
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return size, len(cps)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Outcome of `verify_export`. On failure `first_bad_seq` names the entry (None when
+    the damage is in the header or a checkpoint) and `problem` says what is wrong."""
+
+    ok: bool
+    entries: int
+    head_hash: bytes | None
+    merkle_hash: str
+    root: bytes | None
+    checkpoints: list[SignedCheckpoint] = field(default_factory=list)
+    signatures_checked: bool = True
+    first_bad_seq: int | None = None
+    problem: str | None = None
+
+
+class _Reader:
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.frames = 0
+
+    def frame(self, what: str) -> Any:
+        head = self.fh.read(_LENGTH.size)
+        if len(head) != _LENGTH.size:
+            raise ExportError(f"{what}: the file ends early (frame {self.frames})")
+        (length,) = _LENGTH.unpack(head)
+        if length > MAX_FRAME_BYTES:
+            raise ExportError(f"{what}: frame {self.frames} claims {length} bytes")
+        data = self.fh.read(length)
+        if len(data) != length:
+            raise ExportError(f"{what}: the file ends early (frame {self.frames})")
+        self.frames += 1
+        try:
+            return canonical_decode(data, max_bytes=MAX_FRAME_BYTES)
+        except EncodingError as exc:
+            raise ExportError(f"{what}: not canonical msgpack: {exc}") from exc
+
+
+def _header(doc: Any) -> dict[str, Any]:
+    if not isinstance(doc, dict) or set(doc) != HEADER_KEYS:
+        raise ExportError(f"header: not a {EXPORT_FORMAT} header (keys {sorted(HEADER_KEYS)})")
+    if doc["format"] != EXPORT_FORMAT:
+        raise ExportError(f"header: format {doc['format']!r}, expected {EXPORT_FORMAT!r}")
+    if doc["hash"] != HASH_NAME:
+        raise ExportError(f"header: chain hash {doc['hash']!r}, expected {HASH_NAME!r}")
+    if doc["merkle_hash"] not in HASHES:
+        raise ExportError(f"header: unknown merkle_hash {doc['merkle_hash']!r}")
+    for key in ("entries", "checkpoints"):
+        if not isinstance(doc[key], int) or isinstance(doc[key], bool) or doc[key] < 0:
+            raise ExportError(f"header: {key} must be a non-negative integer")
+    if not (doc["origin"] is None or isinstance(doc["origin"], str)):
+        raise ExportError("header: origin must be text or nil")
+    if doc["checkpoints"] and doc["origin"] is None:
+        raise ExportError("header: checkpoints without an origin")
+    return doc
+
+
+def verify_export(
+    path: Path,
+    log_verifier: Verifier | None,
+    witness_verifiers: Sequence[CosignatureVerifier] = (),
+) -> ExportResult:
+    """Check an export file offline: framing, the hash chain (as `ledger verify`), the
+    Merkle tree recomputed from the bodies, and every checkpoint: signed by the log
+    (when `log_verifier` is given; else only its text is read), of the header's origin,
+    and its root equal to the recomputed root at its size. Raises `ExportError` when the
+    file is not an export at all; damage is reported in the result."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from exc
+    with fh:
+        reader = _Reader(fh)
+        header = _header(reader.frame("header"))
+        th = HASHES[header["merkle_hash"]]
+        checked = log_verifier is not None
+
+        def fail(problem: str, seq: int | None, count: int = 0, head: bytes | None = None,
+                 cps: list[SignedCheckpoint] | None = None) -> ExportResult:
+            return ExportResult(False, count, head, th.name, None, cps or [], checked, seq,
+                                problem)
+
+        cps: list[SignedCheckpoint] = []
+        try:
+            for i in range(header["checkpoints"]):
+                note = reader.frame(f"checkpoint {i}")
+                if not isinstance(note, bytes):
+                    return fail(f"checkpoint {i}: not a note (bin)", None)
+                cps.append(_open(note, header["origin"], log_verifier, witness_verifiers))
+        except (NoteError, ExportError) as exc:
+            return fail(f"checkpoint {len(cps)}: {exc}", None)
+        for a, b in pairwise(cps):
+            fork = detect_fork(a, b)
+            if fork is not None:
+                return fail(str(fork), None, cps=cps)
+            if b.checkpoint.size <= a.checkpoint.size:
+                return fail("checkpoints are not in increasing tree size order", None, cps=cps)
+        if cps and cps[-1].checkpoint.size > header["entries"]:
+            last = cps[-1].checkpoint.size
+            return fail(f"truncation below a signed checkpoint: it covers {last} entries, "
+                        f"the file has {header['entries']}", header["entries"], cps=cps)
+        wanted = {cp.checkpoint.size: cp for cp in cps}
+        frontier = MerkleFrontier(th)
+        prev, head = GENESIS_PREV, None
+        if 0 in wanted:
+            found = _root_problem(wanted[0], th.empty())
+            if found:
+                return fail(found, None, cps=cps)
+        for seq in range(header["entries"]):
+            try:
+                row = _entry_row(reader.frame(f"entry {seq}"), seq)
+            except (ExportError, EntryError) as exc:
+                return fail(f"entry frame cannot be read: {exc}", seq, seq, head, cps)
+            found_row = _row_problem(row, seq, prev)
+            if found_row is not None:
+                return fail(found_row[1], found_row[0], seq, head, cps)
+            frontier.append(th.leaf(row.body))
+            prev = head = row.hash
+            cp = wanted.get(seq + 1)
+            if cp is not None:
+                found = _root_problem(cp, frontier.root())
+                if found:
+                    return fail(found, seq, seq + 1, head, cps)
+        if fh.read(1):
+            return fail("trailing bytes after the last entry", None, header["entries"], head, cps)
+    return ExportResult(True, header["entries"], head, th.name, frontier.root(), cps, checked)
+
+
+def _open(note: bytes, origin: str, log: Verifier | None,
+          witnesses: Sequence[CosignatureVerifier]) -> SignedCheckpoint:
+    if log is None:
+        text, _ = parse_note(note)
+        cp = Checkpoint.parse(text)
+        if cp.origin != origin:
+            raise ExportError(f"origin {cp.origin!r}, the header says {origin!r}")
+        return SignedCheckpoint(cp, note)
+    return open_checkpoint(note, log, witnesses, origin=origin)
+
+
+def _root_problem(cp: SignedCheckpoint, root: bytes) -> str | None:
+    if cp.checkpoint.root == root:
+        return None
+    return (f"fork: the ledger disagrees with a signed checkpoint at tree size "
+            f"{cp.checkpoint.size}\n  checkpoint root: {b64encode(cp.checkpoint.root)}\n"
+            f"  entries' root:   {b64encode(root)}")
+
+
+def _entry_row(doc: Any, seq: int) -> RawRow:
+    if not (isinstance(doc, list) and len(doc) == 3 and all(isinstance(x, bytes) for x in doc)):
+        raise ExportError("not an array [body, prev, hash] of three bin")
+    body, prev, digest = doc
+    entry = Entry.from_body(body, prev, digest)
+    return RawRow(entry.seq, entry.ts, entry.kind, entry.actor, entry.subject, body, prev, digest)
+
+
+def iter_export_entries(path: Path) -> Iterator[Entry]:
+    """The entries of an export file, decoded, without verification (for inspection)."""
+    with open(path, "rb") as fh:
+        reader = _Reader(fh)
+        header = _header(reader.frame("header"))
+        for i in range(header["checkpoints"]):
+            reader.frame(f"checkpoint {i}")
+        for seq in range(header["entries"]):
+            doc = reader.frame(f"entry {seq}")
+            yield Entry.from_body(doc[0], doc[1], doc[2])

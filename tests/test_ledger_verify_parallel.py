@@ -1,0 +1,132 @@
+"""`LedgerStore.verify(jobs=N)`: segments checked in worker processes give exactly the
+sequential verifier's report (first bad seq, problem, good entries, head, root), on
+both backends, wherever the damage is: inside a segment, at a seam, above the segments."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+import ledger.verify_parallel as verify_parallel
+from ledger.entry import Entry
+from ledger.store import LedgerStore, NewEvent
+from ledger.verify_parallel import segment_level
+
+ENTRIES = 203  # segments of 16 below: 12 full ones and a short last one
+TS = 1_700_000_000_000_000_000
+BAD_PREV = b"\x07" * 32
+
+
+@pytest.fixture(autouse=True)
+def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many small segments, so a few hundred entries exercise every seam and level.
+    monkeypatch.setattr(verify_parallel, "MIN_SEGMENT_LEVEL", 2)
+    monkeypatch.setattr(verify_parallel, "MAX_SEGMENT_LEVEL", 4)
+
+
+def event(i: int) -> NewEvent:
+    return NewEvent("device.status", f"dev-{i % 7}", f"device:dev-{i % 7}", {"i": i}, ts=TS + i)
+
+
+@pytest.fixture
+def store(ledger_url: str) -> Iterator[LedgerStore]:
+    opened = LedgerStore.open(ledger_url)
+    for start in range(0, ENTRIES, 50):
+        stop = min(start + 50, ENTRIES)
+        opened.append_many([event(i) for i in range(start, stop)])
+    yield opened
+    opened.close()
+
+
+def tamper(url: str, statement: str) -> None:
+    """Run `statement` with the append-only triggers out of the way (what someone with
+    the file, or a superuser login, can do)."""
+    if url.startswith("postgresql"):
+        conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(conninfo) as pg:
+            pg.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ALL")
+            pg.execute("ALTER TABLE ledger_tree DISABLE TRIGGER ALL")
+            pg.execute(statement.encode())
+        return
+    raw = sqlite3.connect(url)
+    try:
+        for table in ("ledger_entries", "ledger_tree"):
+            for verb in ("update", "delete"):
+                raw.execute(f"DROP TRIGGER {table}_no_{verb}")
+        raw.execute(statement)
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def bytea(url: str, data: bytes) -> str:
+    return f"'\\x{data.hex()}'::bytea" if url.startswith("postgresql") else f"x'{data.hex()}'"
+
+
+def test_segments_are_aligned_subtrees() -> None:
+    assert segment_level(ENTRIES, 2) == 4
+    assert segment_level(10**6, 2) == verify_parallel.MAX_SEGMENT_LEVEL
+
+
+def test_an_intact_ledger(store: LedgerStore) -> None:
+    sequential = store.verify()
+    assert sequential.ok and sequential.entries == ENTRIES
+    assert store.verify(jobs=2) == sequential
+    assert store.verify(jobs=3) == sequential
+
+
+@pytest.mark.parametrize("seq", [0, 5, 15, 16, 17, 63, 64, 191, 192, 202])
+@pytest.mark.parametrize("damage", ["edit", "delete", "prev", "kind"])
+def test_damaged_entries(store: LedgerStore, ledger_url: str, damage: str, seq: int) -> None:
+    entry: Entry | None = store.get(seq)
+    assert entry is not None
+    other = bytea(ledger_url, entry.body[:-1] + bytes([entry.body[-1] ^ 1]))
+    statement = {
+        "edit": f"UPDATE ledger_entries SET body = {other} WHERE seq = {seq}",
+        "delete": f"DELETE FROM ledger_entries WHERE seq = {seq}",
+        "prev": f"UPDATE ledger_entries SET prev = {bytea(ledger_url, BAD_PREV)} "
+                f"WHERE seq = {seq}",
+        "kind": f"UPDATE ledger_entries SET kind = 'x.y' WHERE seq = {seq}",
+    }[damage]  # fmt: skip
+    tamper(ledger_url, statement)
+    sequential = store.verify()
+    assert store.verify(jobs=2) == sequential
+    if (damage, seq) != ("delete", ENTRIES - 1):  # cutting the last entry is not damage
+        assert not sequential.ok and sequential.first_bad_seq == seq
+
+
+@pytest.mark.parametrize(
+    ("level", "idx"),
+    [(0, 5), (0, 16), (2, 3), (4, 0), (4, 1), (5, 0), (6, 1), (7, 0), (1, 100), (0, 202)],
+)
+@pytest.mark.parametrize("damage", ["edit", "delete"])
+def test_damaged_tree_nodes(
+    store: LedgerStore, ledger_url: str, damage: str, level: int, idx: int
+) -> None:
+    where = f"WHERE level = {level} AND idx = {idx}"
+    if damage == "edit":
+        tamper(ledger_url, f"UPDATE ledger_tree SET hash = {bytea(ledger_url, bytes(32))} {where}")
+    else:
+        tamper(ledger_url, f"DELETE FROM ledger_tree {where}")
+    sequential = store.verify()
+    assert not sequential.ok and sequential.first_bad_seq == ((idx + 1) << level) - 1
+    assert store.verify(jobs=2) == sequential
+
+
+def test_trusted_heads(store: LedgerStore) -> None:
+    entry = store.get(100)
+    assert entry is not None
+    for head in [(100, entry.hash), (100, b"\x01" * 32), (ENTRIES + 5, entry.hash)]:
+        sequential = store.verify(head)
+        assert store.verify(head, jobs=2) == sequential
+    assert not store.verify((100, b"\x01" * 32), jobs=2).ok
+
+
+def test_an_in_memory_ledger_is_verified_in_one_process() -> None:
+    with LedgerStore.open("sqlite://") as memory:
+        memory.append_many([NewEvent("a.b", "hub", "s", {"i": i}) for i in range(40)])
+        assert memory.verify(jobs=2) == memory.verify()
