@@ -259,7 +259,7 @@ class EdgeAgent:
         try:
             if self.faults.load_error and self.faults.applies(self.model_meta):
                 raise ModelRuntimeError(f"{active.path}: load failure injected by {FAULTS_ENV}")
-            self.model = LoadedModel.load(active.path)
+            self.model = LoadedModel.load(active.path, mapped=True)
             log.info("running %s/%s from slot %s", self.model_meta.get("model"),
                      self.model_meta.get("version"), active.name)
         except ModelRuntimeError as exc:
@@ -526,7 +526,7 @@ class EdgeAgent:
         # From here to the switch nothing awaits, so no other update or revert interleaves.
         slot = self.slots.install_inactive(path)
         try:
-            loaded = LoadedModel.load(self.slots.slot_path(slot))
+            loaded = LoadedModel.load(self.slots.slot_path(slot), mapped=True)
             loaded.smoke_test()
         except ModelRuntimeError as exc:
             raise UpdateRefused(f"model does not load: {exc}") from exc
@@ -548,7 +548,7 @@ class EdgeAgent:
             digest = _file_digest(previous.path)
             if digest != previous.metadata.get("digest"):
                 raise ModelRuntimeError(f"{previous.path} does not match its recorded digest")
-            loaded = LoadedModel.load(previous.path)
+            loaded = LoadedModel.load(previous.path, mapped=True)
             loaded.smoke_test()
         except (ModelRuntimeError, OSError) as exc:
             log.error("cannot revert (%s): the previous model is unusable: %s", evidence, exc)

@@ -106,14 +106,43 @@ class LoadedModel:
             ) from exc
 
     @classmethod
-    def load(cls, path: Path) -> LoadedModel:
+    def load(cls, path: Path, *, mapped: bool = False) -> LoadedModel:
+        """Load a model file.
+
+        By default the bytes are read and handed over (the runtime then checks the
+        flatbuffer). `mapped=True` lets the runtime memory-map the file instead, so the
+        model is not held twice in memory; use it only for files that already passed
+        `preflight` and a digest check (the agent's installed slots).
+        """
+        if mapped:
+            return cls._build_mapped(Path(path))
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise ModelRuntimeError(f"cannot read model file {path}: {exc}") from exc
-        # Loading from bytes (not model_path) makes the runtime verify the flatbuffer,
-        # so a corrupt file is an error rather than a crash.
         return cls._build(data, source=str(path))
+
+    @classmethod
+    def _build_mapped(cls, path: Path) -> LoadedModel:
+        if Interpreter is None:
+            raise ModelRuntimeError(
+                "no TFLite runtime is installed: pip install tflite-runtime (or ai-edge-litert)"
+            )
+        try:
+            if path.stat().st_size == 0:
+                raise ModelRuntimeError(f"{path}: model file is empty")
+            interpreter = Interpreter(model_path=str(path), num_threads=1)
+            interpreter.allocate_tensors()
+        except OSError as exc:
+            raise ModelRuntimeError(f"cannot read model file {path}: {exc}") from exc
+        except (ValueError, RuntimeError) as exc:
+            raise ModelRuntimeError(
+                f"{path}: the TFLite runtime rejected the model: {exc}"
+            ) from exc
+        model = cls(interpreter, str(path))
+        if not model._inputs or not model._outputs:
+            raise ModelRuntimeError(f"{path}: model has no inputs or no outputs")
+        return model
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LoadedModel:
