@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-import nats
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -54,11 +53,13 @@ from .fetch import BlobTooLarge, FetchError
 from .health import HealthWindow
 from .kv_watch import KeyWatch
 from .nats_auth import NatsAuth
+from .nats_auth import connect as nats_connect
 from .root_updater import RootUpdater
 from .runtime import LoadedModel, ModelRuntimeError, preflight
 from .slots import SlotStore, atomic_write_bytes
 from .spool import Spool
 from .telemetry import TelemetryWindowBuilder
+from .transparency import InclusionRefused, wait_for_inclusion
 from .trust import TrustError, TrustRoot
 
 log = logging.getLogger("edge_agent")
@@ -131,6 +132,8 @@ class AgentConfig:
     spool_max_bytes: int = DEFAULT_SPOOL_BYTES  # reports kept on disk until acked
     spool_fsync: bool = True
     isolate_preflight: bool = True  # smoke-test a new model in a child process first
+    # Model transparency: install only releases proven in a witnessed checkpoint.
+    require_inclusion: bool = False
 
 
 class EdgeAgent:
@@ -275,13 +278,12 @@ class EdgeAgent:
         async def on_reconnect() -> None:
             self._rewatch.set()  # a watch may not survive a server restart
 
-        self._nc = await nats.connect(
-            self.config.nats_url,
+        self._nc = await nats_connect(
+            self.config.nats_url, self.nats_auth(),
             name=f"edge-agent:{self.device_id}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             reconnected_cb=on_reconnect,
-            **self.nats_auth().options(),
         )
         self._js = self._nc.jetstream()
         self._report_status(proto.STATUS_STARTED, reason="")
@@ -476,6 +478,11 @@ class EdgeAgent:
 
     async def _install(self, assignment: proto.Assignment) -> None:
         manifest = await self._load_manifest(assignment)
+        if self.config.require_inclusion:
+            try:  # waits while the release is not witnessed yet (edge_agent/transparency.py)
+                await wait_for_inclusion(lambda: self.js, lambda: self.trust, assignment)
+            except InclusionRefused as exc:
+                raise UpdateRefused(str(exc), assignment) from exc
         meta = {
             "model": manifest.name, "version": manifest.version, "digest": manifest.digest,
             "counter": assignment.counter, "manifest_hash": assignment.manifest_hash,

@@ -10,6 +10,8 @@ trust root it pins. Keys of device.toml:
     device_key  file name of the device's Ed25519 key (absent: the key lives elsewhere);
                 it is also the device's NATS nkey (edge_agent/nats_auth.py)
     nats_ca     file name of the NATS server's CA certificate (present when TLS is on)
+    require_inclusion  true: install only releases proven in a witnessed checkpoint
+                (model transparency; same as `edge-agent run --require-inclusion`)
 
 Unknown keys are ignored, so later versions can add files (NATS credentials).
 """
@@ -39,6 +41,7 @@ class DeviceBundle:
     trust_root: Path
     device_key: Path | None
     nats_ca: Path | None = None
+    require_inclusion: bool = False
 
     @classmethod
     def load(cls, directory: Path) -> DeviceBundle:
@@ -60,6 +63,9 @@ class DeviceBundle:
             raise BundleError(f"{path}: missing setting {exc}") from exc
         key = raw.get("device_key")
         ca = raw.get("nats_ca")
+        require = raw.get("require_inclusion", False)
+        if not isinstance(require, bool):
+            raise BundleError(f"{path}: require_inclusion must be true or false")
         return cls(directory, device_id, nats_url, trust_root,
                    directory / str(key) if key else None,
-                   directory / str(ca) if ca else None)
+                   directory / str(ca) if ca else None, require)

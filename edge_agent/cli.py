@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import typer
+from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -66,6 +67,13 @@ def run(
         0.5, "--max-error-rate",
         help="Inference error rate (0-1) in the health window above which the agent reverts.",
     ),
+    require_inclusion: bool = typer.Option(
+        False, "--require-inclusion",
+        help="Model transparency: install a release only with a proof that its ledger entry "
+        "is in a checkpoint signed by the log and cosigned by the trust root's witness "
+        "threshold; wait while it is not witnessed yet (or set require_inclusion = true "
+        "in the bundle's device.toml).",
+    ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
@@ -83,6 +91,7 @@ def run(
         trust_root = trust_root or b.trust_root
         device_key = device_key or b.device_key
         nats_ca = b.nats_ca
+        require_inclusion = require_inclusion or b.require_inclusion
         state_dir = state_dir or bundle / "state"
     else:
         nats_ca = None
@@ -104,7 +113,7 @@ def run(
                 device_id=device_id, nats_url=nats_url, state_dir=state_dir,
                 trust_root=trust_root, inference_hz=rate, window_seconds=window,
                 health_window=health_window, max_error_rate=max_error_rate,
-                device_key=device_key, nats_ca=nats_ca,
+                device_key=device_key, nats_ca=nats_ca, require_inclusion=require_inclusion,
             )
         )
     except (TrustError, ProtocolError, OSError, ValueError) as exc:
@@ -120,7 +129,7 @@ def run(
 
     try:
         asyncio.run(main())
-    except OSError as exc:
+    except (OSError, NatsError) as exc:  # unreachable, or refused (no or revoked identity)
         err.print(f"[red]error:[/red] cannot reach NATS at {nats_url}: {exc}")
         raise typer.Exit(3) from exc
 

@@ -135,9 +135,15 @@ async def iter_chunks_from(
                     )
                 yield Chunk(msg.data, msg.metadata.sequence.stream)
     finally:
-        # The connection may already be gone; the ephemeral consumer expires anyway.
+        # The connection may already be gone; the ephemeral consumer expires anyway. Else
+        # delete it now: left to expire, a fleet's downloads pile up consumers on the
+        # stream (nats-server caps a stream's consumers, err 10026).
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+        if config.name:  # nats-py names the ephemeral consumer it creates
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    js.delete_consumer(OBJ_STREAM.format(bucket=bucket), config.name), 2.0)
     if received != expected_size:
         raise FetchError(f"blob {ref.name} ended after {received} of {expected_size} bytes")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import api
@@ -46,6 +47,7 @@ class KeyWatch:
             ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=INACTIVE_THRESHOLD, config=api.ConsumerConfig(name=name),
         )
+        _fresh_name_on_recreate(watch._sub)
         return watch
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -62,3 +64,24 @@ class KeyWatch:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+
+
+def _fresh_name_on_recreate(sub: JetStreamContext.PushSubscription) -> None:
+    """Give the consumer a new name each time nats-py re-creates the ordered consumer.
+
+    After a gap or missed heartbeats (a busy or briefly disconnected client), nats-py
+    re-creates an ordered consumer from the same config, so with the same name; the
+    server takes that for an update of the old consumer and refuses it ("deliver policy
+    can not be updated", err 10012), and the watch would go silent for good. (nats-py
+    2.16 internals; without them the watch works as before.)
+    """
+    jsi: Any = getattr(getattr(sub, "_sub", None), "_jsi", None)
+    original = getattr(jsi, "recreate_consumer", None)
+    if original is None or getattr(jsi, "_ccreq", None) is None:
+        return
+
+    async def recreate() -> None:
+        jsi._ccreq.name = "w" + NUID().next().decode()
+        await original()
+
+    jsi.recreate_consumer = recreate

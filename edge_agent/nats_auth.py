@@ -9,6 +9,10 @@ Every identity (hub, operator, witness, device) connects with a `NatsAuth`:
   hub enrolled converts to the public nkey (`U...`) the server's users file lists;
 - with TLS on, the CA certificate that signed the server's certificate.
 
+A server reloading its users file (the hub does that at every enrolment) refuses or
+resets connections that are half-way through their handshake at that instant; clients
+connect with `connect()`, which tries again for a few seconds on exactly those errors.
+
 Devices also use their own reply-inbox prefix, `_INBOX.<device>`: the server lets a
 device subscribe only under it, so one device cannot read replies meant for another
 (a JetStream API reply can carry another device's assignment).
@@ -16,13 +20,17 @@ device subscribe only under it, so one device cannot read replies meant for anot
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
 import nkeys
+from nats.aio.client import Client as NATS
 
 USER_PREFIX = nkeys.PREFIX_BYTE_USER
 
@@ -82,3 +90,25 @@ class NatsAuth:
 
 
 NO_AUTH = NatsAuth()
+
+
+RELOAD_RETRY_SECONDS = 10.0
+
+
+def _transient(exc: Exception) -> bool:
+    """A refusal a server reload can cause: a reset handshake, or the users file being
+    swapped while the client authenticated (also: a device enrolled a moment ago)."""
+    return isinstance(exc, ConnectionResetError) or "Authorization Violation" in str(exc)
+
+
+async def connect(url: str, auth: NatsAuth = NO_AUTH,
+                  retry_for: float = RELOAD_RETRY_SECONDS, **options: Any) -> NATS:
+    """nats.connect() with `auth`, retrying transient refusals for `retry_for` seconds."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return await nats.connect(url, **options, **auth.options())
+        except Exception as exc:
+            if not _transient(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)

@@ -9,7 +9,7 @@ every manifest and assignment against it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ class TrustRoot:
     keys: dict[str, PublicKey]
     roles: dict[str, Role]
     envelope: SignedEnvelope
+    # keyid -> C2SP note key name (optional `name` of a key): the log origin for `log`
+    # keys, the witness name for `witness` keys (edge_agent/transparency.py).
+    names: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------ building
 
@@ -46,14 +49,19 @@ class TrustRoot:
         thresholds: dict[str, int] | None = None,
         version: int = 1,
         expires: int | None = None,
+        names: dict[str, str] | None = None,
     ) -> SignedEnvelope:
-        """Make a root document for `role_keys` and sign it with the root role's keys."""
+        """Make a root document for `role_keys` and sign it with the root role's keys.
+        `names` (keyid -> note key name) names log and witness keys."""
         thresholds = thresholds or {}
+        names = names or {}
         keys: dict[str, Any] = {}
         roles: dict[str, Any] = {}
         for role, signers in role_keys.items():
             for key in signers:
                 keys[key.keyid] = {"keytype": "ed25519", "public": key.public.raw}
+                if key.keyid in names:
+                    keys[key.keyid]["name"] = names[key.keyid]
             roles[role] = {
                 "keyids": [k.keyid for k in signers],
                 "threshold": thresholds.get(role, 1),
@@ -93,6 +101,11 @@ class TrustRoot:
                 )
                 for name, spec in _as(doc.get("roles"), dict).items()
             }
+            names = {
+                keyid: _as(spec["name"], str)
+                for keyid, spec in _as(doc.get("keys"), dict).items()
+                if "name" in _as(spec, dict)
+            }
             version = _as(doc.get("version"), int)
             expires = _as(doc.get("expires"), int)
         except (KeyError, TypeError) as exc:
@@ -105,7 +118,7 @@ class TrustRoot:
                 raise TrustError(f"trust root: role {name} has threshold below 1")
         if not 1 <= version <= 2**63 - 1:
             raise TrustError(f"trust root: version {version} is not a positive integer")
-        root = cls(version, expires, keys, roles, envelope)
+        root = cls(version, expires, keys, roles, envelope, names)
         # A root vouches for itself: it must meet its own root threshold.
         root.check_signatures(envelope, "root", DOMAIN_ROOT)
         if not allow_expired and root.expired(now):

@@ -46,13 +46,18 @@ def root_document(
     thresholds: Mapping[str, int],
     version: int,
     expires: int,
+    names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The unsigned root document for these public keys per role."""
+    """The unsigned root document for these public keys per role; `names` (keyid ->
+    C2SP note key name) is kept in the key's optional `name` field."""
+    names = names or {}
     keys: dict[str, Any] = {}
     roles: dict[str, Any] = {}
     for role, publics in role_keys.items():
         for public in publics:
             keys[public.keyid] = {"keytype": "ed25519", "public": public.raw}
+            if public.keyid in names:
+                keys[public.keyid]["name"] = names[public.keyid]
         roles[role] = {"keyids": [p.keyid for p in publics],
                        "threshold": int(thresholds.get(role, 1))}
     return {"type": "root", "version": version, "expires": expires, "keys": keys,

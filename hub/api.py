@@ -46,7 +46,7 @@ class Effects(Protocol):
 
     async def read_blob(self, digest: str, size: int, dest: Path) -> str: ...
     async def put_manifest(self, key: str, envelope: bytes) -> None: ...
-    async def sync_nats_users(self) -> bool: ...
+    async def sync_nats_users(self, wait: bool = True) -> bool: ...
 
 
 @dataclass
@@ -316,7 +316,9 @@ class Commands:
         event = self._event(cmd, ev.DEVICE_ENROLLED, ev.device_subject(device),
                             {"device": device, "public": public})
         result = {"device": device, "bundle": str(bundle), "keyid": PublicKey(public).keyid}
-        return Outcome([event], result, [self._nats_users_effect(result)])
+        # The device's NATS user follows within a reload (its first connect retries);
+        # waiting here would serialise a reload per enrolment.
+        return Outcome([event], result, [lambda: self._nats_users(wait=False)])
 
     def device_revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         """Shut a device out: its NATS user goes; its reports are refused from now on."""
@@ -332,14 +334,14 @@ class Commands:
         event = self._event(cmd, ev.DEVICE_REVOKED, ev.device_subject(device),
                             {"device": device, "reason": reason})
         result: dict[str, Any] = {"device": device}
-        return Outcome([event], result, [self._nats_users_effect(result)])
 
-    def _nats_users_effect(self, result: dict[str, Any]) -> Callable[[], Awaitable[None]]:
-        """After the commit: the NATS users file follows the ledger's devices and the local
-        server has been told to reload it before the reply goes out."""
-        async def effect() -> None:
-            result["reloaded"] = await self.effects.sync_nats_users()
-        return effect
+        async def shut_out() -> None:  # before the reply: the device is out when it comes
+            result["reloaded"] = await self.effects.sync_nats_users(wait=True)
+        return Outcome([event], result, [shut_out])
+
+    async def _nats_users(self, wait: bool) -> None:
+        """After the commit: the NATS users file follows the ledger's devices."""
+        await self.effects.sync_nats_users(wait=wait)
 
     def deploy(self, conn: Connection, cmd: VerifiedCommand, next_seq: int,
                put_assignment: Callable[[str, bytes], Awaitable[None]]) -> Outcome:

@@ -40,7 +40,7 @@ app.add_typer(keys_app, name="keys")
 def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
               as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """The current trust root: per role its key ids, threshold, expiry and version.
-    Keys the hub holds are marked *."""
+    Keys the hub holds are marked *; log and witness keys show their note key name."""
     result = _call(_config(home, nats_url), key, timeout, "keys")
     if as_json:
         _print_json({k: v for k, v in result.items() if k != "root"})
@@ -48,7 +48,9 @@ def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | No
     table = Table("role", "key ids (* = held by the hub)", "threshold", "expires (UTC)",
                   "root version", title=f"trust root version {result['version']}")
     for r in result["roles"]:
-        ids = "\n".join(f"{k}{' *' if k in r['held'] else ''}" for k in r["keyids"])
+        names = r.get("names", {})
+        ids = "\n".join(f"{k}{' *' if k in r['held'] else ''}"
+                        f"{' ' + names[k] if k in names else ''}" for k in r["keyids"])
         table.add_row(r["role"], ids, str(r["threshold"]), _time(result["expires"]),
                       str(result["version"]))
     out.print(table)
@@ -96,6 +98,41 @@ def keys_revoke(
     out.print(f"trust root version {result['version']}: {result['role']} key {keyid} revoked; "
               f"re-signed {result['resigned_manifests']} manifest(s) and "
               f"{result['resigned_assignments']} assignment(s)")
+
+
+witness_app = typer.Typer(
+    help="Witnesses: the cosigners devices require with `edge-agent run --require-inclusion` "
+    "(model transparency). Their keys are in the trust root's witness role.",
+    no_args_is_help=True,
+)
+app.add_typer(witness_app, name="witness")
+
+
+@witness_app.command("add")
+def witness_add(
+    name: str = typer.Argument(..., help="The witness's key name (as in its vkey)."),
+    pubkey: str = typer.Option(
+        ..., "--pubkey", help="Its Ed25519 public key: 64 hex digits, or the vkey that "
+        "`ledger witness-key` printed."),
+    threshold: int | None = typer.Option(
+        None, "--threshold", help="Cosignatures devices require (default: unchanged, 1 "
+        "for the first witness)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Add a witness key to the trust root (admin role): trust root N+1 lists it in the
+    witness role under NAME (and names the log key with the hub's origin), the hub stores
+    its cosignatures (HOME/witnesses) and devices walk to the new root."""
+    body: dict[str, Any] = {"name": name, "pubkey": pubkey}
+    if threshold is not None:
+        body["threshold"] = threshold
+    result = _call(_config(home, nats_url), key, timeout, "witness.add", body)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"trust root version {result['version']}: witness {name} (key "
+              f"{result['keyid']}) added; devices requiring inclusion need "
+              f"{result['threshold']} cosignature(s)")
 
 
 @device_app.command("history")

@@ -7,13 +7,13 @@ from types import TracebackType
 from typing import Any
 
 import blake3
-import nats
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from edge_agent.nats_auth import NO_AUTH, NatsAuth
+from edge_agent.nats_auth import connect as nats_connect
 from edge_agent.protocol import ProtocolError, decode_map
 from ledger.signing import SigningKey
 
@@ -57,11 +57,10 @@ class HubClient:
         """Connect as an operator: `auth` is the NATS identity (config.nats_auth()),
         `key` the operator's own signing key."""
         try:
-            nc = await nats.connect(url, name="hub-cli", connect_timeout=5,
+            nc = await nats_connect(url, auth, name="hub-cli", connect_timeout=5,
                                     max_reconnect_attempts=1, reconnect_time_wait=0.2,
                                     allow_reconnect=False,
-                                    error_cb=_quiet, disconnected_cb=_quiet_event,
-                                    **auth.options())
+                                    error_cb=_quiet, disconnected_cb=_quiet_event)
         except Exception as exc:
             raise HubError(f"cannot connect to NATS at {url}: {exc}") from exc
         return cls(nc, key, timeout)

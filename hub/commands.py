@@ -49,6 +49,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "operator.revoke": ("admin",),
     "keys.rotate": ("admin",),
     "keys.revoke": ("admin",),
+    "witness.add": ("admin",),
 }
 READ_VERBS: Final = frozenset(
     {"status", "models", "model.show", "model.history", "devices", "operators", "whoami",

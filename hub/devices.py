@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -50,9 +51,10 @@ from ledger.store import ENTRIES, LedgerStore
 from . import events as ev
 from . import projections as proj
 from .home import HubConfig
-from .nats_config import ca_path, reload_server, write_users
+from .nats_config import ca_path, load_credentials, reload_server, write_users
 
 REVOKED = "revoked"  # proj_devices.state of a revoked device
+log = logging.getLogger(__name__)
 
 
 def bundle_dir(config: HubConfig, device: str) -> Path:
@@ -93,15 +95,20 @@ def nats_users(conn: Connection) -> list[tuple[str, bytes]]:
 
 
 def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]]) -> bool:
-    """Rewrite the NATS users file for these devices; True if the local server reloaded."""
+    """Rewrite the NATS users file for these devices; True if the local server reloaded.
+    A home without NATS identities (`hub init --no-auth`) has nothing to rewrite."""
+    if not load_credentials(config.home):
+        return False
     write_users(config.home, devices)
     return reload_server(config.home)
 
 
 class NatsUsersSync:
     """Rewrites the NATS users file from the device table, coalescing requests: a burst
-    of enrolments costs one file write and one server reload, not one per device. Each
-    caller of `sync()` returns once a write that began after its call has finished."""
+    of enrolments costs one file write and one server reload, not one per device. A
+    caller of `sync()` returns once a write that began after its call has finished;
+    `request()` only schedules one (the hub answers API requests one at a time, so an
+    enrolment that waited for the reload would cost a reload per device)."""
 
     def __init__(self, config: HubConfig, engine: Engine) -> None:
         self.config = config
@@ -110,13 +117,17 @@ class NatsUsersSync:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def sync(self) -> bool:
+    def request(self) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume_exception)
         self._waiting.append(future)
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="nats-users")
-        return await future
+        return future
+
+    async def sync(self) -> bool:
+        return await self.request()
 
     async def _run(self) -> None:
         while self._waiting:
@@ -141,6 +152,11 @@ class NatsUsersSync:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+def _consume_exception(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("NATS users file not updated: %s", future.exception())
 
 
 def check_report_signature(device: dict[str, Any], envelope: SignedEnvelope | None) -> None:

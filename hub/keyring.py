@@ -24,7 +24,7 @@ from pathlib import Path
 
 from edge_agent.protocol import SignedEnvelope
 from edge_agent.slots import atomic_write_bytes
-from edge_agent.trust import TrustError, TrustRoot
+from edge_agent.trust import Role, TrustError, TrustRoot
 from edge_agent.trust_chain import root_document, sign_root, verify_next_root
 from ledger.signing import KeyFileError, PublicKey, SigningKey
 
@@ -181,7 +181,13 @@ def plan_next_root(
             f"threshold {thresholds[role]} for the {role} role needs 1 to {count} keys "
             f"(it would have {count})")
     version = current.version + 1
-    doc = root_document(publics, thresholds, version, now + ROOT_TTL_NS)
+    names = dict(current.names)  # note key names (log origin, witnesses) carry over
+    log_names = {names[k] for k in current.roles.get("log", Role((), 1)).keyids if k in names}
+    if add is not None and role == "log" and len(log_names) == 1:
+        names[add.keyid] = log_names.pop()  # a rotated log key signs under the same origin
+    kept = {p.keyid for ps in publics.values() for p in ps}
+    names = {k: v for k, v in names.items() if k in kept}
+    doc = root_document(publics, thresholds, version, now + ROOT_TTL_NS, names)
     candidates = [*held, *([add] if add is not None else [])]
     listed_new = {p.keyid for p in publics["root"]}
     old_signers = current.role_signers("root", candidates)

@@ -63,7 +63,8 @@ class KeyCommands:
         root = self.keyring.root
         held = {k.keyid for k in self.keyring.held}
         roles = [{"role": role, "keyids": list(spec.keyids), "threshold": spec.threshold,
-                  "held": [k for k in spec.keyids if k in held]}
+                  "held": [k for k in spec.keyids if k in held],
+                  "names": {k: root.names[k] for k in spec.keyids if k in root.names}}
                  for role, spec in root.roles.items()]
         return {"version": root.version, "expires": root.expires, "roles": roles,
                 "root": root.envelope.encode()}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,8 @@ class LedgerApi:
         self.checkpointer = checkpointer
         self.checkpoints = checkpointer.checkpoints
         self._subs: list[Subscription] = []
+        # Called with the tree size after cosignatures were stored (hub/transparency.py).
+        self.on_cosigned: Callable[[int], Awaitable[object]] | None = None
         self._verbs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             VERB_CHECKPOINT: self.checkpoint,
             VERB_CONSISTENCY: self.consistency,
@@ -105,15 +107,22 @@ class LedgerApi:
         await self._respond(msg, reply)
 
     async def _on_cosignature(self, msg: Msg) -> None:
+        cosigned: int | None = None
         try:
             size, stored = self.checkpointer.accept_cosignature(msg.data)
             reply = ok_reply({"size": size, "stored": stored})
+            cosigned = size
         except (CosignatureRefused, LedgerError) as exc:
             reply = error_reply(str(exc))
         except Exception as exc:
             log.exception("storing a cosignature failed")
             reply = error_reply(f"internal error: {exc}")
         await self._respond(msg, reply)
+        if self.on_cosigned is not None and cosigned is not None:
+            try:
+                await self.on_cosigned(cosigned)
+            except Exception:  # publishing proofs must not stop the API
+                log.exception("after the cosignature of tree size %d", cosigned)
 
     @staticmethod
     async def _respond(msg: Msg, reply: bytes) -> None:

@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from edge_agent.nats_auth import NatsAuth, device_inbox_prefix, nkey_public
+from edge_agent.transparency import TRANSPARENCY_BUCKET
 from edge_agent.trust_chain import ROOTS_BUCKET
 
 from .layout import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
@@ -54,7 +55,8 @@ ROLES = ("hub", "operator", "witness")
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
 OBJ = f"OBJ_{MODELS_BUCKET}"
-READ_BUCKETS = (f"KV_{ROOTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", OBJ)
+READ_BUCKETS = (f"KV_{ROOTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{TRANSPARENCY_BUCKET}",
+                OBJ)
 
 
 def nats_dir(home: Path) -> Path:

@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import blake3
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -28,6 +28,7 @@ from sqlalchemy import Connection, select
 
 from edge_agent import protocol as proto
 from edge_agent.fetch import iter_object_chunks
+from edge_agent.nats_auth import connect as nats_connect
 from ledger.encoding import canonical_encode
 from ledger.entry import Entry
 from ledger.store import ENTRIES, LedgerStore, NewEvent
@@ -54,6 +55,8 @@ from .rollout_api import read_handlers
 from .rollout_commands import AssignmentIssuer, RolloutCommands
 from .rollout_controller import RolloutController
 from .telemetry_ingest import TelemetryIngest
+from .transparency import TransparencyPublisher
+from .witnesses import WitnessCommands
 
 log = logging.getLogger("hub")
 
@@ -76,7 +79,11 @@ class HubService:
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ledger_publishing: LedgerPublishing | None = None  # checkpoints + ledger.api
+        self.transparency: TransparencyPublisher | None = None  # proofs of witnessed releases
         self.refused_reports = 0
+        # Device rows for report intake, valid while the ledger head is unchanged.
+        self._device_cache: dict[str, dict[str, Any] | None] = {}
+        self._device_cache_head: int | None = None
         self._nats_users = NatsUsersSync(config, self.store.engine)
         c = self.commands
         self._writes: dict[str, Handler] = {
@@ -94,6 +101,7 @@ class HubService:
             "deploy": self._deploy,
             "keys.rotate": self.keys.rotate,
             "keys.revoke": self.keys.revoke,
+            "witness.add": WitnessCommands(self.keys).add,
         }
         self._reads: dict[str, Callable[[VerifiedCommand], Any]] = {
             "status": self._api_status,
@@ -128,16 +136,23 @@ class HubService:
         self._bootstrap_admin()
         # The NATS users file follows the ledger's devices (enrolled, not revoked).
         await self.sync_nats_users()
-        self._nc = await nats.connect(
-            self.config.nats_url, name="hub", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            **self.config.nats_auth("hub").options(),
+        self._nc = await nats_connect(
+            self.config.nats_url, self.config.nats_auth("hub"), name="hub",
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         )
         self._js = self._nc.jetstream()
         await self._ensure_layout()
         await publish_roots(self.js, self.commands.keyring, self.store)
+        await allow_fleet_consumers(self.js)
         await self._nc.subscribe(API_PREFIX + ">", cb=self._on_api)
         self.ledger_publishing = await start_ledger_publishing(
             self.config, self.store, self._nc, self.js)
+        # Model transparency: proof bundles of witnessed releases (hub/transparency.py).
+        self.transparency = TransparencyPublisher(
+            self.store, self.ledger_publishing.checkpointer.checkpoints,
+            lambda: self.commands.keyring.root, self.js)
+        self.ledger_publishing.api.on_cosigned = self.transparency.sync
+        await self.transparency.start()
         self._tasks.append(asyncio.create_task(self._consume_reports(), name="reports"))
         self._tasks.append(asyncio.create_task(self.controller.run(), name="rollouts"))
         if self.config.metrics_port is not None:
@@ -221,7 +236,12 @@ class HubService:
     async def put_manifest(self, key: str, envelope: bytes) -> None:
         await (await self.js.key_value(MANIFESTS_BUCKET)).put(key, envelope)
 
-    async def sync_nats_users(self) -> bool:
+    async def sync_nats_users(self, wait: bool = True) -> bool:
+        """Rewrite the NATS users file from the device table and reload the local server;
+        without `wait` only schedule it (returns False)."""
+        if not wait:
+            self._nats_users.request()
+            return False
         return await self._nats_users.sync()
 
     async def _put_assignment(self, device: str, envelope: bytes) -> None:
@@ -362,9 +382,11 @@ class HubService:
                 log.warning("report fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            batch = _ReportBatch()
+            self._check_device_cache()
             for msg in msgs:
                 try:
-                    await self._handle_report(msg.subject, msg.data)
+                    self._prepare_report(msg.subject, msg.data, batch)
                 except proto.ProtocolError as exc:
                     self.refused_reports += 1
                     log.warning("refused report on %s: %s", msg.subject, exc)
@@ -372,6 +394,11 @@ class HubService:
                     # One poisonous report must never stop intake for the whole fleet.
                     self.refused_reports += 1
                     log.exception("report on %s could not be processed", msg.subject)
+            try:
+                await self._commit_reports(batch)
+            except Exception:
+                log.exception("status reports could not be stored; redelivered later")
+                continue  # not acknowledged: JetStream redelivers them
             # Acknowledge only once the batch's telemetry is stored: counted exactly once.
             self.telemetry.flush()
             for msg in msgs:
@@ -379,6 +406,32 @@ class HubService:
                     await msg.ack()
 
     async def _handle_report(self, subject: str, data: bytes) -> None:
+        """One report on its own (the consumer above handles a fetched batch at once)."""
+        batch = _ReportBatch()
+        self._check_device_cache()
+        self._prepare_report(subject, data, batch)
+        await self._commit_reports(batch)
+
+    def _check_device_cache(self) -> None:
+        """Drop the cached device rows if the ledger moved (an enrolment, a revocation,
+        a status report...): one head query per fetched batch instead of one device
+        query per telemetry window."""
+        with self.store.engine.connect() as conn:
+            head = conn.exec_driver_sql("SELECT max(seq) FROM ledger_entries").scalar()
+        if head != self._device_cache_head:
+            self._device_cache.clear()
+            self._device_cache_head = head
+
+    def _device(self, device: str) -> dict[str, Any] | None:
+        if device in self._device_cache:
+            return self._device_cache[device]
+        row: dict[str, Any] | None = self._read(lambda conn: proj.get_device(conn, device))
+        self._device_cache[device] = row
+        return row
+
+    def _prepare_report(self, subject: str, data: bytes, batch: _ReportBatch) -> None:
+        """Check one report; count a telemetry window, or add a status report's ledger
+        event and last-seen time to `batch` (stored by _commit_reports)."""
         parts = subject.split(".")
         if len(parts) != 4:
             raise proto.ProtocolError(f"unexpected report subject {subject}")
@@ -387,7 +440,7 @@ class HubService:
             raise proto.ProtocolError(
                 f"report for device {report.device} arrived on {parts[2]}'s subject"
             )
-        device = self._read(lambda conn: proj.get_device(conn, report.device))
+        device = self._device(report.device)
         if device is None:
             raise proto.ProtocolError(f"report from unknown device {report.device}")
         if device["state"] == REVOKED:
@@ -396,13 +449,14 @@ class HubService:
             self.telemetry.offer(report)
             return
         check_report_signature(device, envelope)  # refused unless the device's key signed it
-        self._touch(report.device, report.ts)
+        batch.seen[report.device] = max(report.ts, batch.seen.get(report.device, report.ts))
         if report.event == proto.STATUS_STARTED:
             return
-        last_seq = device["last_report_seq"]
-        same_boot = device["last_report_boot"] == report.boot
-        if same_boot and last_seq is not None and last_seq >= report.seq:
+        last_boot, last_seq = batch.last.get(
+            report.device, (device["last_report_boot"], device["last_report_seq"]))
+        if last_boot == report.boot and last_seq is not None and last_seq >= report.seq:
             return  # already in the ledger (a redelivery after a hub restart)
+        batch.last[report.device] = (report.boot, report.seq)
         common = {
             "device": report.device, "model": report.model, "version": report.version,
             "digest": report.digest, "counter": report.counter, "boot": report.boot,
@@ -417,23 +471,75 @@ class HubService:
         else:
             kind = ev.DEVICE_UPDATE_FAILED
             payload = {**common, "reason": report.reason}
-        async with self._write_lock:
-            await self._append([NewEvent(kind, report.device, ev.device_subject(report.device),
-                                         payload)])
+        batch.events.append(
+            NewEvent(kind, report.device, ev.device_subject(report.device), payload))
 
-    def _touch(self, device: str, ts: int) -> None:
+    async def _commit_reports(self, batch: _ReportBatch) -> None:
+        """A batch's last-seen times in one transaction, its ledger events in another
+        (group commit: one fsync for the batch, not one per report)."""
+        if batch.seen:
+            self._touch_many(batch.seen)
+        if not batch.events:
+            return
+        async with self._write_lock:
+            try:
+                await self._append(batch.events)
+                return
+            except Exception:
+                if len(batch.events) == 1:
+                    raise
+                log.warning("a batch of %d status reports failed; appending them one by one",
+                            len(batch.events))
+            for event in batch.events:  # so one bad event does not hold up the others
+                try:
+                    await self._append([event])
+                except Exception:
+                    self.refused_reports += 1
+                    log.exception("status report of %s could not be stored", event.subject)
+
+    def _touch_many(self, seen: dict[str, int]) -> None:
+        table = proj.TELEMETRY
         with self.store.engine.begin() as conn:
-            row = conn.execute(
-                proj.TELEMETRY.select().where(proj.TELEMETRY.c.device == device)
-            ).first()
-            if row is None:
-                conn.execute(proj.TELEMETRY.insert().values(device=device, last_seen=ts))
-            else:
-                conn.execute(
-                    proj.TELEMETRY.update()
-                    .where(proj.TELEMETRY.c.device == device)
-                    .values(last_seen=max(ts, row.last_seen))
-                )
+            rows = {r.device: r.last_seen for r in conn.execute(
+                select(table.c.device, table.c.last_seen).where(table.c.device.in_(list(seen))))}
+            for device, ts in seen.items():
+                if device not in rows:
+                    conn.execute(table.insert().values(device=device, last_seen=ts))
+                elif ts > (rows[device] or 0):
+                    conn.execute(table.update().where(table.c.device == device)
+                                 .values(last_seen=ts))
+
+
+@dataclass
+class _ReportBatch:
+    """What one fetched batch of reports writes: ledger events and last-seen times."""
+
+    events: list[NewEvent] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=dict)  # device -> newest report ts
+    last: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
+
+
+# Every device holds a watch consumer on the assignments and trust-root buckets, plus one
+# per model download; nats-server (2.11+) caps a stream at 1,000 consumers unless the
+# stream says otherwise (err 10026 "maximum consumers limit reached").
+FLEET_MAX_CONSUMERS = 1_000_000
+
+
+async def allow_fleet_consumers(js: JetStreamContext) -> None:
+    """Raise max_consumers on the buckets every device reads (idempotent)."""
+    from edge_agent.trust_chain import ROOTS_BUCKET
+
+    buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
+               f"OBJ_{MODELS_BUCKET}")
+    for stream in buckets:
+        try:
+            info = await js.stream_info(stream)
+            if info.config.max_consumers == FLEET_MAX_CONSUMERS:
+                continue
+            info.config.max_consumers = FLEET_MAX_CONSUMERS
+            await js.update_stream(info.config)
+        except Exception as exc:  # a server that refuses: devices beyond 1,000 may not watch
+            log.warning("cannot raise max_consumers on %s: %s", stream, exc)
 
 
 class _NonceLookup:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from edge_agent import protocol as proto
@@ -60,6 +60,10 @@ class TelemetryDeviceRow(SQLModel, table=True):
 
 AGG = SQLModel.metadata.tables[TelemetryAggRow.__tablename__]
 DEVS = SQLModel.metadata.tables[TelemetryDeviceRow.__tablename__]
+_AGG_VALUES = ("model", "version", "windows", "inferences", "errors", "latency_buckets",
+               "output_hist", "first_ts", "last_ts")
+_DEV_VALUES = ("seen", "windows", "duplicates", "dropped")
+_COUNTER_VALUES = ("last_seen", "boot", "window_seq", "latency_ms_p95", "inferences", "errors")
 
 
 @dataclass
@@ -166,53 +170,75 @@ class TelemetryIngest:
         """Write what was counted since the last flush, in one transaction."""
         if not (self._dirty_aggs or self._dirty_devs):
             return
+        # Rows are grouped into one executemany per table and statement: a flush after a
+        # fetched batch of 256 windows is a handful of statements, not ~800.
         with self.engine.begin() as conn:
+            inserts: list[dict[str, Any]] = []
+            updates: list[dict[str, Any]] = []
             for key in sorted(self._dirty_aggs):
-                self._write_agg(conn, key, self._aggs[key])
+                a = self._aggs[key]
+                row = {"device": key[0], "digest": key[1], "counter": key[2],
+                       **self._agg_values(a)}
+                (updates if a.stored else inserts).append(row)
+                a.stored = True
+            if inserts:
+                conn.execute(insert(AGG), inserts)
+            if updates:
+                conn.execute(update(AGG).where(
+                    AGG.c.device == bindparam("k_device"), AGG.c.digest == bindparam("k_digest"),
+                    AGG.c.counter == bindparam("k_counter")).values(
+                        {c: bindparam(c) for c in _AGG_VALUES}),
+                    [{**{c: r[c] for c in _AGG_VALUES}, "k_device": r["device"],
+                      "k_digest": r["digest"], "k_counter": r["counter"]} for r in updates])
+            inserts, updates = [], []
             for device in sorted(self._dirty_devs):
-                self._write_dev(conn, device, self._devs[device])
-            for device, w in self._latest.items():
-                self._write_device_counters(conn, device, w)
+                d = self._devs[device]
+                row = {"device": device, "seen": json.dumps(d.seen), "windows": d.windows,
+                       "duplicates": d.duplicates, "dropped": d.dropped}
+                (updates if d.stored else inserts).append(row)
+                d.stored = True
+            if inserts:
+                conn.execute(insert(DEVS), inserts)
+            if updates:
+                conn.execute(update(DEVS).where(DEVS.c.device == bindparam("k_device")).values(
+                    {c: bindparam(c) for c in _DEV_VALUES}),
+                    [{**{c: r[c] for c in _DEV_VALUES}, "k_device": r["device"]}
+                     for r in updates])
+            self._write_device_counters(conn)
         self._dirty_aggs.clear()
         self._dirty_devs.clear()
         self._latest.clear()
 
-    def _write_agg(self, conn: Connection, key: tuple[str, str, int], a: _Agg) -> None:
-        values = {"model": a.model, "version": a.version, "windows": a.windows,
-                  "inferences": a.inferences, "errors": a.errors,
-                  "latency_buckets": json.dumps(a.latency), "output_hist": json.dumps(a.outputs),
-                  "first_ts": a.first_ts, "last_ts": a.last_ts}
-        if a.stored:
-            conn.execute(update(AGG).where(AGG.c.device == key[0], AGG.c.digest == key[1],
-                                           AGG.c.counter == key[2]).values(**values))
-        else:
-            conn.execute(insert(AGG).values(device=key[0], digest=key[1], counter=key[2],
-                                            **values))
-            a.stored = True
+    @staticmethod
+    def _agg_values(a: _Agg) -> dict[str, Any]:
+        return {"model": a.model, "version": a.version, "windows": a.windows,
+                "inferences": a.inferences, "errors": a.errors,
+                "latency_buckets": json.dumps(a.latency), "output_hist": json.dumps(a.outputs),
+                "first_ts": a.first_ts, "last_ts": a.last_ts}
 
-    def _write_dev(self, conn: Connection, device: str, d: _Dev) -> None:
-        values = {"seen": json.dumps(d.seen), "windows": d.windows,
-                  "duplicates": d.duplicates, "dropped": d.dropped}
-        if d.stored:
-            conn.execute(update(DEVS).where(DEVS.c.device == device).values(**values))
-        else:
-            conn.execute(insert(DEVS).values(device=device, **values))
-            d.stored = True
-
-    def _write_device_counters(self, conn: Connection, device: str,
-                               w: proto.TelemetryWindow) -> None:
+    def _write_device_counters(self, conn: Connection) -> None:
         """The per-device totals `hub devices` shows (table device_telemetry)."""
-        dev = self._devs[device]
-        values = {"last_seen": w.end, "boot": w.boot, "window_seq": w.seq,
-                  "latency_ms_p95": float(w.latency_ms_p95),
-                  "inferences": dev.inferences, "errors": dev.errors}
-        exists = conn.execute(select(proj.TELEMETRY.c.device)
-                              .where(proj.TELEMETRY.c.device == device)).first()
-        if exists is None:
-            conn.execute(insert(proj.TELEMETRY).values(device=device, **values))
-        else:
-            conn.execute(update(proj.TELEMETRY).where(proj.TELEMETRY.c.device == device)
-                         .values(**values))
+        if not self._latest:
+            return
+        table = proj.TELEMETRY
+        existing = {r[0] for r in conn.execute(
+            select(table.c.device).where(table.c.device.in_(list(self._latest))))}
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for device, w in self._latest.items():
+            dev = self._devs[device]
+            values = {"last_seen": w.end, "boot": w.boot, "window_seq": w.seq,
+                      "latency_ms_p95": float(w.latency_ms_p95),
+                      "inferences": dev.inferences, "errors": dev.errors}
+            if device in existing:
+                updates.append({**values, "k_device": device})
+            else:
+                inserts.append({**values, "device": device})
+        if inserts:
+            conn.execute(insert(table), inserts)
+        if updates:
+            conn.execute(update(table).where(table.c.device == bindparam("k_device")).values(
+                {c: bindparam(c) for c in _COUNTER_VALUES}), updates)
 
     # ------------------------------------------------------------ views
 

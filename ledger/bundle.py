@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ledger.checkpoint import SignedCheckpoint, open_checkpoint
-from ledger.checkpoint_store import CheckpointStore
 from ledger.encoding import EncodingError, canonical_decode, canonical_encode
 from ledger.entry import Entry
 from ledger.errors import BundleError, EntryError, NoteError, ProofError
 from ledger.merkle import HASHES, verify_inclusion
 from ledger.note import CosignatureVerifier, Verifier
-from ledger.store import LedgerStore
+
+if TYPE_CHECKING:  # the device side verifies bundles without the database layer
+    from ledger.checkpoint_store import StoredCheckpoint
+    from ledger.store import LedgerStore
 
 BUNDLE_FORMAT = "fleetledger-proof/1"
 BUNDLE_KEYS = frozenset({"format", "merkle_hash", "seq", "body", "prev", "hash", "tree_size",
@@ -32,9 +34,17 @@ BUNDLE_KEYS = frozenset({"format", "merkle_hash", "seq", "body", "prev", "hash",
 
 def make_bundle(store: LedgerStore, seq: int) -> bytes:
     """The proof bundle of entry `seq` at the latest stored checkpoint's size."""
+    from ledger.checkpoint_store import CheckpointStore
+
     latest = CheckpointStore(store, create=False).latest()
     if latest is None:
         raise BundleError("the ledger has no signed checkpoint yet (the hub signs them)")
+    return make_bundle_at(store, seq, latest)
+
+
+def make_bundle_at(store: LedgerStore, seq: int, latest: StoredCheckpoint) -> bytes:
+    """The proof bundle of entry `seq` in the stored checkpoint `latest` (with the
+    cosignatures it carries)."""
     if seq >= latest.size:
         raise BundleError(f"seq {seq} is not covered by the latest checkpoint (tree size "
                           f"{latest.size}); wait for the hub's next checkpoint")

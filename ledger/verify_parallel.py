@@ -66,11 +66,14 @@ def verify_parallel(
 ) -> VerifyResult:
     """`verify_chain` over the whole ledger in `jobs` processes (see the module doc).
     The caller (`LedgerStore.verify`) still compares the root with the stored one."""
-    head = store._read_driver("SELECT max(seq) FROM ledger_entries")[0][0]
+    count, head = store._read_driver("SELECT count(*), max(seq) FROM ledger_entries")[0]
     entries = 0 if head is None else int(head) + 1
     level = segment_level(entries, jobs)
     size = 1 << level
-    if jobs < 2 or entries <= size or store.url is None:  # one segment, or in memory
+    # One segment, or in memory: nothing to share. Rows missing (or stray rows below
+    # seq 0, which no verifier reads): the one-process pass names the first gap at
+    # once, and a wild seq cannot make millions of segments.
+    if jobs < 2 or entries <= size or store.url is None or count != entries:
         return store._resume_verify(expected_head, VerifyStart(0, GENESIS_PREV))
     th = store.tree_hash
     upper_nodes = store._tree_nodes(0, 0, max_level=level)  # every node above a segment

@@ -1,8 +1,11 @@
 """The walking-skeleton demo: one real model travels from the hub to five devices.
 
-Starts a private nats-server, `hub serve` (SQLite ledger under the data dir) and five
-`edge-agent` processes; registers v1, deploys it to all, waits until every device
-reports it applied; then the same for v2; prints the fleet and the ledger check.
+Starts a private nats-server with the configuration `hub init` wrote (a user per
+identity: hub, operator, and one nkey per enrolled device, each confined by its
+permissions; `--tls` adds TLS with the home's own CA), `hub serve` (SQLite ledger
+under the data dir) and five `edge-agent` processes; registers v1, deploys it to all,
+waits until every device reports it applied; then the same for v2; prints the fleet
+and the ledger check.
 Every process it started is stopped on the way out, also on Ctrl-C.
 
 Run it with `scripts/demo` (which sets up the virtual environment first).
@@ -31,8 +34,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 
 from hub.client import HubClient, HubError  # noqa: E402
 from hub.embedded_nats import EmbeddedNats  # noqa: E402
-from hub.home import init_home  # noqa: E402
+from hub.home import HubConfig, init_home, load_config, set_nats_url  # noqa: E402
 from hub.modelgen import model_for_version, write_validation_set  # noqa: E402
+from hub.nats_config import server_conf_path  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402
 
 console = Console()
@@ -113,13 +117,14 @@ async def wait_for_telemetry(client: HubClient, timeout: float) -> None:
         await asyncio.sleep(0.2)
 
 
-async def drive(url: str, home: Path, models: dict[str, Path], devices: list[str],
+async def drive(config: HubConfig, models: dict[str, Path], devices: list[str],
                 procs: Processes, data: Path) -> None:
+    url, home, auth = config.nats_url, config.home, config.nats_auth("operator")
     admin_key = SigningKey.load(home / "operators" / "admin.key")
     deadline = time.monotonic() + 15
     while True:  # hub serve creates the buckets; wait until it answers
         try:
-            async with await HubClient.connect(url, admin_key, timeout=2) as probe:
+            async with await HubClient.connect(url, admin_key, timeout=2, auth=auth) as probe:
                 await probe.call("status")
             break
         except HubError:
@@ -129,7 +134,7 @@ async def drive(url: str, home: Path, models: dict[str, Path], devices: list[str
             await asyncio.sleep(0.1)
     # Four eyes: the admin registers, alice (an approver) approves.
     alice_key = SigningKey.generate()
-    async with await HubClient.connect(url, admin_key) as admin:
+    async with await HubClient.connect(url, admin_key, auth=auth) as admin:
         await admin.call("operator.add", {"name": "alice", "roles": ["approver"],
                                           "public": alice_key.public.raw})
         alice_key.save(home / "operators" / "alice.key")
@@ -142,7 +147,7 @@ async def drive(url: str, home: Path, models: dict[str, Path], devices: list[str
                 "--state-dir", str(data / "devices" / device), "--rate", "20", "--window", "1",
             ])
         console.print(f"enrolled and started {len(devices)} agents: {', '.join(devices)}")
-        async with await HubClient.connect(url, alice_key) as alice:
+        async with await HubClient.connect(url, alice_key, auth=auth) as alice:
             for version in ("1", "2"):
                 await release(admin, alice, models[version], version, data)
                 await admin.call("deploy", {"model": "kws", "version": version, "all": True})
@@ -172,6 +177,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "demo-data",
                         help="working directory for this run (wiped at start)")
     parser.add_argument("--devices", type=int, default=5, help="number of agents")
+    parser.add_argument("--tls", action="store_true", help="NATS over TLS (the home's CA)")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="a NATS server without users (authentication is on by default)")
     args = parser.parse_args()
     data: Path = args.data.resolve()
     if data.exists():
@@ -187,16 +195,21 @@ def main() -> int:
     # SIGTERM ends the demo like Ctrl-C does, through the same clean-up.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
-    nats_server = EmbeddedNats(store_dir=data / "nats")
+    home = data / "hub"
+    # The home first: the server runs with the configuration `hub init` writes there.
+    init_home(home, "nats://127.0.0.1:4222", nats_auth=not args.no_auth, tls=args.tls)
+    nats_server = EmbeddedNats(store_dir=data / "nats",
+                               config_file=None if args.no_auth else server_conf_path(home))
     procs = Processes(data / "logs")
     code = 0
     try:
         nats_server.start()
-        console.print(f"nats-server {nats_server.url} (pid {nats_server.pid})")
-        home = data / "hub"
-        init_home(home, nats_server.url)
+        set_nats_url(home, nats_server.url)
+        security = "no authentication" if args.no_auth else (
+            "users and per-device nkeys" + (", TLS" if args.tls else ""))
+        console.print(f"nats-server {nats_server.url} (pid {nats_server.pid}; {security})")
         procs.start("hub", [str(BIN / "hub"), "serve", "--home", str(home)])
-        asyncio.run(drive(nats_server.url, home, models, devices, procs, data))
+        asyncio.run(drive(load_config(home), models, devices, procs, data))
         env = dict(os.environ, COLUMNS="110")
         subprocess.run([str(BIN / "hub"), "devices", "--home", str(home)], env=env, check=True)
         subprocess.run([str(BIN / "hub"), "model", "history", "kws", "--home", str(home)],

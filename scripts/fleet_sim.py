@@ -52,7 +52,8 @@ def main() -> int:
     async def run() -> None:
         sim = SimFleet(config.nats_url, args.state, config.trust_root_path, args.devices,
                        prefix=args.prefix, rate=args.rate, window=args.window)
-        async with await HubClient.connect(config.nats_url, key) as admin:
+        async with await HubClient.connect(config.nats_url, key,
+                                           auth=config.nats_auth()) as admin:
             await sim.enroll(admin, group=args.group)
         await sim.start()
         faults: dict[str, dict[str, object]] = {d: {} for d in sim.ids}

@@ -90,7 +90,7 @@ class Target:
 @pytest.fixture
 async def target(fleet: Fleet, model_files: dict[str, Path]) -> AsyncIterator[Target]:
     await fleet.release_model(model_files["1"], "kws", "1")
-    async with await fleet.client() as client:
+    async with await fleet.client(role="hub") as client:  # it forges KV entries
         await client.call("device.enroll", {"device": DEVICE})
         reports = await ReportWatch.start(fleet.url_as(), DEVICE)
         fleet.agent(DEVICE).start()

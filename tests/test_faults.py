@@ -1,7 +1,11 @@
-"""Fault tests: the hub killed with SIGKILL in the middle of a burst of appends.
+"""Fault tests.
 
-After a restart the chain verifies, no half-written entry exists, and every command the
-hub acknowledged is in the ledger.
+- The hub killed with SIGKILL in the middle of a burst of appends: after a restart the
+  chain verifies, no half-written entry exists, and every command the hub acknowledged
+  is in the ledger.
+- The NATS server killed with SIGKILL and restarted while devices report: the agents
+  reconnect by themselves, their spools carry what the server never acknowledged, and
+  the hub ends up counting exactly the inferences the agents produced.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +25,11 @@ from edge_agent.nats_auth import NO_AUTH, NatsAuth
 from hub import events as ev
 from hub.client import HubClient, HubError
 from hub.embedded_nats import EmbeddedNats
+from hub.fleet_sim import SimFleet
 from hub.home import load_config
 from ledger.signing import SigningKey
 from ledger.store import LedgerStore
-from tests.fleet import REPO_ROOT
+from tests.fleet import REPO_ROOT, Fleet
 
 
 def start_hub(home: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -98,3 +104,48 @@ async def test_hub_killed_during_a_burst_loses_no_acknowledged_command(
     seqs = [e.seq for e in store.iter_entries()]
     assert seqs == list(range(len(seqs)))
     store.close()
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    async def poll() -> None:
+        while not check():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest.mark.timeout(180)
+async def test_nats_killed_and_restarted_while_devices_report_loses_nothing(
+    tmp_path: Path, fleet: Fleet, nats_server: EmbeddedNats, model_files: dict[str, Path]
+) -> None:
+    sim = SimFleet(fleet.nats_url, tmp_path / "sim", fleet.config.trust_root_path, 6,
+                   rate=40.0, window=0.2)
+    hub = fleet.hub
+    try:
+        await fleet.release_model(model_files["1"], "kws", "1")
+        async with await fleet.client() as admin:
+            await sim.enroll(admin)
+            await sim.start()
+            await admin.call("deploy", {"model": "kws", "version": "1", "all": True})
+        await fleet.feed.wait_for(
+            lambda _: len({e.subject for e in fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED)})
+            == len(sim.ids), timeout=60, what="every device to apply kws/1")
+        await until(lambda: hub.telemetry.inferences_total > 0, 30, "telemetry to arrive")
+
+        nats_server.kill()
+        # While the server is down the agents keep inferring; windows pile up on disk.
+        await until(lambda: sim.spooled() >= 3 * len(sim.ids), 30, "windows to be spooled")
+        nats_server.start()  # same port, same JetStream store, same users
+
+        produced = sim.produced()
+        await until(lambda: hub.telemetry.inferences_total > produced, 60,
+                    "reports made while NATS was down to be counted")
+        await sim.quiesce(timeout=60)
+        await until(lambda: hub.telemetry.inferences_total == sim.produced(), 60,
+                    f"hub count {hub.telemetry.inferences_total} == produced {sim.produced()}")
+        assert sum(a.spool.dropped for a in sim.agents.values()) == 0
+    finally:
+        await sim.stop()

@@ -45,7 +45,8 @@ WAIT = 20.0  # seconds any one awaited event may take before the test fails
 
 @pytest.fixture
 async def client(fleet: Fleet) -> AsyncIterator[HubClient]:
-    async with await fleet.client() as c:
+    # As the hub's NATS user: these tests also publish raw reports and read KV.
+    async with await fleet.client(role="hub") as c:
         yield c
 
 

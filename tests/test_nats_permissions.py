@@ -57,8 +57,8 @@ class Conn:
         task = asyncio.ensure_future(action)
 
         async def until() -> None:
-            while not any("permissions violation" in e.lower() and what in e
-                          for e in self.errors):
+            while not any("permissions violation" in e.lower() and what.lower() in e.lower()
+                          for e in self.errors):  # nats-py lower-cases the server's text
                 self.changed.clear()
                 await self.changed.wait()
 
@@ -83,13 +83,14 @@ def device_auth(fleet: Fleet, device: str) -> NatsAuth:
 
 
 async def connect_device(fleet: Fleet, device: str) -> Conn:
-    """Connect with the device's bundle key; the server reloads its users file right
-    after enrolment, so a first attempt may still be refused: retry until WAIT."""
+    """Connect with the device's bundle key. The server reloads its users file just
+    after enrolment, so an attempt may be refused (not there yet) or reset (a handshake
+    during the reload): retry those until WAIT, as edge_agent.nats_auth.connect does."""
     deadline = asyncio.get_running_loop().time() + WAIT
     while True:
         try:
             return await Conn.open(fleet.nats_url, device_auth(fleet, device), device)
-        except NatsError:
+        except (NatsError, ConnectionResetError):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
