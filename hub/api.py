@@ -28,6 +28,7 @@ from ledger.store import NewEvent
 from . import events as ev
 from . import lifecycle as lc
 from . import projections as proj
+from . import rollout_state
 from .commands import ROLES, VerifiedCommand
 from .devices import REVOKED, write_bundle
 from .home import HubConfig
@@ -364,6 +365,16 @@ class Commands:
             raise CommandError(f"unknown device(s): {', '.join(unknown)}; enroll them first")
         if not targets:
             raise CommandError("no devices are enrolled")
+        # A direct deploy must not pull a device out from under a running rollout.
+        busy = rollout_state.active_rollout_of(conn)
+        clash = [d for d in targets if d in busy]
+        if clash:
+            owner = busy[clash[0]]
+            raise CommandError(
+                f"{len(clash)} device(s) are in active rollout {owner} "
+                f"({', '.join(clash[:5])}{'…' if len(clash) > 5 else ''}); let it finish, "
+                f"or `hub rollout abort {owner}` first"
+            )
         deployment = f"dep-{next_seq}"
         now = time.time_ns()
         events = [self._event(cmd, ev.DEPLOYMENT_CREATED, ev.deployment_subject(deployment),

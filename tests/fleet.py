@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from edge_agent.nats_auth import NO_AUTH, NatsAuth
+from edge_agent.nats_auth import connect as nats_connect
 from hub.client import HubClient
 from hub.home import HubConfig, init_home, load_config
 from hub.modelgen import write_validation_set
@@ -49,7 +49,8 @@ class LedgerFeed:
         self._nc: NATS | None = None
 
     async def start(self, url: str, auth: NatsAuth = NO_AUTH) -> None:
-        self._nc = await nats.connect(url, name="test-feed", **auth.options())
+        # Through the retrying connect: a users-file reload may refuse a handshake.
+        self._nc = await nats_connect(url, auth, name="test-feed")
         await self._nc.subscribe("ledger.entry", cb=self._on_entry)
 
     async def _on_entry(self, msg: Msg) -> None:
@@ -184,8 +185,7 @@ class Fleet:
 
     async def connect(self, role: str = "hub", name: str = "test") -> NATS:
         """A side connection to the fleet's NATS server as `hub`, `operator` or `witness`."""
-        return await nats.connect(self.nats_url, name=name,
-                                  **self.config.nats_auth(role).options())
+        return await nats_connect(self.nats_url, self.config.nats_auth(role), name=name)
 
     async def release_model(self, path: Path, name: str, version: str) -> dict[str, object]:
         """Walk a model through the whole lifecycle: register, validate, approve, release."""

@@ -237,6 +237,11 @@ async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Pat
     with pytest.raises(HubError, match=f"already in active rollout.*{rid}.*one active "
                                        "rollout per device"):
         await world.rollout("2", start=False, target="tag:site=a")
+    # So is a direct deploy to a device inside it, and the ledger does not change.
+    before = world.fleet.hub.store.count()
+    with pytest.raises(HubError, match=f"in active rollout {rid}.*hub rollout abort {rid}"):
+        await world.call("deploy", {"model": "kws", "version": "2", "devices": ["sim-0000"]})
+    assert world.fleet.hub.store.count() == before
     await world.call("rollout.abort", {"rollout": rid, "reason": "changed my mind"})
     # A device that joins the target during a rollout gets the rollout's release.
     rid = await world.rollout("2", waves="10%,100%", bake="2s", target="group=lab")
