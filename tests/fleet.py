@@ -15,13 +15,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from edge_agent.nats_auth import NO_AUTH, NatsAuth
 from edge_agent.nats_auth import connect as nats_connect
-from hub.client import HubClient
+from hub.client import HubClient, HubError
 from hub.home import HubConfig, init_home, load_config
 from hub.modelgen import write_validation_set
 from hub.service import HubService
@@ -216,3 +218,23 @@ class Fleet:
             agent.stop()
         await self.feed.close()
         await self.hub.stop()
+
+
+def ledger_state(fleet: Fleet) -> tuple[int, bytes | None]:
+    head = fleet.hub.store.head()
+    return fleet.hub.store.count(), None if head is None else head.hash
+
+
+async def refused(fleet: Fleet, client: HubClient, verb: str, body: dict[str, Any],
+                  *words: str) -> str:
+    """`verb` must be refused with a message holding `words`, append nothing, and leave
+    the chain verifying."""
+    before = ledger_state(fleet)
+    with pytest.raises(HubError) as info:
+        await client.call(verb, body)
+    message = str(info.value)
+    for word in words:
+        assert word in message, message
+    assert ledger_state(fleet) == before
+    assert fleet.hub.store.verify().ok
+    return message

@@ -18,30 +18,13 @@ import numpy as np
 import pytest
 
 from hub import events as ev
-from hub.client import HubClient, HubError
+from hub.client import HubClient
 from hub.modelgen import write_validation_set
 from hub.rebuild import live_digest, rebuild_digest
 from ledger.signing import SigningKey
-from tests.fleet import REPO_ROOT, Fleet
+from tests.fleet import REPO_ROOT, Fleet, ledger_state, refused
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def ledger_state(fleet: Fleet) -> tuple[int, bytes | None]:
-    head = fleet.hub.store.head()
-    return fleet.hub.store.count(), None if head is None else head.hash
-
-
-async def refused(fleet: Fleet, client: HubClient, verb: str, body: dict[str, Any],
-                  *words: str) -> str:
-    before = ledger_state(fleet)
-    with pytest.raises(HubError) as info:
-        await client.call(verb, body)
-    message = str(info.value)
-    for word in words:
-        assert word in message, message
-    assert ledger_state(fleet) == before, "a refused command changed the ledger"
-    return message
 
 
 async def add_operator(admin: HubClient, name: str, *roles: str) -> SigningKey:

@@ -38,7 +38,7 @@ from hub.service import ASSIGNMENTS_BUCKET, MODELS_BUCKET
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.signing import SigningKey
 from ledger.store import LedgerStore
-from tests.fleet import REPO_ROOT, Fleet
+from tests.fleet import REPO_ROOT, Fleet, ledger_state, refused
 
 WAIT = 20.0  # seconds any one awaited event may take before the test fails
 
@@ -48,25 +48,6 @@ async def client(fleet: Fleet) -> AsyncIterator[HubClient]:
     # As the hub's NATS user: these tests also publish raw reports and read KV.
     async with await fleet.client(role="hub") as c:
         yield c
-
-
-def ledger_state(fleet: Fleet) -> tuple[int, bytes | None]:
-    head = fleet.hub.store.head()
-    return fleet.hub.store.count(), None if head is None else head.hash
-
-
-async def refused(fleet: Fleet, client: HubClient, verb: str, body: dict[str, Any],
-                  *words: str) -> str:
-    """`verb` must be refused with a message holding `words`, and append nothing."""
-    before = ledger_state(fleet)
-    with pytest.raises(HubError) as info:
-        await client.call(verb, body)
-    message = str(info.value)
-    for word in words:
-        assert word in message, message
-    assert ledger_state(fleet) == before
-    assert fleet.hub.store.verify().ok
-    return message
 
 
 async def poll(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:

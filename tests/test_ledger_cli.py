@@ -127,8 +127,8 @@ def test_help_teaches(ledger_db: Path) -> None:
 
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "ledger"
-    if not script.exists():
-        pytest.skip(f"no console script next to {sys.executable} (package not installed)")
+    # scripts/setup installs the package, so a missing script is a packaging bug.
+    assert script.exists(), f"no `ledger` console script next to {sys.executable}"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60,
                           check=False)  # fmt: skip
     assert done.returncode == 0
