@@ -135,6 +135,56 @@ def witness_add(
               f"{result['threshold']} cosignature(s)")
 
 
+@witness_app.command("remove")
+def witness_remove(
+    name: str = typer.Argument(..., help="The witness's key name (see `hub witness list`)."),
+    threshold: int | None = typer.Option(
+        None, "--threshold", help="Cosignatures devices require from then on (default: "
+        "unchanged; needed when fewer witnesses than that would be left)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Remove a witness (admin role), e.g. one whose key leaked or that stopped
+    cosigning: trust root N+1 no longer lists it, devices stop counting its cosignatures
+    and the hub stops storing them. The last witness cannot be removed (add its
+    replacement first), and the threshold is lowered only when you say so."""
+    body: dict[str, Any] = {"name": name}
+    if threshold is not None:
+        body["threshold"] = threshold
+    result = _call(_config(home, nats_url), key, timeout, "witness.remove", body)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"trust root version {result['version']}: witness {name} (key "
+              f"{result['keyid']}) removed; devices requiring inclusion need "
+              f"{result['threshold']} cosignature(s)")
+
+
+@witness_app.command("list")
+def witness_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+                 as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
+    """The witnesses in the current trust root: name, key id, and how many cosignatures
+    devices running with --require-inclusion need."""
+    result = _call(_config(home, nats_url), key, timeout, "keys")
+    role = next((r for r in result["roles"] if r["role"] == "witness"), None)
+    names = role.get("names", {}) if role else {}
+    rows = [{"name": names.get(k, ""), "keyid": k} for k in (role["keyids"] if role else [])]
+    threshold = role["threshold"] if role else 0
+    if as_json:
+        _print_json({"version": result["version"], "threshold": threshold,
+                     "witnesses": rows})
+        return
+    if not rows:
+        out.print(f"trust root version {result['version']} names no witness; add one with "
+                  "`hub witness add NAME --pubkey VKEY`")
+        return
+    table = Table("name", "key id", title=f"witnesses in trust root version "
+                  f"{result['version']} (devices need {threshold} cosignature(s))")
+    for row in rows:
+        table.add_row(row["name"], row["keyid"])
+    out.print(table)
+
+
 @device_app.command("history")
 def device_history(
     device_id: str = typer.Argument(..., help="Device id."),

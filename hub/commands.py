@@ -50,6 +50,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "keys.rotate": ("admin",),
     "keys.revoke": ("admin",),
     "witness.add": ("admin",),
+    "witness.remove": ("admin",),
 }
 READ_VERBS: Final = frozenset(
     {"status", "models", "model.show", "model.history", "devices", "operators", "whoami",

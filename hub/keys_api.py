@@ -96,6 +96,10 @@ class KeyCommands:
         if role == "log":
             raise CommandError("log keys cannot be revoked yet: checkpoints are signed with "
                                "HOME/keys/log.key (see docs/ARCHITECTURE.md, Trust)")
+        if role == "witness":
+            name = self.keyring.root.names.get(keyid, "NAME")
+            raise CommandError(f"{keyid} is a witness key: remove it with "
+                               f"`hub witness remove {name}`")
         held = [k for k in self.keyring.held if k.keyid != keyid]
         revoked = [k for k in self.keyring.held if k.keyid == keyid]
         try:

@@ -73,6 +73,7 @@ class HubService:
             proj.create_tables(conn)
         self.commands = Commands(config, self)
         self.keys = KeyCommands(config, self.commands.keyring, self)
+        witnesses = WitnessCommands(self.keys)
         self._write_lock = asyncio.Lock()
         self._read_nonces: set[str] = set()
         self._nc: NATS | None = None
@@ -101,7 +102,8 @@ class HubService:
             "deploy": self._deploy,
             "keys.rotate": self.keys.rotate,
             "keys.revoke": self.keys.revoke,
-            "witness.add": WitnessCommands(self.keys).add,
+            "witness.add": witnesses.add,
+            "witness.remove": witnesses.remove,
         }
         self._reads: dict[str, Callable[[VerifiedCommand], Any]] = {
             "status": self._api_status,

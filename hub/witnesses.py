@@ -1,4 +1,5 @@
-"""`witness.add`: put a witness's cosignature key into the trust root (model transparency).
+"""`witness.add` / `witness.remove`: a witness's cosignature key into or out of the trust
+root (model transparency).
 
 A witness key is a public key only (the witness holds its seed; `ledger witness-key`
 prints its vkey), so `hub keys rotate` (which makes a key the hub holds) does not fit.
@@ -11,10 +12,18 @@ chain rule. The command records it as `keys.rotated` (role `witness`), so the ro
 history, `hub keys show` and the KV bucket `roots` work as for any rotation, and after
 the commit appends the witness's vkey to HOME/witnesses so the hub stores its
 cosignatures (hub/checkpointer.py). See docs/PROTOCOL.md ("Model transparency").
+
+Removal (`plan_witness_removal`) is root N+1 without the key, recorded as `keys.revoked`
+(role `witness`); the hub then stops storing that witness's cosignatures. It never
+lowers the threshold on its own (that is a security decision the admin states with
+`--threshold`), and it refuses to remove the last witness: devices that require
+inclusion could then install nothing, so the replacement is added first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +41,8 @@ from . import events as ev
 from .api import CommandError, Outcome
 from .checkpointer import WITNESSES_NAME, load_witness_keys
 from .commands import VerifiedCommand
-from .keyring import ROOT_TTL_NS, KeyChange, KeyChangeRefused
+from .keyring import ROOT_TTL_NS, WITNESS_ROLE, KeyChange, KeyChangeRefused, plan_next_root
 from .keys_api import KeyCommands
-
-WITNESS_ROLE = "witness"
 
 
 def parse_witness_key(name: str, pubkey: str) -> PublicKey:
@@ -110,6 +117,42 @@ def plan_witness_root(
     return KeyChange(WITNESS_ROLE, public.keyid, envelope, version, thresholds[WITNESS_ROLE])
 
 
+def witness_keyid(current: TrustRoot, name: str) -> str:
+    """The key id of the witness named `name` in `current`, or `KeyChangeRefused`."""
+    listed = current.roles[WITNESS_ROLE].keyids if WITNESS_ROLE in current.roles else ()
+    for keyid in listed:
+        if current.names.get(keyid) == name:
+            return keyid
+    known = ", ".join(sorted(current.names[k] for k in listed if k in current.names))
+    raise KeyChangeRefused(f"no witness named {name!r} in trust root version "
+                           f"{current.version} (witnesses: {known or 'none'})")
+
+
+def plan_witness_removal(
+    current: TrustRoot,
+    held: Sequence[SigningKey],
+    name: str,
+    threshold: int | None = None,
+    now: int | None = None,
+) -> KeyChange:
+    """Root `current.version + 1` without witness `name`."""
+    keyid = witness_keyid(current, name)
+    role = current.roles[WITNESS_ROLE]
+    remaining = len(role.keyids) - 1
+    if remaining == 0:
+        raise KeyChangeRefused(
+            f"{name!r} is the only witness: without one, devices running with "
+            "--require-inclusion could install nothing; add its replacement first "
+            "(`hub witness add`), then remove it")
+    if threshold is None and role.threshold > remaining:
+        raise KeyChangeRefused(
+            f"devices require {role.threshold} cosignatures and {remaining} witness(es) "
+            f"would be left; give --threshold 1..{remaining} to lower it, or add a "
+            "witness first")
+    return plan_next_root(current, held, WITNESS_ROLE, remove=keyid, threshold=threshold,
+                          now=now)
+
+
 def witness_vkey(name: str, public: PublicKey) -> str:
     return CosignatureVerifier(name, public.raw).vkey()
 
@@ -122,6 +165,35 @@ def add_to_witness_file(path: Path, vkey: str) -> None:
         fh.write(f"{vkey}\n")
 
 
+def remove_from_witness_file(path: Path, public_raw: bytes) -> None:
+    """Drop the vkey whose Ed25519 public key is `public_raw` from HOME/witnesses,
+    atomically (a crash leaves the old file or the new one)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        text = line.split("#", 1)[0].strip()
+        if text:
+            with contextlib.suppress(NoteError):
+                vkey = parse_vkey(text)
+                if isinstance(vkey, CosignatureVerifier) and vkey.public_key == public_raw:
+                    continue
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _threshold(body: dict[str, Any]) -> int | None:
+    threshold = body.get("threshold")
+    if threshold is not None and (not isinstance(threshold, int)
+                                  or isinstance(threshold, bool) or threshold < 1):
+        raise CommandError("threshold must be a positive integer")
+    return threshold
+
+
 class WitnessCommands:
     def __init__(self, keys: KeyCommands) -> None:
         self.keys = keys
@@ -130,10 +202,7 @@ class WitnessCommands:
         name, pubkey = cmd.body.get("name"), cmd.body.get("pubkey")
         if not isinstance(name, str) or not isinstance(pubkey, str):
             raise CommandError("witness.add needs 'name' and 'pubkey' (text)")
-        threshold = cmd.body.get("threshold")
-        if threshold is not None and (not isinstance(threshold, int)
-                                      or isinstance(threshold, bool) or threshold < 1):
-            raise CommandError("threshold must be a positive integer")
+        threshold = _threshold(cmd.body)
         keyring = self.keys.keyring
         try:
             public = parse_witness_key(name, pubkey)
@@ -152,6 +221,33 @@ class WitnessCommands:
             await commit_root()
 
         result: dict[str, Any] = {"role": WITNESS_ROLE, "name": name, "keyid": change.keyid,
+                                  "version": change.version, "threshold": change.threshold,
+                                  "vkey": vkey}
+        return Outcome([event], result, [effect])
+
+    def remove(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        name = cmd.body.get("name")
+        if not isinstance(name, str):
+            raise CommandError("witness.remove needs 'name' (text)")
+        threshold = _threshold(cmd.body)
+        keyring = self.keys.keyring
+        try:
+            keyid = witness_keyid(keyring.root, name)
+            public = keyring.root.keys[keyid]
+            change = plan_witness_removal(keyring.root, keyring.held, name, threshold)
+        except KeyChangeRefused as exc:
+            raise CommandError(str(exc)) from exc
+        vkey = witness_vkey(name, public)
+        event = self.keys._key_event(cmd, ev.KEYS_REVOKED, change, {
+            "name": name, "vkey": vkey, "resigned_manifests": 0, "resigned_assignments": 0})
+        commit_root = self.keys._commit_root(change)
+        path = self.keys.config.home / WITNESSES_NAME
+
+        async def effect() -> None:
+            await commit_root()  # first: devices stop counting its cosignatures
+            remove_from_witness_file(path, public.raw)
+
+        result: dict[str, Any] = {"role": WITNESS_ROLE, "name": name, "keyid": keyid,
                                   "version": change.version, "threshold": change.threshold,
                                   "vkey": vkey}
         return Outcome([event], result, [effect])

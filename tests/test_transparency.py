@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from nats.js.errors import KeyNotFoundError
 from edge_agent import protocol as proto
 from edge_agent.transparency import TRANSPARENCY_BUCKET, verify_release_inclusion
 from edge_agent.trust import TrustRoot
+from edge_agent.trust_chain import LATEST_KEY, ROOTS_BUCKET
 from hub import events as ev
 from hub.client import HubClient
 from ledger.bundle import make_bundle_at
@@ -294,3 +296,52 @@ async def test_cli_witness_add_as_a_new_user_would(fleet: Fleet, tmp_path: Path)
         code, text = await hub_cli(fleet, "witness", "add", *args)
         assert code != 0 and words in text, text
     assert fleet.hub.commands.keyring.root.version == 2
+
+
+async def test_cli_witness_remove_and_list_as_a_new_user_would(fleet: Fleet) -> None:
+    from tests.test_key_rotation import hub_cli
+
+    first = await add_witness(fleet)
+    second = SigningKey.generate()
+    code, text = await hub_cli(fleet, "witness", "add", "w2", "--pubkey",
+                               second.public.raw.hex(), "--threshold", "2")
+    assert code == 0 and "2 cosignature" in text, text
+    code, text = await hub_cli(fleet, "witness", "list", "--json")
+    listed = json.loads(text)
+    assert code == 0 and listed["threshold"] == 2, text
+    assert {(w["name"], w["keyid"]) for w in listed["witnesses"]} == {
+        (WITNESS, first.keyid), ("w2", second.keyid)}
+    witness_file = fleet.config.home / "witnesses"
+    version = fleet.hub.commands.keyring.root.version
+    # Refusals change nothing: an unknown name, a threshold the rest cannot meet,
+    # and `keys revoke` on a witness key (it would not update HOME/witnesses).
+    for args, words in ((["witness", "remove", "nobody"], "no witness named 'nobody'"),
+                        (["witness", "remove", "w2"], "--threshold 1..1"),
+                        (["keys", "revoke", second.keyid], "hub witness remove w2")):
+        code, text = await hub_cli(fleet, *args)
+        assert code != 0 and words in text, text
+    assert fleet.hub.commands.keyring.root.version == version
+    assert "w2+" in witness_file.read_text()
+
+    code, text = await hub_cli(fleet, "witness", "remove", "w2", "--threshold", "1")
+    assert code == 0 and f"version {version + 1}" in text and "1 cosignature" in text, text
+    root = fleet.hub.commands.keyring.root
+    assert root.version == version + 1 and root.roles["witness"].keyids == (first.keyid,)
+    assert second.keyid not in root.keys and second.keyid not in root.names
+    assert "w2+" not in witness_file.read_text() and WITNESS in witness_file.read_text()
+    revoked = [e for e in fleet.hub.store.iter_entries() if e.kind == ev.KEYS_REVOKED]
+    assert [(e.payload["role"], e.payload["name"]) for e in revoked] == [("witness", "w2")]
+    # What devices fetch (KV bucket `roots`, latest) is the new root, without w2.
+    nc = await fleet.connect()
+    try:
+        latest = await (await nc.jetstream().key_value(ROOTS_BUCKET)).get(LATEST_KEY)
+    finally:
+        await nc.close()
+    assert latest.value is not None
+    published = TrustRoot.from_envelope(proto.SignedEnvelope.decode(latest.value))
+    assert published.version == version + 1 and second.keyid not in published.keys
+
+    # The last witness stays until its replacement is in.
+    code, text = await hub_cli(fleet, "witness", "remove", WITNESS)
+    assert code != 0 and "only witness" in text and "hub witness add" in text, text
+    assert fleet.hub.commands.keyring.root.version == version + 1
