@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from edge_agent import protocol as proto
 from edge_agent.agent import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET
+from edge_agent.nats_auth import connect as nats_connect
 from hub import events as ev
 from hub.client import HubClient
 from ledger.entry import Entry
@@ -78,7 +78,7 @@ class ReportWatch:
     @classmethod
     async def start(cls, url: str, device: str) -> ReportWatch:
         watch = cls(device)
-        watch._nc = await nats.connect(url, name=f"test-reports-{device}")
+        watch._nc = await nats_connect(url, name=f"test-reports-{device}")
         await watch._nc.subscribe(f"fleet.report.{device}.*", cb=watch._on_msg)
         await watch._nc.flush()
         return watch

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
 from edge_agent import protocol as proto
 from edge_agent.nats_auth import NatsAuth
+from edge_agent.nats_auth import connect as nats_connect
 from edge_agent.protocol import SignedEnvelope
 from hub import events as ev
 from hub.client import HubClient, HubError
@@ -485,7 +485,7 @@ async def test_hub_process_refuses_garbage_reports_and_keeps_serving(
     config, proc = hub_process
     with LedgerStore.open(config.database_url()) as store:
         entries = store.count()
-    nc = await nats.connect(nats_server.url, **config.nats_auth("hub").options())
+    nc = await nats_connect(nats_server.url, config.nats_auth("hub"))
     try:
         await nc.jetstream().publish("fleet.report.dev-1.status", b"\xc1garbage")
     finally:

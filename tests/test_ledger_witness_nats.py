@@ -17,6 +17,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from edge_agent.nats_auth import connect as nats_connect
 from hub.checkpointer import Checkpointer, log_signer
 from hub.client import HubClient
 from hub.embedded_nats import EmbeddedNats
@@ -128,7 +129,7 @@ async def test_the_hub_signs_every_n_entries(fast_hub: HubService) -> None:
     key = parse_vkey((config.home / "log.vkey").read_text().strip())
     assert isinstance(key, Verifier)
     seen = Checkpoints()
-    nc = await nats.connect(url_as(config, "witness"))
+    nc = await nats_connect(url_as(config, "witness"))
     await nc.subscribe("ledger.checkpoint", cb=seen.on_msg)
     await nc.flush()
     try:
