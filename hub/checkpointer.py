@@ -2,11 +2,17 @@
 
 Every `checkpoint_every_entries` new entries or `checkpoint_every_seconds` (whichever
 comes first, and only when the tree grew) the hub signs a C2SP checkpoint of the
-current tree size with the log key (HOME/keys/log.key, key name = the configured
-`origin`), stores it in `ledger_checkpoints` (ledger/checkpoint_store.py) and publishes
-the note on `ledger.checkpoint` (JetStream stream LEDGER). Witnesses cosign it and send
-the cosigned note back on `ledger.cosignature` (hub/ledger_api.py); `accept_cosignature`
+current tree size with the log key (key name = the configured `origin`), stores it in
+`ledger_checkpoints` (ledger/checkpoint_store.py) and publishes the note on
+`ledger.checkpoint` (JetStream stream LEDGER). Witnesses cosign it and send the cosigned
+note back on `ledger.cosignature` (hub/ledger_api.py); `accept_cosignature`
 keeps the cosignatures of the witnesses listed in HOME/witnesses.
+
+The log keys are the ones the hub holds (HOME/keys) that its newest trust root lists in
+the `log` role, read afresh for every checkpoint. After `hub keys rotate log` there are
+two, and each checkpoint carries both signatures: witnesses and auditors still holding
+the old vkey keep verifying while they move to the new one (HOME/log.vkey), and
+`hub keys revoke OLD` ends the old key's signatures.
 
 It learns that the tree grew from the hub's own `ledger.entry` feed (so the append path
 needs no hook) and reads size and root from the database, which is the truth.
@@ -17,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
@@ -38,7 +46,8 @@ from ledger.note import (
 from ledger.remote import CHECKPOINT_SUBJECT, ENTRY_SUBJECT
 from ledger.store import LedgerStore
 
-from .home import HomeError, HubConfig
+from .home import LOG_VKEY_NAME, HomeError, HubConfig
+from .keyring import Keyring
 
 log = logging.getLogger("hub.checkpoints")
 
@@ -69,19 +78,41 @@ def load_witness_keys(path: Path) -> list[CosignatureVerifier]:
 
 
 def log_signer(config: HubConfig) -> Signer:
-    """The log's note signer: the log role key, named by the configured origin."""
+    """The log's newest note signer (see `log_signers`)."""
+    return log_signers(config)[-1]
+
+
+def log_signers(config: HubConfig) -> list[Signer]:
+    """The log's note signers, oldest first: each log-role key of the newest trust root
+    that the hub holds, named by the configured origin."""
+    keyring = Keyring(config)
+    spec = keyring.root.roles.get("log")
+    held = {k.keyid: k for k in keyring.held}
+    keys = [held[k] for k in spec.keyids if k in held] if spec is not None else []
+    if not keys:
+        raise HomeError(f"the hub holds no log key listed in trust root version "
+                        f"{keyring.root.version} (HOME/keys); it cannot sign checkpoints")
     try:
-        return Signer.from_signing_key(config.origin, config.load_key("log"))
+        return [Signer.from_signing_key(config.origin, key) for key in keys]
     except NoteError as exc:
         raise HomeError(f"origin {config.origin!r} in config.toml cannot name the log key: "
                         f"{exc}") from exc
+
+
+def write_log_vkey(config: HubConfig) -> Path:
+    """HOME/log.vkey := the newest log key's verifier key (after a log-key change)."""
+    path = config.home / LOG_VKEY_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(log_signer(config).vkey() + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 class Checkpointer:
     def __init__(
         self,
         store: LedgerStore,
-        signer: Signer,
+        signers: Callable[[], Sequence[Signer]],
         every_entries: int = 100,
         every_seconds: float = 10.0,
         witnesses_path: Path | None = None,
@@ -90,7 +121,7 @@ class Checkpointer:
             raise ValueError("checkpoint cadence must be at least 1 entry and > 0 seconds")
         self.store = store
         self.checkpoints = CheckpointStore(store)
-        self.signer = signer
+        self.signers = signers
         self.every_entries = every_entries
         self.every_seconds = every_seconds
         self.witnesses_path = witnesses_path
@@ -104,7 +135,8 @@ class Checkpointer:
 
     @classmethod
     def from_config(cls, config: HubConfig, store: LedgerStore) -> Checkpointer:
-        return cls(store, log_signer(config), config.checkpoint_every_entries,
+        log_signers(config)  # a home that cannot sign fails now, not at the first checkpoint
+        return cls(store, lambda: log_signers(config), config.checkpoint_every_entries,
                    config.checkpoint_every_seconds, config.home / WITNESSES_NAME)
 
     async def start(self, nc: NATS, js: JetStreamContext) -> None:
@@ -153,7 +185,8 @@ class Checkpointer:
             if size == 0:
                 return None
             root = self.store.root(size)
-            note = sign_checkpoint(Checkpoint(self.signer.name, size, root), self.signer)
+            signers = self.signers()
+            note = sign_checkpoint(Checkpoint(signers[0].name, size, root), *signers)
             self.checkpoints.add(size, root, note)
             self._signed_size = size
             stored = self.checkpoints.get(size)
@@ -189,7 +222,7 @@ class Checkpointer:
             )
         known = {(w.name, w.key_hash) for w in witnesses}
         try:
-            note = open_note(data, [self.signer.verifier(), *witnesses])
+            note = open_note(data, [*(s.verifier() for s in self.signers()), *witnesses])
         except NoteError as exc:
             raise CosignatureRefused(f"refused: {exc}") from exc
         added = []

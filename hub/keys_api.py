@@ -36,6 +36,7 @@ from . import events as ev
 from . import lifecycle as lc
 from . import projections as proj
 from .api import DAY_NS, CommandError, Outcome
+from .checkpointer import write_log_vkey
 from .commands import VerifiedCommand
 from .home import HubConfig
 from .keyring import KeyChange, KeyChangeRefused, Keyring, plan_next_root
@@ -93,9 +94,6 @@ class KeyCommands:
         if len(roles) > 1:
             raise CommandError(f"key {keyid} is in several roles ({', '.join(roles)})")
         role = roles[0]
-        if role == "log":
-            raise CommandError("log keys cannot be revoked yet: checkpoints are signed with "
-                               "HOME/keys/log.key (see docs/ARCHITECTURE.md, Trust)")
         if role == "witness":
             name = self.keyring.root.names.get(keyid, "NAME")
             raise CommandError(f"{keyid} is a witness key: remove it with "
@@ -160,6 +158,9 @@ class KeyCommands:
             if revoked is not None:
                 self.keyring.retire_key_file(revoked)
                 self.keyring.reload()
+            if change.role == "log":
+                # What witnesses and auditors are told to use: the newest log key.
+                write_log_vkey(self.config)
             await self.effects.publish_root(data)
             log.info("trust root version %d published (%s %s)", change.version, change.role,
                      change.keyid)

@@ -143,15 +143,18 @@ class SignedCheckpoint:
         return any(c.name == name for c in self.cosignatures)
 
 
-def sign_checkpoint(cp: Checkpoint, log_signer: Signer) -> bytes:
+def sign_checkpoint(cp: Checkpoint, log_signer: Signer, *more: Signer) -> bytes:
     """The checkpoint as a signed note, signed by the log. The log's key name must be the
     origin (tlog-checkpoint: "SHOULD match"; here it is required, so a verifier's
-    configured key name also names the log)."""
-    if log_signer.name != cp.origin:
-        raise CheckpointError(
-            f"log key name {log_signer.name!r} must equal the checkpoint origin {cp.origin!r}"
-        )
-    return sign_note(cp.body(), [log_signer])
+    configured key name also names the log). `more` are further log keys under the same
+    origin (during a log-key rotation): verifiers ignore signatures by keys they do not
+    know, so each one checks with whichever key it was given."""
+    for signer in (log_signer, *more):
+        if signer.name != cp.origin:
+            raise CheckpointError(
+                f"log key name {signer.name!r} must equal the checkpoint origin {cp.origin!r}"
+            )
+    return sign_note(cp.body(), [log_signer, *more])
 
 
 def open_checkpoint(

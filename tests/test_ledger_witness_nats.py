@@ -254,7 +254,7 @@ async def test_a_witness_refuses_a_fork_and_prints_both_notes(
         root = fork.root(size)
         CheckpointStore(fork).add(size, root, sign_checkpoint(
             Checkpoint(signer.name, size, root), signer))
-        api = LedgerApi(fork, Checkpointer(fork, signer))
+        api = LedgerApi(fork, Checkpointer(fork, lambda: [signer]))
         await api.start(nc)
         await nc.flush()
         code, out, err = await run_cli("witness", "--nats", evil_nats.url, *args)

@@ -27,7 +27,9 @@ from edge_agent.trust_chain import LATEST_KEY, ROOTS_BUCKET
 from hub import events as ev
 from hub.client import HubClient
 from ledger.bundle import make_bundle_at
+from ledger.checkpoint import open_checkpoint
 from ledger.encoding import canonical_decode, canonical_encode
+from ledger.errors import NoteError
 from ledger.note import Verifier, parse_vkey
 from ledger.remote import LedgerClient
 from ledger.signing import SigningKey
@@ -345,3 +347,57 @@ async def test_cli_witness_remove_and_list_as_a_new_user_would(fleet: Fleet) -> 
     code, text = await hub_cli(fleet, "witness", "remove", WITNESS)
     assert code != 0 and "only witness" in text and "hub witness add" in text, text
     assert fleet.hub.commands.keyring.root.version == version + 1
+
+
+async def test_log_key_rotation_keeps_witnesses_and_devices_working(
+    fleet: Fleet, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """`hub keys rotate log`: checkpoints carry the old and the new log signature, so a
+    witness configured with the old vkey keeps cosigning and a device installs; after
+    `hub keys revoke OLD` only the new key signs and HOME/log.vkey names it."""
+    key = await add_witness(fleet)
+    keyring = fleet.hub.commands.keyring
+    (old_keyid,) = keyring.root.roles["log"].keyids
+    vkey_path = fleet.config.home / "log.vkey"
+    old_log = parse_vkey(vkey_path.read_text().strip())
+    assert isinstance(old_log, Verifier)
+    state = tmp_path / "w.json"
+    async with running_witness(fleet, key, state):  # knows only the old log key
+        await checkpoint_and_wait_cosigned(fleet)
+        async with await fleet.client() as admin:
+            rotated = await admin.call("keys.rotate", {"role": "log"})
+        new_log = parse_vkey(vkey_path.read_text().strip())
+        assert isinstance(new_log, Verifier)
+        assert new_log.name == old_log.name == fleet.config.origin
+        assert new_log.key_hash != old_log.key_hash
+        assert keyring.root.roles["log"].keyids == (old_keyid, rotated["keyid"])
+
+        await fleet.release_model(model_files["1"], "kws", "1")
+        async with await fleet.client() as admin:
+            await admin.call("device.enroll", {"device": "dev-s"})
+            strict_agent(fleet, "dev-s").start()
+            await deploy(admin, "1", ["dev-s"])
+        size = await checkpoint_and_wait_cosigned(fleet)
+        await fleet.feed.wait_for(lambda _: applied(fleet, "dev-s", "1"),
+                                  what="dev-s to apply kws/1 witnessed under both log keys")
+    checkpointer = fleet.hub.ledger_publishing.checkpointer  # type: ignore[union-attr]
+    both = checkpointer.checkpoints.get(size)
+    assert both is not None
+    for verifier in (old_log, new_log):
+        assert open_checkpoint(both.note, verifier).checkpoint.size == size
+
+    async with await fleet.client() as admin:
+        revoked = await admin.call("keys.revoke", {"keyid": old_keyid})
+    assert revoked["role"] == "log" and keyring.root.roles["log"].keyids == (rotated["keyid"],)
+    assert not (fleet.config.home / "keys" / "log.key").exists()
+    assert parse_vkey(vkey_path.read_text().strip()) == new_log
+    async with await fleet.client() as admin:
+        await admin.call("device.enroll", {"device": "dev-t"})  # the tree grows
+    # A witness moved to the new vkey (same state file: same log, consistent tree).
+    async with running_witness(fleet, key, state):
+        after = await checkpoint_and_wait_cosigned(fleet)
+    note = checkpointer.checkpoints.get(after)
+    assert note is not None and after > size
+    assert open_checkpoint(note.note, new_log).checkpoint.size == after
+    with pytest.raises(NoteError):
+        open_checkpoint(note.note, old_log)
