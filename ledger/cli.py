@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -41,6 +42,36 @@ app = typer.Typer(
 )
 
 DB_HELP = "The ledger database: a SQLite file path (the hub's ledger.db), or a SQLAlchemy URL."
+
+
+# Signing in to the hub's NATS server (`ledger witness`, `ledger tail --follow --nats`).
+NATS_USER = typer.Option(
+    None, "--nats-user", envvar="LEDGER_NATS_USER", help="NATS user (the hub's `witness` "
+    "user; its password is in the hub's HOME/nats/credentials.toml). Or put it in the URL.")
+NATS_PASSWORD_FILE = typer.Option(
+    None, "--nats-password-file", help="File whose first line is the NATS password (kept "
+    "off the command line, where `ps` shows it); or set LEDGER_NATS_PASSWORD.")
+NATS_CA = typer.Option(
+    None, "--nats-ca", help="CA certificate (PEM) that signed the NATS server's TLS "
+    "certificate: the hub's HOME/nats/tls/ca.pem when it runs with --tls.")
+
+
+def _nats_login(user: str | None, password_file: Path | None, ca: Path | None) -> Any:
+    """A ledger.remote.NatsLogin from the options above (imported late: it loads nats)."""
+    from ledger.remote import NatsLogin
+
+    password = os.environ.get("LEDGER_NATS_PASSWORD")
+    if password_file is not None:
+        try:
+            password = password_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError) as exc:
+            _fail(f"cannot read a password from {password_file}: {exc or 'empty file'}",
+                  EXIT_USAGE)
+    if password is not None and user is None:
+        _fail("a NATS password needs --nats-user (or LEDGER_NATS_USER)", EXIT_USAGE)
+    if ca is not None and not ca.is_file():
+        _fail(f"--nats-ca {ca}: no such file", EXIT_USAGE)
+    return NatsLogin(user, password, ca)
 
 
 def _fail(message: str, code: int) -> NoReturn:

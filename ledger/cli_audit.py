@@ -15,7 +15,19 @@ import typer
 from ledger.audit import check_against_checkpoint, verify_since
 from ledger.checkpoint import SignedCheckpoint, detect_fork, open_checkpoint
 from ledger.checkpoint_store import CheckpointStore
-from ledger.cli import DB_HELP, EXIT_DAMAGED, EXIT_OK, EXIT_USAGE, _fail, _open, app
+from ledger.cli import (
+    DB_HELP,
+    EXIT_DAMAGED,
+    EXIT_OK,
+    EXIT_USAGE,
+    NATS_CA,
+    NATS_PASSWORD_FILE,
+    NATS_USER,
+    _fail,
+    _nats_login,
+    _open,
+    app,
+)
 from ledger.errors import LedgerError, NoteError
 from ledger.merkle import HASHES
 from ledger.note import CosignatureSigner, CosignatureVerifier, Verifier, b64encode, parse_vkey
@@ -359,6 +371,9 @@ def witness(
         None, "--merkle-hash", help="Pin the log's tree hash (blake3 or sha256); default: "
         "as the hub says."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the hub."),
+    nats_user: str | None = NATS_USER,
+    nats_password_file: Path | None = NATS_PASSWORD_FILE,
+    nats_ca: Path | None = NATS_CA,
 ) -> None:
     """Witness a hub's checkpoints: cosign each one that is consistent with the last one
     this witness cosigned (RFC 9162 consistency proof from the hub), and send the
@@ -370,6 +385,7 @@ def witness(
     from ledger.witness_runner import ForkDetected, WitnessRunner
 
     log = log_key(log_vkey, "witness")
+    login = _nats_login(nats_user, nats_password_file, nats_ca)
     if merkle_hash is not None and merkle_hash not in HASHES:
         _fail(f"--merkle-hash must be one of {', '.join(HASHES)}", EXIT_USAGE)
     try:
@@ -383,7 +399,8 @@ def witness(
         sys.stdout.flush()
 
     async def run() -> int:
-        client = await LedgerClient.connect(nats_url, timeout=timeout, name=f"witness {name}")
+        client = await LedgerClient.connect(nats_url, timeout=timeout, name=f"witness {name}",
+                                            login=login)
         runner = WitnessRunner(w, client, say, HASHES.get(merkle_hash or ""))
         try:
             if once:

@@ -9,13 +9,27 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ledger.cli import DB_HELP, EXIT_USAGE, _entry_json, _fail, _iso, _open, app
+from ledger.cli import (
+    DB_HELP,
+    EXIT_USAGE,
+    NATS_CA,
+    NATS_PASSWORD_FILE,
+    NATS_USER,
+    _entry_json,
+    _fail,
+    _iso,
+    _nats_login,
+    _open,
+    app,
+)
 from ledger.entry import Entry
 from ledger.errors import EntryError, LedgerError
 from ledger.query import EntryFilter, query_entries
@@ -97,6 +111,9 @@ def tail(
     interval: float = typer.Option(0.5, "--interval", help="Seconds between database polls "
                                    "(--follow without --nats)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    nats_user: str | None = NATS_USER,
+    nats_password_file: Path | None = NATS_PASSWORD_FILE,
+    nats_ca: Path | None = NATS_CA,
 ) -> None:
     """Print the most recent entries, one per line; with --follow keep printing new ones
     as they are appended (from the hub's feed with --nats, else by polling --db).
@@ -127,17 +144,19 @@ def tail(
     if not follow:
         return
     if nats_url is not None:
-        asyncio.run(_follow_feed(nats_url, after, emit))
+        login = _nats_login(nats_user, nats_password_file, nats_ca)
+        asyncio.run(_follow_feed(nats_url, after, emit, login))
     else:
         assert db is not None
         _follow_db(db, after, interval, emit)
 
 
-async def _follow_feed(url: str, after: int, emit: Callable[[Entry], None]) -> None:
+async def _follow_feed(url: str, after: int, emit: Callable[[Entry], None],
+                       login: Any) -> None:
     from ledger.remote import ENTRY_SUBJECT, LedgerClient, RemoteError, entry_from_feed
 
     try:
-        client = await LedgerClient.connect(url, name="ledger tail")
+        client = await LedgerClient.connect(url, name="ledger tail", login=login)
     except RemoteError as exc:
         _fail(str(exc), EXIT_USAGE)
     stop = asyncio.Event()

@@ -11,9 +11,13 @@ Requests and replies are canonical msgpack maps (ledger/encoding.py). Replies ar
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -25,6 +29,8 @@ from ledger.encoding import EncodingError, canonical_decode, canonical_encode
 from ledger.entry import Entry
 from ledger.errors import EntryError, LedgerError
 from ledger.merkle import HASHES, TreeHash
+
+log = logging.getLogger("ledger.remote")
 
 ENTRY_SUBJECT = "ledger.entry"
 CHECKPOINT_SUBJECT = "ledger.checkpoint"
@@ -99,6 +105,31 @@ class RemoteCheckpoint:
     tree_hash: TreeHash
 
 
+@dataclass(frozen=True)
+class NatsLogin:
+    """How a witness or `ledger tail` signs in to the hub's NATS server: a user and
+    password (the hub's `witness` user, HOME/nats/credentials.toml on the hub) and, when
+    the server runs TLS, the CA certificate that signed its certificate (HOME/nats/tls/
+    ca.pem). Credentials may also sit in the URL (nats://user:password@host:port)."""
+
+    user: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.user is not None:
+            opts["user"] = self.user
+            opts["password"] = self.password or ""
+        if self.ca_file is not None:
+            try:
+                # Trusts only this CA, and checks the server's name against its certificate.
+                opts["tls"] = ssl.create_default_context(cafile=str(self.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise RemoteError(f"cannot use {self.ca_file} as the NATS CA: {exc}") from exc
+        return opts
+
+
 class LedgerClient:
     """A connection to a hub's ledger API. Use `await LedgerClient.connect(url)`."""
 
@@ -107,12 +138,26 @@ class LedgerClient:
         self.timeout = timeout
 
     @classmethod
-    async def connect(cls, url: str, timeout: float = 10.0, name: str = "ledger") -> LedgerClient:
+    async def connect(cls, url: str, timeout: float = 10.0, name: str = "ledger",
+                      login: NatsLogin | None = None) -> LedgerClient:
+        options = (login or NatsLogin()).options()
+        errors: list[Exception] = []
+
+        async def keep(exc: Exception) -> None:
+            # nats-py prints a traceback per error by default; the caller reports it.
+            errors.append(exc)
+            log.debug("NATS: %s", exc)
+
         try:
-            nc = await nats.connect(url, name=name, connect_timeout=timeout,
-                                    max_reconnect_attempts=3, allow_reconnect=True)
+            # nats-py can stall after a failed TLS handshake instead of raising: bound it.
+            nc = await asyncio.wait_for(
+                nats.connect(url, name=name, connect_timeout=timeout,
+                             max_reconnect_attempts=3, allow_reconnect=True,
+                             error_cb=keep, **options),
+                timeout)
         except (OSError, NatsError, TimeoutError) as exc:
-            raise RemoteError(f"cannot reach NATS at {url}: {exc}") from exc
+            why = errors[-1] if errors else exc
+            raise RemoteError(f"cannot reach NATS at {url}: {why or type(why).__name__}") from exc
         return cls(nc, timeout)
 
     async def _request(self, subject: str, payload: bytes, what: str) -> dict[str, Any]:

@@ -303,3 +303,34 @@ def test_hub_init_writes_the_log_verifier_key(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "ledger.cli", "witness", "--help"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and "--once" in done.stdout
+
+
+async def test_witness_signs_in_with_user_and_password_file(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Credentials off the command line: --nats-user + --nats-password-file on a plain URL;
+    without them the server refuses and the witness says so in one line (exit 2)."""
+    key, _ = await make_witness_key(fleet, tmp_path)
+    await enroll(fleet, "dev-1")
+    assert fleet.hub.ledger_publishing is not None
+    cp = await fleet.hub.ledger_publishing.checkpointer.sign_now()
+    assert cp is not None
+    auth = fleet.config.nats_auth("witness")
+    assert auth.user == "witness" and auth.password
+    secret = tmp_path / "nats-password"
+    secret.write_text(auth.password + "\n")
+    args = ["witness", "--nats", fleet.nats_url, "--log-vkey",
+            str(fleet.config.home / "log.vkey"), "--key", str(key), "--name", WITNESS,
+            "--state", str(tmp_path / "state.json"), "--once", "--timeout", "5"]
+    code, out, err = await run_cli(*args)
+    assert code == 2 and "cannot reach NATS" in err and "Traceback" not in err, err
+    assert auth.password not in out + err
+    code, out, err = await run_cli(*args, "--nats-user", "witness",
+                                   "--nats-password-file", str(secret))
+    assert code == 0, out + err
+    assert f"tree size {cp.size}" in out
+    stored = fleet.hub.ledger_publishing.checkpointer.checkpoints.get(cp.size)
+    assert stored is not None and [c.name for c in stored.cosignatures] == [WITNESS]
+    code, out, err = await run_cli(*args, "--nats-user", "witness",
+                                   "--nats-password-file", str(tmp_path / "missing"))
+    assert code == 2 and "cannot read a password" in err, err

@@ -239,3 +239,35 @@ async def test_with_tls_a_plain_client_is_refused_and_the_ca_lets_clients_in(
             await nc.flush()
         finally:
             await nc.close()
+
+
+async def test_ledger_cli_signs_in_over_tls_with_the_hubs_ca(tmp_path: Path) -> None:
+    """`ledger tail --follow --nats tls://...` as a witness: user, password file and
+    --nats-ca; without the CA the TLS handshake fails with a one-line error."""
+    import sys
+
+    config = init_home(tmp_path / "tls-hub", "nats://127.0.0.1:4222", tls=True)
+    auth = config.nats_auth("witness")
+    assert auth.ca_file is not None and auth.password
+    secret = tmp_path / "password"
+    secret.write_text(auth.password)
+    with EmbeddedNats(store_dir=tmp_path / "tls-nats",
+                      config_file=server_conf_path(config.home)) as server:
+        url = server.url.replace("nats://", "tls://")
+        base = [sys.executable, "-m", "ledger.cli", "tail", "--follow", "--nats", url,
+                "--nats-user", "witness", "--nats-password-file", str(secret)]
+        refused = await asyncio.create_subprocess_exec(
+            *base, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(refused.communicate(), 60)
+        assert refused.returncode == 2, err
+        assert err.decode().startswith("error: cannot reach NATS") and b"Traceback" not in err
+        proc = await asyncio.create_subprocess_exec(
+            *base, "--nats-ca", str(auth.ca_file),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stderr is not None
+        try:
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+            assert b"following ledger.entry" in line, line
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
