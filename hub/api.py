@@ -38,6 +38,14 @@ DAY_NS = 24 * 3600 * 10**9
 MAX_DATASET_BYTES = 64 * 1024 * 1024
 
 
+Handler = Callable[[Connection, VerifiedCommand], "Outcome"]
+# A command whose slow part (reading blobs, running a model) must not hold the hub's
+# single write lock: checks against the current state return this coroutine function,
+# which runs with no lock and no database connection and returns the `Handler` that
+# re-checks the state and builds the events under the lock (hub/service.py, _dispatch).
+SlowWork = Callable[[], Awaitable[Handler]]
+
+
 class CommandError(Exception):
     """A command was refused; the message goes back to the operator as is."""
 
@@ -159,31 +167,45 @@ class Commands:
 
     # ------------------------------------------------------------ models
 
-    async def model_register(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+    def model_register(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
         name, version = _model_ref(cmd.body)
         digest, size = _text(cmd.body, "digest"), _int(cmd.body, "size")
         lineage, card = _map(cmd.body, "lineage"), _map(cmd.body, "card")
+        self._check_unregistered(conn, name, version)
+
+        async def inspect() -> Handler:
+            with tempfile.TemporaryDirectory(prefix="hub-register-") as tmp:
+                path = Path(tmp) / "model.tflite"
+                await self._fetch_checked(digest, size, path, "model")
+                try:
+                    # In a child process: a corrupt model can crash the TFLite runtime.
+                    signature = (await asyncio.to_thread(preflight, path)).signature
+                except ModelRuntimeError as exc:
+                    raise CommandError(f"not a loadable TFLite model: {exc}") from exc
+
+            def commit(conn: Connection, cmd: VerifiedCommand) -> Outcome:
+                self._check_unregistered(conn, name, version)  # a concurrent twin won
+                payload = {
+                    "name": name, "version": version, "digest": digest, "size": size,
+                    "format": "tflite", "inputs": signature["inputs"],
+                    "outputs": signature["outputs"], "lineage": lineage, "card": card,
+                }
+                event = self._event(cmd, ev.MODEL_REGISTERED, ev.model_subject(name, version),
+                                    payload)
+                return Outcome([event], {"name": name, "version": version, "digest": digest,
+                                         "state": lc.REGISTERED})
+
+            return commit
+
+        return inspect
+
+    @staticmethod
+    def _check_unregistered(conn: Connection, name: str, version: str) -> None:
         if proj.get_release(conn, name, version) is not None:
             raise CommandError(
                 f"model {name}/{version} is already registered; versions are immutable, "
                 "register a new version"
             )
-        with tempfile.TemporaryDirectory(prefix="hub-register-") as tmp:
-            path = Path(tmp) / "model.tflite"
-            await self._fetch_checked(digest, size, path, "model")
-            try:
-                # In a child process: a corrupt model can crash the TFLite runtime.
-                signature = (await asyncio.to_thread(preflight, path)).signature
-            except ModelRuntimeError as exc:
-                raise CommandError(f"not a loadable TFLite model: {exc}") from exc
-        payload = {
-            "name": name, "version": version, "digest": digest, "size": size,
-            "format": "tflite", "inputs": signature["inputs"], "outputs": signature["outputs"],
-            "lineage": lineage, "card": card,
-        }
-        event = self._event(cmd, ev.MODEL_REGISTERED, ev.model_subject(name, version), payload)
-        return Outcome([event], {"name": name, "version": version, "digest": digest,
-                                 "state": lc.REGISTERED})
 
     async def _fetch_checked(self, digest: str, size: int, dest: Path, what: str) -> None:
         try:
@@ -195,7 +217,7 @@ class Commands:
                 f"the stored {what} does not match digest {digest[:16]}…; upload it again"
             )
 
-    async def model_validate(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+    def model_validate(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
         from . import validation  # numpy-heavy; only when validating
 
         name, version = _model_ref(cmd.body)
@@ -208,24 +230,37 @@ class Commands:
             policy = validation.load_policy(self.config.policy_path, name)
         except validation.ValidationError as exc:
             raise CommandError(f"policy {self.config.policy_path}: {exc}") from exc
-        with tempfile.TemporaryDirectory(prefix="hub-validate-") as tmp:
-            model_path, data_path = Path(tmp) / "model.tflite", Path(tmp) / "data.npz"
-            await self._fetch_checked(row["digest"], row["size"], model_path, "model")
-            await self._fetch_checked(data_digest, data_size, data_path, "validation data")
-            try:
-                dataset = validation.load_dataset(data_path)
-                report = await asyncio.to_thread(validation.validate, model_path, dataset,
-                                                 policy)
-            except validation.ValidationError as exc:
-                raise CommandError(f"validation could not run: {exc}") from exc
-        payload = {
-            "name": name, "version": version, **report.to_payload(),
-            "dataset_digest": data_digest, "policy": str(self.config.policy_path.name),
-            "approvals_required": int(policy.approvals_required),
-        }
-        event = self._event(cmd, ev.MODEL_VALIDATED, ev.model_subject(name, version), payload)
-        return Outcome([event], {"name": name, "version": version, "passed": report.passed,
-                                 "failures": report.failures, "metrics": payload["metrics"]})
+
+        async def evaluate() -> Handler:
+            with tempfile.TemporaryDirectory(prefix="hub-validate-") as tmp:
+                model_path, data_path = Path(tmp) / "model.tflite", Path(tmp) / "data.npz"
+                await self._fetch_checked(row["digest"], row["size"], model_path, "model")
+                await self._fetch_checked(data_digest, data_size, data_path, "validation data")
+                try:
+                    dataset = validation.load_dataset(data_path)
+                    report = await asyncio.to_thread(validation.validate, model_path, dataset,
+                                                     policy)
+                except validation.ValidationError as exc:
+                    raise CommandError(f"validation could not run: {exc}") from exc
+
+            def commit(conn: Connection, cmd: VerifiedCommand) -> Outcome:
+                # The state may have moved while the model ran (another validation,
+                # a rejection): judge the transition again against the ledger as it is now.
+                self._transition("validate", self._release(conn, name, version))
+                payload = {
+                    "name": name, "version": version, **report.to_payload(),
+                    "dataset_digest": data_digest, "policy": str(self.config.policy_path.name),
+                    "approvals_required": int(policy.approvals_required),
+                }
+                event = self._event(cmd, ev.MODEL_VALIDATED, ev.model_subject(name, version),
+                                    payload)
+                return Outcome([event], {"name": name, "version": version,
+                                         "passed": report.passed, "failures": report.failures,
+                                         "metrics": payload["metrics"]})
+
+            return commit
+
+        return evaluate
 
     def model_approve(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         name, version = _model_ref(cmd.body)

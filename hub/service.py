@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ledger.store import ENTRIES, LedgerStore, NewEvent
 
 from . import events as ev
 from . import projections as proj
-from .api import CommandError, Commands, Outcome
+from .api import CommandError, Commands, Outcome, SlowWork
 from .commands import CommandRefused, Operator, VerifiedCommand, open_command
 from .devices import REVOKED, NatsUsersSync, check_report_signature, device_history
 from .home import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
@@ -61,6 +62,10 @@ from .witnesses import WitnessCommands
 log = logging.getLogger("hub")
 
 MAX_REQUEST_BYTES = 256 * 1024
+# Commands handled at once. Writes still commit one at a time (the write lock); this
+# lets reads and short writes answer while a slow one (validation) runs. Past it, the
+# subscription waits, and NATS holds the requests.
+MAX_CONCURRENT_REQUESTS = 16
 
 Handler = Callable[[Connection, VerifiedCommand], Any]
 
@@ -75,6 +80,8 @@ class HubService:
         self.keys = KeyCommands(config, self.commands.keyring, self)
         witnesses = WitnessCommands(self.keys)
         self._write_lock = asyncio.Lock()
+        self._api_slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._api_tasks: set[asyncio.Task[None]] = set()
         self._read_nonces: set[str] = set()
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -90,8 +97,6 @@ class HubService:
         self._writes: dict[str, Handler] = {
             "operator.add": c.operator_add,
             "operator.revoke": c.operator_revoke,
-            "model.register": c.model_register,
-            "model.validate": c.model_validate,
             "model.approve": c.model_approve,
             "model.reject": c.model_reject,
             "model.release": c.model_release,
@@ -104,6 +109,11 @@ class HubService:
             "keys.revoke": self.keys.revoke,
             "witness.add": witnesses.add,
             "witness.remove": witnesses.remove,
+        }
+        # Their slow part runs outside the write lock (see api.SlowWork).
+        self._slow_writes: dict[str, Callable[[Connection, VerifiedCommand], SlowWork]] = {
+            "model.register": c.model_register,
+            "model.validate": c.model_validate,
         }
         self._reads: dict[str, Callable[[VerifiedCommand], Any]] = {
             "status": self._api_status,
@@ -146,7 +156,7 @@ class HubService:
         await self._ensure_layout()
         await publish_roots(self.js, self.commands.keyring, self.store)
         await allow_fleet_consumers(self.js)
-        await self._nc.subscribe(API_PREFIX + ">", cb=self._on_api)
+        await self._nc.subscribe(API_PREFIX + ">", cb=self._on_api_concurrently)
         self.ledger_publishing = await start_ledger_publishing(
             self.config, self.store, self._nc, self.js)
         # Model transparency: proof bundles of witnessed releases (hub/transparency.py).
@@ -163,6 +173,10 @@ class HubService:
         log.info("hub serving on %s, ledger %s", self.config.nats_url, self.config.database_url())
 
     async def stop(self) -> None:
+        if self._api_tasks:  # let commands in progress answer (bounded)
+            await asyncio.wait(set(self._api_tasks), timeout=10)
+        for task in set(self._api_tasks):
+            task.cancel()
         if self.ledger_publishing is not None:
             await self.ledger_publishing.stop()  # signs a last checkpoint of what was added
         for task in self._tasks:
@@ -279,13 +293,27 @@ class HubService:
             for r in rows
         }
 
+    async def _on_api_concurrently(self, msg: Msg) -> None:
+        # nats-py runs one subscription's callbacks one after another: hand each request
+        # to a task of its own so a long command does not hold up the next one.
+        await self._api_slots.acquire()
+        task = asyncio.create_task(self._on_api(msg), name=f"api {msg.subject}")
+        self._api_tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._api_tasks.discard(t)
+            self._api_slots.release()
+
+        task.add_done_callback(done)
+
     async def _on_api(self, msg: Msg) -> None:
         verb = msg.subject[len(API_PREFIX):]
         try:
             if len(msg.data) > MAX_REQUEST_BYTES:
                 raise CommandError(f"request is over {MAX_REQUEST_BYTES} bytes")
-            if verb not in self._writes and verb not in self._reads:
-                known = ", ".join(sorted([*self._writes, *self._reads]))
+            if verb not in self._writes and verb not in self._reads \
+                    and verb not in self._slow_writes:
+                known = ", ".join(sorted([*self._writes, *self._slow_writes, *self._reads]))
                 raise CommandError(f"unknown command {verb!r}; known: {known}")
             result = await self._dispatch(verb, msg.data)
             reply: dict[str, Any] = {"ok": True, "result": result}
@@ -305,12 +333,25 @@ class HubService:
             self._read_nonces.add(cmd.nonce)
             result = self._reads[verb](cmd)
             return await result if asyncio.iscoroutine(result) else result
+        handler = self._writes.get(verb)
+        received = time.time_ns()  # freshness is judged on arrival, however long it runs
+        if verb in self._slow_writes:
+            # Checks first, then the slow part (blobs, the model) with no lock held, so
+            # reports and other commands go on meanwhile; `handler` re-checks under it.
+            with self.store.engine.connect() as conn:
+                cmd = open_command(data, verb, self._operators(), _NonceLookup(conn), received)
+                work = self._slow_writes[verb](conn, cmd)
+            handler = await work()
+        if handler is None:
+            raise CommandError(f"unknown command {verb!r}")
         # One writer at a time: state checks and the append see the same state.
         async with self._write_lock:
             with self.store.engine.connect() as conn:
                 used = _NonceLookup(conn)
-                cmd = open_command(data, verb, self._operators(), used)
-                outcome = self._writes[verb](conn, cmd)
+                # Again under the lock: a twin may have used the nonce, or the operator
+                # been revoked, while the slow part ran.
+                cmd = open_command(data, verb, self._operators(), used, received)
+                outcome = handler(conn, cmd)
                 if asyncio.iscoroutine(outcome):
                     outcome = await outcome
             assert isinstance(outcome, Outcome)

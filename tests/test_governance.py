@@ -213,3 +213,44 @@ async def test_history_flags_a_forged_signature(fleet: Fleet, model_files: dict[
     assert result.exit_code == 1
     rows = json.loads(result.stdout)
     assert rows[0]["signature"] == "INVALID"
+
+
+async def test_validation_runs_outside_the_write_lock(
+    fleet: Fleet, model_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the gate runs the model, other commands commit (the hub's single write lock
+    is not held); a twin validation of the same version started meanwhile is refused
+    when it comes to commit, and the ledger holds exactly one model.validated."""
+    import threading
+
+    from hub import validation
+
+    real = validation.validate
+    started = threading.Event()
+    release = threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        assert release.wait(60), "the test never released the validation"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "validate", held)
+    data = write_validation_set(model_files["1"], fleet.root / "v.npz")
+    async with await fleet.client() as admin, await fleet.client() as twin:
+        await admin.register_model(model_files["1"], "kws", "1")
+        first = asyncio.create_task(admin.validate_model("kws", "1", data))
+        second = asyncio.create_task(twin.validate_model("kws", "1", data))
+        assert await asyncio.to_thread(started.wait, 30)
+        enrolled = await admin.call("device.enroll", {"device": "dev-meanwhile"})
+        assert not first.done() and not second.done()  # both still inside the model
+        release.set()
+        results = await asyncio.gather(first, second, return_exceptions=True)
+    passed = [r for r in results if isinstance(r, dict)]
+    errors = [str(r) for r in results if isinstance(r, Exception)]
+    assert len(passed) == 1 and passed[0]["passed"], results
+    assert len(errors) == 1 and "cannot validate kws/1: it is validated" in errors[0], errors
+    kinds = [(e.seq, e.kind) for e in fleet.hub.store.iter_entries()
+             if e.kind in (ev.DEVICE_ENROLLED, ev.MODEL_VALIDATED)]
+    assert [k for _, k in kinds] == [ev.DEVICE_ENROLLED, ev.MODEL_VALIDATED], kinds
+    assert kinds[0][0] in enrolled["seq"]
+    assert fleet.hub.store.verify().ok
