@@ -148,8 +148,10 @@ class Commands:
             if op["name"] == name and not op["revoked"]:
                 raise CommandError(f"operator {name} already exists; revoke the old key first")
         payload = {"name": name, "keyid": keyid, "public": public, "roles": sorted(set(roles))}
+        # Before the reply: the new operator can connect as soon as the command returns.
         return Outcome([self._event(cmd, ev.OPERATOR_ADDED, ev.operator_subject(name), payload)],
-                       {"name": name, "keyid": keyid, "roles": payload["roles"]})
+                       {"name": name, "keyid": keyid, "roles": payload["roles"]},
+                       [lambda: self._nats_users(wait=True)])
 
     def operator_revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         name = _text(cmd.body, "name")
@@ -160,9 +162,10 @@ class Commands:
         if active[0]["keyid"] == cmd.operator.keyid:
             raise CommandError("you cannot revoke your own key; ask another admin")
         payload = {"name": name, "keyid": active[0]["keyid"], "reason": reason}
+        # Before the reply: the revoked key is off NATS when it comes.
         return Outcome(
             [self._event(cmd, ev.OPERATOR_REVOKED, ev.operator_subject(name), payload)],
-            payload,
+            payload, [lambda: self._nats_users(wait=True)],
         )
 
     # ------------------------------------------------------------ models
@@ -376,7 +379,7 @@ class Commands:
         return Outcome([event], result, [shut_out])
 
     async def _nats_users(self, wait: bool) -> None:
-        """After the commit: the NATS users file follows the ledger's devices."""
+        """After the commit: the NATS users file follows the ledger's devices and operators."""
         await self.effects.sync_nats_users(wait=wait)
 
     def deploy(self, conn: Connection, cmd: VerifiedCommand, next_seq: int,

@@ -96,7 +96,7 @@ def _run(config: HubConfig, key: Path | None, timeout: float,
 
     async def go() -> T:
         async with await HubClient.connect(config.nats_url, signing_key, timeout,
-                                           config.nats_auth("operator")) as client:
+                                           config.operator_auth(signing_key)) as client:
             return await fn(client)
 
     try:

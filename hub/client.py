@@ -8,6 +8,7 @@ from typing import Any
 
 import blake3
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -87,6 +88,8 @@ class HubClient:
             raise HubError("no hub is serving on this NATS server; start `hub serve`") from exc
         except NatsTimeout as exc:
             raise HubError(f"the hub did not answer {verb} within {self.timeout:.0f} s") from exc
+        except NatsError as exc:  # e.g. closed: the server dropped us (a revoked operator)
+            raise HubError(f"the NATS connection failed during {verb}: {exc}") from exc
         try:
             reply = decode_map(msg.data, "hub reply")
         except ProtocolError as exc:

@@ -94,17 +94,26 @@ def nats_users(conn: Connection) -> list[tuple[str, bytes]]:
     return [(d, p) for d, p, state in rows if isinstance(p, bytes) and state != REVOKED]
 
 
-def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]]) -> bool:
-    """Rewrite the NATS users file for these devices; True if the local server reloaded.
-    A home without NATS identities (`hub init --no-auth`) has nothing to rewrite."""
+def nats_operators(conn: Connection) -> list[tuple[str, bytes]]:
+    """(key id, public key) of every unrevoked operator key: its NATS users."""
+    return [(op["keyid"], op["public"]) for op in proj.list_operators(conn)
+            if not op["revoked"] and isinstance(op["public"], bytes)]
+
+
+def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]],
+                     operators: list[tuple[str, bytes]]) -> bool:
+    """Rewrite the NATS users file for these devices and operators; True if the local
+    server reloaded. A home without NATS identities (`hub init --no-auth`) has nothing
+    to rewrite."""
     if not load_credentials(config.home):
         return False
-    write_users(config.home, devices)
+    write_users(config.home, devices, operators)
     return reload_server(config.home)
 
 
 class NatsUsersSync:
-    """Rewrites the NATS users file from the device table, coalescing requests: a burst
+    """Rewrites the NATS users file from the device and operator tables, coalescing
+    requests: a burst
     of enrolments costs one file write and one server reload, not one per device. A
     caller of `sync()` returns once a write that began after its call has finished;
     `request()` only schedules one (the hub answers API requests one at a time, so an
@@ -136,8 +145,9 @@ class NatsUsersSync:
             waiting, self._waiting = self._waiting, []
             try:
                 with self.engine.connect() as conn:
-                    users = nats_users(conn)
-                reloaded = await asyncio.to_thread(apply_nats_users, self.config, users)
+                    users, operators = nats_users(conn), nats_operators(conn)
+                reloaded = await asyncio.to_thread(apply_nats_users, self.config, users,
+                                                   operators)
             except Exception as exc:  # handed to every caller; the next sync tries again
                 for future in waiting:
                     if not future.done():

@@ -23,7 +23,7 @@ from edge_agent.trust import ROLES, TrustRoot
 from ledger.note import Signer
 from ledger.signing import KeyFileError, SigningKey
 
-from .nats_config import auth_for, write_server_config
+from .nats_config import auth_for, operator_auth, write_server_config
 
 CONFIG_NAME = "config.toml"
 POLICY_NAME = "policy.toml"
@@ -83,8 +83,12 @@ class HubConfig:
         except KeyFileError as exc:
             raise HomeError(str(exc)) from exc
 
-    def nats_auth(self, role: str = "operator") -> NatsAuth:
-        """NATS credentials (and the TLS CA) of `hub`, `operator` or `witness`."""
+    def operator_auth(self, key: SigningKey) -> NatsAuth:
+        """NATS credentials of the operator holding `key` (its nkey), and the TLS CA."""
+        return operator_auth(self.home, key)
+
+    def nats_auth(self, role: str) -> NatsAuth:
+        """NATS credentials (and the TLS CA) of `hub` or `witness` (operators: operator_auth)."""
         return auth_for(self.home, role)
 
     def database_url(self) -> str:
@@ -135,7 +139,7 @@ def init_home(
     log_vkey = Signer.from_signing_key(origin, keys["log"]).vkey()
     (home / LOG_VKEY_NAME).write_text(log_vkey + "\n")
     if nats_auth or tls:
-        write_server_config(home, tls=tls)
+        write_server_config(home, tls=tls, operators=[(admin.keyid, admin.public.raw)])
     return load_config(home)
 
 

@@ -4,18 +4,22 @@
 
     HOME/nats/nats-server.conf    pid_file, `include users.conf`, TLS (with --tls)
     HOME/nats/users.conf          one user per identity with its permissions (0600)
-    HOME/nats/credentials.toml    passwords of the hub, operator and witness users (0600)
+    HOME/nats/credentials.toml    passwords of the hub and witness users (0600)
     HOME/nats/tls/                ca.pem, ca.key, server.pem, server.key (with --tls)
 
-and the hub rewrites users.conf whenever a device is enrolled or revoked (and at start,
-from the ledger's device table), then asks the server to reload it: SIGHUP to the PID
-in HOME/nats/nats-server.pid (the server writes that file itself, from `pid_file`).
+and the hub rewrites users.conf whenever a device or an operator is added or revoked
+(and at start, from the ledger's device and operator tables), then asks the server to
+reload it: SIGHUP to the PID in HOME/nats/nats-server.pid (the server writes that file
+itself, from `pid_file`).
 A server on another machine is reloaded by its operator (`nats-server --signal reload`).
 
 Identities (docs/PROTOCOL.md, "Permissions", lists the exact subjects):
 
 - hub: everything (it owns the streams, buckets and the API);
-- operator: the hub's signed-command API, the ledger API, and uploading blobs;
+- one user per operator, identified by its nkey (= the operator's own Ed25519 key, the
+  one that signs its commands): the hub's signed-command API, the ledger API, uploading
+  blobs; replies only under its own inbox prefix. Revoking the operator removes it, so
+  a revoked key cannot even reach the hub;
 - witness: the ledger API, the ledger feed, and cosignatures;
 - one user per device, identified by its nkey (= its Ed25519 device key): its own
   assignment, the roots and manifests buckets and model blobs to read, its own report
@@ -36,9 +40,10 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from edge_agent.nats_auth import NatsAuth, device_inbox_prefix, nkey_public
+from edge_agent.nats_auth import NatsAuth, device_inbox_prefix, nkey_public, nkey_seed
 from edge_agent.transparency import TRANSPARENCY_BUCKET
 from edge_agent.trust_chain import ROOTS_BUCKET
+from ledger.signing import SigningKey
 
 from .layout import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
 
@@ -51,7 +56,8 @@ CREDENTIALS = "credentials.toml"
 PID_FILE = "nats-server.pid"
 TLS_DIR = "tls"
 CA_CERT = "ca.pem"
-ROLES = ("hub", "operator", "witness")
+# Password users. Operators are nkey users (one per operator key), not a shared password.
+ROLES = ("hub", "witness")
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
 OBJ = f"OBJ_{MODELS_BUCKET}"
@@ -92,6 +98,18 @@ def device_permissions(device: str) -> dict[str, list[str]]:
             f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
         ]
     return {"publish": publish, "subscribe": [device_inbox_prefix(device) + ".>"]}
+
+
+def operator_inbox_prefix(keyid: str) -> str:
+    """The reply-inbox prefix an operator must use (a root no device id can take)."""
+    return f"_INBOX_OPERATOR.{keyid}"
+
+
+def operator_permissions(keyid: str) -> dict[str, list[str]]:
+    """What one operator may publish and subscribe to."""
+    return {"publish": list(OPERATOR_PERMISSIONS["publish"]),
+            "subscribe": [operator_inbox_prefix(keyid) + ".>", "ledger.entry",
+                          "ledger.checkpoint"]}
 
 
 OPERATOR_PERMISSIONS = {
@@ -142,7 +160,8 @@ def load_credentials(home: Path) -> dict[str, str]:
 
 
 def auth_for(home: Path, role: str) -> NatsAuth:
-    """Connect options for the hub (`hub`), operators (`operator`) or witnesses."""
+    """Connect options for the hub (`hub`) or witnesses (`witness`); operators connect
+    with their own key (`operator_auth`)."""
     passwords = load_credentials(home)
     ca = ca_path(home)
     if role not in passwords:
@@ -150,7 +169,18 @@ def auth_for(home: Path, role: str) -> NatsAuth:
     return NatsAuth(user=role, password=passwords[role], ca_file=ca)
 
 
-def write_server_config(home: Path, tls: bool = False) -> Path:
+def operator_auth(home: Path, key: SigningKey) -> NatsAuth:
+    """Connect options for the operator holding `key`: its nkey and inbox prefix (just
+    the CA, if any, when the home has no NATS identities)."""
+    ca = ca_path(home)
+    if not load_credentials(home):
+        return NatsAuth(ca_file=ca)
+    return NatsAuth(nkey_seed=nkey_seed(key.private_raw()), ca_file=ca,
+                    inbox_prefix=operator_inbox_prefix(key.keyid))
+
+
+def write_server_config(home: Path, tls: bool = False,
+                        operators: Iterable[tuple[str, bytes]] = ()) -> Path:
     """Create the identities, the users file and the server configuration."""
     directory = nats_dir(home)
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,7 +188,7 @@ def write_server_config(home: Path, tls: bool = False) -> Path:
     creds = "".join(f'[{role}]\nuser = "{role}"\npassword = "{secrets.token_urlsafe(24)}"\n\n'
                     for role in ROLES)
     _write_private(directory / CREDENTIALS, "# NATS passwords (written by `hub init`)\n" + creds)
-    write_users(home, [])
+    write_users(home, [], operators)
     lines = [
         "# nats-server configuration written by `hub init`.",
         "# The hub rewrites users.conf on device enrolment/revocation and sends SIGHUP to",
@@ -177,18 +207,23 @@ def write_server_config(home: Path, tls: bool = False) -> Path:
     return directory / SERVER_CONF
 
 
-def write_users(home: Path, devices: Iterable[tuple[str, bytes]]) -> None:
-    """Rewrite users.conf: the fixed identities plus one nkey user per (device, public)."""
+def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
+                operators: Iterable[tuple[str, bytes]] = ()) -> None:
+    """Rewrite users.conf: the password users, one nkey user per (device, public) and one
+    per (operator key id, public)."""
     passwords = load_credentials(home)
     if not passwords:
         return  # this home has no NATS identities (created without them): nothing to do
-    perms = {"hub": None, "operator": OPERATOR_PERMISSIONS, "witness": WITNESS_PERMISSIONS}
+    perms = {"hub": None, "witness": WITNESS_PERMISSIONS}
     blocks = [_user_block(f"user: {json.dumps(role)}, password: {json.dumps(passwords[role])}",
-                          perms[role]) for role in ROLES]
+                          perms[role]) for role in ROLES if role in passwords]
+    for keyid, public in sorted(operators):
+        blocks.append(f"    # operator key {keyid}\n" + _user_block(
+            f"nkey: {json.dumps(nkey_public(public))}", operator_permissions(keyid)))
     for device, public in sorted(devices):
         blocks.append(f"    # device {device}\n" + _user_block(
             f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device)))
-    text = ("# NATS users (rewritten by the hub on device enrolment and revocation)\n"
+    text = ("# NATS users (rewritten by the hub when devices or operators change)\n"
             "authorization {\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n")
     _write_private(nats_dir(home) / USERS_CONF, text)
 

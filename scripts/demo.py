@@ -119,8 +119,9 @@ async def wait_for_telemetry(client: HubClient, timeout: float) -> None:
 
 async def drive(config: HubConfig, models: dict[str, Path], devices: list[str],
                 procs: Processes, data: Path) -> None:
-    url, home, auth = config.nats_url, config.home, config.nats_auth("operator")
+    url, home = config.nats_url, config.home
     admin_key = SigningKey.load(home / "operators" / "admin.key")
+    auth = config.operator_auth(admin_key)  # each operator is its own NATS user (its key)
     deadline = time.monotonic() + 15
     while True:  # hub serve creates the buckets; wait until it answers
         try:
@@ -147,7 +148,8 @@ async def drive(config: HubConfig, models: dict[str, Path], devices: list[str],
                 "--state-dir", str(data / "devices" / device), "--rate", "20", "--window", "1",
             ])
         console.print(f"enrolled and started {len(devices)} agents: {', '.join(devices)}")
-        async with await HubClient.connect(url, alice_key, auth=auth) as alice:
+        async with await HubClient.connect(url, alice_key,
+                                           auth=config.operator_auth(alice_key)) as alice:
             for version in ("1", "2"):
                 await release(admin, alice, models[version], version, data)
                 await admin.call("deploy", {"model": "kws", "version": version, "all": True})

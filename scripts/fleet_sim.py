@@ -53,7 +53,7 @@ def main() -> int:
         sim = SimFleet(config.nats_url, args.state, config.trust_root_path, args.devices,
                        prefix=args.prefix, rate=args.rate, window=args.window)
         async with await HubClient.connect(config.nats_url, key,
-                                           auth=config.nats_auth()) as admin:
+                                           auth=config.operator_auth(key)) as admin:
             await sim.enroll(admin, group=args.group)
         await sim.start()
         faults: dict[str, dict[str, object]] = {d: {} for d in sim.ids}

@@ -116,7 +116,7 @@ async def soak(args: argparse.Namespace, auth: bool) -> Result:
     try:
         admin_key = SigningKey.load(config.operator_key_path("admin"))
         admin = await HubClient.connect(server.url, admin_key, timeout=120,
-                                        auth=config.nats_auth("operator"))
+                                        auth=config.operator_auth(admin_key))
         await wait_until(lambda: admin.call("status"), 30, "the hub")
         ids = [f"soak-{i:04d}" for i in range(args.devices)]
         keys = {d: SigningKey.generate() for d in ids}

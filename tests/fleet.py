@@ -175,10 +175,13 @@ class Fleet:
 
     async def client(self, key: SigningKey | None = None, role: str = "operator") -> HubClient:
         """A connected operator client (the admin unless another key is given). It is on
-        NATS as the `operator` user; role="hub" is for tests whose raw NATS traffic plays
-        an attacker with write access (a forged KV entry, a tampered blob, a bad report)."""
-        return await HubClient.connect(self.nats_url, key or self.admin_key,
-                                       auth=self.config.nats_auth(role))
+        NATS as that operator (its key is its nkey); role="hub" is for tests whose raw NATS
+        traffic plays an attacker with write access (a forged KV entry, a tampered blob, a
+        bad report)."""
+        key = key or self.admin_key
+        auth = (self.config.operator_auth(key) if role == "operator"
+                else self.config.nats_auth(role))
+        return await HubClient.connect(self.nats_url, key, auth=auth)
 
     def url_as(self, role: str = "hub") -> str:
         """The NATS URL with a role's user and password in it (`nats://user:pw@host:port`),

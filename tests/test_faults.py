@@ -64,9 +64,9 @@ async def test_hub_killed_during_a_burst_loses_no_acknowledged_command(
     proc = start_hub(config.home, tmp_path / "hub.log")
     acknowledged: list[str] = []
     try:
-        await wait_until_serving(nats_server.url, key, proc, config.nats_auth())
+        await wait_until_serving(nats_server.url, key, proc, config.operator_auth(key))
         async with await HubClient.connect(nats_server.url, key, timeout=5,
-                                           auth=config.nats_auth()) as client:
+                                           auth=config.operator_auth(key)) as client:
 
             async def enroll(device: str) -> None:
                 with contextlib.suppress(HubError):
@@ -87,7 +87,7 @@ async def test_hub_killed_during_a_burst_loses_no_acknowledged_command(
 
         # Restart: the hub opens the same ledger and serves again.
         proc = start_hub(config.home, tmp_path / "hub.log")
-        await wait_until_serving(nats_server.url, key, proc, config.nats_auth())
+        await wait_until_serving(nats_server.url, key, proc, config.operator_auth(key))
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

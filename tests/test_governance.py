@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from hub import events as ev
-from hub.client import HubClient
+from hub.client import HubClient, HubError
 from hub.modelgen import write_validation_set
 from hub.rebuild import live_digest, rebuild_digest
 from ledger.signing import SigningKey
@@ -103,7 +103,14 @@ async def test_roles_revocation_and_unsigned_commands_are_enforced(
                           {"name": "eve", "roles": ["admin"], "public": bytes(32)},
                           "operator.add needs admin")
             await admin.call("operator.revoke", {"name": "audrey", "reason": "left"})
-            await refused(fleet, audrey, "devices", {}, "audrey", "has been revoked")
+            with pytest.raises(HubError):  # her NATS user is gone: disconnected
+                await audrey.call("whoami")
+        # Her key over someone else's NATS connection: the hub still refuses it.
+        stolen = HubClient(await fleet.connect(), auditor_key, 10)
+        try:
+            await refused(fleet, stolen, "devices", {}, "audrey", "has been revoked")
+        finally:
+            await stolen.close()
         await refused(fleet, admin, "operator.revoke", {"name": "admin"},
                       "cannot revoke your own key")
     # A command that is not a signed envelope at all.

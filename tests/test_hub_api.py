@@ -422,7 +422,7 @@ async def hub_process(tmp_path: Path, nats_server: EmbeddedNats
         )
     try:
         key = admin_key(config)
-        await poll(lambda: _hub_answers(nats_server.url, key, config.nats_auth()), WAIT,
+        await poll(lambda: _hub_answers(nats_server.url, key, config.operator_auth(key)), WAIT,
                    "`hub serve` to answer")
         yield config, proc
     finally:
@@ -446,7 +446,7 @@ async def test_a_truncated_model_is_refused_and_the_hub_process_survives(
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(data[: len(data) // 2])
     async with await HubClient.connect(nats_server.url, admin_key(config), WAIT,
-                                       auth=config.nats_auth()) as c:
+                                       auth=config.operator_auth(admin_key(config))) as c:
         task = asyncio.create_task(c.register_model(truncated, "kws", "1"))
 
         async def settled() -> bool:
@@ -491,7 +491,7 @@ async def test_hub_process_refuses_garbage_reports_and_keeps_serving(
     finally:
         await nc.close()
     async with await HubClient.connect(nats_server.url, admin_key(config), WAIT,
-                                       auth=config.nats_auth()) as c:
+                                       auth=config.operator_auth(admin_key(config))) as c:
         assert await wait_refused(c, 1) == 1
     assert proc.poll() is None
     with LedgerStore.open(config.database_url()) as store:

@@ -135,7 +135,7 @@ async def test_the_hub_signs_every_n_entries(fast_hub: HubService) -> None:
     try:
         admin_key = SigningKey.load(config.operator_key_path("admin"))
         async with await HubClient.connect(config.nats_url, admin_key,
-                                           auth=config.nats_auth()) as admin:
+                                           auth=config.operator_auth(admin_key)) as admin:
             for device in ("dev-a", "dev-b", "dev-c"):
                 await admin.call("device.enroll", {"device": device})
         size = fast_hub.store.count()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,17 +177,45 @@ async def test_a_device_cannot_call_the_operator_or_ledger_api(
 async def test_an_operator_uses_the_api_but_cannot_write_assignments_or_forge_reports(
     fleet: Fleet,
 ) -> None:
-    op = await Conn.open(fleet.nats_url, fleet.config.nats_auth("operator"), "operator")
+    op = await Conn.open(fleet.nats_url, fleet.config.operator_auth(fleet.admin_key), "admin")
     try:
         js = op.nc.jetstream(timeout=2)
         await op.refused("$KV.assignments.dev-x", js.publish("$KV.assignments.dev-x", b"x"))
         await op.refused("fleet.report.dev-x.status", op.nc.publish("fleet.report.dev-x.status"))
         await op.refused("fleet.report.>", op.nc.subscribe("fleet.report.>"))
+        # Replies to other operators (and devices) are not its to read.
+        await op.refused("_INBOX.>", op.nc.subscribe("_INBOX.>"))
     finally:
         await op.close()
     # Without any credentials nobody gets in.
     with pytest.raises(NatsError):
         await nats.connect(fleet.nats_url, allow_reconnect=False, connect_timeout=2)
+
+
+async def test_each_operator_is_its_own_nats_user_and_a_revoked_one_is_shut_out(
+    fleet: Fleet,
+) -> None:
+    """An operator's key is its NATS nkey: `hub operator add` lets it in (by the time the
+    command returns), an unknown key is refused, `hub operator revoke` closes its
+    connection and keeps it out; the other operators are unaffected."""
+    bob = SigningKey.generate()
+    with pytest.raises(NatsError):  # not an operator yet
+        await Conn.open(fleet.nats_url, fleet.config.operator_auth(bob), "bob")
+    async with await fleet.client() as admin:
+        await admin.call("operator.add", {"name": "bob", "public": bob.public.raw,
+                                          "roles": ["operator"]})
+        async with await fleet.client(bob) as client:  # in at once, and it works
+            assert (await client.call("whoami"))["name"] == "bob"
+            closed = asyncio.Event()
+            client.nc._closed_cb = _set_event(closed)  # nats-py has no setter
+            await admin.call("operator.revoke", {"name": "bob", "reason": "left"})
+            await asyncio.wait_for(closed.wait(), WAIT)
+        with pytest.raises(NatsError):
+            await Conn.open(fleet.nats_url, fleet.config.operator_auth(bob), "bob")
+        assert (await admin.call("whoami"))["name"] == "admin"
+    users = (fleet.config.home / "nats" / "users.conf").read_text()
+    assert f"operator key {fleet.admin_key.keyid}" in users and bob.keyid not in users
+    assert 'user: "operator"' not in users  # no shared operator password any more
 
 
 async def test_a_revoked_device_is_disconnected_refused_and_its_reports_ignored(
@@ -226,9 +255,10 @@ async def test_with_tls_a_plain_client_is_refused_and_the_ca_lets_clients_in(
     with EmbeddedNats(store_dir=tmp_path / "tls-nats",
                       config_file=server_conf_path(config.home)) as server:
         set_nats_url(config.home, server.url)
-        auth = config.nats_auth("operator")
-        assert auth.ca_file is not None
-        plain = NatsAuth(user=auth.user, password=auth.password)
+        # `hub init` lets the first admin in before the hub ever ran.
+        auth = config.operator_auth(SigningKey.load(config.operator_key_path("admin")))
+        assert auth.ca_file is not None and auth.nkey_seed is not None
+        plain = dataclasses.replace(auth, ca_file=None)
         with pytest.raises(Exception):  # noqa: B017 - nats-py raises several kinds here
             await nats.connect(server.url, allow_reconnect=False, connect_timeout=2,
                                **plain.options())
