@@ -147,7 +147,8 @@ def init(
     home: Path = typer.Argument(..., help="Directory to create (keys, trust root, config)."),
     nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats", help="NATS server URL."),
     database: str = typer.Option(
-        "ledger.db", "--database", help="SQLite file (relative to DIR) or a database URL."
+        "ledger.db", "--database", help="SQLite file (relative to DIR) or a database URL, "
+        "e.g. postgresql+psycopg://user@127.0.0.1/fleet (the ledger and the hub's tables)."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing home's keys."),
     tls: bool = typer.Option(False, "--tls", help="Also make a CA and a server certificate "

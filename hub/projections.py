@@ -23,6 +23,7 @@ from ledger.entry import Entry
 from . import events as ev
 from . import lifecycle as lc
 from . import rollout_state
+from .columns import int64_columns
 
 
 class OperatorRow(SQLModel, table=True):
@@ -101,6 +102,7 @@ NONCES: Table = SQLModel.metadata.tables[NonceRow.__tablename__]
 RELEASES: Table = SQLModel.metadata.tables[ReleaseRow.__tablename__]
 DEVICES: Table = SQLModel.metadata.tables[DeviceRow.__tablename__]
 TELEMETRY: Table = SQLModel.metadata.tables[DeviceTelemetryRow.__tablename__]
+int64_columns(OPERATORS, NONCES, RELEASES, DEVICES, TELEMETRY)
 
 # The tables `hub rebuild` must reproduce exactly from the ledger.
 LEDGER_PROJECTIONS: tuple[Table, ...] = (OPERATORS, NONCES, RELEASES, DEVICES,

@@ -17,6 +17,7 @@ from ledger.entry import Entry
 
 from . import events as ev
 from . import rollouts as ro
+from .columns import int64_columns
 
 
 class DeviceTagRow(SQLModel, table=True):
@@ -78,6 +79,7 @@ TAGS: Table = SQLModel.metadata.tables[DeviceTagRow.__tablename__]
 ROLLOUTS: Table = SQLModel.metadata.tables[RolloutRow.__tablename__]
 WAVES: Table = SQLModel.metadata.tables[RolloutWaveRow.__tablename__]
 ROLLOUT_DEVICES: Table = SQLModel.metadata.tables[RolloutDeviceRow.__tablename__]
+int64_columns(TAGS, ROLLOUTS, WAVES, ROLLOUT_DEVICES)
 
 TABLES: tuple[Table, ...] = (TAGS, ROLLOUTS, WAVES, ROLLOUT_DEVICES)
 

@@ -28,6 +28,7 @@ from edge_agent.bins import LATENCY_BUCKETS_MS, quantile_from_buckets
 
 from . import projections as proj
 from . import rollouts as ro
+from .columns import int64_columns
 
 MAX_BOOTS_REMEMBERED = 16
 MIN_PER_BIN = 20  # PSI is judged once an output has this many samples per reference bin
@@ -60,6 +61,7 @@ class TelemetryDeviceRow(SQLModel, table=True):
 
 AGG = SQLModel.metadata.tables[TelemetryAggRow.__tablename__]
 DEVS = SQLModel.metadata.tables[TelemetryDeviceRow.__tablename__]
+int64_columns(AGG, DEVS)
 _AGG_VALUES = ("model", "version", "windows", "inferences", "errors", "latency_buckets",
                "output_hist", "first_ts", "last_ts")
 _DEV_VALUES = ("seen", "windows", "duplicates", "dropped")
