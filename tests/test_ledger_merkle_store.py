@@ -28,6 +28,7 @@ from ledger.merkle import (
     verify_inclusion,
 )
 from ledger.store import LedgerStore, NewEvent
+from ledger.tiles import TILE_HEIGHT, TILE_WIDTH
 from ledger.verify import MERKLE_LEAF_MISMATCH, MERKLE_TREE_MISMATCH
 
 BATCHES = [1, 2, 3, 5, 8, 13, 1, 21, 16]  # 70 entries in appends of varied sizes
@@ -192,17 +193,19 @@ def test_tiles_only_grow(store: LedgerStore, ledger_url: str) -> None:
 
 def test_appends_extend_the_right_edge_tiles(store: LedgerStore) -> None:
     th = store.tree_hash
-    entries = fill(store, [300, 1, 255, 100])  # 656: tiles (0, 0), (0, 1) full, (0, 2) not
+    entries = fill(store, [300, 1, 255, 100, 1, 7])  # 664: full and partial tiles
     leaves = [th.leaf(e.body) for e in entries]
-    assert [tile(store, 0, i) for i in range(3)] == [
-        b"".join(leaves[:256]), b"".join(leaves[256:512]), b"".join(leaves[512:])
-    ]
-    # Tile (1, 0): the roots of the two full 256-leaf subtrees.
-    assert tile(store, 1, 0) == root_from_leaves(th, leaves[:256]) + root_from_leaves(
-        th, leaves[256:512]
-    )
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM ledger_tiles")).scalar() == 4
+        rows = conn.exec_driver_sql("SELECT level, idx, hashes FROM ledger_tiles").all()
+    expected = {}
+    for tile_level in range(3):
+        level = TILE_HEIGHT * tile_level
+        nodes = [root_from_leaves(th, leaves[i << level : (i + 1) << level])
+                 for i in range(len(leaves) >> level)]  # fmt: skip
+        for idx in range(0, len(nodes), TILE_WIDTH):
+            expected[(tile_level, idx // TILE_WIDTH)] = b"".join(nodes[idx : idx + TILE_WIDTH])
+    assert {(lv, ix): bytes(h) for lv, ix, h in rows} == expected
+    assert len(expected[(0, 664 // TILE_WIDTH)]) == (664 % TILE_WIDTH) * 32  # partial
 
 
 def test_a_failed_apply_leaves_no_tree_rows(store: LedgerStore) -> None:
@@ -235,9 +238,9 @@ def test_a_tampered_leaf_is_named(store: LedgerStore, ledger_url: str) -> None:
 def test_a_tampered_upper_node_is_named(store: LedgerStore, ledger_url: str) -> None:
     entries = fill(store, [200, 400])
     # Node (level 8, index 1) covers seqs 256..511, is completed by seq 511 and is stored
-    # as hash 1 of tile (1, 0).
-    hashes = tile(store, 1, 0)
-    set_tile(store, ledger_url, 1, 0, hashes[:32] + bytes(32))
+    # as hash 1 of tile (8 / TILE_HEIGHT, 0).
+    hashes = tile(store, 8 // TILE_HEIGHT, 0)
+    set_tile(store, ledger_url, 8 // TILE_HEIGHT, 0, hashes[:32] + bytes(32))
     result = store.verify()
     assert not result.ok and result.first_bad_seq == 511
     assert result.problem == (
@@ -252,7 +255,8 @@ def test_a_tampered_upper_node_is_named(store: LedgerStore, ledger_url: str) -> 
 
 def test_missing_tree_hashes_are_named(store: LedgerStore, ledger_url: str) -> None:
     fill(store, [200, 400])
-    set_tile(store, ledger_url, 1, 0, tile(store, 1, 0)[:32])  # node (8, 1) cut off
+    upper = 8 // TILE_HEIGHT  # the tile level of node (8, 1), hash 1 of its first tile
+    set_tile(store, ledger_url, upper, 0, tile(store, upper, 0)[:32])  # node (8, 1) cut off
     result = store.verify()
     assert not result.ok and result.first_bad_seq == 511
     assert result.problem == f"{MERKLE_TREE_MISMATCH}: the node (level 8, index 1) is missing " \
@@ -260,34 +264,36 @@ def test_missing_tree_hashes_are_named(store: LedgerStore, ledger_url: str) -> N
     with pytest.raises(StoreError, match=r"node \(level 8, index 1\) is missing"):
         store.inclusion_proof(0, 600)
     # An append that finds its right edge short refuses rather than building on it.
-    short = r"tile \(level 1, index 0\) holds 1 hash"
+    short = rf"tile \(level {upper}, index 0\) holds 1 hash"
     with LedgerStore.open(ledger_url, create=False) as s2, pytest.raises(StoreError, match=short):
         s2.append("a.b", "hub", "s", {})
-    set_tile(store, ledger_url, 0, 0, tile(store, 0, 0)[: 41 * 32])
+    # Leaf 41 and the leaves after it in its tile cut off.
+    set_tile(store, ledger_url, 0, 41 // TILE_WIDTH, tile(store, 0, 41 // TILE_WIDTH)[: 9 * 32])
     result = store.verify()
-    assert (result.first_bad_seq, result.problem) == (
-        41, f"{MERKLE_LEAF_MISMATCH}: the leaf is missing (found level 8, index 0)"
-    )
+    assert result.first_bad_seq == 41 and result.problem is not None
+    assert result.problem.startswith(f"{MERKLE_LEAF_MISMATCH}: the leaf is missing (found")
 
 
 def test_proofs_across_tile_levels(tmp_path: Path) -> None:
-    """Sizes past 65,536 entries: tiles on three levels, proofs hashed up from them."""
+    """Sizes past 16**3 entries: tiles on four levels, proofs hashed up from them."""
     th = HASHES["sha256"]
+    top = TILE_WIDTH**3
+    n = top + 300
     with LedgerStore.open(tmp_path / "big.db", tree_hash="sha256") as store:
-        events = [NewEvent("a.b", "hub", "s", {"i": i}, ts=TS + i) for i in range(66_000)]
+        events = [NewEvent("a.b", "hub", "s", {"i": i}, ts=TS + i) for i in range(n)]
         entries = []
-        for start in range(0, len(events), 7_000):
-            entries += store.append_many(events[start : start + 7_000])
+        for start in range(0, len(events), 777):
+            entries += store.append_many(events[start : start + 777])
         leaves = [th.leaf(e.body) for e in entries]
-        for size in (65_535, 65_536, 65_537, 66_000):
+        for size in (top - 1, top, top + 1, n):
             assert store.root(size) == root_from_leaves(th, leaves[:size]), size
-        for seq, size in [(0, 66_000), (65_535, 66_000), (65_999, 66_000), (300, 65_537)]:
+        for seq, size in [(0, n), (top - 1, n), (n - 1, n), (300, top + 1), (1234, top - 1)]:
             proof = store.inclusion_proof(seq, size)
             assert proof == reference_inclusion_proof(th, seq, leaves[:size]), (seq, size)
-        for m, size in [(1, 66_000), (256, 65_537), (65_536, 66_000), (40_000, 65_999)]:
+        for m, size in [(1, n), (256, top + 1), (top, n), (4000, n - 1), (17, 4003)]:
             proof = store.consistency_proof(m, size)
             assert proof == reference_consistency_proof(th, m, leaves[:size]), (m, size)
-        assert len(tile(store, 2, 0)) == 32  # the root of the first 65,536 leaves
+        assert len(tile(store, 3, 0)) == 32  # the root of the first 16**3 leaves
         result = store.verify()
         assert result.ok and result.merkle_root == root_from_leaves(th, leaves)
 

@@ -14,10 +14,12 @@ from sqlalchemy.engine import make_url
 import ledger.verify_parallel as verify_parallel
 from ledger.entry import Entry
 from ledger.store import LedgerStore, NewEvent
+from ledger.tiles import TILE_HEIGHT, TILE_WIDTH
 from ledger.verify_parallel import segment_level
 
-# Segments of 16 below: 37 full ones and a short last one; the tree has tiles on two
-# levels (leaves, and the roots of 256-leaf subtrees, which lie above the segments).
+# Segments of 16 below: 37 full ones and a short last one; the tree has tiles on three
+# levels (leaves; roots of 16-leaf subtrees, the segments' own; roots of 256-leaf
+# subtrees, above the segments).
 ENTRIES = 600
 TS = 1_700_000_000_000_000_000
 BAD_PREV = b"\x07" * 32
@@ -108,14 +110,18 @@ def tile_hashes(store: LedgerStore, tile_level: int, tile_idx: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("level", "idx"), [(0, 5), (0, 16), (0, 202), (0, 255), (0, 256), (0, 599), (8, 0), (8, 1)]
+    ("level", "idx"),
+    [
+        *[(0, 5), (0, 16), (0, 202), (0, 255), (0, 256), (0, 599)],  # leaves
+        *[(4, 0), (4, 3), (4, 36), (8, 0), (8, 1)],  # segment roots; above the segments
+    ],
 )
 @pytest.mark.parametrize("damage", ["edit", "cut"])
 def test_damaged_tree_nodes(
     store: LedgerStore, ledger_url: str, damage: str, level: int, idx: int
 ) -> None:
-    # The stored node (level, idx) is hash `pos` of tile (level // 8, idx // 256).
-    tile_level, tile_idx, pos = level // 8, idx // 256, idx % 256
+    # The stored node (level, idx) is hash `pos` of tile (level / height, idx / width).
+    tile_level, (tile_idx, pos) = level // TILE_HEIGHT, divmod(idx, TILE_WIDTH)
     where = f"WHERE level = {tile_level} AND idx = {tile_idx}"
     hashes = tile_hashes(store, tile_level, tile_idx)
     if damage == "edit":
