@@ -10,11 +10,12 @@ its write lock at `BEGIN IMMEDIATE` (so the head we read cannot move under us), 
 PostgreSQL takes a self-conflicting table lock. The primary key on `seq` is the
 backstop: two appends can never both write the same seq.
 
-The Merkle tree (RFC 9162, ledger/merkle.py) is stored beside the entries as the hash
-of every complete subtree (`ledger_tree`, keyed by level and index; the "stored
-hashes" of Go's sumdb/tlog). Each append writes the new leaves and the nodes they
-complete in the same transaction, computed from the O(log n) subtree hashes on the
-tree's right edge, so any root or proof later needs only O(log n) node reads.
+The Merkle tree (RFC 9162, ledger/merkle.py) is stored beside the entries as tiles
+(`ledger_tiles`, ledger/tiles.py): the hashes of every 4th level, 16 to a row. Each
+append computes the new leaves and the nodes they complete from the O(log n) subtree
+hashes on the tree's right edge, and in the same transaction inserts the tiles they
+start and extends the partial ones, so any root or proof later needs only
+O(log n / 4) row reads.
 """
 
 from __future__ import annotations
