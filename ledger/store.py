@@ -749,8 +749,9 @@ class LedgerStore:
     ) -> VerifyResult:
         """Verify the whole stored chain and Merkle tree; see `ledger.verify.verify_chain`.
 
-        Every stored tree node is compared with the node recomputed from the bodies;
-        then the root of the verified size is read back from stored nodes, the way
+        Every stored tree hash (the tile levels) is compared with the node recomputed
+        from the bodies; then the root of the verified size is read back from the tiles,
+        the way
         `root()` (and so every published root) computes it, and must be the same.
         `jobs` > 1 checks segments of the ledger in that many processes (see
         ledger/verify_parallel.py); the result is the same, first bad seq included.

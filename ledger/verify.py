@@ -243,7 +243,8 @@ def check_segment(
 
     `start` must be a multiple of a power of two at least `stop - start` (the segment is
     one aligned subtree, or the start of one). `batches` gives the rows in seq order,
-    each batch with the stored nodes completed by its leaves, keyed by (level, index).
+    each batch with the stored nodes completed by its leaves, keyed by (level, index)
+    (only the tile levels of ledger/tiles.py are stored and compared).
     Every check of `verify_chain` is made, except the two that need the entry before
     `start` (its `prev` link, checked by the caller with `first_prev`) and the nodes
     above the segment (checked by the caller from the segments' roots).
