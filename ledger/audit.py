@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, or_, select
+from sqlalchemy import Row, Select, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ledger.checkpoint import Checkpoint
@@ -28,7 +28,8 @@ from ledger.entry import GENESIS_PREV, chain_hash
 from ledger.errors import ProofError, StoreError
 from ledger.merkle import MerkleFrontier, frontier_coordinates, verify_consistency, verify_inclusion
 from ledger.note import b64encode
-from ledger.store import ENTRIES, TREE, LedgerStore
+from ledger.store import ENTRIES, LedgerStore
+from ledger.tiles import is_stored_level
 from ledger.verify import MERKLE_LEAF_MISMATCH, MERKLE_TREE_MISMATCH, RawRow, _row_problem
 
 CHECKPOINT_TRUNCATED = "truncation below a signed checkpoint"
@@ -88,13 +89,7 @@ def _rows(store: LedgerStore, start: int, end: int, batch: int) -> Iterator[RawR
 
 
 def _nodes(store: LedgerStore, coords: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-    found: dict[tuple[int, int], bytes] = {}
-    for i in range(0, len(coords), 200):
-        chunk = coords[i:i + 200]
-        where = or_(*(and_(TREE.c.level == lv, TREE.c.idx == ix) for lv, ix in chunk))
-        for r in _fetch(store, select(TREE.c.level, TREE.c.idx, TREE.c.hash).where(where)):
-            found[(r.level, r.idx)] = bytes(r.hash)
-    return found
+    return store.subtree_hashes(coords)
 
 
 def verify_since(store: LedgerStore, cp: Checkpoint, batch: int = 1000) -> SinceResult:
@@ -137,11 +132,12 @@ def verify_since(store: LedgerStore, cp: Checkpoint, batch: int = 1000) -> Since
     pending: list[tuple[int, list[tuple[int, int, bytes]]]] = []
 
     def check_nodes() -> tuple[int, str] | None:
-        wanted = [(lv, ix) for _, nodes in pending for lv, ix, _ in nodes]
+        # The stored nodes; the others are hashed up from them, so they agree if these do.
+        wanted = [(lv, ix) for _, nodes in pending for lv, ix, _ in nodes if is_stored_level(lv)]
         got = _nodes(store, wanted)
         for seq, nodes in pending:
             for lv, ix, want in nodes:
-                if got.get((lv, ix)) != want:
+                if is_stored_level(lv) and got.get((lv, ix)) != want:
                     base = MERKLE_LEAF_MISMATCH if lv == 0 else MERKLE_TREE_MISMATCH
                     return seq, f"{base}: stored node (level {lv}, index {ix})"
         pending.clear()

@@ -11,11 +11,11 @@ transparency-log tooling can check the tree.
 
 Proof generation reads *complete subtrees* through `get_node(level, index)`: the hash
 of the perfect subtree over leaves [index * 2**level, (index + 1) * 2**level). A store
-keeps every such node as it is completed (the "stored hashes" of Go's
-golang.org/x/mod/sumdb/tlog), so a root, an inclusion proof or a consistency proof
-of any tree size costs O(log n) node reads. The `reference_*` functions compute the
-same things from a full list of leaf hashes by the RFC's recursive definitions; they
-exist to test the fast path against.
+can give any such node in O(1) reads (the ledger's store keeps every 4th level in
+tiles and hashes the others up from them, ledger/tiles.py), so a root, an inclusion
+proof or a consistency proof of any tree size costs O(log n) node lookups. The
+`reference_*` functions compute the same things from a full list of leaf hashes by the
+RFC's recursive definitions; they exist to test the fast path against.
 
 Verification (`verify_inclusion`, `verify_consistency`) follows the algorithms of
 RFC 9162 §2.1.3.2 and §2.1.4.2 step by step and raises `ProofError` on failure.

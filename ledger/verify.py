@@ -26,6 +26,7 @@ from ledger.entry import (
 )
 from ledger.errors import EntryError
 from ledger.merkle import LEAF_PREFIX, NODE_PREFIX, MerkleFrontier, TreeHash
+from ledger.tiles import TILE_HEIGHT
 
 # The problems, worded for the person reading the report. Details follow after ": ".
 MISSING_ENTRY = "missing entry"
@@ -65,8 +66,9 @@ class TreeCheck:
     """The stored Merkle tree, to check alongside the chain.
 
     `rows` must come in the order appends complete them: for each seq, the leaf
-    (0, seq) and then every node that leaf completes, lowest level first (what
-    `MerkleFrontier.append` returns). Rows past the last entry are not read.
+    (0, seq) and then every stored node that leaf completes, lowest level first (what
+    `MerkleFrontier.append` returns, keeping only the tile levels of ledger/tiles.py).
+    Rows past the last entry are not read.
     """
 
     tree_hash: TreeHash
@@ -108,8 +110,11 @@ def _row_problem(row: RawRow, expected_seq: int, expected_prev: bytes) -> tuple[
 
 
 def _tree_problem(completed: list[tuple[int, int, bytes]], stored: Iterator[TreeRow]) -> str | None:
-    """Compare the nodes one leaf completes with the next stored tree rows."""
+    """Compare the nodes one leaf completes with the next stored tree rows (the store
+    keeps only the nodes on tile levels; the others are hashed up from those)."""
     for level, idx, want in completed:
+        if level % TILE_HEIGHT:
+            continue
         got = next(stored, None)
         if got is not None and got.hash == want and got.level == level and got.idx == idx:
             continue
@@ -154,7 +159,8 @@ def verify_chain(
 
     With `tree`, each row's stored Merkle leaf must also equal HASH(0x00 || body), and
     every stored node completed by that leaf must equal the node recomputed from the
-    bodies (so the root of every size computed from stored nodes is the true one).
+    bodies (so the root of every size computed from stored nodes is the true one: the
+    nodes that are not stored are hashed up from stored ones).
 
     With `start`, the first `start.count` entries are taken as verified already (the
     parallel verifier resumes here after a damaged segment): `rows` and `tree.rows`
@@ -237,7 +243,8 @@ def check_segment(
 
     `start` must be a multiple of a power of two at least `stop - start` (the segment is
     one aligned subtree, or the start of one). `batches` gives the rows in seq order,
-    each batch with the stored nodes completed by its leaves, keyed by (level, index).
+    each batch with the stored nodes completed by its leaves, keyed by (level, index)
+    (only the tile levels of ledger/tiles.py are stored and compared).
     Every check of `verify_chain` is made, except the two that need the entry before
     `start` (its `prev` link, checked by the caller with `first_prev`) and the nodes
     above the segment (checked by the caller from the segments' roots).
@@ -295,7 +302,7 @@ def check_segment(
                 node = digest(node_prefix + stack.pop() + node)
                 level += 1
                 idx >>= 1
-                if nodes.get((level, (start >> level) + idx)) != node:
+                if not level % TILE_HEIGHT and nodes.get((level, (start >> level) + idx)) != node:
                     return outcome(True)
             stack.append(node)
             last = stored_hash

@@ -27,6 +27,7 @@ from multiprocessing.context import BaseContext
 from ledger.entry import GENESIS_PREV
 from ledger.merkle import HASHES, MerkleFrontier
 from ledger.store import LedgerStore
+from ledger.tiles import is_stored_level
 from ledger.verify import (
     SegmentCheck,
     StoredRow,
@@ -86,7 +87,8 @@ def verify_parallel(
         if not damaged and check.stop - check.start == size:
             completed = upper.completed_by(check.subtrees[0])
             for up_level, idx, node in completed[1:]:
-                if upper_nodes.get((level + up_level, idx)) != node:
+                stored = is_stored_level(level + up_level)
+                if stored and upper_nodes.get((level + up_level, idx)) != node:
                     damaged = True
         if damaged:  # say exactly what, from here on, in this process
             start = VerifyStart(check.start, prev, tuple(upper.subtrees))

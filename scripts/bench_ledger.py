@@ -381,7 +381,7 @@ def postgres_cases(url: str, args: argparse.Namespace, console: Console) -> Iter
     with psycopg.connect(batches.render_as_string(False)) as pg:
         row = pg.execute(
             "SELECT pg_total_relation_size('ledger_entries') "
-            "+ pg_total_relation_size('ledger_tree')"
+            "+ pg_total_relation_size('ledger_tiles')"
         ).fetchone()
     size = int(row[0]) if row else 0
     yield Result("(i) bytes on disk per entry", "postgresql", n, 0.0,

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from ledger.entry import Entry
-from ledger.errors import StoreError, TreeRangeError
+from ledger.errors import ProofError, StoreError, TreeRangeError
 from ledger.merkle import (
     HASHES,
     reference_consistency_proof,
@@ -28,6 +28,7 @@ from ledger.merkle import (
     verify_inclusion,
 )
 from ledger.store import LedgerStore, NewEvent
+from ledger.tiles import TILE_HEIGHT, TILE_WIDTH
 from ledger.verify import MERKLE_LEAF_MISMATCH, MERKLE_TREE_MISMATCH
 
 BATCHES = [1, 2, 3, 5, 8, 13, 1, 21, 16]  # 70 entries in appends of varied sizes
@@ -40,21 +41,21 @@ def is_postgres(url: str) -> bool:
 
 def raw_sql(url: str, *statements: str, unlock_tree: bool = False) -> None:
     """Run SQL with the driver, bypassing LedgerStore; `unlock_tree` first removes the
-    append-only triggers of ledger_tree (what someone with the file or a superuser
+    append-only triggers of ledger_tiles (what someone with the file or a superuser
     login can do)."""
     if is_postgres(url):
         conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
         with psycopg.connect(conninfo) as pg:  # commits on a clean exit
             if unlock_tree:
-                pg.execute("ALTER TABLE ledger_tree DISABLE TRIGGER ALL")
+                pg.execute("ALTER TABLE ledger_tiles DISABLE TRIGGER ALL")
             for sql in statements:
                 pg.execute(sql.encode())
         return
     raw = sqlite3.connect(url)
     try:
         if unlock_tree:
-            raw.execute("DROP TRIGGER ledger_tree_no_update")
-            raw.execute("DROP TRIGGER ledger_tree_no_delete")
+            raw.execute("DROP TRIGGER IF EXISTS ledger_tiles_only_grow")
+            raw.execute("DROP TRIGGER IF EXISTS ledger_tiles_no_delete")
         for sql in statements:
             raw.execute(sql)
         raw.commit()
@@ -64,6 +65,19 @@ def raw_sql(url: str, *statements: str, unlock_tree: bool = False) -> None:
 
 def blob(url: str, data: bytes) -> str:
     return f"'\\x{data.hex()}'::bytea" if is_postgres(url) else f"x'{data.hex()}'"
+
+
+def tile(store: LedgerStore, tile_level: int, tile_idx: int) -> bytes:
+    """The stored hashes of tile (tile_level, tile_idx)."""
+    sql = f"SELECT hashes FROM ledger_tiles WHERE level = {tile_level} AND idx = {tile_idx}"
+    with store.engine.connect() as conn:
+        return bytes(conn.exec_driver_sql(sql).scalar_one())
+
+
+def set_tile(store: LedgerStore, url: str, tile_level: int, tile_idx: int, hashes: bytes) -> None:
+    """Overwrite a tile's hashes, past the triggers."""
+    where = f"WHERE level = {tile_level} AND idx = {tile_idx}"
+    raw_sql(url, f"UPDATE ledger_tiles SET hashes = {blob(url, hashes)} {where}", unlock_tree=True)
 
 
 def fill(store: LedgerStore, batches: list[int] = BATCHES) -> list[Entry]:
@@ -156,18 +170,42 @@ def test_ledgers_without_a_tree_are_refused(tmp_path: Path) -> None:
         LedgerStore.open(path)
 
 
-def test_tree_rows_are_append_only(store: LedgerStore, ledger_url: str) -> None:
+def test_tiles_only_grow(store: LedgerStore, ledger_url: str) -> None:
     fill(store, [4])
-    statements = ["UPDATE ledger_tree SET hash = hash WHERE level = 0 AND idx = 1",
-                  "DELETE FROM ledger_tree WHERE level = 1"]  # fmt: skip
+    hashes = tile(store, 0, 0)
+    changed = bytes([hashes[0] ^ 1]) + hashes[1:] + bytes(32)  # longer, but not an extension
+    where = "WHERE level = 0 AND idx = 0"
+    statements = [f"UPDATE ledger_tiles SET hashes = hashes {where}",
+                  f"UPDATE ledger_tiles SET hashes = {blob(ledger_url, hashes[:64])} {where}",
+                  f"UPDATE ledger_tiles SET hashes = {blob(ledger_url, changed)} {where}",
+                  f"UPDATE ledger_tiles SET idx = 1 {where}",
+                  "DELETE FROM ledger_tiles WHERE level = 0"]  # fmt: skip
     if is_postgres(ledger_url):
-        statements.append("TRUNCATE ledger_tree")
+        statements.append("TRUNCATE ledger_tiles")
     for sql in statements:
         with pytest.raises(IntegrityError, match="append-only"), store.engine.begin() as conn:
             conn.execute(text(sql))
         with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError), match="append-only"):
             raw_sql(ledger_url, sql)
+    assert tile(store, 0, 0) == hashes
     assert store.verify().ok
+
+
+def test_appends_extend_the_right_edge_tiles(store: LedgerStore) -> None:
+    th = store.tree_hash
+    entries = fill(store, [300, 1, 255, 100, 1, 7])  # 664: full and partial tiles
+    leaves = [th.leaf(e.body) for e in entries]
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT level, idx, hashes FROM ledger_tiles").all()
+    expected = {}
+    for tile_level in range(3):
+        level = TILE_HEIGHT * tile_level
+        nodes = [root_from_leaves(th, leaves[i << level : (i + 1) << level])
+                 for i in range(len(leaves) >> level)]  # fmt: skip
+        for idx in range(0, len(nodes), TILE_WIDTH):
+            expected[(tile_level, idx // TILE_WIDTH)] = b"".join(nodes[idx : idx + TILE_WIDTH])
+    assert {(lv, ix): bytes(h) for lv, ix, h in rows} == expected
+    assert len(expected[(0, 664 // TILE_WIDTH)]) == (664 % TILE_WIDTH) * 32  # partial
 
 
 def test_a_failed_apply_leaves_no_tree_rows(store: LedgerStore) -> None:
@@ -178,21 +216,18 @@ def test_a_failed_apply_leaves_no_tree_rows(store: LedgerStore) -> None:
 
     with pytest.raises(RuntimeError):
         store.append("a.b", "hub", "s", {}, apply=fail)
-    with store.engine.connect() as conn:
-        # Three leaves and node (1, 0); nothing of the failed append.
-        assert conn.execute(text("SELECT count(*) FROM ledger_tree")).scalar() == 4
+    # Three leaves in one tile; nothing of the failed append.
+    assert len(tile(store, 0, 0)) == 3 * 32
     fill(store, [2])
+    assert len(tile(store, 0, 0)) == 5 * 32
     assert store.verify().ok
 
 
 def test_a_tampered_leaf_is_named(store: LedgerStore, ledger_url: str) -> None:
     entries = fill(store)
-    bogus = blob(ledger_url, store.tree_hash.leaf(b"something else"))
-    raw_sql(
-        ledger_url,
-        f"UPDATE ledger_tree SET hash = {bogus} WHERE level = 0 AND idx = 5",
-        unlock_tree=True,
-    )
+    hashes = tile(store, 0, 0)
+    bogus = store.tree_hash.leaf(b"something else")
+    set_tile(store, ledger_url, 0, 0, hashes[: 5 * 32] + bogus + hashes[6 * 32 :])
     result = store.verify()
     assert (result.ok, result.first_bad_seq, result.problem) == (False, 5, MERKLE_LEAF_MISMATCH)
     assert result.entries == 5 and result.head_hash == entries[4].hash
@@ -200,36 +235,67 @@ def test_a_tampered_leaf_is_named(store: LedgerStore, ledger_url: str) -> None:
     assert result.merkle_root == root_from_leaves(th, [th.leaf(e.body) for e in entries[:5]])
 
 
-def test_a_tampered_inner_node_is_named(store: LedgerStore, ledger_url: str) -> None:
-    fill(store)
-    # Node (level 2, index 1) covers seqs 4..7 and is completed by seq 7.
-    bogus = blob(ledger_url, bytes(32))
-    raw_sql(
-        ledger_url,
-        f"UPDATE ledger_tree SET hash = {bogus} WHERE level = 2 AND idx = 1",
-        unlock_tree=True,
-    )
+def test_a_tampered_upper_node_is_named(store: LedgerStore, ledger_url: str) -> None:
+    entries = fill(store, [200, 400])
+    # Node (level 8, index 1) covers seqs 256..511, is completed by seq 511 and is stored
+    # as hash 1 of tile (8 / TILE_HEIGHT, 0).
+    hashes = tile(store, 8 // TILE_HEIGHT, 0)
+    set_tile(store, ledger_url, 8 // TILE_HEIGHT, 0, hashes[:32] + bytes(32))
     result = store.verify()
-    assert not result.ok and result.first_bad_seq == 7
+    assert not result.ok and result.first_bad_seq == 511
     assert result.problem == (
-        f"{MERKLE_TREE_MISMATCH}: node (level 2, index 1) differs from the hash of its children"
+        f"{MERKLE_TREE_MISMATCH}: node (level 8, index 1) differs from the hash of its children"
     )
-    # Proofs through that node no longer lead to the root computed from stored nodes.
+    # Proofs through that node no longer lead to the true root.
     th = store.tree_hash
-    leaf = store.leaf_hash(0)
-    with pytest.raises(Exception, match="does not lead to the root"):
-        verify_inclusion(th, 0, 70, leaf, store.inclusion_proof(0, 70), store.root(70))
+    root = root_from_leaves(th, [th.leaf(e.body) for e in entries])
+    with pytest.raises(ProofError, match="does not lead to the root"):
+        verify_inclusion(th, 0, 600, store.leaf_hash(0), store.inclusion_proof(0, 600), root)
 
 
-def test_a_missing_node_is_named(store: LedgerStore, ledger_url: str) -> None:
-    fill(store)
-    raw_sql(ledger_url, "DELETE FROM ledger_tree WHERE level = 1 AND idx = 20", unlock_tree=True)
+def test_missing_tree_hashes_are_named(store: LedgerStore, ledger_url: str) -> None:
+    fill(store, [200, 400])
+    upper = 8 // TILE_HEIGHT  # the tile level of node (8, 1), hash 1 of its first tile
+    set_tile(store, ledger_url, upper, 0, tile(store, upper, 0)[:32])  # node (8, 1) cut off
     result = store.verify()
-    assert not result.ok and result.first_bad_seq == 41
-    assert result.problem == f"{MERKLE_TREE_MISMATCH}: the node (level 1, index 20) is missing " \
-        "(found level 0, index 42)"  # fmt: skip
-    with pytest.raises(StoreError, match=r"node \(level 1, index 20\) is missing"):
-        store.inclusion_proof(42, 70)  # its path passes node (1, 20), seqs 40 and 41
+    assert not result.ok and result.first_bad_seq == 511
+    assert result.problem == f"{MERKLE_TREE_MISMATCH}: the node (level 8, index 1) is missing " \
+        "(found level 0, index 512)"  # fmt: skip
+    with pytest.raises(StoreError, match=r"node \(level 8, index 1\) is missing"):
+        store.inclusion_proof(0, 600)
+    # An append that finds its right edge short refuses rather than building on it.
+    short = rf"tile \(level {upper}, index 0\) holds 1 hash"
+    with LedgerStore.open(ledger_url, create=False) as s2, pytest.raises(StoreError, match=short):
+        s2.append("a.b", "hub", "s", {})
+    # Leaf 41 and the leaves after it in its tile cut off.
+    set_tile(store, ledger_url, 0, 41 // TILE_WIDTH, tile(store, 0, 41 // TILE_WIDTH)[: 9 * 32])
+    result = store.verify()
+    assert result.first_bad_seq == 41 and result.problem is not None
+    assert result.problem.startswith(f"{MERKLE_LEAF_MISMATCH}: the leaf is missing (found")
+
+
+def test_proofs_across_tile_levels(tmp_path: Path) -> None:
+    """Sizes past 16**3 entries: tiles on four levels, proofs hashed up from them."""
+    th = HASHES["sha256"]
+    top = TILE_WIDTH**3
+    n = top + 300
+    with LedgerStore.open(tmp_path / "big.db", tree_hash="sha256") as store:
+        events = [NewEvent("a.b", "hub", "s", {"i": i}, ts=TS + i) for i in range(n)]
+        entries = []
+        for start in range(0, len(events), 777):
+            entries += store.append_many(events[start : start + 777])
+        leaves = [th.leaf(e.body) for e in entries]
+        for size in (top - 1, top, top + 1, n):
+            assert store.root(size) == root_from_leaves(th, leaves[:size]), size
+        for seq, size in [(0, n), (top - 1, n), (n - 1, n), (300, top + 1), (1234, top - 1)]:
+            proof = store.inclusion_proof(seq, size)
+            assert proof == reference_inclusion_proof(th, seq, leaves[:size]), (seq, size)
+        for m, size in [(1, n), (256, top + 1), (top, n), (4000, n - 1), (17, 4003)]:
+            proof = store.consistency_proof(m, size)
+            assert proof == reference_consistency_proof(th, m, leaves[:size]), (m, size)
+        assert len(tile(store, 3, 0)) == 32  # the root of the first 16**3 leaves
+        result = store.verify()
+        assert result.ok and result.merkle_root == root_from_leaves(th, leaves)
 
 
 def test_out_of_range_requests(store: LedgerStore) -> None:
@@ -272,11 +338,9 @@ def ledger_db(tmp_path: Path) -> Path:
 
 
 def test_ledger_verify_names_a_tampered_tree_row(ledger_db: Path) -> None:
-    raw_sql(
-        str(ledger_db),
-        "UPDATE ledger_tree SET hash = zeroblob(32) WHERE level = 0 AND idx = 3",
-        unlock_tree=True,
-    )
+    with LedgerStore.open(ledger_db, create=False) as store:
+        hashes = tile(store, 0, 0)
+        set_tile(store, str(ledger_db), 0, 0, hashes[: 3 * 32] + bytes(32) + hashes[4 * 32 :])
     done = run_ledger("verify", "--db", str(ledger_db))
     assert done.returncode == 1, done.stderr
     assert done.stdout.strip() == f"FAIL at seq 3: {MERKLE_LEAF_MISMATCH}"

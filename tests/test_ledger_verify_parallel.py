@@ -14,9 +14,13 @@ from sqlalchemy.engine import make_url
 import ledger.verify_parallel as verify_parallel
 from ledger.entry import Entry
 from ledger.store import LedgerStore, NewEvent
+from ledger.tiles import TILE_HEIGHT, TILE_WIDTH
 from ledger.verify_parallel import segment_level
 
-ENTRIES = 203  # segments of 16 below: 12 full ones and a short last one
+# Segments of 16 below: 37 full ones and a short last one; the tree has tiles on three
+# levels (leaves; roots of 16-leaf subtrees, the segments' own; roots of 256-leaf
+# subtrees, above the segments).
+ENTRIES = 600
 TS = 1_700_000_000_000_000_000
 BAD_PREV = b"\x07" * 32
 
@@ -49,14 +53,14 @@ def tamper(url: str, statement: str) -> None:
         conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
         with psycopg.connect(conninfo) as pg:
             pg.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ALL")
-            pg.execute("ALTER TABLE ledger_tree DISABLE TRIGGER ALL")
+            pg.execute("ALTER TABLE ledger_tiles DISABLE TRIGGER ALL")
             pg.execute(statement.encode())
         return
     raw = sqlite3.connect(url)
     try:
-        for table in ("ledger_entries", "ledger_tree"):
-            for verb in ("update", "delete"):
-                raw.execute(f"DROP TRIGGER {table}_no_{verb}")
+        for trigger in ("entries_no_update", "entries_no_delete", "tiles_no_delete",
+                        "tiles_only_grow"):  # fmt: skip
+            raw.execute(f"DROP TRIGGER ledger_{trigger}")
         raw.execute(statement)
         raw.commit()
     finally:
@@ -79,7 +83,7 @@ def test_an_intact_ledger(store: LedgerStore) -> None:
     assert store.verify(jobs=3) == sequential
 
 
-@pytest.mark.parametrize("seq", [0, 5, 15, 16, 17, 63, 64, 191, 192, 202])
+@pytest.mark.parametrize("seq", [0, 5, 15, 16, 17, 63, 64, 191, 192, 255, 256, 599])
 @pytest.mark.parametrize("damage", ["edit", "delete", "prev", "kind"])
 def test_damaged_entries(store: LedgerStore, ledger_url: str, damage: str, seq: int) -> None:
     entry: Entry | None = store.get(seq)
@@ -99,19 +103,35 @@ def test_damaged_entries(store: LedgerStore, ledger_url: str, damage: str, seq: 
         assert not sequential.ok and sequential.first_bad_seq == seq
 
 
+def tile_hashes(store: LedgerStore, tile_level: int, tile_idx: int) -> bytes:
+    sql = f"SELECT hashes FROM ledger_tiles WHERE level = {tile_level} AND idx = {tile_idx}"
+    with store.engine.connect() as conn:
+        return bytes(conn.exec_driver_sql(sql).scalar_one())
+
+
 @pytest.mark.parametrize(
     ("level", "idx"),
-    [(0, 5), (0, 16), (2, 3), (4, 0), (4, 1), (5, 0), (6, 1), (7, 0), (1, 100), (0, 202)],
+    [
+        *[(0, 5), (0, 16), (0, 202), (0, 255), (0, 256), (0, 599)],  # leaves
+        *[(4, 0), (4, 3), (4, 36), (8, 0), (8, 1)],  # segment roots; above the segments
+    ],
 )
-@pytest.mark.parametrize("damage", ["edit", "delete"])
+@pytest.mark.parametrize("damage", ["edit", "cut"])
 def test_damaged_tree_nodes(
     store: LedgerStore, ledger_url: str, damage: str, level: int, idx: int
 ) -> None:
-    where = f"WHERE level = {level} AND idx = {idx}"
+    # The stored node (level, idx) is hash `pos` of tile (level / height, idx / width).
+    tile_level, (tile_idx, pos) = level // TILE_HEIGHT, divmod(idx, TILE_WIDTH)
+    where = f"WHERE level = {tile_level} AND idx = {tile_idx}"
+    hashes = tile_hashes(store, tile_level, tile_idx)
     if damage == "edit":
-        tamper(ledger_url, f"UPDATE ledger_tree SET hash = {bytea(ledger_url, bytes(32))} {where}")
+        hashes = hashes[: pos * 32] + bytes(32) + hashes[(pos + 1) * 32 :]
+    else:  # the tile loses this node and every one after it
+        hashes = hashes[: pos * 32]
+    if hashes:
+        tamper(ledger_url, f"UPDATE ledger_tiles SET hashes = {bytea(ledger_url, hashes)} {where}")
     else:
-        tamper(ledger_url, f"DELETE FROM ledger_tree {where}")
+        tamper(ledger_url, f"DELETE FROM ledger_tiles {where}")
     sequential = store.verify()
     assert not sequential.ok and sequential.first_bad_seq == ((idx + 1) << level) - 1
     assert store.verify(jobs=2) == sequential
