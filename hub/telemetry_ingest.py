@@ -31,6 +31,8 @@ from . import rollouts as ro
 
 MAX_BOOTS_REMEMBERED = 16
 MIN_PER_BIN = 20  # PSI is judged once an output has this many samples per reference bin
+# How `hub telemetry` can order the fleet's devices (TelemetryIngest.device_summaries).
+DEVICE_SORTS = ("error-rate", "errors", "inferences", "last-seen", "device")
 
 
 class TelemetryAggRow(SQLModel, table=True):
@@ -294,6 +296,41 @@ class TelemetryIngest:
                 "duplicates": dev.duplicates,
             })
         return rows
+
+    def device_summaries(self, sort: str = "error-rate", limit: int = 20, offset: int = 0
+                         ) -> tuple[int, list[dict[str, Any]]]:
+        """(devices with telemetry, one page of per-device summaries): a fleet's rows do
+        not fit one NATS reply (256 KiB by default) at 1,000 devices, so the fleet view
+        is paged, worst first by default. Each row is the device's totals plus the model
+        it reported last; `device_rows(device)` has the per-model detail."""
+        if sort not in DEVICE_SORTS:
+            raise ValueError(f"unknown sort {sort!r}; use one of {', '.join(DEVICE_SORTS)}")
+        latest: dict[str, tuple[tuple[str, str, int], _Agg]] = {}
+        for key, a in self._aggs.items():
+            seen = latest.get(key[0])
+            if seen is None or (a.last_ts, key[2]) > (seen[1].last_ts, seen[0][2]):
+                latest[key[0]] = (key, a)
+        rows = []
+        for device, ((_, digest, counter), a) in latest.items():
+            dev = self._devs.get(device, _Dev())
+            rows.append({
+                "device": device, "model": a.model, "version": a.version, "digest": digest,
+                "counter": counter, "windows": dev.windows, "inferences": dev.inferences,
+                "errors": dev.errors,
+                "error_rate": dev.errors / dev.inferences if dev.inferences else 0.0,
+                "p95_ms": quantile_from_buckets(a.latency, 0.95), "last_ts": a.last_ts,
+                "dropped": dev.dropped, "duplicates": dev.duplicates,
+            })
+        # Ties are broken by device id, so pages are stable while nothing changes.
+        order: dict[str, Any] = {
+            "error-rate": lambda r: (-r["error_rate"], -r["errors"], r["device"]),
+            "errors": lambda r: (-r["errors"], r["device"]),
+            "inferences": lambda r: (-r["inferences"], r["device"]),
+            "last-seen": lambda r: (r["last_ts"], r["device"]),  # the quietest first
+            "device": lambda r: r["device"],
+        }
+        rows.sort(key=order[sort])
+        return len(rows), rows[offset:offset + limit]
 
     @property
     def dropped_total(self) -> int:
