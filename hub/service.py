@@ -36,6 +36,7 @@ from ledger.store import ENTRIES, LedgerStore, NewEvent
 from . import events as ev
 from . import projections as proj
 from .api import CommandError, Commands, Outcome
+from .assignment_sync import SyncResult, reconcile_assignments
 from .commands import CommandRefused, Operator, VerifiedCommand, open_command
 from .devices import REVOKED, NatsUsersSync, check_report_signature, device_history
 from .home import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
@@ -124,6 +125,7 @@ class HubService:
         self._writes.update(RolloutCommands(issuer, self._put_assignment).handlers())
         self._reads.update(read_handlers(self))
         self.metrics: MetricsServer | None = None
+        self.assignment_sync = SyncResult()  # what start() found missing from KV
 
     # ------------------------------------------------------------ lifecycle
 
@@ -144,6 +146,9 @@ class HubService:
         await self._ensure_layout()
         await publish_roots(self.js, self.commands.keyring, self.store)
         await allow_fleet_consumers(self.js)
+        # Before serving: a stop between a ledger commit and its KV write left devices
+        # without an assignment the ledger says they have (hub/assignment_sync.py).
+        self.assignment_sync = await reconcile_assignments(self.js, self.store.engine)
         await self._nc.subscribe(API_PREFIX + ">", cb=self._on_api)
         self.ledger_publishing = await start_ledger_publishing(
             self.config, self.store, self._nc, self.js)
