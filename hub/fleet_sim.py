@@ -294,8 +294,26 @@ class ShardedFleet:
 
 
 async def _serve_shard(a: argparse.Namespace) -> None:
-    """One shard: run every `shards`-th device from `shard` on, answer commands."""
+    """One shard: run every `shards`-th device from `shard` on, answer commands. With
+    FLEET_SIM_PROFILE=DIR it runs under cProfile and writes DIR/shard-K.prof on stop
+    (benchmarks: where a shard's CPU goes)."""
     logging.basicConfig(level=logging.ERROR)
+    profile_dir = os.environ.get("FLEET_SIM_PROFILE")
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        await _run_shard(a)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(str(profile_dir)) / f"shard-{a.shard}.prof"))
+
+
+async def _run_shard(a: argparse.Namespace) -> None:
     fleet = SimFleet(a.nats, Path(a.root), Path(a.trust_root), a.total, prefix=a.prefix,
                      rate=a.rate, window=a.window)
     await fleet.start(fleet.ids[a.shard::a.shards])

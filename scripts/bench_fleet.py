@@ -169,7 +169,12 @@ async def run(args: argparse.Namespace) -> None:
     config = init_home(tmp / "hub", server.url)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     hub_log = (tmp / "hub.log").open("wb")
-    hub = subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--home",
+    profile = ["-m", "cProfile", "-o", str(Path(args.profile) / "hub.prof")] \
+        if args.profile else []
+    if args.profile:  # the shards read it (hub.fleet_sim)
+        env["FLEET_SIM_PROFILE"] = os.environ["FLEET_SIM_PROFILE"] = args.profile
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    hub = subprocess.Popen([sys.executable, *profile, "-m", "hub.cli", "serve", "--home",
                             str(config.home), "--log-level", "ERROR"], env=env,
                            stdout=subprocess.DEVNULL, stderr=hub_log)
     watch = ProcWatch(hub.pid)
@@ -228,6 +233,11 @@ async def run(args: argparse.Namespace) -> None:
 
             await wait_until(all_applied, 600, f"rollout {rid}", every=0.2)
             elapsed = time.perf_counter() - t0
+            status = await admin.call("rollout.status", {"rollout": rid})
+            start_ns = next(e["ts"] for e in status["events"] if e["kind"] == "rollout.started")
+            results.setdefault("waves_done", []).append([
+                (e["ts"] - start_ns) / 1e9 for e in status["events"]
+                if e["kind"] == "rollout.wave_completed"])
             stats = await sim.stats()
             rate, busy = transfer_rate(stats["transfers"], since=wall0)
             return elapsed, stats["bytes"] - bytes_before, rate, busy
@@ -281,6 +291,10 @@ async def _counted(admin: HubClient, want: int) -> bool:
     return bool((await admin.call("telemetry", {"device": "-"}))["windows"] >= want)
 
 
+def _secs(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values) + " s"
+
+
 def report(r: dict[str, Any]) -> None:
     print(f"devices: {r['devices']} in {r['procs']} processes (state in {r['sim_dir']}), "
           f"model {r['model_bytes'] / 2**20:.2f} MiB, "
@@ -289,8 +303,10 @@ def report(r: dict[str, Any]) -> None:
     print("|---|---|---|---|")
     print(f"| converge, first install (4 waves, no bake) | {r['converge_first_s']:.1f} s | "
           "target <= 15 s | |")
+    print(f"| waves done at | {_secs(r['waves_done'][0])} | | |")
     print(f"| converge, update v1 -> v2 (4 waves, no bake) | {r['converge_s']:.1f} s | "
           "target <= 15 s | |")
+    print(f"| waves done at | {_secs(r['waves_done'][1])} | | |")
     print(f"| aggregate model fetch during the update, over the transfer time "
           f"({r['transfer_s']:.1f} s) | {r['fetch_mb_s']:.1f} MB/s | raw pull read x32: "
           f"{r['raw_fetch_mb_s']:.1f} MB/s | {r['fetch_mb_s'] / r['raw_fetch_mb_s']:.2f}x |")
@@ -319,6 +335,9 @@ def main() -> int:
                    help="rollout deadline (s): a device not applied by then fails its wave")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1,
                    help="OS processes the simulated devices are sharded over")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="run the hub and the shards under cProfile; stats into DIR "
+                        "(slows them down: for finding where time goes, not for figures)")
     asyncio.run(run(p.parse_args()))
     return 0
 
