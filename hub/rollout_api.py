@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,15 +38,17 @@ def read_handlers(hub: HubService) -> dict[str, Callable[[VerifiedCommand], Any]
     def rollouts(cmd: VerifiedCommand) -> Any:
         out = []
         with hub.store.engine.connect() as conn:
+            counts = rs.device_state_counts(conn)
+            waves = rs.wave_counts(conn)
             for r in rs.list_rollouts(conn):
-                devices = rs.list_rollout_devices(conn, r["rollout"])
+                states = counts.get(r["rollout"], {})
                 out.append({
                     **{k: r[k] for k in ("rollout", "model", "version", "target", "state",
                                          "current_wave", "created_ts", "updated_ts",
                                          "reason")},
-                    "waves": len(rs.list_waves(conn, r["rollout"])),
-                    "devices": len(devices),
-                    "counts": dict(Counter(d["state"] for d in devices)),
+                    "waves": waves.get(r["rollout"], 0),
+                    "devices": sum(states.values()),
+                    "counts": dict(sorted(states.items())),
                 })
         return out
 

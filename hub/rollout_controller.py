@@ -42,6 +42,7 @@ log = logging.getLogger("hub.rollouts")
 
 MAX_STEPS_PER_TICK = 16
 QUIET_MAX_S = 60.0  # re-decide an unchanged rollout at least this often
+KV_WRITES_IN_FLIGHT = 64  # assignment puts of one decision awaiting their acks at once
 # Entries after which a device may have joined a rollout's target: an enrolment, a tag
 # change, or a rollout event (a rollout that ends frees its devices).
 JOIN_KINDS = (ev.DEVICE_ENROLLED, ev.DEVICE_TAGGED)
@@ -107,8 +108,7 @@ class RolloutController:
                 return False
             self._quiet.pop(rid, None)
             await hub._append(events)
-        for effect in effects:
-            await _until_done(effect)
+        await _all_done(effects)
         self.decisions += 1
         return True
 
@@ -242,6 +242,19 @@ def _due(policy: ro.Policy, waves: list[ro.WaveView], now_ns: int) -> float:
             times.append(current.baking_ns + int(policy.bake_s * 1e9))
     due_ns = min(t for t in times if t > now_ns) if any(t > now_ns for t in times) else now_ns
     return time.monotonic() + (due_ns - now_ns) / 1e9
+
+
+async def _all_done(effects: Effects) -> None:
+    """Run a decision's KV writes, KV_WRITES_IN_FLIGHT at a time: one after the other,
+    a 500-device wave waited one NATS round trip per device before its last device
+    was even told (the writes are independent: one key per device)."""
+    sem = asyncio.Semaphore(KV_WRITES_IN_FLIGHT)
+
+    async def one(effect: Callable[[], Awaitable[None]]) -> None:
+        async with sem:
+            await _until_done(effect)
+
+    await asyncio.gather(*(one(e) for e in effects))
 
 
 async def _until_done(effect: Callable[[], Awaitable[None]], give_up_s: float = 120.0) -> None:
