@@ -12,7 +12,7 @@ missing. Idempotent: a second run finds nothing to do and writes nothing.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -47,20 +47,20 @@ async def kv_counters(kv: KeyValue) -> dict[str, int]:
     out: dict[str, int] = {}
     watcher = await kv.watchall(ignore_deletes=True)
     try:
-        async def drain() -> None:
-            async for entry in watcher:
-                if entry is None:  # nats-py's marker: the current values are all in
-                    return
-                try:
-                    doc = proto.SignedEnvelope.decode(entry.value or b"", "assignment")
-                    out[entry.key] = proto.Assignment.from_map(
-                        doc.document("assignment")).counter
-                except proto.ProtocolError:
-                    out[entry.key] = -1  # garbage in KV: the ledger's envelope replaces it
-
-        await asyncio.wait_for(drain(), READ_TIMEOUT_S)
+        while True:
+            entry = await watcher.updates(timeout=READ_TIMEOUT_S)
+            if entry is None:  # nats-py's marker: the current values are all in
+                break
+            try:
+                doc = proto.SignedEnvelope.decode(entry.value or b"", "assignment")
+                out[entry.key] = proto.Assignment.from_map(doc.document("assignment")).counter
+            except proto.ProtocolError:
+                out[entry.key] = -1  # garbage in KV: the ledger's envelope replaces it
+            if entry.delta == 0:  # nothing pending after this one (the marker may follow)
+                break
     finally:
-        await watcher.stop()
+        with contextlib.suppress(Exception):
+            await watcher.stop()
     return out
 
 
