@@ -307,7 +307,11 @@ def encode_report(report: StatusReport | TelemetryWindow) -> bytes:
 
 
 def decode_report(data: bytes) -> StatusReport | TelemetryWindow:
-    doc = decode_map(data, "report")
+    return report_from_map(decode_map(data, "report"))
+
+
+def report_from_map(doc: dict[str, Any]) -> StatusReport | TelemetryWindow:
+    """A report from its decoded map, with decode_report's checks."""
     kind = doc.get("type")
     if kind == StatusReport.TYPE:
         status = StatusReport.from_map(doc)
@@ -371,7 +375,7 @@ def read_report(data: bytes) -> tuple[StatusReport | TelemetryWindow, SignedEnve
     doc = decode_map(data, "report")
     if "type" not in doc and "signed" in doc and "signatures" in doc:
         return decode_signed_report(data)
-    return decode_report(data), None
+    return report_from_map(doc), None  # decoded once: the hub reads every window
 
 
 def report_signed_by(envelope: SignedEnvelope, public: bytes) -> bool:

@@ -62,6 +62,9 @@ from .witnesses import WitnessCommands
 log = logging.getLogger("hub")
 
 MAX_REQUEST_BYTES = 256 * 1024
+# Reports per fetch: each batch costs a head query, a device query and one telemetry
+# transaction, so larger batches share them; below the consumer's 1,000 unacked messages.
+REPORT_BATCH = 512
 
 Handler = Callable[[Connection, VerifiedCommand], Any]
 
@@ -386,44 +389,60 @@ class HubService:
         sub = await self.js.pull_subscribe(
             "fleet.report.>", durable=REPORTS_DURABLE, stream=REPORTS_STREAM
         )
-        while True:
+
+        async def fetch() -> list[Msg]:
             try:
-                msgs = await sub.fetch(256, timeout=1.0)
+                return await sub.fetch(REPORT_BATCH, timeout=1.0)
             except TimeoutError:
-                continue
+                return []
             except Exception as exc:  # disconnected: nats-py reconnects; try again shortly
                 log.warning("report fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
-                continue
-            batch = _ReportBatch()
+                return []
+
+        # The next batch is requested while this one is processed (one fetch in flight at
+        # a time), so the fetch round trip overlaps the hub's work instead of adding to it.
+        pending = asyncio.create_task(fetch())
+        try:
+            while True:
+                msgs = await pending
+                pending = asyncio.create_task(fetch())
+                if msgs:
+                    await self._process_reports(msgs)
+        finally:
+            pending.cancel()
+
+    async def _process_reports(self, msgs: list[Msg]) -> None:
+        """One fetched batch: check, store, then acknowledge (see _consume_reports)."""
+        batch = _ReportBatch()
+        try:
+            self._check_device_cache()
+            self._load_devices({m.subject.split(".")[2] for m in msgs
+                                if m.subject.count(".") == 3})
+        except Exception:  # the database is busy or gone: not acknowledged, redelivered
+            log.exception("cannot read the devices of a report batch")
+            await asyncio.sleep(0.5)
+            return
+        for msg in msgs:
             try:
-                self._check_device_cache()
-                self._load_devices({m.subject.split(".")[2] for m in msgs
-                                    if m.subject.count(".") == 3})
-            except Exception:  # the database is busy or gone: not acknowledged, redelivered
-                log.exception("cannot read the devices of a report batch")
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                try:
-                    self._prepare_report(msg.subject, msg.data, batch)
-                except proto.ProtocolError as exc:
-                    self.refused_reports += 1
-                    log.warning("refused report on %s: %s", msg.subject, exc)
-                except Exception:
-                    # One poisonous report must never stop intake for the whole fleet.
-                    self.refused_reports += 1
-                    log.exception("report on %s could not be processed", msg.subject)
-            try:
-                await self._commit_reports(batch)
+                self._prepare_report(msg.subject, msg.data, batch)
+            except proto.ProtocolError as exc:
+                self.refused_reports += 1
+                log.warning("refused report on %s: %s", msg.subject, exc)
             except Exception:
-                log.exception("status reports could not be stored; redelivered later")
-                continue  # not acknowledged: JetStream redelivers them
-            # Acknowledge only once the batch's telemetry is stored: counted exactly once.
-            self.telemetry.flush()
-            for msg in msgs:
-                with contextlib.suppress(Exception):
-                    await msg.ack()
+                # One poisonous report must never stop intake for the whole fleet.
+                self.refused_reports += 1
+                log.exception("report on %s could not be processed", msg.subject)
+        try:
+            await self._commit_reports(batch)
+        except Exception:
+            log.exception("status reports could not be stored; redelivered later")
+            return  # not acknowledged: JetStream redelivers them
+        # Acknowledge only once the batch's telemetry is stored: counted exactly once.
+        self.telemetry.flush()
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.ack()
 
     async def _handle_report(self, subject: str, data: bytes) -> None:
         """One report on its own (the consumer above handles a fetched batch at once)."""
