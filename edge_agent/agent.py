@@ -177,6 +177,11 @@ class EdgeAgent:
         self._stopping = False
 
     @property
+    def watching(self) -> bool:
+        """True once the agent watches its assignment key (a new one reaches it now)."""
+        return self._assignment_watch is not None
+
+    @property
     def trust(self) -> TrustRoot:
         return self.roots.trust
 
