@@ -47,6 +47,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from ledger.signing import KeyFileError, SigningKey
 
+from . import buckets
 from . import protocol as proto
 from .download import DigestMismatch, DownloadStats, ResumableDownload
 from .fetch import BlobTooLarge, FetchError
@@ -203,7 +204,7 @@ class EdgeAgent:
         while not self._stopping:
             await self.refresh_roots()
             try:
-                kv = await self.js.key_value(ROOTS_BUCKET)
+                kv = await buckets.key_value(self.js, ROOTS_BUCKET)
                 watcher = await kv.watch(LATEST_KEY)
                 flow_control_without_polling(getattr(watcher, "_sub", None))
                 try:
@@ -464,7 +465,7 @@ class EdgeAgent:
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
         key = proto.manifest_key(assignment.model, assignment.version)
         try:
-            kv = await self.js.key_value(MANIFESTS_BUCKET)
+            kv = await buckets.key_value(self.js, MANIFESTS_BUCKET)
             entry = await kv.get(key)
         except KeyNotFoundError as exc:
             raise UpdateRefused(f"release manifest {key} not found") from exc
