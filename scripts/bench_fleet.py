@@ -247,6 +247,11 @@ async def run(args: argparse.Namespace) -> None:
                 if e["kind"] == "rollout.wave_completed"])
             stats = await sim.stats()
             rate, busy = transfer_rate(stats["transfers"], since=wall0)
+            # One device's transfer, start to last byte: the tail that the last wave waits on.
+            spans = sorted(e - s for s, e, _ in stats["transfers"] if s >= wall0 and e > s)
+            if spans:
+                results[f"transfer_{version}"] = (statistics.median(spans),
+                                                  spans[int(0.95 * (len(spans) - 1))], spans[-1])
             return elapsed, stats["bytes"] - bytes_before, rate, busy
 
         cpu0 = watch.cpu()
@@ -326,6 +331,10 @@ def report(r: dict[str, Any]) -> None:
           f"({r['transfer_s']:.1f} s) | {r['fetch_mb_s']:.1f} MB/s | raw pull read x32 "
           f"(median of 5): {r['raw_fetch_mb_s']:.1f} MB/s | "
           f"{r['fetch_mb_s'] / r['raw_fetch_mb_s']:.2f}x |")
+    if "transfer_2" in r:
+        p50, p95, top = r["transfer_2"]
+        print(f"| one device's transfer during the update, p50 / p95 / max | {p50:.2f} / "
+              f"{p95:.2f} / {top:.2f} s | | |")
     print(f"| bytes fetched / update converge time | {r['fetch_over_converge_mb_s']:.1f} MB/s "
           f"| | {r['fetch_over_converge_mb_s'] / r['raw_fetch_mb_s']:.2f}x |")
     print(f"| telemetry ingest | {r['ingest_msgs_s']:,.0f} msg/s | raw pull subscriber: "
