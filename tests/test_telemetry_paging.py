@@ -3,6 +3,8 @@ fleet view is paged, ordered as asked, and bad paging input is one clear error."
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import pytest
@@ -11,6 +13,7 @@ from edge_agent import protocol as proto
 from hub.client import HubError
 from hub.rollout_api import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
 from tests.fleet import Fleet
+from tests.test_cli import clear_error, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,3 +66,21 @@ async def test_fleet_telemetry_pages_through_more_devices_than_one_reply_holds(
         assert [r["output_hist"] for r in one["devices"]] == [[[10, 20, 30, 20, 10, 5, 3, 1,
                                                                 1, 0]] * 2]
         assert (await admin.call("status"))["entries"] > 0  # the hub still serves
+
+
+async def test_hub_telemetry_cli_shows_one_page_or_every_page(fleet: Fleet) -> None:
+    ids = [f"c-{i:04d}" for i in range(MAX_TELEMETRY_PAGE + 100)]  # more than one page
+    for i, device in enumerate(ids):
+        fleet.hub.telemetry.offer(window(device, errors=i % 3))
+    fleet.hub.telemetry.flush()
+    home = str(fleet.config.home)
+    page, every, bad = await asyncio.gather(
+        asyncio.to_thread(run, "hub.cli", "telemetry", "--limit", "5", "--home", home),
+        asyncio.to_thread(run, "hub.cli", "telemetry", "--all", "--sort", "device", "--json",
+                          "--home", home),
+        asyncio.to_thread(run, "hub.cli", "telemetry", "--sort", "mood", "--home", home))
+    assert page.returncode == 0, page.stderr
+    assert f"devices 1-5 of {len(ids):,}, by error-rate" in page.stdout
+    assert every.returncode == 0, every.stderr
+    assert [r["device"] for r in json.loads(every.stdout)["devices"]] == ids
+    clear_error(bad, 2, "unknown --sort 'mood'")
