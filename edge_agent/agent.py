@@ -47,11 +47,12 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from ledger.signing import KeyFileError, SigningKey
 
+from . import buckets
 from . import protocol as proto
 from .download import DigestMismatch, DownloadStats, ResumableDownload
 from .fetch import BlobTooLarge, FetchError
 from .health import HealthWindow
-from .kv_watch import KeyWatch
+from .kv_watch import KeyWatch, flow_control_without_polling
 from .nats_auth import NatsAuth
 from .nats_auth import connect as nats_connect
 from .root_updater import RootUpdater
@@ -173,7 +174,13 @@ class EdgeAgent:
         self._update_task: asyncio.Task[None] | None = None
         self._inflight: proto.Assignment | None = None
         self._rewatch = asyncio.Event()
+        self._assignment_watch: KeyWatch | None = None  # woken on reconnect
         self._stopping = False
+
+    @property
+    def watching(self) -> bool:
+        """True once the agent watches its assignment key (a new one reaches it now)."""
+        return self._assignment_watch is not None
 
     @property
     def trust(self) -> TrustRoot:
@@ -197,12 +204,13 @@ class EdgeAgent:
         while not self._stopping:
             await self.refresh_roots()
             try:
-                kv = await self.js.key_value(ROOTS_BUCKET)
+                kv = await buckets.key_value(self.js, ROOTS_BUCKET)
                 watcher = await kv.watch(LATEST_KEY)
+                flow_control_without_polling(getattr(watcher, "_sub", None))
                 try:
                     while not self._stopping:
                         with contextlib.suppress(TimeoutError):
-                            entry = await watcher.updates(timeout=5.0)
+                            entry = await watcher.updates(timeout=30.0)
                             if entry is not None and entry.value:
                                 await self.refresh_roots()
                 finally:
@@ -277,6 +285,8 @@ class EdgeAgent:
 
         async def on_reconnect() -> None:
             self._rewatch.set()  # a watch may not survive a server restart
+            if self._assignment_watch is not None:
+                self._assignment_watch.wake()
 
         self._nc = await nats_connect(
             self.config.nats_url, self.nats_auth(),
@@ -332,6 +342,7 @@ class EdgeAgent:
                 # Not kv.watch(): its consumer-create subject does not name the key, so
                 # the server could not confine a device to its own (edge_agent/kv_watch.py).
                 watcher = await KeyWatch.start(self.js, ASSIGNMENTS_BUCKET, self.device_id)
+                self._assignment_watch = watcher
             except (BucketNotFoundError, NotFoundError):
                 log.info("assignments bucket not there yet; is the hub running?")
                 await asyncio.sleep(1.0)
@@ -343,7 +354,8 @@ class EdgeAgent:
             try:
                 while not self._rewatch.is_set() and not self._stopping:
                     try:
-                        entry = await watcher.updates(timeout=1.0)
+                        # Long: a reconnect wakes it (on_reconnect), a stop cancels it.
+                        entry = await watcher.updates(timeout=30.0)
                     except TimeoutError:
                         continue
                     if entry.operation is not None:
@@ -453,7 +465,7 @@ class EdgeAgent:
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
         key = proto.manifest_key(assignment.model, assignment.version)
         try:
-            kv = await self.js.key_value(MANIFESTS_BUCKET)
+            kv = await buckets.key_value(self.js, MANIFESTS_BUCKET)
             entry = await kv.get(key)
         except KeyNotFoundError as exc:
             raise UpdateRefused(f"release manifest {key} not found") from exc

@@ -13,6 +13,7 @@ Edges must be at least two strictly increasing finite numbers.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,14 @@ def bin_index(values: Any, edges: NDArray[np.float64]) -> NDArray[np.intp]:
     """The bin of every value (flattened), for checked `edges`."""
     v = np.asarray(values, dtype=np.float64).ravel()
     return np.clip(np.searchsorted(edges, v, side="right") - 1, 0, edges.size - 2)
+
+
+def bin_of(value: float, edges: Sequence[float]) -> int:
+    """The bin of one value, by exactly bin_index's rule, without numpy's per-call cost
+    (a device bins every output of every inference). `edges` as checked, in a list:
+    bisect_right is searchsorted(side="right"); NaN compares false with every edge,
+    so it lands past the last one, into the last bin, as with searchsorted."""
+    return min(max(bisect_right(edges, value) - 1, 0), len(edges) - 2)
 
 
 def histogram_counts(values: Any, edges: Sequence[float] | NDArray[Any]) -> list[int]:

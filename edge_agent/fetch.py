@@ -27,6 +27,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
+from . import buckets
+
 OBJ_STREAM = "OBJ_{bucket}"
 OBJ_CHUNKS = "$O.{bucket}.C.{nuid}"
 FETCH_BATCH = 64
@@ -61,7 +63,7 @@ async def object_ref(
 ) -> ObjectRef:
     """Read the object's metadata; refuse an object whose stated size is too big."""
     try:
-        obs = await js.object_store(bucket)
+        obs = await buckets.object_store(js, bucket)
         info = await obs.get_info(name)
     except (ObjectNotFoundError, NotFoundError) as exc:
         raise FetchError(f"model blob {name} is not in the object store") from exc

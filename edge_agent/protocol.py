@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from ledger.encoding import EncodingError, canonical_decode, canonical_encode
@@ -154,6 +154,16 @@ D = TypeVar("D", bound="_Document")
 FieldSpec = dict[str, type | tuple[type, ...]]
 
 
+def _plain(value: Any) -> Any:
+    """A copy of lists, tuples and maps (the leaves, numbers and text, are immutable)."""
+    if isinstance(value, list | tuple):
+        items = [_plain(v) if isinstance(v, list | tuple | dict) else v for v in value]
+        return items if isinstance(value, list) else type(value)(items)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 @dataclass(frozen=True)
 class _Document:
     TYPE: ClassVar[str] = ""
@@ -161,7 +171,10 @@ class _Document:
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # may be absent from the map
 
     def to_map(self) -> dict[str, Any]:
-        out = asdict(self)
+        # What dataclasses.asdict gives, without its deepcopy of every number: a device
+        # encodes a telemetry window (two histograms) every few seconds, and asdict was
+        # the largest single cost of that (profile of 500 simulated agents).
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
         out["type"] = self.TYPE
         return out
 
@@ -294,7 +307,11 @@ def encode_report(report: StatusReport | TelemetryWindow) -> bytes:
 
 
 def decode_report(data: bytes) -> StatusReport | TelemetryWindow:
-    doc = decode_map(data, "report")
+    return report_from_map(decode_map(data, "report"))
+
+
+def report_from_map(doc: dict[str, Any]) -> StatusReport | TelemetryWindow:
+    """A report from its decoded map, with decode_report's checks."""
     kind = doc.get("type")
     if kind == StatusReport.TYPE:
         status = StatusReport.from_map(doc)
@@ -358,7 +375,7 @@ def read_report(data: bytes) -> tuple[StatusReport | TelemetryWindow, SignedEnve
     doc = decode_map(data, "report")
     if "type" not in doc and "signed" in doc and "signatures" in doc:
         return decode_signed_report(data)
-    return decode_report(data), None
+    return report_from_map(doc), None  # decoded once: the hub reads every window
 
 
 def report_signed_by(envelope: SignedEnvelope, public: bytes) -> bool:

@@ -18,6 +18,7 @@ import blake3
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
+from . import buckets
 from .protocol import ProtocolError, SignedEnvelope
 from .slots import atomic_write_bytes
 from .trust import TrustError, TrustRoot
@@ -74,7 +75,7 @@ class RootUpdater:
         only: the same bad root is reported once)."""
         async with self._lock:
             try:
-                kv = await js.key_value(ROOTS_BUCKET)
+                kv = await buckets.key_value(js, ROOTS_BUCKET)
                 latest = (await kv.get(LATEST_KEY)).value or b""
             except (BucketNotFoundError, NotFoundError, KeyNotFoundError):
                 return None  # no rotation published (or an older hub)

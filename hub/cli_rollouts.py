@@ -33,6 +33,8 @@ from .cli import (
     out,
 )
 from .client import HubClient
+from .rollout_api import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
+from .telemetry_ingest import DEVICE_SORTS
 
 rollout_app = typer.Typer(
     help=("Staged rollouts: target devices by group/tag, roll out in waves with success, "
@@ -270,16 +272,45 @@ def rollout_status(
 # ---------------------------------------------------------------- telemetry
 
 
+SORT_HELP = ("Order of the device table: " + ", ".join(DEVICE_SORTS)
+             + " (error-rate: the worst first; last-seen: the quietest first).")
+
+
 @app.command("telemetry")
 def telemetry(
     device: str | None = typer.Option(None, "--device", help="One device's view."),
+    limit: int = typer.Option(TELEMETRY_PAGE, "--limit", min=1, max=MAX_TELEMETRY_PAGE,
+                              help="Devices to show (one page)."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
+    sort: str = typer.Option("error-rate", "--sort", help=SORT_HELP),
+    every: bool = typer.Option(False, "--all", help="Every device, fetched page by page "
+                               "(with --json: the whole fleet as one document)."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
     as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
-    """Inference telemetry: fleet totals per model version, or one device's windows per
-    installed model (counts, errors, p95, output histograms, spool drops)."""
-    result = _call(_config(home, nats_url), key, timeout, "telemetry",
-                   {"device": device} if device else {})
+    """Inference telemetry: fleet totals per model version and one page of devices (the
+    worst error rates first), or one device's windows per installed model (counts,
+    errors, p95, output histograms, spool drops)."""
+    if sort not in DEVICE_SORTS:
+        raise _fail(f"unknown --sort {sort!r}; use one of {', '.join(DEVICE_SORTS)}",
+                    EXIT_USAGE)
+    config = _config(home, nats_url)
+    if device is not None:
+        result = _call(config, key, timeout, "telemetry", {"device": device})
+    else:
+        async def pages(client: HubClient) -> Any:
+            size = MAX_TELEMETRY_PAGE if every else limit
+            at = offset
+            page = await client.call("telemetry", {"sort": sort, "offset": at, "limit": size})
+            rows = list(page["devices"])
+            while every and len(page["devices"]) == size:
+                at += size
+                page = await client.call("telemetry", {"sort": sort, "offset": at,
+                                                       "limit": size})
+                rows += page["devices"]
+            return {**page, "offset": offset, "limit": len(rows), "devices": rows}
+
+        result = _run(config, key, timeout, pages)
     if as_json:
         _print_json(result)
         return
@@ -294,6 +325,22 @@ def telemetry(
             table.add_row(f"{r['model']}/{r['version']}", f"{r['inferences']:,}",
                           f"{r['errors']:,}", f"{rate:.4f}")
         out.print(table)
+        rows = result["devices"]
+        shown = (f"devices {offset + 1}-{offset + len(rows)} of {result['device_count']:,}"
+                 if rows else f"no devices past {offset} of {result['device_count']:,}")
+        devices = Table("device", "model/version", "windows", "inferences", "errors",
+                        "error rate", "p95 ms", "last window", "drops",
+                        title=f"{shown}, by {sort}")
+        for r in rows:
+            devices.add_row(r["device"], f"{r['model']}/{r['version']}", f"{r['windows']:,}",
+                            f"{r['inferences']:,}", f"{r['errors']:,}",
+                            f"{r['error_rate']:.4f}",
+                            "-" if r["p95_ms"] is None else f"{r['p95_ms']:.3f}",
+                            _ago(r["last_ts"]), str(r["dropped"]))
+        if rows:
+            out.print(devices)
+        else:
+            out.print(shown)
         return
     rows = result["devices"]
     if not rows:

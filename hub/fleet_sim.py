@@ -156,6 +156,15 @@ class SimFleet:
             self._stops[device] = stop
             self._tasks[device] = asyncio.create_task(agent.run(stop), name=f"sim-{device}")
 
+    async def wait_watching(self, timeout: float = 120.0) -> None:
+        """Until every started agent is connected and watches its assignment: a
+        benchmark's clock should not include the fleet's own start-up."""
+        async def all_watching() -> None:
+            while not all(a.watching for a in self.agents.values()):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(all_watching(), timeout)
+
     def inject(self, devices: Iterable[str], **faults: Any) -> None:
         """Set faults on running agents, e.g. inject(ids, install_error=True, version="2")."""
         for device in devices:
@@ -294,11 +303,30 @@ class ShardedFleet:
 
 
 async def _serve_shard(a: argparse.Namespace) -> None:
-    """One shard: run every `shards`-th device from `shard` on, answer commands."""
+    """One shard: run every `shards`-th device from `shard` on, answer commands. With
+    FLEET_SIM_PROFILE=DIR it runs under cProfile and writes DIR/shard-K.prof on stop
+    (benchmarks: where a shard's CPU goes)."""
     logging.basicConfig(level=logging.ERROR)
+    profile_dir = os.environ.get("FLEET_SIM_PROFILE")
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        await _run_shard(a)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(str(profile_dir)) / f"shard-{a.shard}.prof"))
+
+
+async def _run_shard(a: argparse.Namespace) -> None:
     fleet = SimFleet(a.nats, Path(a.root), Path(a.trust_root), a.total, prefix=a.prefix,
                      rate=a.rate, window=a.window)
     await fleet.start(fleet.ids[a.shard::a.shards])
+    await fleet.wait_watching()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

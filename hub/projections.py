@@ -294,6 +294,12 @@ def get_device(conn: Connection, device: str) -> dict[str, Any] | None:
     return _row(row) if row is not None else None
 
 
+def get_devices(conn: Connection, devices: list[str]) -> dict[str, dict[str, Any]]:
+    """Several devices' rows in one query (those that exist)."""
+    rows = conn.execute(select(DEVICES).where(DEVICES.c.device.in_(devices))).mappings()
+    return {r["device"]: _row(r) for r in rows}
+
+
 def get_release(conn: Connection, name: str, version: str) -> dict[str, Any] | None:
     query = select(RELEASES).where(RELEASES.c.name == name, RELEASES.c.version == version)
     row = conn.execute(query).mappings().first()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,21 +20,35 @@ if TYPE_CHECKING:
     from .service import HubService
 
 RECENT_EVENTS = 30
+TELEMETRY_PAGE = 20  # devices per `telemetry` reply unless the operator asks for more
+# A summary row is ~250 bytes of msgpack: 500 of them stay well under NATS's 256 KiB.
+MAX_TELEMETRY_PAGE = 500
+
+
+def _whole(body: dict[str, Any], key: str, default: int, low: int, high: int | None) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise CommandError(f"invalid {key} {value!r}: expected a whole number {bounds}")
+    return value
 
 
 def read_handlers(hub: HubService) -> dict[str, Callable[[VerifiedCommand], Any]]:
     def rollouts(cmd: VerifiedCommand) -> Any:
         out = []
         with hub.store.engine.connect() as conn:
+            counts = rs.device_state_counts(conn)
+            waves = rs.wave_counts(conn)
             for r in rs.list_rollouts(conn):
-                devices = rs.list_rollout_devices(conn, r["rollout"])
+                states = counts.get(r["rollout"], {})
                 out.append({
                     **{k: r[k] for k in ("rollout", "model", "version", "target", "state",
                                          "current_wave", "created_ts", "updated_ts",
                                          "reason")},
-                    "waves": len(rs.list_waves(conn, r["rollout"])),
-                    "devices": len(devices),
-                    "counts": dict(Counter(d["state"] for d in devices)),
+                    "waves": waves.get(r["rollout"], 0),
+                    "devices": sum(states.values()),
+                    "counts": dict(sorted(states.items())),
                 })
         return out
 
@@ -50,9 +63,22 @@ def read_handlers(hub: HubService) -> dict[str, Callable[[VerifiedCommand], Any]
         t = hub.telemetry
         fleet = [{"model": m, "version": v, "inferences": n, "errors": e}
                  for (m, v), (n, e) in sorted(t.totals_by_model().items())]
-        return {"fleet": fleet, "windows": t.windows_total, "duplicates": t.duplicates_total,
-                "dropped": t.dropped_total, "ingest_lag_s": t.last_lag_s,
-                "devices": t.device_rows(device if isinstance(device, str) else None)}
+        out: dict[str, Any] = {
+            "fleet": fleet, "windows": t.windows_total, "duplicates": t.duplicates_total,
+            "dropped": t.dropped_total, "ingest_lag_s": t.last_lag_s}
+        if isinstance(device, str):
+            return {**out, "devices": t.device_rows(device)}
+        # The fleet view is paged: every device's rows in one reply pass the NATS
+        # payload limit (256 KiB by default) at about 500 devices.
+        sort = cmd.body.get("sort", "error-rate")
+        limit = _whole(cmd.body, "limit", TELEMETRY_PAGE, 1, MAX_TELEMETRY_PAGE)
+        offset = _whole(cmd.body, "offset", 0, 0, None)
+        try:
+            total, rows = t.device_summaries(str(sort), limit, offset)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return {**out, "device_count": total, "sort": sort, "offset": offset,
+                "limit": limit, "devices": rows}
 
     return {"rollouts": rollouts, "rollout.status": status, "telemetry": telemetry}
 

@@ -52,8 +52,10 @@ class AssignmentIssuer:
         now = time.time_ns()
         events: list[NewEvent] = []
         writes: list[Callable[[], Awaitable[None]]] = []
+        rows = proj.get_devices(conn, list(devices))  # one query for a whole wave
+        signers = self.signers() if devices else []
         for device in devices:
-            row = proj.get_device(conn, device)
+            row = rows.get(device)
             if row is None:
                 continue
             counter = int(row["counter"]) + 1
@@ -64,7 +66,7 @@ class AssignmentIssuer:
                 expires=now + self.ttl_days * DAY_NS,
             )
             envelope = proto.SignedEnvelope.sign(
-                assignment.to_map(), proto.DOMAIN_ASSIGNMENT, self.signers()
+                assignment.to_map(), proto.DOMAIN_ASSIGNMENT, signers
             ).encode()
             payload: dict[str, Any] = {
                 "device": device, "deployment": rollout, "rollout": rollout,

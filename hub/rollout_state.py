@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, insert, select, update
+from sqlalchemy import Connection, Table, and_, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from ledger.entry import Entry
@@ -298,6 +298,23 @@ def list_rollout_devices(conn: Connection, rollout: str) -> list[dict[str, Any]]
     query = (select(ROLLOUT_DEVICES).where(ROLLOUT_DEVICES.c.rollout == rollout)
              .order_by(ROLLOUT_DEVICES.c.wave, ROLLOUT_DEVICES.c.device))
     return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def device_state_counts(conn: Connection) -> dict[str, dict[str, int]]:
+    """rollout -> {device state: how many}, counted by the database (`hub rollout list`
+    is polled while a 1,000-device rollout runs)."""
+    t = ROLLOUT_DEVICES
+    out: dict[str, dict[str, int]] = {}
+    for rollout, state, n in conn.execute(
+            select(t.c.rollout, t.c.state, func.count()).group_by(t.c.rollout, t.c.state)):
+        out.setdefault(rollout, {})[state] = int(n)
+    return out
+
+
+def wave_counts(conn: Connection) -> dict[str, int]:
+    """rollout -> number of waves."""
+    rows = conn.execute(select(WAVES.c.rollout, func.count()).group_by(WAVES.c.rollout))
+    return {rollout: int(n) for rollout, n in rows}
 
 
 def active_rollout_of(conn: Connection) -> dict[str, str]:

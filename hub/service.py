@@ -37,6 +37,7 @@ from ledger.store import ENTRIES, LedgerStore, NewEvent
 from . import events as ev
 from . import projections as proj
 from .api import CommandError, Commands, Outcome, SlowWork
+from .assignment_sync import SyncResult, reconcile_assignments
 from .commands import CommandRefused, Operator, VerifiedCommand, open_command
 from .devices import REVOKED, NatsUsersSync, check_report_signature, device_history
 from .home import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
@@ -66,6 +67,9 @@ MAX_REQUEST_BYTES = 256 * 1024
 # lets reads and short writes answer while a slow one (validation) runs. Past it, the
 # subscription waits, and NATS holds the requests.
 MAX_CONCURRENT_REQUESTS = 16
+# Reports per fetch: each batch costs a head query, a device query and one telemetry
+# transaction, so larger batches share them; below the consumer's 1,000 unacked messages.
+REPORT_BATCH = 512
 
 Handler = Callable[[Connection, VerifiedCommand], Any]
 
@@ -136,6 +140,7 @@ class HubService:
         self._writes.update(RolloutCommands(issuer, self._put_assignment).handlers())
         self._reads.update(read_handlers(self))
         self.metrics: MetricsServer | None = None
+        self.assignment_sync = SyncResult()  # what start() found missing from KV
 
     # ------------------------------------------------------------ lifecycle
 
@@ -156,6 +161,12 @@ class HubService:
         await self._ensure_layout()
         await publish_roots(self.js, self.commands.keyring, self.store)
         await allow_fleet_consumers(self.js)
+        # Before serving: a stop between a ledger commit and its KV write left devices
+        # without an assignment the ledger says they have (hub/assignment_sync.py).
+        try:
+            self.assignment_sync = await reconcile_assignments(self.js, self.store.engine)
+        except Exception:  # serve anyway; the next start tries again
+            log.exception("could not compare KV assignments with the ledger")
         await self._nc.subscribe(API_PREFIX + ">", cb=self._on_api_concurrently)
         self.ledger_publishing = await start_ledger_publishing(
             self.config, self.store, self._nc, self.js)
@@ -272,11 +283,16 @@ class HubService:
 
     async def _append(self, new: list[NewEvent]) -> list[Entry]:
         entries = self.store.append_many(new, apply=proj.apply_entries)
-        if self._js is None:
+        if self._nc is None or self._js is None:
             return entries  # not serving (offline use): no feed to publish to
+        # The feed is a convenience; the DB is truth. Published in order on the hub's one
+        # connection (the LEDGER stream stores them in that order, de-duplicated by
+        # Nats-Msg-Id) without waiting for each stream ack: waiting made every append
+        # hold the write lock for one NATS round trip per entry (a 500-device wave start
+        # is 501 entries), and a failed publish was ignored anyway.
         for entry in entries:
-            with contextlib.suppress(Exception):  # the feed is a convenience; the DB is truth
-                await self._js.publish("ledger.entry", entry.body, headers=_entry_headers(entry))
+            with contextlib.suppress(Exception):
+                await self._nc.publish("ledger.entry", entry.body, headers=_entry_headers(entry))
         return entries
 
     def _read(self, fn: Callable[[Connection], Any]) -> Any:
@@ -416,37 +432,60 @@ class HubService:
         sub = await self.js.pull_subscribe(
             "fleet.report.>", durable=REPORTS_DURABLE, stream=REPORTS_STREAM
         )
-        while True:
+
+        async def fetch() -> list[Msg]:
             try:
-                msgs = await sub.fetch(256, timeout=1.0)
+                return await sub.fetch(REPORT_BATCH, timeout=1.0)
             except TimeoutError:
-                continue
+                return []
             except Exception as exc:  # disconnected: nats-py reconnects; try again shortly
                 log.warning("report fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
-                continue
-            batch = _ReportBatch()
+                return []
+
+        # The next batch is requested while this one is processed (one fetch in flight at
+        # a time), so the fetch round trip overlaps the hub's work instead of adding to it.
+        pending = asyncio.create_task(fetch())
+        try:
+            while True:
+                msgs = await pending
+                pending = asyncio.create_task(fetch())
+                if msgs:
+                    await self._process_reports(msgs)
+        finally:
+            pending.cancel()
+
+    async def _process_reports(self, msgs: list[Msg]) -> None:
+        """One fetched batch: check, store, then acknowledge (see _consume_reports)."""
+        batch = _ReportBatch()
+        try:
             self._check_device_cache()
-            for msg in msgs:
-                try:
-                    self._prepare_report(msg.subject, msg.data, batch)
-                except proto.ProtocolError as exc:
-                    self.refused_reports += 1
-                    log.warning("refused report on %s: %s", msg.subject, exc)
-                except Exception:
-                    # One poisonous report must never stop intake for the whole fleet.
-                    self.refused_reports += 1
-                    log.exception("report on %s could not be processed", msg.subject)
+            self._load_devices({m.subject.split(".")[2] for m in msgs
+                                if m.subject.count(".") == 3})
+        except Exception:  # the database is busy or gone: not acknowledged, redelivered
+            log.exception("cannot read the devices of a report batch")
+            await asyncio.sleep(0.5)
+            return
+        for msg in msgs:
             try:
-                await self._commit_reports(batch)
+                self._prepare_report(msg.subject, msg.data, batch)
+            except proto.ProtocolError as exc:
+                self.refused_reports += 1
+                log.warning("refused report on %s: %s", msg.subject, exc)
             except Exception:
-                log.exception("status reports could not be stored; redelivered later")
-                continue  # not acknowledged: JetStream redelivers them
-            # Acknowledge only once the batch's telemetry is stored: counted exactly once.
-            self.telemetry.flush()
-            for msg in msgs:
-                with contextlib.suppress(Exception):
-                    await msg.ack()
+                # One poisonous report must never stop intake for the whole fleet.
+                self.refused_reports += 1
+                log.exception("report on %s could not be processed", msg.subject)
+        try:
+            await self._commit_reports(batch)
+        except Exception:
+            log.exception("status reports could not be stored; redelivered later")
+            return  # not acknowledged: JetStream redelivers them
+        # Acknowledge only once the batch's telemetry is stored: counted exactly once.
+        self.telemetry.flush()
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.ack()
 
     async def _handle_report(self, subject: str, data: bytes) -> None:
         """One report on its own (the consumer above handles a fetched batch at once)."""
@@ -464,6 +503,17 @@ class HubService:
         if head != self._device_cache_head:
             self._device_cache.clear()
             self._device_cache_head = head
+
+    def _load_devices(self, devices: set[str]) -> None:
+        """The rows of a fetched batch's devices in one query. During a rollout every
+        batch moves the ledger head (status reports), so the cache above is cold for
+        each batch, and one query per report was the hub's largest intake cost."""
+        missing = sorted(d for d in devices if d not in self._device_cache)
+        if not missing:
+            return
+        rows = self._read(lambda conn: proj.get_devices(conn, missing))
+        for device in missing:
+            self._device_cache[device] = rows.get(device)
 
     def _device(self, device: str) -> dict[str, Any] | None:
         if device in self._device_cache:

@@ -4,6 +4,11 @@ assignment (device, digest, counter), which maps to a rollout wave.
 Windows arrive on the REPORTS stream. JetStream drops a re-published message id within
 its duplicate window; here, a window whose (boot, seq) this device already sent is not
 counted again (a redelivery after a hub restart, or a spool resend after the window).
+Per boot the hub keeps the highest seq counted and the seqs it skipped below it (up to
+MAX_HOLES): a window can arrive after a later one (a fetch lost in a NATS restart is
+redelivered only after the ack wait, while newer windows flow), and it must still count.
+Status reports share the seq counter, so some holes are never filled; the bound keeps
+them from piling up.
 `offer` counts in memory; `flush` writes everything counted since the last flush in one
 transaction, and the report consumer acknowledges the messages only after that, so a
 window is counted exactly once across hub and NATS restarts.
@@ -31,7 +36,10 @@ from . import rollouts as ro
 from .columns import int64_columns
 
 MAX_BOOTS_REMEMBERED = 16
+MAX_HOLES = 128  # seqs skipped below the highest, remembered per boot
 MIN_PER_BIN = 20  # PSI is judged once an output has this many samples per reference bin
+# How `hub telemetry` can order the fleet's devices (TelemetryIngest.device_summaries).
+DEVICE_SORTS = ("error-rate", "errors", "inferences", "last-seen", "device")
 
 
 class TelemetryAggRow(SQLModel, table=True):
@@ -53,7 +61,7 @@ class TelemetryAggRow(SQLModel, table=True):
 class TelemetryDeviceRow(SQLModel, table=True):
     __tablename__ = "telemetry_devices"
     device: str = Field(primary_key=True)
-    seen: str = "{}"  # JSON {boot: highest window seq counted}
+    seen: str = "{}"  # JSON {boot: highest seq counted, or [highest, [skipped seqs]]}
     windows: int = 0
     duplicates: int = 0
     dropped: int = 0  # the device spool's own count of dropped reports
@@ -85,12 +93,47 @@ class _Agg:
 @dataclass
 class _Dev:
     seen: dict[str, int] = field(default_factory=dict)
+    holes: dict[str, list[int]] = field(default_factory=dict)  # boot -> skipped seqs
     windows: int = 0
     duplicates: int = 0
     dropped: int = 0
     stored: bool = False
     inferences: int = 0  # totals over this device's aggregates (memory only)
     errors: int = 0
+
+
+def _first_time(dev: _Dev, boot: str, seq: int) -> bool:
+    """Whether (boot, seq) was not counted before; records it (see the module docstring)."""
+    high = dev.seen.get(boot, -1)
+    if seq > high:
+        holes = dev.holes.setdefault(boot, [])
+        holes.extend(range(max(high + 1, seq - MAX_HOLES, 0), seq))
+        del holes[: max(0, len(holes) - MAX_HOLES)]  # the oldest go first
+        if not holes:
+            del dev.holes[boot]
+        dev.seen[boot] = seq
+        return True
+    skipped = dev.holes.get(boot)
+    if skipped and seq in skipped:
+        skipped.remove(seq)
+        return True
+    return False
+
+
+def _load_seen(text: str) -> tuple[dict[str, int], dict[str, list[int]]]:
+    seen: dict[str, int] = {}
+    holes: dict[str, list[int]] = {}
+    for boot, value in json.loads(text).items():
+        if isinstance(value, list):  # [highest, [skipped seqs]]
+            seen[boot], holes[boot] = int(value[0]), [int(v) for v in value[1]]
+        else:  # older rows: the highest only
+            seen[boot] = int(value)
+    return seen, holes
+
+
+def _dump_seen(dev: _Dev) -> str:
+    return json.dumps({boot: [high, dev.holes[boot]] if dev.holes.get(boot) else high
+                       for boot, high in dev.seen.items()})
 
 
 def _add(into: list[int], more: Iterable[int]) -> list[int]:
@@ -115,7 +158,7 @@ class TelemetryIngest:
                     json.loads(r["latency_buckets"]), json.loads(r["output_hist"]),
                     r["first_ts"], r["last_ts"], stored=True)
             self._devs: dict[str, _Dev] = {
-                r["device"]: _Dev(json.loads(r["seen"]), r["windows"], r["duplicates"],
+                r["device"]: _Dev(*_load_seen(r["seen"]), r["windows"], r["duplicates"],
                                   r["dropped"], stored=True)
                 for r in conn.execute(select(DEVS)).mappings()
             }
@@ -137,14 +180,14 @@ class TelemetryIngest:
         """Count a window unless it was counted before; True if counted."""
         dev = self._devs.setdefault(w.device, _Dev())
         self._dirty_devs.add(w.device)
-        if dev.seen.get(w.boot, -1) >= w.seq:
+        if not _first_time(dev, w.boot, w.seq):
             dev.duplicates += 1
             self.duplicates_total += 1
             return False
-        dev.seen[w.boot] = w.seq
         if len(dev.seen) > MAX_BOOTS_REMEMBERED:  # oldest boots first (insertion order)
             for boot in list(dev.seen)[: len(dev.seen) - MAX_BOOTS_REMEMBERED]:
                 del dev.seen[boot]
+                dev.holes.pop(boot, None)
         dev.windows += 1
         dev.dropped = max(dev.dropped, w.dropped)
         self.windows_total += 1
@@ -195,7 +238,7 @@ class TelemetryIngest:
             inserts, updates = [], []
             for device in sorted(self._dirty_devs):
                 d = self._devs[device]
-                row = {"device": device, "seen": json.dumps(d.seen), "windows": d.windows,
+                row = {"device": device, "seen": _dump_seen(d), "windows": d.windows,
                        "duplicates": d.duplicates, "dropped": d.dropped}
                 (updates if d.stored else inserts).append(row)
                 d.stored = True
@@ -296,6 +339,41 @@ class TelemetryIngest:
                 "duplicates": dev.duplicates,
             })
         return rows
+
+    def device_summaries(self, sort: str = "error-rate", limit: int = 20, offset: int = 0
+                         ) -> tuple[int, list[dict[str, Any]]]:
+        """(devices with telemetry, one page of per-device summaries): a fleet's rows do
+        not fit one NATS reply (256 KiB by default) at 1,000 devices, so the fleet view
+        is paged, worst first by default. Each row is the device's totals plus the model
+        it reported last; `device_rows(device)` has the per-model detail."""
+        if sort not in DEVICE_SORTS:
+            raise ValueError(f"unknown sort {sort!r}; use one of {', '.join(DEVICE_SORTS)}")
+        latest: dict[str, tuple[tuple[str, str, int], _Agg]] = {}
+        for key, a in self._aggs.items():
+            seen = latest.get(key[0])
+            if seen is None or (a.last_ts, key[2]) > (seen[1].last_ts, seen[0][2]):
+                latest[key[0]] = (key, a)
+        rows = []
+        for device, ((_, digest, counter), a) in latest.items():
+            dev = self._devs.get(device, _Dev())
+            rows.append({
+                "device": device, "model": a.model, "version": a.version, "digest": digest,
+                "counter": counter, "windows": dev.windows, "inferences": dev.inferences,
+                "errors": dev.errors,
+                "error_rate": dev.errors / dev.inferences if dev.inferences else 0.0,
+                "p95_ms": quantile_from_buckets(a.latency, 0.95), "last_ts": a.last_ts,
+                "dropped": dev.dropped, "duplicates": dev.duplicates,
+            })
+        # Ties are broken by device id, so pages are stable while nothing changes.
+        order: dict[str, Any] = {
+            "error-rate": lambda r: (-r["error_rate"], -r["errors"], r["device"]),
+            "errors": lambda r: (-r["errors"], r["device"]),
+            "inferences": lambda r: (-r["inferences"], r["device"]),
+            "last-seen": lambda r: (r["last_ts"], r["device"]),  # the quietest first
+            "device": lambda r: r["device"],
+        }
+        rows.sort(key=order[sort])
+        return len(rows), rows[offset:offset + limit]
 
     @property
     def dropped_total(self) -> int:

@@ -1,0 +1,73 @@
+"""A hub stopped between the ledger commit of an assignment and its KV write: on the
+next start it puts the ledger's assignment into KV (hub/assignment_sync.py), so the
+device installs it; a further start writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from nats.js.errors import KeyNotFoundError
+
+from hub import events as ev
+from hub.fleet_sim import SimFleet
+from hub.layout import ASSIGNMENTS_BUCKET
+from hub.service import HubService
+from tests.fleet import Fleet
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def restart_hub(fleet: Fleet) -> HubService:
+    await fleet.hub.stop()
+    fleet.hub = HubService(fleet.config)
+    await fleet.hub.start()
+    return fleet.hub
+
+
+async def test_an_assignment_committed_but_never_put_in_kv_reaches_the_device_after_restart(
+    fleet: Fleet, model_files: dict[str, Path], tmp_path: Path,
+) -> None:
+    await fleet.release_model(model_files["1"], "kws", "1")
+    sim = SimFleet(fleet.nats_url, tmp_path / "sim", fleet.config.trust_root_path, 1,
+                   prefix="crash", rate=2.0)
+    device = sim.ids[0]
+    async with await fleet.client() as admin:
+        await sim.enroll(admin)
+    await sim.start()
+    nc = await fleet.connect()
+    try:
+        # The crash window: the ledger commits the assignment, the KV write never happens.
+        skipped: list[str] = []
+
+        async def hub_died_before_kv(key: str, value: bytes) -> None:
+            skipped.append(key)
+
+        fleet.hub._put_assignment = hub_died_before_kv  # type: ignore[method-assign,assignment]
+        async with await fleet.client() as admin:
+            await admin.call("deploy", {"model": "kws", "version": "1", "devices": [device]})
+        assert skipped == [device]
+        await fleet.feed.wait_for(
+            lambda _: bool(fleet.feed.of_kind(ev.DEVICE_ASSIGNED, device)),
+            what=f"the assignment of {device} in the ledger")
+        kv = await nc.jetstream().key_value(ASSIGNMENTS_BUCKET)
+        with pytest.raises(KeyNotFoundError):
+            await kv.get(device)
+
+        hub = await restart_hub(fleet)
+        assert hub.assignment_sync.restored == [device]
+        entry = await kv.get(device)
+        assigned = fleet.feed.of_kind(ev.DEVICE_ASSIGNED, device)[-1]
+        assert entry.value == assigned.payload["assignment"]  # the ledger's own bytes
+        await fleet.feed.wait_for(
+            lambda _: bool(fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, device)), timeout=60,
+            what=f"{device} to apply the restored assignment")
+
+        # Idempotent: nothing is missing now, so nothing is written.
+        hub = await restart_hub(fleet)
+        assert hub.assignment_sync.restored == []
+        assert hub.assignment_sync.checked == 1
+        assert (await kv.get(device)).revision == entry.revision
+    finally:
+        await nc.close()
+        await sim.stop()
