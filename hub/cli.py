@@ -643,27 +643,53 @@ def device_revoke(
 
 
 @app.command()
-def devices(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
-            as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
+def devices(
+    state: str | None = typer.Option(None, "--state", help="Only devices in this state "
+                                     "(enrolled, assigned, applied, failed, reverted, revoked)."),
+    limit: int = typer.Option(100, "--limit", min=1, max=500, help="Devices per page."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
+    every: bool = typer.Option(False, "--all", help="Every device, page after page."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
     """The fleet: each device's model and version (as the device reported it), state,
-    last seen, and inference counts from its telemetry."""
-    rows = _call(_config(home, nats_url), key, timeout, "devices")
+    last seen, and inference counts from its telemetry; a page at a time (--all for
+    all), with how many devices are in each state."""
+    body: dict[str, Any] = {"limit": limit, "offset": offset}
+    if state is not None:
+        body["state"] = state
+
+    async def fetch(client: HubClient) -> dict[str, Any]:
+        page: dict[str, Any] = await client.call("devices", body)
+        rows = list(page["devices"])
+        while every and page["next_offset"] is not None:
+            page = await client.call("devices", {**body, "offset": page["next_offset"]})
+            rows += page["devices"]
+        return {**page, "offset": offset, "devices": rows}
+
+    result = _run(_config(home, nats_url), key, timeout, fetch)
+    rows = result["devices"]
     if as_json:
-        _print_json(rows)
+        _print_json(result)
         return
+    states = ", ".join(f"{n:,} {s}" for s, n in sorted(result["states"].items()))
+    shown = (f"{offset + 1:,}-{offset + len(rows):,} of {result['device_count']:,}"
+             if rows else f"none of {result['device_count']:,}")
     table = Table("device", "model/version", "state", "last seen", "inferences", "errors",
-                  "p95 ms", title=f"{len(rows)} device(s)")
+                  "p95 ms", title=f"devices {shown}" + (f" ({states})" if states else ""))
     for r in rows:
         running = f"{r['model']}/{r['version']}" if r["model"] else "-"
-        state = r["state"]
-        if state in ("failed", "reverted"):
-            state = f"[red]{state}[/red]: {r['last_error'] or ''}"[:80]
-        elif state == "assigned":
-            state = f"assigned {r['assigned_model']}/{r['assigned_version']}"
-        table.add_row(r["device"], running, state, _ago(r["last_seen"]),
+        shown_state = r["state"]
+        if shown_state in ("failed", "reverted"):
+            shown_state = f"[red]{shown_state}[/red]: {r['last_error'] or ''}"[:80]
+        elif shown_state == "assigned":
+            shown_state = f"assigned {r['assigned_model']}/{r['assigned_version']}"
+        table.add_row(r["device"], running, shown_state, _ago(r["last_seen"]),
                       f"{r['inferences'] or 0:,}", f"{r['errors'] or 0:,}",
                       f"{r['latency_ms_p95'] or 0:.2f}")
     out.print(table)
+    if result["next_offset"] is not None and not every:
+        out.print(f"more: --offset {result['next_offset']} (or --all)")
 
 
 @app.command()

@@ -98,6 +98,19 @@ class HubClient:
             raise HubError(str(reply.get("error", "the hub refused the command")))
         return reply.get("result")
 
+    async def devices(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every device (optionally only those in `state`), page by page."""
+        rows: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:
+            body: dict[str, Any] = {"offset": offset}
+            if state is not None:
+                body["state"] = state
+            page = await self.call("devices", body)
+            rows += page["devices"]
+            offset = page["next_offset"]
+        return rows
+
     async def upload_model(self, path: Path) -> tuple[str, int]:
         """Put a file (model or data set) into the Object Store under its BLAKE3 digest."""
         digest, size = file_digest(path)

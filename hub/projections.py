@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from edge_agent.protocol import ProtocolError, SignedEnvelope
@@ -306,15 +306,29 @@ def get_release(conn: Connection, name: str, version: str) -> dict[str, Any] | N
     return _row(row) if row is not None else None
 
 
-def list_devices(conn: Connection) -> list[dict[str, Any]]:
-    """Devices joined with their telemetry counters, ordered by id."""
+def list_devices(conn: Connection, state: str | None = None, offset: int = 0,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """Devices joined with their telemetry counters, ordered by id; optionally only those
+    in `state`, and one page of them."""
     query = (
         select(DEVICES, TELEMETRY.c.last_seen, TELEMETRY.c.inferences, TELEMETRY.c.errors,
                TELEMETRY.c.latency_ms_p95)
         .select_from(DEVICES.outerjoin(TELEMETRY, DEVICES.c.device == TELEMETRY.c.device))
         .order_by(DEVICES.c.device)
     )
+    if state is not None:
+        query = query.where(DEVICES.c.state == state)
+    if offset:
+        query = query.offset(offset)
+    if limit is not None:
+        query = query.limit(limit)
     return [_row(r) for r in conn.execute(query).mappings()]
+
+
+def device_states(conn: Connection) -> dict[str, int]:
+    """How many devices are in each state."""
+    rows = conn.execute(select(DEVICES.c.state, func.count()).group_by(DEVICES.c.state))
+    return {str(state): int(n) for state, n in rows}
 
 
 def list_releases(conn: Connection, name: str | None = None) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ TELEMETRY_PAGE = 20  # devices per `telemetry` reply unless the operator asks fo
 MAX_TELEMETRY_PAGE = 500
 
 
-def _whole(body: dict[str, Any], key: str, default: int, low: int, high: int | None) -> int:
+def whole_number(body: dict[str, Any], key: str, default: int, low: int, high: int | None) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (
             high is not None and value > high):
@@ -71,8 +71,8 @@ def read_handlers(hub: HubService) -> dict[str, Callable[[VerifiedCommand], Any]
         # The fleet view is paged: every device's rows in one reply pass the NATS
         # payload limit (256 KiB by default) at about 500 devices.
         sort = cmd.body.get("sort", "error-rate")
-        limit = _whole(cmd.body, "limit", TELEMETRY_PAGE, 1, MAX_TELEMETRY_PAGE)
-        offset = _whole(cmd.body, "offset", 0, 0, None)
+        limit = whole_number(cmd.body, "limit", TELEMETRY_PAGE, 1, MAX_TELEMETRY_PAGE)
+        offset = whole_number(cmd.body, "offset", 0, 0, None)
         try:
             total, rows = t.device_summaries(str(sort), limit, offset)
         except ValueError as exc:

@@ -53,7 +53,7 @@ from .layout import (
 )
 from .ledger_api import LedgerPublishing, start_ledger_publishing
 from .metrics import MetricsServer
-from .rollout_api import read_handlers
+from .rollout_api import read_handlers, whole_number
 from .rollout_commands import AssignmentIssuer, RolloutCommands
 from .rollout_controller import RolloutController
 from .telemetry_ingest import TelemetryIngest
@@ -70,6 +70,10 @@ MAX_CONCURRENT_REQUESTS = 16
 # Reports per fetch: each batch costs a head query, a device query and one telemetry
 # transaction, so larger batches share them; below the consumer's 1,000 unacked messages.
 REPORT_BATCH = 512
+# `devices` pages: rows per page at most, and the encoded rows' budget per reply (under
+# the 256 KiB a client accepts; a row with a long last error is ~1.5 KiB).
+DEVICES_PAGE = 500
+DEVICES_REPLY_BYTES = 192 * 1024
 
 Handler = Callable[[Connection, VerifiedCommand], Any]
 
@@ -127,7 +131,7 @@ class HubService:
                 conn, cmd.body.get("name") if isinstance(cmd.body.get("name"), str) else None)),
             "model.show": self._api_model_show,
             "model.history": self._api_model_history,
-            "devices": lambda cmd: self._read(proj.list_devices),
+            "devices": self._api_devices,
             "operators": lambda cmd: self._read(proj.list_operators),
             "keys": self.keys.show,
             "device.history": lambda cmd: device_history(self.store, cmd.body.get("device")),
@@ -391,6 +395,35 @@ class HubService:
             "head": "" if head is None else head.hash.hex(),
             "refused_reports": self.refused_reports,
         }
+
+    def _api_devices(self, cmd: VerifiedCommand) -> Any:
+        """One page of the fleet (a 1,000-device fleet is over the reply size limit in
+        one piece): up to `limit` rows from `offset`, cut short to stay under
+        DEVICES_REPLY_BYTES; `next_offset` is where the next page starts (None: done)."""
+        body = cmd.body
+        state = body.get("state")
+        if state is not None and not isinstance(state, str):
+            raise CommandError("'state' must be text")
+        limit = whole_number(body, "limit", DEVICES_PAGE, 1, DEVICES_PAGE)
+        offset = whole_number(body, "offset", 0, 0, None)
+
+        def page(conn: Connection) -> tuple[list[dict[str, Any]], dict[str, int]]:
+            return (proj.list_devices(conn, state, offset, limit + 1),
+                    proj.device_states(conn))
+
+        rows, states = self._read(page)
+        more = len(rows) > limit
+        kept: list[dict[str, Any]] = []
+        size = 0
+        for row in rows[:limit]:
+            size += len(canonical_encode(row))
+            if kept and size > DEVICES_REPLY_BYTES:
+                more = True
+                break
+            kept.append(row)
+        total = states.get(state, 0) if state is not None else sum(states.values())
+        return {"devices": kept, "device_count": total, "states": states, "offset": offset,
+                "next_offset": offset + len(kept) if more else None}
 
     def _api_model_show(self, cmd: VerifiedCommand) -> Any:
         name = cmd.body.get("name")

@@ -95,7 +95,7 @@ async def wait_for_version(
         deadline = time.monotonic() + timeout
         while True:
             procs.check_alive()
-            rows: list[dict[str, Any]] = await client.call("devices")
+            rows: list[dict[str, Any]] = await client.devices()
             failed = [r for r in rows if r["state"] == "failed"]
             if failed:
                 raise RuntimeError(f"{failed[0]['device']} failed: {failed[0]['last_error']}")
@@ -111,7 +111,7 @@ async def wait_for_version(
 async def wait_for_telemetry(client: HubClient, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows: list[dict[str, Any]] = await client.call("devices")
+        rows: list[dict[str, Any]] = await client.devices()
         if all((r["inferences"] or 0) > 0 for r in rows):
             return
         await asyncio.sleep(0.2)

@@ -85,7 +85,7 @@ async def test_three_agents_take_v1_then_v2_and_the_ledger_proves_it(
         # The hub's device table agrees, and telemetry from the new model arrives.
         async def telemetry_counted() -> list[dict[str, Any]]:
             while True:
-                rows: list[dict[str, Any]] = await client.call("devices")
+                rows: list[dict[str, Any]] = await client.devices()
                 if all((r["inferences"] or 0) > 0 for r in rows):
                     return rows
                 await asyncio.sleep(0.2)
@@ -159,7 +159,7 @@ async def test_blob_with_a_flipped_byte_is_refused_and_old_model_keeps_running(
         assert "digest" in failure.payload["reason"]
         assert failure.payload["version"] == "2"
 
-        rows = await client.call("devices")
+        rows = await client.devices()
         assert (rows[0]["model"], rows[0]["version"], rows[0]["state"]) == ("kws", "1", "failed")
 
     agent = fleet.agent("dev-0")

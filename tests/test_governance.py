@@ -96,7 +96,7 @@ async def test_roles_revocation_and_unsigned_commands_are_enforced(
         auditor_key = await add_operator(admin, "audrey", "auditor")
         async with await fleet.client(auditor_key) as audrey:
             assert (await audrey.call("whoami"))["roles"] == ["auditor"]
-            await audrey.call("devices")  # reads are open to every operator
+            await audrey.devices()  # reads are open to every operator
             await refused(fleet, audrey, "device.enroll", {"device": "dev-1"},
                           "audrey has role(s) auditor", "device.enroll needs operator or admin")
             await refused(fleet, audrey, "operator.add",

@@ -154,7 +154,7 @@ async def test_enrolling_an_invalid_device_id_is_refused(fleet: Fleet, client: H
     for device in ["dev.1", "dev-*", "dev>", "dev 1", "-dev", "x" * 65, "dev/1"]:
         await refused(fleet, client, "device.enroll", {"device": device},
                       "invalid device id", repr(device))
-    assert await client.call("devices") == []
+    assert await client.devices() == []
 
 
 async def test_enrolling_a_device_id_with_a_newline_is_refused(
@@ -169,7 +169,7 @@ async def test_enrolling_twice_is_refused(fleet: Fleet, client: HubClient) -> No
     assert result["device"] == "dev-1" and result["seq"] == [before - 1]
     await refused(fleet, client, "device.enroll", {"device": "dev-1"},
                   "dev-1 is already enrolled")
-    assert [d["device"] for d in await client.call("devices")] == ["dev-1"]
+    assert [d["device"] for d in await client.devices()] == ["dev-1"]
 
 
 # ---------------------------------------------------------------- register
@@ -324,7 +324,7 @@ async def test_commands_that_are_not_properly_signed_are_refused(
         reply = canonical_decode(msg.data)
         assert reply["ok"] is False and words in reply["error"], (words, reply)
     assert ledger_state(fleet) == before
-    assert await client.call("devices") == []
+    assert await client.devices() == []
 
 
 async def test_a_replayed_command_is_refused(fleet: Fleet, client: HubClient) -> None:
@@ -371,7 +371,7 @@ async def test_report_naming_another_device_than_its_subject_is_refused(
     await js.publish("fleet.report.dev-b.telemetry", telemetry_report("dev-a"))
     await wait_refused(client, 2)
     assert ledger_state(fleet) == before
-    rows = {r["device"]: r for r in await client.call("devices")}
+    rows = {r["device"]: r for r in await client.devices()}
     assert rows["dev-a"]["state"] == rows["dev-b"]["state"] == "enrolled"
     assert not rows["dev-a"]["inferences"] and not rows["dev-b"]["inferences"]
 
@@ -391,7 +391,7 @@ async def test_report_from_an_unenrolled_device_is_refused(
     await client.nc.jetstream().publish("fleet.report.dev-z.status", status_report("dev-z"))
     await wait_refused(client, 1)
     assert ledger_state(fleet) == before
-    assert await client.call("devices") == []
+    assert await client.devices() == []
 
 
 # ---------------------------------------------------------------- a hub in its own process

@@ -229,7 +229,7 @@ async def test_a_revoked_device_is_disconnected_refused_and_its_reports_ignored(
         assert result["reloaded"] is True
         with pytest.raises(Exception, match="already revoked"):
             await admin.call("device.revoke", {"device": "dev-a"})
-        rows = {r["device"]: r for r in await admin.call("devices")}
+        rows = {r["device"]: r for r in await admin.devices()}
         assert rows["dev-a"]["state"] == "revoked"
     await fleet.feed.wait_for(lambda es: any(e.kind == "device.revoked" for e in es),
                               what="device.revoked")

@@ -82,7 +82,7 @@ async def test_unsigned_and_wrongly_signed_reports_are_refused(
         report("dev-a", 3), SigningKey.generate()))
     assert await refused_reports(client, refused + 3) == refused + 3
     assert fleet.hub.store.count() == before
-    assert (await client.call("devices"))[0]["state"] == "enrolled"
+    assert (await client.devices())[0]["state"] == "enrolled"
 
     # The same report signed by dev-a's own key is taken, with the signed bytes kept.
     signed = proto.encode_signed_report(report("dev-a", 4), key_a)
@@ -139,4 +139,4 @@ async def test_an_agent_without_a_device_key_is_refused_by_the_nats_server(
     while "authorization violation" not in agent.log().lower():  # it keeps knocking
         assert time.monotonic() < deadline, agent.log()[-2000:]
         await asyncio.sleep(0.1)
-    assert not (await client.call("devices"))[0]["last_seen"]
+    assert not (await client.devices())[0]["last_seen"]
