@@ -240,6 +240,8 @@ def rollout_status(
     rollout: str = typer.Argument(..., help="Rollout id (r-N)."),
     watch: bool = typer.Option(False, "--watch", help="Keep updating until it ends."),
     interval: float = typer.Option(1.0, "--interval", help="Seconds between updates."),
+    devices: bool = typer.Option(False, "--devices", help="Also each device's wave, state "
+                                 "and rollback state (every page)."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
     as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
@@ -248,11 +250,28 @@ def rollout_status(
     is aborted or rolled back."""
     config = _config(home, nats_url)
     if not watch:
-        status = _call(config, key, timeout, "rollout.status", {"rollout": rollout})
+        async def fetch(client: HubClient) -> Any:
+            status = await client.call("rollout.status", {"rollout": rollout,
+                                                          "devices": devices})
+            rows = list(status.get("devices", []))
+            while devices and status["next_offset"] is not None:
+                status = await client.call("rollout.status", {
+                    "rollout": rollout, "devices": True, "offset": status["next_offset"]})
+                rows += status["devices"]
+            return {**status, "devices": rows} if devices else status
+
+        status = _run(config, key, timeout, fetch)
         if as_json:
             _print_json(status)
-        else:
-            out.print(render_status(status))
+            return
+        out.print(render_status(status))
+        if devices:
+            table = Table("device", "wave", "state", "rollback", "reason",
+                          title=f"{status['device_count']:,} device(s) in {rollout}")
+            for d in status["devices"]:
+                table.add_row(d["device"], str(d["wave"] + 1), d["state"],
+                              d["rollback_state"] or "-", (d["reason"] or "")[:60])
+            out.print(table)
         return
 
     async def follow(client: HubClient) -> str:

@@ -25,6 +25,9 @@ TELEMETRY_PAGE = 20  # devices per `telemetry` reply unless the operator asks fo
 MAX_TELEMETRY_PAGE = 500
 
 
+STATUS_DEVICES_PAGE = 500
+
+
 def whole_number(body: dict[str, Any], key: str, default: int, low: int, high: int | None) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (
@@ -56,7 +59,18 @@ def read_handlers(hub: HubService) -> dict[str, Callable[[VerifiedCommand], Any]
         rid = cmd.body.get("rollout")
         if not isinstance(rid, str) or not rid:
             raise CommandError("missing 'rollout'")
-        return rollout_status(hub, rid)
+        status = rollout_status(hub, rid)
+        # Per-device rows only when asked, a page at a time: `--watch` polls this every
+        # second, and a 1,000-device list is ~200 KB.
+        devices = status.pop("devices")
+        status["device_count"] = len(devices)
+        if cmd.body.get("devices"):
+            limit = whole_number(cmd.body, "limit", STATUS_DEVICES_PAGE, 1,
+                                 STATUS_DEVICES_PAGE)
+            offset = whole_number(cmd.body, "offset", 0, 0, None)
+            status["devices"] = devices[offset:offset + limit]
+            status["next_offset"] = offset + limit if offset + limit < len(devices) else None
+        return status
 
     def telemetry(cmd: VerifiedCommand) -> Any:
         device = cmd.body.get("device")

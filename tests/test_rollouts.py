@@ -8,6 +8,7 @@ per device. Fleets are kept small (50 devices, 2-4 inferences/s each) so two cor
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,7 +156,9 @@ async def test_a_model_failing_on_a_fifth_of_devices_halts_in_wave_one_and_rolls
 ) -> None:
     rid = await world.rollout("2", start=False, waves="10%,50%,100%", min_success=0.95,
                               max_failure=0.05, auto_rollback=True)
-    plan = await world.call("rollout.status", {"rollout": rid})
+    plan = await world.call("rollout.status", {"rollout": rid, "devices": True})
+    assert "devices" not in await world.call("rollout.status", {"rollout": rid})
+    assert plan["device_count"] == N and plan["next_offset"] is None
     first = [d["device"] for d in plan["devices"] if d["wave"] == 0]
     rest = [d["device"] for d in plan["devices"] if d["wave"] != 0]
     failing = [first[0], *rest[: N // 5 - 1]]  # 20% of the fleet, one of them in wave 1
@@ -195,7 +198,7 @@ async def test_a_drifting_model_halts_during_bake(world: World) -> None:
     assert "output drift PSI" in halted.payload["reason"]
     assert halted.payload["evidence"]["psi"] > 0.25
     assert (halted.ts - baking.ts) / 1e9 < 30  # during the bake, not after it
-    status = await world.call("rollout.status", {"rollout": rid})
+    status = await world.call("rollout.status", {"rollout": rid, "devices": True})
     assert status["rollout"]["state"] == "halted"
     assert [w["state"] for w in status["waves"]] == ["halted", "pending"]
     # The operator decides: roll back by hand.
@@ -277,3 +280,51 @@ async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Pat
     # `hub telemetry` data for one device.
     view = await world.call("telemetry", {"device": "sim-0000"})
     assert {r["version"] for r in view["devices"]} >= {"1", "2"}
+
+
+async def test_an_operator_drives_a_rollout_from_the_cli(world: World) -> None:
+    """As a new user would: create, start, watch it to the end (exit 0), list it, see
+    each device's wave; then a second rollout paused, resumed and aborted by hand."""
+    from tests.test_cli import run
+
+    home = str(world.fleet.config.home)
+
+    def hub(*args: str, timeout: float = 120) -> Any:
+        return asyncio.to_thread(run, "hub.cli", *args, "--home", home, timeout=timeout)
+
+    created = await hub("rollout", "create", "--model", "kws", "--version", "2", "--target",
+                        "group=lab", "--waves", "50%,100%", "--min-success", "1.0",
+                        "--max-failure", "0", "--deadline", "60s", "--json")
+    assert created.returncode == 0, created.stderr
+    rid = json.loads(created.stdout)["rollout"]
+    started = await hub("rollout", "start", rid)
+    assert started.returncode == 0, started.stderr
+    watched = await hub("rollout", "status", rid, "--watch", "--interval", "0.3")
+    assert watched.returncode == 0, watched.stdout + watched.stderr  # completed
+    assert rid in watched.stdout and "done" in watched.stdout
+    listed = await hub("rollout", "list")
+    assert listed.returncode == 0 and rid in listed.stdout and "completed" in listed.stdout
+    detail = await hub("rollout", "status", rid, "--devices", "--json")
+    assert detail.returncode == 0, detail.stderr
+    rows = json.loads(detail.stdout)["devices"]
+    assert sorted(r["device"] for r in rows) == sorted(world.sim.ids)
+    assert {r["wave"] for r in rows} == {0, 1} and {r["state"] for r in rows} == {"applied"}
+
+    # Halting by hand: pause (nothing new is assigned), resume, abort.
+    second = await hub("rollout", "create", "--model", "kws", "--version", "1", "--target",
+                       "group=lab", "--waves", "10%,100%", "--bake", "60s", "--json")
+    assert second.returncode == 0, second.stderr
+    rid2 = json.loads(second.stdout)["rollout"]
+    for verb in ("start", "pause", "resume", "abort"):
+        extra = ("--reason", "operator stop") if verb == "abort" else ()
+        done = await hub("rollout", verb, rid2, *extra)
+        assert done.returncode == 0, (verb, done.stdout, done.stderr)
+    status = await world.call("rollout.status", {"rollout": rid2})
+    assert status["rollout"]["state"] == "aborted"
+    kinds = [e.kind for e in world.fleet.hub.store.iter_entries()
+             if e.payload.get("rollout") == rid2]
+    assert kinds[:2] == [ev.ROLLOUT_CREATED, ev.ROLLOUT_STARTED]
+    assert ev.ROLLOUT_PAUSED in kinds and ev.ROLLOUT_RESUMED in kinds
+    assert kinds[-1] == ev.ROLLOUT_ABORTED
+    again = await hub("rollout", "start", rid2)  # an aborted rollout stays aborted
+    assert again.returncode != 0 and "Traceback" not in again.stderr
