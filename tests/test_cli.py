@@ -320,8 +320,9 @@ def test_enroll_and_list_devices_through_a_running_hub(served_home: Path) -> Non
 
     done = listed.result()
     assert done.returncode == 0, done.stderr
-    rows = json.loads(done.stdout)
-    assert [(r["device"], r["state"], r["enrolled_seq"]) for r in rows] == [
+    page = json.loads(done.stdout)
+    assert page["device_count"] == 1 and page["next_offset"] is None
+    assert [(r["device"], r["state"], r["enrolled_seq"]) for r in page["devices"]] == [
         ("dev-1", "enrolled", seq)
     ]
     clear_error(again.result(), 1, "dev-1 is already enrolled")
