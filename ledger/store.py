@@ -101,6 +101,11 @@ Synchronous = Literal["FULL", "NORMAL"]
 DEFAULT_SYNCHRONOUS: Synchronous = "FULL"
 # SQLite page cache per connection, KiB (see _install_sqlite_hooks).
 _SQLITE_CACHE_KIB = 64 * 1024
+# Page size of a new SQLite ledger. 16 KiB rather than SQLite's 4 KiB: B-trees one level
+# shallower, so a proof from a cold file reads fewer pages (1.5 vs 1.9-2.0 ms at 200,000
+# entries here); batched appends ~20% faster; one-commit appends about the same (each
+# commit writes larger WAL frames, but fewer). 64 KiB made lone appends 40% slower.
+_SQLITE_PAGE_SIZE = 16384
 # Any constant: PostgreSQL openers serialise schema creation on this advisory lock.
 _PG_SCHEMA_LOCK_KEY = 0x666C656574  # "fleet"
 APPEND_ONLY_MESSAGE = "ledger entries are append-only"
@@ -283,6 +288,7 @@ def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int, synchronous: Syn
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute(f"PRAGMA page_size = {_SQLITE_PAGE_SIZE}")  # new files only
             cursor.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed append survives power loss, not only a process crash.
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
