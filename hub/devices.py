@@ -101,13 +101,16 @@ def nats_operators(conn: Connection) -> list[tuple[str, bytes]]:
 
 
 def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]],
-                     operators: list[tuple[str, bytes]]) -> bool:
-    """Rewrite the NATS users file for these devices and operators; True if the local
-    server reloaded. A home without NATS identities (`hub init --no-auth`) has nothing
-    to rewrite."""
+                     operators: list[tuple[str, bytes]], force: bool = False) -> bool:
+    """Rewrite the NATS users file for these devices and operators and have the local
+    server reload it; True if it reloaded, or if the file was already so and `force` is
+    off (the hub forces the first sync after it starts: a hub stopped between writing
+    the file and the reload must not leave the server on the old users). A home without
+    NATS identities (`hub init --no-auth`) has nothing to rewrite."""
     if not load_credentials(config.home):
         return False
-    write_users(config.home, devices, operators)
+    if not write_users(config.home, devices, operators) and not force:
+        return True
     return reload_server(config.home)
 
 
@@ -125,6 +128,7 @@ class NatsUsersSync:
         self._waiting: list[asyncio.Future[bool]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._synced = False  # the first sync reloads the server even if nothing changed
 
     def request(self) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -147,7 +151,8 @@ class NatsUsersSync:
                 with self.engine.connect() as conn:
                     users, operators = nats_users(conn), nats_operators(conn)
                 reloaded = await asyncio.to_thread(apply_nats_users, self.config, users,
-                                                   operators)
+                                                   operators, not self._synced)
+                self._synced = True
             except Exception as exc:  # handed to every caller; the next sync tries again
                 for future in waiting:
                     if not future.done():

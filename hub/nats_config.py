@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 import tomllib
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -58,6 +59,7 @@ TLS_DIR = "tls"
 CA_CERT = "ca.pem"
 # Password users. Operators are nkey users (one per operator key), not a shared password.
 ROLES = ("hub", "witness")
+RELOAD_SETTLE_SECONDS = 0.2
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
 OBJ = f"OBJ_{MODELS_BUCKET}"
@@ -208,12 +210,13 @@ def write_server_config(home: Path, tls: bool = False,
 
 
 def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
-                operators: Iterable[tuple[str, bytes]] = ()) -> None:
+                operators: Iterable[tuple[str, bytes]] = ()) -> bool:
     """Rewrite users.conf: the password users, one nkey user per (device, public) and one
-    per (operator key id, public)."""
+    per (operator key id, public). False (and nothing written) when it already says that,
+    so the server need not reload."""
     passwords = load_credentials(home)
     if not passwords:
-        return  # this home has no NATS identities (created without them): nothing to do
+        return False  # this home has no NATS identities (created without them)
     perms = {"hub": None, "witness": WITNESS_PERMISSIONS}
     blocks = [_user_block(f"user: {json.dumps(role)}, password: {json.dumps(passwords[role])}",
                           perms[role]) for role in ROLES if role in passwords]
@@ -225,7 +228,12 @@ def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
             f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device)))
     text = ("# NATS users (rewritten by the hub when devices or operators change)\n"
             "authorization {\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n")
-    _write_private(nats_dir(home) / USERS_CONF, text)
+    path = nats_dir(home) / USERS_CONF
+    with contextlib.suppress(OSError):
+        if path.read_text() == text:
+            return False
+    _write_private(path, text)
+    return True
 
 
 def reload_server(home: Path) -> bool:
@@ -241,6 +249,10 @@ def reload_server(home: Path) -> bool:
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGHUP)
+        # The server reloads on its own time (~5 ms here) and says so only in its log. A
+        # client whose handshake overlaps the reload can be let in and then dropped, so
+        # callers (an enrolment, an operator change) answer only once it has settled.
+        time.sleep(RELOAD_SETTLE_SECONDS)
         return True
     return False
 

@@ -155,12 +155,14 @@ class HubService:
 
     async def start(self) -> None:
         self._bootstrap_admin()
-        # The NATS users file follows the ledger's devices (enrolled, not revoked).
-        await self.sync_nats_users()
         self._nc = await nats_connect(
             self.config.nats_url, self.config.nats_auth("hub"), name="hub",
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         )
+        # The NATS users file follows the ledger's devices and operators. After our own
+        # connect: a reload resets connections caught mid-handshake, never established
+        # ones (and when nothing changed there is no reload at all).
+        await self.sync_nats_users()
         self._js = self._nc.jetstream()
         await self._ensure_layout()
         await publish_roots(self.js, self.commands.keyring, self.store)
