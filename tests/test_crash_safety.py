@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from pathlib import Path
 
 import blake3
@@ -57,13 +58,20 @@ async def test_sigkill_at_random_points_of_updates_never_breaks_the_active_model
         await client.call("device.enroll", {"device": DEVICE})
         agent.start()
         await deploy_and_wait(fleet, client, "1", [DEVICE])
+        # Kill points are spread over about one update's length on this machine, timed on
+        # an update like the ones below (a fixed window would miss every update on a fast
+        # machine, and on a slow one hit none of their ends).
+        began = time.monotonic()
+        await deploy_and_wait(fleet, client, "2", [DEVICE])
+        window = max(0.05, time.monotonic() - began)
+        await deploy_and_wait(fleet, client, "1", [DEVICE])
 
         version, interrupted, reverts = "1", 0, 0
         for i in range(KILLS):
             version = "2" if version == "1" else "1"
             applied_before = len(fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, DEVICE))
             await deploy(client, version, [DEVICE])
-            await asyncio.sleep(rng.uniform(0.0, 0.4))  # the random kill point, not a wait
+            await asyncio.sleep(rng.uniform(0.0, window))  # the random kill point, not a wait
             agent.kill()
             if len(fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, DEVICE)) == applied_before:
                 interrupted += 1
