@@ -356,9 +356,10 @@ class Commands:
         event = self._event(cmd, ev.DEVICE_ENROLLED, ev.device_subject(device),
                             {"device": device, "public": public})
         result = {"device": device, "bundle": str(bundle), "keyid": PublicKey(public).keyid}
-        # The device's NATS user follows within a reload (its first connect retries);
-        # waiting here would serialise a reload per enrolment.
-        return Outcome([event], result, [lambda: self._nats_users(wait=False)])
+        # Answered once the server has the device's NATS user (the reload settled): the
+        # device can connect right away, and nobody's next connect overlaps that reload.
+        # Enrolments in flight together share one rewrite and reload (NatsUsersSync).
+        return Outcome([event], result, [lambda: self._nats_users(wait=True)])
 
     def device_revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         """Shut a device out: its NATS user goes; its reports are refused from now on."""

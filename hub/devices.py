@@ -116,11 +116,10 @@ def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]],
 
 class NatsUsersSync:
     """Rewrites the NATS users file from the device and operator tables, coalescing
-    requests: a burst
-    of enrolments costs one file write and one server reload, not one per device. A
-    caller of `sync()` returns once a write that began after its call has finished;
-    `request()` only schedules one (the hub answers API requests one at a time, so an
-    enrolment that waited for the reload would cost a reload per device)."""
+    requests: a burst of enrolments (the hub serves operator requests concurrently)
+    costs one file write and one server reload, not one per device. A caller of
+    `sync()` returns once a write that began after its call has finished and its reload
+    has settled; `request()` only schedules one."""
 
     def __init__(self, config: HubConfig, engine: Engine) -> None:
         self.config = config
