@@ -45,23 +45,22 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
+from edge_agent.download import DigestMismatch, DownloadStats, ResumableDownload
+from edge_agent.health import HealthWindow
+from edge_agent.protocol import documents as proto
+from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
+from edge_agent.slots import SlotStore, atomic_write_bytes
+from edge_agent.spool import Spool
+from edge_agent.telemetry import TelemetryWindowBuilder
+from edge_agent.transport import buckets
+from edge_agent.transport.connect import NatsAuth
+from edge_agent.transport.connect import connect as nats_connect
+from edge_agent.transport.kv_watch import KeyWatch, flow_control_without_polling
+from edge_agent.transport.objects import BlobTooLarge, FetchError
+from edge_agent.transport.roots import RootUpdater
+from edge_agent.trust.inclusion import InclusionRefused, wait_for_inclusion
+from edge_agent.trust.root import TrustError, TrustRoot
 from ledger.signing import KeyFileError, SigningKey
-
-from . import buckets
-from . import protocol as proto
-from .download import DigestMismatch, DownloadStats, ResumableDownload
-from .fetch import BlobTooLarge, FetchError
-from .health import HealthWindow
-from .kv_watch import KeyWatch, flow_control_without_polling
-from .nats_auth import NatsAuth
-from .nats_auth import connect as nats_connect
-from .root_updater import RootUpdater
-from .runtime import LoadedModel, ModelRuntimeError, preflight
-from .slots import SlotStore, atomic_write_bytes
-from .spool import Spool
-from .telemetry import TelemetryWindowBuilder
-from .transparency import InclusionRefused, wait_for_inclusion
-from .trust import TrustError, TrustRoot
 
 log = logging.getLogger("edge_agent")
 
@@ -199,7 +198,7 @@ class EdgeAgent:
             self._report_status(proto.STATUS_FAILED, reason=refused)
 
     async def _watch_roots(self) -> None:
-        from .trust_chain import LATEST_KEY, ROOTS_BUCKET
+        from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET
 
         while not self._stopping:
             await self.refresh_roots()

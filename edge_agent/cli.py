@@ -15,9 +15,9 @@ from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .protocol import ProtocolError
-from .slots import SlotStore
-from .trust import TrustError
+from edge_agent.protocol.documents import ProtocolError
+from edge_agent.slots import SlotStore
+from edge_agent.trust.root import TrustError
 
 app = typer.Typer(
     help=(
@@ -77,8 +77,8 @@ def run(
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
-    from .agent import AgentConfig, EdgeAgent  # numpy/TFLite only when actually running
-    from .bundle import BundleError, DeviceBundle
+    from edge_agent.agent import AgentConfig, EdgeAgent  # numpy/TFLite only when actually running
+    from edge_agent.bundle import BundleError, DeviceBundle
 
     if bundle is not None:
         try:

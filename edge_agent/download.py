@@ -33,8 +33,8 @@ from typing import IO, Any
 import blake3
 from nats.js import JetStreamContext
 
-from .fetch import BlobTooLarge, FetchError, iter_chunks_from, object_ref
-from .slots import atomic_write_bytes
+from edge_agent.slots import atomic_write_bytes
+from edge_agent.transport.objects import BlobTooLarge, FetchError, iter_chunks_from, object_ref
 
 log = logging.getLogger("edge_agent.download")
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .slots import atomic_write_bytes
+from edge_agent.slots import atomic_write_bytes
 
 log = logging.getLogger("edge_agent.health")
 

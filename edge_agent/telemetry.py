@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .bins import LATENCY_BUCKETS_MS, bin_of, check_edges, latency_bucket
+from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, bin_of, check_edges, latency_bucket
 
 # Keep at most this many latency samples per window; beyond it we sample evenly
 # enough for percentiles without growing memory with the inference rate.

@@ -14,10 +14,9 @@ import blake3
 from sqlalchemy import Connection, Engine, create_engine, select
 from sqlalchemy.pool import StaticPool
 
+from hub import fold as proj
 from ledger.encoding import canonical_encode
-from ledger.store import LedgerStore
-
-from . import projections as proj
+from ledger.storage.store import LedgerStore
 
 REBUILD_BATCH = 2000
 

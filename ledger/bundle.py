@@ -24,8 +24,8 @@ from ledger.merkle import HASHES, verify_inclusion
 from ledger.note import CosignatureVerifier, Verifier
 
 if TYPE_CHECKING:  # the device side verifies bundles without the database layer
-    from ledger.checkpoint_store import StoredCheckpoint
-    from ledger.store import LedgerStore
+    from ledger.storage.checkpoint_store import StoredCheckpoint
+    from ledger.storage.store import LedgerStore
 
 BUNDLE_FORMAT = "fleetledger-proof/1"
 BUNDLE_KEYS = frozenset({"format", "merkle_hash", "seq", "body", "prev", "hash", "tree_size",
@@ -34,7 +34,7 @@ BUNDLE_KEYS = frozenset({"format", "merkle_hash", "seq", "body", "prev", "hash",
 
 def make_bundle(store: LedgerStore, seq: int) -> bytes:
     """The proof bundle of entry `seq` at the latest stored checkpoint's size."""
-    from ledger.checkpoint_store import CheckpointStore
+    from ledger.storage.checkpoint_store import CheckpointStore
 
     latest = CheckpointStore(store, create=False).latest()
     if latest is None:

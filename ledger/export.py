@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from ledger.checkpoint import Checkpoint, SignedCheckpoint, detect_fork, open_checkpoint
-from ledger.checkpoint_store import CheckpointStore
 from ledger.encoding import MAX_DOCUMENT_BYTES, EncodingError, canonical_decode, canonical_encode
 from ledger.entry import GENESIS_PREV, Entry
 from ledger.errors import EntryError, ExportError, NoteError
 from ledger.merkle import HASHES, MerkleFrontier
 from ledger.note import CosignatureVerifier, Verifier, b64encode, parse_note
-from ledger.store import HASH_NAME, LedgerStore
+from ledger.storage.checkpoint_store import CheckpointStore
+from ledger.storage.store import HASH_NAME, LedgerStore
 from ledger.verify import RawRow, _row_problem
 
 EXPORT_FORMAT = "fleetledger-export/1"

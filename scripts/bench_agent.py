@@ -34,11 +34,11 @@ import blake3  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edge_agent.fetch import iter_object_chunks  # noqa: E402
+from edge_agent.transport.objects import iter_object_chunks  # noqa: E402
 from hub import events as ev  # noqa: E402
-from hub.embedded_nats import EmbeddedNats  # noqa: E402
 from hub.layout import MODELS_BUCKET  # noqa: E402
-from hub.modelgen import model_for_version  # noqa: E402
+from testkit.modelgen import model_for_version  # noqa: E402
+from testkit.nats_server import EmbeddedNats  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
 
 DEVICE = "bench-0"

@@ -29,15 +29,15 @@ from nats.js.api import KeyValueConfig  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edge_agent.nats_auth import connect as nats_connect  # noqa: E402
+from edge_agent.transport.connect import connect as nats_connect  # noqa: E402
 from hub import events as ev  # noqa: E402
 from hub.client import HubClient  # noqa: E402
-from hub.embedded_nats import EmbeddedNats  # noqa: E402
-from hub.home import init_home, load_config, set_nats_url  # noqa: E402
-from hub.modelgen import model_for_version, write_validation_set  # noqa: E402
-from hub.nats_config import server_conf_path  # noqa: E402
-from hub.service import HubService  # noqa: E402
+from hub.home.config import init_home, load_config, set_nats_url  # noqa: E402
+from hub.home.nats_config import server_conf_path  # noqa: E402
+from hub.service.app import HubService  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402
+from testkit.modelgen import model_for_version, write_validation_set  # noqa: E402
+from testkit.nats_server import EmbeddedNats  # noqa: E402
 
 
 async def run(args: argparse.Namespace) -> None:

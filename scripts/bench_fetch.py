@@ -25,8 +25,8 @@ import nats  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edge_agent.fetch import iter_object_chunks  # noqa: E402
-from hub.embedded_nats import EmbeddedNats  # noqa: E402
+from edge_agent.transport.objects import iter_object_chunks  # noqa: E402
+from testkit.nats_server import EmbeddedNats  # noqa: E402
 
 
 async def bench(url: str, sizes: list[int], repeat: int) -> Table:

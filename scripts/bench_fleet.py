@@ -44,14 +44,14 @@ import blake3  # noqa: E402
 import nats  # noqa: E402
 from nats.js.api import StreamConfig  # noqa: E402
 
-from edge_agent import protocol as proto  # noqa: E402
-from edge_agent.fetch import iter_object_chunks  # noqa: E402
+from edge_agent.protocol import documents as proto  # noqa: E402
+from edge_agent.transport.objects import iter_object_chunks  # noqa: E402
 from hub.client import HubClient, HubError  # noqa: E402
-from hub.embedded_nats import EmbeddedNats  # noqa: E402
-from hub.fleet_sim import ShardedFleet, SimFleet, transfer_rate  # noqa: E402
-from hub.home import init_home  # noqa: E402
-from hub.modelgen import model_for_version, write_validation_set  # noqa: E402
+from hub.home.config import init_home  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402
+from testkit.fleet_sim import ShardedFleet, SimFleet, transfer_rate  # noqa: E402
+from testkit.modelgen import model_for_version, write_validation_set  # noqa: E402
+from testkit.nats_server import EmbeddedNats  # noqa: E402
 
 
 class ProcWatch:

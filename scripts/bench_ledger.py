@@ -56,10 +56,10 @@ from rich.table import Table  # noqa: E402
 
 from ledger.encoding import canonical_encode  # noqa: E402
 from ledger.entry import CHAIN_DOMAIN, GENESIS_PREV, encode_body  # noqa: E402
-from ledger.group_commit import GroupCommitter  # noqa: E402
 from ledger.merkle import MerkleFrontier, verify_consistency, verify_inclusion  # noqa: E402
-from ledger.store import LedgerStore, NewEvent  # noqa: E402
-from ledger.verify_parallel import default_jobs  # noqa: E402
+from ledger.storage.group_commit import GroupCommitter  # noqa: E402
+from ledger.storage.store import LedgerStore, NewEvent  # noqa: E402
+from ledger.storage.verify_parallel import default_jobs  # noqa: E402
 
 BATCH = 1000
 APPENDERS = 100

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ledger.store import LedgerStore, NewEvent
+from ledger.storage.store import LedgerStore, NewEvent
 
 
 def run(entries: int, batch: int, extra: dict[str, Any]) -> tuple[float, float]:

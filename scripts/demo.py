@@ -33,11 +33,11 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from hub.client import HubClient, HubError  # noqa: E402
-from hub.embedded_nats import EmbeddedNats  # noqa: E402
-from hub.home import HubConfig, init_home, load_config, set_nats_url  # noqa: E402
-from hub.modelgen import model_for_version, write_validation_set  # noqa: E402
-from hub.nats_config import server_conf_path  # noqa: E402
+from hub.home.config import HubConfig, init_home, load_config, set_nats_url  # noqa: E402
+from hub.home.nats_config import server_conf_path  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402
+from testkit.modelgen import model_for_version, write_validation_set  # noqa: E402
+from testkit.nats_server import EmbeddedNats  # noqa: E402
 
 console = Console()
 BIN = Path(sys.executable).parent

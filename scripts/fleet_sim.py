@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hub.client import HubClient
-from hub.fleet_sim import SimFleet
-from hub.home import load_config
+from hub.home.config import load_config
 from ledger.signing import SigningKey
+from testkit.fleet_sim import SimFleet
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from edge_agent.runtime import LoadedModel, ModelRuntimeError  # noqa: E402
-from hub.modelgen import model_for_version  # noqa: E402
+from testkit.modelgen import model_for_version  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

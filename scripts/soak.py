@@ -36,14 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 from nats.aio.client import Client as NATS  # noqa: E402
 
-from edge_agent import protocol as proto  # noqa: E402
-from edge_agent.nats_auth import NO_AUTH, NatsAuth  # noqa: E402
-from edge_agent.nats_auth import connect as nats_connect  # noqa: E402
+from edge_agent.protocol import documents as proto  # noqa: E402
+from edge_agent.transport.connect import NO_AUTH, NatsAuth  # noqa: E402
+from edge_agent.transport.connect import connect as nats_connect  # noqa: E402
 from hub.client import HubClient, HubError  # noqa: E402
-from hub.embedded_nats import EmbeddedNats  # noqa: E402
-from hub.home import init_home, load_config, set_nats_url  # noqa: E402
-from hub.nats_config import server_conf_path  # noqa: E402
+from hub.home.config import init_home, load_config, set_nats_url  # noqa: E402
+from hub.home.nats_config import server_conf_path  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402
+from testkit.nats_server import EmbeddedNats  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

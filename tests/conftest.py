@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from hub.embedded_nats import EmbeddedNats
-from hub.home import HubConfig, init_home, set_nats_url
-from hub.modelgen import model_for_version
-from hub.nats_config import server_conf_path
+from hub.home.config import HubConfig, init_home, set_nats_url
+from hub.home.nats_config import server_conf_path
+from testkit.modelgen import model_for_version
+from testkit.nats_server import EmbeddedNats
 from tests.fleet import Fleet
 from tests.pg import PgServer, PgUnavailable
 

@@ -21,14 +21,14 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edge_agent.nats_auth import NO_AUTH, NatsAuth
-from edge_agent.nats_auth import connect as nats_connect
+from edge_agent.transport.connect import NO_AUTH, NatsAuth
+from edge_agent.transport.connect import connect as nats_connect
 from hub.client import HubClient, HubError
-from hub.home import HubConfig, init_home, load_config
-from hub.modelgen import write_validation_set
-from hub.service import HubService
+from hub.home.config import HubConfig, init_home, load_config
+from hub.service.app import HubService
 from ledger.entry import Entry
 from ledger.signing import SigningKey
+from testkit.modelgen import write_validation_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

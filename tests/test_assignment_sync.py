@@ -10,9 +10,9 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 
 from hub import events as ev
-from hub.fleet_sim import SimFleet
 from hub.layout import ASSIGNMENTS_BUCKET
-from hub.service import HubService
+from hub.service.app import HubService
+from testkit.fleet_sim import SimFleet
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.timeout(180)

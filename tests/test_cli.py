@@ -27,12 +27,12 @@ import pytest
 from typer.testing import CliRunner
 
 from edge_agent import cli as agent_cli
-from edge_agent.trust import TrustRoot
+from edge_agent.trust.root import TrustRoot
 from hub import cli as hub_cli
 from hub.client import HubClient, HubError
-from hub.embedded_nats import EmbeddedNats
 from ledger import cli as ledger_cli
 from ledger.signing import SigningKey
+from testkit.nats_server import EmbeddedNats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("root", "release", "director", "log")

@@ -16,10 +16,10 @@ from typing import Any
 import nats
 from nats.js.api import KeyValueConfig, ObjectStoreConfig
 
-from edge_agent.fetch import iter_object_chunks
-from edge_agent.kv_watch import KeyWatch
-from hub.embedded_nats import EmbeddedNats
-from hub.service import FLEET_MAX_CONSUMERS, allow_fleet_consumers
+from edge_agent.transport.kv_watch import KeyWatch
+from edge_agent.transport.objects import iter_object_chunks
+from hub.service.app import FLEET_MAX_CONSUMERS, allow_fleet_consumers
+from testkit.nats_server import EmbeddedNats
 
 
 async def test_hub_lifts_the_consumer_cap_and_downloads_clean_up(

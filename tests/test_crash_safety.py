@@ -17,11 +17,11 @@ from pathlib import Path
 import blake3
 import pytest
 
-from edge_agent import protocol as proto
+from edge_agent.protocol import documents as proto
 from edge_agent.runtime import LoadedModel
 from edge_agent.slots import SlotStore
 from hub import events as ev
-from hub.modelgen import model_for_version
+from testkit.modelgen import model_for_version
 from tests.device_kit import ReportWatch, deploy, deploy_and_wait
 from tests.fleet import Fleet
 

@@ -9,10 +9,10 @@ import json
 import pytest
 
 from hub import events as ev
-from hub import service
 from hub.client import HubError
+from hub.service import app as service
 from ledger.signing import SigningKey
-from ledger.store import NewEvent
+from ledger.storage.store import NewEvent
 from tests.fleet import Fleet
 from tests.test_cli import run
 

@@ -21,8 +21,8 @@ import pytest
 from edge_agent.download import PARTIAL_NAME, SIDECAR_NAME
 from edge_agent.slots import SlotStore
 from hub import events as ev
-from hub.embedded_nats import EmbeddedNats
-from hub.modelgen import model_for_version
+from testkit.modelgen import model_for_version
+from testkit.nats_server import EmbeddedNats
 from tests.device_kit import applied, deploy, deploy_and_wait
 from tests.fleet import Fleet
 

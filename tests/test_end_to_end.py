@@ -19,14 +19,14 @@ import blake3
 import numpy as np
 import pytest
 
-from edge_agent import protocol as proto
+from edge_agent.protocol import documents as proto
 from edge_agent.runtime import LoadedModel
 from edge_agent.slots import SlotStore
 from hub import events as ev
 from hub.client import HubClient
-from hub.service import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
+from hub.service.app import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
 from ledger.signing import SigningKey
-from ledger.store import LedgerStore
+from ledger.storage.store import LedgerStore
 from tests.fleet import REPO_ROOT, Fleet
 
 pytestmark = pytest.mark.timeout(180)

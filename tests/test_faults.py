@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.nats_auth import NO_AUTH, NatsAuth
+from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from hub import events as ev
 from hub.client import HubClient, HubError
-from hub.embedded_nats import EmbeddedNats
-from hub.fleet_sim import SimFleet
-from hub.home import load_config
+from hub.home.config import load_config
 from ledger.signing import SigningKey
-from ledger.store import LedgerStore
+from ledger.storage.store import LedgerStore
+from testkit.fleet_sim import SimFleet
+from testkit.nats_server import EmbeddedNats
 from tests.fleet import REPO_ROOT, Fleet
 
 

@@ -10,8 +10,8 @@ import blake3
 import nats
 import pytest
 
-from edge_agent.fetch import BlobTooLarge, FetchError, iter_object_chunks
-from hub.embedded_nats import EmbeddedNats
+from edge_agent.transport.objects import BlobTooLarge, FetchError, iter_object_chunks
+from testkit.nats_server import EmbeddedNats
 from tests.fleet import REPO_ROOT
 
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import protocol as proto
-from edge_agent.trust import TrustError, TrustRoot
-from hub.commands import CommandRefused, Operator, open_command, sign_command
+from edge_agent.protocol import documents as proto
+from edge_agent.trust.root import TrustError, TrustRoot
+from hub.commands.envelope import CommandRefused, Operator, open_command, sign_command
 from ledger.checkpoint import Checkpoint
 from ledger.encoding import canonical_encode
 from ledger.entry import GENESIS_PREV, Entry, encode_body

@@ -19,9 +19,9 @@ import pytest
 
 from hub import events as ev
 from hub.client import HubClient, HubError
-from hub.modelgen import write_validation_set
 from hub.rebuild import live_digest, rebuild_digest
 from ledger.signing import SigningKey
+from testkit.modelgen import write_validation_set
 from tests.fleet import REPO_ROOT, Fleet, ledger_state, refused
 
 pytestmark = pytest.mark.timeout(180)
@@ -230,7 +230,7 @@ async def test_validation_runs_outside_the_write_lock(
     when it comes to commit, and the ledger holds exactly one model.validated."""
     import threading
 
-    from hub import validation
+    from hub.validation import gate as validation
 
     real = validation.validate
     started = threading.Event()

@@ -25,19 +25,19 @@ import blake3
 import pytest
 from nats.js.errors import KeyNotFoundError
 
-from edge_agent import protocol as proto
-from edge_agent.nats_auth import NatsAuth
-from edge_agent.nats_auth import connect as nats_connect
-from edge_agent.protocol import SignedEnvelope
+from edge_agent.protocol import documents as proto
+from edge_agent.protocol.documents import SignedEnvelope
+from edge_agent.transport.connect import NatsAuth
+from edge_agent.transport.connect import connect as nats_connect
 from hub import events as ev
 from hub.client import HubClient, HubError
-from hub.commands import sign_command
-from hub.embedded_nats import EmbeddedNats
-from hub.home import HubConfig, load_config
-from hub.service import ASSIGNMENTS_BUCKET, MODELS_BUCKET
+from hub.commands.envelope import sign_command
+from hub.home.config import HubConfig, load_config
+from hub.service.app import ASSIGNMENTS_BUCKET, MODELS_BUCKET
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.signing import SigningKey
-from ledger.store import LedgerStore
+from ledger.storage.store import LedgerStore
+from testkit.nats_server import EmbeddedNats
 from tests.fleet import REPO_ROOT, Fleet, ledger_state, refused
 
 WAIT = 20.0  # seconds any one awaited event may take before the test fails

@@ -14,15 +14,15 @@ import pytest
 from sqlalchemy import func, select
 
 from hub import events as ev
-from hub import projections as proj
-from hub.embedded_nats import EmbeddedNats
-from hub.fleet_sim import SimFleet
-from hub.home import HubConfig
+from hub import fold as proj
+from hub.home.config import HubConfig
 from hub.rebuild import live_digest, rebuild_digest
-from hub.service import HubService
-from hub.telemetry_ingest import AGG
-from ledger.checkpoint_store import CheckpointStore
-from ledger.store import LedgerStore
+from hub.service.app import HubService
+from hub.telemetry.ingest import AGG
+from ledger.storage.checkpoint_store import CheckpointStore
+from ledger.storage.store import LedgerStore
+from testkit.fleet_sim import SimFleet
+from testkit.nats_server import EmbeddedNats
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.timeout(240)

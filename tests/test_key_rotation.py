@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import protocol as proto
-from edge_agent.trust import TrustRoot
-from edge_agent.trust_chain import LATEST_KEY, ROOTS_BUCKET, root_document, root_key, sign_root
+from edge_agent.protocol import documents as proto
+from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET, root_document, root_key, sign_root
+from edge_agent.trust.root import TrustRoot
 from hub import events as ev
 from hub.client import HubClient
 from ledger.signing import SigningKey

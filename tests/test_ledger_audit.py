@@ -17,12 +17,12 @@ from sqlalchemy.exc import IntegrityError
 
 from ledger.bundle import make_bundle, verify_bundle
 from ledger.checkpoint import Checkpoint, cosign, sign_checkpoint
-from ledger.checkpoint_store import CheckpointStore
 from ledger.errors import BundleError, LedgerError, StoreError
 from ledger.export import verify_export, write_export
 from ledger.note import CosignatureSigner, Signer, parse_note
 from ledger.signing import SigningKey
-from ledger.store import LedgerStore
+from ledger.storage.checkpoint_store import CheckpointStore
+from ledger.storage.store import LedgerStore
 
 TS = 1_700_000_000_000_000_000
 ORIGIN = "fleetledger.example/hub-1"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.store import LedgerStore
+from ledger.storage.store import LedgerStore
 from ledger.verify import ENTRY_EDITED
 
 TS = 1_700_000_000_000_000_000

@@ -9,7 +9,7 @@ from multiprocessing.synchronize import Barrier
 
 import pytest
 
-from ledger.store import LedgerStore
+from ledger.storage.store import LedgerStore
 
 PER_PROCESS = 300
 WRITERS = ("writer-a", "writer-b")

@@ -12,8 +12,8 @@ from sqlalchemy import Connection, text
 
 from ledger.entry import Entry
 from ledger.errors import EntryError, StoreError
-from ledger.group_commit import GroupCommitter
-from ledger.store import ApplyCallback, LedgerStore, NewEvent
+from ledger.storage.group_commit import GroupCommitter
+from ledger.storage.store import ApplyCallback, LedgerStore, NewEvent
 
 
 @pytest.fixture

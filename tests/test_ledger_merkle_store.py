@@ -27,7 +27,7 @@ from ledger.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from ledger.store import LedgerStore, NewEvent
+from ledger.storage.store import LedgerStore, NewEvent
 from ledger.tiles import TILE_HEIGHT, TILE_WIDTH
 from ledger.verify import MERKLE_LEAF_MISMATCH, MERKLE_TREE_MISMATCH
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ledger.entry import GENESIS_PREV, Entry
 from ledger.errors import EntryError, LedgerNotFoundError, StoreError
-from ledger.store import FORMAT, LedgerStore, NewEvent
+from ledger.storage.store import FORMAT, LedgerStore, NewEvent
 from ledger.verify import ENTRY_EDITED, MISSING_ENTRY
 
 

@@ -11,11 +11,11 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-import ledger.verify_parallel as verify_parallel
+import ledger.storage.verify_parallel as verify_parallel
 from ledger.entry import Entry
-from ledger.store import LedgerStore, NewEvent
+from ledger.storage.store import LedgerStore, NewEvent
+from ledger.storage.verify_parallel import segment_level
 from ledger.tiles import TILE_HEIGHT, TILE_WIDTH
-from ledger.verify_parallel import segment_level
 
 # Segments of 16 below: 37 full ones and a short last one; the tree has tiles on three
 # levels (leaves; roots of 16-leaf subtrees, the segments' own; roots of 256-leaf

@@ -17,20 +17,20 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from edge_agent.nats_auth import connect as nats_connect
-from hub.checkpointer import Checkpointer, log_signer
+from edge_agent.transport.connect import connect as nats_connect
 from hub.client import HubClient
-from hub.embedded_nats import EmbeddedNats
-from hub.home import init_home, load_config
-from hub.ledger_api import LedgerApi
-from hub.service import HubService
+from hub.home.config import init_home, load_config
+from hub.log.api import LedgerApi
+from hub.log.checkpointer import Checkpointer, log_signer
+from hub.service.app import HubService
 from ledger.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
-from ledger.checkpoint_store import CheckpointStore
 from ledger.merkle import verify_consistency, verify_inclusion
+from ledger.net.remote import LedgerClient, RemoteError
 from ledger.note import CosignatureVerifier, Verifier, parse_vkey
-from ledger.remote import LedgerClient, RemoteError
 from ledger.signing import SigningKey
-from ledger.store import LedgerStore
+from ledger.storage.checkpoint_store import CheckpointStore
+from ledger.storage.store import LedgerStore
+from testkit.nats_server import EmbeddedNats
 from tests.fleet import Fleet, url_as
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,11 +19,7 @@ from edge_agent.runtime import (
     preflight,
     probe_input,
 )
-from hub.modelgen import (
-    dense_params_for_version,
-    make_dense_model,
-    model_for_version,
-)
+from testkit.modelgen import dense_params_for_version, make_dense_model, model_for_version
 
 
 def test_probe_input_is_fixed_and_shared() -> None:
@@ -31,9 +27,9 @@ def test_probe_input_is_fixed_and_shared() -> None:
     assert x.shape == (1, 10)
     assert x.dtype == np.float32
     assert x.ravel().tolist() == [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, -1.0]
-    import hub.modelgen
+    import testkit.modelgen
 
-    assert hub.modelgen.probe_input is probe_input
+    assert testkit.modelgen.probe_input is probe_input
 
 
 @pytest.mark.parametrize("version", [1, 2, 7])

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from edge_agent import protocol as proto
-from edge_agent.protocol import (
+from edge_agent.protocol import documents as proto
+from edge_agent.protocol.documents import (
     MAX_ENVELOPE_BYTES,
     Assignment,
     ProtocolError,

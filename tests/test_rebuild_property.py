@@ -16,14 +16,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge_agent import protocol as proto
-from hub.api import CommandError
-from hub.commands import CommandRefused, sign_command
-from hub.home import init_home
-from hub.modelgen import model_for_version, write_validation_set
+from edge_agent.protocol import documents as proto
+from hub.commands.envelope import CommandRefused, sign_command
+from hub.commands.handlers import CommandError
+from hub.home.config import init_home
 from hub.rebuild import live_digest, rebuild_digest
-from hub.service import HubService
+from hub.service.app import HubService
 from ledger.signing import SigningKey
+from testkit.modelgen import model_for_version, write_validation_set
 
 DEVICES = ("d1", "d2", "d3")
 VERSIONS = ("1", "2")

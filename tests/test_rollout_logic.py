@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.bins import LATENCY_BUCKETS_MS, histogram_counts, quantile_from_buckets
+from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, histogram_counts, quantile_from_buckets
 from edge_agent.spool import Spool
 from edge_agent.telemetry import TelemetryWindowBuilder
-from hub import rollouts as ro
-from hub import validation
+from hub.rollouts import rules as ro
+from hub.validation import gate as validation
 
 NOW = 10**18
 

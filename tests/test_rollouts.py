@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 
 from hub import events as ev
-from hub import projections as proj
-from hub import rollout_state as rs
-from hub.embedded_nats import EmbeddedNats
-from hub.fleet_sim import SimFleet
-from hub.modelgen import write_validation_set
+from hub import fold as proj
 from hub.rebuild import live_digest, rebuild_digest
+from hub.rollouts import state as rs
 from ledger.entry import Entry
+from testkit.fleet_sim import SimFleet
+from testkit.modelgen import write_validation_set
+from testkit.nats_server import EmbeddedNats
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.timeout(240)
@@ -139,7 +139,7 @@ async def test_a_good_model_rolls_through_every_wave_with_its_numbers_in_the_led
         assert n["inferences"] >= 20 and n["psi"] < 0.25 and n["error_rate"] == 0.0
     assert set(world.running().values()) == {"2"}
     # Deterministic membership: the ledger's wave lists are what anyone can recompute.
-    from hub.rollouts import parse_waves, split_waves
+    from hub.rollouts.rules import parse_waves, split_waves
 
     plan = split_waves(rid, sorted(world.sim.ids), parse_waves("10%,50%,100%"))
     assert [sorted(e.payload["devices"]) for e in started] == [sorted(p) for p in plan]
@@ -262,7 +262,7 @@ async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Pat
     finally:
         await extra.stop()
     # Prometheus metrics from the same state.
-    from hub.metrics import MetricsServer
+    from hub.telemetry.metrics import MetricsServer
 
     server = MetricsServer(world.fleet.hub, 0)
     port = await server.start()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, update
 
-from edge_agent import protocol as proto
-from hub.telemetry_ingest import DEVS, MAX_HOLES, TelemetryIngest
+from edge_agent.protocol import documents as proto
+from hub.telemetry.ingest import DEVS, MAX_HOLES, TelemetryIngest
 
 
 def window(seq: int, boot: str = "b1", device: str = "d1") -> proto.TelemetryWindow:

@@ -20,21 +20,21 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from edge_agent import protocol as proto
-from edge_agent.transparency import TRANSPARENCY_BUCKET, verify_release_inclusion
-from edge_agent.trust import TrustRoot
-from edge_agent.trust_chain import LATEST_KEY, ROOTS_BUCKET
+from edge_agent.protocol import documents as proto
+from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET
+from edge_agent.trust.inclusion import TRANSPARENCY_BUCKET, verify_release_inclusion
+from edge_agent.trust.root import TrustRoot
 from hub import events as ev
 from hub.client import HubClient
 from ledger.bundle import make_bundle_at
 from ledger.checkpoint import open_checkpoint
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.errors import NoteError
+from ledger.net.remote import LedgerClient
+from ledger.net.witness_runner import WitnessRunner
 from ledger.note import Verifier, parse_vkey
-from ledger.remote import LedgerClient
 from ledger.signing import SigningKey
 from ledger.witness import Witness, WitnessState
-from ledger.witness_runner import WitnessRunner
 from tests.device_kit import (
     ReportWatch,
     applied,

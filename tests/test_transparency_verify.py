@@ -9,25 +9,25 @@ from pathlib import Path
 import blake3
 import pytest
 
-from edge_agent import protocol as proto
 from edge_agent.bundle import DeviceBundle
-from edge_agent.transparency import (
+from edge_agent.protocol import documents as proto
+from edge_agent.trust.inclusion import (
     InclusionPending,
     InclusionRefused,
     transparency_keys,
     verify_release_inclusion,
 )
-from edge_agent.trust import TrustRoot
-from hub.keyring import plan_next_root
-from hub.transparency import witnessed_enough
-from hub.witnesses import plan_witness_root
+from edge_agent.trust.root import TrustRoot
+from hub.keys.keyring import plan_next_root
+from hub.keys.witnesses import plan_witness_root
+from hub.log.transparency import witnessed_enough
 from ledger.bundle import make_bundle_at
 from ledger.checkpoint import Checkpoint, cosign, sign_checkpoint
-from ledger.checkpoint_store import StoredCheckpoint
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.note import Signer, parse_note
 from ledger.signing import SigningKey
-from ledger.store import LedgerStore, NewEvent
+from ledger.storage.checkpoint_store import StoredCheckpoint
+from ledger.storage.store import LedgerStore, NewEvent
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edge_agent import protocol as proto
-from edge_agent.trust import TrustError, TrustRoot
-from edge_agent.trust_chain import (
+from edge_agent.protocol import documents as proto
+from edge_agent.trust.chain import (
     RootRotationError,
     peek_version,
     root_document,
@@ -17,6 +16,7 @@ from edge_agent.trust_chain import (
     verify_next_root,
     walk_chain,
 )
+from edge_agent.trust.root import TrustError, TrustRoot
 from ledger.signing import SigningKey
 
 HOUR = 3600 * 10**9

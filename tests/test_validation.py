@@ -14,8 +14,7 @@ pytest.importorskip("tflite_runtime", reason="needs the TFLite runtime (tflite-r
 pytest.importorskip("tflite", reason="model generation needs the hub extra (tflite schema)")
 
 from edge_agent.runtime import LoadedModel
-from hub.modelgen import make_dense_model, make_int8_dense_model
-from hub.validation import (
+from hub.validation.gate import (
     Dataset,
     DatasetError,
     ModelError,
@@ -29,6 +28,7 @@ from hub.validation import (
     validate,
 )
 from ledger.encoding import canonical_decode, canonical_encode
+from testkit.modelgen import make_dense_model, make_int8_dense_model
 
 N_IN, N_OUT, ROWS = 6, 4, 300
 ZERO_FEATURE = 3

@@ -1,0 +1,378 @@
+"""`hub device tag`, `hub rollout ...` and `hub telemetry` (registered by hub/cli.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from hub.cli import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    HOME,
+    JSON,
+    KEY,
+    NATS_URL,
+    TIMEOUT,
+    _ago,
+    _call,
+    _config,
+    _fail,
+    _print_json,
+    _run,
+    _time,
+    app,
+    device_app,
+    out,
+)
+from hub.client import HubClient
+from hub.rollouts.reads import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
+from hub.telemetry.ingest import DEVICE_SORTS
+
+rollout_app = typer.Typer(
+    help=("Staged rollouts: target devices by group/tag, roll out in waves with success, "
+          "failure and telemetry gates (error rate, p95 latency, output drift), bake time, "
+          "automatic halt and rollback. Every step is a ledger event with its numbers."),
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+
+TERMINAL = ("completed", "aborted", "rolled_back")
+STATE_STYLE = {"completed": "green", "done": "green", "running": "cyan", "rolling": "cyan",
+               "baking": "yellow", "paused": "yellow", "halted": "red", "aborted": "red",
+               "rolled_back": "magenta", "created": "white", "pending": "dim"}
+
+
+def _style(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+# ---------------------------------------------------------------- devices
+
+
+@device_app.command("tag")
+def device_tag(
+    device_id: str = typer.Argument(..., help="Enrolled device id."),
+    group: str | None = typer.Option(None, "--group", help="Set the device's group."),
+    tag: list[str] = typer.Option([], "--tag", help="Set a tag KEY=VALUE (repeatable)."),
+    untag: list[str] = typer.Option([], "--untag", help="Remove tag KEY (repeatable)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Put a device in a group and/or set tags; rollouts target them
+    (`--target group=lab`, `--target tag:site=a`)."""
+    tags: dict[str, str] = {}
+    for item in tag:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise _fail(f"--tag takes KEY=VALUE, got {item!r}", EXIT_USAGE)
+        tags[k] = v
+    body: dict[str, Any] = {"device": device_id, "tags": tags, "untag": untag}
+    if group is not None:
+        body["group"] = group
+    result = _call(_config(home, nats_url), key, timeout, "device.tag", body)
+    if as_json:
+        _print_json(result)
+    else:
+        tag_text = ", ".join(f"{k}={v}" for k, v in result["tags"].items()) or "no tags"
+        out.print(f"{device_id}: group {result['group'] or '-'}, {tag_text} "
+                  f"(ledger seq {result['seq'][0]})")
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+@rollout_app.command("create")
+def rollout_create(
+    model: str = typer.Option(..., "--model", help="Model name."),
+    version: str = typer.Option(..., "--version", help="Released version to roll out."),
+    target: str = typer.Option(
+        "all", "--target",
+        help="Devices: all | group=G | tag:K=V | device=ID|ID, joined by commas (AND)."),
+    waves: str = typer.Option("1%,10%,50%,100%", "--waves",
+                              help="Cumulative shares or counts; the last must be 100%."),
+    min_success: float = typer.Option(0.95, "--min-success",
+                                      help="Share of a wave that must apply it."),
+    max_failure: float = typer.Option(0.05, "--max-failure",
+                                      help="Share of a wave that may fail before a halt."),
+    bake: str = typer.Option("0s", "--bake", help="Watch each wave this long (e.g. 60s)."),
+    max_error_rate: float | None = typer.Option(None, "--max-error-rate",
+                                                help="Gate: inference error rate."),
+    max_p95_ms: float | None = typer.Option(None, "--max-p95-ms",
+                                            help="Gate: p95 inference latency (ms)."),
+    max_psi: float | None = typer.Option(None, "--max-psi",
+                                         help="Gate: output drift (PSI vs validation)."),
+    min_inferences: int = typer.Option(50, "--min-inferences",
+                                       help="Telemetry needed before the gates judge."),
+    deadline: str = typer.Option("10m", "--deadline",
+                                 help="Per wave: devices silent this long count as failed."),
+    auto_rollback: bool = typer.Option(False, "--auto-rollback",
+                                       help="On a halt, give affected devices the "
+                                            "previous release again."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Plan a rollout (operator role). Wave membership is fixed now, deterministically;
+    nothing is assigned until `hub rollout start`."""
+    body: dict[str, Any] = {
+        "model": model, "version": version, "target": target, "waves": waves,
+        "min_success": min_success, "max_failure": max_failure, "bake": bake,
+        "deadline": deadline, "auto_rollback": auto_rollback,
+        "min_inferences": min_inferences,
+    }
+    for name, value in (("max_error_rate", max_error_rate), ("max_p95_ms", max_p95_ms),
+                        ("max_psi", max_psi)):
+        if value is not None:
+            body[name] = value
+    result = _call(_config(home, nats_url), key, timeout, "rollout.create", body)
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(f"{result['rollout']}: {model}/{version} to {result['devices']} device(s) "
+                  f"in waves of {', '.join(map(str, result['waves']))}; start it with "
+                  f"`hub rollout start {result['rollout']}`")
+
+
+def _transition(verb: str, doc: str) -> None:
+    def command(
+        rollout: str = typer.Argument(..., help="Rollout id (r-N)."),
+        reason: str = typer.Option("", "--reason", help="Why, for the record."),
+        home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+        as_json: bool = JSON, timeout: float = TIMEOUT,
+    ) -> None:
+        result = _call(_config(home, nats_url), key, timeout, f"rollout.{verb}",
+                       {"rollout": rollout, "reason": reason})
+        if as_json:
+            _print_json(result)
+            return
+        line = f"{rollout}: {result['state']} (ledger seq {result['seq'][0]})"
+        if verb == "rollback":
+            line += f"; {len(result['devices'])} device(s) get their previous release"
+            if result["skipped"]:
+                line += f", {len(result['skipped'])} skipped"
+        out.print(line)
+
+    command.__doc__ = doc
+    rollout_app.command(verb)(command)
+
+
+_transition("start", "Start a created rollout: the controller assigns wave 1.")
+_transition("pause", "Pause: no new wave starts, nothing is halted.")
+_transition("resume", "Resume a paused rollout.")
+_transition("abort", "Abort: no more waves; devices keep what they run now.")
+_transition("rollback", "Roll back: devices that took the new release get the one they "
+                        "ran before.")
+
+
+@rollout_app.command("list")
+def rollout_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+                 as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
+    """Every rollout with its state and device counts."""
+    rows = _call(_config(home, nats_url), key, timeout, "rollouts")
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("rollout", "model/version", "target", "state", "wave", "devices",
+                  "applied", "failed", "updated", title=f"{len(rows)} rollout(s)")
+    for r in rows:
+        c = r["counts"]
+        failed = sum(c.get(s, 0) for s in ("failed", "reverted", "timed_out"))
+        table.add_row(r["rollout"], f"{r['model']}/{r['version']}", r["target"],
+                      _style(r["state"]), f"{r['current_wave'] + 1}/{r['waves']}",
+                      str(r["devices"]), str(c.get("applied", 0)), str(failed),
+                      _ago(r["updated_ts"]))
+    out.print(table)
+
+
+def render_status(status: dict[str, Any]) -> Group:
+    """The status view: header, one progress bar per wave, telemetry, recent events."""
+    r = status["rollout"]
+    policy = r["policy"]
+    header = Text.from_markup(
+        f"[bold]{r['rollout']}[/bold] {r['model']}/{r['version']} -> {r['target']}  "
+        f"{_style(r['state'])}" + (f"  [red]{r['reason']}[/red]" if r["reason"] else ""))
+    gates = [f"success >= {policy.get('min_success')}", f"failure <= {policy.get('max_failure')}",
+             f"bake {policy.get('bake_s', 0):g}s", f"deadline {policy.get('deadline_s'):g}s"]
+    for name, label in (("max_error_rate", "error rate"), ("max_p95_ms", "p95 ms"),
+                        ("max_psi", "PSI")):
+        if name in policy:
+            gates.append(f"{label} <= {policy[name]}")
+    if policy.get("auto_rollback"):
+        gates.append("auto-rollback")
+    table = Table("wave", "state", "progress", "applied", "failed", "pending", "evidence",
+                  expand=False)
+    for w in status["waves"]:
+        c = w["counts"]
+        size = max(c.get("devices", w["size"]), 1)
+        done = c.get("applied", 0) + c.get("failed", 0)
+        bar = ProgressBar(total=size, completed=done, width=30,
+                          complete_style="red" if c.get("failed") else "green")
+        ev = w["evidence"]
+        evidence = ", ".join(f"{k} {ev[k]}" for k in ("success_rate", "error_rate", "p95_ms",
+                                                      "psi") if k in ev)
+        table.add_row(str(w["wave"] + 1), _style(w["state"]), bar,
+                      f"{c.get('applied', 0)}/{size}", str(c.get("failed", 0)),
+                      str(c.get("pending", 0)), evidence)
+    t = status["telemetry"]
+    telemetry = Text(
+        f"telemetry: {t.get('inferences', 0):,} inferences, error rate "
+        f"{t.get('error_rate', 0):.4f}"
+        + (f", p95 {t['p95_ms']:.3f} ms" if "p95_ms" in t else "")
+        + (f", PSI {t['psi']:.4f}" if "psi" in t else ""))
+    events = Table("seq", "time", "event", "actor", "detail", box=None, show_header=False)
+    for e in status["events"][-8:]:
+        p = e["payload"]
+        detail = p.get("reason") or (f"wave {p['wave'] + 1}" if "wave" in p else "")
+        events.add_row(str(e["seq"]), _time(e["ts"]), e["kind"], e["actor"][:16], str(detail))
+    return Group(header, Text("gates: " + ", ".join(gates), style="dim"), table, telemetry,
+                 events)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout: str = typer.Argument(..., help="Rollout id (r-N)."),
+    watch: bool = typer.Option(False, "--watch", help="Keep updating until it ends."),
+    interval: float = typer.Option(1.0, "--interval", help="Seconds between updates."),
+    devices: bool = typer.Option(False, "--devices", help="Also each device's wave, state "
+                                 "and rollback state (every page)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """A rollout's waves (live progress bars with --watch), gates, telemetry and its
+    recent ledger events. With --watch, exits 0 when it completes, 1 if it halts,
+    is aborted or rolled back."""
+    config = _config(home, nats_url)
+    if not watch:
+        async def fetch(client: HubClient) -> Any:
+            status = await client.call("rollout.status", {"rollout": rollout,
+                                                          "devices": devices})
+            rows = list(status.get("devices", []))
+            while devices and status["next_offset"] is not None:
+                status = await client.call("rollout.status", {
+                    "rollout": rollout, "devices": True, "offset": status["next_offset"]})
+                rows += status["devices"]
+            return {**status, "devices": rows} if devices else status
+
+        status = _run(config, key, timeout, fetch)
+        if as_json:
+            _print_json(status)
+            return
+        out.print(render_status(status))
+        if devices:
+            table = Table("device", "wave", "state", "rollback", "reason",
+                          title=f"{status['device_count']:,} device(s) in {rollout}")
+            for d in status["devices"]:
+                table.add_row(d["device"], str(d["wave"] + 1), d["state"],
+                              d["rollback_state"] or "-", (d["reason"] or "")[:60])
+            out.print(table)
+        return
+
+    async def follow(client: HubClient) -> str:
+        status = await client.call("rollout.status", {"rollout": rollout})
+        with Live(render_status(status), console=out, refresh_per_second=4) as live:
+            while status["rollout"]["state"] not in (*TERMINAL, "halted"):
+                await asyncio.sleep(interval)
+                status = await client.call("rollout.status", {"rollout": rollout})
+                live.update(render_status(status))
+        return str(status["rollout"]["state"])
+
+    final = _run(config, key, timeout, follow)
+    if final != "completed":
+        raise typer.Exit(EXIT_REFUSED)
+
+
+# ---------------------------------------------------------------- telemetry
+
+
+SORT_HELP = ("Order of the device table: " + ", ".join(DEVICE_SORTS)
+             + " (error-rate: the worst first; last-seen: the quietest first).")
+
+
+@app.command("telemetry")
+def telemetry(
+    device: str | None = typer.Option(None, "--device", help="One device's view."),
+    limit: int = typer.Option(TELEMETRY_PAGE, "--limit", min=1, max=MAX_TELEMETRY_PAGE,
+                              help="Devices to show (one page)."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
+    sort: str = typer.Option("error-rate", "--sort", help=SORT_HELP),
+    every: bool = typer.Option(False, "--all", help="Every device, fetched page by page "
+                               "(with --json: the whole fleet as one document)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Inference telemetry: fleet totals per model version and one page of devices (the
+    worst error rates first), or one device's windows per installed model (counts,
+    errors, p95, output histograms, spool drops)."""
+    if sort not in DEVICE_SORTS:
+        raise _fail(f"unknown --sort {sort!r}; use one of {', '.join(DEVICE_SORTS)}",
+                    EXIT_USAGE)
+    config = _config(home, nats_url)
+    if device is not None:
+        result = _call(config, key, timeout, "telemetry", {"device": device})
+    else:
+        async def pages(client: HubClient) -> Any:
+            size = MAX_TELEMETRY_PAGE if every else limit
+            at = offset
+            page = await client.call("telemetry", {"sort": sort, "offset": at, "limit": size})
+            rows = list(page["devices"])
+            while every and len(page["devices"]) == size:
+                at += size
+                page = await client.call("telemetry", {"sort": sort, "offset": at,
+                                                       "limit": size})
+                rows += page["devices"]
+            return {**page, "offset": offset, "limit": len(rows), "devices": rows}
+
+        result = _run(config, key, timeout, pages)
+    if as_json:
+        _print_json(result)
+        return
+    if device is None:
+        table = Table("model/version", "inferences", "errors", "error rate",
+                      title=(f"fleet telemetry: {result['windows']:,} windows, "
+                             f"{result['duplicates']:,} duplicates ignored, "
+                             f"{result['dropped']:,} dropped on devices, ingest lag "
+                             f"{result['ingest_lag_s']:.2f}s"))
+        for r in result["fleet"]:
+            rate = r["errors"] / r["inferences"] if r["inferences"] else 0.0
+            table.add_row(f"{r['model']}/{r['version']}", f"{r['inferences']:,}",
+                          f"{r['errors']:,}", f"{rate:.4f}")
+        out.print(table)
+        rows = result["devices"]
+        shown = (f"devices {offset + 1}-{offset + len(rows)} of {result['device_count']:,}"
+                 if rows else f"no devices past {offset} of {result['device_count']:,}")
+        devices = Table("device", "model/version", "windows", "inferences", "errors",
+                        "error rate", "p95 ms", "last window", "drops",
+                        title=f"{shown}, by {sort}")
+        for r in rows:
+            devices.add_row(r["device"], f"{r['model']}/{r['version']}", f"{r['windows']:,}",
+                            f"{r['inferences']:,}", f"{r['errors']:,}",
+                            f"{r['error_rate']:.4f}",
+                            "-" if r["p95_ms"] is None else f"{r['p95_ms']:.3f}",
+                            _ago(r["last_ts"]), str(r["dropped"]))
+        if rows:
+            out.print(devices)
+        else:
+            out.print(shown)
+        return
+    rows = result["devices"]
+    if not rows:
+        out.print(f"no telemetry from {device} yet")
+        return
+    table = Table("model/version", "counter", "windows", "inferences", "errors", "p95 ms",
+                  "output histogram (first output)", "last window", title=device)
+    for r in rows:
+        hist = r["output_hist"][0] if r["output_hist"] else []
+        table.add_row(f"{r['model']}/{r['version']}", str(r["counter"]), str(r["windows"]),
+                      f"{r['inferences']:,}", f"{r['errors']:,}",
+                      "-" if r["p95_ms"] is None else f"{r['p95_ms']:.3f}",
+                      " ".join(map(str, hist)) or "-", _ago(r["last_ts"]))
+    out.print(table)
+    out.print(f"spool drops reported by the device: {rows[0]['dropped']}; duplicate windows "
+              f"ignored: {rows[0]['duplicates']}")

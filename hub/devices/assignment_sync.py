@@ -1,0 +1,112 @@
+"""Bring the assignments bucket (KV) back in line with the ledger when the hub starts.
+
+The hub appends a `device.assigned` event first and writes the signed assignment to KV
+after the commit (a device must never run what the ledger does not show). A hub that
+dies between the two, or that gives up on a KV write during a long NATS outage, leaves
+a device without the assignment the ledger says it has, and nothing would ever re-send
+it: devices act only on KV. So on start the hub compares, per device, the counter the
+ledger issued last (proj_devices.counter) with the counter of the assignment in KV, and
+puts the ledger's own signed envelope (the bytes in the event) where KV is behind or
+missing. Idempotent: a second run finds nothing to do and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from sqlalchemy import Engine, select
+
+from edge_agent.protocol import documents as proto
+from hub import events as ev
+from hub import fold as proj
+from hub.devices.reports import REVOKED
+from hub.layout import ASSIGNMENTS_BUCKET
+from ledger.entry import Entry
+from ledger.storage.store import ENTRIES
+
+log = logging.getLogger("hub.assignments")
+
+READ_TIMEOUT_S = 30.0
+
+
+@dataclass
+class SyncResult:
+    checked: int = 0  # devices the ledger has issued an assignment to
+    restored: list[str] = field(default_factory=list)  # put back into KV
+    ahead: list[str] = field(default_factory=list)  # KV newer than the ledger: left alone
+
+
+async def kv_counters(kv: KeyValue) -> dict[str, int]:
+    """device -> counter of the assignment KV holds now (-1: unreadable), read with one
+    watch over the bucket rather than one request per device."""
+    out: dict[str, int] = {}
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        while True:
+            entry = await watcher.updates(timeout=READ_TIMEOUT_S)
+            if entry is None:  # nats-py's marker: the current values are all in
+                break
+            try:
+                doc = proto.SignedEnvelope.decode(entry.value or b"", "assignment")
+                out[entry.key] = proto.Assignment.from_map(doc.document("assignment")).counter
+            except proto.ProtocolError:
+                out[entry.key] = -1  # garbage in KV: the ledger's envelope replaces it
+            if entry.delta == 0:  # nothing pending after this one (the marker may follow)
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+    return out
+
+
+def last_assignment(engine: Engine, device: str) -> Entry | None:
+    query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
+             .where(ENTRIES.c.subject == ev.device_subject(device),
+                    ENTRIES.c.kind == ev.DEVICE_ASSIGNED)
+             .order_by(ENTRIES.c.seq.desc()).limit(1))
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else Entry.from_body(row[0], row[1], row[2])
+
+
+async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncResult:
+    """Put the ledger's latest assignment into KV for every device whose KV entry is
+    missing or older (see the module docstring)."""
+    devices = proj.DEVICES
+    with engine.connect() as conn:
+        issued = {r.device: int(r.counter) for r in conn.execute(
+            select(devices.c.device, devices.c.counter)
+            .where(devices.c.counter > 0, devices.c.state != REVOKED))}
+    result = SyncResult(checked=len(issued))
+    if not issued:
+        return result
+    kv = await js.key_value(ASSIGNMENTS_BUCKET)
+    in_kv = await kv_counters(kv)
+    for device in sorted(issued):
+        have, want = in_kv.get(device), issued[device]
+        if have is not None and have > want:
+            result.ahead.append(device)  # not from this ledger; the device refuses replays
+            continue
+        if have == want:
+            continue
+        entry = last_assignment(engine, device)
+        envelope = None if entry is None else entry.payload.get("assignment")
+        if entry is None or entry.payload.get("counter") != want or not isinstance(
+                envelope, bytes):
+            log.error("ledger says %s has assignment %d but holds no such event", device, want)
+            continue
+        await kv.put(device, envelope)
+        result.restored.append(device)
+    if result.restored:
+        log.warning("restored %d assignment(s) the ledger has but KV did not (a hub stop "
+                    "between commit and KV write): %s", len(result.restored),
+                    ", ".join(result.restored[:10]) + (" ..." if len(result.restored) > 10
+                                                       else ""))
+    if result.ahead:
+        log.error("KV holds assignments newer than the ledger for %d device(s), left as "
+                  "they are: %s", len(result.ahead), ", ".join(result.ahead[:10]))
+    return result

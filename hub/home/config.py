@@ -1,0 +1,182 @@
+"""The hub's home directory: configuration, role keys and the devices' trust root.
+
+    DIR/config.toml     nats_url, database, expiry settings
+    DIR/keys/<role>.key Ed25519 seeds (0600): root, release, director, log
+    DIR/trust-root.bin  signed trust root handed to devices at enrolment
+    DIR/log.vkey        the log's C2SP verifier key (checkpoints), for witnesses/auditors
+    DIR/witnesses       witness verifier keys whose cosignatures the hub stores
+    DIR/operators/admin.key  the first operator's key (admin, operator, registrant)
+    DIR/policy.toml     validation thresholds and approvals per model name
+    DIR/nats/           nats-server.conf, users.conf, credentials.toml, tls/ (hub/nats_config.py)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.transport.connect import NatsAuth
+from edge_agent.trust.root import ROLES, TrustRoot
+from hub.errors import UsageError
+from hub.home.nats_config import auth_for, operator_auth, write_server_config
+from ledger.note import Signer
+from ledger.signing import KeyFileError, SigningKey
+
+CONFIG_NAME = "config.toml"
+POLICY_NAME = "policy.toml"
+BOOTSTRAP_ADMIN = "admin"
+BOOTSTRAP_ROLES = ("admin", "operator", "registrant")
+DEFAULT_POLICY = """\
+# Validation thresholds and approvals, per model name (`hub model validate` reads this).
+# [default] applies to every model; [models.NAME] overrides it for one model.
+[default]
+task = "classification"
+min_accuracy = 0.5
+max_group_gap = 0.5
+max_flip_rate = 0.5
+max_p95_latency_ms = 100.0
+approvals_required = 1
+"""
+TRUST_ROOT_NAME = "trust-root.bin"
+LOG_VKEY_NAME = "log.vkey"
+DEFAULT_HOME_ENV = "FLEET_HUB_HOME"
+
+
+class HomeError(UsageError):
+    """The hub home directory is missing, incomplete or invalid."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    home: Path
+    nats_url: str
+    database: str
+    manifest_ttl_days: int = 365
+    assignment_ttl_days: int = 30
+    admin_public: str = ""
+    origin: str = "fleetledger/hub"
+    metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None = off, 0 = any
+    # Checkpoints (hub/checkpointer.py): sign after this many new entries or seconds.
+    checkpoint_every_entries: int = 100
+    checkpoint_every_seconds: float = 10.0
+
+    @property
+    def policy_path(self) -> Path:
+        return self.home / POLICY_NAME
+
+    def operator_key_path(self, name: str) -> Path:
+        return self.home / "operators" / f"{name}.key"
+
+    @property
+    def trust_root_path(self) -> Path:
+        return self.home / TRUST_ROOT_NAME
+
+    def key_path(self, role: str) -> Path:
+        return self.home / "keys" / f"{role}.key"
+
+    def load_key(self, role: str) -> SigningKey:
+        try:
+            return SigningKey.load(self.key_path(role))
+        except KeyFileError as exc:
+            raise HomeError(str(exc)) from exc
+
+    def operator_auth(self, key: SigningKey) -> NatsAuth:
+        """NATS credentials of the operator holding `key` (its nkey), and the TLS CA."""
+        return operator_auth(self.home, key)
+
+    def nats_auth(self, role: str) -> NatsAuth:
+        """NATS credentials (and the TLS CA) of `hub` or `witness` (operators: operator_auth)."""
+        return auth_for(self.home, role)
+
+    def database_url(self) -> str:
+        """A path relative to the home directory, or a SQLAlchemy URL as given."""
+        if "://" in self.database or self.database.startswith("sqlite:"):
+            return self.database
+        path = Path(self.database)
+        return str(path if path.is_absolute() else self.home / path)
+
+
+def init_home(
+    home: Path, nats_url: str, database: str = "ledger.db", force: bool = False,
+    nats_auth: bool = True, tls: bool = False,
+) -> HubConfig:
+    """Create keys for every role, the signed trust root and the config file; with
+    `nats_auth`, the NATS server's configuration and identities (hub/nats_config.py),
+    with `tls` also a CA and a server certificate."""
+    config_path = home / CONFIG_NAME
+    if config_path.exists() and not force:
+        raise HomeError(f"{home} is already a hub home (use --force to overwrite its keys)")
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    keys = {role: SigningKey.generate() for role in ROLES}
+    for role, key in keys.items():
+        key.save(home / "keys" / f"{role}.key")
+    root = TrustRoot.build({role: [key] for role, key in keys.items()})
+    (home / TRUST_ROOT_NAME).write_bytes(root.encode())
+    admin = SigningKey.generate()
+    admin.save(home / "operators" / f"{BOOTSTRAP_ADMIN}.key")
+    if not (home / POLICY_NAME).exists():
+        (home / POLICY_NAME).write_text(DEFAULT_POLICY)
+    # The log's identity in checkpoints and its key name: no spaces, no '+'.
+    origin = "fleetledger/" + re.sub(r"[\s+]", "-", home.resolve().name)
+    config_path.write_text(
+        "# fleetledger hub configuration (written by `hub init`)\n"
+        f"nats_url = {_toml_str(nats_url)}\n"
+        f"database = {_toml_str(database)}\n"
+        "manifest_ttl_days = 365\n"
+        "assignment_ttl_days = 30\n"
+        "# The first operator, added to the ledger when `hub serve` first starts.\n"
+        f"admin_public = {_toml_str(admin.public.raw.hex())}\n"
+        f"origin = {_toml_str(origin)}\n"
+        "# Signed checkpoints of the ledger: after this many new entries or seconds.\n"
+        "checkpoint_every_entries = 100\n"
+        "checkpoint_every_seconds = 10.0\n"
+    )
+    # The log's C2SP verifier key: what witnesses and auditors pass as --log-key.
+    log_vkey = Signer.from_signing_key(origin, keys["log"]).vkey()
+    (home / LOG_VKEY_NAME).write_text(log_vkey + "\n")
+    if nats_auth or tls:
+        write_server_config(home, tls=tls, operators=[(admin.keyid, admin.public.raw)])
+    return load_config(home)
+
+
+def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
+    config_path = home / CONFIG_NAME
+    try:
+        raw = tomllib.loads(config_path.read_text())
+    except FileNotFoundError as exc:
+        raise HomeError(
+            f"{config_path} not found: run `hub init {home}` first, or pass --home"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise HomeError(f"{config_path} is not valid TOML: {exc}") from exc
+    try:
+        return HubConfig(
+            home=home,
+            nats_url=nats_url or str(raw["nats_url"]),
+            database=str(raw.get("database", "ledger.db")),
+            manifest_ttl_days=int(raw.get("manifest_ttl_days", 365)),
+            assignment_ttl_days=int(raw.get("assignment_ttl_days", 30)),
+            admin_public=str(raw.get("admin_public", "")),
+            origin=str(raw.get("origin", "fleetledger/hub")),
+            metrics_port=int(raw["metrics_port"]) if "metrics_port" in raw else None,
+            checkpoint_every_entries=int(raw.get("checkpoint_every_entries", 100)),
+            checkpoint_every_seconds=float(raw.get("checkpoint_every_seconds", 10.0)),
+        )
+    except (KeyError, ValueError) as exc:
+        raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc
+
+
+def set_nats_url(home: Path, nats_url: str) -> None:
+    """Point an existing home at another NATS server (the demo's port changes per run)."""
+    config_path = home / CONFIG_NAME
+    lines = config_path.read_text().splitlines()
+    out = [f"nats_url = {_toml_str(nats_url)}" if ln.startswith("nats_url") else ln for ln in lines]
+    config_path.write_text("\n".join(out) + "\n")
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

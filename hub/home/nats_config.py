@@ -1,0 +1,306 @@
+"""The NATS server's identities and permissions, written into the hub's home.
+
+`hub init` writes
+
+    HOME/nats/nats-server.conf    pid_file, `include users.conf`, TLS (with --tls)
+    HOME/nats/users.conf          one user per identity with its permissions (0600)
+    HOME/nats/credentials.toml    passwords of the hub and witness users (0600)
+    HOME/nats/tls/                ca.pem, ca.key, server.pem, server.key (with --tls)
+
+and the hub rewrites users.conf whenever a device or an operator is added or revoked
+(and at start, from the ledger's device and operator tables), then asks the server to
+reload it: SIGHUP to the PID in HOME/nats/nats-server.pid (the server writes that file
+itself, from `pid_file`).
+A server on another machine is reloaded by its operator (`nats-server --signal reload`).
+
+Identities (docs/PROTOCOL.md, "Permissions", lists the exact subjects):
+
+- hub: everything (it owns the streams, buckets and the API);
+- one user per operator, identified by its nkey (= the operator's own Ed25519 key, the
+  one that signs its commands): the hub's signed-command API, the ledger API, uploading
+  blobs; replies only under its own inbox prefix. Revoking the operator removes it, so
+  a revoked key cannot even reach the hub;
+- witness: the ledger API, the ledger feed, and cosignatures;
+- one user per device, identified by its nkey (= its Ed25519 device key): its own
+  assignment, the roots and manifests buckets and model blobs to read, its own report
+  subjects to publish; replies only under its own inbox prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+import tomllib
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from edge_agent.transport.connect import NatsAuth, device_inbox_prefix, nkey_public, nkey_seed
+from edge_agent.trust.chain import ROOTS_BUCKET
+from edge_agent.trust.inclusion import TRANSPARENCY_BUCKET
+from hub.layout import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
+from ledger.signing import SigningKey
+
+log = logging.getLogger(__name__)
+
+NATS_DIR = "nats"
+SERVER_CONF = "nats-server.conf"
+USERS_CONF = "users.conf"
+CREDENTIALS = "credentials.toml"
+PID_FILE = "nats-server.pid"
+TLS_DIR = "tls"
+CA_CERT = "ca.pem"
+# Password users. Operators are nkey users (one per operator key), not a shared password.
+ROLES = ("hub", "witness")
+RELOAD_SETTLE_SECONDS = 0.2
+
+ASG = f"KV_{ASSIGNMENTS_BUCKET}"
+OBJ = f"OBJ_{MODELS_BUCKET}"
+READ_BUCKETS = (f"KV_{ROOTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{TRANSPARENCY_BUCKET}",
+                OBJ)
+
+
+def nats_dir(home: Path) -> Path:
+    return home / NATS_DIR
+
+
+def server_conf_path(home: Path) -> Path:
+    return nats_dir(home) / SERVER_CONF
+
+
+def ca_path(home: Path) -> Path | None:
+    path = nats_dir(home) / TLS_DIR / CA_CERT
+    return path if path.exists() else None
+
+
+# ---------------------------------------------------------------- permissions
+
+
+def device_permissions(device: str) -> dict[str, list[str]]:
+    """What one device may publish and subscribe to (and nothing else)."""
+    publish = [f"fleet.report.{device}.>"]
+    publish += [f"$JS.API.STREAM.INFO.{s}" for s in (ASG, *READ_BUCKETS)]
+    # Its own assignment only: the consumer's filter subject is part of the API subject
+    # (nats-server 2.10+), so a consumer on another device's key is refused.
+    publish.append(f"$JS.API.CONSUMER.CREATE.{ASG}.*.$KV.{ASSIGNMENTS_BUCKET}.{device}")
+    publish.append(f"$JS.FC.{ASG}.>")
+    for stream in READ_BUCKETS:  # readable by every device: no secrets in them
+        publish += [
+            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.*", f"$JS.API.CONSUMER.DELETE.{stream}.*",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
+        ]
+    return {"publish": publish, "subscribe": [device_inbox_prefix(device) + ".>"]}
+
+
+def operator_inbox_prefix(keyid: str) -> str:
+    """The reply-inbox prefix an operator must use (a root no device id can take)."""
+    return f"_INBOX_OPERATOR.{keyid}"
+
+
+def operator_permissions(keyid: str) -> dict[str, list[str]]:
+    """What one operator may publish and subscribe to."""
+    return {"publish": list(OPERATOR_PERMISSIONS["publish"]),
+            "subscribe": [operator_inbox_prefix(keyid) + ".>", "ledger.entry",
+                          "ledger.checkpoint"]}
+
+
+OPERATOR_PERMISSIONS = {
+    "publish": [
+        "hub.api.>", "ledger.api.>",
+        # Uploading blobs (models, validation sets) into the Object Store.
+        f"$JS.API.STREAM.INFO.{OBJ}", f"$JS.API.STREAM.MSG.GET.{OBJ}",
+        f"$JS.API.DIRECT.GET.{OBJ}", f"$JS.API.DIRECT.GET.{OBJ}.>",
+        f"$JS.API.STREAM.PURGE.{OBJ}",
+        f"$O.{MODELS_BUCKET}.C.>", f"$O.{MODELS_BUCKET}.M.>",
+    ],
+    "subscribe": ["_INBOX.>", "ledger.entry", "ledger.checkpoint"],
+}
+WITNESS_PERMISSIONS = {
+    "publish": ["ledger.api.>", "ledger.cosignature"],
+    "subscribe": ["_INBOX.>", "ledger.entry", "ledger.checkpoint"],
+}
+
+
+def _user_block(head: str, perms: dict[str, list[str]] | None) -> str:
+    if perms is None:
+        return f"    {{ {head} }}"
+    pub = ", ".join(json.dumps(s) for s in perms["publish"])
+    sub = ", ".join(json.dumps(s) for s in perms["subscribe"])
+    return (f"    {{ {head},\n      permissions: {{\n        publish: {{ allow: [{pub}] }},\n"
+            f"        subscribe: {{ allow: [{sub}] }} }} }}")
+
+
+# ---------------------------------------------------------------- files
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def load_credentials(home: Path) -> dict[str, str]:
+    """role -> password; empty when the home has no NATS identities (auth off)."""
+    path = nats_dir(home) / CREDENTIALS
+    if not path.exists():
+        return {}
+    raw = tomllib.loads(path.read_text())
+    return {role: str(raw[role]["password"]) for role in ROLES if role in raw}
+
+
+def auth_for(home: Path, role: str) -> NatsAuth:
+    """Connect options for the hub (`hub`) or witnesses (`witness`); operators connect
+    with their own key (`operator_auth`)."""
+    passwords = load_credentials(home)
+    ca = ca_path(home)
+    if role not in passwords:
+        return NatsAuth(ca_file=ca)
+    return NatsAuth(user=role, password=passwords[role], ca_file=ca)
+
+
+def operator_auth(home: Path, key: SigningKey) -> NatsAuth:
+    """Connect options for the operator holding `key`: its nkey and inbox prefix (just
+    the CA, if any, when the home has no NATS identities)."""
+    ca = ca_path(home)
+    if not load_credentials(home):
+        return NatsAuth(ca_file=ca)
+    return NatsAuth(nkey_seed=nkey_seed(key.private_raw()), ca_file=ca,
+                    inbox_prefix=operator_inbox_prefix(key.keyid))
+
+
+def write_server_config(home: Path, tls: bool = False,
+                        operators: Iterable[tuple[str, bytes]] = ()) -> Path:
+    """Create the identities, the users file and the server configuration."""
+    directory = nats_dir(home)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    creds = "".join(f'[{role}]\nuser = "{role}"\npassword = "{secrets.token_urlsafe(24)}"\n\n'
+                    for role in ROLES)
+    _write_private(directory / CREDENTIALS, "# NATS passwords (written by `hub init`)\n" + creds)
+    write_users(home, [], operators)
+    lines = [
+        "# nats-server configuration written by `hub init`.",
+        "# The hub rewrites users.conf on device enrolment/revocation and sends SIGHUP to",
+        "# the PID in pid_file; for a server elsewhere, reload it yourself.",
+        f"pid_file: {json.dumps(str((directory / PID_FILE).resolve()))}",
+        "include users.conf",
+    ]
+    if tls:
+        tls_dir = directory / TLS_DIR
+        make_tls_files(tls_dir)
+        lines += ["tls {",
+                  f"  cert_file: {json.dumps(str((tls_dir / 'server.pem').resolve()))}",
+                  f"  key_file: {json.dumps(str((tls_dir / 'server.key').resolve()))}",
+                  "  timeout: 2", "}"]
+    _write_private(directory / SERVER_CONF, "\n".join(lines) + "\n")
+    return directory / SERVER_CONF
+
+
+def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
+                operators: Iterable[tuple[str, bytes]] = ()) -> bool:
+    """Rewrite users.conf: the password users, one nkey user per (device, public) and one
+    per (operator key id, public). False (and nothing written) when it already says that,
+    so the server need not reload."""
+    passwords = load_credentials(home)
+    if not passwords:
+        return False  # this home has no NATS identities (created without them)
+    perms = {"hub": None, "witness": WITNESS_PERMISSIONS}
+    blocks = [_user_block(f"user: {json.dumps(role)}, password: {json.dumps(passwords[role])}",
+                          perms[role]) for role in ROLES if role in passwords]
+    for keyid, public in sorted(operators):
+        blocks.append(f"    # operator key {keyid}\n" + _user_block(
+            f"nkey: {json.dumps(nkey_public(public))}", operator_permissions(keyid)))
+    for device, public in sorted(devices):
+        blocks.append(f"    # device {device}\n" + _user_block(
+            f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device)))
+    text = ("# NATS users (rewritten by the hub when devices or operators change)\n"
+            "authorization {\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n")
+    path = nats_dir(home) / USERS_CONF
+    with contextlib.suppress(OSError):
+        if path.read_text() == text:
+            return False
+    _write_private(path, text)
+    return True
+
+
+def reload_server(home: Path) -> bool:
+    """SIGHUP the nats-server whose PID file is in HOME/nats, if it runs here."""
+    try:
+        pid = int((nats_dir(home) / PID_FILE).read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        log.warning("no local nats-server for %s: reload it to apply users.conf", home)
+        return False
+    if not comm.startswith("nats-server"):
+        log.warning("PID %d is %s, not nats-server; not reloading", pid, comm)
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGHUP)
+        # The server reloads on its own time (~5 ms here) and says so only in its log. A
+        # client whose handshake overlaps the reload can be let in and then dropped, so
+        # callers (an enrolment, an operator change) answer only once it has settled.
+        time.sleep(RELOAD_SETTLE_SECONDS)
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def make_tls_files(directory: Path, days: int = 825) -> None:
+    """A private CA and a server certificate for 127.0.0.1 and localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> str:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()).decode()
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetledger NATS CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                       critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_private(directory / "ca.key", pem_key(ca_key))
+    _write_private(directory / "server.key", pem_key(key))
+    (directory / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -1,0 +1,191 @@
+"""The hub's public ledger API: unsigned request/reply for auditors and witnesses.
+
+    ledger.api.checkpoint   {} | {size}        -> {note, size, merkle_hash}
+    ledger.api.consistency  {from, to}         -> {proof: [bin], merkle_hash}
+    ledger.api.inclusion    {seq, size}        -> {proof: [bin], leaf_hash, merkle_hash}
+    ledger.api.entries      {start, limit?}    -> {entries: [[body, prev, hash], ...]}
+    ledger.cosignature      a cosigned note    -> {size, stored: [witness names]}
+
+Everything here is public and checkable: proofs are verified by the client against a
+signed checkpoint, so the API needs no authentication (the ledger is not secret to its
+auditors; NATS permissions decide who can reach it). Messages are canonical msgpack
+(ledger/remote.py has the client and the wire constants; docs/PROTOCOL.md "Ledger API").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from hub.errors import Refused
+from hub.home.config import HubConfig
+from hub.log.checkpointer import Checkpointer, CosignatureRefused
+from ledger.encoding import EncodingError, canonical_decode
+from ledger.errors import LedgerError
+from ledger.net.remote import (
+    API_PREFIX,
+    COSIGNATURE_SUBJECT,
+    MAX_ENTRIES_PER_REPLY,
+    MAX_ENTRIES_REPLY_BYTES,
+    VERB_CHECKPOINT,
+    VERB_CONSISTENCY,
+    VERB_ENTRIES,
+    VERB_INCLUSION,
+    error_reply,
+    ok_reply,
+)
+from ledger.storage.store import LedgerStore
+
+log = logging.getLogger("hub.ledger_api")
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class ApiRefused(Refused):
+    """A request the API answers with an error (the message goes back to the caller)."""
+
+
+def _int(body: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ApiRefused(f"{name!r} must be a non-negative integer")
+    return value
+
+
+class LedgerApi:
+    def __init__(self, store: LedgerStore, checkpointer: Checkpointer) -> None:
+        self.store = store
+        self.checkpointer = checkpointer
+        self.checkpoints = checkpointer.checkpoints
+        self._subs: list[Subscription] = []
+        # Called with the tree size after cosignatures were stored (hub/transparency.py).
+        self.on_cosigned: Callable[[int], Awaitable[object]] | None = None
+        self._verbs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            VERB_CHECKPOINT: self.checkpoint,
+            VERB_CONSISTENCY: self.consistency,
+            VERB_INCLUSION: self.inclusion,
+            VERB_ENTRIES: self.entries,
+        }
+
+    async def start(self, nc: NATS) -> None:
+        self._subs.append(await nc.subscribe(API_PREFIX + ">", cb=self._on_request))
+        self._subs.append(await nc.subscribe(COSIGNATURE_SUBJECT, cb=self._on_cosignature))
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    # -- transport -----------------------------------------------------------------
+
+    async def _on_request(self, msg: Msg) -> None:
+        verb = msg.subject[len(API_PREFIX):]
+        try:
+            handler = self._verbs.get(verb)
+            if handler is None:
+                raise ApiRefused(f"unknown verb {verb!r}; known: {', '.join(self._verbs)}")
+            if len(msg.data) > MAX_REQUEST_BYTES:
+                raise ApiRefused(f"request is over {MAX_REQUEST_BYTES} bytes")
+            body = canonical_decode(msg.data) if msg.data else {}
+            if not isinstance(body, dict):
+                raise ApiRefused("the request must be a msgpack map")
+            reply = ok_reply(handler(body))
+        except (ApiRefused, EncodingError, LedgerError) as exc:
+            reply = error_reply(str(exc))
+        except Exception as exc:  # keep serving
+            log.exception("ledger.api.%s failed", verb)
+            reply = error_reply(f"internal error in {verb}: {exc}")
+        await self._respond(msg, reply)
+
+    async def _on_cosignature(self, msg: Msg) -> None:
+        cosigned: int | None = None
+        try:
+            size, stored = self.checkpointer.accept_cosignature(msg.data)
+            reply = ok_reply({"size": size, "stored": stored})
+            cosigned = size
+        except (CosignatureRefused, LedgerError) as exc:
+            reply = error_reply(str(exc))
+        except Exception as exc:
+            log.exception("storing a cosignature failed")
+            reply = error_reply(f"internal error: {exc}")
+        await self._respond(msg, reply)
+        if self.on_cosigned is not None and cosigned is not None:
+            try:
+                await self.on_cosigned(cosigned)
+            except Exception:  # publishing proofs must not stop the API
+                log.exception("after the cosignature of tree size %d", cosigned)
+
+    @staticmethod
+    async def _respond(msg: Msg, reply: bytes) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(reply)
+
+    # -- verbs (synchronous, O(log n) reads each) -----------------------------------
+
+    def checkpoint(self, body: dict[str, Any]) -> dict[str, Any]:
+        if "size" in body:
+            size = _int(body, "size")
+            found = self.checkpoints.get(size)
+            if found is None:
+                raise ApiRefused(f"no checkpoint of tree size {size}")
+        else:
+            found = self.checkpoints.latest()
+            if found is None:
+                raise ApiRefused("no checkpoint has been signed yet")
+        return {"note": found.full_note(), "size": found.size,
+                "merkle_hash": self.store.tree_hash.name}
+
+    def consistency(self, body: dict[str, Any]) -> dict[str, Any]:
+        proof = self.store.consistency_proof(_int(body, "from"), _int(body, "to"))
+        return {"proof": proof, "merkle_hash": self.store.tree_hash.name}
+
+    def inclusion(self, body: dict[str, Any]) -> dict[str, Any]:
+        seq, size = _int(body, "seq"), _int(body, "size")
+        proof = self.store.inclusion_proof(seq, size)
+        return {"proof": proof, "leaf_hash": self.store.leaf_hash(seq),
+                "merkle_hash": self.store.tree_hash.name}
+
+    def entries(self, body: dict[str, Any]) -> dict[str, Any]:
+        start = _int(body, "start")
+        limit = min(_int(body, "limit", MAX_ENTRIES_PER_REPLY), MAX_ENTRIES_PER_REPLY)
+        rows: list[list[bytes]] = []
+        total = 0
+        for entry in self.store.iter_entries(start, batch=max(1, min(limit, 256))):
+            if len(rows) >= limit or (rows and total + len(entry.body) > MAX_ENTRIES_REPLY_BYTES):
+                break
+            rows.append([entry.body, entry.prev, entry.hash])
+            total += len(entry.body) + 64
+        return {"entries": rows}
+
+
+@dataclass
+class LedgerPublishing:
+    """The checkpointer and the public ledger API, started and stopped together."""
+
+    checkpointer: Checkpointer
+    api: LedgerApi
+
+    async def stop(self) -> None:
+        await self.api.stop()
+        await self.checkpointer.stop()
+
+
+async def start_ledger_publishing(
+    config: HubConfig, store: LedgerStore, nc: NATS, js: JetStreamContext
+) -> LedgerPublishing:
+    """Start checkpoint signing and the `ledger.api.*` / `ledger.cosignature` handlers."""
+    checkpointer = Checkpointer.from_config(config, store)
+    api = LedgerApi(store, checkpointer)
+    await api.start(nc)
+    await checkpointer.start(nc, js)
+    return LedgerPublishing(checkpointer, api)

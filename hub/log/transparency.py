@@ -1,0 +1,99 @@
+"""Publish transparency bundles: for each release, once a checkpoint covering its
+`model.released` (or `model.resigned`) entry carries the trust root's witness threshold
+of cosignatures, the proof bundle of that entry in that checkpoint (ledger/bundle.py)
+goes into the KV bucket `transparency` under `<name>.<version>`, where agents that run
+with `--require-inclusion` fetch it (edge_agent/transparency.py).
+
+`sync(size)` runs after every stored cosignature (hub/ledger_api.py calls it) and once at
+hub start for the latest checkpoint. A bundle is written once per entry; a newer
+checkpoint does not re-publish it (a re-signed manifest is a new entry and is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from sqlalchemy import select
+
+from edge_agent.trust.inclusion import (
+    RELEASE_KINDS,
+    TRANSPARENCY_BUCKET,
+    InclusionPending,
+    InclusionRefused,
+    bundle_key,
+    transparency_keys,
+)
+from edge_agent.trust.root import TrustRoot
+from ledger.bundle import make_bundle_at
+from ledger.entry import Entry
+from ledger.storage.checkpoint_store import CheckpointStore, StoredCheckpoint
+from ledger.storage.store import ENTRIES, LedgerStore
+
+log = logging.getLogger("hub.transparency")
+
+
+def witnessed_enough(root: TrustRoot, checkpoint: StoredCheckpoint) -> bool:
+    """Whether `checkpoint` has the root's witness threshold of cosignatures from distinct
+    witness keys of the root (the hub checked each signature before storing it)."""
+    try:
+        keys = transparency_keys(root)
+    except (InclusionPending, InclusionRefused):
+        return False
+    listed = {(w.name, w.key_hash) for w in keys.witnesses}
+    got = {(s.name, s.key_hash) for s in checkpoint.cosignatures} & listed
+    return len(got) >= keys.threshold
+
+
+class TransparencyPublisher:
+    def __init__(self, store: LedgerStore, checkpoints: CheckpointStore,
+                 root: Callable[[], TrustRoot], js: JetStreamContext) -> None:
+        self.store = store
+        self.checkpoints = checkpoints
+        self.root = root
+        self.js = js
+        self.published: dict[str, int] = {}  # KV key -> seq of the entry published
+        self._lock = asyncio.Lock()
+
+    async def _bucket(self) -> KeyValue:
+        try:
+            return await self.js.key_value(TRANSPARENCY_BUCKET)
+        except (BucketNotFoundError, NotFoundError):
+            return await self.js.create_key_value(
+                KeyValueConfig(bucket=TRANSPARENCY_BUCKET, history=1))
+
+    async def start(self) -> None:
+        await self._bucket()
+        await self.sync()
+
+    def _releases_below(self, size: int) -> list[Entry]:
+        query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
+                 .where(ENTRIES.c.kind.in_(RELEASE_KINDS), ENTRIES.c.seq < size)
+                 .order_by(ENTRIES.c.seq))
+        with self.store.engine.connect() as conn:
+            return [Entry.from_body(b, p, h) for b, p, h in conn.execute(query)]
+
+    async def sync(self, size: int | None = None) -> int:
+        """Publish the bundles the checkpoint of `size` (default: the latest) makes
+        possible; returns how many were written."""
+        async with self._lock:
+            cp = self.checkpoints.latest() if size is None else self.checkpoints.get(size)
+            if cp is None or not witnessed_enough(self.root(), cp):
+                return 0
+            kv = await self._bucket()
+            written = 0
+            for entry in self._releases_below(cp.size):
+                key = bundle_key(str(entry.payload["name"]), str(entry.payload["version"]))
+                if self.published.get(key, -1) >= entry.seq:
+                    continue
+                await kv.put(key, make_bundle_at(self.store, entry.seq, cp))
+                self.published[key] = entry.seq
+                written += 1
+                log.info("transparency bundle for %s: seq %d in checkpoint %d", key,
+                         entry.seq, cp.size)
+            return written

@@ -1,0 +1,205 @@
+"""`ledger query` and `ledger tail` (registered on the app of ledger/cli.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ledger.cli import (
+    DB_HELP,
+    EXIT_USAGE,
+    NATS_CA,
+    NATS_PASSWORD_FILE,
+    NATS_USER,
+    _entry_json,
+    _fail,
+    _iso,
+    _nats_login,
+    _open,
+    app,
+)
+from ledger.entry import Entry
+from ledger.errors import EntryError, LedgerError
+from ledger.storage.query import EntryFilter, query_entries
+
+
+def _time_ns(value: str | None, what: str) -> int | None:
+    """An ISO 8601 time (UTC unless it says otherwise) or integer nanoseconds."""
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"{what} {value!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z) "
+              "or integer nanoseconds", EXIT_USAGE)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
+
+
+def entries_table(entries: list[Entry], caption: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, caption=caption)
+    for name in ("seq", "time (UTC)", "kind", "actor", "subject", "hash"):
+        table.add_column(name, justify="right" if name == "seq" else "left", no_wrap=True)
+    for e in entries:
+        table.add_row(str(e.seq), _iso(e.ts)[:-1], e.kind, e.actor, e.subject, e.hash.hex()[:12])
+    return table
+
+
+@app.command()
+def query(
+    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    kind: list[str] | None = typer.Option(None, "--kind", help="Entry kind, e.g. "
+                                          "model.released (repeatable: any of them)."),
+    subject: str | None = typer.Option(None, "--subject", help="Subject prefix, e.g. "
+                                       "model:kws/ or device:dev-0042."),
+    actor: str | None = typer.Option(None, "--actor", help="Actor: an operator key id, a "
+                                     "device id, or hub."),
+    since: str | None = typer.Option(None, "--since", help="From this time on (ISO 8601, "
+                                     "UTC by default, or ns)."),
+    until: str | None = typer.Option(None, "--until", help="Before this time."),
+    limit: int = typer.Option(100, "--limit", min=1, help="At most this many entries."),
+    newest: bool = typer.Option(False, "--newest", help="The last LIMIT matches, not the "
+                                "first."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array with payloads."),
+) -> None:
+    """Find entries by kind, subject prefix, actor and time range, in seq order.
+
+    This reads the stored columns and does not check the chain; run `ledger verify`."""
+    flt = EntryFilter(tuple(kind or ()), subject, actor, _time_ns(since, "--since"),
+                      _time_ns(until, "--until"))
+    store = _open(db)
+    try:
+        entries = query_entries(store, flt, limit, newest)
+    except LedgerError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
+        return
+    Console().print(entries_table(entries, f"{store.location}: {len(entries)} matching entries"))
+
+
+def _line(e: Entry) -> str:
+    return (f"{e.seq:>8}  {_iso(e.ts)}  {e.kind:<24} {e.actor:<20} {e.subject:<28} "
+            f"{e.hash.hex()[:12]}")
+
+
+@app.command()
+def tail(
+    db: str | None = typer.Option(None, "--db", help=DB_HELP, metavar="PATH"),
+    nats_url: str | None = typer.Option(None, "--nats", help="Follow the hub's live "
+                                        "ledger.entry feed on this NATS server."),
+    last: int = typer.Option(10, "--last", "-n", min=0, help="Recent entries to print first "
+                             "(from --db)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries."),
+    interval: float = typer.Option(0.5, "--interval", help="Seconds between database polls "
+                                   "(--follow without --nats)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    nats_user: str | None = NATS_USER,
+    nats_password_file: Path | None = NATS_PASSWORD_FILE,
+    nats_ca: Path | None = NATS_CA,
+) -> None:
+    """Print the most recent entries, one per line; with --follow keep printing new ones
+    as they are appended (from the hub's feed with --nats, else by polling --db).
+    Stops on SIGTERM or Ctrl-C."""
+    if db is None and nats_url is None:
+        _fail("give --db, --nats, or both", EXIT_USAGE)
+    if nats_url is not None and not follow:
+        _fail("--nats needs --follow (it only carries new entries)", EXIT_USAGE)
+
+    def emit(e: Entry) -> None:
+        typer.echo(json.dumps(_entry_json(e)) if as_json else _line(e))
+        sys.stdout.flush()
+
+    after = -1
+    if db is not None and last:
+        store = _open(db)
+        try:
+            for e in store.tail(last):
+                emit(e)
+                after = e.seq
+            if after < 0:
+                head = store.head()
+                after = -1 if head is None else head.seq
+        except LedgerError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        finally:
+            store.close()
+    if not follow:
+        return
+    if nats_url is not None:
+        login = _nats_login(nats_user, nats_password_file, nats_ca)
+        asyncio.run(_follow_feed(nats_url, after, emit, login))
+    else:
+        assert db is not None
+        _follow_db(db, after, interval, emit)
+
+
+async def _follow_feed(url: str, after: int, emit: Callable[[Entry], None],
+                       login: Any) -> None:
+    from ledger.net.remote import ENTRY_SUBJECT, LedgerClient, RemoteError, entry_from_feed
+
+    try:
+        client = await LedgerClient.connect(url, name="ledger tail", login=login)
+    except RemoteError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def on_entry(msg: object) -> None:
+        try:
+            entry = entry_from_feed(msg)  # type: ignore[arg-type]
+        except EntryError as exc:
+            typer.echo(f"warning: unreadable feed message: {exc}", err=True)
+            return
+        if entry.seq > after:
+            emit(entry)
+
+    try:
+        await client.subscribe(ENTRY_SUBJECT, on_entry)
+        typer.echo(f"following {ENTRY_SUBJECT} on {url}", err=True)
+        await stop.wait()
+    finally:
+        await client.close()
+
+
+def _follow_db(db: str, after: int, interval: float, emit: Callable[[Entry], None]) -> None:
+    stopped = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    store = _open(db)
+    typer.echo(f"following {store.location}", err=True)
+    try:
+        while not stopped:
+            for e in query_entries(store, EntryFilter(after_seq=after), limit=1000):
+                emit(e)
+                after = e.seq
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    except LedgerError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    finally:
+        store.close()
