@@ -49,7 +49,7 @@ from edge_agent.download import DigestMismatch, DownloadStats, ResumableDownload
 from edge_agent.health import HealthWindow
 from edge_agent.protocol import documents as proto
 from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
-from edge_agent.slots import SlotStore, atomic_write_bytes
+from edge_agent.slots import SlotStore
 from edge_agent.spool import Spool
 from edge_agent.telemetry import TelemetryWindowBuilder
 from edge_agent.transport import buckets
@@ -60,6 +60,7 @@ from edge_agent.transport.objects import BlobTooLarge, FetchError
 from edge_agent.transport.roots import RootUpdater
 from edge_agent.trust.inclusion import InclusionRefused, wait_for_inclusion
 from edge_agent.trust.root import TrustError, TrustRoot
+from ledger.durable import atomic_write
 from ledger.signing import KeyFileError, SigningKey
 
 log = logging.getLogger("edge_agent")
@@ -237,7 +238,7 @@ class EdgeAgent:
 
     def _save_last_counter(self, counter: int) -> None:
         self.last_counter = counter
-        atomic_write_bytes(self._state_path, json.dumps({"last_counter": counter}).encode())
+        atomic_write(self._state_path, json.dumps({"last_counter": counter}).encode())
 
     def _write_stats(self) -> None:
         """Transfer counters and peak memory, for operators and tests (stats.json)."""
@@ -247,7 +248,7 @@ class EdgeAgent:
         stats = {"boot": self.boot, "download": asdict(self.download_stats),
                  "rss_kib": {**self._rss_kib, "now": rss, "peak": _peak_rss_kib()}}
         with contextlib.suppress(OSError):
-            atomic_write_bytes(self._stats_path, json.dumps(stats).encode())
+            atomic_write(self._stats_path, json.dumps(stats).encode())
 
     def _start_up(self) -> None:
         """Count this start in an open health window, then load the active model."""

@@ -33,8 +33,8 @@ from typing import IO, Any
 import blake3
 from nats.js import JetStreamContext
 
-from edge_agent.slots import atomic_write_bytes
 from edge_agent.transport.objects import BlobTooLarge, FetchError, iter_chunks_from, object_ref
+from ledger.durable import atomic_write
 
 log = logging.getLogger("edge_agent.download")
 
@@ -185,7 +185,7 @@ class ResumableDownload:
         """Make the first `received` bytes durable, then record that they are."""
         fh.flush()
         os.fsync(fh.fileno())
-        atomic_write_bytes(self.sidecar, json.dumps(asdict(progress)).encode())
+        atomic_write(self.sidecar, json.dumps(asdict(progress)).encode())
         if self._on_checkpoint is not None:
             self._on_checkpoint()
 

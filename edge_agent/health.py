@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.slots import atomic_write_bytes
+from ledger.durable import atomic_write
 
 log = logging.getLogger("edge_agent.health")
 
@@ -127,7 +127,7 @@ class HealthWindow:
 
     def _save(self) -> None:
         assert self._state is not None
-        atomic_write_bytes(self.path, json.dumps(asdict(self._state)).encode())
+        atomic_write(self.path, json.dumps(asdict(self._state)).encode())
 
     def _load(self) -> _WindowState | None:
         try:

@@ -17,58 +17,19 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SLOT_NAMES", "ActiveSlot", "SlotStore", "atomic_write_bytes", "atomic_write_chunks"]
+from ledger.durable import TMP_SUFFIX, atomic_write, fsync_dir
+
+__all__ = ["SLOT_NAMES", "ActiveSlot", "SlotStore"]
 
 log = logging.getLogger(__name__)
 
 SLOT_NAMES = ("a", "b")
 _STATE_FORMAT = 1
-_TMP_SUFFIX = ".tmp"
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Without this the rename may be lost on power failure even though the data is safe.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> Path:
-    """Write `chunks` to `path` atomically and durably; on any error `path` is untouched.
-
-    The temp file is removed if anything (including the chunk iterator) raises.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably (temp file, fsync, rename)."""
-    atomic_write_chunks(path, [data])
 
 
 @dataclass(frozen=True)
@@ -114,7 +75,7 @@ class SlotStore:
         if state is not None and self._slot_of(state.get("previous")) == slot:
             state["previous"] = None
             self._write_state(state)
-        return atomic_write_chunks(self.slot_path(slot), chunks)
+        return atomic_write(self.slot_path(slot), chunks)
 
     def install_inactive(self, source: Path) -> str:
         """Move the complete file `source` into the inactive slot; returns the slot name.
@@ -129,7 +90,7 @@ class SlotStore:
             state["previous"] = None
             self._write_state(state)
         os.replace(source, self.slot_path(slot))
-        _fsync_dir(self.slots_dir)
+        fsync_dir(self.slots_dir)
         return slot
 
     def activate(self, slot: str, metadata: dict[str, Any]) -> None:
@@ -173,7 +134,7 @@ class SlotStore:
         """Remove temp files left by writes that died midway; call once at agent start."""
         removed = 0
         for directory in (self.slots_dir, self.state_dir):
-            for tmp in directory.glob(f".*{_TMP_SUFFIX}"):
+            for tmp in directory.glob(f".*{TMP_SUFFIX}"):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
                     removed += 1
@@ -183,7 +144,7 @@ class SlotStore:
 
     def _write_state(self, state: dict[str, Any]) -> None:
         data = json.dumps(state, sort_keys=True, indent=2).encode() + b"\n"
-        atomic_write_bytes(self.state_path, data)
+        atomic_write(self.state_path, data)
 
     def _read_state(self) -> dict[str, Any] | None:
         try:

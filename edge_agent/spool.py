@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ledger.durable import atomic_write
 from ledger.encoding import EncodingError, canonical_decode, canonical_encode
 
 log = logging.getLogger("edge_agent.spool")
@@ -90,19 +90,7 @@ class Spool:
             return 0
 
     def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        if self.fsync:
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        atomic_write(path, data, 0o644, fsync=self.fsync)
 
     def append(self, subject: str, msg_id: str, data: bytes) -> SpoolRecord:
         """Write a record durably (dropping the oldest if the bound needs room)."""

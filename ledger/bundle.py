@@ -8,61 +8,27 @@ A bundle is one canonical msgpack map (docs/PROTOCOL.md, "Proof bundle")::
      "tree_size": int, "inclusion_proof": [bin, ...], "checkpoint": bin}
 
 `checkpoint` is the signed checkpoint note of `tree_size` with its cosignatures.
+
+This module is the format and its offline check (the device uses it without a database);
+`ledger/storage/bundles.py` makes bundles from a store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ledger.checkpoint import SignedCheckpoint, open_checkpoint
-from ledger.encoding import EncodingError, canonical_decode, canonical_encode
+from ledger.encoding import EncodingError, canonical_decode
 from ledger.entry import Entry
 from ledger.errors import BundleError, EntryError, NoteError, ProofError
 from ledger.merkle import HASHES, verify_inclusion
 from ledger.note import CosignatureVerifier, Verifier
 
-if TYPE_CHECKING:  # the device side verifies bundles without the database layer
-    from ledger.storage.checkpoint_store import StoredCheckpoint
-    from ledger.storage.store import LedgerStore
-
 BUNDLE_FORMAT = "fleetledger-proof/1"
 BUNDLE_KEYS = frozenset({"format", "merkle_hash", "seq", "body", "prev", "hash", "tree_size",
                          "inclusion_proof", "checkpoint"})
-
-
-def make_bundle(store: LedgerStore, seq: int) -> bytes:
-    """The proof bundle of entry `seq` at the latest stored checkpoint's size."""
-    from ledger.storage.checkpoint_store import CheckpointStore
-
-    latest = CheckpointStore(store, create=False).latest()
-    if latest is None:
-        raise BundleError("the ledger has no signed checkpoint yet (the hub signs them)")
-    return make_bundle_at(store, seq, latest)
-
-
-def make_bundle_at(store: LedgerStore, seq: int, latest: StoredCheckpoint) -> bytes:
-    """The proof bundle of entry `seq` in the stored checkpoint `latest` (with the
-    cosignatures it carries)."""
-    if seq >= latest.size:
-        raise BundleError(f"seq {seq} is not covered by the latest checkpoint (tree size "
-                          f"{latest.size}); wait for the hub's next checkpoint")
-    entry = store.get(seq)
-    if entry is None:
-        raise BundleError(f"no entry with seq {seq}")
-    th = store.tree_hash
-    proof = store.inclusion_proof(seq, latest.size)
-    try:
-        verify_inclusion(th, seq, latest.size, th.leaf(entry.body), proof, latest.root)
-    except ProofError as exc:
-        raise BundleError(f"the stored tree does not prove seq {seq} in the checkpoint "
-                          f"(run `ledger verify`): {exc}") from exc
-    return canonical_encode({
-        "format": BUNDLE_FORMAT, "merkle_hash": th.name, "seq": seq, "body": entry.body,
-        "prev": entry.prev, "hash": entry.hash, "tree_size": latest.size,
-        "inclusion_proof": proof, "checkpoint": latest.full_note(),
-    })
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from ledger.errors import EntryError
 
 GENESIS_PREV = bytes(32)
 CHAIN_DOMAIN = b"fleetledger/entry/v1\x00"
+# The chain hash by name, as the ledger meta table and the export header record it.
+HASH_NAME = "blake3"
 HASH_SIZE = 32
 BODY_FIELDS = 6
 # 0x90 | 6: the msgpack fixarray header of a 6-element array.

@@ -13,13 +13,14 @@ big-endian length followed by that many bytes of canonical msgpack:
 
 and nothing after. Checkpoints come first so that a verifier streaming the entries
 knows at which sizes to take the Merkle root (O(K + log N) memory).
+
+This module is the format and its offline check; `ledger/storage/export.py` writes it.
 """
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -27,12 +28,10 @@ from typing import IO, Any
 
 from ledger.checkpoint import Checkpoint, SignedCheckpoint, detect_fork, open_checkpoint
 from ledger.encoding import MAX_DOCUMENT_BYTES, EncodingError, canonical_decode, canonical_encode
-from ledger.entry import GENESIS_PREV, Entry
+from ledger.entry import GENESIS_PREV, HASH_NAME, Entry
 from ledger.errors import EntryError, ExportError, NoteError
 from ledger.merkle import HASHES, MerkleFrontier
 from ledger.note import CosignatureVerifier, Verifier, b64encode, parse_note
-from ledger.storage.checkpoint_store import CheckpointStore
-from ledger.storage.store import HASH_NAME, LedgerStore
 from ledger.verify import RawRow, _row_problem
 
 EXPORT_FORMAT = "fleetledger-export/1"
@@ -42,49 +41,10 @@ _LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = MAX_DOCUMENT_BYTES + 1024
 
 
-def _frame(doc: Any) -> bytes:
+def frame(doc: Any) -> bytes:
+    """One frame: the 4-byte big-endian length, then `doc` (bytes as is, else canonical msgpack)."""
     data = canonical_encode(doc) if not isinstance(doc, bytes) else doc
     return _LENGTH.pack(len(data)) + data
-
-
-def write_export(store: LedgerStore, out: Path) -> tuple[int, int]:
-    """Write the ledger (as of now) with its stored checkpoints to `out`, atomically.
-    Returns (entries, checkpoints) written."""
-    checkpoints = CheckpointStore(store, create=False)
-    size = store.count()
-    cps = checkpoints.all(max_size=size)
-    origins = set()
-    for cp in cps:
-        text, _ = parse_note(cp.note)
-        origins.add(text.split("\n", 1)[0])
-    if len(origins) > 1:
-        raise ExportError(f"the stored checkpoints name several origins: {sorted(origins)}")
-    header = {
-        "format": EXPORT_FORMAT, "hash": HASH_NAME, "merkle_hash": store.tree_hash.name,
-        "origin": origins.pop() if origins else None, "entries": size, "checkpoints": len(cps),
-    }
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(_frame(header))
-            for cp in cps:
-                fh.write(_frame(canonical_encode(cp.full_note())))
-            written = 0
-            for row in store.iter_raw():
-                if row.seq >= size:
-                    break
-                fh.write(_frame([row.body, row.prev, row.hash]))
-                written += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        if written != size:
-            raise ExportError(f"read {written} entries, expected {size}")
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise ExportError(f"cannot write {out}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return size, len(cps)
 
 
 @dataclass(frozen=True)
@@ -240,15 +200,3 @@ def _entry_row(doc: Any, seq: int) -> RawRow:
     body, prev, digest = doc
     entry = Entry.from_body(body, prev, digest)
     return RawRow(entry.seq, entry.ts, entry.kind, entry.actor, entry.subject, body, prev, digest)
-
-
-def iter_export_entries(path: Path) -> Iterator[Entry]:
-    """The entries of an export file, decoded, without verification (for inspection)."""
-    with open(path, "rb") as fh:
-        reader = _Reader(fh)
-        header = _header(reader.frame("header"))
-        for i in range(header["checkpoints"]):
-            reader.frame(f"checkpoint {i}")
-        for seq in range(header["entries"]):
-            doc = reader.frame(f"entry {seq}")
-            yield Entry.from_body(doc[0], doc[1], doc[2])

@@ -16,15 +16,14 @@ atomically (temp file, fsync, rename, directory fsync). One process owns a state
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ledger.checkpoint import Checkpoint, cosign, open_checkpoint
+from ledger.durable import atomic_write
 from ledger.errors import NoteError, ProofError, WitnessError, WitnessStateError
 from ledger.merkle import TreeHash, verify_consistency
 from ledger.note import CosignatureSigner, CosignatureVerifier, Verifier, parse_note
@@ -107,27 +106,10 @@ class WitnessState:
         self._notes = notes
 
     def _write(self, data: bytes) -> None:
-        directory = self.path.parent
-        tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, data, 0o644)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             raise WitnessStateError(f"cannot write witness state {self.path}: {exc}") from exc
 
 

@@ -15,13 +15,15 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from ledger.bundle import make_bundle, verify_bundle
+from ledger.bundle import verify_bundle
 from ledger.checkpoint import Checkpoint, cosign, sign_checkpoint
 from ledger.errors import BundleError, LedgerError, StoreError
-from ledger.export import verify_export, write_export
+from ledger.export import verify_export
 from ledger.note import CosignatureSigner, Signer, parse_note
 from ledger.signing import SigningKey
+from ledger.storage.bundles import make_bundle
 from ledger.storage.checkpoint_store import CheckpointStore
+from ledger.storage.export import write_export
 from ledger.storage.store import LedgerStore
 
 TS = 1_700_000_000_000_000_000

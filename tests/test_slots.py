@@ -1,4 +1,4 @@
-"""A/B slots and atomic writes: switch, revert bookkeeping, and crash safety."""
+"""A/B slots: switch, revert bookkeeping, and crash safety."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.slots import SlotStore, atomic_write_bytes, atomic_write_chunks
+from edge_agent.slots import SlotStore
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -146,22 +146,6 @@ def test_write_dying_midway_keeps_old_slot_content(tmp_path: Path) -> None:
     assert (tmp_path / "slots" / "b.tflite").read_bytes() == b"v2-complete"
     assert (tmp_path / "slots" / "a.tflite").read_bytes() == b"v1"
     assert _leftovers(tmp_path / "slots") == []
-
-
-def test_atomic_write_bytes_replaces_whole_file(tmp_path: Path) -> None:
-    target = tmp_path / "state.bin"
-    atomic_write_bytes(target, b"old")
-    atomic_write_bytes(target, b"new content")
-    assert target.read_bytes() == b"new content"
-    assert _leftovers(tmp_path) == []
-
-
-def test_atomic_write_failure_leaves_no_file(tmp_path: Path) -> None:
-    target = tmp_path / "never.bin"
-    with pytest.raises(_Boom):
-        atomic_write_chunks(target, _dies_midway())
-    assert not target.exists()
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_discard_stale_temp_files(tmp_path: Path) -> None:

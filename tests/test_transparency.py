@@ -26,7 +26,6 @@ from edge_agent.trust.inclusion import TRANSPARENCY_BUCKET, verify_release_inclu
 from edge_agent.trust.root import TrustRoot
 from hub import events as ev
 from hub.client import HubClient
-from ledger.bundle import make_bundle_at
 from ledger.checkpoint import open_checkpoint
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.errors import NoteError
@@ -34,6 +33,7 @@ from ledger.net.remote import LedgerClient
 from ledger.net.witness_runner import WitnessRunner
 from ledger.note import Verifier, parse_vkey
 from ledger.signing import SigningKey
+from ledger.storage.bundles import make_bundle_at
 from ledger.witness import Witness, WitnessState
 from tests.device_kit import (
     ReportWatch,

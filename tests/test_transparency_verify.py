@@ -21,11 +21,11 @@ from edge_agent.trust.root import TrustRoot
 from hub.keys.keyring import plan_next_root
 from hub.keys.witnesses import plan_witness_root
 from hub.log.transparency import witnessed_enough
-from ledger.bundle import make_bundle_at
 from ledger.checkpoint import Checkpoint, cosign, sign_checkpoint
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.note import Signer, parse_note
 from ledger.signing import SigningKey
+from ledger.storage.bundles import make_bundle_at
 from ledger.storage.checkpoint_store import StoredCheckpoint
 from ledger.storage.store import LedgerStore, NewEvent
 

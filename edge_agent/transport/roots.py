@@ -19,7 +19,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from edge_agent.protocol.documents import ProtocolError, SignedEnvelope
-from edge_agent.slots import atomic_write_bytes
 from edge_agent.transport import buckets
 from edge_agent.trust.chain import (
     LATEST_KEY,
@@ -32,6 +31,7 @@ from edge_agent.trust.chain import (
     walk_chain,
 )
 from edge_agent.trust.root import TrustError, TrustRoot
+from ledger.durable import atomic_write
 
 log = logging.getLogger("edge_agent.roots")
 
@@ -66,7 +66,7 @@ class RootUpdater:
     def _adopt(self, root: TrustRoot) -> None:
         if root.version <= self.trust.version:
             return
-        atomic_write_bytes(self.path, root.envelope.encode())
+        atomic_write(self.path, root.envelope.encode())
         log.info("trust root version %d accepted (was %d)", root.version, self.trust.version)
         self.trust = root
 

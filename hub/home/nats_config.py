@@ -45,6 +45,7 @@ from edge_agent.transport.connect import NatsAuth, device_inbox_prefix, nkey_pub
 from edge_agent.trust.chain import ROOTS_BUCKET
 from edge_agent.trust.inclusion import TRANSPARENCY_BUCKET
 from hub.layout import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
+from ledger.durable import atomic_write
 from ledger.signing import SigningKey
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,7 @@ def _user_block(head: str, perms: dict[str, list[str]] | None) -> str:
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode(), 0o600)
 
 
 def load_credentials(home: Path) -> dict[str, str]:

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.protocol.documents import SignedEnvelope
-from edge_agent.slots import atomic_write_bytes
 from edge_agent.trust.chain import root_document, sign_root, verify_next_root
 from edge_agent.trust.root import Role, TrustError, TrustRoot
 from hub.errors import Refused
 from hub.home.config import HomeError, HubConfig
+from ledger.durable import atomic_write
 from ledger.signing import KeyFileError, PublicKey, SigningKey
 
 ROOT_TTL_NS = 365 * 24 * 3600 * 10**9
@@ -105,10 +105,10 @@ class Keyring:
         current = self.root.envelope.encode()
         current_path = self.roots_dir / f"root.{self.root.version}.bin"
         if not current_path.exists():
-            atomic_write_bytes(current_path, current)
-        atomic_write_bytes(self.roots_dir / f"root.{root.version}.bin", data)
+            atomic_write(current_path, current)
+        atomic_write(self.roots_dir / f"root.{root.version}.bin", data)
         if root.version > self.root.version:
-            atomic_write_bytes(self.config.trust_root_path, data)
+            atomic_write(self.config.trust_root_path, data)
         self.reload()
 
     # ------------------------------------------------------------ key files

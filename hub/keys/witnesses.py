@@ -23,7 +23,6 @@ inclusion could then install nothing, so the replacement is added first.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from hub.commands.handlers import CommandError, Outcome
 from hub.keys.commands import KeyCommands
 from hub.keys.keyring import ROOT_TTL_NS, WITNESS_ROLE, KeyChange, KeyChangeRefused, plan_next_root
 from hub.log.checkpointer import WITNESSES_NAME, load_witness_keys
+from ledger.durable import atomic_write
 from ledger.errors import NoteError
 from ledger.note import CosignatureVerifier, parse_vkey, valid_key_name
 from ledger.signing import PublicKey, SigningKey
@@ -180,9 +180,7 @@ def remove_from_witness_file(path: Path, public_raw: bytes) -> None:
                 if isinstance(vkey, CosignatureVerifier) and vkey.public_key == public_raw:
                     continue
         kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(f"{line}\n" for line in kept).encode(), 0o644)
 
 
 def _threshold(body: dict[str, Any]) -> int | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from hub.errors import Refused
 from hub.home.config import LOG_VKEY_NAME, HomeError, HubConfig
 from hub.keys.keyring import Keyring
 from ledger.checkpoint import Checkpoint, sign_checkpoint
+from ledger.durable import atomic_write
 from ledger.errors import NoteError
 from ledger.net.remote import CHECKPOINT_SUBJECT, ENTRY_SUBJECT
 from ledger.note import (
@@ -102,9 +102,7 @@ def log_signers(config: HubConfig) -> list[Signer]:
 def write_log_vkey(config: HubConfig) -> Path:
     """HOME/log.vkey := the newest log key's verifier key (after a log-key change)."""
     path = config.home / LOG_VKEY_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(log_signer(config).vkey() + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (log_signer(config).vkey() + "\n").encode(), 0o644)
     return path
 
 

@@ -30,8 +30,8 @@ from edge_agent.trust.inclusion import (
     transparency_keys,
 )
 from edge_agent.trust.root import TrustRoot
-from ledger.bundle import make_bundle_at
 from ledger.entry import Entry
+from ledger.storage.bundles import make_bundle_at
 from ledger.storage.checkpoint_store import CheckpointStore, StoredCheckpoint
 from ledger.storage.store import ENTRIES, LedgerStore
 

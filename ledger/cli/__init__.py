@@ -263,7 +263,7 @@ def prove(
 
 
 def _write_bundle(store: LedgerStore, seq: int, out: Path) -> None:
-    from ledger.bundle import make_bundle
+    from ledger.storage.bundles import make_bundle
 
     try:
         data = make_bundle(store, seq)

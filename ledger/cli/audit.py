@@ -279,7 +279,7 @@ def export(
     The file is framed canonical msgpack (docs/PROTOCOL.md, "Export file"); anyone can
     check it offline with `ledger verify OUT --log-key VKEY`.
     """
-    from ledger.export import write_export
+    from ledger.storage.export import write_export
 
     store = _open(db)
     try:

@@ -56,7 +56,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Field, SQLModel
 
-from ledger.entry import CHAIN_DOMAIN, GENESIS_PREV, Entry, encode_body
+from ledger.entry import CHAIN_DOMAIN, GENESIS_PREV, HASH_NAME, Entry, encode_body
 from ledger.errors import EntryError, LedgerNotFoundError, StoreError, TreeRangeError
 from ledger.merkle import (
     BLAKE3,
@@ -93,7 +93,6 @@ from ledger.verify import (
 
 # /2: the Merkle tree is stored as tiles (ledger_tiles), not one row per node.
 FORMAT = "fleetledger-ledger/2"
-HASH_NAME = "blake3"
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
 # SQLite durability (WAL mode): FULL fsyncs the WAL at every commit, NORMAL only at
 # checkpoints (see docs/ARCHITECTURE.md, "Ledger and state"). PostgreSQL ignores it.
