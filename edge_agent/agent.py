@@ -61,7 +61,8 @@ from edge_agent.transport.roots import RootUpdater
 from edge_agent.trust.inclusion import InclusionRefused, wait_for_inclusion
 from edge_agent.trust.root import TrustError, TrustRoot
 from ledger.durable import atomic_write
-from ledger.signing import KeyFileError, SigningKey
+from ledger.errors import KeyFileError
+from ledger.signing import SigningKey
 
 log = logging.getLogger("edge_agent")
 

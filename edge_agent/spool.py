@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.durable import atomic_write
-from ledger.encoding import EncodingError, canonical_decode, canonical_encode
+from ledger.encoding import canonical_decode, canonical_encode
+from ledger.errors import EncodingError
 
 log = logging.getLogger("edge_agent.spool")
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ledger.checkpoint import SignedCheckpoint, open_checkpoint
-from ledger.encoding import EncodingError, canonical_decode
+from ledger.encoding import canonical_decode
 from ledger.entry import Entry
-from ledger.errors import BundleError, EntryError, NoteError, ProofError
+from ledger.errors import BundleError, EncodingError, EntryError, NoteError, ProofError
 from ledger.merkle import HASHES, verify_inclusion
 from ledger.note import CosignatureVerifier, Verifier
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import msgpack
 
+from ledger.errors import EncodingError
+
 # Decoded documents larger than this are refused before parsing; nothing in the
 # protocol comes close (model blobs never pass through this codec).
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
@@ -43,10 +45,6 @@ class _Packers(threading.local):
 
 
 _PACKERS = _Packers()
-
-
-class EncodingError(ValueError):
-    """The value cannot be encoded canonically, or the bytes are not canonical."""
 
 
 # Types msgpack-python already writes canonically, as they are (exact types only:

@@ -19,12 +19,11 @@ import blake3
 
 from ledger.encoding import (
     MAX_DOCUMENT_BYTES,
-    EncodingError,
     canonical_decode,
     canonical_encode,
     canonical_encode_record,
 )
-from ledger.errors import EntryError
+from ledger.errors import EncodingError, EntryError
 
 GENESIS_PREV = bytes(32)
 CHAIN_DOMAIN = b"fleetledger/entry/v1\x00"

@@ -1,5 +1,7 @@
 """The ledger's exceptions, split by meaning.
 
+* `EncodingError`: a value cannot be encoded canonically, or bytes are not canonical.
+* `KeyFileError`: a key file or key bytes are unusable.
 * `EntryError`: an entry's fields or bytes are malformed (the *data* is bad).
 * `StoreError`: the database could not be opened, read or written (the *storage*
   failed); `LedgerNotFoundError` is the common "wrong path" case.
@@ -11,7 +13,8 @@
 * `ExportError` / `BundleError`: an export file or a proof bundle is malformed or
   does not verify.
 * `WitnessError`: a witness refused a checkpoint (with both notes when it is evidence
-  of a fork or rollback); `WitnessStateError`: the witness's state file is unusable.
+  of a fork or rollback); `WitnessStateError`: the witness's state file is unusable;
+  `ForkDetected`: a running witness was shown two histories, and stops.
 
 Chain damage found by verification is not an exception: it is a `VerifyResult`
 that names the first bad seq, because finding damage is a normal outcome of an audit.
@@ -22,6 +25,14 @@ from __future__ import annotations
 
 class LedgerError(Exception):
     """Base class of every error raised by the ledger package."""
+
+
+class EncodingError(LedgerError, ValueError):
+    """The value cannot be encoded canonically, or the bytes are not canonical."""
+
+
+class KeyFileError(LedgerError, ValueError):
+    """A key file or key bytes are unusable."""
 
 
 class EntryError(LedgerError, ValueError):
@@ -101,6 +112,14 @@ class WitnessError(LedgerError):
             f"--- checkpoint accepted before ---\n{old}"
             f"--- checkpoint refused now ---\n{new}"
         )
+
+
+class ForkDetected(LedgerError):
+    """The log showed this witness two histories; `error` carries both notes."""
+
+    def __init__(self, error: WitnessError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class WitnessStateError(LedgerError):

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from ledger.checkpoint import Checkpoint, SignedCheckpoint, detect_fork, open_checkpoint
-from ledger.encoding import MAX_DOCUMENT_BYTES, EncodingError, canonical_decode, canonical_encode
+from ledger.encoding import MAX_DOCUMENT_BYTES, canonical_decode, canonical_encode
 from ledger.entry import GENESIS_PREV, HASH_NAME, Entry
-from ledger.errors import EntryError, ExportError, NoteError
+from ledger.errors import EncodingError, EntryError, ExportError, NoteError
 from ledger.merkle import HASHES, MerkleFrontier
 from ledger.note import CosignatureVerifier, Verifier, b64encode, parse_note
 from ledger.verify import RawRow, _row_problem

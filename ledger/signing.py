@@ -19,9 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-
-class KeyFileError(ValueError):
-    """A key file or key bytes are unusable."""
+from ledger.errors import KeyFileError
 
 
 def key_id(public_raw: bytes) -> str:

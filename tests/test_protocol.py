@@ -31,7 +31,8 @@ from edge_agent.protocol.documents import (
     decode_report,
     encode_report,
 )
-from ledger.encoding import EncodingError, canonical_decode, canonical_encode
+from ledger.encoding import canonical_decode, canonical_encode
+from ledger.errors import EncodingError
 from ledger.signing import SigningKey
 
 NOW = 1_700_000_000_000_000_000

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from ledger.encoding import EncodingError, canonical_decode, canonical_encode
+from ledger.encoding import canonical_decode, canonical_encode
+from ledger.errors import EncodingError
 from ledger.signing import PublicKey, SigningKey
 
 MAX_ENVELOPE_BYTES = 256 * 1024

@@ -22,7 +22,8 @@ from rich.table import Table
 from hub.client import HubClient, HubError, file_digest
 from hub.commands.envelope import ROLES, command_actor_and_signature, command_signature_valid
 from hub.home.config import DEFAULT_HOME_ENV, HomeError, HubConfig, init_home, load_config
-from ledger.signing import KeyFileError, SigningKey
+from ledger.errors import KeyFileError
+from ledger.signing import SigningKey
 
 T = TypeVar("T")
 

@@ -22,8 +22,9 @@ from edge_agent.transport.connect import NatsAuth
 from edge_agent.trust.root import ROLES, TrustRoot
 from hub.errors import UsageError
 from hub.home.nats_config import auth_for, operator_auth, write_server_config
+from ledger.errors import KeyFileError
 from ledger.note import Signer
-from ledger.signing import KeyFileError, SigningKey
+from ledger.signing import SigningKey
 
 CONFIG_NAME = "config.toml"
 POLICY_NAME = "policy.toml"

@@ -28,7 +28,8 @@ from edge_agent.trust.root import Role, TrustError, TrustRoot
 from hub.errors import Refused
 from hub.home.config import HomeError, HubConfig
 from ledger.durable import atomic_write
-from ledger.signing import KeyFileError, PublicKey, SigningKey
+from ledger.errors import KeyFileError
+from ledger.signing import PublicKey, SigningKey
 
 ROOT_TTL_NS = 365 * 24 * 3600 * 10**9
 REVOKED_SUFFIX = ".revoked"

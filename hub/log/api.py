@@ -28,8 +28,8 @@ from nats.js import JetStreamContext
 from hub.errors import Refused
 from hub.home.config import HubConfig
 from hub.log.checkpointer import Checkpointer, CosignatureRefused
-from ledger.encoding import EncodingError, canonical_decode
-from ledger.errors import LedgerError
+from ledger.encoding import canonical_decode
+from ledger.errors import EncodingError, LedgerError
 from ledger.net.remote import (
     API_PREFIX,
     COSIGNATURE_SUBJECT,

@@ -26,10 +26,10 @@ from ledger.cli import (
     _open,
     app,
 )
-from ledger.errors import LedgerError, NoteError
+from ledger.errors import KeyFileError, LedgerError, NoteError
 from ledger.merkle import HASHES
 from ledger.note import CosignatureSigner, CosignatureVerifier, Verifier, b64encode, parse_vkey
-from ledger.signing import KeyFileError, SigningKey
+from ledger.signing import SigningKey
 from ledger.storage.audit import check_against_checkpoint, verify_since
 from ledger.storage.checkpoint_store import CheckpointStore
 from ledger.storage.verify_parallel import default_jobs
@@ -380,8 +380,9 @@ def witness(
     cosignature back. A fork or rollback is refused: both signed notes are printed and
     the witness exits 1. Runs until SIGTERM/Ctrl-C, or once with --once (exit 0 when
     cosigned, 1 when refused, 2 when it could not run)."""
+    from ledger.errors import ForkDetected
     from ledger.net.remote import LedgerClient
-    from ledger.net.witness_runner import ForkDetected, WitnessRunner
+    from ledger.net.witness_runner import WitnessRunner
     from ledger.witness import Witness, WitnessState
 
     log = log_key(log_vkey, "witness")

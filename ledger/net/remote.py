@@ -25,9 +25,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
-from ledger.encoding import EncodingError, canonical_decode, canonical_encode
+from ledger.encoding import canonical_decode, canonical_encode
 from ledger.entry import Entry
-from ledger.errors import EntryError, LedgerError
+from ledger.errors import EncodingError, EntryError, LedgerError
 from ledger.merkle import HASHES, TreeHash
 
 log = logging.getLogger("ledger.remote")

@@ -15,19 +15,11 @@ from collections.abc import Callable
 from nats.aio.msg import Msg
 
 from ledger.checkpoint import Checkpoint
-from ledger.errors import NoteError, WitnessError
+from ledger.errors import ForkDetected, NoteError, WitnessError
 from ledger.merkle import TreeHash
 from ledger.net.remote import CHECKPOINT_SUBJECT, LedgerClient, RemoteError
 from ledger.note import parse_note
 from ledger.witness import Witness
-
-
-class ForkDetected(Exception):
-    """The log showed this witness two histories; `error` carries both notes."""
-
-    def __init__(self, error: WitnessError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class WitnessRunner:
