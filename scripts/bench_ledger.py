@@ -59,7 +59,7 @@ from ledger.entry import CHAIN_DOMAIN, GENESIS_PREV, encode_body  # noqa: E402
 from ledger.merkle import MerkleFrontier, verify_consistency, verify_inclusion  # noqa: E402
 from ledger.storage.group_commit import GroupCommitter  # noqa: E402
 from ledger.storage.store import LedgerStore, NewEvent  # noqa: E402
-from ledger.storage.verify_parallel import default_jobs  # noqa: E402
+from ledger.storage.verify_parallel import default_jobs, verify_store  # noqa: E402
 
 BATCH = 1000
 APPENDERS = 100
@@ -239,7 +239,7 @@ def hashing_only(store: LedgerStore, backend: str) -> Result:
     chain = blake3.blake3
     stop = store.count()
     for lo in range(0, stop, 20_000):
-        rows = store._entry_rows(lo, min(lo + 20_000, stop))
+        rows = store.entry_rows(lo, min(lo + 20_000, stop))
         began = time.perf_counter()
         leaves = []
         for row in rows:
@@ -255,7 +255,7 @@ def hashing_only(store: LedgerStore, backend: str) -> Result:
 
 def verify_case(store: LedgerStore, jobs: int, backend: str) -> Result:
     began = time.perf_counter()
-    result = store.verify(jobs=jobs)
+    result = verify_store(store, jobs=jobs)
     spent = time.perf_counter() - began
     if not result.ok:
         raise SystemExit(f"verification failed: {result}")

@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 
 from ledger.entry import GENESIS_PREV, Entry
 from ledger.errors import EntryError, LedgerNotFoundError, StoreError
-from ledger.storage.store import FORMAT, LedgerStore, NewEvent
+from ledger.storage.schema import FORMAT
+from ledger.storage.store import LedgerStore, NewEvent
 from ledger.verify import ENTRY_EDITED, MISSING_ENTRY
 
 
@@ -297,3 +298,12 @@ def test_append_waits_for_another_writer_then_gives_up_clearly(db_path: Path) ->
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+def test_head_seq_inside_and_outside_a_transaction(store: LedgerStore) -> None:
+    assert store.head_seq() is None
+    seen: list[int | None] = []
+    store.append_many([NewEvent("test.kind", "tester", "s", {}) for _ in range(3)],
+                      apply=lambda conn, _entries: seen.append(store.head_seq(conn)))
+    assert seen == [2]  # the apply callback sees its own uncommitted rows
+    assert store.head_seq() == 2

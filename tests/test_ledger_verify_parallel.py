@@ -1,4 +1,4 @@
-"""`LedgerStore.verify(jobs=N)`: segments checked in worker processes give exactly the
+"""`verify_store(store, jobs=N)`: segments checked in worker processes give exactly the
 sequential verifier's report (first bad seq, problem, good entries, head, root), on
 both backends, wherever the damage is: inside a segment, at a seam, above the segments."""
 
@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 import ledger.storage.verify_parallel as verify_parallel
 from ledger.entry import Entry
 from ledger.storage.store import LedgerStore, NewEvent
-from ledger.storage.verify_parallel import segment_level
+from ledger.storage.verify_parallel import segment_level, verify_store
 from ledger.tiles import TILE_HEIGHT, TILE_WIDTH
 
 # Segments of 16 below: 37 full ones and a short last one; the tree has tiles on three
@@ -79,8 +79,8 @@ def test_segments_are_aligned_subtrees() -> None:
 def test_an_intact_ledger(store: LedgerStore) -> None:
     sequential = store.verify()
     assert sequential.ok and sequential.entries == ENTRIES
-    assert store.verify(jobs=2) == sequential
-    assert store.verify(jobs=3) == sequential
+    assert verify_store(store, jobs=2) == sequential
+    assert verify_store(store, jobs=3) == sequential
 
 
 @pytest.mark.parametrize("seq", [0, 5, 15, 16, 17, 63, 64, 191, 192, 255, 256, 599])
@@ -98,7 +98,7 @@ def test_damaged_entries(store: LedgerStore, ledger_url: str, damage: str, seq: 
     }[damage]  # fmt: skip
     tamper(ledger_url, statement)
     sequential = store.verify()
-    assert store.verify(jobs=2) == sequential
+    assert verify_store(store, jobs=2) == sequential
     if (damage, seq) != ("delete", ENTRIES - 1):  # cutting the last entry is not damage
         assert not sequential.ok and sequential.first_bad_seq == seq
 
@@ -134,7 +134,7 @@ def test_damaged_tree_nodes(
         tamper(ledger_url, f"DELETE FROM ledger_tiles {where}")
     sequential = store.verify()
     assert not sequential.ok and sequential.first_bad_seq == ((idx + 1) << level) - 1
-    assert store.verify(jobs=2) == sequential
+    assert verify_store(store, jobs=2) == sequential
 
 
 def test_trusted_heads(store: LedgerStore) -> None:
@@ -142,11 +142,11 @@ def test_trusted_heads(store: LedgerStore) -> None:
     assert entry is not None
     for head in [(100, entry.hash), (100, b"\x01" * 32), (ENTRIES + 5, entry.hash)]:
         sequential = store.verify(head)
-        assert store.verify(head, jobs=2) == sequential
-    assert not store.verify((100, b"\x01" * 32), jobs=2).ok
+        assert verify_store(store, head, jobs=2) == sequential
+    assert not verify_store(store, (100, b"\x01" * 32), jobs=2).ok
 
 
 def test_an_in_memory_ledger_is_verified_in_one_process() -> None:
     with LedgerStore.open("sqlite://") as memory:
         memory.append_many([NewEvent("a.b", "hub", "s", {"i": i}) for i in range(40)])
-        assert memory.verify(jobs=2) == memory.verify()
+        assert verify_store(memory, jobs=2) == memory.verify()

@@ -26,7 +26,7 @@ from hub import fold as proj
 from hub.devices.reports import REVOKED
 from hub.layout import ASSIGNMENTS_BUCKET
 from ledger.entry import Entry
-from ledger.storage.store import ENTRIES
+from ledger.storage.schema import ENTRIES
 
 log = logging.getLogger("hub.assignments")
 

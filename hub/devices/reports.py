@@ -50,7 +50,8 @@ from hub.home.config import HubConfig
 from hub.home.nats_config import ca_path, load_credentials, reload_server, write_users
 from ledger.entry import Entry
 from ledger.signing import SigningKey
-from ledger.storage.store import ENTRIES, LedgerStore
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import LedgerStore
 
 REVOKED = "revoked"  # proj_devices.state of a revoked device
 log = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ from hub.keys.keyring import KeyChange, KeyChangeRefused, Keyring, plan_next_roo
 from hub.log.checkpointer import write_log_vkey
 from ledger.entry import Entry
 from ledger.signing import SigningKey
-from ledger.storage.store import ENTRIES, LedgerStore, NewEvent
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import LedgerStore, NewEvent
 
 log = logging.getLogger("hub.keys")
 

@@ -33,7 +33,8 @@ from edge_agent.trust.root import TrustRoot
 from ledger.entry import Entry
 from ledger.storage.bundles import make_bundle_at
 from ledger.storage.checkpoint_store import CheckpointStore, StoredCheckpoint
-from ledger.storage.store import ENTRIES, LedgerStore
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import LedgerStore
 
 log = logging.getLogger("hub.transparency")
 

@@ -26,7 +26,8 @@ from hub.governance import rules as lc
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
 from ledger.signing import SigningKey
-from ledger.storage.store import ENTRIES, NewEvent
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import NewEvent
 
 DAY_NS = 24 * 3600 * 10**9
 PutAssignment = Callable[[str, bytes], Awaitable[None]]

@@ -32,7 +32,8 @@ from hub import fold as proj
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
 from hub.rollouts.commands import AssignmentIssuer, rollback_events, rollout_release
-from ledger.storage.store import ENTRIES, NewEvent
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import NewEvent
 
 if TYPE_CHECKING:
     from hub.service.app import HubService

@@ -13,7 +13,7 @@ from hub.commands.handlers import CommandError
 from hub.rollouts import state as rs
 from hub.rollouts.controller import wave_views
 from ledger.entry import Entry
-from ledger.storage.store import ENTRIES
+from ledger.storage.schema import ENTRIES
 
 if TYPE_CHECKING:
     from hub.service.app import HubService

@@ -57,7 +57,8 @@ from hub.telemetry.ingest import TelemetryIngest
 from hub.telemetry.metrics import MetricsServer
 from ledger.encoding import canonical_encode
 from ledger.entry import Entry
-from ledger.storage.store import ENTRIES, LedgerStore, NewEvent
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import LedgerStore, NewEvent
 
 log = logging.getLogger("hub")
 

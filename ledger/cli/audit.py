@@ -32,7 +32,7 @@ from ledger.note import CosignatureSigner, CosignatureVerifier, Verifier, b64enc
 from ledger.signing import SigningKey
 from ledger.storage.audit import check_against_checkpoint, verify_since
 from ledger.storage.checkpoint_store import CheckpointStore
-from ledger.storage.verify_parallel import default_jobs
+from ledger.storage.verify_parallel import default_jobs, verify_store
 
 LOG_KEY_HELP = (
     "The log's verifier key: a C2SP vkey string NAME+HASH+BASE64, or a file holding one "
@@ -164,7 +164,7 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None,
     log = log_key(log_vkey, "--checkpoint") if files or log_vkey else None
     store = _open(db)
     try:
-        result = store.verify(jobs=jobs)
+        result = verify_store(store, jobs=jobs)
         signed: list[tuple[str, SignedCheckpoint]] = []
         if log is not None:
             for stored in CheckpointStore(store, create=False).all():

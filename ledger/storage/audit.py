@@ -28,7 +28,8 @@ from ledger.entry import GENESIS_PREV, chain_hash
 from ledger.errors import ProofError, StoreError
 from ledger.merkle import MerkleFrontier, frontier_coordinates, verify_consistency, verify_inclusion
 from ledger.note import b64encode
-from ledger.storage.store import ENTRIES, LedgerStore
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import LedgerStore
 from ledger.tiles import is_stored_level
 from ledger.verify import MERKLE_LEAF_MISMATCH, MERKLE_TREE_MISMATCH, RawRow, _row_problem
 

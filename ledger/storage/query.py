@@ -16,7 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ledger.entry import Entry
 from ledger.errors import EntryError, StoreError
-from ledger.storage.store import ENTRIES, LedgerStore
+from ledger.storage.schema import ENTRIES
+from ledger.storage.store import LedgerStore
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ When any segment, seam or upper node is wrong, the parent verifies again in one
 process from the start of the first bad segment (`verify_chain` with a `VerifyStart`),
 so the report (first bad seq, problem, good entries, head, root) is exactly the one
 the sequential verifier gives.
+
+It reads the ledger only through the store's public segment reads (`count_and_last_seq`,
+`entry_rows`, `tree_nodes`, `verify_from`); `verify_store` is the entry point.
 """
 
 from __future__ import annotations
@@ -62,22 +65,32 @@ def segment_level(entries: int, jobs: int) -> int:
     return max(MIN_SEGMENT_LEVEL, min(MAX_SEGMENT_LEVEL, per_segment.bit_length() - 1))
 
 
+def verify_store(
+    store: LedgerStore, expected_head: tuple[int, bytes] | None = None, *, jobs: int = 1
+) -> VerifyResult:
+    """What `LedgerStore.verify` says, computed in `jobs` processes when jobs > 1: the
+    same result, first bad seq included, the stored root checked too."""
+    if jobs <= 1:
+        return store.verify(expected_head)
+    return store.check_stored_root(verify_parallel(store, expected_head, jobs))
+
+
 def verify_parallel(
     store: LedgerStore, expected_head: tuple[int, bytes] | None, jobs: int
 ) -> VerifyResult:
     """`verify_chain` over the whole ledger in `jobs` processes (see the module doc).
-    The caller (`LedgerStore.verify`) still compares the root with the stored one."""
-    count, head = store._read_driver("SELECT count(*), max(seq) FROM ledger_entries")[0]
-    entries = 0 if head is None else int(head) + 1
+    The caller still compares the root with the stored one (`verify_store` does)."""
+    count, head = store.count_and_last_seq()
+    entries = 0 if head is None else head + 1
     level = segment_level(entries, jobs)
     size = 1 << level
     # One segment, or in memory: nothing to share. Rows missing (or stray rows below
     # seq 0, which no verifier reads): the one-process pass names the first gap at
     # once, and a wild seq cannot make millions of segments.
     if jobs < 2 or entries <= size or store.url is None or count != entries:
-        return store._resume_verify(expected_head, VerifyStart(0, GENESIS_PREV))
+        return store.verify_from(expected_head, VerifyStart(0, GENESIS_PREV))
     th = store.tree_hash
-    upper_nodes = store._tree_nodes(0, 0, max_level=level)  # every node above a segment
+    upper_nodes = store.tree_nodes(0, 0, max_level=level)  # every node above a segment
     upper = MerkleFrontier(th)  # the tree whose leaves are the full segments' roots
     prev, last = GENESIS_PREV, None
     tasks = [(start, min(start + size, entries), level) for start in range(0, entries, size)]
@@ -92,7 +105,7 @@ def verify_parallel(
                     damaged = True
         if damaged:  # say exactly what, from here on, in this process
             start = VerifyStart(check.start, prev, tuple(upper.subtrees))
-            return store._resume_verify(expected_head, start)
+            return store.verify_from(expected_head, start)
         if completed:
             upper.advance(completed)
         else:  # the short last segment: its own right edge completes the tree's
@@ -169,4 +182,4 @@ def _batches(
 ) -> Iterator[tuple[list[StoredRow], dict[tuple[int, int], bytes]]]:
     for lo in range(start, stop, READ_BATCH):
         hi = min(lo + READ_BATCH, stop)
-        yield store._entry_rows(lo, hi), store._tree_nodes(lo, hi, max_level=level)
+        yield store.entry_rows(lo, hi), store.tree_nodes(lo, hi, max_level=level)
