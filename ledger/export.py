@@ -32,7 +32,7 @@ from ledger.entry import GENESIS_PREV, HASH_NAME, Entry
 from ledger.errors import EncodingError, EntryError, ExportError, NoteError
 from ledger.merkle import HASHES, MerkleFrontier
 from ledger.note import CosignatureVerifier, Verifier, b64encode, parse_note
-from ledger.verify import RawRow, _row_problem
+from ledger.verify import RawRow, row_problem
 
 EXPORT_FORMAT = "fleetledger-export/1"
 HEADER_KEYS = frozenset({"format", "hash", "merkle_hash", "origin", "entries", "checkpoints"})
@@ -160,7 +160,7 @@ def verify_export(
                 row = _entry_row(reader.frame(f"entry {seq}"), seq)
             except (ExportError, EntryError) as exc:
                 return fail(f"entry frame cannot be read: {exc}", seq, seq, head, cps)
-            found_row = _row_problem(row, seq, prev)
+            found_row = row_problem(row, seq, prev)
             if found_row is not None:
                 return fail(found_row[1], found_row[0], seq, head, cps)
             frontier.append(th.leaf(row.body))

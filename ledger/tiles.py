@@ -55,13 +55,6 @@ def locate(level: int, idx: int) -> TileSpan:
     return TileSpan(tile_level, first >> TILE_HEIGHT, first & _LOW, 1 << rise)
 
 
-def tile_width(tile_level: int, tile_idx: int, size: int) -> int:
-    """How many hashes tile (tile_level, tile_idx) holds in a tree of `size` leaves
-    (0 if it does not exist yet)."""
-    nodes = size >> (TILE_HEIGHT * tile_level)  # complete nodes on its tree level
-    return max(0, min(TILE_WIDTH, nodes - (tile_idx << TILE_HEIGHT)))
-
-
 def edge_tiles(size: int) -> list[tuple[int, int, int]]:
     """The partial tiles of a tree of `size` leaves, as (tile_level, tile_idx, width),
     lowest level first: what the next append extends."""

@@ -89,7 +89,7 @@ class VerifyResult:
     merkle_root: bytes | None = None
 
 
-def _row_problem(row: RawRow, expected_seq: int, expected_prev: bytes) -> tuple[int, str] | None:
+def row_problem(row: RawRow, expected_seq: int, expected_prev: bytes) -> tuple[int, str] | None:
     """The first thing wrong with `row` as (seq to blame, problem), or None."""
     if row.seq > expected_seq:
         return expected_seq, f"{MISSING_ENTRY}: expected seq {expected_seq}, found seq {row.seq}"
@@ -182,7 +182,7 @@ def verify_chain(
         return VerifyResult(ok, count, head, bad_seq, problem, root)
 
     for row in rows:
-        found = _row_problem(row, count, prev_hash)
+        found = row_problem(row, count, prev_hash)
         if found is not None:
             return result(False, found[0], found[1])
         if row.seq == trusted_seq and row.hash != trusted_hash:

@@ -31,7 +31,7 @@ from ledger.note import b64encode
 from ledger.storage.schema import ENTRIES
 from ledger.storage.store import LedgerStore
 from ledger.tiles import is_stored_level
-from ledger.verify import MERKLE_LEAF_MISMATCH, MERKLE_TREE_MISMATCH, RawRow, _row_problem
+from ledger.verify import MERKLE_LEAF_MISMATCH, MERKLE_TREE_MISMATCH, RawRow, row_problem
 
 CHECKPOINT_TRUNCATED = "truncation below a signed checkpoint"
 CHECKPOINT_FORK = "fork: the ledger disagrees with a signed checkpoint"
@@ -145,7 +145,7 @@ def verify_since(store: LedgerStore, cp: Checkpoint, batch: int = 1000) -> Since
         return None
 
     for row in _rows(store, s, size, batch):
-        found = _row_problem(row, s + checked, prev)
+        found = row_problem(row, s + checked, prev)
         if found is not None:
             return fail(found[0], found[1], checked)
         pending.append((row.seq, frontier.append(th.leaf(row.body))))

@@ -198,13 +198,6 @@ class CheckpointStore:
         found = self._read(CHECKPOINTS.c.size == size)
         return found[0] if found else None
 
-    def at_or_below(self, size: int) -> StoredCheckpoint | None:
-        """The largest checkpoint whose tree size is at most `size`, or None."""
-        found = self._read(CHECKPOINTS.c.size == select(CHECKPOINTS.c.size)
-                           .where(CHECKPOINTS.c.size <= size)
-                           .order_by(CHECKPOINTS.c.size.desc()).limit(1).scalar_subquery())
-        return found[0] if found else None
-
     def all(self, max_size: int | None = None) -> list[StoredCheckpoint]:
         """Every stored checkpoint (of at most `max_size` entries), smallest first."""
         where = CHECKPOINTS.c.size >= 0 if max_size is None else CHECKPOINTS.c.size <= max_size
