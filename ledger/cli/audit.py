@@ -1,83 +1,31 @@
-"""`ledger verify`, `export`, `verify-bundle`, `witness`, `witness-key` (an auditor's
-and a witness's commands; registered on the app of ledger/cli.py)."""
+"""`ledger verify`, `export`, `verify-bundle` and `checkpoint`: an auditor's commands."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from ledger.checkpoint import SignedCheckpoint, detect_fork, open_checkpoint
-from ledger.cli import (
+from ledger.cli._common import (
     DB_HELP,
     EXIT_DAMAGED,
     EXIT_OK,
     EXIT_USAGE,
-    NATS_CA,
-    NATS_PASSWORD_FILE,
-    NATS_USER,
-    _fail,
-    _nats_login,
-    _open,
-    app,
+    LOG_KEY_HELP,
+    WITNESS_KEY_HELP,
+    fail,
+    log_key,
+    open_store,
+    witness_keys,
 )
-from ledger.errors import KeyFileError, LedgerError, NoteError
-from ledger.merkle import HASHES
-from ledger.note import CosignatureSigner, CosignatureVerifier, Verifier, b64encode, parse_vkey
-from ledger.signing import SigningKey
+from ledger.errors import LedgerError, NoteError
+from ledger.note import CosignatureVerifier, Verifier, b64encode
 from ledger.storage.audit import check_against_checkpoint, verify_since
 from ledger.storage.checkpoint_store import CheckpointStore
 from ledger.storage.verify_parallel import default_jobs, verify_store
-
-LOG_KEY_HELP = (
-    "The log's verifier key: a C2SP vkey string NAME+HASH+BASE64, or a file holding one "
-    "(the hub writes HOME/log.vkey)."
-)
-WITNESS_KEY_HELP = "A witness's cosignature verifier key (vkey string or file); repeatable."
-
-
-def _key_text(value: str) -> str:
-    path = Path(value)
-    if "+" not in value or path.is_file():
-        try:
-            lines = [ln.strip() for ln in path.read_text().splitlines()]
-        except OSError as exc:
-            _fail(f"cannot read key file {value}: {exc}", EXIT_USAGE)
-        keys = [ln for ln in lines if ln and not ln.startswith("#")]
-        if not keys:
-            _fail(f"key file {value} holds no key", EXIT_USAGE)
-        return keys[0]
-    return value.strip()
-
-
-def log_key(value: str | None, why: str) -> Verifier:
-    if value is None:
-        _fail(f"{why} needs the log's key: pass --log-key (the hub's HOME/log.vkey)", EXIT_USAGE)
-    try:
-        key = parse_vkey(_key_text(value))
-    except NoteError as exc:
-        _fail(f"--log-key: {exc}", EXIT_USAGE)
-    if not isinstance(key, Verifier):
-        _fail("--log-key is a cosignature (witness) key, not the log's note key", EXIT_USAGE)
-    return key
-
-
-def witness_keys(values: list[str] | None) -> list[CosignatureVerifier]:
-    out = []
-    for value in values or []:
-        try:
-            key = parse_vkey(_key_text(value))
-        except NoteError as exc:
-            _fail(f"--witness-key: {exc}", EXIT_USAGE)
-        if not isinstance(key, CosignatureVerifier):
-            _fail(f"--witness-key {value}: not a cosignature (type 0x04) key", EXIT_USAGE)
-        out.append(key)
-    return out
 
 
 def _read_checkpoint(path: Path, log: Verifier, witnesses: list[CosignatureVerifier],
@@ -85,15 +33,14 @@ def _read_checkpoint(path: Path, log: Verifier, witnesses: list[CosignatureVerif
     try:
         return open_checkpoint(path.read_bytes(), log, witnesses)
     except OSError as exc:
-        _fail(f"cannot read checkpoint {path}: {exc}", EXIT_USAGE)
+        fail(f"cannot read checkpoint {path}: {exc}", EXIT_USAGE)
     except NoteError as exc:
-        _fail(f"checkpoint {path} does not verify: {exc}", EXIT_DAMAGED)
+        fail(f"checkpoint {path} does not verify: {exc}", EXIT_DAMAGED)
 
 
 # ---------------------------------------------------------------- verify
 
 
-@app.command()
 def verify(
     file: Path | None = typer.Argument(
         None, help="An export file (`ledger export`) to check offline, instead of --db.",
@@ -141,7 +88,7 @@ def verify(
     cannot run (no such database, unreadable file, missing key).
     """
     if (file is None) == (db is None):
-        _fail("give either an export FILE or --db (not both)", EXIT_USAGE)
+        fail("give either an export FILE or --db (not both)", EXIT_USAGE)
     witnesses = witness_keys(witness)
     if file is not None:
         _verify_export(file, log_vkey, witnesses, as_json)
@@ -162,7 +109,7 @@ def _emit(doc: dict[str, Any], lines: list[str], as_json: bool, ok: bool) -> Non
 def _verify_db(db: str, files: list[Path], log_vkey: str | None,
                witnesses: list[CosignatureVerifier], as_json: bool, jobs: int = 1) -> None:
     log = log_key(log_vkey, "--checkpoint") if files or log_vkey else None
-    store = _open(db)
+    store = open_store(db)
     try:
         result = verify_store(store, jobs=jobs)
         signed: list[tuple[str, SignedCheckpoint]] = []
@@ -184,7 +131,7 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None,
         forks = [str(fork) for i, (_, a) in enumerate(signed) for _, b in signed[i + 1:]
                  if (fork := detect_fork(a, b)) is not None]
     except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
     head = result.head_hash.hex() if result.head_hash is not None else None
@@ -216,11 +163,11 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None,
 
 def _verify_since(db: str, path: Path, log: Verifier, as_json: bool) -> None:
     cp = _read_checkpoint(path, log, [])
-    store = _open(db)
+    store = open_store(db)
     try:
         result = verify_since(store, cp.checkpoint)
     except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
     head = result.head_hash.hex() if result.head_hash is not None else None
@@ -245,7 +192,7 @@ def _verify_export(path: Path, log_vkey: str | None, witnesses: list[Cosignature
     try:
         result = verify_export(path, log, witnesses)
     except LedgerError as exc:
-        _fail(str(exc), EXIT_DAMAGED if path.exists() else EXIT_USAGE)
+        fail(str(exc), EXIT_DAMAGED if path.exists() else EXIT_USAGE)
     head = result.head_hash.hex() if result.head_hash is not None else None
     doc = {"ok": result.ok, "entries": result.entries, "head_hash": head,
            "merkle_hash": result.merkle_hash,
@@ -269,7 +216,6 @@ def _verify_export(path: Path, log_vkey: str | None, witnesses: list[Cosignature
 # ---------------------------------------------------------------- export, bundles
 
 
-@app.command()
 def export(
     out: Path = typer.Argument(..., help="The file to write.", metavar="OUT"),
     db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
@@ -281,17 +227,16 @@ def export(
     """
     from ledger.storage.export import write_export
 
-    store = _open(db)
+    store = open_store(db)
     try:
         entries, cps = write_export(store, out)
     except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
     typer.echo(f"wrote {out}: {entries} entries, {cps} checkpoint(s)")
 
 
-@app.command("verify-bundle")
 def verify_bundle_cmd(
     file: Path = typer.Argument(..., help="A proof bundle from `ledger prove --out`."),
     log_vkey: str = typer.Option(..., "--log-key", help=LOG_KEY_HELP, metavar="VKEY"),
@@ -312,7 +257,7 @@ def verify_bundle_cmd(
     try:
         data = file.read_bytes()
     except OSError as exc:
-        _fail(f"cannot read {file}: {exc}", EXIT_USAGE)
+        fail(f"cannot read {file}: {exc}", EXIT_USAGE)
     try:
         report = verify_bundle(data, log, witnesses, min_witnesses)
     except LedgerError as exc:
@@ -334,105 +279,6 @@ def verify_bundle_cmd(
     typer.echo(f"    cosigned by: {', '.join(report.witnesses) or 'no listed witness'}")
 
 
-# ---------------------------------------------------------------- witness
-
-
-@app.command("witness-key")
-def witness_key(
-    out: Path = typer.Option(..., "--out", help="Where to write the new key (0600)."),
-    name: str = typer.Option(..., "--name", help="The witness's key name, e.g. "
-                             "witness.example/w1 (no spaces, no '+')."),
-) -> None:
-    """Make a witness key; print its cosignature verifier key (vkey), which the hub
-    lists in HOME/witnesses and verifiers pass as --witness-key. Also writes OUT.vkey."""
-    if out.exists():
-        _fail(f"{out} exists; not overwriting a key", EXIT_USAGE)
-    key = SigningKey.generate()
-    try:
-        vkey = CosignatureSigner.from_signing_key(name, key).vkey()
-    except NoteError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    key.save(out)
-    out.with_name(out.name + ".vkey").write_text(vkey + "\n")
-    typer.echo(vkey)
-
-
-@app.command()
-def witness(
-    nats_url: str = typer.Option(..., "--nats", help="NATS URL of the hub's server."),
-    log_vkey: str = typer.Option(..., "--log-vkey", "--log-key", help=LOG_KEY_HELP,
-                                 metavar="VKEY"),
-    key: Path = typer.Option(..., "--key", help="This witness's key (`ledger witness-key`)."),
-    name: str = typer.Option(..., "--name", help="This witness's key name."),
-    state: Path = typer.Option(..., "--state", help="JSON file remembering the last "
-                               "checkpoint cosigned per log (created if missing)."),
-    once: bool = typer.Option(False, "--once", help="Cosign the latest checkpoint, then exit."),
-    merkle_hash: str | None = typer.Option(
-        None, "--merkle-hash", help="Pin the log's tree hash (blake3 or sha256); default: "
-        "as the hub says."),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the hub."),
-    nats_user: str | None = NATS_USER,
-    nats_password_file: Path | None = NATS_PASSWORD_FILE,
-    nats_ca: Path | None = NATS_CA,
-) -> None:
-    """Witness a hub's checkpoints: cosign each one that is consistent with the last one
-    this witness cosigned (RFC 9162 consistency proof from the hub), and send the
-    cosignature back. A fork or rollback is refused: both signed notes are printed and
-    the witness exits 1. Runs until SIGTERM/Ctrl-C, or once with --once (exit 0 when
-    cosigned, 1 when refused, 2 when it could not run)."""
-    from ledger.errors import ForkDetected
-    from ledger.net.remote import LedgerClient
-    from ledger.net.witness_runner import WitnessRunner
-    from ledger.witness import Witness, WitnessState
-
-    log = log_key(log_vkey, "witness")
-    login = _nats_login(nats_user, nats_password_file, nats_ca)
-    if merkle_hash is not None and merkle_hash not in HASHES:
-        _fail(f"--merkle-hash must be one of {', '.join(HASHES)}", EXIT_USAGE)
-    try:
-        witness_signing_key = SigningKey.load(key)
-        w = Witness(name, witness_signing_key, {log.name: log}, WitnessState(state))
-    except (KeyFileError, LedgerError) as exc:
-        _fail(str(exc), EXIT_USAGE)
-
-    def say(line: str) -> None:
-        typer.echo(line)
-        sys.stdout.flush()
-
-    async def run() -> int:
-        client = await LedgerClient.connect(nats_url, timeout=timeout, name=f"witness {name}",
-                                            login=login)
-        runner = WitnessRunner(w, client, say, HASHES.get(merkle_hash or ""))
-        try:
-            if once:
-                return EXIT_OK if await runner.once() else EXIT_DAMAGED
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            follow = asyncio.create_task(runner.follow(
-                lambda: typer.echo(f"witness {name} following {log.name} on {nats_url}",
-                                   err=True)))
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({follow, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if follow.done():
-                follow.result()  # raises ForkDetected (or a bug)
-            follow.cancel()
-            return EXIT_OK
-        finally:
-            await client.close()
-
-    try:
-        code = asyncio.run(run())
-    except ForkDetected as exc:
-        say(str(exc.error))
-        raise typer.Exit(EXIT_DAMAGED) from None
-    except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    raise typer.Exit(code)
-
-
-@app.command("checkpoint")
 def checkpoint_cmd(
     db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
     size: int | None = typer.Option(None, "--size", min=0, help="Tree size; default: latest."),
@@ -440,16 +286,16 @@ def checkpoint_cmd(
 ) -> None:
     """Print a signed checkpoint stored in the ledger (the hub's), with its cosignatures:
     the note to keep for `ledger verify --checkpoint` / `--since-checkpoint`."""
-    store = _open(db)
+    store = open_store(db)
     try:
         cps = CheckpointStore(store, create=False)
         found = cps.latest() if size is None else cps.get(size)
     except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
     if found is None:
-        _fail("no such checkpoint in this ledger" if size is not None
+        fail("no such checkpoint in this ledger" if size is not None
               else "this ledger holds no signed checkpoint yet", EXIT_USAGE)
     note = found.full_note()
     if out is None:

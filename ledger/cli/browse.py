@@ -1,4 +1,4 @@
-"""`ledger query` and `ledger tail` (registered on the app of ledger/cli.py)."""
+"""`ledger query` and `ledger tail`: search a ledger, and follow it as it grows."""
 
 from __future__ import annotations
 
@@ -17,18 +17,17 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ledger.cli import (
+from ledger.cli._common import (
     DB_HELP,
     EXIT_USAGE,
     NATS_CA,
     NATS_PASSWORD_FILE,
     NATS_USER,
-    _entry_json,
-    _fail,
-    _iso,
-    _nats_login,
-    _open,
-    app,
+    entry_json,
+    fail,
+    iso,
+    nats_login,
+    open_store,
 )
 from ledger.entry import Entry
 from ledger.errors import EntryError, LedgerError
@@ -44,7 +43,7 @@ def _time_ns(value: str | None, what: str) -> int | None:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        _fail(f"{what} {value!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z) "
+        fail(f"{what} {value!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z) "
               "or integer nanoseconds", EXIT_USAGE)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
@@ -56,11 +55,10 @@ def entries_table(entries: list[Entry], caption: str) -> Table:
     for name in ("seq", "time (UTC)", "kind", "actor", "subject", "hash"):
         table.add_column(name, justify="right" if name == "seq" else "left", no_wrap=True)
     for e in entries:
-        table.add_row(str(e.seq), _iso(e.ts)[:-1], e.kind, e.actor, e.subject, e.hash.hex()[:12])
+        table.add_row(str(e.seq), iso(e.ts)[:-1], e.kind, e.actor, e.subject, e.hash.hex()[:12])
     return table
 
 
-@app.command()
 def query(
     db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
     kind: list[str] | None = typer.Option(None, "--kind", help="Entry kind, e.g. "
@@ -82,25 +80,24 @@ def query(
     This reads the stored columns and does not check the chain; run `ledger verify`."""
     flt = EntryFilter(tuple(kind or ()), subject, actor, _time_ns(since, "--since"),
                       _time_ns(until, "--until"))
-    store = _open(db)
+    store = open_store(db)
     try:
         entries = query_entries(store, flt, limit, newest)
     except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
+        typer.echo(json.dumps([entry_json(e) for e in entries], indent=2))
         return
     Console().print(entries_table(entries, f"{store.location}: {len(entries)} matching entries"))
 
 
 def _line(e: Entry) -> str:
-    return (f"{e.seq:>8}  {_iso(e.ts)}  {e.kind:<24} {e.actor:<20} {e.subject:<28} "
+    return (f"{e.seq:>8}  {iso(e.ts)}  {e.kind:<24} {e.actor:<20} {e.subject:<28} "
             f"{e.hash.hex()[:12]}")
 
 
-@app.command()
 def tail(
     db: str | None = typer.Option(None, "--db", help=DB_HELP, metavar="PATH"),
     nats_url: str | None = typer.Option(None, "--nats", help="Follow the hub's live "
@@ -119,17 +116,17 @@ def tail(
     as they are appended (from the hub's feed with --nats, else by polling --db).
     Stops on SIGTERM or Ctrl-C."""
     if db is None and nats_url is None:
-        _fail("give --db, --nats, or both", EXIT_USAGE)
+        fail("give --db, --nats, or both", EXIT_USAGE)
     if nats_url is not None and not follow:
-        _fail("--nats needs --follow (it only carries new entries)", EXIT_USAGE)
+        fail("--nats needs --follow (it only carries new entries)", EXIT_USAGE)
 
     def emit(e: Entry) -> None:
-        typer.echo(json.dumps(_entry_json(e)) if as_json else _line(e))
+        typer.echo(json.dumps(entry_json(e)) if as_json else _line(e))
         sys.stdout.flush()
 
     after = -1
     if db is not None and last:
-        store = _open(db)
+        store = open_store(db)
         try:
             for e in store.tail(last):
                 emit(e)
@@ -138,13 +135,13 @@ def tail(
                 head = store.head()
                 after = -1 if head is None else head.seq
         except LedgerError as exc:
-            _fail(str(exc), EXIT_USAGE)
+            fail(str(exc), EXIT_USAGE)
         finally:
             store.close()
     if not follow:
         return
     if nats_url is not None:
-        login = _nats_login(nats_user, nats_password_file, nats_ca)
+        login = nats_login(nats_user, nats_password_file, nats_ca)
         asyncio.run(_follow_feed(nats_url, after, emit, login))
     else:
         assert db is not None
@@ -158,7 +155,7 @@ async def _follow_feed(url: str, after: int, emit: Callable[[Entry], None],
     try:
         client = await LedgerClient.connect(url, name="ledger tail", login=login)
     except RemoteError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,7 +186,7 @@ def _follow_db(db: str, after: int, interval: float, emit: Callable[[Entry], Non
         stopped = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    store = _open(db)
+    store = open_store(db)
     typer.echo(f"following {store.location}", err=True)
     try:
         while not stopped:
@@ -200,6 +197,6 @@ def _follow_db(db: str, after: int, interval: float, emit: Callable[[Entry], Non
     except KeyboardInterrupt:
         pass
     except LedgerError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     finally:
         store.close()

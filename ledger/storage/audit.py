@@ -11,7 +11,7 @@
   and its leaf and completed nodes are recomputed; finally the consistency proof from
   the signed root to the new root must verify.
 
-`ledger verify --checkpoint` / `--since-checkpoint` (ledger/cli.py) run these.
+`ledger verify --checkpoint` / `--since-checkpoint` (ledger/cli/audit.py) run these.
 """
 
 from __future__ import annotations

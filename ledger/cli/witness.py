@@ -1,0 +1,120 @@
+"""`ledger witness-key` and `ledger witness`: run an independent checkpoint witness."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+from ledger.cli._common import (
+    EXIT_DAMAGED,
+    EXIT_OK,
+    EXIT_USAGE,
+    LOG_KEY_HELP,
+    NATS_CA,
+    NATS_PASSWORD_FILE,
+    NATS_USER,
+    fail,
+    log_key,
+    nats_login,
+)
+from ledger.errors import KeyFileError, LedgerError, NoteError
+from ledger.merkle import HASHES
+from ledger.note import CosignatureSigner
+from ledger.signing import SigningKey
+
+
+def witness_key(
+    out: Path = typer.Option(..., "--out", help="Where to write the new key (0600)."),
+    name: str = typer.Option(..., "--name", help="The witness's key name, e.g. "
+                             "witness.example/w1 (no spaces, no '+')."),
+) -> None:
+    """Make a witness key; print its cosignature verifier key (vkey), which the hub
+    lists in HOME/witnesses and verifiers pass as --witness-key. Also writes OUT.vkey."""
+    if out.exists():
+        fail(f"{out} exists; not overwriting a key", EXIT_USAGE)
+    key = SigningKey.generate()
+    try:
+        vkey = CosignatureSigner.from_signing_key(name, key).vkey()
+    except NoteError as exc:
+        fail(str(exc), EXIT_USAGE)
+    key.save(out)
+    out.with_name(out.name + ".vkey").write_text(vkey + "\n")
+    typer.echo(vkey)
+
+
+def witness(
+    nats_url: str = typer.Option(..., "--nats", help="NATS URL of the hub's server."),
+    log_vkey: str = typer.Option(..., "--log-vkey", "--log-key", help=LOG_KEY_HELP,
+                                 metavar="VKEY"),
+    key: Path = typer.Option(..., "--key", help="This witness's key (`ledger witness-key`)."),
+    name: str = typer.Option(..., "--name", help="This witness's key name."),
+    state: Path = typer.Option(..., "--state", help="JSON file remembering the last "
+                               "checkpoint cosigned per log (created if missing)."),
+    once: bool = typer.Option(False, "--once", help="Cosign the latest checkpoint, then exit."),
+    merkle_hash: str | None = typer.Option(
+        None, "--merkle-hash", help="Pin the log's tree hash (blake3 or sha256); default: "
+        "as the hub says."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the hub."),
+    nats_user: str | None = NATS_USER,
+    nats_password_file: Path | None = NATS_PASSWORD_FILE,
+    nats_ca: Path | None = NATS_CA,
+) -> None:
+    """Witness a hub's checkpoints: cosign each one that is consistent with the last one
+    this witness cosigned (RFC 9162 consistency proof from the hub), and send the
+    cosignature back. A fork or rollback is refused: both signed notes are printed and
+    the witness exits 1. Runs until SIGTERM/Ctrl-C, or once with --once (exit 0 when
+    cosigned, 1 when refused, 2 when it could not run)."""
+    from ledger.errors import ForkDetected
+    from ledger.net.remote import LedgerClient
+    from ledger.net.witness_runner import WitnessRunner
+    from ledger.witness import Witness, WitnessState
+
+    log = log_key(log_vkey, "witness")
+    login = nats_login(nats_user, nats_password_file, nats_ca)
+    if merkle_hash is not None and merkle_hash not in HASHES:
+        fail(f"--merkle-hash must be one of {', '.join(HASHES)}", EXIT_USAGE)
+    try:
+        witness_signing_key = SigningKey.load(key)
+        w = Witness(name, witness_signing_key, {log.name: log}, WitnessState(state))
+    except (KeyFileError, LedgerError) as exc:
+        fail(str(exc), EXIT_USAGE)
+
+    def say(line: str) -> None:
+        typer.echo(line)
+        sys.stdout.flush()
+
+    async def run() -> int:
+        client = await LedgerClient.connect(nats_url, timeout=timeout, name=f"witness {name}",
+                                            login=login)
+        runner = WitnessRunner(w, client, say, HASHES.get(merkle_hash or ""))
+        try:
+            if once:
+                return EXIT_OK if await runner.once() else EXIT_DAMAGED
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            follow = asyncio.create_task(runner.follow(
+                lambda: typer.echo(f"witness {name} following {log.name} on {nats_url}",
+                                   err=True)))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({follow, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if follow.done():
+                follow.result()  # raises ForkDetected (or a bug)
+            follow.cancel()
+            return EXIT_OK
+        finally:
+            await client.close()
+
+    try:
+        code = asyncio.run(run())
+    except ForkDetected as exc:
+        say(str(exc.error))
+        raise typer.Exit(EXIT_DAMAGED) from None
+    except LedgerError as exc:
+        fail(str(exc), EXIT_USAGE)
+    raise typer.Exit(code)
