@@ -108,3 +108,40 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "ledger.db")
     return str(request.getfixturevalue("fresh_pg_url"))
+
+
+# -- markers by need -----------------------------------------------------------------
+# Applied here from what a test takes, so `-m "not nats and not postgres"` selects the
+# pure suite; scripts/test runs that selection in a network namespace of its own
+# (`unshare --net`), which proves that a test without a marker needs no server.
+
+NATS_FIXTURES = {"nats_server", "bare_nats_server", "fleet"}
+PG_FIXTURES = {"pg_server", "pg_url", "fresh_pg_url"}
+_SOURCES: dict[str, str] = {}
+
+
+def _source(item: pytest.Item) -> str:
+    path = str(item.path)
+    if path not in _SOURCES:
+        _SOURCES[path] = Path(path).read_text()
+    return _SOURCES[path]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, what in (("nats", "starts a real nats-server"),
+                       ("postgres", "needs the PostgreSQL server binaries"),
+                       ("tflite", "runs models with the TFLite runtime")):
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        source = _source(item)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if names & NATS_FIXTURES or "EmbeddedNats(" in source or "SimFleet(" in source:
+            item.add_marker(pytest.mark.nats)
+        if names & PG_FIXTURES or params.get("ledger_url") == "postgres":
+            item.add_marker(pytest.mark.postgres)
+        if "model_files" in names or "tflite" in source or "modelgen" in source:
+            item.add_marker(pytest.mark.tflite)
