@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 from edge_agent import cli as agent_cli
 from edge_agent.trust.root import TrustRoot
 from hub import cli as hub_cli
-from hub.client import HubClient, HubError
+from hub.client import HubClient
+from hub.errors import HubError
 from ledger import cli as ledger_cli
 from ledger.signing import SigningKey
 from testkit.nats_server import EmbeddedNats

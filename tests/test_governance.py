@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from hub import events as ev
-from hub.client import HubClient, HubError
+from hub.client import HubClient
+from hub.errors import HubError
 from hub.rebuild import live_digest, rebuild_digest
 from ledger.signing import SigningKey
 from testkit.modelgen import write_validation_set

@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from hub.client import HubClient, HubError, file_digest
+from hub.client import HubClient, file_digest
 from hub.commands.envelope import ROLES, command_actor_and_signature, command_signature_valid
+from hub.errors import HubError
 from hub.home.config import DEFAULT_HOME_ENV, HomeError, HubConfig, init_home, load_config
 from ledger.signing import KeyFileError, SigningKey
 
@@ -101,8 +102,7 @@ def _run(config: HubConfig, key: Path | None, timeout: float,
     try:
         return asyncio.run(go())
     except HubError as exc:
-        unreachable = "cannot connect" in str(exc) or "no hub is serving" in str(exc)
-        raise _fail(str(exc), EXIT_UNREACHABLE if unreachable else EXIT_REFUSED) from exc
+        raise _fail(str(exc), exc.exit_code) from exc
 
 
 def _call(config: HubConfig, key: Path | None, timeout: float, verb: str,
