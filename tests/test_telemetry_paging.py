@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.protocol import documents as proto
 from hub.errors import HubError
-from hub.rollouts.reads import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
+from hub.wire import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
 from tests.fleet import Fleet
 from tests.test_cli import clear_error, run
 

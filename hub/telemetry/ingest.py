@@ -33,12 +33,11 @@ from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, quantile_from_buckets
 from hub import fold as proj
 from hub.columns import int64_columns
 from hub.rollouts import rules as ro
+from hub.wire import DEVICE_SORTS
 
 MAX_BOOTS_REMEMBERED = 16
 MAX_HOLES = 128  # seqs skipped below the highest, remembered per boot
 MIN_PER_BIN = 20  # PSI is judged once an output has this many samples per reference bin
-# How `hub telemetry` can order the fleet's devices (TelemetryIngest.device_summaries).
-DEVICE_SORTS = ("error-rate", "errors", "inferences", "last-seen", "device")
 
 
 class TelemetryAggRow(SQLModel, table=True):
