@@ -231,7 +231,7 @@ async def test_validation_runs_outside_the_write_lock(
     when it comes to commit, and the ledger holds exactly one model.validated."""
     import threading
 
-    from hub.validation import gate as validation
+    from hub import validation
 
     real = validation.validate
     started = threading.Event()
