@@ -1,7 +1,13 @@
-"""Operator-side client of the hub's NATS API (used by the `hub` CLI and tests)."""
+"""Operator-side client of the hub's NATS API (used by the `hub` CLI and tests).
+
+Errors are `hub.errors` types, split by what the caller does next: `Unreachable` when
+NATS cannot be reached, no hub answers, or the answer does not come in time; `Refused`
+when the hub answered with an error (or with something unreadable).
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -17,12 +23,9 @@ from edge_agent.protocol.documents import ProtocolError, decode_map
 from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub.commands.envelope import sign_command
+from hub.errors import Refused, Unreachable
 from hub.layout import API_PREFIX, MODELS_BUCKET
 from ledger.signing import SigningKey
-
-
-class HubError(Exception):
-    """The hub refused a command or could not be reached."""
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -62,7 +65,7 @@ class HubClient:
                                     allow_reconnect=False,
                                     error_cb=_quiet, disconnected_cb=_quiet_event)
         except Exception as exc:
-            raise HubError(f"cannot connect to NATS at {url}: {exc}") from exc
+            raise Unreachable(f"cannot connect to NATS at {url}: {exc}") from exc
         return cls(nc, key, timeout)
 
     async def close(self) -> None:
@@ -84,30 +87,57 @@ class HubClient:
                 timeout=self.timeout,
             )
         except NoRespondersError as exc:
-            raise HubError("no hub is serving on this NATS server; start `hub serve`") from exc
+            raise Unreachable("no hub is serving on this NATS server; start `hub serve`") from exc
         except NatsTimeout as exc:
-            raise HubError(f"the hub did not answer {verb} within {self.timeout:.0f} s") from exc
+            raise Unreachable(f"the hub did not answer {verb} within {self.timeout:.0f} s") from exc
         except NatsError as exc:  # e.g. closed: the server dropped us (a revoked operator)
-            raise HubError(f"the NATS connection failed during {verb}: {exc}") from exc
+            raise Unreachable(f"the NATS connection failed during {verb}: {exc}") from exc
         try:
             reply = decode_map(msg.data, "hub reply")
         except ProtocolError as exc:
-            raise HubError(f"unreadable reply from the hub: {exc}") from exc
+            raise Refused(f"unreadable reply from the hub: {exc}") from exc
         if not reply.get("ok"):
-            raise HubError(str(reply.get("error", "the hub refused the command")))
+            raise Refused(str(reply.get("error", "the hub refused the command")))
         return reply.get("result")
+
+    async def pages(self, verb: str, body: dict[str, Any] | None = None,
+                    rows: str = "devices") -> AsyncIterator[dict[str, Any]]:
+        """Each reply of a paged read verb, from `body`'s offset to the last page.
+
+        The next page starts at the reply's `next_offset` (None: that was the last);
+        a verb whose replies carry no `next_offset` (`telemetry`) has more pages while
+        a reply fills the `limit` asked for.
+        """
+        body = dict(body or {})
+        while True:
+            page: dict[str, Any] = await self.call(verb, body)
+            yield page
+            if "next_offset" in page:
+                offset = page["next_offset"]
+            elif "limit" in body and len(page[rows]) == body["limit"]:
+                offset = body.get("offset", 0) + len(page[rows])
+            else:
+                offset = None
+            if offset is None:
+                return
+            body["offset"] = offset
+
+    async def all_pages(self, verb: str, body: dict[str, Any] | None = None,
+                        rows: str = "devices") -> dict[str, Any]:
+        """The last reply of a paged read verb with every page's `rows` in it."""
+        collected: list[Any] = []
+        last: dict[str, Any] = {}
+        async for page in self.pages(verb, body, rows):
+            collected += page[rows]
+            last = page
+        return {**last, rows: collected}
 
     async def devices(self, state: str | None = None) -> list[dict[str, Any]]:
         """Every device (optionally only those in `state`), page by page."""
-        rows: list[dict[str, Any]] = []
-        offset: int | None = 0
-        while offset is not None:
-            body: dict[str, Any] = {"offset": offset}
-            if state is not None:
-                body["state"] = state
-            page = await self.call("devices", body)
-            rows += page["devices"]
-            offset = page["next_offset"]
+        body: dict[str, Any] = {"offset": 0}
+        if state is not None:
+            body["state"] = state
+        rows: list[dict[str, Any]] = (await self.all_pages("devices", body))["devices"]
         return rows
 
     async def upload_model(self, path: Path) -> tuple[str, int]:
@@ -117,7 +147,7 @@ class HubClient:
         try:
             obs = await js.object_store(MODELS_BUCKET)
         except (BucketNotFoundError, NotFoundError) as exc:
-            raise HubError("the models bucket does not exist yet; start `hub serve` first") from exc
+            raise Refused("the models bucket does not exist yet; start `hub serve` first") from exc
         with open(path, "rb") as fh:
             await obs.put(digest, fh)
         return digest, size

@@ -46,7 +46,8 @@ from nats.js.api import StreamConfig  # noqa: E402
 
 from edge_agent.protocol import documents as proto  # noqa: E402
 from edge_agent.transport.objects import iter_object_chunks  # noqa: E402
-from hub.client import HubClient, HubError  # noqa: E402
+from hub.client import HubClient  # noqa: E402
+from hub.errors import HubError  # noqa: E402
 from hub.home.config import init_home  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402
 from testkit.fleet_sim import ShardedFleet, SimFleet, transfer_rate  # noqa: E402

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from hub.client import HubClient, HubError  # noqa: E402
+from hub.client import HubClient  # noqa: E402
+from hub.errors import HubError  # noqa: E402
 from hub.home.config import HubConfig, init_home, load_config, set_nats_url  # noqa: E402
 from hub.home.nats_config import server_conf_path  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402

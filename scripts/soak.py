@@ -39,7 +39,8 @@ from nats.aio.client import Client as NATS  # noqa: E402
 from edge_agent.protocol import documents as proto  # noqa: E402
 from edge_agent.transport.connect import NO_AUTH, NatsAuth  # noqa: E402
 from edge_agent.transport.connect import connect as nats_connect  # noqa: E402
-from hub.client import HubClient, HubError  # noqa: E402
+from hub.client import HubClient  # noqa: E402
+from hub.errors import HubError  # noqa: E402
 from hub.home.config import init_home, load_config, set_nats_url  # noqa: E402
 from hub.home.nats_config import server_conf_path  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402

@@ -33,7 +33,8 @@ import blake3
 from edge_agent.agent import AgentConfig, EdgeAgent, Faults
 from edge_agent.download import DownloadStats
 from edge_agent.runtime import LoadedModel
-from hub.client import HubClient, HubError
+from hub.client import HubClient
+from hub.errors import HubError
 from ledger.signing import SigningKey
 
 log = logging.getLogger("fleet_sim")

@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 
 from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
-from hub.client import HubClient, HubError
+from hub.client import HubClient
+from hub.errors import HubError
 from hub.home.config import HubConfig, init_home, load_config
 from hub.service.app import HubService
 from ledger.entry import Entry

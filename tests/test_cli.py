@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 from edge_agent import cli as agent_cli
 from edge_agent.trust.root import TrustRoot
 from hub import cli as hub_cli
-from hub.client import HubClient, HubError
+from hub.client import HubClient
+from hub.errors import HubError
 from ledger import cli as ledger_cli
 from ledger.signing import SigningKey
 from testkit.nats_server import EmbeddedNats
@@ -141,9 +142,8 @@ def test_console_script_help_exits_0_and_explains_it(
     assert_explains(command, done.returncode, done.stdout, done.stderr)
 
 
-# Each `hub` start-up costs most of a second (hub.client imports hub.service and with it
-# SQLAlchemy and TFLite), so subcommand help goes through the very same Typer apps in
-# this process; the three subprocess runs above cover the console-script wiring.
+# Subcommand help goes through the very same Typer apps in this process (a start-up per
+# command adds up); the three subprocess runs above cover the console-script wiring.
 APPS = {"hub": hub_cli.app, "edge-agent": agent_cli.app, "ledger": ledger_cli.app}
 
 
@@ -154,6 +154,45 @@ def test_subcommand_help_exits_0_and_explains_it(command: str) -> None:
                                 env={"COLUMNS": "100"})
     assert_explains(command, result.exit_code, result.stdout)
     assert f"Usage: {command}" in flat(result.stdout)
+
+
+# ---------------------------------------------------------------- how the hub CLI is built
+
+
+def test_importing_the_hub_cli_loads_no_server_module() -> None:
+    """The operator CLI talks to the hub over NATS only: a fresh interpreter that imports
+    it has loaded neither SQLAlchemy, SQLModel nor numpy, and no hub module outside the
+    client side (`hub serve` and `hub rebuild` import theirs when they run)."""
+    client_side = ("hub", "hub.cli", "hub.client", "hub.commands", "hub.commands.envelope",
+                   "hub.errors", "hub.home", "hub.home.config", "hub.home.nats_config",
+                   "hub.layout", "hub.wire")
+    probe = ("import json, sys, hub.cli; print(json.dumps(sorted(m for m in sys.modules "
+             "if m.partition('.')[0] in ('hub', 'sqlalchemy', 'sqlmodel', 'numpy'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=cli_env(), cwd=REPO_ROOT.parent, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    assert [m for m in loaded if not m.startswith("hub.")] == ["hub"]
+    assert [m for m in loaded if m not in client_side and not m.startswith("hub.cli.")] == []
+
+
+def test_hub_cli_group_modules_import_only_the_common_module() -> None:
+    """No import circle: __init__ -> group -> _common; a group imports neither the
+    package nor another group."""
+    import ast
+
+    cli_dir = REPO_ROOT / "hub" / "cli"
+    for path in sorted(cli_dir.glob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names}
+        cli_imports = {m for m in imported if m == "hub.cli" or m.startswith("hub.cli.")}
+        allowed = set() if path.name == "_common.py" else {"hub.cli._common"}
+        assert cli_imports <= allowed, (path.name, cli_imports)
 
 
 # ---------------------------------------------------------------- hub init

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from hub import events as ev
-from hub.client import HubError
+from hub.errors import HubError
 from hub.service import app as service
 from ledger.signing import SigningKey
 from ledger.storage.store import NewEvent

@@ -23,7 +23,8 @@ import pytest
 
 from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from hub import events as ev
-from hub.client import HubClient, HubError
+from hub.client import HubClient
+from hub.errors import HubError
 from hub.home.config import load_config
 from ledger.signing import SigningKey
 from ledger.storage.store import LedgerStore

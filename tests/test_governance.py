@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from hub import events as ev
-from hub.client import HubClient, HubError
+from hub.client import HubClient
+from hub.errors import HubError
 from hub.rebuild import live_digest, rebuild_digest
 from ledger.signing import SigningKey
 from testkit.modelgen import write_validation_set
@@ -230,7 +231,7 @@ async def test_validation_runs_outside_the_write_lock(
     when it comes to commit, and the ledger holds exactly one model.validated."""
     import threading
 
-    from hub.validation import gate as validation
+    from hub import validation
 
     real = validation.validate
     started = threading.Event()

@@ -30,8 +30,9 @@ from edge_agent.protocol.documents import SignedEnvelope
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub import events as ev
-from hub.client import HubClient, HubError
+from hub.client import HubClient
 from hub.commands.envelope import sign_command
+from hub.errors import HubError
 from hub.home.config import HubConfig, load_config
 from hub.service.app import ASSIGNMENTS_BUCKET, MODELS_BUCKET
 from ledger.encoding import canonical_decode, canonical_encode

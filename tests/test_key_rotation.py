@@ -142,7 +142,7 @@ async def test_release_key_revocation_re_signs_live_manifests(
 async def test_revoking_the_last_key_of_a_role_is_refused(
     fleet: Fleet, running: HubClient
 ) -> None:
-    from hub.client import HubError
+    from hub.errors import HubError
 
     old = fleet.config.load_key("director")
     with pytest.raises(HubError, match="without keys; run `hub keys rotate director` first"):

@@ -12,7 +12,7 @@ from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, histogram_counts, quant
 from edge_agent.spool import Spool
 from edge_agent.telemetry import TelemetryWindowBuilder
 from hub.rollouts import rules as ro
-from hub.validation import gate as validation
+from hub.telemetry import drift
 
 NOW = 10**18
 
@@ -147,7 +147,7 @@ def test_device_and_hub_bin_values_the_same_way() -> None:
     summary = builder.take()
     assert summary is not None
     for k, e in enumerate(edges):
-        assert summary["output_hist"][k] == validation.histogram_counts(values[:, k], e)
+        assert summary["output_hist"][k] == drift.histogram_counts(values[:, k], e)
     assert summary["latency_buckets"][LATENCY_BUCKETS_MS.index(0.5)] == 500
     p95 = quantile_from_buckets(summary["latency_buckets"], 0.95)
     assert p95 == pytest.approx(0.25 + 0.25 * 0.95)  # interpolated in (0.25, 0.5]

@@ -235,7 +235,7 @@ async def test_nats_restart_mid_rollout_completes_and_loses_no_telemetry(world: 
 async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Path) -> None:
     # Overlapping rollouts are refused with a clear message.
     rid = await world.rollout("2", start=False, waves="100%")
-    from hub.client import HubError
+    from hub.errors import HubError
 
     with pytest.raises(HubError, match=f"already in active rollout.*{rid}.*one active "
                                        "rollout per device"):

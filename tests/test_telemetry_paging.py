@@ -10,8 +10,8 @@ import time
 import pytest
 
 from edge_agent.protocol import documents as proto
-from hub.client import HubError
-from hub.rollouts.reads import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
+from hub.errors import HubError
+from hub.wire import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
 from tests.fleet import Fleet
 from tests.test_cli import clear_error, run
 

@@ -14,17 +14,16 @@ pytest.importorskip("tflite_runtime", reason="needs the TFLite runtime (tflite-r
 pytest.importorskip("tflite", reason="model generation needs the hub extra (tflite schema)")
 
 from edge_agent.runtime import LoadedModel
-from hub.validation.gate import (
+from hub.telemetry.drift import histogram_counts, psi
+from hub.validation import (
     Dataset,
     DatasetError,
     ModelError,
     Policy,
     PolicyError,
     ValidationReport,
-    histogram_counts,
     load_dataset,
     load_policy,
-    psi,
     validate,
 )
 from ledger.encoding import canonical_decode, canonical_encode

@@ -1,4 +1,5 @@
-"""`hub device tag`, `hub rollout ...` and `hub telemetry` (registered by hub/cli.py)."""
+"""`hub device tag` and `hub rollout create|start|pause|resume|abort|rollback|list|status`:
+staged rollouts and the groups and tags they target."""
 
 from __future__ import annotations
 
@@ -13,28 +14,23 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from hub.cli import (
+from hub.cli._common import (
     EXIT_REFUSED,
-    EXIT_USAGE,
     HOME,
     JSON,
     KEY,
     NATS_URL,
     TIMEOUT,
-    _ago,
-    _call,
-    _config,
-    _fail,
-    _print_json,
-    _run,
-    _time,
-    app,
-    device_app,
+    ago,
+    call,
+    hub_config,
     out,
+    run,
+    show,
+    utc_time,
 )
 from hub.client import HubClient
-from hub.rollouts.reads import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
-from hub.telemetry.ingest import DEVICE_SORTS
+from hub.errors import UsageError
 
 rollout_app = typer.Typer(
     help=("Staged rollouts: target devices by group/tag, roll out in waves with success, "
@@ -42,7 +38,6 @@ rollout_app = typer.Typer(
           "automatic halt and rollback. Every step is a ledger event with its numbers."),
     no_args_is_help=True,
 )
-app.add_typer(rollout_app, name="rollout")
 
 TERMINAL = ("completed", "aborted", "rolled_back")
 STATE_STYLE = {"completed": "green", "done": "green", "running": "cyan", "rolling": "cyan",
@@ -54,10 +49,10 @@ def _style(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
-# ---------------------------------------------------------------- devices
+device_commands = typer.Typer()  # under `hub device`
 
 
-@device_app.command("tag")
+@device_commands.command("tag")
 def device_tag(
     device_id: str = typer.Argument(..., help="Enrolled device id."),
     group: str | None = typer.Option(None, "--group", help="Set the device's group."),
@@ -72,21 +67,18 @@ def device_tag(
     for item in tag:
         k, sep, v = item.partition("=")
         if not sep or not k:
-            raise _fail(f"--tag takes KEY=VALUE, got {item!r}", EXIT_USAGE)
+            raise UsageError(f"--tag takes KEY=VALUE, got {item!r}")
         tags[k] = v
     body: dict[str, Any] = {"device": device_id, "tags": tags, "untag": untag}
     if group is not None:
         body["group"] = group
-    result = _call(_config(home, nats_url), key, timeout, "device.tag", body)
-    if as_json:
-        _print_json(result)
-    else:
+
+    def render(result: dict[str, Any]) -> None:
         tag_text = ", ".join(f"{k}={v}" for k, v in result["tags"].items()) or "no tags"
         out.print(f"{device_id}: group {result['group'] or '-'}, {tag_text} "
                   f"(ledger seq {result['seq'][0]})")
 
-
-# ---------------------------------------------------------------- rollouts
+    show(call(hub_config(home, nats_url), key, timeout, "device.tag", body), as_json, render)
 
 
 @rollout_app.command("create")
@@ -131,13 +123,10 @@ def rollout_create(
                         ("max_psi", max_psi)):
         if value is not None:
             body[name] = value
-    result = _call(_config(home, nats_url), key, timeout, "rollout.create", body)
-    if as_json:
-        _print_json(result)
-    else:
-        out.print(f"{result['rollout']}: {model}/{version} to {result['devices']} device(s) "
-                  f"in waves of {', '.join(map(str, result['waves']))}; start it with "
-                  f"`hub rollout start {result['rollout']}`")
+    show(call(hub_config(home, nats_url), key, timeout, "rollout.create", body), as_json,
+         lambda r: out.print(f"{r['rollout']}: {model}/{version} to {r['devices']} device(s) "
+                             f"in waves of {', '.join(map(str, r['waves']))}; start it with "
+                             f"`hub rollout start {r['rollout']}`"))
 
 
 def _transition(verb: str, doc: str) -> None:
@@ -147,17 +136,16 @@ def _transition(verb: str, doc: str) -> None:
         home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
         as_json: bool = JSON, timeout: float = TIMEOUT,
     ) -> None:
-        result = _call(_config(home, nats_url), key, timeout, f"rollout.{verb}",
-                       {"rollout": rollout, "reason": reason})
-        if as_json:
-            _print_json(result)
-            return
-        line = f"{rollout}: {result['state']} (ledger seq {result['seq'][0]})"
-        if verb == "rollback":
-            line += f"; {len(result['devices'])} device(s) get their previous release"
-            if result["skipped"]:
-                line += f", {len(result['skipped'])} skipped"
-        out.print(line)
+        def render(result: dict[str, Any]) -> None:
+            line = f"{rollout}: {result['state']} (ledger seq {result['seq'][0]})"
+            if verb == "rollback":
+                line += f"; {len(result['devices'])} device(s) get their previous release"
+                if result["skipped"]:
+                    line += f", {len(result['skipped'])} skipped"
+            out.print(line)
+
+        show(call(hub_config(home, nats_url), key, timeout, f"rollout.{verb}",
+                  {"rollout": rollout, "reason": reason}), as_json, render)
 
     command.__doc__ = doc
     rollout_app.command(verb)(command)
@@ -175,20 +163,19 @@ _transition("rollback", "Roll back: devices that took the new release get the on
 def rollout_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
                  as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """Every rollout with its state and device counts."""
-    rows = _call(_config(home, nats_url), key, timeout, "rollouts")
-    if as_json:
-        _print_json(rows)
-        return
-    table = Table("rollout", "model/version", "target", "state", "wave", "devices",
-                  "applied", "failed", "updated", title=f"{len(rows)} rollout(s)")
-    for r in rows:
-        c = r["counts"]
-        failed = sum(c.get(s, 0) for s in ("failed", "reverted", "timed_out"))
-        table.add_row(r["rollout"], f"{r['model']}/{r['version']}", r["target"],
-                      _style(r["state"]), f"{r['current_wave'] + 1}/{r['waves']}",
-                      str(r["devices"]), str(c.get("applied", 0)), str(failed),
-                      _ago(r["updated_ts"]))
-    out.print(table)
+    def render(rows: list[dict[str, Any]]) -> None:
+        table = Table("rollout", "model/version", "target", "state", "wave", "devices",
+                      "applied", "failed", "updated", title=f"{len(rows)} rollout(s)")
+        for r in rows:
+            c = r["counts"]
+            failed = sum(c.get(s, 0) for s in ("failed", "reverted", "timed_out"))
+            table.add_row(r["rollout"], f"{r['model']}/{r['version']}", r["target"],
+                          _style(r["state"]), f"{r['current_wave'] + 1}/{r['waves']}",
+                          str(r["devices"]), str(c.get("applied", 0)), str(failed),
+                          ago(r["updated_ts"]))
+        out.print(table)
+
+    show(call(hub_config(home, nats_url), key, timeout, "rollouts"), as_json, render)
 
 
 def render_status(status: dict[str, Any]) -> Group:
@@ -230,7 +217,8 @@ def render_status(status: dict[str, Any]) -> Group:
     for e in status["events"][-8:]:
         p = e["payload"]
         detail = p.get("reason") or (f"wave {p['wave'] + 1}" if "wave" in p else "")
-        events.add_row(str(e["seq"]), _time(e["ts"]), e["kind"], e["actor"][:16], str(detail))
+        events.add_row(str(e["seq"]), utc_time(e["ts"]), e["kind"], e["actor"][:16],
+                       str(detail))
     return Group(header, Text("gates: " + ", ".join(gates), style="dim"), table, telemetry,
                  events)
 
@@ -248,30 +236,26 @@ def rollout_status(
     """A rollout's waves (live progress bars with --watch), gates, telemetry and its
     recent ledger events. With --watch, exits 0 when it completes, 1 if it halts,
     is aborted or rolled back."""
-    config = _config(home, nats_url)
+    config = hub_config(home, nats_url)
     if not watch:
-        async def fetch(client: HubClient) -> Any:
-            status = await client.call("rollout.status", {"rollout": rollout,
-                                                          "devices": devices})
-            rows = list(status.get("devices", []))
-            while devices and status["next_offset"] is not None:
-                status = await client.call("rollout.status", {
-                    "rollout": rollout, "devices": True, "offset": status["next_offset"]})
-                rows += status["devices"]
-            return {**status, "devices": rows} if devices else status
+        body = {"rollout": rollout, "devices": devices}
 
-        status = _run(config, key, timeout, fetch)
-        if as_json:
-            _print_json(status)
-            return
-        out.print(render_status(status))
-        if devices:
-            table = Table("device", "wave", "state", "rollback", "reason",
-                          title=f"{status['device_count']:,} device(s) in {rollout}")
-            for d in status["devices"]:
-                table.add_row(d["device"], str(d["wave"] + 1), d["state"],
-                              d["rollback_state"] or "-", (d["reason"] or "")[:60])
-            out.print(table)
+        async def fetch(client: HubClient) -> Any:
+            # Per-device rows come a page at a time; without --devices there are none.
+            return await (client.all_pages("rollout.status", body) if devices
+                          else client.call("rollout.status", body))
+
+        def render(status: dict[str, Any]) -> None:
+            out.print(render_status(status))
+            if devices:
+                table = Table("device", "wave", "state", "rollback", "reason",
+                              title=f"{status['device_count']:,} device(s) in {rollout}")
+                for d in status["devices"]:
+                    table.add_row(d["device"], str(d["wave"] + 1), d["state"],
+                                  d["rollback_state"] or "-", (d["reason"] or "")[:60])
+                out.print(table)
+
+        show(run(config, key, timeout, fetch), as_json, render)
         return
 
     async def follow(client: HubClient) -> str:
@@ -283,96 +267,6 @@ def rollout_status(
                 live.update(render_status(status))
         return str(status["rollout"]["state"])
 
-    final = _run(config, key, timeout, follow)
+    final = run(config, key, timeout, follow)
     if final != "completed":
         raise typer.Exit(EXIT_REFUSED)
-
-
-# ---------------------------------------------------------------- telemetry
-
-
-SORT_HELP = ("Order of the device table: " + ", ".join(DEVICE_SORTS)
-             + " (error-rate: the worst first; last-seen: the quietest first).")
-
-
-@app.command("telemetry")
-def telemetry(
-    device: str | None = typer.Option(None, "--device", help="One device's view."),
-    limit: int = typer.Option(TELEMETRY_PAGE, "--limit", min=1, max=MAX_TELEMETRY_PAGE,
-                              help="Devices to show (one page)."),
-    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
-    sort: str = typer.Option("error-rate", "--sort", help=SORT_HELP),
-    every: bool = typer.Option(False, "--all", help="Every device, fetched page by page "
-                               "(with --json: the whole fleet as one document)."),
-    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
-    as_json: bool = JSON, timeout: float = TIMEOUT,
-) -> None:
-    """Inference telemetry: fleet totals per model version and one page of devices (the
-    worst error rates first), or one device's windows per installed model (counts,
-    errors, p95, output histograms, spool drops)."""
-    if sort not in DEVICE_SORTS:
-        raise _fail(f"unknown --sort {sort!r}; use one of {', '.join(DEVICE_SORTS)}",
-                    EXIT_USAGE)
-    config = _config(home, nats_url)
-    if device is not None:
-        result = _call(config, key, timeout, "telemetry", {"device": device})
-    else:
-        async def pages(client: HubClient) -> Any:
-            size = MAX_TELEMETRY_PAGE if every else limit
-            at = offset
-            page = await client.call("telemetry", {"sort": sort, "offset": at, "limit": size})
-            rows = list(page["devices"])
-            while every and len(page["devices"]) == size:
-                at += size
-                page = await client.call("telemetry", {"sort": sort, "offset": at,
-                                                       "limit": size})
-                rows += page["devices"]
-            return {**page, "offset": offset, "limit": len(rows), "devices": rows}
-
-        result = _run(config, key, timeout, pages)
-    if as_json:
-        _print_json(result)
-        return
-    if device is None:
-        table = Table("model/version", "inferences", "errors", "error rate",
-                      title=(f"fleet telemetry: {result['windows']:,} windows, "
-                             f"{result['duplicates']:,} duplicates ignored, "
-                             f"{result['dropped']:,} dropped on devices, ingest lag "
-                             f"{result['ingest_lag_s']:.2f}s"))
-        for r in result["fleet"]:
-            rate = r["errors"] / r["inferences"] if r["inferences"] else 0.0
-            table.add_row(f"{r['model']}/{r['version']}", f"{r['inferences']:,}",
-                          f"{r['errors']:,}", f"{rate:.4f}")
-        out.print(table)
-        rows = result["devices"]
-        shown = (f"devices {offset + 1}-{offset + len(rows)} of {result['device_count']:,}"
-                 if rows else f"no devices past {offset} of {result['device_count']:,}")
-        devices = Table("device", "model/version", "windows", "inferences", "errors",
-                        "error rate", "p95 ms", "last window", "drops",
-                        title=f"{shown}, by {sort}")
-        for r in rows:
-            devices.add_row(r["device"], f"{r['model']}/{r['version']}", f"{r['windows']:,}",
-                            f"{r['inferences']:,}", f"{r['errors']:,}",
-                            f"{r['error_rate']:.4f}",
-                            "-" if r["p95_ms"] is None else f"{r['p95_ms']:.3f}",
-                            _ago(r["last_ts"]), str(r["dropped"]))
-        if rows:
-            out.print(devices)
-        else:
-            out.print(shown)
-        return
-    rows = result["devices"]
-    if not rows:
-        out.print(f"no telemetry from {device} yet")
-        return
-    table = Table("model/version", "counter", "windows", "inferences", "errors", "p95 ms",
-                  "output histogram (first output)", "last window", title=device)
-    for r in rows:
-        hist = r["output_hist"][0] if r["output_hist"] else []
-        table.add_row(f"{r['model']}/{r['version']}", str(r["counter"]), str(r["windows"]),
-                      f"{r['inferences']:,}", f"{r['errors']:,}",
-                      "-" if r["p95_ms"] is None else f"{r['p95_ms']:.3f}",
-                      " ".join(map(str, hist)) or "-", _ago(r["last_ts"]))
-    out.print(table)
-    out.print(f"spool drops reported by the device: {rows[0]['dropped']}; duplicate windows "
-              f"ignored: {rows[0]['duplicates']}")

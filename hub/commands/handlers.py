@@ -222,7 +222,7 @@ class Commands:
             )
 
     def model_validate(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
-        from hub.validation import gate as validation  # numpy-heavy; only when validating
+        from hub import validation  # numpy-heavy; only when validating
 
         name, version = _model_ref(cmd.body)
         row = self._release(conn, name, version)

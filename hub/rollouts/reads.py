@@ -12,6 +12,7 @@ from hub.commands.envelope import VerifiedCommand
 from hub.commands.handlers import CommandError
 from hub.rollouts import state as rs
 from hub.rollouts.controller import wave_views
+from hub.wire import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
 from ledger.entry import Entry
 from ledger.storage.schema import ENTRIES
 
@@ -19,9 +20,6 @@ if TYPE_CHECKING:
     from hub.service.app import HubService
 
 RECENT_EVENTS = 30
-TELEMETRY_PAGE = 20  # devices per `telemetry` reply unless the operator asks for more
-# A summary row is ~250 bytes of msgpack: 500 of them stay well under NATS's 256 KiB.
-MAX_TELEMETRY_PAGE = 500
 
 
 STATUS_DEVICES_PAGE = 500

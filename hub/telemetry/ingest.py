@@ -33,12 +33,11 @@ from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, quantile_from_buckets
 from hub import fold as proj
 from hub.columns import int64_columns
 from hub.rollouts import rules as ro
+from hub.telemetry.drift import psi_per_output
+from hub.wire import DEVICE_SORTS
 
 MAX_BOOTS_REMEMBERED = 16
 MAX_HOLES = 128  # seqs skipped below the highest, remembered per boot
-MIN_PER_BIN = 20  # PSI is judged once an output has this many samples per reference bin
-# How `hub telemetry` can order the fleet's devices (TelemetryIngest.device_summaries).
-DEVICE_SORTS = ("error-rate", "errors", "inferences", "last-seen", "device")
 
 
 class TelemetryAggRow(SQLModel, table=True):
@@ -381,23 +380,6 @@ class TelemetryIngest:
     @property
     def inferences_total(self) -> int:
         return sum(a.inferences for a in self._aggs.values())
-
-
-def psi_per_output(reference: list[dict[str, Any]], observed: list[list[int]]) -> list[float]:
-    """PSI of each output's observed bin counts against the reference histogram; outputs
-    with fewer than MIN_PER_BIN samples per bin, or mismatched bins, are left out."""
-    from hub.validation.gate import psi  # numpy; the one PSI definition
-
-    out: list[float] = []
-    for k, ref in enumerate(reference):
-        counts = ref.get("counts") if isinstance(ref, dict) else None
-        if k >= len(observed) or not isinstance(counts, list):
-            continue
-        obs = observed[k]
-        if len(obs) != len(counts) or sum(obs) < MIN_PER_BIN * len(counts) or sum(counts) <= 0:
-            continue  # too few samples: PSI of a handful of values is mostly noise
-        out.append(float(psi(counts, obs)))
-    return out
 
 
 LATENCY_BOUNDS_S = tuple(b / 1000.0 for b in LATENCY_BUCKETS_MS)

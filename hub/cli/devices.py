@@ -1,0 +1,184 @@
+"""`hub device enroll|revoke|history`, `hub devices` and `hub deploy`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from edge_agent.protocol.documents import ProtocolError, StatusReport, read_report
+from hub.cli._common import (
+    EXIT_REFUSED,
+    HOME,
+    JSON,
+    KEY,
+    NATS_URL,
+    TIMEOUT,
+    ago,
+    call,
+    hub_config,
+    out,
+    run,
+    show,
+    utc_time,
+)
+from hub.client import HubClient
+from hub.errors import UsageError
+
+commands = typer.Typer()  # top-level: `hub devices`, `hub deploy`
+device_commands = typer.Typer()  # under `hub device`
+
+
+@device_commands.command("enroll")
+def device_enroll(
+    device_id: str = typer.Argument(..., help="Device id: letters, digits, '-' or '_'."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Enroll a device so it can be deployed to. The hub makes the device's own key (it
+    signs the device's status reports) and writes a device bundle, HOME/devices/ID/
+    (device.toml, device.key, trust-root.bin): copy it to the device."""
+    def render(result: dict[str, Any]) -> None:
+        out.print(f"enrolled {device_id} (ledger seq {result['seq'][0]}, device key "
+                  f"{result['keyid']}); bundle in {result['bundle']}; start it with:")
+        out.print(f"  edge-agent run --bundle {result['bundle']} --state-dir STATE",
+                  soft_wrap=True)
+
+    show(call(hub_config(home, nats_url), key, timeout, "device.enroll",
+              {"device": device_id}), as_json, render)
+
+
+@device_commands.command("revoke")
+def device_revoke(
+    device_id: str = typer.Argument(..., help="The enrolled device to shut out."),
+    reason: str = typer.Option("", "--reason", help="Why (kept in the ledger)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Shut a device out: the hub records `device.revoked`, removes the device's user from
+    the NATS server's users file and reloads the server (its connection is closed and it
+    cannot connect again), and refuses any report still arriving from it."""
+    def render(result: dict[str, Any]) -> None:
+        note = "" if result.get("reloaded") else (
+            "; the NATS server is not local: reload it (nats-server --signal reload) to apply")
+        out.print(f"revoked {device_id} (ledger seq {result['seq'][0]}){note}")
+
+    show(call(hub_config(home, nats_url), key, timeout, "device.revoke",
+              {"device": device_id, "reason": reason}), as_json, render)
+
+
+@device_commands.command("history")
+def device_history(
+    device_id: str = typer.Argument(..., help="Device id."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """What the device said it ran, and when: every ledger event about it, with each
+    status report's device signature checked here against the key enrolled in the
+    ledger. Exit 1 if any signature does not check."""
+    # The check lives beside the hub's report intake, a module that also holds SQL; it is
+    # imported here, not at the top, so the rest of the CLI loads no server module.
+    from hub.devices.reports import report_signature
+
+    result = call(hub_config(home, nats_url), key, timeout, "device.history",
+                  {"device": device_id})
+    public = result["public"]
+    rows = []
+    for e in result["events"]:
+        p = e["payload"]
+        when, signature = e["ts"], "n/a (operator)" if "command" in p else "n/a (hub)"
+        if "report" in p or e["actor"] == device_id:
+            signature = report_signature(p, public)
+            try:
+                report = read_report(p["report"])[0] if "report" in p else None
+            except ProtocolError:
+                report = None
+            if isinstance(report, StatusReport):
+                when = report.ts
+        ref = f"{p.get('model')}/{p.get('version')}" if p.get("model") else "-"
+        rows.append({"seq": e["seq"], "time": utc_time(when), "event": e["kind"],
+                     "model": ref, "digest": str(p.get("digest", ""))[:16],
+                     "counter": p.get("counter"), "signature": signature})
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        table = Table("seq", "time (UTC)", "event", "model", "digest", "counter", "signature",
+                      title=f"history of {device_id} (times of device events: as signed)")
+        for r in rows:
+            style = "red" if r["signature"] in ("INVALID", "unsigned") else None
+            table.add_row(str(r["seq"]), r["time"], r["event"], r["model"], r["digest"],
+                          "-" if r["counter"] is None else str(r["counter"]), r["signature"],
+                          style=style)
+        out.print(table)
+
+    show(rows, as_json, render)
+    if any(r["signature"] in ("INVALID", "unsigned") for r in rows):
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@commands.command()
+def devices(
+    state: str | None = typer.Option(None, "--state", help="Only devices in this state "
+                                     "(enrolled, assigned, applied, failed, reverted, revoked)."),
+    limit: int = typer.Option(100, "--limit", min=1, max=500, help="Devices per page."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
+    every: bool = typer.Option(False, "--all", help="Every device, page after page."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """The fleet: each device's model and version (as the device reported it), state,
+    last seen, and inference counts from its telemetry; a page at a time (--all for
+    all), with how many devices are in each state."""
+    body: dict[str, Any] = {"limit": limit, "offset": offset}
+    if state is not None:
+        body["state"] = state
+
+    async def fetch(client: HubClient) -> dict[str, Any]:
+        page = await (client.all_pages("devices", body) if every
+                      else client.call("devices", body))
+        return {**page, "offset": offset}
+
+    def render(result: dict[str, Any]) -> None:
+        rows = result["devices"]
+        states = ", ".join(f"{n:,} {s}" for s, n in sorted(result["states"].items()))
+        shown = (f"{offset + 1:,}-{offset + len(rows):,} of {result['device_count']:,}"
+                 if rows else f"none of {result['device_count']:,}")
+        table = Table("device", "model/version", "state", "last seen", "inferences",
+                      "errors", "p95 ms",
+                      title=f"devices {shown}" + (f" ({states})" if states else ""))
+        for r in rows:
+            running = f"{r['model']}/{r['version']}" if r["model"] else "-"
+            shown_state = r["state"]
+            if shown_state in ("failed", "reverted"):
+                shown_state = f"[red]{shown_state}[/red]: {r['last_error'] or ''}"[:80]
+            elif shown_state == "assigned":
+                shown_state = f"assigned {r['assigned_model']}/{r['assigned_version']}"
+            table.add_row(r["device"], running, shown_state, ago(r["last_seen"]),
+                          f"{r['inferences'] or 0:,}", f"{r['errors'] or 0:,}",
+                          f"{r['latency_ms_p95'] or 0:.2f}")
+        out.print(table)
+        if result["next_offset"] is not None and not every:
+            out.print(f"more: --offset {result['next_offset']} (or --all)")
+
+    show(run(hub_config(home, nats_url), key, timeout, fetch), as_json, render)
+
+
+@commands.command()
+def deploy(
+    model: str = typer.Option(..., "--model", help="Model name."),
+    version: str = typer.Option(..., "--version", help="Model version (must be released)."),
+    device: list[str] = typer.Option([], "--device", help="Target device (repeatable)."),
+    all_devices: bool = typer.Option(False, "--all", help="Target every enrolled device."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Assign a released model version to devices (operator role): a signed assignment per
+    device goes into the KV bucket the agents watch, and each is recorded in the ledger."""
+    if bool(device) == all_devices:
+        raise UsageError("give --device ID (one or more) or --all, not both")
+    body: dict[str, Any] = {"model": model, "version": version}
+    body.update({"all": True} if all_devices else {"devices": device})
+    show(call(hub_config(home, nats_url), key, timeout, "deploy", body), as_json,
+         lambda r: out.print(f"{r['deployment']}: {model}/{version} assigned to "
+                             f"{len(r['devices'])} device(s); watch with `hub devices`"))

@@ -1,0 +1,277 @@
+"""`hub model ...`: register, validate, approve, reject, release, deprecate, revoke, list,
+show and history of model versions."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from hub.cli._common import (
+    EXIT_REFUSED,
+    HOME,
+    JSON,
+    KEY,
+    NATS_URL,
+    TIMEOUT,
+    call,
+    hub_config,
+    model_ref,
+    out,
+    run,
+    show,
+    utc_time,
+)
+from hub.client import file_digest
+from hub.commands.envelope import command_actor_and_signature, command_signature_valid
+from hub.errors import UsageError
+
+model_app = typer.Typer(
+    help="Model versions: register, validate, approve, release, show, history.",
+    no_args_is_help=True,
+)
+
+
+def _kv_pairs(items: list[str], what: str) -> dict[str, Any]:
+    out_map: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UsageError(f"{what} must look like KEY=VALUE, got {item!r}")
+        try:
+            out_map[k] = float(v) if "." in v or "e" in v.lower() else int(v)
+        except ValueError:
+            out_map[k] = v
+    return out_map
+
+
+@model_app.command("register")
+def model_register(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="The .tflite file."),
+    name: str = typer.Option(..., "--name", help="Model name, e.g. kws."),
+    version: str = typer.Option(..., "--version", help="Version label, e.g. 3."),
+    card_file: Path | None = typer.Option(
+        None, "--card", exists=True, dir_okay=False,
+        help="TOML with [card] (intended_use, limitations, owners) and [lineage] tables.",
+    ),
+    intended_use: str | None = typer.Option(None, "--intended-use", help="Model card text."),
+    limitation: list[str] = typer.Option([], "--limitation", help="Repeatable."),
+    owner: list[str] = typer.Option([], "--owner", help="Repeatable."),
+    training_data: str | None = typer.Option(
+        None, "--training-data", help="Training data file (hashed here) or its digest."
+    ),
+    code_ref: str | None = typer.Option(None, "--code-ref", help="e.g. git commit of training."),
+    param: list[str] = typer.Option([], "--param", help="Training parameter KEY=VALUE."),
+    metric: list[str] = typer.Option([], "--metric", help="Training metric KEY=VALUE."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Upload FILE to the Object Store under its BLAKE3 digest and register it with its
+    lineage and model card (needs the registrant role). The hub checks that it loads with
+    the TFLite runtime. Next: `hub model validate NAME/VERSION --data FILE.npz`."""
+    card: dict[str, Any] = {}
+    lineage: dict[str, Any] = {}
+    if card_file is not None:
+        try:
+            doc = tomllib.loads(card_file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{card_file}: {exc}") from exc
+        card, lineage = dict(doc.get("card", {})), dict(doc.get("lineage", {}))
+    if intended_use:
+        card["intended_use"] = intended_use
+    if limitation:
+        card["limitations"] = limitation
+    if owner:
+        card["owners"] = owner
+    if training_data:
+        path = Path(training_data)
+        lineage["training_data_digest"] = (
+            file_digest(path)[0] if path.is_file() else training_data
+        )
+    if code_ref:
+        lineage["code_ref"] = code_ref
+    if param:
+        lineage["params"] = _kv_pairs(param, "--param")
+    if metric:
+        lineage["metrics"] = _kv_pairs(metric, "--metric")
+    config = hub_config(home, nats_url)
+    result = run(config, key, timeout,
+                 lambda c: c.register_model(file, name, version, lineage, card))
+    show(result, as_json, lambda r: out.print(
+        f"registered [bold]{name}/{version}[/bold] digest {r['digest'][:16]}… "
+        f"(ledger seq {r['seq'][0]}); next: hub model validate {name}/{version} "
+        f"--data FILE.npz"))
+
+
+@model_app.command("validate")
+def model_validate(
+    ref: str = typer.Argument(..., help="NAME/VERSION"),
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False,
+                              help=".npz with inputs, optional labels and groups."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = typer.Option(300.0, "--timeout"),
+) -> None:
+    """Run the validation gate: the hub runs the model with the TFLite runtime on the data
+    and checks quality, fairness gap, robustness, latency against HOME/policy.toml. The
+    result is recorded either way; exit 1 if it failed."""
+    name, version = model_ref(ref)
+    config = hub_config(home, nats_url)
+
+    def render(result: dict[str, Any]) -> None:
+        _print_metrics(result["metrics"])
+        if result["passed"]:
+            out.print(f"[green]validation passed[/green] for {ref}; next: hub model approve {ref}"
+                      " (by an approver who did not register it)")
+        else:
+            out.print(f"[red]validation failed[/red] for {ref}:")
+            for failure in result["failures"]:
+                out.print(f"  - {failure}")
+
+    result = show(run(config, key, timeout, lambda c: c.validate_model(name, version, data)),
+                  as_json, render)
+    if not result["passed"]:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    table = Table("metric", "value", title="validation")
+    for k, v in sorted(metrics.items()):
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4g}")
+        elif isinstance(v, int | str):
+            table.add_row(k, str(v))
+        elif isinstance(v, dict) and all(isinstance(x, int | float) for x in v.values()):
+            table.add_row(k, ", ".join(f"{a}={b:.3g}" for a, b in v.items()))
+        elif isinstance(v, list) and all(isinstance(x, int | float) for x in v):
+            table.add_row(k, ", ".join(f"{x:.3g}" for x in v))
+    out.print(table)
+
+
+def _transition_command(verb: str, doc: str) -> None:
+    def command(
+        ref: str = typer.Argument(..., help="NAME/VERSION"),
+        reason: str = typer.Option("", "--reason", help="Why, for the record."),
+        home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+        as_json: bool = JSON, timeout: float = TIMEOUT,
+    ) -> None:
+        name, version = model_ref(ref)
+        body: dict[str, Any] = {"name": name, "version": version}
+        if reason:
+            body["reason"] = reason
+
+        def render(result: dict[str, Any]) -> None:
+            extra = ""
+            if verb == "approve":
+                extra = f" ({result['approvals']} of {result['required']} approvals)"
+            out.print(f"{ref}: {result['state']}{extra}")
+
+        show(call(hub_config(home, nats_url), key, timeout, f"model.{verb}", body), as_json,
+             render)
+
+    command.__doc__ = doc
+    model_app.command(verb)(command)
+
+
+_transition_command("approve", "Approve a validated version (needs the approver role; the "
+                    "registrant cannot approve; policy says how many approvals are needed).")
+_transition_command("reject", "Reject a version (approver role; --reason required).")
+_transition_command("release", "Release an approved version: the hub signs its release "
+                    "manifest and publishes it for devices (operator role).")
+_transition_command("deprecate", "Mark a released version deprecated (operator role).")
+_transition_command("revoke", "Revoke a version; it can no longer be deployed (--reason).")
+
+
+@model_app.command("list")
+def model_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+               as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
+    """List registered model versions and where each is in its lifecycle."""
+    def render(rows: list[dict[str, Any]]) -> None:
+        table = Table("model", "version", "state", "approvals", "size", "digest")
+        for r in rows:
+            table.add_row(r["name"], r["version"], r["state"],
+                          f"{len(r['approvals'])}/{r['approvals_required']}",
+                          f"{r['size']:,}", r["digest"][:16])
+        out.print(table)
+
+    show(call(hub_config(home, nats_url), key, timeout, "models"), as_json, render)
+
+
+@model_app.command("show")
+def model_show(
+    ref: str = typer.Argument(..., help="NAME or NAME/VERSION"),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Render the model card: intended use, limitations, owners, lineage, validation
+    numbers (with feature importance) and approvals."""
+    name, _, version = ref.partition("/")
+    body: dict[str, Any] = {"name": name}
+    if version:
+        body["version"] = version
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            card, lineage, validation = r["card"], r["lineage"], r["validation"]
+            out.rule(f"[bold]{r['name']}/{r['version']}[/bold] — {r['state']}")
+            out.print(f"digest {r['digest']}  size {r['size']:,} bytes")
+            out.print(f"intended use: {card.get('intended_use', '-')}")
+            for item in card.get("limitations", []) or []:
+                out.print(f"limitation: {item}")
+            out.print(f"owners: {', '.join(card.get('owners', []) or ['-'])}")
+            for k, v in sorted(lineage.items()):
+                out.print(f"lineage {k}: {v}")
+            if validation:
+                verdict = "passed" if validation.get("passed") else "failed"
+                out.print(f"validation: {verdict}; failures: "
+                          f"{validation.get('failures') or 'none'}")
+                _print_metrics(validation.get("metrics", {}))
+            out.print(f"approvals: {len(r['approvals'])}/{r['approvals_required']}")
+
+    show(call(hub_config(home, nats_url), key, timeout, "model.show", body), as_json, render)
+
+
+def _signature(e: dict[str, Any], keys: dict[str, dict[str, Any]]) -> str:
+    """Whether the operator command behind ledger event `e` is signed by its actor."""
+    command = e["payload"].get("command")
+    if not isinstance(command, bytes):
+        return "n/a (hub)" if e["actor"] == "hub" else "unsigned"
+    try:
+        signer = command_actor_and_signature(command)[0]
+    except ValueError:
+        signer = ""
+    op = keys.get(signer)
+    valid = (op is not None and signer == e["actor"]
+             and command_signature_valid(command, op["public"]))
+    return "valid" if valid else "INVALID"
+
+
+@model_app.command("history")
+def model_history(
+    name: str = typer.Argument(..., help="Model name."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Every ledger event about a model: who did what and when, and whether each
+    operator's signature checks (verified here, with the operators' public keys)."""
+    result = call(hub_config(home, nats_url), key, timeout, "model.history", {"name": name})
+    keys = {o["keyid"]: o for o in result["operators"]}
+    rows = [{"seq": e["seq"], "time": utc_time(e["ts"]), "event": e["kind"],
+             "model": e["subject"].removeprefix("model:"),
+             "actor": keys.get(e["actor"], {}).get("name", e["actor"]),
+             "signature": _signature(e, keys)} for e in result["events"]]
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        table = Table("seq", "time (UTC)", "event", "model", "actor", "signature",
+                      title=f"history of {name}")
+        for r in rows:
+            style = "red" if r["signature"] == "INVALID" else None
+            table.add_row(str(r["seq"]), r["time"], r["event"], r["model"], r["actor"],
+                          r["signature"], style=style)
+        out.print(table)
+
+    show(rows, as_json, render)
+    if any(r["signature"] == "INVALID" for r in rows):
+        raise typer.Exit(EXIT_REFUSED)

@@ -1,0 +1,164 @@
+"""`hub init`, `hub serve`, `hub status`, `hub whoami`, `hub rebuild`: the hub itself.
+
+`serve` and `rebuild` import the server modules inside the function, so the rest of the
+CLI loads none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.logging import RichHandler
+
+from hub.cli._common import (
+    EXIT_REFUSED,
+    HOME,
+    JSON,
+    KEY,
+    NATS_URL,
+    TIMEOUT,
+    call,
+    err,
+    hub_config,
+    out,
+    show,
+)
+from hub.errors import Unreachable, UsageError
+from hub.home.config import init_home
+
+commands = typer.Typer()
+
+
+@commands.command()
+def init(
+    home: Path = typer.Argument(..., help="Directory to create (keys, trust root, config)."),
+    nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats", help="NATS server URL."),
+    database: str = typer.Option(
+        "ledger.db", "--database", help="SQLite file (relative to DIR) or a database URL, "
+        "e.g. postgresql+psycopg://user@127.0.0.1/fleet (the ledger and the hub's tables)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing home's keys."),
+    tls: bool = typer.Option(False, "--tls", help="Also make a CA and a server certificate "
+                             "for 127.0.0.1/localhost; server and clients then use TLS."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Write no NATS server "
+                                 "configuration (a server without users; tests, benchmarks)."),
+) -> None:
+    """Create a hub home: Ed25519 keys for the root, release, director and log roles, the
+    signed trust root that devices pin (DIR/trust-root.bin), the first operator's key
+    (DIR/operators/admin.key), a validation policy (DIR/policy.toml) and DIR/config.toml."""
+    config = init_home(home, nats_url, database, force, nats_auth=not no_auth, tls=tls)
+    out.print(f"hub home ready in [bold]{home}[/bold]")
+    out.print(f"  trust root for devices: {config.trust_root_path}")
+    out.print(f"  log verifier key (for `ledger witness` / `ledger verify --log-key`): "
+              f"{config.home / 'log.vkey'}")
+    out.print(f"  first operator key (admin): {config.operator_key_path('admin')}")
+    out.print(f"  validation policy: {config.policy_path}")
+    out.print(f"  ledger: {config.database_url()}")
+    if not no_auth:
+        out.print(f"  nats-server config (users, permissions{', TLS' if tls else ''}): "
+                  f"{home / 'nats' / 'nats-server.conf'}; run nats-server -js -c with it")
+    out.print(f"next: hub serve --home {home}")
+
+
+@commands.command()
+def serve(
+    home: Path = HOME,
+    nats_url: str | None = NATS_URL,
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port",
+        help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config.toml "
+             "metrics_port; default off)."),
+) -> None:
+    """Run the hub: create the NATS buckets and streams, answer signed operator commands,
+    record device reports in the ledger, and drive rollouts. Stops cleanly on SIGTERM or
+    Ctrl-C."""
+    from hub.service.app import HubService
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+    config = hub_config(home, nats_url)
+    if metrics_port is not None:
+        config = dataclasses.replace(config, metrics_port=metrics_port)
+
+    async def main() -> None:
+        service = HubService(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.start()
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise Unreachable(f"cannot reach NATS at {config.nats_url}: {exc}") from exc
+
+
+@commands.command()
+def status(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+           as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
+    """Show the ledger head as the running hub sees it."""
+    def render(result: dict[str, Any]) -> None:
+        out.print(f"ledger: {result['entries']} entries, head {result['head'] or '-'}")
+        out.print(f"refused reports since start: {result['refused_reports']}")
+
+    show(call(hub_config(home, nats_url), key, timeout, "status"), as_json, render)
+
+
+@commands.command()
+def whoami(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+           as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
+    """Show which operator your key is and its roles, as the hub knows them."""
+    show(call(hub_config(home, nats_url), key, timeout, "whoami"), as_json,
+         lambda r: out.print(f"{r['name']} (key {r['keyid']}): {', '.join(r['roles'])}"))
+
+
+@commands.command()
+def rebuild(
+    home: Path = HOME,
+    in_place: bool = typer.Option(
+        False, "--in-place", help="Replace the live projection tables (stop the hub first)."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Replay the ledger into empty tables and compare the state digest with the live one.
+    Exit 0 when they are equal, 1 when they differ (the live state is not a fold of the
+    ledger)."""
+    from hub.rebuild import live_digest, rebuild_digest, rebuild_in_place
+    from ledger.errors import LedgerError
+    from ledger.storage.store import LedgerStore
+
+    config = hub_config(home, None)
+    try:
+        store = LedgerStore.open(config.database_url(), create=False)
+    except LedgerError as exc:
+        raise UsageError(str(exc)) from exc
+    with store:
+        live = live_digest(store)
+        rebuilt, count = rebuild_digest(store)
+        if in_place:
+            rebuild_in_place(store)
+            live = live_digest(store)
+
+    def render(_: dict[str, Any]) -> None:
+        mark = "[green]equal[/green]" if live == rebuilt else "[red]DIFFERENT[/red]"
+        out.print(f"replayed {count} entries; state digest live {live[:16]}…, "
+                  f"rebuilt {rebuilt[:16]}…: {mark}")
+
+    show({"entries": count, "live": live, "rebuilt": rebuilt, "equal": live == rebuilt},
+         as_json, render)
+    if live != rebuilt:
+        raise typer.Exit(EXIT_REFUSED)
