@@ -45,9 +45,17 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
+from edge_agent import protocol as proto
 from edge_agent.download import DigestMismatch, DownloadStats, ResumableDownload
 from edge_agent.health import HealthWindow
-from edge_agent.protocol import documents as proto
+from edge_agent.protocol import names
+from edge_agent.protocol.names import (
+    ASSIGNMENTS_BUCKET,
+    MANIFESTS_BUCKET,
+    MODELS_BUCKET,
+    ROOT_LATEST_KEY,
+    ROOTS_BUCKET,
+)
 from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
 from edge_agent.slots import SlotStore, atomic_write_bytes
 from edge_agent.spool import Spool
@@ -64,9 +72,6 @@ from ledger.signing import KeyFileError, SigningKey
 
 log = logging.getLogger("edge_agent")
 
-MODELS_BUCKET = "models"
-MANIFESTS_BUCKET = "manifests"
-ASSIGNMENTS_BUCKET = "assignments"
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 FAULTS_ENV = "FLEET_AGENT_FAULTS"
 STATS_NAME = "stats.json"
@@ -198,13 +203,11 @@ class EdgeAgent:
             self._report_status(proto.STATUS_FAILED, reason=refused)
 
     async def _watch_roots(self) -> None:
-        from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET
-
         while not self._stopping:
             await self.refresh_roots()
             try:
                 kv = await buckets.key_value(self.js, ROOTS_BUCKET)
-                watcher = await kv.watch(LATEST_KEY)
+                watcher = await kv.watch(ROOT_LATEST_KEY)
                 flow_control_without_polling(getattr(watcher, "_sub", None))
                 try:
                     while not self._stopping:
@@ -462,7 +465,7 @@ class EdgeAgent:
                 self._inflight = None
 
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
-        key = proto.manifest_key(assignment.model, assignment.version)
+        key = names.manifest_key(assignment.model, assignment.version)
         try:
             kv = await buckets.key_value(self.js, MANIFESTS_BUCKET)
             entry = await kv.get(key)
@@ -682,8 +685,8 @@ class EdgeAgent:
 
     def _enqueue(self, kind: str, data: bytes, seq: int) -> None:
         # Durable and bounded: a full spool drops its oldest and counts it (never silent).
-        self.spool.append(proto.report_subject(self.device_id, kind),
-                          proto.report_msg_id(self.device_id, self.boot, seq), data)
+        self.spool.append(names.report_subject(self.device_id, kind),
+                          names.report_msg_id(self.device_id, self.boot, seq), data)
         self._spooled.set()
 
     async def _send_outbox(self) -> None:

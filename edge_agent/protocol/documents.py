@@ -56,12 +56,6 @@ def check_model_ref(name: str, version: str) -> None:
         )
 
 
-def manifest_key(name: str, version: str) -> str:
-    """KV key of a release manifest (`.` is the KV hierarchy separator)."""
-    check_model_ref(name, version)
-    return f"{name}.{version}"
-
-
 def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
     if name not in doc:
         raise ProtocolError(f"{what}: missing field {name!r}")
@@ -342,14 +336,6 @@ def _check_counts(values: list[Any], what: str) -> None:
         isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT64 for v in values
     ):
         raise ProtocolError(f"telemetry: {what} must be at most 256 counts >= 0")
-
-
-def report_subject(device: str, kind: str) -> str:
-    return f"fleet.report.{check_device_id(device)}.{kind}"
-
-
-def report_msg_id(device: str, boot: str, seq: int) -> str:
-    return f"{device}.{boot}.{seq}"
 
 
 # ---------------------------------------------------------------- signed device reports

@@ -19,15 +19,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from edge_agent.protocol.documents import ProtocolError, SignedEnvelope
+from edge_agent.protocol.names import ROOT_LATEST_KEY, ROOTS_BUCKET, root_key
 from edge_agent.slots import atomic_write_bytes
 from edge_agent.transport import buckets
 from edge_agent.trust.chain import (
-    LATEST_KEY,
     MAX_CHAIN_STEPS,
-    ROOTS_BUCKET,
     RootRotationError,
     peek_version,
-    root_key,
     verify_next_root,
     walk_chain,
 )
@@ -76,7 +74,7 @@ class RootUpdater:
         async with self._lock:
             try:
                 kv = await buckets.key_value(js, ROOTS_BUCKET)
-                latest = (await kv.get(LATEST_KEY)).value or b""
+                latest = (await kv.get(ROOT_LATEST_KEY)).value or b""
             except (BucketNotFoundError, NotFoundError, KeyNotFoundError):
                 return None  # no rotation published (or an older hub)
             try:

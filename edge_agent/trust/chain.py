@@ -22,14 +22,7 @@ from edge_agent.protocol.documents import DOMAIN_ROOT, ProtocolError, SignedEnve
 from edge_agent.trust.root import TrustError, TrustRoot
 from ledger.signing import PublicKey, SigningKey
 
-ROOTS_BUCKET = "roots"
-LATEST_KEY = "root.latest"
 MAX_CHAIN_STEPS = 1024  # a device walks at most this many roots in one go
-
-
-def root_key(version: int) -> str:
-    """KV key of root `version` in the `roots` bucket."""
-    return f"root.{version}"
 
 
 class RootRotationError(TrustError):

@@ -33,6 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from edge_agent.protocol.documents import Assignment
+from edge_agent.protocol.names import TRANSPARENCY_BUCKET, transparency_key
 from edge_agent.trust.root import TrustRoot
 from ledger.bundle import BundleReport, verify_bundle
 from ledger.errors import BundleError, NoteError
@@ -40,7 +41,6 @@ from ledger.note import CosignatureVerifier, Verifier
 
 log = logging.getLogger("edge_agent.transparency")
 
-TRANSPARENCY_BUCKET = "transparency"
 RELEASE_KINDS = ("model.released", "model.resigned")
 WITNESS_ROLE = "witness"
 
@@ -51,11 +51,6 @@ class InclusionPending(Exception):
 
 class InclusionRefused(Exception):
     """The proof is there but does not hold: never install this release."""
-
-
-def bundle_key(name: str, version: str) -> str:
-    """KV key of a release's transparency bundle."""
-    return f"{name}.{version}"
 
 
 @dataclass(frozen=True)
@@ -131,7 +126,7 @@ async def wait_for_inclusion(
     `--require-inclusion`). Waits, with a log line, while there is none or the trust
     root lists no witnesses yet; raises `InclusionRefused` for a bundle that does not
     hold. Cancel the task to stop waiting."""
-    key = bundle_key(assignment.model, assignment.version)
+    key = transparency_key(assignment.model, assignment.version)
     delay, said = 0.25, ""
     while True:
         try:
