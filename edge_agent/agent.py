@@ -46,7 +46,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from edge_agent import protocol as proto
-from edge_agent.download import DigestMismatch, DownloadStats, ResumableDownload
+from edge_agent.download import DownloadStats, ResumableDownload
+from edge_agent.errors import (
+    FetchError,
+    ModelRuntimeError,
+    TransferError,
+    UpdateRefused,
+)
 from edge_agent.health import HealthWindow
 from edge_agent.protocol import names
 from edge_agent.protocol.names import (
@@ -56,7 +62,7 @@ from edge_agent.protocol.names import (
     ROOT_LATEST_KEY,
     ROOTS_BUCKET,
 )
-from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
+from edge_agent.runtime import LoadedModel, preflight
 from edge_agent.slots import SlotStore, atomic_write_bytes
 from edge_agent.spool import Spool
 from edge_agent.telemetry import TelemetryWindowBuilder
@@ -64,10 +70,9 @@ from edge_agent.transport import buckets
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from edge_agent.transport.kv_watch import KeyWatch, flow_control_without_polling
-from edge_agent.transport.objects import BlobTooLarge, FetchError
 from edge_agent.transport.roots import RootUpdater
-from edge_agent.trust.inclusion import InclusionRefused, wait_for_inclusion
-from edge_agent.trust.root import TrustError, TrustRoot
+from edge_agent.trust.inclusion import wait_for_inclusion
+from edge_agent.trust.root import TrustRoot
 from ledger.signing import KeyFileError, SigningKey
 
 log = logging.getLogger("edge_agent")
@@ -75,18 +80,6 @@ log = logging.getLogger("edge_agent")
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 FAULTS_ENV = "FLEET_AGENT_FAULTS"
 STATS_NAME = "stats.json"
-
-
-class UpdateRefused(Exception):
-    """The update's data is bad or untrusted; retrying the same assignment won't help.
-
-    `assignment` is set when the refused assignment itself is authentic and for this
-    device (its fields then go into the failure report).
-    """
-
-    def __init__(self, reason: str, assignment: proto.Assignment | None = None) -> None:
-        super().__init__(reason)
-        self.assignment = assignment
 
 
 @dataclass(frozen=True)
@@ -403,12 +396,10 @@ class EdgeAgent:
 
     def _verify_assignment(self, data: bytes) -> proto.Assignment | None:
         """The assignment if it is authentic, for us and new; None if already handled."""
-        try:
-            envelope = proto.SignedEnvelope.decode(data, "assignment")
-            doc = self.trust.verify(envelope, "director", proto.DOMAIN_ASSIGNMENT)
-            assignment = proto.Assignment.from_map(doc)
-        except (proto.ProtocolError, TrustError) as exc:
-            raise UpdateRefused(str(exc)) from exc
+        # A ProtocolError or TrustError is an UpdateRefused (without the assignment).
+        envelope = proto.SignedEnvelope.decode(data, "assignment")
+        doc = self.trust.verify(envelope, "director", proto.DOMAIN_ASSIGNMENT)
+        assignment = proto.Assignment.from_map(doc)
         if assignment.device != self.device_id:
             raise UpdateRefused(
                 f"assignment is for device {assignment.device}, not {self.device_id}"
@@ -441,7 +432,7 @@ class EdgeAgent:
                 try:
                     await self._install(assignment)
                     return
-                except FetchError as exc:
+                except TransferError as exc:
                     if attempt == self.config.fetch_retries:
                         raise UpdateRefused(f"download failed {attempt} times: {exc}") from exc
                     log.warning("transfer failed (%s); retrying", exc)
@@ -450,7 +441,7 @@ class EdgeAgent:
             log.info("update to counter %d cancelled", assignment.counter)
             raise
         except Exception as exc:
-            if isinstance(exc, UpdateRefused | proto.ProtocolError | TrustError):
+            if isinstance(exc, UpdateRefused):
                 log.error("update refused: %s", exc)
                 reason = str(exc)
             else:  # a bug or a local fault (disk full): still reported, never silent
@@ -493,10 +484,9 @@ class EdgeAgent:
     async def _install(self, assignment: proto.Assignment) -> None:
         manifest = await self._load_manifest(assignment)
         if self.config.require_inclusion:
-            try:  # waits while the release is not witnessed yet (edge_agent/transparency.py)
-                await wait_for_inclusion(lambda: self.js, lambda: self.trust, assignment)
-            except InclusionRefused as exc:
-                raise UpdateRefused(str(exc), assignment) from exc
+            # Waits while the release is not witnessed yet; InclusionRefused is an
+            # UpdateRefused.
+            await wait_for_inclusion(lambda: self.js, lambda: self.trust, assignment)
         meta = {
             "model": manifest.name, "version": manifest.version, "digest": manifest.digest,
             "counter": assignment.counter, "manifest_hash": assignment.manifest_hash,
@@ -528,10 +518,8 @@ class EdgeAgent:
         )
         self._rss_kib["before_download"] = self._rss_kib["download_max"] = _rss_kib()
         wire_before = self.download_stats.bytes_received
-        try:
+        try:  # BlobTooLarge and DigestMismatch are UpdateRefused: not retried
             path = await download.run()
-        except (BlobTooLarge, DigestMismatch) as exc:
-            raise UpdateRefused(str(exc)) from exc
         finally:
             self._write_stats()
         log.info("downloaded %s: %d bytes over the wire for a %d-byte blob",

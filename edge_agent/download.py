@@ -33,8 +33,9 @@ from typing import IO, Any
 import blake3
 from nats.js import JetStreamContext
 
+from edge_agent.errors import BlobTooLarge, DigestMismatch, FetchError
 from edge_agent.slots import atomic_write_bytes
-from edge_agent.transport.objects import BlobTooLarge, FetchError, iter_chunks_from, object_ref
+from edge_agent.transport.objects import iter_chunks_from, object_ref
 
 log = logging.getLogger("edge_agent.download")
 
@@ -44,10 +45,6 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 # Batches of 16 chunks (2 MiB at the Object Store's 128 KiB chunks) bound what the
 # NATS client holds in memory for us at once.
 DOWNLOAD_BATCH = 16
-
-
-class DigestMismatch(Exception):
-    """The complete blob's BLAKE3 digest is not the one the signed manifest states."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from edge_agent import protocol as proto
-from edge_agent.protocol.documents import (
+from edge_agent.protocol import (
     MAX_ENVELOPE_BYTES,
     Assignment,
     ProtocolError,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from edge_agent.errors import ProtocolError
 from edge_agent.protocol.documents import (
     DEVICE_ID_RE,
     DOMAIN_ASSIGNMENT,
@@ -24,7 +25,6 @@ from edge_agent.protocol.documents import (
     STATUS_STARTED,
     VERSION_RE,
     Assignment,
-    ProtocolError,
     ReleaseManifest,
     Signature,
     SignedEnvelope,

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
+from edge_agent.errors import ProtocolError
 from ledger.encoding import EncodingError, canonical_decode, canonical_encode
 from ledger.signing import PublicKey, SigningKey
 
@@ -31,10 +32,6 @@ DOMAIN_DEVICE_REPORT = "device-report"  # a device's own key over its status rep
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-
-
-class ProtocolError(ValueError):
-    """A message is malformed, of the wrong type, or too large."""
 
 
 def check_device_id(device_id: str) -> str:

@@ -27,19 +27,12 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
+from edge_agent.errors import BlobTooLarge, FetchError
 from edge_agent.transport import buckets
 
 OBJ_STREAM = "OBJ_{bucket}"
 OBJ_CHUNKS = "$O.{bucket}.C.{nuid}"
 FETCH_BATCH = 64
-
-
-class FetchError(Exception):
-    """The transfer failed (network, missing object); retrying may help."""
-
-
-class BlobTooLarge(Exception):
-    """The object holds more bytes than the manifest states: the data is bad."""
 
 
 @dataclass(frozen=True)

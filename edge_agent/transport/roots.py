@@ -18,7 +18,8 @@ import blake3
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from edge_agent.protocol.documents import ProtocolError, SignedEnvelope
+from edge_agent.errors import ProtocolError
+from edge_agent.protocol.documents import SignedEnvelope
 from edge_agent.protocol.names import ROOT_LATEST_KEY, ROOTS_BUCKET, root_key
 from edge_agent.slots import atomic_write_bytes
 from edge_agent.transport import buckets

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
+from edge_agent.errors import InclusionPending, InclusionRefused
 from edge_agent.protocol.documents import Assignment
 from edge_agent.protocol.names import TRANSPARENCY_BUCKET, transparency_key
 from edge_agent.trust.root import TrustRoot
@@ -41,16 +42,18 @@ from ledger.note import CosignatureVerifier, Verifier
 
 log = logging.getLogger("edge_agent.transparency")
 
+__all__ = [
+    "RELEASE_KINDS",
+    "InclusionPending",
+    "InclusionRefused",
+    "TransparencyKeys",
+    "transparency_keys",
+    "verify_release_inclusion",
+    "wait_for_inclusion",
+]
+
 RELEASE_KINDS = ("model.released", "model.resigned")
 WITNESS_ROLE = "witness"
-
-
-class InclusionPending(Exception):
-    """No proof yet (the release is not witnessed yet, or the root names no witnesses)."""
-
-
-class InclusionRefused(Exception):
-    """The proof is there but does not hold: never install this release."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from sqlalchemy import Connection, select
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from edge_agent.protocol.names import (
     API_PREFIX,
     ASSIGNMENTS_BUCKET,
