@@ -46,6 +46,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from edge_agent import protocol as proto
+from edge_agent import update
 from edge_agent.download import DownloadStats, ResumableDownload
 from edge_agent.errors import (
     FetchError,
@@ -396,35 +397,12 @@ class EdgeAgent:
 
     def _verify_assignment(self, data: bytes) -> proto.Assignment | None:
         """The assignment if it is authentic, for us and new; None if already handled."""
-        # A ProtocolError or TrustError is an UpdateRefused (without the assignment).
-        envelope = proto.SignedEnvelope.decode(data, "assignment")
-        doc = self.trust.verify(envelope, "director", proto.DOMAIN_ASSIGNMENT)
-        assignment = proto.Assignment.from_map(doc)
-        if assignment.device != self.device_id:
-            raise UpdateRefused(
-                f"assignment is for device {assignment.device}, not {self.device_id}"
-            )
-        counter = assignment.counter
         inflight = self._inflight.counter if self._inflight is not None else None
         installed = self.model_meta.get("counter") if self.model is not None else None
-        if counter == inflight:
-            log.info("assignment %d is already being installed", counter)
-            return None
-        if counter == installed and counter <= self.last_counter:
-            log.info("assignment %d already installed", counter)
-            return None
-        if counter == self.last_counter:
-            log.info("assignment %d was already handled", counter)
-            return None  # refused or reverted before, and reported then
-        if counter < max(self.last_counter, inflight or 0):
-            raise UpdateRefused(
-                f"assignment counter {counter} is not above the last seen "
-                f"{max(self.last_counter, inflight or 0)}: rollback or replay refused",
-                assignment,
-            )
-        # Above everything seen, or installed but not recorded (crash right after the
-        # switch): in both cases (re)apply, which reports the outcome.
-        return assignment
+        return update.check_assignment(
+            self.trust, self.device_id, update.Counters(self.last_counter, inflight, installed),
+            data,
+        )
 
     async def _apply(self, assignment: proto.Assignment) -> None:
         try:
@@ -466,20 +444,7 @@ class EdgeAgent:
             raise
         except Exception as exc:  # disconnected, timed out
             raise FetchError(f"cannot read release manifest {key}: {exc!r}") from exc
-        raw = entry.value or b""
-        if blake3.blake3(raw).hexdigest() != assignment.manifest_hash:
-            raise UpdateRefused(
-                f"manifest {key} is not the one the assignment names (hash differs)"
-            )
-        envelope = proto.SignedEnvelope.decode(raw, "release manifest")
-        manifest = proto.ReleaseManifest.from_map(
-            self.trust.verify(envelope, "release", proto.DOMAIN_MANIFEST)
-        )
-        if (manifest.name, manifest.version, manifest.digest) != (
-            assignment.model, assignment.version, assignment.digest
-        ):
-            raise UpdateRefused("manifest and assignment disagree on model, version or digest")
-        return manifest
+        return update.check_manifest(self.trust, assignment, entry.value or b"")
 
     async def _install(self, assignment: proto.Assignment) -> None:
         manifest = await self._load_manifest(assignment)
