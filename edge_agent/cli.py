@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import typer
-from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.logging import RichHandler
 
-from edge_agent.errors import AgentError, DeviceBundleError
+from edge_agent.errors import AgentError, DeviceBundleError, TransferError
 from edge_agent.slots import SlotStore
 
 app = typer.Typer(
@@ -128,7 +127,7 @@ def run(
 
     try:
         asyncio.run(main())
-    except (OSError, NatsError) as exc:  # unreachable, or refused (no or revoked identity)
+    except (OSError, TransferError) as exc:  # unreachable, or refused (no/revoked identity)
         err.print(f"[red]error:[/red] cannot reach NATS at {nats_url}: {exc}")
         raise typer.Exit(3) from exc
 
