@@ -15,13 +15,13 @@ current model keeps serving):
    inference errors or a crash loop reverts to the previous slot, reported as
    `reverted` with the evidence.
 
+Steps 1-3 are the pure policy in edge_agent.update; the network is behind
+edge_agent.transport, the reports in edge_agent.reporter. This module orchestrates.
+
 One update runs at a time: a newer assignment cancels the one in progress (its partial
 download stays on disk and is resumed if the same blob is wanted again).
 
-Test hook: the environment variable FLEET_AGENT_FAULTS injects faults, as a comma
-separated list of `key:value` items: `error_rate:R` (fail that fraction of inferences),
-`load_error:1` (the active model fails to load at start), `version:V` (only while a model
-of version V is active). Example: `FLEET_AGENT_FAULTS=error_rate:1.0,version:2`.
+Faults can be injected for tests (edge_agent.faults, FLEET_AGENT_FAULTS).
 """
 
 from __future__ import annotations
@@ -35,86 +35,44 @@ import resource
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
 import numpy as np
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from edge_agent.download import DigestMismatch, DownloadStats, ResumableDownload
+from edge_agent import protocol as proto
+from edge_agent import update
+from edge_agent.download import DownloadStats, ResumableDownload
+from edge_agent.errors import (
+    ModelRuntimeError,
+    NotPublished,
+    TransferError,
+    UpdateRefused,
+)
+from edge_agent.faults import FAULTS_ENV, Faults
 from edge_agent.health import HealthWindow
-from edge_agent.protocol import documents as proto
-from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
+from edge_agent.protocol import names
+from edge_agent.reporter import Reporter
+from edge_agent.runtime import LoadedModel, preflight
 from edge_agent.slots import SlotStore
 from edge_agent.spool import Spool
-from edge_agent.telemetry import TelemetryWindowBuilder
-from edge_agent.transport import buckets
+from edge_agent.transport import KeyUpdates
 from edge_agent.transport.connect import NatsAuth
-from edge_agent.transport.connect import connect as nats_connect
-from edge_agent.transport.kv_watch import KeyWatch, flow_control_without_polling
-from edge_agent.transport.objects import BlobTooLarge, FetchError
+from edge_agent.transport.inclusion import wait_for_inclusion
+from edge_agent.transport.nats_transport import NatsTransport, close_quietly
 from edge_agent.transport.roots import RootUpdater
-from edge_agent.trust.inclusion import InclusionRefused, wait_for_inclusion
-from edge_agent.trust.root import TrustError, TrustRoot
+from edge_agent.trust.root import TrustRoot
 from ledger.durable import atomic_write
 from ledger.errors import KeyFileError
 from ledger.signing import SigningKey
 
 log = logging.getLogger("edge_agent")
 
-MODELS_BUCKET = "models"
-MANIFESTS_BUCKET = "manifests"
-ASSIGNMENTS_BUCKET = "assignments"
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
-FAULTS_ENV = "FLEET_AGENT_FAULTS"
 STATS_NAME = "stats.json"
-
-
-class UpdateRefused(Exception):
-    """The update's data is bad or untrusted; retrying the same assignment won't help.
-
-    `assignment` is set when the refused assignment itself is authentic and for this
-    device (its fields then go into the failure report).
-    """
-
-    def __init__(self, reason: str, assignment: proto.Assignment | None = None) -> None:
-        super().__init__(reason)
-        self.assignment = assignment
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Injected faults for tests (see the module docstring); none by default."""
-
-    error_rate: float = 0.0
-    load_error: bool = False
-    version: str | None = None
-    install_error: bool = False  # refuse to install (the assignment's version must match)
-    output_shift: float = 0.0  # added to every output before it is counted (drift)
-
-    @classmethod
-    def parse(cls, spec: str) -> Faults:
-        values: dict[str, str] = {}
-        for item in filter(None, (p.strip() for p in spec.split(","))):
-            key, _, value = item.partition(":")
-            values[key.strip()] = value.strip()
-        try:
-            return cls(
-                error_rate=float(values.get("error_rate", 0.0)),
-                load_error=values.get("load_error", "0") not in ("", "0", "false"),
-                version=values.get("version") or None,
-                install_error=values.get("install_error", "0") not in ("", "0", "false"),
-                output_shift=float(values.get("output_shift", 0.0)),
-            )
-        except ValueError as exc:
-            raise ValueError(f"{FAULTS_ENV}={spec!r} is not valid: {exc}") from exc
-
-    def applies(self, meta: dict[str, Any]) -> bool:
-        return self.version is None or str(meta.get("version")) == self.version
 
 
 @dataclass(frozen=True)
@@ -128,7 +86,7 @@ class AgentConfig:
     fetch_retries: int = 5
     health_window: float = 30.0
     max_error_rate: float = 0.5
-    faults: str | None = None  # None: read FLEET_AGENT_FAULTS
+    faults: str | None = None  # None: read FLEET_AGENT_FAULTS (edge_agent.faults)
     device_key: Path | None = None  # signs status reports; without it the hub refuses them
     nats_ca: Path | None = None  # the NATS server's CA certificate (TLS); from the bundle
     spool_max_bytes: int = DEFAULT_SPOOL_BYTES  # reports kept on disk until acked
@@ -136,6 +94,11 @@ class AgentConfig:
     isolate_preflight: bool = True  # smoke-test a new model in a child process first
     # Model transparency: install only releases proven in a witnessed checkpoint.
     require_inclusion: bool = False
+    # Observers for simulators and benchmarks (testkit/fleet_sim.py); called in the
+    # agent's event loop, they must not block.
+    on_window: Callable[[int], None] | None = None  # inferences in each window emitted
+    # Each model download: (start, last byte; wall clock) and bytes over the wire.
+    on_transfer: Callable[[float, float, int], None] | None = None
 
 
 class EdgeAgent:
@@ -153,20 +116,17 @@ class EdgeAgent:
         self._stats_path = config.state_dir / STATS_NAME
         self.last_counter = self._load_last_counter()
         self.health = HealthWindow(config.state_dir, config.health_window, config.max_error_rate)
-        spec = config.faults if config.faults is not None else os.environ.get(FAULTS_ENV, "")
-        self.faults = Faults.parse(spec)
+        self.faults = Faults.configured(config.faults)
         self.boot = secrets.token_hex(4)
-        self._seq = 0
         self.model: LoadedModel | None = None
         self.model_meta: dict[str, Any] = {}
-        self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
+        self._transport: NatsTransport | None = None
         # Reports wait on disk until JetStream acknowledges them (edge_agent/spool.py).
         self.spool = Spool(config.state_dir / "spool", max_bytes=config.spool_max_bytes,
                            fsync=config.spool_fsync)
-        self._spooled = asyncio.Event()
-        self._window = TelemetryWindowBuilder()
-        self._window_meta: dict[str, Any] = {}  # the model the open window counts
+        self.reporter = Reporter(self.device_id, self.boot, self.spool, self.device_key,
+                                 on_window=config.on_window)
+        self.inference_paused = False  # no new inferences (simulators drain their spools)
         self._rng = np.random.default_rng()
         self.installs = 0  # successful switches in this process (tests read it)
         self.download_stats = DownloadStats()
@@ -175,7 +135,7 @@ class EdgeAgent:
         self._update_task: asyncio.Task[None] | None = None
         self._inflight: proto.Assignment | None = None
         self._rewatch = asyncio.Event()
-        self._assignment_watch: KeyWatch | None = None  # woken on reconnect
+        self._assignment_watch: KeyUpdates | None = None  # woken on reconnect
         self._stopping = False
 
     @property
@@ -187,10 +147,15 @@ class EdgeAgent:
     def trust(self) -> TrustRoot:
         return self.roots.trust
 
+    @property
+    def transport(self) -> NatsTransport:
+        assert self._transport is not None, "the agent is not running"
+        return self._transport
+
     async def refresh_roots(self) -> None:
         """Walk to the newest published trust root; report a refused one."""
         try:
-            refused = await self.roots.refresh(self.js)
+            refused = await self.roots.refresh(self.transport)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # disconnected: the next assignment or watch tries again
@@ -200,19 +165,14 @@ class EdgeAgent:
             self._report_status(proto.STATUS_FAILED, reason=refused)
 
     async def _watch_roots(self) -> None:
-        from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET
-
         while not self._stopping:
             await self.refresh_roots()
             try:
-                kv = await buckets.key_value(self.js, ROOTS_BUCKET)
-                watcher = await kv.watch(LATEST_KEY)
-                flow_control_without_polling(getattr(watcher, "_sub", None))
+                watcher = await self.transport.watch_latest_root()
                 try:
                     while not self._stopping:
                         with contextlib.suppress(TimeoutError):
-                            entry = await watcher.updates(timeout=30.0)
-                            if entry is not None and entry.value:
+                            if await watcher.updates(timeout=30.0):
                                 await self.refresh_roots()
                 finally:
                     with contextlib.suppress(Exception):
@@ -289,17 +249,15 @@ class EdgeAgent:
             if self._assignment_watch is not None:
                 self._assignment_watch.wake()
 
-        self._nc = await nats_connect(
-            self.config.nats_url, self.nats_auth(),
-            name=f"edge-agent:{self.device_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            reconnected_cb=on_reconnect,
+        self._transport = await NatsTransport.connect(
+            self.config.nats_url, self.nats_auth(), name=f"edge-agent:{self.device_id}",
+            on_reconnect=on_reconnect,
         )
-        self._js = self._nc.jetstream()
         self._report_status(proto.STATUS_STARTED, reason="")
         tasks = [
-            asyncio.create_task(self._send_outbox(), name="outbox"),
+            asyncio.create_task(
+                self.reporter.send_outbox(self.transport, lambda: self._stopping),
+                name="outbox"),
             asyncio.create_task(self._watch_assignments(), name="watch"),
             asyncio.create_task(self._watch_roots(), name="roots"),
             asyncio.create_task(self._inference_loop(), name="inference"),
@@ -319,9 +277,8 @@ class EdgeAgent:
             if pending:
                 log.warning("tasks did not stop in time: %s",
                             ", ".join(t.get_name() for t in pending))
-            await self._flush_outbox(timeout=2.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), 2.0)
+            await self.reporter.flush(self.transport, timeout=2.0)
+            await close_quietly(self.transport, 2.0)
             log.info("stopped")
 
     def nats_auth(self) -> NatsAuth:
@@ -331,20 +288,13 @@ class EdgeAgent:
         return NatsAuth.for_device(self.device_id, self.device_key.private_raw(),
                                    self.config.nats_ca)
 
-    @property
-    def js(self) -> JetStreamContext:
-        assert self._js is not None
-        return self._js
-
     async def _watch_assignments(self) -> None:
         while not self._stopping:
             self._rewatch.clear()
             try:
-                # Not kv.watch(): its consumer-create subject does not name the key, so
-                # the server could not confine a device to its own (edge_agent/kv_watch.py).
-                watcher = await KeyWatch.start(self.js, ASSIGNMENTS_BUCKET, self.device_id)
+                watcher = await self.transport.watch_assignment(self.device_id)
                 self._assignment_watch = watcher
-            except (BucketNotFoundError, NotFoundError):
+            except NotPublished:
                 log.info("assignments bucket not there yet; is the hub running?")
                 await asyncio.sleep(1.0)
                 continue
@@ -356,12 +306,12 @@ class EdgeAgent:
                 while not self._rewatch.is_set() and not self._stopping:
                     try:
                         # Long: a reconnect wakes it (on_reconnect), a stop cancels it.
-                        entry = await watcher.updates(timeout=30.0)
+                        value = await watcher.updates(timeout=30.0)
                     except TimeoutError:
                         continue
-                    if entry.operation is not None:
+                    if value is None:
                         continue  # a delete/purge
-                    await self.handle_assignment(entry.value)
+                    await self.handle_assignment(value)
                 if self._rewatch.is_set():
                     log.info("reconnected; watching the assignment again")
             except asyncio.CancelledError:
@@ -402,37 +352,12 @@ class EdgeAgent:
 
     def _verify_assignment(self, data: bytes) -> proto.Assignment | None:
         """The assignment if it is authentic, for us and new; None if already handled."""
-        try:
-            envelope = proto.SignedEnvelope.decode(data, "assignment")
-            doc = self.trust.verify(envelope, "director", proto.DOMAIN_ASSIGNMENT)
-            assignment = proto.Assignment.from_map(doc)
-        except (proto.ProtocolError, TrustError) as exc:
-            raise UpdateRefused(str(exc)) from exc
-        if assignment.device != self.device_id:
-            raise UpdateRefused(
-                f"assignment is for device {assignment.device}, not {self.device_id}"
-            )
-        counter = assignment.counter
         inflight = self._inflight.counter if self._inflight is not None else None
         installed = self.model_meta.get("counter") if self.model is not None else None
-        if counter == inflight:
-            log.info("assignment %d is already being installed", counter)
-            return None
-        if counter == installed and counter <= self.last_counter:
-            log.info("assignment %d already installed", counter)
-            return None
-        if counter == self.last_counter:
-            log.info("assignment %d was already handled", counter)
-            return None  # refused or reverted before, and reported then
-        if counter < max(self.last_counter, inflight or 0):
-            raise UpdateRefused(
-                f"assignment counter {counter} is not above the last seen "
-                f"{max(self.last_counter, inflight or 0)}: rollback or replay refused",
-                assignment,
-            )
-        # Above everything seen, or installed but not recorded (crash right after the
-        # switch): in both cases (re)apply, which reports the outcome.
-        return assignment
+        return update.check_assignment(
+            self.trust, self.device_id, update.Counters(self.last_counter, inflight, installed),
+            data,
+        )
 
     async def _apply(self, assignment: proto.Assignment) -> None:
         try:
@@ -440,7 +365,7 @@ class EdgeAgent:
                 try:
                     await self._install(assignment)
                     return
-                except FetchError as exc:
+                except TransferError as exc:
                     if attempt == self.config.fetch_retries:
                         raise UpdateRefused(f"download failed {attempt} times: {exc}") from exc
                     log.warning("transfer failed (%s); retrying", exc)
@@ -449,7 +374,7 @@ class EdgeAgent:
             log.info("update to counter %d cancelled", assignment.counter)
             raise
         except Exception as exc:
-            if isinstance(exc, UpdateRefused | proto.ProtocolError | TrustError):
+            if isinstance(exc, UpdateRefused):
                 log.error("update refused: %s", exc)
                 reason = str(exc)
             else:  # a bug or a local fault (disk full): still reported, never silent
@@ -464,38 +389,19 @@ class EdgeAgent:
                 self._inflight = None
 
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
-        key = proto.manifest_key(assignment.model, assignment.version)
+        key = names.manifest_key(assignment.model, assignment.version)
         try:
-            kv = await buckets.key_value(self.js, MANIFESTS_BUCKET)
-            entry = await kv.get(key)
-        except KeyNotFoundError as exc:
-            raise UpdateRefused(f"release manifest {key} not found") from exc
-        except (asyncio.CancelledError, UpdateRefused):
-            raise
-        except Exception as exc:  # disconnected, timed out
-            raise FetchError(f"cannot read release manifest {key}: {exc!r}") from exc
-        raw = entry.value or b""
-        if blake3.blake3(raw).hexdigest() != assignment.manifest_hash:
-            raise UpdateRefused(
-                f"manifest {key} is not the one the assignment names (hash differs)"
-            )
-        envelope = proto.SignedEnvelope.decode(raw, "release manifest")
-        manifest = proto.ReleaseManifest.from_map(
-            self.trust.verify(envelope, "release", proto.DOMAIN_MANIFEST)
-        )
-        if (manifest.name, manifest.version, manifest.digest) != (
-            assignment.model, assignment.version, assignment.digest
-        ):
-            raise UpdateRefused("manifest and assignment disagree on model, version or digest")
-        return manifest
+            raw = await self.transport.manifest(key)
+        except NotPublished as exc:  # a missing manifest is refused, not waited for
+            raise UpdateRefused(str(exc)) from exc
+        return update.check_manifest(self.trust, assignment, raw)
 
     async def _install(self, assignment: proto.Assignment) -> None:
         manifest = await self._load_manifest(assignment)
         if self.config.require_inclusion:
-            try:  # waits while the release is not witnessed yet (edge_agent/transparency.py)
-                await wait_for_inclusion(lambda: self.js, lambda: self.trust, assignment)
-            except InclusionRefused as exc:
-                raise UpdateRefused(str(exc), assignment) from exc
+            # Waits while the release is not witnessed yet; InclusionRefused is an
+            # UpdateRefused.
+            await wait_for_inclusion(self.transport, lambda: self.trust, assignment)
         meta = {
             "model": manifest.name, "version": manifest.version, "digest": manifest.digest,
             "counter": assignment.counter, "manifest_hash": assignment.manifest_hash,
@@ -522,20 +428,23 @@ class EdgeAgent:
         self, manifest: proto.ReleaseManifest, meta: dict[str, Any]
     ) -> None:
         download = ResumableDownload(
-            self.slots.slots_dir, lambda: self.js, MODELS_BUCKET, manifest.digest,
-            manifest.size, stats=self.download_stats, on_checkpoint=self._write_stats,
+            self.slots.slots_dir, self.transport, manifest.digest, manifest.size,
+            stats=self.download_stats, on_checkpoint=self._write_stats,
         )
         self._rss_kib["before_download"] = self._rss_kib["download_max"] = _rss_kib()
         wire_before = self.download_stats.bytes_received
-        try:
+        started = time.time()
+        try:  # BlobTooLarge and DigestMismatch are UpdateRefused: not retried
             path = await download.run()
-        except (BlobTooLarge, DigestMismatch) as exc:
-            raise UpdateRefused(str(exc)) from exc
         finally:
             self._write_stats()
+            got = self.download_stats.bytes_received - wire_before
+            if got and self.config.on_transfer is not None:
+                self.config.on_transfer(started, download.last_byte_at, got)
         log.info("downloaded %s: %d bytes over the wire for a %d-byte blob",
                  manifest.digest[:16], self.download_stats.bytes_received - wire_before,
                  manifest.size)
+
         try:
             # In a child process first: a crashing runtime must not take the agent down.
             if self.config.isolate_preflight:
@@ -592,7 +501,7 @@ class EdgeAgent:
         period = 1.0 / self.config.inference_hz if self.config.inference_hz > 0 else None
         window_end = time.monotonic() + self.config.window_seconds
         while True:
-            if period is not None and self.model is not None:
+            if period is not None and self.model is not None and not self.inference_paused:
                 self._infer_once(self.model)
             if self.health.expired():
                 log.info("health window of %s/%s passed", self.model_meta.get("model"),
@@ -600,17 +509,12 @@ class EdgeAgent:
                 self.health.clear()
             if time.monotonic() >= window_end:
                 window_end = time.monotonic() + self.config.window_seconds
-                self._emit_window()
+                self.emit_window()
             await asyncio.sleep(period if period is not None else self.config.window_seconds)
 
     def _infer_once(self, model: LoadedModel) -> None:
         meta = self.model_meta
-        if (self._window_meta.get("digest"), self._window_meta.get("counter")) != (
-            meta.get("digest"), meta.get("counter")
-        ):
-            self._emit_window()  # the previous model's last window
-            self._window_meta = dict(meta)
-            self._window.set_drift_bins(meta.get("drift_bins") or [])
+        self.reporter.follow_model(meta)
         started = time.perf_counter()
         ok = True
         faults = self.faults
@@ -626,32 +530,17 @@ class EdgeAgent:
         except ModelRuntimeError as exc:
             ok = False
             log.debug("inference failed: %s", exc)
-        self._window.record((time.perf_counter() - started) * 1000.0, ok, output)
+        self.reporter.record((time.perf_counter() - started) * 1000.0, ok, output)
         watching = self.health.watching
         if watching is not None and watching.digest == self.model_meta.get("digest"):
             evidence = self.health.record(ok)
             if evidence is not None:
-                self._emit_window()  # the failing model's last window, before the switch
+                self.emit_window()  # the failing model's last window, before the switch
                 self._revert(evidence)
 
-    def _emit_window(self) -> None:
-        summary = self._window.take()
-        if summary is None:
-            return
-        meta = self._window_meta
-        window = proto.TelemetryWindow(
-            device=self.device_id, boot=self.boot, seq=self._next_seq(),
-            model=str(meta.get("model", "")), version=str(meta.get("version", "")),
-            digest=str(meta.get("digest", "")), counter=int(meta.get("counter", 0)),
-            dropped=self.spool.dropped, **summary,
-        )
-        self._enqueue("telemetry", proto.encode_report(window), window.seq)
-
-    # ------------------------------------------------------------ reports
-
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
+    def emit_window(self) -> None:
+        """Close the open telemetry window now and spool it."""
+        self.reporter.emit_window()
 
     def _report_status(
         self,
@@ -661,68 +550,8 @@ class EdgeAgent:
         probe_output: list[float] | None = None,
         counter: int | None = None,
     ) -> None:
-        meta = self.model_meta
-        if counter is None:
-            counter = assignment.counter if assignment else int(meta.get("counter", 0))
-        report = proto.StatusReport(
-            device=self.device_id, boot=self.boot, seq=self._next_seq(), ts=time.time_ns(),
-            event=event,
-            model=assignment.model if assignment else str(meta.get("model", "")),
-            version=assignment.version if assignment else str(meta.get("version", "")),
-            digest=assignment.digest if assignment else str(meta.get("digest", "")),
-            counter=counter,
-            reason=reason[:1000],
-            probe_output=probe_output or [],
-        )
-        data = (proto.encode_signed_report(report, self.device_key) if self.device_key
-                else proto.encode_report(report))  # unsigned: the hub will refuse it
-        self._enqueue("status", data, report.seq)
-
-    @property
-    def dropped_reports(self) -> int:
-        return self.spool.dropped
-
-    def _enqueue(self, kind: str, data: bytes, seq: int) -> None:
-        # Durable and bounded: a full spool drops its oldest and counts it (never silent).
-        self.spool.append(proto.report_subject(self.device_id, kind),
-                          proto.report_msg_id(self.device_id, self.boot, seq), data)
-        self._spooled.set()
-
-    async def _send_outbox(self) -> None:
-        while not self._stopping:
-            record = self.spool.peek()
-            if record is None:
-                self._spooled.clear()
-                await self._spooled.wait()
-                continue
-            await self._publish_until_acked(record.subject, record.data, record.msg_id)
-            self.spool.ack(record)
-
-    async def _publish_until_acked(self, subject: str, data: bytes, msg_id: str) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=5)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # disconnected or stream not there yet: retry
-                log.debug("report publish failed (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _flush_outbox(self, timeout: float) -> None:
-        """Try to send what is spooled; what is left stays on disk for the next start."""
-        deadline = time.monotonic() + timeout
-        while (record := self.spool.peek()) is not None and time.monotonic() < deadline:
-            try:
-                await asyncio.wait_for(
-                    self._publish_until_acked(record.subject, record.data, record.msg_id),
-                    max(0.1, deadline - time.monotonic()),
-                )
-            except Exception:
-                return
-            self.spool.ack(record)
+        self.reporter.status(event, reason, self.model_meta, assignment=assignment,
+                             probe_output=probe_output, counter=counter)
 
 
 def _load_device_key(path: Path | None) -> SigningKey | None:

@@ -22,15 +22,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.errors import DeviceBundleError
+
 BUNDLE_FORMAT = 1
 DEVICE_TOML = "device.toml"
 DEVICE_KEY_NAME = "device.key"
 TRUST_ROOT_NAME = "trust-root.bin"
 CA_NAME = "ca.pem"
-
-
-class BundleError(ValueError):
-    """The bundle directory is missing, incomplete or invalid."""
 
 
 @dataclass(frozen=True)
@@ -49,23 +47,23 @@ class DeviceBundle:
         try:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError as exc:
-            raise BundleError(f"{path} not found: is {directory} a device bundle from "
+            raise DeviceBundleError(f"{path} not found: is {directory} a device bundle from "
                               "`hub device enroll`?") from exc
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise BundleError(f"{path}: {exc}") from exc
+            raise DeviceBundleError(f"{path}: {exc}") from exc
         if raw.get("format", BUNDLE_FORMAT) != BUNDLE_FORMAT:
-            raise BundleError(f"{path}: format {raw.get('format')!r} is not supported")
+            raise DeviceBundleError(f"{path}: format {raw.get('format')!r} is not supported")
         try:
             device_id = str(raw["device_id"])
             nats_url = str(raw["nats_url"])
             trust_root = directory / str(raw.get("trust_root", TRUST_ROOT_NAME))
         except KeyError as exc:
-            raise BundleError(f"{path}: missing setting {exc}") from exc
+            raise DeviceBundleError(f"{path}: missing setting {exc}") from exc
         key = raw.get("device_key")
         ca = raw.get("nats_ca")
         require = raw.get("require_inclusion", False)
         if not isinstance(require, bool):
-            raise BundleError(f"{path}: require_inclusion must be true or false")
+            raise DeviceBundleError(f"{path}: require_inclusion must be true or false")
         return cls(directory, device_id, nats_url, trust_root,
                    directory / str(key) if key else None,
                    directory / str(ca) if ca else None, require)

@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 import typer
-from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.logging import RichHandler
 
-from edge_agent.protocol.documents import ProtocolError
+from edge_agent.errors import AgentError, DeviceBundleError, TransferError
 from edge_agent.slots import SlotStore
-from edge_agent.trust.root import TrustError
 
 app = typer.Typer(
     help=(
@@ -78,12 +76,12 @@ def run(
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
     from edge_agent.agent import AgentConfig, EdgeAgent  # numpy/TFLite only when actually running
-    from edge_agent.bundle import BundleError, DeviceBundle
+    from edge_agent.bundle import DeviceBundle
 
     if bundle is not None:
         try:
             b = DeviceBundle.load(bundle)
-        except BundleError as exc:
+        except DeviceBundleError as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
         device_id = device_id or b.device_id
@@ -116,7 +114,7 @@ def run(
                 device_key=device_key, nats_ca=nats_ca, require_inclusion=require_inclusion,
             )
         )
-    except (TrustError, ProtocolError, OSError, ValueError) as exc:
+    except (AgentError, OSError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
 
@@ -129,7 +127,7 @@ def run(
 
     try:
         asyncio.run(main())
-    except (OSError, NatsError) as exc:  # unreachable, or refused (no or revoked identity)
+    except (OSError, TransferError) as exc:  # unreachable, or refused (no/revoked identity)
         err.print(f"[red]error:[/red] cannot reach NATS at {nats_url}: {exc}")
         raise typer.Exit(3) from exc
 

@@ -25,15 +25,16 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import blake3
-from nats.js import JetStreamContext
 
-from edge_agent.transport.objects import BlobTooLarge, FetchError, iter_chunks_from, object_ref
+from edge_agent.errors import BlobTooLarge, DigestMismatch, TransferError
+from edge_agent.transport import UpdateSource
 from ledger.durable import atomic_write
 
 log = logging.getLogger("edge_agent.download")
@@ -44,10 +45,6 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 # Batches of 16 chunks (2 MiB at the Object Store's 128 KiB chunks) bound what the
 # NATS client holds in memory for us at once.
 DOWNLOAD_BATCH = 16
-
-
-class DigestMismatch(Exception):
-    """The complete blob's BLAKE3 digest is not the one the signed manifest states."""
 
 
 @dataclass
@@ -74,8 +71,7 @@ class ResumableDownload:
     def __init__(
         self,
         directory: Path,
-        js: Callable[[], JetStreamContext],
-        bucket: str,
+        source: UpdateSource,
         digest: str,
         size: int,
         *,
@@ -87,8 +83,9 @@ class ResumableDownload:
     ) -> None:
         self.partial = directory / PARTIAL_NAME
         self.sidecar = directory / SIDECAR_NAME
-        self._js = js
-        self.bucket, self.digest, self.size = bucket, digest, size
+        self._source = source
+        self.digest, self.size = digest, size
+        self.last_byte_at = 0.0  # wall clock of the last chunk received (benchmarks)
         self.stats = stats
         self.retries = retries
         self.checkpoint_bytes = checkpoint_bytes
@@ -101,7 +98,7 @@ class ResumableDownload:
         """Download (or finish downloading) the blob; return the verified file.
 
         Raises BlobTooLarge or DigestMismatch when the data is bad (the partial file
-        is removed), FetchError when the transfer failed `retries` times in a row
+        is removed), TransferError when the transfer failed `retries` times in a row
         without progress (the partial file stays for the next attempt).
         """
         progress, hasher = self._resume_from_disk()
@@ -115,7 +112,7 @@ class ResumableDownload:
                 try:
                     await self._read_into(fh, progress, hasher)
                     break
-                except FetchError as exc:
+                except TransferError as exc:
                     failures = 0 if progress.received > before else failures + 1
                     if failures > self.retries:
                         self._checkpoint(fh, progress)
@@ -154,8 +151,7 @@ class ResumableDownload:
     # ------------------------------------------------------------ internals
 
     async def _read_into(self, fh: IO[bytes], progress: _Progress, hasher: Any) -> None:
-        js = self._js()
-        ref = await object_ref(js, self.bucket, self.digest, self.size)
+        ref = await self._source.blob_ref(self.digest, self.size)
         if ref.nuid != progress.nuid:
             if progress.received:
                 log.info("blob %s was re-uploaded since the partial download; starting over",
@@ -166,14 +162,15 @@ class ResumableDownload:
             progress.nuid, progress.received, progress.chunks = ref.nuid, 0, 0
             progress.next_seq = None
         last_checkpoint = progress.received
-        async for chunk in iter_chunks_from(
-            js, self.bucket, ref, self.size, received=progress.received,
+        async for chunk in self._source.blob_chunks(
+            ref, self.size, received=progress.received,
             chunks_seen=progress.chunks, start_seq=progress.next_seq,
             batch=DOWNLOAD_BATCH, timeout=self.fetch_timeout,
         ):
             fh.write(chunk.data)
             hasher.update(chunk.data)
             self.stats.bytes_received += len(chunk.data)
+            self.last_byte_at = time.time()
             progress.received += len(chunk.data)
             progress.chunks += 1
             progress.next_seq = chunk.stream_seq + 1
@@ -221,9 +218,3 @@ class ResumableDownload:
                  saved.received, self.size)
         return saved, hasher
 
-
-def discard_partial(directory: Path) -> None:
-    """Remove any partial download (e.g. the agent has no use for it any more)."""
-    for name in (PARTIAL_NAME, SIDECAR_NAME):
-        with contextlib.suppress(FileNotFoundError):
-            (directory / name).unlink()

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_agent.errors import ModelRuntimeError
+
 try:
     from tflite_runtime.interpreter import Interpreter
 except ImportError:  # pragma: no cover - depends on what the device has installed
@@ -46,10 +48,6 @@ __all__ = [
 
 # A fixed seed keeps the smoke input of non-float models reproducible across runs.
 _SMOKE_SEED = 20240229
-
-
-class ModelRuntimeError(Exception):
-    """A model could not be loaded or run; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from edge_agent.protocol.documents import ProtocolError, decode_map
+from edge_agent.protocol import ProtocolError, decode_map
+from edge_agent.protocol.names import API_PREFIX, MODELS_BUCKET
 from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub.commands.envelope import sign_command
 from hub.errors import Refused, Unreachable
-from hub.layout import API_PREFIX, MODELS_BUCKET
 from ledger.signing import SigningKey
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
-from edge_agent.protocol.documents import ProtocolError, SignedEnvelope
+from edge_agent.protocol import ProtocolError, SignedEnvelope
 from hub import events as ev
 from hub.columns import int64_columns
 from hub.governance import rules as lc

@@ -34,9 +34,9 @@ import blake3  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from edge_agent.protocol.names import MODELS_BUCKET  # noqa: E402
 from edge_agent.transport.objects import iter_object_chunks  # noqa: E402
 from hub import events as ev  # noqa: E402
-from hub.layout import MODELS_BUCKET  # noqa: E402
 from testkit.modelgen import model_for_version  # noqa: E402
 from testkit.nats_server import EmbeddedNats  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402

@@ -44,7 +44,7 @@ import blake3  # noqa: E402
 import nats  # noqa: E402
 from nats.js.api import StreamConfig  # noqa: E402
 
-from edge_agent.protocol import documents as proto  # noqa: E402
+from edge_agent import protocol as proto  # noqa: E402
 from edge_agent.transport.objects import iter_object_chunks  # noqa: E402
 from hub.client import HubClient  # noqa: E402
 from hub.errors import HubError  # noqa: E402

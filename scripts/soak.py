@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from nats.aio.client import Client as NATS  # noqa: E402
 
-from edge_agent.protocol import documents as proto  # noqa: E402
+from edge_agent import protocol as proto  # noqa: E402
 from edge_agent.transport.connect import NO_AUTH, NatsAuth  # noqa: E402
 from edge_agent.transport.connect import connect as nats_connect  # noqa: E402
 from hub.client import HubClient  # noqa: E402

@@ -1,6 +1,6 @@
 """A fleet simulator: N real edge agents (edge_agent.agent.EdgeAgent) in one asyncio
 loop, each with its own NATS connection, state directory, device key and real TFLite
-inference on generated inputs. Faults are injected per device (edge_agent.agent.Faults:
+inference on generated inputs. Faults are injected per device (edge_agent.faults.Faults:
 install failures, inference error rates, output drift), so rollouts can be exercised
 against a fleet whose misbehaviour is known.
 
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,9 +29,8 @@ from typing import Any
 
 import blake3
 
-from edge_agent.agent import AgentConfig, EdgeAgent, Faults
-from edge_agent.download import DownloadStats
-from edge_agent.runtime import LoadedModel
+from edge_agent.agent import AgentConfig, EdgeAgent
+from edge_agent.faults import Faults
 from hub.client import HubClient
 from hub.errors import HubError
 from ledger.signing import SigningKey
@@ -40,50 +38,24 @@ from ledger.signing import SigningKey
 log = logging.getLogger("fleet_sim")
 
 
-class _TimedStats(DownloadStats):
-    """DownloadStats that also note when the last byte arrived (wall clock)."""
-
-    last_byte = 0.0
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "bytes_received":
-            object.__setattr__(self, "last_byte", time.time())
-        super().__setattr__(name, value)
-
-
 class SimAgent(EdgeAgent):
-    """An EdgeAgent that counts the inferences it put into telemetry windows, and whose
-    inference can be paused (to drain spools before comparing counts). It also records
-    each model transfer as (start, last byte, bytes), wall clock, for benchmarks."""
+    """An EdgeAgent that counts the inferences it put into telemetry windows and records
+    each model transfer as (start, last byte, bytes), wall clock, for benchmarks; both
+    through AgentConfig's observer hooks."""
 
     def __init__(self, config: AgentConfig) -> None:
-        super().__init__(config)
         self.produced = 0  # inferences in windows this agent emitted
         self.windows = 0
-        self.quiet = False
-        self.download_stats: _TimedStats = _TimedStats()
         self.transfers: list[tuple[float, float, int]] = []
+        super().__init__(replace(config, on_window=self._count_window,
+                                 on_transfer=self._note_transfer))
 
-    async def _download_and_switch(self, manifest: Any, meta: dict[str, Any]) -> None:
-        start, before = time.time(), self.download_stats.bytes_received
-        try:
-            await super()._download_and_switch(manifest, meta)
-        finally:
-            got = self.download_stats.bytes_received - before
-            if got:
-                self.transfers.append((start, self.download_stats.last_byte, got))
+    def _count_window(self, inferences: int) -> None:
+        self.produced += inferences
+        self.windows += 1
 
-    def _infer_once(self, model: LoadedModel) -> None:
-        if not self.quiet:
-            super()._infer_once(model)
-
-    def _emit_window(self) -> None:
-        count = self._window.count
-        before = self._seq
-        super()._emit_window()
-        if self._seq != before:  # a window was emitted
-            self.produced += count
-            self.windows += 1
+    def _note_transfer(self, start: float, last_byte: float, received: int) -> None:
+        self.transfers.append((start, last_byte, received))
 
 
 @dataclass
@@ -185,9 +157,9 @@ class SimFleet:
     async def quiesce(self, timeout: float = 30.0) -> None:
         """Stop inferring, emit the last windows, and wait until every spool is empty."""
         for agent in self.agents.values():
-            agent.quiet = True
+            agent.inference_paused = True
         for agent in self.agents.values():
-            agent._emit_window()
+            agent.emit_window()
 
         async def drained() -> None:
             while self.spooled():

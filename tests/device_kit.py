@@ -19,8 +19,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from edge_agent.agent import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET
 from edge_agent.transport.connect import connect as nats_connect
 from hub import events as ev
 from hub.client import HubClient

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from nats.js.errors import KeyNotFoundError
 
+from edge_agent.protocol.names import ASSIGNMENTS_BUCKET
 from hub import events as ev
-from hub.layout import ASSIGNMENTS_BUCKET
 from hub.service.app import HubService
 from testkit.fleet_sim import SimFleet
 from tests.fleet import Fleet

@@ -21,8 +21,8 @@ import blake3
 import pytest
 from nats.js import JetStreamContext
 
-from edge_agent.agent import MODELS_BUCKET
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import MODELS_BUCKET
 from hub import events as ev
 from hub.client import HubClient
 from ledger.signing import SigningKey

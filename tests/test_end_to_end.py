@@ -19,7 +19,7 @@ import blake3
 import numpy as np
 import pytest
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from edge_agent.runtime import LoadedModel
 from edge_agent.slots import SlotStore
 from hub import events as ev

@@ -10,7 +10,8 @@ import blake3
 import nats
 import pytest
 
-from edge_agent.transport.objects import BlobTooLarge, FetchError, iter_object_chunks
+from edge_agent.errors import BlobTooLarge, FetchError
+from edge_agent.transport.objects import iter_object_chunks
 from testkit.nats_server import EmbeddedNats
 from tests.fleet import REPO_ROOT
 

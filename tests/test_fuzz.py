@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from edge_agent.trust.root import TrustError, TrustRoot
 from hub.commands.envelope import CommandRefused, Operator, open_command, sign_command
 from ledger.checkpoint import Checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from edge_agent.slots import SlotStore
 from hub import events as ev
 from hub.client import HubClient

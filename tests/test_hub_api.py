@@ -25,8 +25,8 @@ import blake3
 import pytest
 from nats.js.errors import KeyNotFoundError
 
-from edge_agent.protocol import documents as proto
-from edge_agent.protocol.documents import SignedEnvelope
+from edge_agent import protocol as proto
+from edge_agent.protocol import SignedEnvelope
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub import events as ev

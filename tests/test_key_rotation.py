@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.protocol import documents as proto
-from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET, root_document, root_key, sign_root
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import ROOT_LATEST_KEY, ROOTS_BUCKET, root_key
+from edge_agent.trust.chain import root_document, sign_root
 from edge_agent.trust.root import TrustRoot
 from hub import events as ev
 from hub.client import HubClient
@@ -170,7 +171,7 @@ async def test_root_signed_by_the_old_keys_only_is_refused_by_the_agent(
         failures = len(fleet.feed.of_kind(ev.DEVICE_UPDATE_FAILED, DEVICE))
         kv = await running.nc.jetstream().key_value(ROOTS_BUCKET)
         await kv.put(root_key(2), data)
-        await kv.put(LATEST_KEY, data)
+        await kv.put(ROOT_LATEST_KEY, data)
         reason = await failure_with(fleet, "root rotation signed by the old keys only",
                                     failures)
         assert "root 2" in reason

@@ -20,11 +20,11 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
+from edge_agent.protocol.names import API_PREFIX, ASSIGNMENTS_BUCKET
 from edge_agent.transport.connect import NatsAuth, nkey_public, nkey_seed
 from edge_agent.transport.kv_watch import KeyWatch
 from hub.home.config import init_home, set_nats_url
 from hub.home.nats_config import server_conf_path
-from hub.layout import API_PREFIX, ASSIGNMENTS_BUCKET
 from ledger.signing import SigningKey
 from testkit.nats_server import EmbeddedNats
 from tests.fleet import Fleet

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.protocol import documents as proto
-from edge_agent.protocol.documents import (
+from edge_agent import protocol as proto
+from edge_agent.protocol import (
     MAX_ENVELOPE_BYTES,
     Assignment,
     ProtocolError,
@@ -554,3 +554,12 @@ def test_report_maps_with_arbitrary_fields_decode_or_raise_protocol_error(
     except ProtocolError:
         return
     assert report.to_map() | {"type": kind} == {k: doc[k] for k in report.to_map()}
+
+
+def test_ledger_feed_subjects_agree_with_the_ledger():
+    # The ledger cannot import edge_agent, so the names are written twice; keep them equal.
+    from edge_agent.protocol import names
+    from ledger.net.remote import CHECKPOINT_SUBJECT, ENTRY_SUBJECT
+
+    assert names.LEDGER_ENTRY_SUBJECT == ENTRY_SUBJECT
+    assert names.LEDGER_CHECKPOINT_SUBJECT == CHECKPOINT_SUBJECT

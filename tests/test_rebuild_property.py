@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from hub.commands.envelope import CommandRefused, sign_command
 from hub.commands.handlers import CommandError
 from hub.home.config import init_home

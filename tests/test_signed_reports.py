@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import protocol as proto
 from edge_agent.bundle import DeviceBundle
-from edge_agent.protocol import documents as proto
 from hub import events as ev
 from hub.client import HubClient
 from ledger.signing import SigningKey

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, update
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from hub.telemetry.ingest import DEVS, MAX_HOLES, TelemetryIngest
 
 

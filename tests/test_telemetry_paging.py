@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from hub.errors import HubError
 from hub.wire import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
 from tests.fleet import Fleet

@@ -20,9 +20,9 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from edge_agent.protocol import documents as proto
-from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET
-from edge_agent.trust.inclusion import TRANSPARENCY_BUCKET, verify_release_inclusion
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import ROOT_LATEST_KEY, ROOTS_BUCKET, TRANSPARENCY_BUCKET
+from edge_agent.trust.inclusion import verify_release_inclusion
 from edge_agent.trust.root import TrustRoot
 from hub import events as ev
 from hub.client import HubClient
@@ -336,7 +336,7 @@ async def test_cli_witness_remove_and_list_as_a_new_user_would(fleet: Fleet) -> 
     # What devices fetch (KV bucket `roots`, latest) is the new root, without w2.
     nc = await fleet.connect()
     try:
-        latest = await (await nc.jetstream().key_value(ROOTS_BUCKET)).get(LATEST_KEY)
+        latest = await (await nc.jetstream().key_value(ROOTS_BUCKET)).get(ROOT_LATEST_KEY)
     finally:
         await nc.close()
     assert latest.value is not None

@@ -9,8 +9,8 @@ from pathlib import Path
 import blake3
 import pytest
 
+from edge_agent import protocol as proto
 from edge_agent.bundle import DeviceBundle
-from edge_agent.protocol import documents as proto
 from edge_agent.trust.inclusion import (
     InclusionPending,
     InclusionRefused,

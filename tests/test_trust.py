@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.protocol import documents as proto
-from edge_agent.protocol.documents import SignedEnvelope
+from edge_agent import protocol as proto
+from edge_agent.protocol import SignedEnvelope
 from edge_agent.trust.root import TrustError, TrustRoot
 from ledger.signing import SigningKey
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from edge_agent.trust.chain import (
     RootRotationError,
     peek_version,

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
+from edge_agent.errors import ProtocolError
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.errors import EncodingError
 from ledger.signing import PublicKey, SigningKey
@@ -34,10 +35,6 @@ MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
 
-class ProtocolError(ValueError):
-    """A message is malformed, of the wrong type, or too large."""
-
-
 def check_device_id(device_id: str) -> str:
     if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise ProtocolError(
@@ -55,12 +52,6 @@ def check_model_ref(name: str, version: str) -> None:
         raise ProtocolError(
             f"invalid model version {version!r}: use 1-32 letters, digits, '-' or '_'"
         )
-
-
-def manifest_key(name: str, version: str) -> str:
-    """KV key of a release manifest (`.` is the KV hierarchy separator)."""
-    check_model_ref(name, version)
-    return f"{name}.{version}"
 
 
 def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -343,14 +334,6 @@ def _check_counts(values: list[Any], what: str) -> None:
         isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT64 for v in values
     ):
         raise ProtocolError(f"telemetry: {what} must be at most 256 counts >= 0")
-
-
-def report_subject(device: str, kind: str) -> str:
-    return f"fleet.report.{check_device_id(device)}.{kind}"
-
-
-def report_msg_id(device: str, boot: str, seq: int) -> str:
-    return f"{device}.{boot}.{seq}"
 
 
 # ---------------------------------------------------------------- signed device reports

@@ -21,41 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
-from edge_agent.transport import buckets
+from edge_agent.errors import BlobTooLarge, FetchError
+from edge_agent.transport import Chunk, ObjectRef, buckets
 
 OBJ_STREAM = "OBJ_{bucket}"
 OBJ_CHUNKS = "$O.{bucket}.C.{nuid}"
 FETCH_BATCH = 64
-
-
-class FetchError(Exception):
-    """The transfer failed (network, missing object); retrying may help."""
-
-
-class BlobTooLarge(Exception):
-    """The object holds more bytes than the manifest states: the data is bad."""
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """Where an object's chunks are: its nuid and how many chunks the metadata claims."""
-
-    name: str
-    nuid: str
-    chunks: int
-    size: int | None
-
-
-@dataclass(frozen=True)
-class Chunk:
-    data: bytes
-    stream_seq: int  # sequence of this chunk's message in the object store's stream
 
 
 async def object_ref(

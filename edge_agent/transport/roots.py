@@ -15,18 +15,14 @@ import logging
 from pathlib import Path
 
 import blake3
-from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from edge_agent.protocol.documents import ProtocolError, SignedEnvelope
-from edge_agent.transport import buckets
+from edge_agent.errors import ProtocolError
+from edge_agent.protocol.documents import SignedEnvelope
+from edge_agent.transport import UpdateSource
 from edge_agent.trust.chain import (
-    LATEST_KEY,
     MAX_CHAIN_STEPS,
-    ROOTS_BUCKET,
     RootRotationError,
     peek_version,
-    root_key,
     verify_next_root,
     walk_chain,
 )
@@ -70,14 +66,12 @@ class RootUpdater:
         log.info("trust root version %d accepted (was %d)", root.version, self.trust.version)
         self.trust = root
 
-    async def refresh(self, js: JetStreamContext) -> str | None:
+    async def refresh(self, source: UpdateSource) -> str | None:
         """Walk to the newest root published; the reason if a root was refused (new ones
         only: the same bad root is reported once)."""
         async with self._lock:
-            try:
-                kv = await buckets.key_value(js, ROOTS_BUCKET)
-                latest = (await kv.get(LATEST_KEY)).value or b""
-            except (BucketNotFoundError, NotFoundError, KeyNotFoundError):
+            latest = await source.latest_root()
+            if latest is None:
                 return None  # no rotation published (or an older hub)
             try:
                 claimed = peek_version(latest)
@@ -97,10 +91,10 @@ class RootUpdater:
                 if version == claimed:
                     newer[version] = latest
                     break
-                try:
-                    newer[version] = (await kv.get(root_key(version))).value or b""
-                except KeyNotFoundError:
+                data = await source.root(version)
+                if data is None:
                     break  # the walk stops at the gap; the refusal names the version
+                newer[version] = data
             try:
                 root = walk_chain(self.trust, newer)
             except RootRotationError as exc:

@@ -18,18 +18,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from edge_agent.protocol.documents import DOMAIN_ROOT, ProtocolError, SignedEnvelope
-from edge_agent.trust.root import TrustError, TrustRoot
+from edge_agent.errors import ProtocolError, TrustError
+from edge_agent.protocol.documents import DOMAIN_ROOT, SignedEnvelope
+from edge_agent.trust.root import TrustRoot
 from ledger.signing import PublicKey, SigningKey
 
-ROOTS_BUCKET = "roots"
-LATEST_KEY = "root.latest"
 MAX_CHAIN_STEPS = 1024  # a device walks at most this many roots in one go
-
-
-def root_key(version: int) -> str:
-    """KV key of root `version` in the `roots` bucket."""
-    return f"root.{version}"
 
 
 class RootRotationError(TrustError):

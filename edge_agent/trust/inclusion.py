@@ -24,38 +24,26 @@ one `InclusionRefused` (an attack or a broken hub: refuse). See docs/PROTOCOL.md
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
-
+from edge_agent.errors import InclusionPending, InclusionRefused
 from edge_agent.protocol.documents import Assignment
 from edge_agent.trust.root import TrustRoot
 from ledger.bundle import BundleReport, verify_bundle
 from ledger.errors import BundleError, NoteError
 from ledger.note import CosignatureVerifier, Verifier
 
-log = logging.getLogger("edge_agent.transparency")
+__all__ = [
+    "RELEASE_KINDS",
+    "InclusionPending",
+    "InclusionRefused",
+    "TransparencyKeys",
+    "transparency_keys",
+    "verify_release_inclusion",
+]
 
-TRANSPARENCY_BUCKET = "transparency"
 RELEASE_KINDS = ("model.released", "model.resigned")
 WITNESS_ROLE = "witness"
-
-
-class InclusionPending(Exception):
-    """No proof yet (the release is not witnessed yet, or the root names no witnesses)."""
-
-
-class InclusionRefused(Exception):
-    """The proof is there but does not hold: never install this release."""
-
-
-def bundle_key(name: str, version: str) -> str:
-    """KV key of a release's transparency bundle."""
-    return f"{name}.{version}"
 
 
 @dataclass(frozen=True)
@@ -119,41 +107,3 @@ def verify_release_inclusion(root: TrustRoot, data: bytes, assignment: Assignmen
                                "another manifest hash than the assignment (a manifest "
                                "that was never published in the log)")
     return report
-
-
-async def wait_for_inclusion(
-    js: Callable[[], JetStreamContext],
-    root: Callable[[], TrustRoot],
-    assignment: Assignment,
-    max_delay: float = 5.0,
-) -> BundleReport:
-    """Fetch and check the release's bundle until it is there (the agent's
-    `--require-inclusion`). Waits, with a log line, while there is none or the trust
-    root lists no witnesses yet; raises `InclusionRefused` for a bundle that does not
-    hold. Cancel the task to stop waiting."""
-    key = bundle_key(assignment.model, assignment.version)
-    delay, said = 0.25, ""
-    while True:
-        try:
-            kv = await js().key_value(TRANSPARENCY_BUCKET)
-            data = (await kv.get(key)).value or b""
-            report = verify_release_inclusion(root(), data, assignment)
-            log.info("transparency: %s/%s is entry %d in checkpoint %d cosigned by %s",
-                     assignment.model, assignment.version, report.entry.seq,
-                     report.checkpoint.checkpoint.size, ", ".join(report.witnesses))
-            return report
-        except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
-            why = "no transparency proof published yet"
-        except InclusionPending as exc:
-            why = str(exc)
-        except (asyncio.CancelledError, InclusionRefused):
-            raise
-        except Exception as exc:  # disconnected, timed out: try again
-            why = f"cannot read the transparency proof: {exc!r}"
-        if why != said:
-            log.warning("waiting for witnesses: %s/%s (assignment %d) is not installed until "
-                        "its release is in a witnessed checkpoint (%s)", assignment.model,
-                        assignment.version, assignment.counter, why)
-            said = why
-        await asyncio.sleep(delay)
-        delay = min(max_delay, delay * 2)

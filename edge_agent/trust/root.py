@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.protocol.documents import DOMAIN_ROOT, ProtocolError, SignedEnvelope
+from edge_agent.errors import ProtocolError, TrustError
+from edge_agent.protocol.documents import DOMAIN_ROOT, SignedEnvelope
 from ledger.signing import PublicKey, SigningKey
 
+__all__ = ["ROLES", "Role", "TrustError", "TrustRoot"]
+
 ROLES = ("root", "release", "director", "log")
-
-
-class TrustError(ValueError):
-    """A document is not trusted: bad/missing signatures, below threshold, expired."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from edge_agent.protocol.documents import ProtocolError, StatusReport, read_report
+from edge_agent.protocol import ProtocolError, StatusReport, read_report
 from hub.cli._common import (
     EXIT_REFUSED,
     HOME,

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from edge_agent.protocol.documents import ProtocolError, SignedEnvelope, decode_map
+from edge_agent.protocol import ProtocolError, SignedEnvelope, decode_map
 from hub.errors import Refused
 from ledger.signing import PublicKey, SigningKey
 

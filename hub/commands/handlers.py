@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import blake3
 from sqlalchemy import Connection
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from edge_agent.runtime import ModelRuntimeError, preflight
 from hub import events as ev
 from hub import fold as proj

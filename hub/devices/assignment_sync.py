@@ -20,11 +20,11 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from sqlalchemy import Engine, select
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import ASSIGNMENTS_BUCKET
 from hub import events as ev
 from hub import fold as proj
 from hub.devices.reports import REVOKED
-from hub.layout import ASSIGNMENTS_BUCKET
 from ledger.entry import Entry
 from ledger.storage.schema import ENTRIES
 

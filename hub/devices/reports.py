@@ -37,7 +37,7 @@ from edge_agent.bundle import (
     DEVICE_TOML,
     TRUST_ROOT_NAME,
 )
-from edge_agent.protocol.documents import (
+from edge_agent.protocol import (
     ProtocolError,
     SignedEnvelope,
     check_device_id,

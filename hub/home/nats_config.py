@@ -41,10 +41,18 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from edge_agent.protocol.names import (
+    API_PREFIX,
+    ASSIGNMENTS_BUCKET,
+    LEDGER_CHECKPOINT_SUBJECT,
+    LEDGER_ENTRY_SUBJECT,
+    MANIFESTS_BUCKET,
+    MODELS_BUCKET,
+    ROOTS_BUCKET,
+    TRANSPARENCY_BUCKET,
+    device_report_subjects,
+)
 from edge_agent.transport.connect import NatsAuth, device_inbox_prefix, nkey_public, nkey_seed
-from edge_agent.trust.chain import ROOTS_BUCKET
-from edge_agent.trust.inclusion import TRANSPARENCY_BUCKET
-from hub.layout import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
 from ledger.durable import atomic_write
 from ledger.signing import SigningKey
 
@@ -85,7 +93,7 @@ def ca_path(home: Path) -> Path | None:
 
 def device_permissions(device: str) -> dict[str, list[str]]:
     """What one device may publish and subscribe to (and nothing else)."""
-    publish = [f"fleet.report.{device}.>"]
+    publish = [device_report_subjects(device)]
     publish += [f"$JS.API.STREAM.INFO.{s}" for s in (ASG, *READ_BUCKETS)]
     # Its own assignment only: the consumer's filter subject is part of the API subject
     # (nats-server 2.10+), so a consumer on another device's key is refused.
@@ -110,24 +118,24 @@ def operator_inbox_prefix(keyid: str) -> str:
 def operator_permissions(keyid: str) -> dict[str, list[str]]:
     """What one operator may publish and subscribe to."""
     return {"publish": list(OPERATOR_PERMISSIONS["publish"]),
-            "subscribe": [operator_inbox_prefix(keyid) + ".>", "ledger.entry",
-                          "ledger.checkpoint"]}
+            "subscribe": [operator_inbox_prefix(keyid) + ".>", LEDGER_ENTRY_SUBJECT,
+                          LEDGER_CHECKPOINT_SUBJECT]}
 
 
 OPERATOR_PERMISSIONS = {
     "publish": [
-        "hub.api.>", "ledger.api.>",
+        API_PREFIX + ">", "ledger.api.>",
         # Uploading blobs (models, validation sets) into the Object Store.
         f"$JS.API.STREAM.INFO.{OBJ}", f"$JS.API.STREAM.MSG.GET.{OBJ}",
         f"$JS.API.DIRECT.GET.{OBJ}", f"$JS.API.DIRECT.GET.{OBJ}.>",
         f"$JS.API.STREAM.PURGE.{OBJ}",
         f"$O.{MODELS_BUCKET}.C.>", f"$O.{MODELS_BUCKET}.M.>",
     ],
-    "subscribe": ["_INBOX.>", "ledger.entry", "ledger.checkpoint"],
+    "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
 }
 WITNESS_PERMISSIONS = {
     "publish": ["ledger.api.>", "ledger.cosignature"],
-    "subscribe": ["_INBOX.>", "ledger.entry", "ledger.checkpoint"],
+    "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
 }
 
 

@@ -26,8 +26,8 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from sqlalchemy import Connection, select
 
-from edge_agent.protocol import documents as proto
-from edge_agent.trust.chain import LATEST_KEY, ROOTS_BUCKET, root_key
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import ROOT_LATEST_KEY, ROOTS_BUCKET, root_key
 from hub import events as ev
 from hub import fold as proj
 from hub.commands.envelope import VerifiedCommand
@@ -296,7 +296,7 @@ async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerSto
     roots = keyring.roots()
     for version in sorted(roots):
         await kv.put(root_key(version), roots[version])
-    await kv.put(LATEST_KEY, roots[max(roots)])
+    await kv.put(ROOT_LATEST_KEY, roots[max(roots)])
 
 
 async def put_root(js: JetStreamContext, data: bytes) -> None:
@@ -304,4 +304,4 @@ async def put_root(js: JetStreamContext, data: bytes) -> None:
     version = proto.SignedEnvelope.decode(data).document("root")["version"]
     kv = await js.key_value(ROOTS_BUCKET)
     await kv.put(root_key(int(version)), data)
-    await kv.put(LATEST_KEY, data)
+    await kv.put(ROOT_LATEST_KEY, data)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.protocol.documents import SignedEnvelope
+from edge_agent.protocol import SignedEnvelope
 from edge_agent.trust.chain import root_document, sign_root, verify_next_root
 from edge_agent.trust.root import Role, TrustError, TrustRoot
 from hub.errors import Refused

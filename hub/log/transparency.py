@@ -21,12 +21,11 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from sqlalchemy import select
 
+from edge_agent.protocol.names import TRANSPARENCY_BUCKET, transparency_key
 from edge_agent.trust.inclusion import (
     RELEASE_KINDS,
-    TRANSPARENCY_BUCKET,
     InclusionPending,
     InclusionRefused,
-    bundle_key,
     transparency_keys,
 )
 from edge_agent.trust.root import TrustRoot
@@ -89,7 +88,7 @@ class TransparencyPublisher:
             kv = await self._bucket()
             written = 0
             for entry in self._releases_below(cp.size):
-                key = bundle_key(str(entry.payload["name"]), str(entry.payload["version"]))
+                key = transparency_key(str(entry.payload["name"]), str(entry.payload["version"]))
                 if self.published.get(key, -1) >= entry.seq:
                     continue
                 await kv.put(key, make_bundle_at(self.store, entry.seq, cp))

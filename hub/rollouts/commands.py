@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from hub import events as ev
 from hub import fold as proj
 from hub.commands.envelope import VerifiedCommand

@@ -27,7 +27,16 @@ from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from sqlalchemy import Connection, select
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import (
+    API_PREFIX,
+    ASSIGNMENTS_BUCKET,
+    LEDGER_STREAM,
+    MANIFESTS_BUCKET,
+    MODELS_BUCKET,
+    REPORTS_DURABLE,
+    REPORTS_STREAM,
+)
 from edge_agent.transport.connect import connect as nats_connect
 from edge_agent.transport.objects import iter_object_chunks
 from hub import events as ev
@@ -39,15 +48,6 @@ from hub.devices.reports import REVOKED, NatsUsersSync, check_report_signature, 
 from hub.home.config import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
 from hub.keys.commands import KeyCommands, publish_roots, put_root
 from hub.keys.witnesses import WitnessCommands
-from hub.layout import (
-    API_PREFIX,
-    ASSIGNMENTS_BUCKET,
-    LEDGER_STREAM,
-    MANIFESTS_BUCKET,
-    MODELS_BUCKET,
-    REPORTS_DURABLE,
-    REPORTS_STREAM,
-)
 from hub.log.api import LedgerPublishing, start_ledger_publishing
 from hub.log.transparency import TransparencyPublisher
 from hub.rollouts.commands import AssignmentIssuer, RolloutCommands
@@ -655,7 +655,7 @@ FLEET_MAX_CONSUMERS = 1_000_000
 
 async def allow_fleet_consumers(js: JetStreamContext) -> None:
     """Raise max_consumers on the buckets every device reads (idempotent)."""
-    from edge_agent.trust.chain import ROOTS_BUCKET
+    from edge_agent.protocol.names import ROOTS_BUCKET
 
     buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
                f"OBJ_{MODELS_BUCKET}")

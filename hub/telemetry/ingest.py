@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlmodel import Field, SQLModel
 
-from edge_agent.protocol import documents as proto
+from edge_agent import protocol as proto
 from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, quantile_from_buckets
 from hub import fold as proj
 from hub.columns import int64_columns

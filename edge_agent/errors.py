@@ -1,0 +1,88 @@
+"""The agent's errors, split by meaning (the python-tuf way).
+
+    AgentError
+      UpdateRefused        the data is bad or untrusted: refuse it, report it, no retry
+        ProtocolError      a message is malformed, of the wrong type or too large
+        TrustError         a signature, threshold, role or expiry check failed
+                           (RootRotationError, edge_agent.trust.chain: a newer root refused)
+        DigestMismatch     the blob's BLAKE3 digest is not the manifest's
+        BlobTooLarge       the blob holds more bytes than the manifest states
+        InclusionRefused   the transparency proof does not hold
+      TransferError        the transfer failed: retrying may help
+        FetchError         a blob or document could not be read (network, missing object)
+        NotPublished       a bucket or key is not there (yet)
+        InclusionPending   no transparency proof yet: wait
+      DeviceBundleError    the device bundle directory is missing or invalid
+      ModelRuntimeError    the model does not load or run
+
+The agent refuses with one `except UpdateRefused` and retries with one
+`except TransferError`. `ProtocolError`, `TrustError` and `DeviceBundleError` stay
+`ValueError`s: the hub and older callers catch them as such.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_agent.protocol.documents import Assignment
+
+
+class AgentError(Exception):
+    """Root of every error the edge agent raises on purpose."""
+
+
+class UpdateRefused(AgentError):
+    """The update's data is bad or untrusted; retrying the same assignment won't help.
+
+    `assignment` is set when the refused assignment itself is authentic and for this
+    device (its fields then go into the failure report).
+    """
+
+    def __init__(self, reason: str, assignment: Assignment | None = None) -> None:
+        super().__init__(reason)
+        self.assignment = assignment
+
+
+class ProtocolError(UpdateRefused, ValueError):
+    """A message is malformed, of the wrong type, or too large."""
+
+
+class TrustError(UpdateRefused, ValueError):
+    """A document is not trusted: bad/missing signatures, below threshold, expired."""
+
+
+class DigestMismatch(UpdateRefused):
+    """The complete blob's BLAKE3 digest is not the one the signed manifest states."""
+
+
+class BlobTooLarge(UpdateRefused):
+    """The object holds more bytes than the manifest states: the data is bad."""
+
+
+class InclusionRefused(UpdateRefused):
+    """The transparency proof is there but does not hold: never install this release."""
+
+
+class TransferError(AgentError):
+    """The transfer failed (network, timeout, missing object); retrying may help."""
+
+
+class FetchError(TransferError):
+    """A blob or document could not be read."""
+
+
+class NotPublished(TransferError):
+    """The bucket or key is not there (yet): the hub has not published it."""
+
+
+class InclusionPending(TransferError):
+    """No proof yet (the release is not witnessed yet, or the root names no witnesses)."""
+
+
+class DeviceBundleError(AgentError, ValueError):
+    """The device bundle directory is missing, incomplete or invalid."""
+
+
+class ModelRuntimeError(AgentError):
+    """A model could not be loaded or run; the message says why."""

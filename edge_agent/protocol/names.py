@@ -1,0 +1,76 @@
+"""Every NATS name the hub and the devices share: buckets, streams, subjects, KV keys.
+
+One module, so a rename is one edit and a reader sees the whole namespace at once (see
+docs/PROTOCOL.md). The hub's NATS permissions (hub/home/nats_config.py) are built from
+these names, so a device's rights follow them too. No I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from edge_agent.protocol.documents import check_device_id, check_model_ref
+
+# ---------------------------------------------------------------- buckets
+
+MODELS_BUCKET: Final = "models"  # Object Store: model blobs, named by BLAKE3 digest
+MANIFESTS_BUCKET: Final = "manifests"  # KV: signed release manifests, manifest_key()
+ASSIGNMENTS_BUCKET: Final = "assignments"  # KV: one signed assignment per device id
+ROOTS_BUCKET: Final = "roots"  # KV: trust roots, root_key() and ROOT_LATEST_KEY
+TRANSPARENCY_BUCKET: Final = "transparency"  # KV: proof bundles, transparency_key()
+
+# ---------------------------------------------------------------- KV keys
+
+ROOT_LATEST_KEY: Final = "root.latest"
+
+
+def root_key(version: int) -> str:
+    """KV key of root `version` in the `roots` bucket."""
+    return f"root.{version}"
+
+
+def manifest_key(name: str, version: str) -> str:
+    """KV key of a release manifest (`.` is the KV hierarchy separator)."""
+    check_model_ref(name, version)
+    return f"{name}.{version}"
+
+
+def transparency_key(name: str, version: str) -> str:
+    """KV key of a release's transparency (proof) bundle."""
+    return f"{name}.{version}"
+
+
+def assignment_key(device: str) -> str:
+    """KV key of a device's assignment: the device id itself."""
+    return check_device_id(device)
+
+
+# ---------------------------------------------------------------- streams
+
+REPORTS_STREAM: Final = "REPORTS"
+REPORTS_DURABLE: Final = "hub-reports"  # the hub's durable consumer on REPORTS
+LEDGER_STREAM: Final = "LEDGER"
+
+# ---------------------------------------------------------------- subjects
+
+API_PREFIX: Final = "hub.api."  # operator commands: hub.api.<verb>
+REPORT_SUBJECTS: Final = "fleet.report.>"
+# The ledger's own feed (ledger.net.remote.ENTRY_SUBJECT / CHECKPOINT_SUBJECT; a test
+# checks they agree: the ledger cannot import this package).
+LEDGER_ENTRY_SUBJECT: Final = "ledger.entry"
+LEDGER_CHECKPOINT_SUBJECT: Final = "ledger.checkpoint"
+
+
+def report_subject(device: str, kind: str) -> str:
+    """Where a device publishes a report of `kind` (`status` or `telemetry`)."""
+    return f"fleet.report.{check_device_id(device)}.{kind}"
+
+
+def device_report_subjects(device: str) -> str:
+    """Every report subject of one device (its only publish permission for reports)."""
+    return f"fleet.report.{device}.>"
+
+
+def report_msg_id(device: str, boot: str, seq: int) -> str:
+    """The JetStream message id of a report: JetStream and the hub drop duplicates."""
+    return f"{device}.{boot}.{seq}"
