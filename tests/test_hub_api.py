@@ -33,7 +33,7 @@ from hub import events as ev
 from hub.client import HubClient, HubError
 from hub.commands.envelope import sign_command
 from hub.home.config import HubConfig, load_config
-from hub.service.app import ASSIGNMENTS_BUCKET, MODELS_BUCKET
+from hub.layout import ASSIGNMENTS_BUCKET, MODELS_BUCKET
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.signing import SigningKey
 from ledger.storage.store import LedgerStore

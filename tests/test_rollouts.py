@@ -264,7 +264,7 @@ async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Pat
     # Prometheus metrics from the same state.
     from hub.telemetry.metrics import MetricsServer
 
-    server = MetricsServer(world.fleet.hub, 0)
+    server = MetricsServer(world.fleet.hub.render_metrics, 0)
     port = await server.start()
     try:
         text = await asyncio.to_thread(

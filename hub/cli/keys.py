@@ -24,7 +24,7 @@ from hub.cli import (
     device_app,
     out,
 )
-from hub.devices.reports import report_signature
+from hub.devices.reads import report_signature
 
 keys_app = typer.Typer(
     help="The trust root devices pin: its keys per role, rotation and revocation. Devices "

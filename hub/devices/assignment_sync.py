@@ -23,7 +23,7 @@ from sqlalchemy import Engine, select
 from edge_agent.protocol import documents as proto
 from hub import events as ev
 from hub import fold as proj
-from hub.devices.reports import REVOKED
+from hub.devices.state import REVOKED
 from hub.layout import ASSIGNMENTS_BUCKET
 from ledger.entry import Entry
 from ledger.storage.store import ENTRIES

@@ -124,13 +124,13 @@ def init_home(
     origin = "fleetledger/" + re.sub(r"[\s+]", "-", home.resolve().name)
     config_path.write_text(
         "# fleetledger hub configuration (written by `hub init`)\n"
-        f"nats_url = {_toml_str(nats_url)}\n"
-        f"database = {_toml_str(database)}\n"
+        f"nats_url = {toml_str(nats_url)}\n"
+        f"database = {toml_str(database)}\n"
         "manifest_ttl_days = 365\n"
         "assignment_ttl_days = 30\n"
         "# The first operator, added to the ledger when `hub serve` first starts.\n"
-        f"admin_public = {_toml_str(admin.public.raw.hex())}\n"
-        f"origin = {_toml_str(origin)}\n"
+        f"admin_public = {toml_str(admin.public.raw.hex())}\n"
+        f"origin = {toml_str(origin)}\n"
         "# Signed checkpoints of the ledger: after this many new entries or seconds.\n"
         "checkpoint_every_entries = 100\n"
         "checkpoint_every_seconds = 10.0\n"
@@ -174,9 +174,9 @@ def set_nats_url(home: Path, nats_url: str) -> None:
     """Point an existing home at another NATS server (the demo's port changes per run)."""
     config_path = home / CONFIG_NAME
     lines = config_path.read_text().splitlines()
-    out = [f"nats_url = {_toml_str(nats_url)}" if ln.startswith("nats_url") else ln for ln in lines]
+    out = [f"nats_url = {toml_str(nats_url)}" if ln.startswith("nats_url") else ln for ln in lines]
     config_path.write_text("\n".join(out) + "\n")
 
 
-def _toml_str(value: str) -> str:
+def toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -8,6 +8,7 @@ Imports nothing from projections.py, so projections.py can import it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Table, and_, func, insert, select, update
@@ -323,3 +324,44 @@ def active_rollout_of(conn: Connection) -> dict[str, str]:
                  ROLLOUTS, ROLLOUTS.c.rollout == ROLLOUT_DEVICES.c.rollout))
              .where(ROLLOUTS.c.state.in_(ro.ACTIVE_STATES)))
     return {r.device: r.rollout for r in conn.execute(query)}
+
+
+def refuse_busy(conn: Connection, devices: list[str], advice: str) -> None:
+    """Refuse (RolloutError) if any of `devices` is in an active rollout: one active
+    rollout per device. `advice` says what to do instead (`{owner}` names the rollout)."""
+    busy = active_rollout_of(conn)
+    clash = sorted(d for d in devices if d in busy)
+    if not clash:
+        return
+    owners = sorted({busy[d] for d in clash})
+    shown = ", ".join(clash[:5]) + (f" (+{len(clash) - 5} more)" if len(clash) > 5 else "")
+    raise ro.RolloutError(
+        f"{len(clash)} device(s) are already in active rollout {', '.join(owners)}: {shown}; "
+        f"one active rollout per device: {advice.format(owner=owners[0])}")
+
+
+@dataclass(frozen=True)
+class Member:
+    wave: int
+    device: str
+    state: str
+    counter: int
+
+
+def member_rows(conn: Connection, rid: str) -> list[Member]:
+    """The rollout's devices: only the four columns a decision needs, as tuples (a
+    1,000-device rollout is read every tick while a wave is rolling)."""
+    t = ROLLOUT_DEVICES
+    rows = conn.execute(select(t.c.wave, t.c.device, t.c.state, t.c.counter)
+                        .where(t.c.rollout == rid))
+    return [Member(*row) for row in rows]
+
+
+def wave_views(conn: Connection, rid: str, members: list[Member] | None = None
+               ) -> list[ro.WaveView]:
+    devices: dict[int, dict[str, str]] = {}
+    for m in member_rows(conn, rid) if members is None else members:
+        devices.setdefault(m.wave, {})[m.device] = m.state
+    return [ro.WaveView(w["wave"], w["state"], devices.get(w["wave"], {}), w["started_ts"],
+                        w["baking_ts"])
+            for w in list_waves(conn, rid)]
