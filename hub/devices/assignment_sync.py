@@ -26,7 +26,7 @@ from hub import fold as proj
 from hub.devices.state import REVOKED
 from hub.layout import ASSIGNMENTS_BUCKET
 from ledger.entry import Entry
-from ledger.storage.store import ENTRIES
+from ledger.storage import query
 
 log = logging.getLogger("hub.assignments")
 
@@ -64,13 +64,9 @@ async def kv_counters(kv: KeyValue) -> dict[str, int]:
 
 
 def last_assignment(engine: Engine, device: str) -> Entry | None:
-    query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
-             .where(ENTRIES.c.subject == ev.device_subject(device),
-                    ENTRIES.c.kind == ev.DEVICE_ASSIGNED)
-             .order_by(ENTRIES.c.seq.desc()).limit(1))
+    assigned = query.EntryFilter(kinds=(ev.DEVICE_ASSIGNED,), subject=ev.device_subject(device))
     with engine.connect() as conn:
-        row = conn.execute(query).first()
-    return None if row is None else Entry.from_body(row[0], row[1], row[2])
+        return query.last_entry(conn, assigned)
 
 
 async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncResult:

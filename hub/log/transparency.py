@@ -19,7 +19,6 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
-from sqlalchemy import select
 
 from edge_agent.trust.inclusion import (
     RELEASE_KINDS,
@@ -32,8 +31,9 @@ from edge_agent.trust.inclusion import (
 from edge_agent.trust.root import TrustRoot
 from ledger.bundle import make_bundle_at
 from ledger.entry import Entry
+from ledger.storage import query
 from ledger.storage.checkpoint_store import CheckpointStore, StoredCheckpoint
-from ledger.storage.store import ENTRIES, LedgerStore
+from ledger.storage.store import LedgerStore
 
 log = logging.getLogger("hub.transparency")
 
@@ -72,11 +72,9 @@ class TransparencyPublisher:
         await self.sync()
 
     def _releases_below(self, size: int) -> list[Entry]:
-        query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
-                 .where(ENTRIES.c.kind.in_(RELEASE_KINDS), ENTRIES.c.seq < size)
-                 .order_by(ENTRIES.c.seq))
+        releases = query.EntryFilter(kinds=RELEASE_KINDS, before_seq=size)
         with self.store.engine.connect() as conn:
-            return [Entry.from_body(b, p, h) for b, p, h in conn.execute(query)]
+            return query.select_entries(conn, releases, limit=None)
 
     async def sync(self, size: int | None = None) -> int:
         """Publish the bundles the checkpoint of `size` (default: the latest) makes
