@@ -52,7 +52,7 @@ async def test_read_nonces_are_dropped_once_their_command_would_be_stale(
 
 async def test_an_unknown_verb_is_refused_with_the_known_ones(hub: HubService) -> None:
     try:
-        with pytest.raises(Refused, match="unknown command 'nope'; known: .*deploy"):
+        with pytest.raises(Refused, match=r"unknown command 'nope'; known: .*deploy"):
             await hub.router.handle("nope", b"")
     finally:
         hub.store.close()

@@ -21,10 +21,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from hub import fold
 from hub.commands.envelope import MAX_CLOCK_SKEW_NS, Operator, VerifiedCommand, open_command
 from hub.commands.outcome import CommandError, Handler, Outcome, Read, SlowHandler, Verbs
 from hub.commands.writer import LedgerWriter
+from hub.governance import state as governance
 
 # How often the read-nonce set drops what is older than the freshness window.
 NONCE_SWEEP_NS = 10 * 10**9
@@ -37,7 +37,7 @@ class _NonceLookup:
         self.conn = conn
 
     def __contains__(self, nonce: object) -> bool:
-        return isinstance(nonce, str) and fold.nonce_used(self.conn, nonce)
+        return isinstance(nonce, str) and governance.nonce_used(self.conn, nonce)
 
 
 class Router:
@@ -67,7 +67,7 @@ class Router:
         return {
             r["keyid"]: Operator(r["name"], r["keyid"], r["public"], tuple(r["roles"]),
                                  bool(r["revoked"]))
-            for r in fold.list_operators(conn)
+            for r in governance.list_operators(conn)
         }
 
     def read_nonces(self) -> int:

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 
 from edge_agent.protocol import documents as proto
 from hub import events as ev
-from hub import fold as proj
+from hub.devices import state as device_state
 from hub.devices.state import REVOKED
 from hub.layout import ASSIGNMENTS_BUCKET
 from ledger.entry import Entry
@@ -72,7 +72,7 @@ def last_assignment(engine: Engine, device: str) -> Entry | None:
 async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncResult:
     """Put the ledger's latest assignment into KV for every device whose KV entry is
     missing or older (see the module docstring)."""
-    devices = proj.DEVICES
+    devices = device_state.DEVICES
     with engine.connect() as conn:
         issued = {r.device: int(r.counter) for r in conn.execute(
             select(devices.c.device, devices.c.counter)

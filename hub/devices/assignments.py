@@ -20,8 +20,9 @@ from sqlalchemy import Connection
 
 from edge_agent.protocol import documents as proto
 from hub import events as ev
-from hub import fold
 from hub.commands.outcome import DAY_NS
+from hub.devices import state as device_state
+from hub.governance import state as governance
 from ledger.signing import SigningKey
 from ledger.storage import query
 from ledger.storage.store import NewEvent
@@ -66,7 +67,7 @@ class AssignmentIssuer:
         as the event's `rollout` too, `previous` the release the device ran before."""
         now = time.time_ns()
         out = Issued()
-        rows = fold.get_devices(conn, list(devices))  # one query for a whole wave
+        rows = device_state.get_devices(conn, list(devices))  # one query for a whole wave
         signers = self.signers() if devices else []
         for device in devices:
             row = rows.get(device)
@@ -100,13 +101,13 @@ class AssignmentIssuer:
         `signers` (a key revocation); `manifest_hashes` are re-signed manifests' hashes."""
         now = time.time_ns()
         out = Issued()
-        devices = {d["device"]: d for d in fold.list_devices(conn)}
+        devices = {d["device"]: d for d in device_state.list_devices(conn)}
         for device, last in sorted(current_assignments(conn).items()):
             row = devices.get(device)
             if (row is None or row["counter"] != last.get("counter")
                     or not isinstance(last.get("assignment"), bytes)):
                 continue
-            release = fold.get_release(conn, last["model"], last["version"])
+            release = governance.get_release(conn, last["model"], last["version"])
             if release is None or not release["manifest_hash"]:
                 continue
             manifest_hash = manifest_hashes.get((last["model"], last["version"]),

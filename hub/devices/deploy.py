@@ -5,10 +5,10 @@ from __future__ import annotations
 from sqlalchemy import Connection
 
 from hub import events as ev
-from hub import fold
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Effects, Outcome, Verbs, command_event
 from hub.commands.writer import next_seq
+from hub.devices import state as device_state
 from hub.devices.assignments import AssignmentIssuer, write_all
 from hub.devices.state import REVOKED
 from hub.governance.state import require_release, require_transition
@@ -34,7 +34,7 @@ class DeployCommands:
             raise CommandError("name at least one --device, or use --all")
         release = require_release(conn, name, version)
         require_transition("deploy", release)
-        known = {d["device"] for d in fold.list_devices(conn) if d["state"] != REVOKED}
+        known = {d["device"] for d in device_state.list_devices(conn) if d["state"] != REVOKED}
         targets = sorted(known) if all_devices else list(dict.fromkeys(wanted))
         unknown = [d for d in targets if d not in known]
         if unknown:

@@ -36,9 +36,9 @@ from edge_agent.bundle import (
 )
 from edge_agent.protocol import documents as proto
 from hub import events as ev
-from hub import fold
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Effects, Outcome, Verbs, command_event
+from hub.devices import state as device_state
 from hub.devices.state import REVOKED
 from hub.home.config import HubConfig, toml_str
 from hub.home.nats_config import ca_path
@@ -56,7 +56,7 @@ class EnrolmentCommands:
     def enroll(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         device = Body(cmd.body).text("device")
         proto.check_device_id(device)
-        if fold.get_device(conn, device) is not None:
+        if device_state.get_device(conn, device) is not None:
             raise CommandError(f"device {device} is already enrolled")
         # The device's own key signs its status reports. Made here unless the device
         # brings its public key; the bundle is written before the ledger names the key.
@@ -83,7 +83,7 @@ class EnrolmentCommands:
     def revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         """Shut a device out: its NATS user goes; its reports are refused from now on."""
         device = Body(cmd.body).text("device")
-        row = fold.get_device(conn, device)
+        row = device_state.get_device(conn, device)
         if row is None:
             raise CommandError(f"no device {device} is enrolled")
         if row["state"] == REVOKED:

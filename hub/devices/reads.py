@@ -15,9 +15,9 @@ from edge_agent.protocol.documents import (
     report_signed_by,
 )
 from hub import events as ev
-from hub import fold
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Verbs
+from hub.devices import state as device_state
 from ledger.encoding import canonical_encode
 from ledger.storage import query
 
@@ -45,8 +45,8 @@ class DeviceReads:
         limit = body.whole_number("limit", DEVICES_PAGE, 1, DEVICES_PAGE)
         offset = body.whole_number("offset", 0, 0, None)
         with self.engine.connect() as conn:
-            rows = fold.list_devices(conn, state, offset, limit + 1)
-            states = fold.device_states(conn)
+            rows = device_state.list_devices(conn, state, offset, limit + 1)
+            states = device_state.device_states(conn)
         more = len(rows) > limit
         kept: list[dict[str, Any]] = []
         size = 0
@@ -71,7 +71,7 @@ def device_history(conn: Connection, device: Any) -> dict[str, Any]:
     if not isinstance(device, str):
         raise CommandError("missing 'device'")
     check_device_id(device)
-    row = fold.get_device(conn, device)
+    row = device_state.get_device(conn, device)
     if row is None:
         raise CommandError(f"no device {device} is enrolled")
     entries = query.select_entries(

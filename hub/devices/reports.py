@@ -24,8 +24,8 @@ from sqlalchemy import select
 from edge_agent.protocol import documents as proto
 from edge_agent.protocol.documents import ProtocolError, SignedEnvelope, report_signed_by
 from hub import events as ev
-from hub import fold
 from hub.commands.writer import LedgerWriter
+from hub.devices import state as device_state
 from hub.devices.state import REVOKED
 from hub.layout import REPORTS_DURABLE, REPORTS_STREAM
 from hub.telemetry.ingest import TelemetryIngest
@@ -148,14 +148,14 @@ class ReportIntake:
         missing = sorted(d for d in devices if d not in self._device_cache)
         if not missing:
             return
-        rows = self.writer.read(lambda conn: fold.get_devices(conn, missing))
+        rows = self.writer.read(lambda conn: device_state.get_devices(conn, missing))
         for device in missing:
             self._device_cache[device] = rows.get(device)
 
     def _device(self, device: str) -> dict[str, Any] | None:
         if device in self._device_cache:
             return self._device_cache[device]
-        row = self.writer.read(lambda conn: fold.get_device(conn, device))
+        row = self.writer.read(lambda conn: device_state.get_device(conn, device))
         self._device_cache[device] = row
         return row
 
@@ -228,7 +228,7 @@ class ReportIntake:
                     log.exception("status report of %s could not be stored", event.subject)
 
     def _touch_many(self, seen: dict[str, int]) -> None:
-        table = fold.TELEMETRY
+        table = device_state.TELEMETRY
         with self.writer.store.engine.begin() as conn:
             rows = {r.device: r.last_seen for r in conn.execute(
                 select(table.c.device, table.c.last_seen).where(table.c.device.in_(list(seen))))}

@@ -20,7 +20,6 @@ from sqlalchemy import Connection
 from edge_agent.protocol import documents as proto
 from edge_agent.runtime import ModelRuntimeError, preflight
 from hub import events as ev
-from hub import fold
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import (
     DAY_NS,
@@ -34,6 +33,7 @@ from hub.commands.outcome import (
     command_event,
 )
 from hub.governance import rules as lc
+from hub.governance import state as governance
 from hub.governance.state import require_release, require_transition
 from hub.home.config import HubConfig
 from hub.keys.keyring import Keyring
@@ -224,7 +224,7 @@ class ModelCommands:
 
 
 def _check_unregistered(conn: Connection, name: str, version: str) -> None:
-    if fold.get_release(conn, name, version) is not None:
+    if governance.get_release(conn, name, version) is not None:
         raise CommandError(
             f"model {name}/{version} is already registered; versions are immutable, "
             "register a new version"

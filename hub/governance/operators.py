@@ -7,10 +7,10 @@ import logging
 from sqlalchemy import Connection
 
 from hub import events as ev
-from hub import fold
 from hub.commands.envelope import ROLES, VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Effects, Outcome, Verbs, command_event
 from hub.commands.writer import LedgerWriter
+from hub.governance import state as governance
 from hub.home.config import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
 from ledger.signing import PublicKey
 from ledger.storage.store import NewEvent
@@ -34,7 +34,7 @@ class OperatorCommands:
         if not isinstance(roles, list) or not roles or not all(r in ROLES for r in roles):
             raise CommandError(f"roles must be a non-empty list of: {', '.join(ROLES)}")
         keyid = PublicKey(public).keyid
-        for op in fold.list_operators(conn):
+        for op in governance.list_operators(conn):
             if op["keyid"] == keyid:
                 raise CommandError(f"key {keyid} already belongs to operator {op['name']}")
             if op["name"] == name and not op["revoked"]:
@@ -49,7 +49,8 @@ class OperatorCommands:
     def revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         name = Body(cmd.body).text("name")
         reason = str(cmd.body.get("reason", ""))
-        active = [o for o in fold.list_operators(conn) if o["name"] == name and not o["revoked"]]
+        active = [o for o in governance.list_operators(conn)
+                  if o["name"] == name and not o["revoked"]]
         if not active:
             raise CommandError(f"no active operator named {name}")
         if active[0]["keyid"] == cmd.operator.keyid:
@@ -70,7 +71,7 @@ async def bootstrap_admin(config: HubConfig, writer: LedgerWriter) -> bool:
     """The first operator comes from `hub init`'s config, recorded once in the ledger;
     True if it was recorded now."""
     async with writer.lock:
-        if writer.read(fold.list_operators):
+        if writer.read(governance.list_operators):
             return False
         if not config.admin_public:
             log.warning("no operators in the ledger and no admin_public in config.toml")

@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from hub import fold
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import CommandError, Verbs
+from hub.governance import state as governance
 from ledger.storage import query
 
 
@@ -33,12 +33,12 @@ class GovernanceReads:
 
     def operators(self, cmd: VerifiedCommand) -> Any:
         with self.engine.connect() as conn:
-            return fold.list_operators(conn)
+            return governance.list_operators(conn)
 
     def models(self, cmd: VerifiedCommand) -> Any:
         name = cmd.body.get("name")
         with self.engine.connect() as conn:
-            return fold.list_releases(conn, name if isinstance(name, str) else None)
+            return governance.list_releases(conn, name if isinstance(name, str) else None)
 
     def model_show(self, cmd: VerifiedCommand) -> Any:
         name = cmd.body.get("name")
@@ -46,7 +46,7 @@ class GovernanceReads:
             raise CommandError("missing 'name'")
         version = cmd.body.get("version")
         with self.engine.connect() as conn:
-            rows = fold.list_releases(conn, name)
+            rows = governance.list_releases(conn, name)
         if isinstance(version, str):
             rows = [r for r in rows if r["version"] == version]
         if not rows:
@@ -61,7 +61,7 @@ class GovernanceReads:
         with self.engine.connect() as conn:
             entries = query.select_entries(
                 conn, query.EntryFilter(subject_prefix=f"model:{name}/"), limit=None)
-            operators = fold.list_operators(conn)
+            operators = governance.list_operators(conn)
         events = [{"seq": e.seq, "ts": e.ts, "kind": e.kind, "actor": e.actor,
                    "subject": e.subject, "payload": e.payload} for e in entries]
         return {"events": events,

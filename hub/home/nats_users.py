@@ -10,8 +10,9 @@ import logging
 
 from sqlalchemy import Connection, Engine, select
 
-from hub import fold
+from hub.devices import state as device_state
 from hub.devices.state import REVOKED
+from hub.governance import state as governance
 from hub.home.config import HubConfig
 from hub.home.nats_config import load_credentials, reload_server, write_users
 
@@ -20,14 +21,14 @@ log = logging.getLogger(__name__)
 
 def nats_users(conn: Connection) -> list[tuple[str, bytes]]:
     """(device, public key) of every enrolled, unrevoked device with a key: its NATS users."""
-    rows = conn.execute(select(fold.DEVICES.c.device, fold.DEVICES.c.public,
-                               fold.DEVICES.c.state)).all()
+    rows = conn.execute(select(device_state.DEVICES.c.device, device_state.DEVICES.c.public,
+                               device_state.DEVICES.c.state)).all()
     return [(d, p) for d, p, state in rows if isinstance(p, bytes) and state != REVOKED]
 
 
 def nats_operators(conn: Connection) -> list[tuple[str, bytes]]:
     """(key id, public key) of every unrevoked operator key: its NATS users."""
-    return [(op["keyid"], op["public"]) for op in fold.list_operators(conn)
+    return [(op["keyid"], op["public"]) for op in governance.list_operators(conn)
             if not op["revoked"] and isinstance(op["public"], bytes)]
 
 

@@ -23,7 +23,6 @@ from sqlalchemy import Connection
 
 from edge_agent.protocol import documents as proto
 from hub import events as ev
-from hub import fold
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import (
     AfterCommit,
@@ -35,6 +34,7 @@ from hub.commands.outcome import (
 )
 from hub.devices.assignments import AssignmentIssuer, write_all
 from hub.governance import rules as lc
+from hub.governance import state as governance
 from hub.home.config import HubConfig
 from hub.keys.keyring import KeyChange, Keyring, plan_next_root
 from hub.log.checkpointer import write_log_vkey
@@ -203,7 +203,7 @@ def _live_manifests(conn: Connection) -> list[tuple[str, str, bytes]]:
         newest[(p["name"], p["version"])] = p["manifest"]
     out = []
     for (name, version), manifest in sorted(newest.items()):
-        row = fold.get_release(conn, name, version)
+        row = governance.get_release(conn, name, version)
         if row is not None and row["state"] in LIVE_STATES:
             out.append((name, version, manifest))
     return out

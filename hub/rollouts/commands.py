@@ -16,12 +16,13 @@ from typing import Any
 from sqlalchemy import Connection
 
 from hub import events as ev
-from hub import fold
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Effects, Outcome, Verbs, command_event
 from hub.commands.writer import next_seq
+from hub.devices import state as device_state
 from hub.devices.assignments import AssignmentIssuer, Issued, write_all
 from hub.governance import rules as lc
+from hub.governance import state as governance
 from hub.governance.state import require_release, require_transition
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
@@ -51,7 +52,7 @@ def rollback_events(conn: Connection, issuer: AssignmentIssuer, rollout: dict[st
         targets.setdefault(prev, []).append(row["device"])
     releases: dict[tuple[str, str], dict[str, Any]] = {}
     for (name, version), group in sorted(targets.items()):
-        release = fold.get_release(conn, name, version)
+        release = governance.get_release(conn, name, version)
         if release is None or release["state"] not in (lc.RELEASED, lc.DEPRECATED):
             for device in group:
                 skipped[device] = f"previous release {name}/{version} is not deployable"
@@ -92,7 +93,7 @@ class RolloutCommands:
 
     def device_tag(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         device = Body(cmd.body).text("device")
-        if fold.get_device(conn, device) is None:
+        if device_state.get_device(conn, device) is None:
             raise CommandError(f"unknown device {device}; enroll it first")
         group, tags = rs.device_tags(conn).get(device, ("", {}))
         new_tags = dict(tags)
@@ -132,7 +133,7 @@ class RolloutCommands:
             min_inferences=int(body.get("min_inferences", ro.Policy.min_inferences)),
         )
         tags = rs.device_tags(conn)
-        targets = [d["device"] for d in fold.list_devices(conn)
+        targets = [d["device"] for d in device_state.list_devices(conn)
                    if selector.matches(d["device"], *tags.get(d["device"], ("", {})))]
         if not targets:
             raise CommandError(f"no enrolled device matches target {selector.text!r}")

@@ -26,9 +26,10 @@ from typing import Any
 from sqlalchemy import Connection
 
 from hub import events as ev
-from hub import fold
 from hub.commands.writer import LedgerWriter
+from hub.devices import state as device_state
 from hub.devices.assignments import AssignmentIssuer, PutAssignment, write_all
+from hub.governance import state as governance
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
 from hub.rollouts.commands import rollback_events, rollout_release
@@ -204,7 +205,7 @@ class RolloutController:
         busy = rs.active_rollout_of(conn)
         in_rollout = {m.device for m in members}
         joined = sorted(
-            d["device"] for d in fold.list_devices(conn)
+            d["device"] for d in device_state.list_devices(conn)
             if d["device"] not in in_rollout and d["device"] not in busy
             and selector.matches(d["device"], *tags.get(d["device"], ("", {})))
         )
@@ -243,7 +244,7 @@ def telemetry_view(conn: Connection, telemetry: TelemetryIngest, rollout: dict[s
     reference histograms (drift)."""
     if members is None:
         members = member_rows(conn, rollout["rollout"])
-    release = fold.get_release(conn, rollout["model"], rollout["version"])
+    release = governance.get_release(conn, rollout["model"], rollout["version"])
     reference = (release or {}).get("validation", {}).get("reference_histograms", [])
     keys = [(m.device, rollout["digest"], m.counter) for m in members if m.counter]
     return telemetry.view(keys, reference)

@@ -1,13 +1,13 @@
-"""Rollout projections: device groups/tags, rollouts, waves and each device's part in a
-rollout, folded from ledger events only (projections.apply_entries calls `apply`
-inside the append transaction, and `hub rebuild` replays it).
-
-Imports nothing from projections.py, so projections.py can import it.
+"""Rollout state: device groups/tags, rollouts, waves and each device's part in a
+rollout, folded from ledger events only (HANDLERS; hub.fold composes every
+capability's, inside the append transaction, and `hub rebuild` replays them), and the
+reads the controller, the commands and the read verbs share.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Table, and_, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from hub import events as ev
-from hub.columns import int64_columns
+from hub.columns import int64_columns, json_text, row_dict
 from hub.rollouts import rules as ro
 from ledger.entry import Entry
 
@@ -84,21 +84,11 @@ int64_columns(TAGS, ROLLOUTS, WAVES, ROLLOUT_DEVICES)
 TABLES: tuple[Table, ...] = (TAGS, ROLLOUTS, WAVES, ROLLOUT_DEVICES)
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
 # ---------------------------------------------------------------- fold
 
 
-def apply(conn: Connection, entry: Entry) -> None:
-    handler = _HANDLERS.get(entry.kind)
-    if handler is not None:
-        handler(conn, entry, entry.payload)
-
-
 def _tagged(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
-    values = {"device_group": str(p.get("group", "")), "tags": _json(p.get("tags", {})),
+    values = {"device_group": str(p.get("group", "")), "tags": json_text(p.get("tags", {})),
               "updated_seq": entry.seq}
     exists = conn.execute(select(TAGS.c.device).where(TAGS.c.device == p["device"])).first()
     if exists is None:
@@ -128,8 +118,8 @@ def _created(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     rollout = p["rollout"]
     conn.execute(insert(ROLLOUTS).values(
         rollout=rollout, model=p["model"], version=p["version"], digest=p["digest"],
-        manifest_hash=p["manifest_hash"], target=p["target"], waves=_json(p["waves"]),
-        policy=_json(p["policy"]), state=ro.CREATED, creator=entry.actor,
+        manifest_hash=p["manifest_hash"], target=p["target"], waves=json_text(p["waves"]),
+        policy=json_text(p["policy"]), state=ro.CREATED, creator=entry.actor,
         created_seq=entry.seq, created_ts=entry.ts, updated_ts=entry.ts,
     ))
     devices: list[str] = list(p["devices"])
@@ -148,7 +138,7 @@ def _state(state: str) -> Any:
         if "reason" in p:
             values["reason"] = str(p["reason"])
         if "evidence" in p:
-            values["evidence"] = _json(p["evidence"])
+            values["evidence"] = json_text(p["evidence"])
         _rollout_update(conn, entry, p["rollout"], **values)
 
     return handler
@@ -161,19 +151,19 @@ def _wave_started(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
 
 def _wave_baking(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     _wave_update(conn, p["rollout"], p["wave"], state=ro.WAVE_BAKING, baking_ts=entry.ts,
-                 evidence=_json(p["evidence"]))
+                 evidence=json_text(p["evidence"]))
 
 
 def _wave_completed(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     _wave_update(conn, p["rollout"], p["wave"], state=ro.WAVE_DONE, ended_ts=entry.ts,
-                 evidence=_json(p["evidence"]))
+                 evidence=json_text(p["evidence"]))
 
 
 def _halted(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     _state(ro.HALTED)(conn, entry, p)
     if p.get("wave", -1) >= 0:
         _wave_update(conn, p["rollout"], p["wave"], state=ro.WAVE_HALTED, ended_ts=entry.ts,
-                     evidence=_json(p["evidence"]))
+                     evidence=json_text(p["evidence"]))
 
 
 def _timed_out(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
@@ -237,7 +227,8 @@ def _report(outcome: str) -> Any:
     return handler
 
 
-_HANDLERS = {
+Handler = Callable[[Connection, Entry, dict[str, Any]], None]
+HANDLERS: dict[str, Handler] = {
     ev.DEVICE_TAGGED: _tagged,
     ev.ROLLOUT_CREATED: _created,
     ev.ROLLOUT_STARTED: _state(ro.RUNNING),
@@ -264,21 +255,13 @@ _HANDLERS = {
 _JSON = ("waves", "policy", "evidence", "tags")
 
 
-def _row(mapping: Any) -> dict[str, Any]:
-    out = dict(mapping)
-    for column in _JSON:
-        if isinstance(out.get(column), str):
-            out[column] = json.loads(out[column])
-    return out
-
-
 def device_tags(conn: Connection) -> dict[str, tuple[str, dict[str, str]]]:
     return {r.device: (r.device_group, json.loads(r.tags)) for r in conn.execute(select(TAGS))}
 
 
 def get_rollout(conn: Connection, rollout: str) -> dict[str, Any] | None:
     row = conn.execute(select(ROLLOUTS).where(ROLLOUTS.c.rollout == rollout)).mappings().first()
-    return _row(row) if row is not None else None
+    return row_dict(row, _JSON) if row is not None else None
 
 
 def list_rollouts(conn: Connection, states: tuple[str, ...] | None = None
@@ -286,12 +269,12 @@ def list_rollouts(conn: Connection, states: tuple[str, ...] | None = None
     query = select(ROLLOUTS).order_by(ROLLOUTS.c.created_seq)
     if states is not None:
         query = query.where(ROLLOUTS.c.state.in_(states))
-    return [_row(r) for r in conn.execute(query).mappings()]
+    return [row_dict(r, _JSON) for r in conn.execute(query).mappings()]
 
 
 def list_waves(conn: Connection, rollout: str) -> list[dict[str, Any]]:
     query = select(WAVES).where(WAVES.c.rollout == rollout).order_by(WAVES.c.wave)
-    return [_row(r) for r in conn.execute(query).mappings()]
+    return [row_dict(r, _JSON) for r in conn.execute(query).mappings()]
 
 
 def list_rollout_devices(conn: Connection, rollout: str) -> list[dict[str, Any]]:

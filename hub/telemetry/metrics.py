@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from edge_agent.protocol.bins import LATENCY_BUCKETS_MS
-from hub import fold as proj
+from hub.devices import state as device_state
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
 from hub.telemetry.ingest import TelemetryIngest
@@ -49,7 +49,7 @@ class _Out:
 def render(store: LedgerStore, telemetry: TelemetryIngest, refused_reports: int) -> str:
     out = _Out()
     with store.engine.connect() as conn:
-        devices = proj.list_devices(conn)
+        devices = device_state.list_devices(conn)
         rollouts = rs.list_rollouts(conn)
         rollout_rows = {r["rollout"]: rs.list_rollout_devices(conn, r["rollout"])
                         for r in rollouts if r["state"] in ro.ACTIVE_STATES}
