@@ -7,7 +7,7 @@
     DIR/witnesses       witness verifier keys whose cosignatures the hub stores
     DIR/operators/admin.key  the first operator's key (admin, operator, registrant)
     DIR/policy.toml     validation thresholds and approvals per model name
-    DIR/nats/           nats-server.conf, users.conf, credentials.toml, tls/ (hub/nats_config.py)
+    DIR/nats/           nats-server.conf, users.conf, credentials.toml, tls/ (nats_config.py)
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class HubConfig:
     admin_public: str = ""
     origin: str = "fleetledger/hub"
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None = off, 0 = any
-    # Checkpoints (hub/checkpointer.py): sign after this many new entries or seconds.
+    # Checkpoints (hub/log/checkpointer.py): sign after this many new entries or seconds.
     checkpoint_every_entries: int = 100
     checkpoint_every_seconds: float = 10.0
 
@@ -104,7 +104,7 @@ def init_home(
     nats_auth: bool = True, tls: bool = False,
 ) -> HubConfig:
     """Create keys for every role, the signed trust root and the config file; with
-    `nats_auth`, the NATS server's configuration and identities (hub/nats_config.py),
+    `nats_auth`, the NATS server's configuration and identities (hub/home/nats_config.py),
     with `tls` also a CA and a server certificate."""
     config_path = home / CONFIG_NAME
     if config_path.exists() and not force:

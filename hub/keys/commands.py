@@ -1,6 +1,6 @@
 """Operator commands on the trust root: `keys` (show), `keys.rotate`, `keys.revoke`.
 
-Both writes make root N+1 (hub.keyring.plan_next_root), append it to the ledger
+Both writes make root N+1 (hub.keys.keyring.plan_next_root), append it to the ledger
 (`keys.rotated` / `keys.revoked`, the signed root in `root`), and only after the commit
 store it in HOME and publish it in the KV bucket `roots` (`root.<N>` and `root.latest`),
 where agents walk the chain. A new key file is written *before* the commit: the ledger

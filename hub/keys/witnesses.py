@@ -11,7 +11,7 @@ root N's root role, which is also root N+1's (unchanged), and checked with the d
 chain rule. The command records it as `keys.rotated` (role `witness`), so the root
 history, `hub keys show` and the KV bucket `roots` work as for any rotation, and after
 the commit appends the witness's vkey to HOME/witnesses so the hub stores its
-cosignatures (hub/checkpointer.py). See docs/PROTOCOL.md ("Model transparency").
+cosignatures (hub/log/checkpointer.py). See docs/PROTOCOL.md ("Model transparency").
 
 Removal (`plan_witness_removal`) is root N+1 without the key, recorded as `keys.revoked`
 (role `witness`); the hub then stops storing that witness's cosignatures. It never

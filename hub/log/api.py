@@ -60,7 +60,7 @@ class LedgerApi:
         self.checkpointer = checkpointer
         self.checkpoints = checkpointer.checkpoints
         self._subs: list[Subscription] = []
-        # Called with the tree size after cosignatures were stored (hub/transparency.py).
+        # Called with the tree size after cosignatures were stored (hub/log/transparency.py).
         self.on_cosigned: Callable[[int], Awaitable[object]] | None = None
         self._verbs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             VERB_CHECKPOINT: self.checkpoint,

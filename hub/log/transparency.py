@@ -4,7 +4,7 @@ of cosignatures, the proof bundle of that entry in that checkpoint (ledger/bundl
 goes into the KV bucket `transparency` under `<name>.<version>`, where agents that run
 with `--require-inclusion` fetch it (edge_agent/transparency.py).
 
-`sync(size)` runs after every stored cosignature (hub/ledger_api.py calls it) and once at
+`sync(size)` runs after every stored cosignature (hub/log/api.py calls it) and once at
 hub start for the latest checkpoint. A bundle is written once per entry; a newer
 checkpoint does not re-publish it (a re-signed manifest is a new entry and is).
 """
