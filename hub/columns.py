@@ -1,6 +1,10 @@
-"""Column types the hub's tables share across SQLite and PostgreSQL."""
+"""Column types and encodings the hub's tables share across SQLite and PostgreSQL."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import BigInteger, Integer, Table
 
@@ -14,3 +18,17 @@ def int64_columns(*tables: Table) -> None:
         for column in table.columns:
             if type(column.type) is Integer:
                 column.type = BigInteger()
+
+
+def json_text(value: Any) -> str:
+    """A JSON column's text: keys sorted, bytes as hex."""
+    return json.dumps(value, sort_keys=True, default=lambda v: v.hex())
+
+
+def row_dict(mapping: Any, json_columns: Iterable[str]) -> dict[str, Any]:
+    """A row as a dict, with its JSON columns decoded."""
+    out = dict(mapping)
+    for column in json_columns:
+        if isinstance(out.get(column), str):
+            out[column] = json.loads(out[column])
+    return out

@@ -43,7 +43,7 @@ async def test_an_assignment_committed_but_never_put_in_kv_reaches_the_device_af
         async def hub_died_before_kv(key: str, value: bytes) -> None:
             skipped.append(key)
 
-        fleet.hub._put_assignment = hub_died_before_kv  # type: ignore[method-assign,assignment]
+        fleet.hub.edge.put_assignment = hub_died_before_kv  # type: ignore[method-assign]
         async with await fleet.client() as admin:
             await admin.call("deploy", {"model": "kws", "version": "1", "devices": [device]})
         assert skipped == [device]

@@ -18,7 +18,7 @@ from nats.js.api import KeyValueConfig, ObjectStoreConfig
 
 from edge_agent.transport.kv_watch import KeyWatch
 from edge_agent.transport.objects import iter_object_chunks
-from hub.service.app import FLEET_MAX_CONSUMERS, allow_fleet_consumers
+from hub.service.nats import FLEET_MAX_CONSUMERS, allow_fleet_consumers
 from testkit.nats_server import EmbeddedNats
 
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from hub import events as ev
-from hub.errors import HubError
-from hub.service import app as service
+from hub.client import HubError
+from hub.devices import reads
 from ledger.signing import SigningKey
 from ledger.storage.store import NewEvent
 from tests.fleet import Fleet
@@ -26,8 +26,9 @@ async def enrolled(fleet: Fleet, count: int) -> list[str]:
     bundles or NATS users, which paging does not need)."""
     ids = [f"p-{i:04d}" for i in range(count)]
     public = SigningKey.generate().public.raw
-    await fleet.hub._append([NewEvent(ev.DEVICE_ENROLLED, "test", ev.device_subject(d),
-                                      {"device": d, "public": public}) for d in ids])
+    async with fleet.hub.writer.lock:
+        await fleet.hub.writer.append([NewEvent(ev.DEVICE_ENROLLED, "test", ev.device_subject(d),
+                                                {"device": d, "public": public}) for d in ids])
     return ids
 
 
@@ -38,13 +39,13 @@ async def test_devices_pages_through_a_fleet_larger_than_one_reply(
     async with await fleet.client() as admin:
         first = await admin.call("devices")
         assert first["device_count"] == DEVICES and first["states"] == {"enrolled": DEVICES}
-        assert [r["device"] for r in first["devices"]] == ids[:service.DEVICES_PAGE]
-        assert first["next_offset"] == service.DEVICES_PAGE
+        assert [r["device"] for r in first["devices"]] == ids[:reads.DEVICES_PAGE]
+        assert first["next_offset"] == reads.DEVICES_PAGE
         assert await admin.devices() == await admin.devices("enrolled")
         assert [r["device"] for r in await admin.devices()] == ids
         assert await admin.devices("failed") == []
         # Rows that do not fit the reply budget move to the next page; none is lost.
-        monkeypatch.setattr(service, "DEVICES_REPLY_BYTES", 4096)
+        monkeypatch.setattr(reads, "DEVICES_REPLY_BYTES", 4096)
         small = await admin.call("devices", {"limit": 50})
         assert 1 <= len(small["devices"]) < 50 and small["next_offset"] == len(small["devices"])
         assert [r["device"] for r in await admin.devices()] == ids

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from edge_agent import protocol as proto
+from edge_agent.protocol.names import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
 from edge_agent.runtime import LoadedModel
 from edge_agent.slots import SlotStore
 from hub import events as ev
 from hub.client import HubClient
-from hub.service.app import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
 from ledger.signing import SigningKey
 from ledger.storage.store import LedgerStore
 from tests.fleet import REPO_ROOT, Fleet

@@ -27,6 +27,7 @@ from nats.js.errors import KeyNotFoundError
 
 from edge_agent import protocol as proto
 from edge_agent.protocol import SignedEnvelope
+from edge_agent.protocol.names import ASSIGNMENTS_BUCKET, MODELS_BUCKET
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub import events as ev
@@ -34,7 +35,6 @@ from hub.client import HubClient
 from hub.commands.envelope import sign_command
 from hub.errors import HubError
 from hub.home.config import HubConfig, load_config
-from hub.service.app import ASSIGNMENTS_BUCKET, MODELS_BUCKET
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.signing import SigningKey
 from ledger.storage.store import LedgerStore

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from hub import events as ev
-from hub import fold as proj
+from hub.devices import state as device_state
 from hub.home.config import HubConfig
 from hub.rebuild import live_digest, rebuild_digest
 from hub.service.app import HubService
@@ -88,7 +88,7 @@ async def test_the_hub_runs_on_postgresql(
                 await wait_for(fleet, ev.ROLLOUT_COMPLETED, rid)
                 rollouts.append(rid)
             with fleet.hub.store.engine.connect() as conn:
-                running = {d["device"]: d["version"] for d in proj.list_devices(conn)}
+                running = {d["device"]: d["version"] for d in device_state.list_devices(conn)}
             assert running == {d: "2" for d in sim.ids}
             status = await admin.call("rollout.status", {"rollout": rollouts[1]})
             assert [w["state"] for w in status["waves"]] == ["done", "done"]

@@ -103,7 +103,7 @@ async def two_devices(fleet: Fleet) -> AsyncIterator[tuple[Fleet, Conn]]:
     async with await fleet.client() as admin:
         for device in ("dev-a", "dev-b"):
             await admin.call("device.enroll", {"device": device})
-    kv = await fleet.hub.js.key_value(ASSIGNMENTS_BUCKET)
+    kv = await fleet.hub.edge.js.key_value(ASSIGNMENTS_BUCKET)
     await kv.put("dev-a", b"assignment of dev-a")
     await kv.put("dev-b", b"assignment of dev-b")
     conn = await connect_device(fleet, "dev-a")
@@ -159,7 +159,7 @@ async def test_a_device_publishes_only_its_own_reports_and_writes_no_kv(
     await a.refused("$KV.manifests.kws.9", js.publish("$KV.manifests.kws.9", b"evil"))
     await a.refused("$O.models.C.", js.publish("$O.models.C.abc", b"evil chunk"))
     await a.refused("fleet.report.>", a.nc.subscribe("fleet.report.>"))
-    kv = await fleet.hub.js.key_value(ASSIGNMENTS_BUCKET)
+    kv = await fleet.hub.edge.js.key_value(ASSIGNMENTS_BUCKET)
     assert (await kv.get("dev-a")).value == b"assignment of dev-a"
 
 

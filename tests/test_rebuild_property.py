@@ -1,8 +1,9 @@
 """Property: whatever sequence of commands (accepted or refused) and device reports the
 hub sees, the live state equals the state rebuilt from the ledger alone.
 
-The hub runs offline here (no NATS): blobs come from local files and KV writes are
-dropped, so the test exercises exactly the command checks, the events and the fold.
+The hub runs offline here (no NATS): its effects read blobs from local files and drop KV
+writes, so the test exercises exactly the command checks, the events and the fold,
+through the hub's router and its report intake (the path fetched report batches take).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge_agent import protocol as proto
-from hub.commands.envelope import CommandRefused, sign_command
-from hub.commands.handlers import CommandError
+from hub.commands.envelope import sign_command
+from hub.errors import Refused
 from hub.home.config import init_home
 from hub.rebuild import live_digest, rebuild_digest
 from hub.service.app import HubService
@@ -29,11 +30,10 @@ DEVICES = ("d1", "d2", "d3")
 VERSIONS = ("1", "2")
 
 
-class OfflineHub(HubService):
-    """The real command path with blobs from a dict and no NATS side effects."""
+class OfflineEffects:
+    """The hub's side effects with blobs from a dict and no NATS."""
 
-    def __init__(self, *args: object, blobs: dict[str, Path], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, blobs: dict[str, Path]) -> None:
         self.blobs = blobs
 
     async def read_blob(self, digest: str, size: int, dest: Path) -> str:
@@ -44,8 +44,14 @@ class OfflineHub(HubService):
     async def put_manifest(self, key: str, envelope: bytes) -> None:
         return None
 
-    async def _put_assignment(self, device: str, envelope: bytes) -> None:
+    async def put_assignment(self, device: str, envelope: bytes) -> None:
         return None
+
+    async def publish_root(self, data: bytes) -> None:
+        return None
+
+    async def sync_nats_users(self, wait: bool = True) -> bool:
+        return False
 
 
 command = st.one_of(
@@ -90,38 +96,38 @@ def test_live_state_always_equals_the_state_rebuilt_from_the_ledger(
 async def _run(tmp: Path, assets: dict[str, Path], ops: list[tuple[str, str]]) -> None:
     config = init_home(tmp / "hub", "nats://127.0.0.1:1")
     blobs = {blake3.blake3(p.read_bytes()).hexdigest(): p for p in assets.values()}
-    hub = OfflineHub(config, blobs=blobs)
-    hub._bootstrap_admin()
+    hub = HubService(config, effects=OfflineEffects(blobs))
+    await hub.bootstrap_admin()
+    handle = hub.router.handle
     admin = SigningKey.load(config.operator_key_path("admin"))
     approver = SigningKey.generate()
-    await hub._dispatch("operator.add", sign_command(admin, "operator.add", {
+    await handle("operator.add", sign_command(admin, "operator.add", {
         "name": "ann", "roles": ["approver"], "public": approver.public.raw}))
     report_seq = 0
     for op, arg in ops:
         ref = {"name": "kws", "version": arg}
         try:
             if op == "enroll":
-                await hub._dispatch("device.enroll",
-                                    sign_command(admin, "device.enroll", {"device": arg}))
+                await handle("device.enroll", sign_command(admin, "device.enroll", {"device": arg}))
             elif op == "register":
                 data = assets[arg].read_bytes()
-                await hub._dispatch("model.register", sign_command(admin, "model.register", {
+                await handle("model.register", sign_command(admin, "model.register", {
                     **ref, "digest": blake3.blake3(data).hexdigest(), "size": len(data)}))
             elif op == "validate":
                 data = assets[f"data{arg}"].read_bytes()
-                await hub._dispatch("model.validate", sign_command(admin, "model.validate", {
+                await handle("model.validate", sign_command(admin, "model.validate", {
                     **ref, "data_digest": blake3.blake3(data).hexdigest(),
                     "data_size": len(data)}))
             elif op in ("approve", "self_approve"):
                 signer = approver if op == "approve" else admin
-                await hub._dispatch("model.approve", sign_command(signer, "model.approve", ref))
+                await handle("model.approve", sign_command(signer, "model.approve", ref))
             elif op == "release":
-                await hub._dispatch("model.release", sign_command(admin, "model.release", ref))
+                await handle("model.release", sign_command(admin, "model.release", ref))
             elif op == "revoke":
-                await hub._dispatch("model.revoke", sign_command(
+                await handle("model.revoke", sign_command(
                     admin, "model.revoke", {**ref, "reason": "test"}))
             elif op == "deploy":
-                await hub._dispatch("deploy", sign_command(admin, "deploy", {
+                await handle("deploy", sign_command(admin, "deploy", {
                     "model": "kws", "version": arg, "all": True}))
             elif op == "report":
                 report_seq += 1
@@ -132,9 +138,9 @@ async def _run(tmp: Path, assets: dict[str, Path], ops: list[tuple[str, str]]) -
                 )
                 bundle_key = hub.config.home / "devices" / arg / "device.key"
                 signer = SigningKey.load(bundle_key) if bundle_key.exists() else admin
-                await hub._handle_report(f"fleet.report.{arg}.status",
-                                         proto.encode_signed_report(status, signer))
-        except (CommandError, CommandRefused, proto.ProtocolError):
+                assert await hub.reports.take([(f"fleet.report.{arg}.status",
+                                                proto.encode_signed_report(status, signer))])
+        except (Refused, proto.ProtocolError):
             pass  # refused commands must leave no trace; the digests below check it
     rebuilt, count = rebuild_digest(hub.store)
     assert count == hub.store.count()

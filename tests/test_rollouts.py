@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from hub import events as ev
-from hub import fold as proj
+from hub.devices import state as device_state
 from hub.rebuild import live_digest, rebuild_digest
 from hub.rollouts import state as rs
 from ledger.entry import Entry
@@ -84,7 +84,7 @@ class World:
 
     def running(self) -> dict[str, str]:
         with self.fleet.hub.store.engine.connect() as conn:
-            return {d["device"]: d["version"] or "" for d in proj.list_devices(conn)}
+            return {d["device"]: d["version"] or "" for d in device_state.list_devices(conn)}
 
     def members(self, rid: str) -> list[dict[str, Any]]:
         with self.fleet.hub.store.engine.connect() as conn:
@@ -264,7 +264,7 @@ async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Pat
     # Prometheus metrics from the same state.
     from hub.telemetry.metrics import MetricsServer
 
-    server = MetricsServer(world.fleet.hub, 0)
+    server = MetricsServer(world.fleet.hub.render_metrics, 0)
     port = await server.start()
     try:
         text = await asyncio.to_thread(

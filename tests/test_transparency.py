@@ -93,7 +93,7 @@ async def add_witness(fleet: Fleet, name: str = WITNESS) -> SigningKey:
         result = await admin.call("witness.add", {"name": name,
                                                    "pubkey": key.public.raw.hex()})
     assert result["threshold"] == 1
-    root = fleet.hub.commands.keyring.root
+    root = fleet.hub.keyring.root
     assert root.version == result["version"] and root.names[key.keyid] == name
     assert result["vkey"] in (fleet.config.home / "witnesses").read_text()
     return key
@@ -297,7 +297,7 @@ async def test_cli_witness_add_as_a_new_user_would(fleet: Fleet, tmp_path: Path)
                         (["w2", "--pubkey", "ab" * 32, "--threshold", "3"], "threshold 3")):
         code, text = await hub_cli(fleet, "witness", "add", *args)
         assert code != 0 and words in text, text
-    assert fleet.hub.commands.keyring.root.version == 2
+    assert fleet.hub.keyring.root.version == 2
 
 
 async def test_cli_witness_remove_and_list_as_a_new_user_would(fleet: Fleet) -> None:
@@ -314,7 +314,7 @@ async def test_cli_witness_remove_and_list_as_a_new_user_would(fleet: Fleet) -> 
     assert {(w["name"], w["keyid"]) for w in listed["witnesses"]} == {
         (WITNESS, first.keyid), ("w2", second.keyid)}
     witness_file = fleet.config.home / "witnesses"
-    version = fleet.hub.commands.keyring.root.version
+    version = fleet.hub.keyring.root.version
     # Refusals change nothing: an unknown name, a threshold the rest cannot meet,
     # and `keys revoke` on a witness key (it would not update HOME/witnesses).
     for args, words in ((["witness", "remove", "nobody"], "no witness named 'nobody'"),
@@ -322,12 +322,12 @@ async def test_cli_witness_remove_and_list_as_a_new_user_would(fleet: Fleet) -> 
                         (["keys", "revoke", second.keyid], "hub witness remove w2")):
         code, text = await hub_cli(fleet, *args)
         assert code != 0 and words in text, text
-    assert fleet.hub.commands.keyring.root.version == version
+    assert fleet.hub.keyring.root.version == version
     assert "w2+" in witness_file.read_text()
 
     code, text = await hub_cli(fleet, "witness", "remove", "w2", "--threshold", "1")
     assert code == 0 and f"version {version + 1}" in text and "1 cosignature" in text, text
-    root = fleet.hub.commands.keyring.root
+    root = fleet.hub.keyring.root
     assert root.version == version + 1 and root.roles["witness"].keyids == (first.keyid,)
     assert second.keyid not in root.keys and second.keyid not in root.names
     assert "w2+" not in witness_file.read_text() and WITNESS in witness_file.read_text()
@@ -346,7 +346,7 @@ async def test_cli_witness_remove_and_list_as_a_new_user_would(fleet: Fleet) -> 
     # The last witness stays until its replacement is in.
     code, text = await hub_cli(fleet, "witness", "remove", WITNESS)
     assert code != 0 and "only witness" in text and "hub witness add" in text, text
-    assert fleet.hub.commands.keyring.root.version == version + 1
+    assert fleet.hub.keyring.root.version == version + 1
 
 
 async def test_log_key_rotation_keeps_witnesses_and_devices_working(
@@ -356,7 +356,7 @@ async def test_log_key_rotation_keeps_witnesses_and_devices_working(
     witness configured with the old vkey keeps cosigning and a device installs; after
     `hub keys revoke OLD` only the new key signs and HOME/log.vkey names it."""
     key = await add_witness(fleet)
-    keyring = fleet.hub.commands.keyring
+    keyring = fleet.hub.keyring
     (old_keyid,) = keyring.root.roles["log"].keyids
     vkey_path = fleet.config.home / "log.vkey"
     old_log = parse_vkey(vkey_path.read_text().strip())

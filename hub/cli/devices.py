@@ -80,7 +80,7 @@ def device_history(
     ledger. Exit 1 if any signature does not check."""
     # The check lives beside the hub's report intake, a module that also holds SQL; it is
     # imported here, not at the top, so the rest of the CLI loads no server module.
-    from hub.devices.reports import report_signature
+    from hub.devices.reads import report_signature
 
     result = call(hub_config(home, nats_url), key, timeout, "device.history",
                   {"device": device_id})

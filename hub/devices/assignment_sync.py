@@ -23,10 +23,10 @@ from sqlalchemy import Engine, select
 from edge_agent import protocol as proto
 from edge_agent.protocol.names import ASSIGNMENTS_BUCKET
 from hub import events as ev
-from hub import fold as proj
-from hub.devices.reports import REVOKED
+from hub.devices import state as device_state
+from hub.devices.state import REVOKED
 from ledger.entry import Entry
-from ledger.storage.schema import ENTRIES
+from ledger.storage import query
 
 log = logging.getLogger("hub.assignments")
 
@@ -64,19 +64,15 @@ async def kv_counters(kv: KeyValue) -> dict[str, int]:
 
 
 def last_assignment(engine: Engine, device: str) -> Entry | None:
-    query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
-             .where(ENTRIES.c.subject == ev.device_subject(device),
-                    ENTRIES.c.kind == ev.DEVICE_ASSIGNED)
-             .order_by(ENTRIES.c.seq.desc()).limit(1))
+    assigned = query.EntryFilter(kinds=(ev.DEVICE_ASSIGNED,), subject=ev.device_subject(device))
     with engine.connect() as conn:
-        row = conn.execute(query).first()
-    return None if row is None else Entry.from_body(row[0], row[1], row[2])
+        return query.last_entry(conn, assigned)
 
 
 async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncResult:
     """Put the ledger's latest assignment into KV for every device whose KV entry is
     missing or older (see the module docstring)."""
-    devices = proj.DEVICES
+    devices = device_state.DEVICES
     with engine.connect() as conn:
         issued = {r.device: int(r.counter) for r in conn.execute(
             select(devices.c.device, devices.c.counter)

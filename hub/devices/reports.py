@@ -1,21 +1,11 @@
-"""Device identity: the key made at enrolment, the device bundle, signed-report checks.
+"""Report intake: device reports from the REPORTS stream into the ledger and telemetry.
 
-`hub device enroll ID` makes an Ed25519 key for the device, records its public half in
-the `device.enrolled` event (`public`), and writes the bundle the device is set up from:
-
-    HOME/devices/ID/device.toml     device_id, nats_url, file names (see BUNDLE_FIELDS)
-    HOME/devices/ID/device.key      the device's private key (0600)
-    HOME/devices/ID/trust-root.bin  the newest trust root, pinned by the device
-    HOME/devices/ID/ca.pem          the NATS server's CA certificate (homes made with --tls)
-
-The device key is also the device's NATS identity (an nkey; edge_agent/nats_auth.py):
-enrolment adds the device's user to the NATS server's users file, revocation removes it
-(`nats_users`, hub/nats_config.py).
-
-`edge-agent run --bundle DIR` reads it (edge_agent/bundle.py). The format is a flat TOML
-table; readers ignore keys they do not know, so more files (NATS credentials) can be
-added later. A device that keeps its key elsewhere (a secure element) enrolls with
-`--public HEX` and gets a bundle without device.key.
+Devices publish on `fleet.report.<device>.<kind>`. A telemetry window is counted
+(hub.telemetry.ingest); a status report (applied / failed / reverted) must be signed by
+the device's enrolled key and becomes a ledger event through the single writer. Reports
+are fetched in batches and acknowledged only once the batch is stored, so a hub stop
+loses nothing (JetStream redelivers) and a redelivered status report is recognised by
+its (boot, seq) and not recorded twice.
 """
 
 from __future__ import annotations
@@ -23,154 +13,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from sqlalchemy import select
 
-from edge_agent.bundle import (
-    BUNDLE_FORMAT,
-    CA_NAME,
-    DEVICE_KEY_NAME,
-    DEVICE_TOML,
-    TRUST_ROOT_NAME,
-)
-from edge_agent.protocol import (
-    ProtocolError,
-    SignedEnvelope,
-    check_device_id,
-    read_report,
-    report_signed_by,
-)
+from edge_agent import protocol as proto
+from edge_agent.protocol import ProtocolError, SignedEnvelope, report_signed_by
+from edge_agent.protocol.names import REPORTS_DURABLE, REPORTS_STREAM
 from hub import events as ev
-from hub import fold as proj
-from hub.home.config import HubConfig
-from hub.home.nats_config import ca_path, load_credentials, reload_server, write_users
-from ledger.entry import Entry
-from ledger.signing import SigningKey
-from ledger.storage.schema import ENTRIES
-from ledger.storage.store import LedgerStore
+from hub.commands.writer import LedgerWriter
+from hub.devices import state as device_state
+from hub.devices.state import REVOKED
+from hub.telemetry.ingest import TelemetryIngest
+from ledger.storage.store import NewEvent
 
-REVOKED = "revoked"  # proj_devices.state of a revoked device
-log = logging.getLogger(__name__)
+log = logging.getLogger("hub")
 
-
-def bundle_dir(config: HubConfig, device: str) -> Path:
-    return config.home / "devices" / device
-
-
-def write_bundle(config: HubConfig, device: str, key: SigningKey | None) -> Path:
-    """Write (or replace) the device bundle; returns its directory."""
-    directory = bundle_dir(config, device)
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
-    if key is not None:
-        key.save(directory / DEVICE_KEY_NAME)
-        os.chmod(directory / DEVICE_KEY_NAME, 0o600)
-    shutil.copyfile(config.trust_root_path, directory / TRUST_ROOT_NAME)
-    lines = [
-        "# fleetledger device bundle (written by `hub device enroll`)",
-        f"format = {BUNDLE_FORMAT}",
-        f"device_id = {_toml_str(device)}",
-        f"nats_url = {_toml_str(config.nats_url)}",
-        f"trust_root = {_toml_str(TRUST_ROOT_NAME)}",
-    ]
-    if key is not None:
-        lines.append(f"device_key = {_toml_str(DEVICE_KEY_NAME)}")
-    ca = ca_path(config.home)
-    if ca is not None:
-        shutil.copyfile(ca, directory / CA_NAME)
-        lines.append(f"nats_ca = {_toml_str(CA_NAME)}")
-    (directory / DEVICE_TOML).write_text("\n".join(lines) + "\n")
-    return directory
-
-
-def nats_users(conn: Connection) -> list[tuple[str, bytes]]:
-    """(device, public key) of every enrolled, unrevoked device with a key: its NATS users."""
-    rows = conn.execute(select(proj.DEVICES.c.device, proj.DEVICES.c.public,
-                               proj.DEVICES.c.state)).all()
-    return [(d, p) for d, p, state in rows if isinstance(p, bytes) and state != REVOKED]
-
-
-def nats_operators(conn: Connection) -> list[tuple[str, bytes]]:
-    """(key id, public key) of every unrevoked operator key: its NATS users."""
-    return [(op["keyid"], op["public"]) for op in proj.list_operators(conn)
-            if not op["revoked"] and isinstance(op["public"], bytes)]
-
-
-def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]],
-                     operators: list[tuple[str, bytes]], force: bool = False) -> bool:
-    """Rewrite the NATS users file for these devices and operators and have the local
-    server reload it; True if it reloaded, or if the file was already so and `force` is
-    off (the hub forces the first sync after it starts: a hub stopped between writing
-    the file and the reload must not leave the server on the old users). A home without
-    NATS identities (`hub init --no-auth`) has nothing to rewrite."""
-    if not load_credentials(config.home):
-        return False
-    if not write_users(config.home, devices, operators) and not force:
-        return True
-    return reload_server(config.home)
-
-
-class NatsUsersSync:
-    """Rewrites the NATS users file from the device and operator tables, coalescing
-    requests: a burst of enrolments (the hub serves operator requests concurrently)
-    costs one file write and one server reload, not one per device. A caller of
-    `sync()` returns once a write that began after its call has finished and its reload
-    has settled; `request()` only schedules one."""
-
-    def __init__(self, config: HubConfig, engine: Engine) -> None:
-        self.config = config
-        self.engine = engine
-        self._waiting: list[asyncio.Future[bool]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._synced = False  # the first sync reloads the server even if nothing changed
-
-    def request(self) -> asyncio.Future[bool]:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_consume_exception)
-        self._waiting.append(future)
-        self._wake.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="nats-users")
-        return future
-
-    async def sync(self) -> bool:
-        return await self.request()
-
-    async def _run(self) -> None:
-        while self._waiting:
-            await self._wake.wait()
-            self._wake.clear()
-            waiting, self._waiting = self._waiting, []
-            try:
-                with self.engine.connect() as conn:
-                    users, operators = nats_users(conn), nats_operators(conn)
-                reloaded = await asyncio.to_thread(apply_nats_users, self.config, users,
-                                                   operators, not self._synced)
-                self._synced = True
-            except Exception as exc:  # handed to every caller; the next sync tries again
-                for future in waiting:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for future in waiting:
-                if not future.done():
-                    future.set_result(reloaded)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-
-def _consume_exception(future: asyncio.Future[bool]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("NATS users file not updated: %s", future.exception())
+# Reports per fetch: each batch costs a head query, a device query and one telemetry
+# transaction, so larger batches share them; below the consumer's 1,000 unacked messages.
+REPORT_BATCH = 512
+REPORT_SUBJECTS = "fleet.report.>"
 
 
 def check_report_signature(device: dict[str, Any], envelope: SignedEnvelope | None) -> None:
@@ -188,45 +54,187 @@ def check_report_signature(device: dict[str, Any], envelope: SignedEnvelope | No
                             f"(signed by: {signers})")
 
 
-def device_history(store: LedgerStore, device: Any) -> dict[str, Any]:
-    """Every ledger event about a device, and its enrolled public key, for `hub device
-    history` (which checks the report signatures itself)."""
-    if not isinstance(device, str):
-        raise ProtocolError("missing 'device'")
-    check_device_id(device)
-    query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
-             .where(ENTRIES.c.subject == ev.device_subject(device)).order_by(ENTRIES.c.seq))
-    with store.engine.connect() as conn:
-        row = proj.get_device(conn, device)
-        rows = conn.execute(query).all()
-    if row is None:
-        raise ProtocolError(f"no device {device} is enrolled")
-    events = []
-    for body, prev, hash_ in rows:
-        entry = Entry.from_body(body, prev, hash_)
-        events.append({"seq": entry.seq, "ts": entry.ts, "kind": entry.kind,
-                       "actor": entry.actor, "payload": entry.payload})
-    return {"device": device, "public": row.get("public"), "events": events}
+@dataclass
+class ReportBatch:
+    """What one fetched batch of reports writes: ledger events and last-seen times."""
+
+    events: list[NewEvent] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=dict)  # device -> newest report ts
+    last: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
 
 
-def report_signature(payload: dict[str, Any], public: bytes | None) -> str:
-    """'valid', 'INVALID' or 'unsigned' for a device.update_* event's `report`."""
-    data = payload.get("report")
-    if not isinstance(data, bytes):
-        return "unsigned"
-    if public is None:
-        return "INVALID"
-    try:
-        report, envelope = read_report(data)
-    except ProtocolError:
-        return "INVALID"
-    if envelope is None or not report_signed_by(envelope, public):
-        return "INVALID"
-    # The ledger's fields must be the ones the device signed.
-    same = all(payload.get(k) == getattr(report, k) for k in
-               ("device", "model", "version", "digest", "counter", "boot"))
-    return "valid" if same else "INVALID"
+class ReportIntake:
+    def __init__(self, writer: LedgerWriter, telemetry: TelemetryIngest) -> None:
+        self.writer = writer
+        self.telemetry = telemetry
+        self.refused = 0  # reports refused since the hub started
+        # Device rows for report intake, valid while the ledger head is unchanged.
+        self._device_cache: dict[str, dict[str, Any] | None] = {}
+        self._device_cache_head: int | None = None
 
+    async def consume(self, js: JetStreamContext) -> None:
+        """Fetch, store and acknowledge reports until cancelled."""
+        sub = await js.pull_subscribe(REPORT_SUBJECTS, durable=REPORTS_DURABLE,
+                                      stream=REPORTS_STREAM)
 
-def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        async def fetch() -> list[Msg]:
+            try:
+                return await sub.fetch(REPORT_BATCH, timeout=1.0)
+            except TimeoutError:
+                return []
+            except Exception as exc:  # disconnected: nats-py reconnects; try again shortly
+                log.warning("report fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                return []
+
+        # The next batch is requested while this one is processed (one fetch in flight at
+        # a time), so the fetch round trip overlaps the hub's work instead of adding to it.
+        pending = asyncio.create_task(fetch())
+        try:
+            while True:
+                msgs = await pending
+                pending = asyncio.create_task(fetch())
+                if msgs and await self.take([(m.subject, m.data) for m in msgs]):
+                    # Acknowledged only once the batch is stored: counted exactly once.
+                    for msg in msgs:
+                        with contextlib.suppress(Exception):
+                            await msg.ack()
+        finally:
+            pending.cancel()
+
+    async def take(self, reports: Sequence[tuple[str, bytes]]) -> bool:
+        """Check and store one fetched batch of (subject, data); True once it is stored
+        (then it may be acknowledged), False if it must be delivered again."""
+        batch = ReportBatch()
+        try:
+            self._check_device_cache()
+            self._load_devices({subject.split(".")[2] for subject, _ in reports
+                                if subject.count(".") == 3})
+        except Exception:  # the database is busy or gone: not acknowledged, redelivered
+            log.exception("cannot read the devices of a report batch")
+            await asyncio.sleep(0.5)
+            return False
+        for subject, data in reports:
+            try:
+                self._prepare(subject, data, batch)
+            except proto.ProtocolError as exc:
+                self.refused += 1
+                log.warning("refused report on %s: %s", subject, exc)
+            except Exception:
+                # One poisonous report must never stop intake for the whole fleet.
+                self.refused += 1
+                log.exception("report on %s could not be processed", subject)
+        try:
+            await self._commit(batch)
+        except Exception:
+            log.exception("status reports could not be stored; redelivered later")
+            return False  # not acknowledged: JetStream redelivers them
+        self.telemetry.flush()
+        return True
+
+    def _check_device_cache(self) -> None:
+        """Drop the cached device rows if the ledger moved (an enrolment, a revocation,
+        a status report...): one head query per fetched batch instead of one device
+        query per telemetry window."""
+        head = self.writer.head_seq()
+        if head != self._device_cache_head:
+            self._device_cache.clear()
+            self._device_cache_head = head
+
+    def _load_devices(self, devices: set[str]) -> None:
+        """The rows of a fetched batch's devices in one query. During a rollout every
+        batch moves the ledger head (status reports), so the cache above is cold for
+        each batch, and one query per report was the hub's largest intake cost."""
+        missing = sorted(d for d in devices if d not in self._device_cache)
+        if not missing:
+            return
+        rows = self.writer.read(lambda conn: device_state.get_devices(conn, missing))
+        for device in missing:
+            self._device_cache[device] = rows.get(device)
+
+    def _device(self, device: str) -> dict[str, Any] | None:
+        if device in self._device_cache:
+            return self._device_cache[device]
+        row = self.writer.read(lambda conn: device_state.get_device(conn, device))
+        self._device_cache[device] = row
+        return row
+
+    def _prepare(self, subject: str, data: bytes, batch: ReportBatch) -> None:
+        """Check one report; count a telemetry window, or add a status report's ledger
+        event and last-seen time to `batch` (stored by _commit)."""
+        parts = subject.split(".")
+        if len(parts) != 4:
+            raise proto.ProtocolError(f"unexpected report subject {subject}")
+        report, envelope = proto.read_report(data)
+        if report.device != parts[2]:
+            raise proto.ProtocolError(
+                f"report for device {report.device} arrived on {parts[2]}'s subject"
+            )
+        device = self._device(report.device)
+        if device is None:
+            raise proto.ProtocolError(f"report from unknown device {report.device}")
+        if device["state"] == REVOKED:
+            raise proto.ProtocolError(f"report from revoked device {report.device}")
+        if isinstance(report, proto.TelemetryWindow):
+            self.telemetry.offer(report)
+            return
+        check_report_signature(device, envelope)  # refused unless the device's key signed it
+        batch.seen[report.device] = max(report.ts, batch.seen.get(report.device, report.ts))
+        if report.event == proto.STATUS_STARTED:
+            return
+        last_boot, last_seq = batch.last.get(
+            report.device, (device["last_report_boot"], device["last_report_seq"]))
+        if last_boot == report.boot and last_seq is not None and last_seq >= report.seq:
+            return  # already in the ledger (a redelivery after a hub restart)
+        batch.last[report.device] = (report.boot, report.seq)
+        common = {
+            "device": report.device, "model": report.model, "version": report.version,
+            "digest": report.digest, "counter": report.counter, "boot": report.boot,
+            "report_seq": report.seq, "report": data,
+        }
+        if report.event == proto.STATUS_APPLIED:
+            kind = ev.DEVICE_UPDATE_APPLIED
+            payload = {**common, "probe_output": [float(v) for v in report.probe_output]}
+        elif report.event == proto.STATUS_REVERTED:
+            kind = ev.DEVICE_UPDATE_REVERTED
+            payload = {**common, "reason": report.reason}
+        else:
+            kind = ev.DEVICE_UPDATE_FAILED
+            payload = {**common, "reason": report.reason}
+        batch.events.append(
+            NewEvent(kind, report.device, ev.device_subject(report.device), payload))
+
+    async def _commit(self, batch: ReportBatch) -> None:
+        """A batch's last-seen times in one transaction, its ledger events in another
+        (group commit: one fsync for the batch, not one per report)."""
+        if batch.seen:
+            self._touch_many(batch.seen)
+        if not batch.events:
+            return
+        async with self.writer.lock:
+            try:
+                await self.writer.append(batch.events)
+                return
+            except Exception:
+                if len(batch.events) == 1:
+                    raise
+                log.warning("a batch of %d status reports failed; appending them one by one",
+                            len(batch.events))
+            for event in batch.events:  # so one bad event does not hold up the others
+                try:
+                    await self.writer.append([event])
+                except Exception:
+                    self.refused += 1
+                    log.exception("status report of %s could not be stored", event.subject)
+
+    def _touch_many(self, seen: dict[str, int]) -> None:
+        table = device_state.TELEMETRY
+        with self.writer.store.engine.begin() as conn:
+            rows = {r.device: r.last_seen for r in conn.execute(
+                select(table.c.device, table.c.last_seen).where(table.c.device.in_(list(seen))))}
+            for device, ts in seen.items():
+                if device not in rows:
+                    conn.execute(table.insert().values(device=device, last_seen=ts))
+                elif ts > (rows[device] or 0):
+                    conn.execute(table.update().where(table.c.device == device)
+                                 .values(last_seen=ts))

@@ -7,7 +7,7 @@
     DIR/witnesses       witness verifier keys whose cosignatures the hub stores
     DIR/operators/admin.key  the first operator's key (admin, operator, registrant)
     DIR/policy.toml     validation thresholds and approvals per model name
-    DIR/nats/           nats-server.conf, users.conf, credentials.toml, tls/ (hub/nats_config.py)
+    DIR/nats/           nats-server.conf, users.conf, credentials.toml, tls/ (nats_config.py)
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class HubConfig:
     admin_public: str = ""
     origin: str = "fleetledger/hub"
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None = off, 0 = any
-    # Checkpoints (hub/checkpointer.py): sign after this many new entries or seconds.
+    # Checkpoints (hub/log/checkpointer.py): sign after this many new entries or seconds.
     checkpoint_every_entries: int = 100
     checkpoint_every_seconds: float = 10.0
 
@@ -105,7 +105,7 @@ def init_home(
     nats_auth: bool = True, tls: bool = False,
 ) -> HubConfig:
     """Create keys for every role, the signed trust root and the config file; with
-    `nats_auth`, the NATS server's configuration and identities (hub/nats_config.py),
+    `nats_auth`, the NATS server's configuration and identities (hub/home/nats_config.py),
     with `tls` also a CA and a server certificate."""
     config_path = home / CONFIG_NAME
     if config_path.exists() and not force:
@@ -125,13 +125,13 @@ def init_home(
     origin = "fleetledger/" + re.sub(r"[\s+]", "-", home.resolve().name)
     config_path.write_text(
         "# fleetledger hub configuration (written by `hub init`)\n"
-        f"nats_url = {_toml_str(nats_url)}\n"
-        f"database = {_toml_str(database)}\n"
+        f"nats_url = {toml_str(nats_url)}\n"
+        f"database = {toml_str(database)}\n"
         "manifest_ttl_days = 365\n"
         "assignment_ttl_days = 30\n"
         "# The first operator, added to the ledger when `hub serve` first starts.\n"
-        f"admin_public = {_toml_str(admin.public.raw.hex())}\n"
-        f"origin = {_toml_str(origin)}\n"
+        f"admin_public = {toml_str(admin.public.raw.hex())}\n"
+        f"origin = {toml_str(origin)}\n"
         "# Signed checkpoints of the ledger: after this many new entries or seconds.\n"
         "checkpoint_every_entries = 100\n"
         "checkpoint_every_seconds = 10.0\n"
@@ -175,9 +175,9 @@ def set_nats_url(home: Path, nats_url: str) -> None:
     """Point an existing home at another NATS server (the demo's port changes per run)."""
     config_path = home / CONFIG_NAME
     lines = config_path.read_text().splitlines()
-    out = [f"nats_url = {_toml_str(nats_url)}" if ln.startswith("nats_url") else ln for ln in lines]
+    out = [f"nats_url = {toml_str(nats_url)}" if ln.startswith("nats_url") else ln for ln in lines]
     config_path.write_text("\n".join(out) + "\n")
 
 
-def _toml_str(value: str) -> str:
+def toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

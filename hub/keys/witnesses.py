@@ -11,7 +11,7 @@ root N's root role, which is also root N+1's (unchanged), and checked with the d
 chain rule. The command records it as `keys.rotated` (role `witness`), so the root
 history, `hub keys show` and the KV bucket `roots` work as for any rotation, and after
 the commit appends the witness's vkey to HOME/witnesses so the hub stores its
-cosignatures (hub/checkpointer.py). See docs/PROTOCOL.md ("Model transparency").
+cosignatures (hub/log/checkpointer.py). See docs/PROTOCOL.md ("Model transparency").
 
 Removal (`plan_witness_removal`) is root N+1 without the key, recorded as `keys.revoked`
 (role `witness`); the hub then stops storing that witness's cosignatures. It never
@@ -34,8 +34,8 @@ from edge_agent.trust.chain import root_document, sign_root, verify_next_root
 from edge_agent.trust.root import TrustError, TrustRoot
 from hub import events as ev
 from hub.commands.envelope import VerifiedCommand
-from hub.commands.handlers import CommandError, Outcome
-from hub.keys.commands import KeyCommands
+from hub.commands.outcome import Body, CommandError, Outcome, Verbs
+from hub.keys.commands import RootChanges
 from hub.keys.keyring import ROOT_TTL_NS, WITNESS_ROLE, KeyChange, KeyChangeRefused, plan_next_root
 from hub.log.checkpointer import WITNESSES_NAME, load_witness_keys
 from ledger.durable import atomic_write
@@ -183,35 +183,27 @@ def remove_from_witness_file(path: Path, public_raw: bytes) -> None:
     atomic_write(path, "".join(f"{line}\n" for line in kept).encode(), 0o644)
 
 
-def _threshold(body: dict[str, Any]) -> int | None:
-    threshold = body.get("threshold")
-    if threshold is not None and (not isinstance(threshold, int)
-                                  or isinstance(threshold, bool) or threshold < 1):
-        raise CommandError("threshold must be a positive integer")
-    return threshold
-
-
 class WitnessCommands:
-    def __init__(self, keys: KeyCommands) -> None:
-        self.keys = keys
+    def __init__(self, roots: RootChanges) -> None:
+        self.roots = roots
+
+    def handlers(self) -> Verbs:
+        return Verbs(writes={"witness.add": self.add, "witness.remove": self.remove})
 
     def add(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         name, pubkey = cmd.body.get("name"), cmd.body.get("pubkey")
         if not isinstance(name, str) or not isinstance(pubkey, str):
             raise CommandError("witness.add needs 'name' and 'pubkey' (text)")
-        threshold = _threshold(cmd.body)
-        keyring = self.keys.keyring
-        try:
-            public = parse_witness_key(name, pubkey)
-            change = plan_witness_root(keyring.root, keyring.held, name, public,
-                                       self.keys.config.origin, threshold)
-        except KeyChangeRefused as exc:
-            raise CommandError(str(exc)) from exc
+        threshold = Body(cmd.body).positive("threshold")
+        keyring = self.roots.keyring
+        public = parse_witness_key(name, pubkey)
+        change = plan_witness_root(keyring.root, keyring.held, name, public,
+                                   self.roots.config.origin, threshold)
         vkey = witness_vkey(name, public)
-        event = self.keys._key_event(cmd, ev.KEYS_ROTATED, change,
-                                     {"key_file": "", "name": name, "vkey": vkey})
-        commit_root = self.keys._commit_root(change)
-        path = self.keys.config.home / WITNESSES_NAME
+        event = self.roots.event(cmd, ev.KEYS_ROTATED, change,
+                                 {"key_file": "", "name": name, "vkey": vkey})
+        commit_root = self.roots.commit(change)
+        path = self.roots.config.home / WITNESSES_NAME
 
         async def effect() -> None:
             add_to_witness_file(path, vkey)  # first: the hub stores its cosignatures
@@ -226,19 +218,16 @@ class WitnessCommands:
         name = cmd.body.get("name")
         if not isinstance(name, str):
             raise CommandError("witness.remove needs 'name' (text)")
-        threshold = _threshold(cmd.body)
-        keyring = self.keys.keyring
-        try:
-            keyid = witness_keyid(keyring.root, name)
-            public = keyring.root.keys[keyid]
-            change = plan_witness_removal(keyring.root, keyring.held, name, threshold)
-        except KeyChangeRefused as exc:
-            raise CommandError(str(exc)) from exc
+        threshold = Body(cmd.body).positive("threshold")
+        keyring = self.roots.keyring
+        keyid = witness_keyid(keyring.root, name)
+        public = keyring.root.keys[keyid]
+        change = plan_witness_removal(keyring.root, keyring.held, name, threshold)
         vkey = witness_vkey(name, public)
-        event = self.keys._key_event(cmd, ev.KEYS_REVOKED, change, {
+        event = self.roots.event(cmd, ev.KEYS_REVOKED, change, {
             "name": name, "vkey": vkey, "resigned_manifests": 0, "resigned_assignments": 0})
-        commit_root = self.keys._commit_root(change)
-        path = self.keys.config.home / WITNESSES_NAME
+        commit_root = self.roots.commit(change)
+        path = self.roots.config.home / WITNESSES_NAME
 
         async def effect() -> None:
             await commit_root()  # first: devices stop counting its cosignatures

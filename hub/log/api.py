@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
+from hub.commands.outcome import Body
 from hub.errors import Refused
 from hub.home.config import HubConfig
 from hub.log.checkpointer import Checkpointer, CosignatureRefused
@@ -53,20 +54,13 @@ class ApiRefused(Refused):
     """A request the API answers with an error (the message goes back to the caller)."""
 
 
-def _int(body: dict[str, Any], name: str, default: int | None = None) -> int:
-    value = body.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ApiRefused(f"{name!r} must be a non-negative integer")
-    return value
-
-
 class LedgerApi:
     def __init__(self, store: LedgerStore, checkpointer: Checkpointer) -> None:
         self.store = store
         self.checkpointer = checkpointer
         self.checkpoints = checkpointer.checkpoints
         self._subs: list[Subscription] = []
-        # Called with the tree size after cosignatures were stored (hub/transparency.py).
+        # Called with the tree size after cosignatures were stored (hub/log/transparency.py).
         self.on_cosigned: Callable[[int], Awaitable[object]] | None = None
         self._verbs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             VERB_CHECKPOINT: self.checkpoint,
@@ -134,7 +128,7 @@ class LedgerApi:
 
     def checkpoint(self, body: dict[str, Any]) -> dict[str, Any]:
         if "size" in body:
-            size = _int(body, "size")
+            size = Body(body, ApiRefused).integer("size")
             found = self.checkpoints.get(size)
             if found is None:
                 raise ApiRefused(f"no checkpoint of tree size {size}")
@@ -146,18 +140,21 @@ class LedgerApi:
                 "merkle_hash": self.store.tree_hash.name}
 
     def consistency(self, body: dict[str, Any]) -> dict[str, Any]:
-        proof = self.store.consistency_proof(_int(body, "from"), _int(body, "to"))
+        fields = Body(body, ApiRefused)
+        proof = self.store.consistency_proof(fields.integer("from"), fields.integer("to"))
         return {"proof": proof, "merkle_hash": self.store.tree_hash.name}
 
     def inclusion(self, body: dict[str, Any]) -> dict[str, Any]:
-        seq, size = _int(body, "seq"), _int(body, "size")
+        fields = Body(body, ApiRefused)
+        seq, size = fields.integer("seq"), fields.integer("size")
         proof = self.store.inclusion_proof(seq, size)
         return {"proof": proof, "leaf_hash": self.store.leaf_hash(seq),
                 "merkle_hash": self.store.tree_hash.name}
 
     def entries(self, body: dict[str, Any]) -> dict[str, Any]:
-        start = _int(body, "start")
-        limit = min(_int(body, "limit", MAX_ENTRIES_PER_REPLY), MAX_ENTRIES_PER_REPLY)
+        fields = Body(body, ApiRefused)
+        start = fields.integer("start")
+        limit = min(fields.integer("limit", MAX_ENTRIES_PER_REPLY), MAX_ENTRIES_PER_REPLY)
         rows: list[list[bytes]] = []
         total = 0
         for entry in self.store.iter_entries(start, batch=max(1, min(limit, 256))):

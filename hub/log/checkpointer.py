@@ -5,7 +5,7 @@ comes first, and only when the tree grew) the hub signs a C2SP checkpoint of the
 current tree size with the log key (key name = the configured `origin`), stores it in
 `ledger_checkpoints` (ledger/checkpoint_store.py) and publishes the note on
 `ledger.checkpoint` (JetStream stream LEDGER). Witnesses cosign it and send the cosigned
-note back on `ledger.cosignature` (hub/ledger_api.py); `accept_cosignature`
+note back on `ledger.cosignature` (hub/log/api.py); `accept_cosignature`
 keeps the cosignatures of the witnesses listed in HOME/witnesses.
 
 The log keys are the ones the hub holds (HOME/keys) that its newest trust root lists in

@@ -4,7 +4,7 @@ of cosignatures, the proof bundle of that entry in that checkpoint (ledger/bundl
 goes into the KV bucket `transparency` under `<name>.<version>`, where agents that run
 with `--require-inclusion` fetch it (edge_agent/transparency.py).
 
-`sync(size)` runs after every stored cosignature (hub/ledger_api.py calls it) and once at
+`sync(size)` runs after every stored cosignature (hub/log/api.py calls it) and once at
 hub start for the latest checkpoint. A bundle is written once per entry; a newer
 checkpoint does not re-publish it (a re-signed manifest is a new entry and is).
 """
@@ -19,20 +19,18 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
-from sqlalchemy import select
 
+from edge_agent.errors import InclusionPending, InclusionRefused
 from edge_agent.protocol.names import TRANSPARENCY_BUCKET, transparency_key
 from edge_agent.trust.inclusion import (
     RELEASE_KINDS,
-    InclusionPending,
-    InclusionRefused,
     transparency_keys,
 )
 from edge_agent.trust.root import TrustRoot
 from ledger.entry import Entry
+from ledger.storage import query
 from ledger.storage.bundles import make_bundle_at
 from ledger.storage.checkpoint_store import CheckpointStore, StoredCheckpoint
-from ledger.storage.schema import ENTRIES
 from ledger.storage.store import LedgerStore
 
 log = logging.getLogger("hub.transparency")
@@ -72,11 +70,9 @@ class TransparencyPublisher:
         await self.sync()
 
     def _releases_below(self, size: int) -> list[Entry]:
-        query = (select(ENTRIES.c.body, ENTRIES.c.prev, ENTRIES.c.hash)
-                 .where(ENTRIES.c.kind.in_(RELEASE_KINDS), ENTRIES.c.seq < size)
-                 .order_by(ENTRIES.c.seq))
+        releases = query.EntryFilter(kinds=RELEASE_KINDS, before_seq=size)
         with self.store.engine.connect() as conn:
-            return [Entry.from_body(b, p, h) for b, p, h in conn.execute(query)]
+            return query.select_entries(conn, releases, limit=None)
 
     async def sync(self, size: int | None = None) -> int:
         """Publish the bundles the checkpoint of `size` (default: the latest) makes

@@ -1,11 +1,11 @@
 """The rollout controller: an asyncio task in the hub that moves running rollouts on.
 
 Each tick it reads a running rollout's waves and device outcomes (projections, i.e. the
-ledger) and its telemetry (hub.telemetry_ingest), asks the pure `rollouts.decide` for
-the next step, and appends that step as events with actor `hub`, through the hub's
-single-writer path (the same lock and `_append` as operator commands). Assignments go
-to KV only after the ledger has them. It keeps no state of its own: after a restart it
-continues from what the ledger says.
+ledger) and its telemetry (hub.telemetry.ingest), asks the pure `rules.decide` for the
+next step, and appends that step as events with actor `hub`, through the hub's single
+writer (hub.commands.writer: the same lock and `append` as operator commands).
+Assignments go to KV only after the ledger has them. It keeps no state of its own:
+after a restart it continues from what the ledger says.
 
 Cheap at 1,000 devices: a rollout whose inputs have not changed since its last "nothing
 to do" (same ledger head, same telemetry count when it has telemetry gates, and before
@@ -21,39 +21,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection
 
 from hub import events as ev
-from hub import fold as proj
+from hub.commands.writer import LedgerWriter
+from hub.devices import state as device_state
+from hub.devices.assignments import AssignmentIssuer, PutAssignment, write_all
+from hub.governance import state as governance
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
-from hub.rollouts.commands import AssignmentIssuer, rollback_events, rollout_release
-from ledger.storage.schema import ENTRIES
+from hub.rollouts.commands import rollback_events, rollout_release
+from hub.rollouts.state import Member, member_rows, wave_views
+from hub.telemetry.ingest import TelemetryIngest
+from ledger.storage import query
 from ledger.storage.store import NewEvent
-
-if TYPE_CHECKING:
-    from hub.service.app import HubService
 
 log = logging.getLogger("hub.rollouts")
 
 MAX_STEPS_PER_TICK = 16
 QUIET_MAX_S = 60.0  # re-decide an unchanged rollout at least this often
-KV_WRITES_IN_FLIGHT = 64  # assignment puts of one decision awaiting their acks at once
+KV_GIVE_UP_S = 120.0  # an assignment write is retried this long through a NATS outage
 # Entries after which a device may have joined a rollout's target: an enrolment, a tag
 # change, or a rollout event (a rollout that ends frees its devices).
 JOIN_KINDS = (ev.DEVICE_ENROLLED, ev.DEVICE_TAGGED)
-
-Effects = list[Callable[[], Awaitable[None]]]
+JOIN_PREFIXES = ("rollout.",)
 
 
 class RolloutController:
-    def __init__(self, hub: HubService, issuer: AssignmentIssuer, tick: float = 0.2) -> None:
-        self.hub = hub
+    def __init__(self, writer: LedgerWriter, telemetry: TelemetryIngest,
+                 issuer: AssignmentIssuer, put_assignment: PutAssignment,
+                 tick: float = 0.2) -> None:
+        self.writer = writer
+        self.telemetry = telemetry
         self.issuer = issuer
+        self.put_assignment = put_assignment
         self.tick = tick
         self._join_seq: dict[str, int] = {}  # ledger head at the last joiner search
         # rollout -> (ledger head, telemetry windows, monotonic due) of its last "nothing
@@ -73,7 +76,7 @@ class RolloutController:
             await asyncio.sleep(self.tick)
 
     async def step(self) -> None:
-        running = self.hub._read(lambda c: rs.list_rollouts(c, (ro.RUNNING,)))
+        running = self.writer.read(lambda c: rs.list_rollouts(c, (ro.RUNNING,)))
         for rid in set(self._quiet) - {r["rollout"] for r in running}:
             del self._quiet[rid]
         for rollout in running:
@@ -82,14 +85,13 @@ class RolloutController:
                     break
 
     def _inputs(self, conn: Connection) -> tuple[int, int]:
-        head = conn.execute(select(func.max(ENTRIES.c.seq))).scalar()
-        return (-1 if head is None else int(head)), self.hub.telemetry.windows_total
+        head = query.head_seq(conn)
+        return (-1 if head is None else head), self.telemetry.windows_total
 
     async def _advance(self, rid: str) -> bool:
         """One decision for one rollout; True if something was appended."""
-        hub = self.hub
-        async with hub._write_lock:
-            with hub.store.engine.connect() as conn:
+        async with self.writer.lock:
+            with self.writer.store.engine.connect() as conn:
                 head, windows = self._inputs(conn)
                 quiet = self._quiet.get(rid)
                 if quiet is not None and quiet[0] == head and quiet[1] in (-1, windows) \
@@ -99,7 +101,7 @@ class RolloutController:
                 if rollout is None or rollout["state"] != ro.RUNNING:
                     return False
                 self.evaluations += 1
-                events, effects, due = self._plan(conn, rollout, head)
+                events, writes, due = self._plan(conn, rollout, head)
                 if not events:
                     # Without telemetry gates, new telemetry cannot change the decision.
                     gated = ro.Policy.from_payload(rollout["policy"]).has_gates
@@ -107,13 +109,13 @@ class RolloutController:
             if not events:
                 return False
             self._quiet.pop(rid, None)
-            await hub._append(events)
-        await _all_done(effects)
+            await self.writer.append(events)
+        await write_all(self.put_assignment, writes, give_up_s=KV_GIVE_UP_S)
         self.decisions += 1
         return True
 
     def _plan(self, conn: Connection, rollout: dict[str, Any], head: int
-              ) -> tuple[list[NewEvent], Effects, float]:
+              ) -> tuple[list[NewEvent], list[tuple[str, bytes]], float]:
         """The events of the next step and their KV writes; with none, also the
         monotonic time by which the clock alone may change the decision."""
         rid = rollout["rollout"]
@@ -128,13 +130,13 @@ class RolloutController:
             telemetry = self._telemetry(conn, rollout, members)
             decision = ro.decide(policy, waves, telemetry, now_ns)
         if decision.action == ro.ACT_NONE:
-            events, effects = self._joiners(conn, rollout, waves, members, head)
-            return events, effects, _due(policy, waves, now_ns)
-        events, effects = self._events(conn, rollout, policy, decision)
-        return events, effects, 0.0
+            events, writes = self._joiners(conn, rollout, waves, members, head)
+            return events, writes, _due(policy, waves, now_ns)
+        events, writes = self._events(conn, rollout, policy, decision)
+        return events, writes, 0.0
 
     def _events(self, conn: Connection, rollout: dict[str, Any], policy: ro.Policy,
-                decision: ro.Decision) -> tuple[list[NewEvent], Effects]:
+                decision: ro.Decision) -> tuple[list[NewEvent], list[tuple[str, bytes]]]:
         rid = rollout["rollout"]
         subject = ev.rollout_subject(rid)
         actor = ev.CONTROLLER_ACTOR
@@ -142,12 +144,12 @@ class RolloutController:
         if decision.action == ro.ACT_START_WAVE:
             started = NewEvent(ev.ROLLOUT_WAVE_STARTED, actor, subject,
                                {**base, "devices": list(decision.devices)})
-            more, effects = self.issuer.issue(
+            issued = self.issuer.issue(
                 conn, actor, rid, list(decision.devices), rollout_release(rollout),
-                self.hub._put_assignment, extra={"wave": decision.wave})
+                extra={"wave": decision.wave})
             log.info("%s: wave %d started (%d devices)", rid, decision.wave,
                      len(decision.devices))
-            return [started, *more], effects
+            return [started, *issued.events], issued.writes
         if decision.action == ro.ACT_TIME_OUT:
             return [NewEvent(ev.ROLLOUT_DEVICES_TIMED_OUT, actor, subject, {
                 **base, "devices": list(decision.devices), "deadline_s": policy.deadline_s,
@@ -170,24 +172,18 @@ class RolloutController:
             "auto_rollback": policy.auto_rollback})
         if not policy.auto_rollback:
             return [halt], []
-        events, effects, _ = rollback_events(
+        events, issued, _ = rollback_events(
             conn, self.issuer, rollout, actor, f"automatic: {decision.reason}", True,
-            self.hub._put_assignment, first=halt)
-        return events, effects
-
-    def telemetry_view(self, conn: Connection, rollout: dict[str, Any]) -> ro.TelemetryView:
-        return self._telemetry(conn, rollout, member_rows(conn, rollout["rollout"]))
+            first=halt)
+        return events, issued.writes
 
     def _telemetry(self, conn: Connection, rollout: dict[str, Any],
                    members: list[Member]) -> ro.TelemetryView:
-        release = proj.get_release(conn, rollout["model"], rollout["version"])
-        reference = (release or {}).get("validation", {}).get("reference_histograms", [])
-        keys = [(m.device, rollout["digest"], m.counter) for m in members if m.counter]
-        return self.hub.telemetry.view(keys, reference)
+        return telemetry_view(conn, self.telemetry, rollout, members)
 
     def _joiners(self, conn: Connection, rollout: dict[str, Any],
                  waves: list[ro.WaveView], members: list[Member], head: int
-                 ) -> tuple[list[NewEvent], Effects]:
+                 ) -> tuple[list[NewEvent], list[tuple[str, bytes]]]:
         """Devices that joined the target since the rollout was created get its release
         in the current wave. Looked for only when the ledger has an enrolment, a tag
         change or a rollout event since the last search (nothing else adds a device to
@@ -196,11 +192,8 @@ class RolloutController:
         since = self._join_seq.get(rid)
         if since is not None and since == head:
             return [], []
-        if since is not None and conn.execute(
-                select(ENTRIES.c.seq).where(
-                    ENTRIES.c.seq > since,
-                    or_(ENTRIES.c.kind.in_(JOIN_KINDS), ENTRIES.c.kind.startswith("rollout.")),
-                ).limit(1)).first() is None:
+        if since is not None and not query.any_entry(conn, query.EntryFilter(
+                kinds=JOIN_KINDS, kind_prefixes=JOIN_PREFIXES, after_seq=since)):
             self._join_seq[rid] = head
             return [], []
         self._join_seq[rid] = head
@@ -212,7 +205,7 @@ class RolloutController:
         busy = rs.active_rollout_of(conn)
         in_rollout = {m.device for m in members}
         joined = sorted(
-            d["device"] for d in proj.list_devices(conn)
+            d["device"] for d in device_state.list_devices(conn)
             if d["device"] not in in_rollout and d["device"] not in busy
             and selector.matches(d["device"], *tags.get(d["device"], ("", {})))
         )
@@ -222,12 +215,11 @@ class RolloutController:
         events = [NewEvent(ev.ROLLOUT_DEVICE_ADDED, actor, ev.rollout_subject(rid),
                            {"rollout": rid, "wave": current.index, "device": d})
                   for d in joined]
-        more, effects = self.issuer.issue(conn, actor, rid, joined, rollout_release(rollout),
-                                          self.hub._put_assignment,
-                                          extra={"wave": current.index})
+        issued = self.issuer.issue(conn, actor, rid, joined, rollout_release(rollout),
+                                   extra={"wave": current.index})
         log.info("%s: %d device(s) joined the target; assigned in wave %d", rid, len(joined),
                  current.index)
-        return [*events, *more], effects
+        return [*events, *issued.events], issued.writes
 
 
 def _due(policy: ro.Policy, waves: list[ro.WaveView], now_ns: int) -> float:
@@ -244,61 +236,15 @@ def _due(policy: ro.Policy, waves: list[ro.WaveView], now_ns: int) -> float:
     return time.monotonic() + (due_ns - now_ns) / 1e9
 
 
-async def _all_done(effects: Effects) -> None:
-    """Run a decision's KV writes, KV_WRITES_IN_FLIGHT at a time: one after the other,
-    a 500-device wave waited one NATS round trip per device before its last device
-    was even told (the writes are independent: one key per device)."""
-    sem = asyncio.Semaphore(KV_WRITES_IN_FLIGHT)
-
-    async def one(effect: Callable[[], Awaitable[None]]) -> None:
-        async with sem:
-            await _until_done(effect)
-
-    await asyncio.gather(*(one(e) for e in effects))
 
 
-async def _until_done(effect: Callable[[], Awaitable[None]], give_up_s: float = 120.0) -> None:
-    """Run a KV write the ledger already records; retry through a NATS outage (the
-    device acts only on what is in KV, so a lost write would strand it)."""
-    delay = 0.2
-    deadline = time.monotonic() + give_up_s
-    while True:
-        try:
-            await effect()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                log.error("giving up on an assignment write after %.0f s: %s", give_up_s, exc)
-                return
-            log.warning("assignment write failed (%s); retrying", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
-@dataclass(frozen=True)
-class Member:
-    wave: int
-    device: str
-    state: str
-    counter: int
-
-
-def member_rows(conn: Connection, rid: str) -> list[Member]:
-    """The rollout's devices: only the four columns a decision needs, as tuples (a
-    1,000-device rollout is read every tick while a wave is rolling)."""
-    t = rs.ROLLOUT_DEVICES
-    rows = conn.execute(select(t.c.wave, t.c.device, t.c.state, t.c.counter)
-                        .where(t.c.rollout == rid))
-    return [Member(*row) for row in rows]
-
-
-def wave_views(conn: Connection, rid: str, members: list[Member] | None = None
-               ) -> list[ro.WaveView]:
-    devices: dict[int, dict[str, str]] = {}
-    for m in member_rows(conn, rid) if members is None else members:
-        devices.setdefault(m.wave, {})[m.device] = m.state
-    return [ro.WaveView(w["wave"], w["state"], devices.get(w["wave"], {}), w["started_ts"],
-                        w["baking_ts"])
-            for w in rs.list_waves(conn, rid)]
+def telemetry_view(conn: Connection, telemetry: TelemetryIngest, rollout: dict[str, Any],
+                   members: list[Member] | None = None) -> ro.TelemetryView:
+    """The telemetry of a rollout's devices on its release, against the release's
+    reference histograms (drift)."""
+    if members is None:
+        members = member_rows(conn, rollout["rollout"])
+    release = governance.get_release(conn, rollout["model"], rollout["version"])
+    reference = (release or {}).get("validation", {}).get("reference_histograms", [])
+    keys = [(m.device, rollout["digest"], m.counter) for m in members if m.counter]
+    return telemetry.view(keys, reference)

@@ -1,20 +1,21 @@
-"""Rollout projections: device groups/tags, rollouts, waves and each device's part in a
-rollout, folded from ledger events only (projections.apply_entries calls `apply`
-inside the append transaction, and `hub rebuild` replays it).
-
-Imports nothing from projections.py, so projections.py can import it.
+"""Rollout state: device groups/tags, rollouts, waves and each device's part in a
+rollout, folded from ledger events only (HANDLERS; hub.fold composes every
+capability's, inside the append transaction, and `hub rebuild` replays them), and the
+reads the controller, the commands and the read verbs share.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Table, and_, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from hub import events as ev
-from hub.columns import int64_columns
+from hub.columns import int64_columns, json_text, row_dict
 from hub.rollouts import rules as ro
 from ledger.entry import Entry
 
@@ -83,21 +84,11 @@ int64_columns(TAGS, ROLLOUTS, WAVES, ROLLOUT_DEVICES)
 TABLES: tuple[Table, ...] = (TAGS, ROLLOUTS, WAVES, ROLLOUT_DEVICES)
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
 # ---------------------------------------------------------------- fold
 
 
-def apply(conn: Connection, entry: Entry) -> None:
-    handler = _HANDLERS.get(entry.kind)
-    if handler is not None:
-        handler(conn, entry, entry.payload)
-
-
 def _tagged(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
-    values = {"device_group": str(p.get("group", "")), "tags": _json(p.get("tags", {})),
+    values = {"device_group": str(p.get("group", "")), "tags": json_text(p.get("tags", {})),
               "updated_seq": entry.seq}
     exists = conn.execute(select(TAGS.c.device).where(TAGS.c.device == p["device"])).first()
     if exists is None:
@@ -127,8 +118,8 @@ def _created(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     rollout = p["rollout"]
     conn.execute(insert(ROLLOUTS).values(
         rollout=rollout, model=p["model"], version=p["version"], digest=p["digest"],
-        manifest_hash=p["manifest_hash"], target=p["target"], waves=_json(p["waves"]),
-        policy=_json(p["policy"]), state=ro.CREATED, creator=entry.actor,
+        manifest_hash=p["manifest_hash"], target=p["target"], waves=json_text(p["waves"]),
+        policy=json_text(p["policy"]), state=ro.CREATED, creator=entry.actor,
         created_seq=entry.seq, created_ts=entry.ts, updated_ts=entry.ts,
     ))
     devices: list[str] = list(p["devices"])
@@ -147,7 +138,7 @@ def _state(state: str) -> Any:
         if "reason" in p:
             values["reason"] = str(p["reason"])
         if "evidence" in p:
-            values["evidence"] = _json(p["evidence"])
+            values["evidence"] = json_text(p["evidence"])
         _rollout_update(conn, entry, p["rollout"], **values)
 
     return handler
@@ -160,19 +151,19 @@ def _wave_started(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
 
 def _wave_baking(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     _wave_update(conn, p["rollout"], p["wave"], state=ro.WAVE_BAKING, baking_ts=entry.ts,
-                 evidence=_json(p["evidence"]))
+                 evidence=json_text(p["evidence"]))
 
 
 def _wave_completed(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     _wave_update(conn, p["rollout"], p["wave"], state=ro.WAVE_DONE, ended_ts=entry.ts,
-                 evidence=_json(p["evidence"]))
+                 evidence=json_text(p["evidence"]))
 
 
 def _halted(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     _state(ro.HALTED)(conn, entry, p)
     if p.get("wave", -1) >= 0:
         _wave_update(conn, p["rollout"], p["wave"], state=ro.WAVE_HALTED, ended_ts=entry.ts,
-                     evidence=_json(p["evidence"]))
+                     evidence=json_text(p["evidence"]))
 
 
 def _timed_out(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
@@ -236,7 +227,8 @@ def _report(outcome: str) -> Any:
     return handler
 
 
-_HANDLERS = {
+Handler = Callable[[Connection, Entry, dict[str, Any]], None]
+HANDLERS: dict[str, Handler] = {
     ev.DEVICE_TAGGED: _tagged,
     ev.ROLLOUT_CREATED: _created,
     ev.ROLLOUT_STARTED: _state(ro.RUNNING),
@@ -263,21 +255,13 @@ _HANDLERS = {
 _JSON = ("waves", "policy", "evidence", "tags")
 
 
-def _row(mapping: Any) -> dict[str, Any]:
-    out = dict(mapping)
-    for column in _JSON:
-        if isinstance(out.get(column), str):
-            out[column] = json.loads(out[column])
-    return out
-
-
 def device_tags(conn: Connection) -> dict[str, tuple[str, dict[str, str]]]:
     return {r.device: (r.device_group, json.loads(r.tags)) for r in conn.execute(select(TAGS))}
 
 
 def get_rollout(conn: Connection, rollout: str) -> dict[str, Any] | None:
     row = conn.execute(select(ROLLOUTS).where(ROLLOUTS.c.rollout == rollout)).mappings().first()
-    return _row(row) if row is not None else None
+    return row_dict(row, _JSON) if row is not None else None
 
 
 def list_rollouts(conn: Connection, states: tuple[str, ...] | None = None
@@ -285,12 +269,12 @@ def list_rollouts(conn: Connection, states: tuple[str, ...] | None = None
     query = select(ROLLOUTS).order_by(ROLLOUTS.c.created_seq)
     if states is not None:
         query = query.where(ROLLOUTS.c.state.in_(states))
-    return [_row(r) for r in conn.execute(query).mappings()]
+    return [row_dict(r, _JSON) for r in conn.execute(query).mappings()]
 
 
 def list_waves(conn: Connection, rollout: str) -> list[dict[str, Any]]:
     query = select(WAVES).where(WAVES.c.rollout == rollout).order_by(WAVES.c.wave)
-    return [_row(r) for r in conn.execute(query).mappings()]
+    return [row_dict(r, _JSON) for r in conn.execute(query).mappings()]
 
 
 def list_rollout_devices(conn: Connection, rollout: str) -> list[dict[str, Any]]:
@@ -323,3 +307,44 @@ def active_rollout_of(conn: Connection) -> dict[str, str]:
                  ROLLOUTS, ROLLOUTS.c.rollout == ROLLOUT_DEVICES.c.rollout))
              .where(ROLLOUTS.c.state.in_(ro.ACTIVE_STATES)))
     return {r.device: r.rollout for r in conn.execute(query)}
+
+
+def refuse_busy(conn: Connection, devices: list[str], advice: str) -> None:
+    """Refuse (RolloutError) if any of `devices` is in an active rollout: one active
+    rollout per device. `advice` says what to do instead (`{owner}` names the rollout)."""
+    busy = active_rollout_of(conn)
+    clash = sorted(d for d in devices if d in busy)
+    if not clash:
+        return
+    owners = sorted({busy[d] for d in clash})
+    shown = ", ".join(clash[:5]) + (f" (+{len(clash) - 5} more)" if len(clash) > 5 else "")
+    raise ro.RolloutError(
+        f"{len(clash)} device(s) are already in active rollout {', '.join(owners)}: {shown}; "
+        f"one active rollout per device: {advice.format(owner=owners[0])}")
+
+
+@dataclass(frozen=True)
+class Member:
+    wave: int
+    device: str
+    state: str
+    counter: int
+
+
+def member_rows(conn: Connection, rid: str) -> list[Member]:
+    """The rollout's devices: only the four columns a decision needs, as tuples (a
+    1,000-device rollout is read every tick while a wave is rolling)."""
+    t = ROLLOUT_DEVICES
+    rows = conn.execute(select(t.c.wave, t.c.device, t.c.state, t.c.counter)
+                        .where(t.c.rollout == rid))
+    return [Member(*row) for row in rows]
+
+
+def wave_views(conn: Connection, rid: str, members: list[Member] | None = None
+               ) -> list[ro.WaveView]:
+    devices: dict[int, dict[str, str]] = {}
+    for m in member_rows(conn, rid) if members is None else members:
+        devices.setdefault(m.wave, {})[m.device] = m.state
+    return [ro.WaveView(w["wave"], w["state"], devices.get(w["wave"], {}), w["started_ts"],
+                        w["baking_ts"])
+            for w in list_waves(conn, rid)]

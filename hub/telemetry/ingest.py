@@ -30,8 +30,8 @@ from sqlmodel import Field, SQLModel
 
 from edge_agent import protocol as proto
 from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, quantile_from_buckets
-from hub import fold as proj
 from hub.columns import int64_columns
+from hub.devices import state as device_state
 from hub.rollouts import rules as ro
 from hub.telemetry.drift import psi_per_output
 from hub.wire import DEVICE_SORTS
@@ -147,7 +147,7 @@ class TelemetryIngest:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         with engine.begin() as conn:
-            for table in (AGG, DEVS, proj.TELEMETRY):
+            for table in (AGG, DEVS, device_state.TELEMETRY):
                 table.create(conn, checkfirst=True)
             self._aggs: dict[tuple[str, str, int], _Agg] = {}
             for r in conn.execute(select(AGG)).mappings():
@@ -263,7 +263,7 @@ class TelemetryIngest:
         """The per-device totals `hub devices` shows (table device_telemetry)."""
         if not self._latest:
             return
-        table = proj.TELEMETRY
+        table = device_state.TELEMETRY
         existing = {r[0] for r in conn.execute(
             select(table.c.device).where(table.c.device.in_(list(self._latest))))}
         inserts: list[dict[str, Any]] = []

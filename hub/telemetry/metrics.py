@@ -2,7 +2,8 @@
 
 A tiny asyncio HTTP/1.0 server on 127.0.0.1 (port from config.toml `metrics_port` or
 `hub serve --metrics-port`; 0 = off). `render` is a pure function of the hub's state,
-so tests can check the text without a socket.
+so tests can check the text without a socket; the server is handed a callable that
+renders the page, so it knows nothing of the hub.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from edge_agent.protocol.bins import LATENCY_BUCKETS_MS
-from hub import fold as proj
+from hub.devices import state as device_state
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
-
-if TYPE_CHECKING:
-    from hub.service.app import HubService
+from hub.telemetry.ingest import TelemetryIngest
+from ledger.storage.store import LedgerStore
 
 log = logging.getLogger("hub.metrics")
 
@@ -46,10 +46,10 @@ class _Out:
                           else f"{name}{text} {value}")
 
 
-def render(hub: HubService) -> str:
+def render(store: LedgerStore, telemetry: TelemetryIngest, refused_reports: int) -> str:
     out = _Out()
-    with hub.store.engine.connect() as conn:
-        devices = proj.list_devices(conn)
+    with store.engine.connect() as conn:
+        devices = device_state.list_devices(conn)
         rollouts = rs.list_rollouts(conn)
         rollout_rows = {r["rollout"]: rs.list_rollout_devices(conn, r["rollout"])
                         for r in rollouts if r["state"] in ro.ACTIVE_STATES}
@@ -73,7 +73,7 @@ def render(hub: HubService) -> str:
         for (wave, state), n in sorted(per.items()):
             out.sample("fleet_rollout_devices", n, rollout=rid, wave=wave, state=state)
 
-    t = hub.telemetry
+    t = telemetry
     totals = t.totals_by_model()
     out.family("fleet_inferences_total", "counter", "Inferences reported by devices.")
     for (model, version), (n, _) in sorted(totals.items()):
@@ -106,8 +106,8 @@ def render(hub: HubService) -> str:
                "Time from the end of the last ingested window to its ingestion.")
     out.sample("fleet_telemetry_ingest_lag_seconds", round(t.last_lag_s, 6))
     out.family("fleet_reports_refused_total", "counter", "Device reports refused.")
-    out.sample("fleet_reports_refused_total", hub.refused_reports)
-    head = hub.store.head()
+    out.sample("fleet_reports_refused_total", refused_reports)
+    head = store.head()
     out.family("fleet_ledger_entries", "gauge", "Entries in the ledger.")
     out.sample("fleet_ledger_entries", 0 if head is None else head.seq + 1)
     out.family("fleet_scrape_timestamp_seconds", "gauge", "When this page was made.")
@@ -116,8 +116,8 @@ def render(hub: HubService) -> str:
 
 
 class MetricsServer:
-    def __init__(self, hub: HubService, port: int, host: str = "127.0.0.1") -> None:
-        self.hub = hub
+    def __init__(self, render: Callable[[], str], port: int, host: str = "127.0.0.1") -> None:
+        self.render = render
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -141,7 +141,7 @@ class MetricsServer:
                 pass
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body = render(self.hub).encode()
+                body = self.render().encode()
                 status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
             else:
                 body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"

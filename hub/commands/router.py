@@ -1,0 +1,128 @@
+"""The verb router: a signed operator command in, its answer out.
+
+`Router.handle(verb, data)` checks the command (hub.commands.envelope.open_command: a
+known, unrevoked operator whose role allows the verb, a fresh time, an unused nonce),
+then runs the verb's handler. A read answers from the state. A write runs its handler
+under the writer's lock and appends its events; the side effects it asks for run after
+the commit. A slow write (model register / validate) does its slow part first with no
+lock held, then re-checks and appends under the lock.
+
+Every capability hands its verbs in as `Verbs` (its `handlers()`); the router refuses a
+verb nobody answers. Refusals are `hub.errors.Refused` (and `ProtocolError` from a
+document the hub could not read): the NATS edge turns them into `{"ok": false}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import Connection
+
+from hub.commands.envelope import MAX_CLOCK_SKEW_NS, Operator, VerifiedCommand, open_command
+from hub.commands.outcome import CommandError, Handler, Outcome, Read, SlowHandler, Verbs
+from hub.commands.writer import LedgerWriter
+from hub.governance import state as governance
+
+# How often the read-nonce set drops what is older than the freshness window.
+NONCE_SWEEP_NS = 10 * 10**9
+
+
+class _NonceLookup:
+    """`nonce in lookup` against the ledger-derived nonce table."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __contains__(self, nonce: object) -> bool:
+        return isinstance(nonce, str) and governance.nonce_used(self.conn, nonce)
+
+
+class Router:
+    def __init__(self, writer: LedgerWriter, verbs: Iterable[Verbs],
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.writer = writer
+        self.clock = clock
+        self.writes: dict[str, Handler] = {}
+        self.slow_writes: dict[str, SlowHandler] = {}
+        self.reads: dict[str, Read] = {}
+        for group in verbs:
+            twice = self.verbs & {*group.writes, *group.slow_writes, *group.reads}
+            assert not twice, f"verbs registered twice: {sorted(twice)}"
+            self.writes.update(group.writes)
+            self.slow_writes.update(group.slow_writes)
+            self.reads.update(group.reads)
+        # Reads append nothing, so their nonces are not in the ledger: they are kept
+        # here, each until its command would be refused as stale anyway.
+        self._read_nonces: dict[str, int] = {}  # nonce -> the command's signed time
+        self._swept = 0
+
+    @property
+    def verbs(self) -> set[str]:
+        return {*self.writes, *self.slow_writes, *self.reads}
+
+    def operators(self, conn: Connection) -> dict[str, Operator]:
+        return {
+            r["keyid"]: Operator(r["name"], r["keyid"], r["public"], tuple(r["roles"]),
+                                 bool(r["revoked"]))
+            for r in governance.list_operators(conn)
+        }
+
+    def read_nonces(self) -> int:
+        """How many read nonces are held (bounded by the freshness window)."""
+        return len(self._read_nonces)
+
+    def _remember_read(self, cmd: VerifiedCommand, now: int) -> None:
+        self._read_nonces[cmd.nonce] = cmd.time
+        if now - self._swept < NONCE_SWEEP_NS:
+            return
+        self._swept = now
+        # A command signed more than MAX_CLOCK_SKEW_NS before `now` is refused as stale
+        # by open_command, before its nonce is looked at: its nonce can go.
+        old = [n for n, sent in self._read_nonces.items() if now - sent > MAX_CLOCK_SKEW_NS]
+        for nonce in old:
+            del self._read_nonces[nonce]
+
+    async def handle(self, verb: str, data: bytes) -> Any:
+        """Check and run one signed command; a refusal raises hub.errors.Refused."""
+        if verb not in self.verbs:
+            known = ", ".join(sorted(self.verbs))
+            raise CommandError(f"unknown command {verb!r}; known: {known}")
+        received = self.clock()  # freshness is judged on arrival, however long it runs
+        read = self.reads.get(verb)
+        if read is not None:
+            cmd = open_command(data, verb, self.writer.read(self.operators),
+                               self._read_nonces, received)
+            self._remember_read(cmd, received)
+            result = read(cmd)
+            return await result if asyncio.iscoroutine(result) else result
+        handler = self.writes.get(verb)
+        slow = self.slow_writes.get(verb)
+        if slow is not None:
+            # Checks first, then the slow part (blobs, the model) with no lock held, so
+            # reports and other commands go on meanwhile; `handler` re-checks under it.
+            with self.writer.store.engine.connect() as conn:
+                cmd = open_command(data, verb, self.operators(conn), _NonceLookup(conn),
+                                   received)
+                work = slow(conn, cmd)
+            handler = await work()
+        assert handler is not None
+        # One writer at a time: state checks and the append see the same state.
+        async with self.writer.lock:
+            with self.writer.store.engine.connect() as conn:
+                # Again under the lock: a twin may have used the nonce, or the operator
+                # been revoked, while the slow part ran.
+                cmd = open_command(data, verb, self.operators(conn), _NonceLookup(conn),
+                                   received)
+                outcome = handler(conn, cmd)
+                if not isinstance(outcome, Outcome):
+                    outcome = await outcome
+            entries = await self.writer.append(outcome.events)
+        for effect in outcome.after_commit:
+            await effect()
+        result = outcome.result
+        if isinstance(result, dict):
+            result = {**result, "seq": [e.seq for e in entries]}
+        return result

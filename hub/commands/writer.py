@@ -1,0 +1,76 @@
+"""The hub's single ledger writer.
+
+Every append of the hub goes through one `LedgerWriter`: operator commands (the
+router), the rollout controller and report intake. A writer holds `lock` while it
+judges the state and appends, so state checks and the append see the same state; the
+events and their fold into the hub's tables (hub.fold.apply_entries) commit in one
+transaction. After the commit each entry goes to the `ledger.entry` feed, if the hub is
+serving one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from sqlalchemy import Connection
+
+from hub import fold
+from ledger.entry import Entry
+from ledger.storage import query
+from ledger.storage.store import LedgerStore, NewEvent
+
+T = TypeVar("T")
+
+ENTRY_SUBJECT = "ledger.entry"
+
+# publish(subject, data, headers): the NATS edge's, without waiting for an ack.
+Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+
+
+def entry_headers(entry: Entry) -> dict[str, str]:
+    return {"Nats-Msg-Id": f"ledger.{entry.seq}", "Ledger-Seq": str(entry.seq),
+            "Ledger-Hash": entry.hash.hex(), "Ledger-Prev": entry.prev.hex()}
+
+
+class LedgerWriter:
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+        self.lock = asyncio.Lock()
+        self.publish: Publish | None = None  # set while the hub serves the feed
+
+    async def append(self, new: Sequence[NewEvent]) -> list[Entry]:
+        """Append `new` with their fold, in one transaction; the caller holds `lock`."""
+        assert self.lock.locked(), "LedgerWriter.append needs the write lock held"
+        entries = self.store.append_many(list(new), apply=fold.apply_entries)
+        if self.publish is None:
+            return entries  # not serving (offline use): no feed to publish to
+        # The feed is a convenience; the DB is truth. Published in order on the hub's one
+        # connection (the LEDGER stream stores them in that order, de-duplicated by
+        # Nats-Msg-Id) without waiting for each stream ack: waiting would hold the write
+        # lock for one NATS round trip per entry, and a failed publish is ignored anyway.
+        for entry in entries:
+            with contextlib.suppress(Exception):
+                await self.publish(ENTRY_SUBJECT, entry.body, entry_headers(entry))
+        return entries
+
+    async def write(self, new: Sequence[NewEvent]) -> list[Entry]:
+        """`append` under the lock, for a caller that judged no state first."""
+        async with self.lock:
+            return await self.append(new)
+
+    def read(self, fn: Callable[[Connection], T]) -> T:
+        with self.store.engine.connect() as conn:
+            return fn(conn)
+
+    def head_seq(self) -> int | None:
+        """The seq of the newest entry (None: the ledger is empty)."""
+        return self.read(query.head_seq)
+
+
+def next_seq(conn: Connection) -> int:
+    """The seq the next appended entry will get (names deployments and rollouts)."""
+    head = query.head_seq(conn)
+    return 0 if head is None else head + 1

@@ -1,0 +1,100 @@
+"""Read verbs about devices: `devices` (one page of the fleet) and `device.history`
+(every ledger event about a device, with its enrolled key), and the check of a
+recorded report's signature that `hub device history` shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from edge_agent.protocol import (
+    ProtocolError,
+    check_device_id,
+    read_report,
+    report_signed_by,
+)
+from hub import events as ev
+from hub.commands.envelope import VerifiedCommand
+from hub.commands.outcome import Body, CommandError, Verbs
+from hub.devices import state as device_state
+from ledger.encoding import canonical_encode
+from ledger.storage import query
+
+# `devices` pages: rows per page at most, and the encoded rows' budget per reply (under
+# the 256 KiB a client accepts; a row with a long last error is ~1.5 KiB).
+DEVICES_PAGE = 500
+DEVICES_REPLY_BYTES = 192 * 1024
+
+
+class DeviceReads:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def handlers(self) -> Verbs:
+        return Verbs(reads={"devices": self.devices, "device.history": self.history})
+
+    def devices(self, cmd: VerifiedCommand) -> Any:
+        """One page of the fleet (a 1,000-device fleet is over the reply size limit in
+        one piece): up to `limit` rows from `offset`, cut short to stay under
+        DEVICES_REPLY_BYTES; `next_offset` is where the next page starts (None: done)."""
+        state = cmd.body.get("state")
+        if state is not None and not isinstance(state, str):
+            raise CommandError("'state' must be text")
+        body = Body(cmd.body)
+        limit = body.whole_number("limit", DEVICES_PAGE, 1, DEVICES_PAGE)
+        offset = body.whole_number("offset", 0, 0, None)
+        with self.engine.connect() as conn:
+            rows = device_state.list_devices(conn, state, offset, limit + 1)
+            states = device_state.device_states(conn)
+        more = len(rows) > limit
+        kept: list[dict[str, Any]] = []
+        size = 0
+        for row in rows[:limit]:
+            size += len(canonical_encode(row))
+            if kept and size > DEVICES_REPLY_BYTES:
+                more = True
+                break
+            kept.append(row)
+        total = states.get(state, 0) if state is not None else sum(states.values())
+        return {"devices": kept, "device_count": total, "states": states, "offset": offset,
+                "next_offset": offset + len(kept) if more else None}
+
+    def history(self, cmd: VerifiedCommand) -> Any:
+        with self.engine.connect() as conn:
+            return device_history(conn, cmd.body.get("device"))
+
+
+def device_history(conn: Connection, device: Any) -> dict[str, Any]:
+    """Every ledger event about a device, and its enrolled public key, for `hub device
+    history` (which checks the report signatures itself)."""
+    if not isinstance(device, str):
+        raise CommandError("missing 'device'")
+    check_device_id(device)
+    row = device_state.get_device(conn, device)
+    if row is None:
+        raise CommandError(f"no device {device} is enrolled")
+    entries = query.select_entries(
+        conn, query.EntryFilter(subject=ev.device_subject(device)), limit=None)
+    events = [{"seq": e.seq, "ts": e.ts, "kind": e.kind, "actor": e.actor,
+               "payload": e.payload} for e in entries]
+    return {"device": device, "public": row.get("public"), "events": events}
+
+
+def report_signature(payload: dict[str, Any], public: bytes | None) -> str:
+    """'valid', 'INVALID' or 'unsigned' for a device.update_* event's `report`."""
+    data = payload.get("report")
+    if not isinstance(data, bytes):
+        return "unsigned"
+    if public is None:
+        return "INVALID"
+    try:
+        report, envelope = read_report(data)
+    except ProtocolError:
+        return "INVALID"
+    if envelope is None or not report_signed_by(envelope, public):
+        return "INVALID"
+    # The ledger's fields must be the ones the device signed.
+    same = all(payload.get(k) == getattr(report, k) for k in
+               ("device", "model", "version", "digest", "counter", "boot"))
+    return "valid" if same else "INVALID"

@@ -1,0 +1,152 @@
+"""Device state: enrolled devices (a fold of ledger events; HANDLERS) and their
+telemetry counters (`device_telemetry`: not derived from the ledger, fed by report
+intake and the telemetry stream)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection, Table, func, insert, select, update
+from sqlmodel import Field, SQLModel
+
+from hub import events as ev
+from hub.columns import int64_columns, row_dict
+from ledger.entry import Entry
+
+REVOKED = "revoked"  # proj_devices.state of a revoked device
+
+
+class DeviceRow(SQLModel, table=True):
+    __tablename__ = "proj_devices"
+    device: str = Field(primary_key=True)
+    enrolled_seq: int
+    public: bytes | None = None  # the device's Ed25519 key: its status reports are signed
+    counter: int = 0  # last assignment counter the hub issued
+    assigned_model: str | None = None
+    assigned_version: str | None = None
+    model: str | None = None  # what the device last said it runs
+    version: str | None = None
+    digest: str | None = None
+    state: str = "enrolled"  # enrolled | assigned | applied | failed | reverted | revoked
+    last_error: str | None = None
+    last_report_boot: str | None = None
+    last_report_seq: int | None = None
+    updated_ts: int = 0
+
+
+class DeviceTelemetryRow(SQLModel, table=True):
+    """Counters from telemetry windows; not derived from the ledger."""
+
+    __tablename__ = "device_telemetry"
+    device: str = Field(primary_key=True)
+    last_seen: int = 0
+    inferences: int = 0
+    errors: int = 0
+    latency_ms_p95: float = 0.0
+    boot: str = ""
+    window_seq: int = -1
+
+
+DEVICES: Table = SQLModel.metadata.tables[DeviceRow.__tablename__]
+TELEMETRY: Table = SQLModel.metadata.tables[DeviceTelemetryRow.__tablename__]
+int64_columns(DEVICES, TELEMETRY)
+
+TABLES: tuple[Table, ...] = (DEVICES,)  # folded from the ledger (TELEMETRY is not)
+
+
+# ---------------------------------------------------------------- fold
+
+
+def _enrolled(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    public = p.get("public")
+    conn.execute(insert(DEVICES).values(
+        device=p["device"], enrolled_seq=entry.seq, updated_ts=entry.ts,
+        public=public if isinstance(public, bytes) else None,
+    ))
+
+
+def _device_update(conn: Connection, device: str, **values: Any) -> None:
+    conn.execute(update(DEVICES).where(DEVICES.c.device == device).values(**values))
+
+
+def _assigned(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    _device_update(
+        conn, p["device"], counter=p["counter"], assigned_model=p["model"],
+        assigned_version=p["version"], state="assigned", last_error=None, updated_ts=entry.ts,
+    )
+
+
+def _applied(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    _device_update(
+        conn, p["device"], model=p["model"], version=p["version"], digest=p["digest"],
+        state="applied", last_error=None, last_report_boot=p["boot"],
+        last_report_seq=p["report_seq"], updated_ts=entry.ts,
+    )
+
+
+def _failed(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    _device_update(
+        conn, p["device"], state="failed", last_error=p["reason"], last_report_boot=p["boot"],
+        last_report_seq=p["report_seq"], updated_ts=entry.ts,
+    )
+
+
+def _reverted(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    _device_update(
+        conn, p["device"], model=p["model"], version=p["version"], digest=p["digest"],
+        state="reverted", last_error=p["reason"], last_report_boot=p["boot"],
+        last_report_seq=p["report_seq"], updated_ts=entry.ts,
+    )
+
+
+Handler = Callable[[Connection, Entry, dict[str, Any]], None]
+HANDLERS: dict[str, Handler] = {
+    ev.DEVICE_ENROLLED: _enrolled,
+    ev.DEVICE_REVOKED: lambda conn, entry, p: _device_update(
+        conn, p["device"], state="revoked", last_error=p["reason"] or "revoked",
+        updated_ts=entry.ts),
+    ev.DEVICE_ASSIGNED: _assigned,
+    ev.DEVICE_UPDATE_APPLIED: _applied,
+    ev.DEVICE_UPDATE_FAILED: _failed,
+    ev.DEVICE_UPDATE_REVERTED: _reverted,
+}
+
+
+# ---------------------------------------------------------------- reads
+
+
+def get_device(conn: Connection, device: str) -> dict[str, Any] | None:
+    row = conn.execute(select(DEVICES).where(DEVICES.c.device == device)).mappings().first()
+    return row_dict(row, ()) if row is not None else None
+
+
+def get_devices(conn: Connection, devices: list[str]) -> dict[str, dict[str, Any]]:
+    """Several devices' rows in one query (those that exist)."""
+    rows = conn.execute(select(DEVICES).where(DEVICES.c.device.in_(devices))).mappings()
+    return {r["device"]: row_dict(r, ()) for r in rows}
+
+
+def list_devices(conn: Connection, state: str | None = None, offset: int = 0,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """Devices joined with their telemetry counters, ordered by id; optionally only those
+    in `state`, and one page of them."""
+    query = (
+        select(DEVICES, TELEMETRY.c.last_seen, TELEMETRY.c.inferences, TELEMETRY.c.errors,
+               TELEMETRY.c.latency_ms_p95)
+        .select_from(DEVICES.outerjoin(TELEMETRY, DEVICES.c.device == TELEMETRY.c.device))
+        .order_by(DEVICES.c.device)
+    )
+    if state is not None:
+        query = query.where(DEVICES.c.state == state)
+    if offset:
+        query = query.offset(offset)
+    if limit is not None:
+        query = query.limit(limit)
+    return [row_dict(r, ()) for r in conn.execute(query).mappings()]
+
+
+def device_states(conn: Connection) -> dict[str, int]:
+    """How many devices are in each state."""
+    rows = conn.execute(select(DEVICES.c.state, func.count()).group_by(DEVICES.c.state))
+    return {str(state): int(n) for state, n in rows}

@@ -1,0 +1,231 @@
+"""Model lifecycle commands: register, validate, approve, reject, release, deprecate,
+revoke (the rules are in hub.governance.rules; the state in hub.governance.state).
+
+`model.register` and `model.validate` are slow writes: their slow part (reading the
+uploaded blobs, running the model) runs without the write lock, and the commit re-checks
+the state under it (hub.commands.router).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import blake3
+from sqlalchemy import Connection
+
+from edge_agent import protocol as proto
+from edge_agent.runtime import ModelRuntimeError, preflight
+from hub import events as ev
+from hub.commands.envelope import VerifiedCommand
+from hub.commands.outcome import (
+    DAY_NS,
+    Body,
+    CommandError,
+    Effects,
+    Handler,
+    Outcome,
+    SlowWork,
+    Verbs,
+    command_event,
+)
+from hub.governance import rules as lc
+from hub.governance import state as governance
+from hub.governance.state import require_release, require_transition
+from hub.home.config import HubConfig
+from hub.keys.keyring import Keyring
+
+MAX_DATASET_BYTES = 64 * 1024 * 1024
+
+
+def model_ref(body: dict[str, Any]) -> tuple[str, str]:
+    """(name, version) of a command that names a model version (checked like a device
+    checks it)."""
+    fields = Body(body)
+    name, version = fields.text("name"), fields.text("version")
+    proto.check_model_ref(name, version)  # ProtocolError: refused by the router
+    return name, version
+
+
+class ModelCommands:
+    def __init__(self, config: HubConfig, keyring: Keyring, effects: Effects) -> None:
+        self.config = config
+        self.keyring = keyring
+        self.effects = effects
+
+    def handlers(self) -> Verbs:
+        return Verbs(
+            writes={
+                "model.approve": self.approve,
+                "model.reject": self.reject,
+                "model.release": self.release,
+                "model.deprecate": self.deprecate,
+                "model.revoke": self.revoke,
+            },
+            # Their slow part runs outside the write lock (see outcome.SlowWork).
+            slow_writes={"model.register": self.register, "model.validate": self.validate},
+        )
+
+    def register(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
+        name, version = model_ref(cmd.body)
+        body = Body(cmd.body)
+        digest, size = body.text("digest"), body.integer("size")
+        lineage, card = body.map("lineage"), body.map("card")
+        _check_unregistered(conn, name, version)
+
+        async def inspect() -> Handler:
+            with tempfile.TemporaryDirectory(prefix="hub-register-") as tmp:
+                path = Path(tmp) / "model.tflite"
+                await self._fetch_checked(digest, size, path, "model")
+                try:
+                    # In a child process: a corrupt model can crash the TFLite runtime.
+                    signature = (await asyncio.to_thread(preflight, path)).signature
+                except ModelRuntimeError as exc:
+                    raise CommandError(f"not a loadable TFLite model: {exc}") from exc
+
+            def commit(conn: Connection, cmd: VerifiedCommand) -> Outcome:
+                _check_unregistered(conn, name, version)  # a concurrent twin won
+                payload = {
+                    "name": name, "version": version, "digest": digest, "size": size,
+                    "format": "tflite", "inputs": signature["inputs"],
+                    "outputs": signature["outputs"], "lineage": lineage, "card": card,
+                }
+                event = command_event(cmd, ev.MODEL_REGISTERED, ev.model_subject(name, version),
+                                      payload)
+                return Outcome([event], {"name": name, "version": version, "digest": digest,
+                                         "state": lc.REGISTERED})
+
+            return commit
+
+        return inspect
+
+    async def _fetch_checked(self, digest: str, size: int, dest: Path, what: str) -> None:
+        try:
+            got = await self.effects.read_blob(digest, size, dest)
+        except Exception as exc:
+            raise CommandError(f"cannot read the uploaded {what}: {exc}") from exc
+        if got != digest:
+            raise CommandError(
+                f"the stored {what} does not match digest {digest[:16]}…; upload it again"
+            )
+
+    def validate(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
+        from hub import validation  # numpy-heavy; only when validating
+
+        name, version = model_ref(cmd.body)
+        row = require_release(conn, name, version)
+        require_transition("validate", row)
+        body = Body(cmd.body)
+        data_digest, data_size = body.text("data_digest"), body.integer("data_size")
+        if data_size > MAX_DATASET_BYTES:
+            raise CommandError(f"validation data is over {MAX_DATASET_BYTES >> 20} MiB")
+        try:
+            policy = validation.load_policy(self.config.policy_path, name)
+        except validation.ValidationError as exc:
+            raise CommandError(f"policy {self.config.policy_path}: {exc}") from exc
+
+        async def evaluate() -> Handler:
+            with tempfile.TemporaryDirectory(prefix="hub-validate-") as tmp:
+                model_path, data_path = Path(tmp) / "model.tflite", Path(tmp) / "data.npz"
+                await self._fetch_checked(row["digest"], row["size"], model_path, "model")
+                await self._fetch_checked(data_digest, data_size, data_path, "validation data")
+                try:
+                    dataset = validation.load_dataset(data_path)
+                    report = await asyncio.to_thread(validation.validate, model_path, dataset,
+                                                     policy)
+                except validation.ValidationError as exc:
+                    raise CommandError(f"validation could not run: {exc}") from exc
+
+            def commit(conn: Connection, cmd: VerifiedCommand) -> Outcome:
+                # The state may have moved while the model ran (another validation,
+                # a rejection): judge the transition again against the ledger as it is now.
+                require_transition("validate", require_release(conn, name, version))
+                payload = {
+                    "name": name, "version": version, **report.to_payload(),
+                    "dataset_digest": data_digest, "policy": str(self.config.policy_path.name),
+                    "approvals_required": int(policy.approvals_required),
+                }
+                event = command_event(cmd, ev.MODEL_VALIDATED, ev.model_subject(name, version),
+                                      payload)
+                return Outcome([event], {"name": name, "version": version,
+                                         "passed": report.passed, "failures": report.failures,
+                                         "metrics": payload["metrics"]})
+
+            return commit
+
+        return evaluate
+
+    def approve(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        name, version = model_ref(cmd.body)
+        row = require_release(conn, name, version)
+        require_transition("approve", row)
+        lc.check_approval(cmd.operator.keyid, row["registrant"], row["approvals"], name,
+                          version)
+        count = len(row["approvals"]) + 1
+        payload = {"name": name, "version": version, "approvals": count,
+                   "required": row["approvals_required"]}
+        state = lc.APPROVED if count >= row["approvals_required"] else lc.VALIDATED
+        return Outcome(
+            [command_event(cmd, ev.MODEL_APPROVED, ev.model_subject(name, version), payload)],
+            {**payload, "state": state},
+        )
+
+    @staticmethod
+    def _simple_transition(conn: Connection, cmd: VerifiedCommand, action: str,
+                           kind: str, need_reason: bool) -> Outcome:
+        name, version = model_ref(cmd.body)
+        require_transition(action, require_release(conn, name, version))
+        reason = str(cmd.body.get("reason", ""))
+        if need_reason and not reason:
+            raise CommandError(f"{action} needs --reason: say why, for the record")
+        payload = {"name": name, "version": version, "reason": reason}
+        return Outcome([command_event(cmd, kind, ev.model_subject(name, version), payload)],
+                       {**payload, "state": kind.split(".")[1]})
+
+    def reject(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        return self._simple_transition(conn, cmd, "reject", ev.MODEL_REJECTED, True)
+
+    def deprecate(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        return self._simple_transition(conn, cmd, "deprecate", ev.MODEL_DEPRECATED, False)
+
+    def revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        return self._simple_transition(conn, cmd, "revoke", ev.MODEL_REVOKED, True)
+
+    async def release(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        name, version = model_ref(cmd.body)
+        row = require_release(conn, name, version)
+        require_transition("release", row)
+        now = time.time_ns()
+        histograms = row["validation"].get("reference_histograms", [])
+        manifest = proto.ReleaseManifest(
+            name=name, version=version, digest=row["digest"], size=row["size"],
+            format="tflite", inputs=row["inputs"], outputs=row["outputs"], created=now,
+            expires=now + self.config.manifest_ttl_days * DAY_NS,
+            drift_bins=[h.get("edges", []) for h in histograms if isinstance(h, dict)],
+        )
+        envelope = proto.SignedEnvelope.sign(
+            manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
+        ).encode()
+        manifest_hash = blake3.blake3(envelope).hexdigest()
+        payload = {"name": name, "version": version, "digest": row["digest"],
+                   "manifest_hash": manifest_hash, "manifest": envelope,
+                   "expires": manifest.expires}
+        # The manifest goes to the KV bucket only once the release is in the ledger.
+        key = proto.manifest_key(name, version)
+        return Outcome(
+            [command_event(cmd, ev.MODEL_RELEASED, ev.model_subject(name, version), payload)],
+            {"name": name, "version": version, "manifest_hash": manifest_hash,
+             "state": lc.RELEASED},
+            [lambda: self.effects.put_manifest(key, envelope)],
+        )
+
+
+def _check_unregistered(conn: Connection, name: str, version: str) -> None:
+    if governance.get_release(conn, name, version) is not None:
+        raise CommandError(
+            f"model {name}/{version} is already registered; versions are immutable, "
+            "register a new version"
+        )

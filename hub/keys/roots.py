@@ -1,0 +1,55 @@
+"""Trust roots between the ledger, HOME and the KV bucket `roots`, where agents walk
+the chain (`root.<N>` and `root.latest`)."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from sqlalchemy import Connection
+
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import ROOT_LATEST_KEY, ROOTS_BUCKET, root_key
+from hub import events as ev
+from hub.keys.keyring import Keyring
+from ledger.storage import query
+from ledger.storage.store import LedgerStore
+
+
+def roots_from_ledger(conn: Connection) -> list[bytes]:
+    """Every root the ledger records (keys.rotated / keys.revoked), oldest first."""
+    changes = query.EntryFilter(kinds=(ev.KEYS_ROTATED, ev.KEYS_REVOKED))
+    return [e.payload["root"] for e in query.iter_entries(conn, changes)]
+
+
+async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerStore) -> None:
+    """Bring HOME and the KV bucket `roots` up to date with the ledger, at hub start.
+
+    A root the ledger has but HOME lacks (the hub stopped between the commit and
+    writing the file) is written first.
+    """
+    with store.engine.connect() as conn:
+        recorded = roots_from_ledger(conn)
+    for data in recorded:
+        try:
+            version = proto.SignedEnvelope.decode(data).document("root")["version"]
+        except (proto.ProtocolError, KeyError):
+            continue
+        if version not in keyring.roots():
+            keyring.store_root(data)
+    try:
+        kv = await js.key_value(ROOTS_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        kv = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1))
+    roots = keyring.roots()
+    for version in sorted(roots):
+        await kv.put(root_key(version), roots[version])
+    await kv.put(ROOT_LATEST_KEY, roots[max(roots)])
+
+
+async def put_root(js: JetStreamContext, data: bytes) -> None:
+    """Publish one new root: `root.<N>` first, then `root.latest`."""
+    version = proto.SignedEnvelope.decode(data).document("root")["version"]
+    kv = await js.key_value(ROOTS_BUCKET)
+    await kv.put(root_key(int(version)), data)
+    await kv.put(ROOT_LATEST_KEY, data)

@@ -1,0 +1,196 @@
+"""The hub's NATS edge: its connection, the JetStream layout, the operator API on
+`hub.api.<verb>`, and the side effects handlers ask for (hub.commands.outcome.Effects):
+blob reads, manifest / assignment / root writes in KV, the NATS users file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import blake3
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from sqlalchemy import Engine
+
+from edge_agent import protocol as proto
+from edge_agent.protocol.names import (
+    API_PREFIX,
+    ASSIGNMENTS_BUCKET,
+    LEDGER_STREAM,
+    MANIFESTS_BUCKET,
+    MODELS_BUCKET,
+    REPORTS_STREAM,
+)
+from edge_agent.transport.connect import connect as nats_connect
+from edge_agent.transport.objects import iter_object_chunks
+from hub.commands.router import Router
+from hub.errors import Refused
+from hub.home.config import HubConfig
+from hub.home.nats_users import NatsUsersSync
+from hub.keys.roots import put_root
+from ledger.encoding import canonical_encode
+
+log = logging.getLogger("hub")
+
+MAX_REQUEST_BYTES = 256 * 1024
+# Commands handled at once. Writes still commit one at a time (the write lock); this
+# lets reads and short writes answer while a slow one (validation) runs. Past it, the
+# subscription waits, and NATS holds the requests.
+MAX_CONCURRENT_REQUESTS = 16
+# Every device holds a watch consumer on the assignments and trust-root buckets, plus one
+# per model download; nats-server (2.11+) caps a stream at 1,000 consumers unless the
+# stream says otherwise (err 10026 "maximum consumers limit reached").
+FLEET_MAX_CONSUMERS = 1_000_000
+
+
+class NatsEdge:
+    """The hub's one NATS connection and what goes through it (implements Effects)."""
+
+    def __init__(self, config: HubConfig, engine: Engine) -> None:
+        self.config = config
+        self.nats_users = NatsUsersSync(config, engine)
+        self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._api_slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._api_tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "NatsEdge.connect() was not called"
+        return self._js
+
+    async def connect(self) -> None:
+        self.nc = await nats_connect(
+            self.config.nats_url, self.config.nats_auth("hub"), name="hub",
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        )
+        self._js = self.nc.jetstream()
+
+    async def ensure_layout(self) -> None:
+        js = self.js
+        try:
+            await js.object_store(MODELS_BUCKET)
+        except (BucketNotFoundError, NotFoundError):
+            await js.create_object_store(MODELS_BUCKET, config=ObjectStoreConfig())
+        for bucket in (MANIFESTS_BUCKET, ASSIGNMENTS_BUCKET):
+            try:
+                await js.key_value(bucket)
+            except (BucketNotFoundError, NotFoundError):
+                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+        await js.add_stream(
+            StreamConfig(
+                name=REPORTS_STREAM,
+                subjects=["fleet.report.>"],
+                duplicate_window=600.0,
+                max_msg_size=proto.MAX_ENVELOPE_BYTES,
+            )
+        )
+        await js.add_stream(
+            StreamConfig(name=LEDGER_STREAM, subjects=["ledger.entry", "ledger.checkpoint"])
+        )
+
+    # ------------------------------------------------------------ the operator API
+
+    async def serve_api(self, router: Router) -> None:
+        assert self.nc is not None, "NatsEdge.connect() was not called"
+
+        async def on_request(msg: Msg) -> None:
+            # nats-py runs one subscription's callbacks one after another: hand each
+            # request to a task of its own so a long command does not hold up the next.
+            await self._api_slots.acquire()
+            task = asyncio.create_task(self._answer(router, msg), name=f"api {msg.subject}")
+            self._api_tasks.add(task)
+
+            def done(t: asyncio.Task[None]) -> None:
+                self._api_tasks.discard(t)
+                self._api_slots.release()
+
+            task.add_done_callback(done)
+
+        await self.nc.subscribe(API_PREFIX + ">", cb=on_request)
+
+    async def _answer(self, router: Router, msg: Msg) -> None:
+        verb = msg.subject[len(API_PREFIX):]
+        try:
+            if len(msg.data) > MAX_REQUEST_BYTES:
+                raise Refused(f"request is over {MAX_REQUEST_BYTES} bytes")
+            reply: dict[str, Any] = {"ok": True, "result": await router.handle(verb, msg.data)}
+        except (Refused, proto.ProtocolError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # keep serving; the operator gets one line
+            log.exception("command %s failed", verb)
+            reply = {"ok": False, "error": f"internal error in {verb}: {exc}"}
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(canonical_encode(reply))
+
+    async def drain_api(self, timeout: float = 10) -> None:
+        """Let commands in progress answer (bounded), then cancel what is left."""
+        if self._api_tasks:
+            await asyncio.wait(set(self._api_tasks), timeout=timeout)
+        for task in set(self._api_tasks):
+            task.cancel()
+
+    # ------------------------------------------------------------ Effects
+
+    async def read_blob(self, digest: str, size: int, dest: Path) -> str:
+        hasher = blake3.blake3()
+        with open(dest, "wb") as fh:
+            async for chunk in iter_object_chunks(self.js, MODELS_BUCKET, digest, size):
+                hasher.update(chunk)
+                fh.write(chunk)
+        return hasher.hexdigest()
+
+    async def put_manifest(self, key: str, envelope: bytes) -> None:
+        await (await self.js.key_value(MANIFESTS_BUCKET)).put(key, envelope)
+
+    async def put_assignment(self, device: str, envelope: bytes) -> None:
+        await (await self.js.key_value(ASSIGNMENTS_BUCKET)).put(device, envelope)
+
+    async def publish_root(self, data: bytes) -> None:
+        await put_root(self.js, data)
+
+    async def sync_nats_users(self, wait: bool = True) -> bool:
+        """Rewrite the NATS users file from the device table and reload the local server;
+        without `wait` only schedule it (returns False)."""
+        if not wait:
+            self.nats_users.request()
+            return False
+        return await self.nats_users.sync()
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        """Publish without waiting for an ack (the ledger feed)."""
+        assert self.nc is not None
+        await self.nc.publish(subject, data, headers=headers)
+
+    async def close(self) -> None:
+        await self.nats_users.close()
+        if self.nc is not None and not self.nc.is_closed:
+            # Handlers are done by now; flush what we published and close.
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 5)
+
+
+async def allow_fleet_consumers(js: JetStreamContext) -> None:
+    """Raise max_consumers on the buckets every device reads (idempotent)."""
+    from edge_agent.protocol.names import ROOTS_BUCKET
+
+    buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
+               f"OBJ_{MODELS_BUCKET}")
+    for stream in buckets:
+        try:
+            info = await js.stream_info(stream)
+            if info.config.max_consumers == FLEET_MAX_CONSUMERS:
+                continue
+            info.config.max_consumers = FLEET_MAX_CONSUMERS
+            await js.update_stream(info.config)
+        except Exception as exc:  # a server that refuses: devices beyond 1,000 may not watch
+            log.warning("cannot raise max_consumers on %s: %s", stream, exc)
