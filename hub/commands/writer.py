@@ -17,14 +17,13 @@ from typing import TypeVar
 
 from sqlalchemy import Connection
 
+from edge_agent.protocol.names import LEDGER_ENTRY_SUBJECT
 from hub import fold
 from ledger.entry import Entry
 from ledger.storage import query
 from ledger.storage.store import LedgerStore, NewEvent
 
 T = TypeVar("T")
-
-ENTRY_SUBJECT = "ledger.entry"
 
 # publish(subject, data, headers): the NATS edge's, without waiting for an ack.
 Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
@@ -53,7 +52,7 @@ class LedgerWriter:
         # lock for one NATS round trip per entry, and a failed publish is ignored anyway.
         for entry in entries:
             with contextlib.suppress(Exception):
-                await self.publish(ENTRY_SUBJECT, entry.body, entry_headers(entry))
+                await self.publish(LEDGER_ENTRY_SUBJECT, entry.body, entry_headers(entry))
         return entries
 
     async def write(self, new: Sequence[NewEvent]) -> list[Entry]:

@@ -22,6 +22,8 @@ from edge_agent import protocol as proto
 from edge_agent.protocol.names import (
     API_PREFIX,
     ASSIGNMENTS_BUCKET,
+    LEDGER_CHECKPOINT_SUBJECT,
+    LEDGER_ENTRY_SUBJECT,
     LEDGER_STREAM,
     MANIFESTS_BUCKET,
     MODELS_BUCKET,
@@ -92,7 +94,8 @@ class NatsEdge:
             )
         )
         await js.add_stream(
-            StreamConfig(name=LEDGER_STREAM, subjects=["ledger.entry", "ledger.checkpoint"])
+            StreamConfig(name=LEDGER_STREAM,
+                         subjects=[LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT])
         )
 
     # ------------------------------------------------------------ the operator API
