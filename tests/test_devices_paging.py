@@ -9,8 +9,8 @@ import json
 import pytest
 
 from hub import events as ev
-from hub.client import HubError
 from hub.devices import reads
+from hub.errors import HubError
 from ledger.signing import SigningKey
 from ledger.storage.store import NewEvent
 from tests.fleet import Fleet
