@@ -532,3 +532,15 @@ def test_name_slash_version_and_80_column_key_ids_against_a_running_hub(
             assert keyid in table.stdout, (keyid, table.stdout)
     admin = SigningKey.load(served_home / "operators" / "admin.key")
     assert admin.public.keyid in operators.result().stdout, operators.result().stdout
+
+
+def test_demo_refuses_a_non_empty_data_directory_it_did_not_make(tmp_path: Path) -> None:
+    data = tmp_path / "mine"
+    data.mkdir()
+    (data / "thesis.tex").write_text("years of work")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--data",
+                           str(data)], capture_output=True, text=True, env=cli_env(),
+                          cwd=tmp_path, timeout=60, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "not deleting it" in flat(done.stdout)
+    assert (data / "thesis.tex").read_text() == "years of work"
