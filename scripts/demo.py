@@ -43,6 +43,8 @@ from testkit.nats_server import EmbeddedNats  # noqa: E402
 console = Console()
 BIN = Path(sys.executable).parent
 PR_SET_PDEATHSIG = 1
+# Written into --data DIR: only a directory holding it is wiped by the next run.
+MARKER = ".fleetledger-demo"
 
 
 def _die_with_parent() -> None:
@@ -178,16 +180,22 @@ async def release(admin: HubClient, alice: HubClient, model: Path, version: str,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "demo-data",
-                        help="working directory for this run (wiped at start)")
+                        help="working directory for this run (wiped at start if an earlier demo "
+                        "made it; any other non-empty directory is refused)")
     parser.add_argument("--devices", type=int, default=5, help="number of agents")
     parser.add_argument("--tls", action="store_true", help="NATS over TLS (the home's CA)")
     parser.add_argument("--no-auth", action="store_true",
                         help="a NATS server without users (authentication is on by default)")
     args = parser.parse_args()
     data: Path = args.data.resolve()
-    if data.exists():
+    if data.exists() and any(data.iterdir()):
+        if not (data / MARKER).is_file():
+            console.print(f"[red]error:[/red] {data} is not empty and no demo made it (no "
+                          f"{MARKER} file); not deleting it. Pass an empty or new --data DIR.")
+            return 2
         shutil.rmtree(data)
     (data / "logs").mkdir(parents=True)
+    (data / MARKER).write_text("made by scripts/demo; the next run may wipe this directory\n")
     devices = [f"dev-{i:02d}" for i in range(1, args.devices + 1)]
     models = {}
     for version in ("1", "2"):

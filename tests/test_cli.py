@@ -22,8 +22,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from edge_agent import cli as agent_cli
@@ -376,3 +378,169 @@ def test_deploy_needs_devices_or_all_before_calling_the_hub(tmp_path: Path) -> N
     done = run("hub.cli", "deploy", "--model", "kws", "--version", "1",
                "--home", str(tmp_path / "none"))
     clear_error(done, 2, "--device", "--all")
+
+
+# ---------------------------------------------------------------- conventions (issue 15)
+
+
+def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every command and group under a click command, with its path of names."""
+    yield path, command
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from _commands(sub, (*path, name))
+
+
+CLICK = {tool: typer.main.get_command(app) for tool, app in APPS.items()}
+EVERY_COMMAND = [(tool, path) for tool in ("hub", "ledger") for path, _ in _commands(CLICK[tool])]
+
+
+def test_the_walk_finds_every_command() -> None:
+    paths = {" ".join((tool, *path)) for tool, path in EVERY_COMMAND}
+    assert {"hub", "hub deploy", "hub model approve", "hub rollout rollback", "hub keys revoke",
+            "hub witness add", "hub device tag", "ledger", "ledger verify-bundle",
+            "ledger tail"} <= paths
+    assert len(paths) > 50
+
+
+@pytest.mark.parametrize(("tool", "path"), EVERY_COMMAND,
+                         ids=[" ".join((t, *p)) for t, p in EVERY_COMMAND])
+def test_every_command_has_examples_and_short_help(tool: str, path: tuple[str, ...]) -> None:
+    runner = CliRunner()
+    long = runner.invoke(APPS[tool], [*path, "--help"], prog_name=tool, env={"COLUMNS": "100"})
+    short = runner.invoke(APPS[tool], [*path, "-h"], prog_name=tool, env={"COLUMNS": "100"})
+    assert long.exit_code == 0, long.output
+    assert short.exit_code == 0 and short.stdout == long.stdout
+    assert "Examples:" in long.stdout
+    assert f"{tool} {' '.join(path)}".strip() in long.stdout.split("Examples:")[1]
+
+
+def _example_lines(epilog: str) -> list[str]:
+    lines = epilog.split("Examples:", 1)[1].splitlines()
+    return [line.strip().split("    (")[0] for line in lines if line.strip()]
+
+
+def _resolve(argv: list[str]) -> tuple[Any, list[str], list[str]]:
+    tool, *args = argv
+    command, path = CLICK[tool], [tool]
+    while args and args[0] in getattr(command, "commands", {}):
+        command = command.commands[args[0]]
+        path.append(args.pop(0))
+    return command, path, args
+
+
+@pytest.mark.parametrize(("tool", "path"), EVERY_COMMAND,
+                         ids=[" ".join((t, *p)) for t, p in EVERY_COMMAND])
+def test_every_example_names_real_commands_and_options(tool: str, path: tuple[str, ...]) -> None:
+    """Each example line parses: its command exists and takes every option it passes."""
+    import shlex
+
+    command = dict(_commands(CLICK[tool]))[path]
+    for line in _example_lines(command.epilog or ""):
+        argv = shlex.split(line)
+        while argv and "=" in argv[0]:  # LEDGER_DB=... ledger verify
+            argv.pop(0)
+        if not argv or argv[0] not in CLICK:
+            continue  # e.g. .venv/bin/python scripts/make_validation_data.py
+        target, names, args = _resolve(argv)
+        assert names == argv[: len(names)], line
+        ctx = target.make_context(names[-1], [], resilient_parsing=True)
+        known = {opt for param in target.get_params(ctx)
+                 for opt in (*param.opts, *param.secondary_opts)}
+        unknown = [a.split("=")[0] for a in args
+                   if a.startswith("-") and a.split("=")[0] not in known]
+        assert not unknown, f"{line}: {' '.join(names)} takes no {unknown}"
+
+
+def test_hub_version_and_completion() -> None:
+    from importlib.metadata import version
+
+    done = run("hub.cli", "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"hub (fleetledger) {version('fleetledger')}"
+    helped = CliRunner().invoke(hub_cli.app, ["--help"], prog_name="hub")
+    assert "--install-completion" in helped.stdout and "--show-completion" in helped.stdout
+
+
+@pytest.mark.parametrize(("ref", "model", "version", "expected"), [
+    ("kws/1", None, None, ("kws", "1")),
+    (None, "kws", "1", ("kws", "1")),
+    (None, "kws/2", None, ("kws", "2")),
+    ("kws/1", "kws", None, "not both"),
+    (None, "kws/1", "2", "drop --version"),
+    (None, "kws", None, "NAME/VERSION"),
+    (None, None, None, "NAME/VERSION"),
+    ("kws", None, None, "expected NAME/VERSION"),
+])
+def test_name_slash_version_or_the_old_flags(ref: str | None, model: str | None,
+                                             version: str | None,
+                                             expected: tuple[str, str] | str) -> None:
+    from hub.cli._common import resolve_ref
+    from hub.errors import UsageError
+
+    if isinstance(expected, tuple):
+        assert resolve_ref(ref, model, version) == expected
+    else:
+        with pytest.raises(UsageError, match=expected):
+            resolve_ref(ref, model, version)
+
+
+def test_deploy_and_rollout_refuse_two_model_spellings_before_calling_the_hub(
+        tmp_path: Path) -> None:
+    home = str(tmp_path / "none")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        both = pool.submit(run, "hub.cli", "deploy", "kws/1", "--model", "kws", "--all",
+                           "--home", home)
+        neither = pool.submit(run, "hub.cli", "rollout", "create", "--home", home)
+        register = pool.submit(run, "hub.cli", "model", "register", __file__, "--name", "kws",
+                               "--home", home)
+    clear_error(both.result(), 2, "not both")
+    clear_error(neither.result(), 2, "NAME/VERSION")
+    clear_error(register.result(), 2, "NAME/VERSION")
+
+
+def test_hub_status_wait_gives_up_with_exit_3(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    url = f"nats://127.0.0.1:{free_port()}"
+    assert run("hub.cli", "init", str(home), "--nats", url).returncode == 0
+    started = time.monotonic()
+    done = run("hub.cli", "status", "--wait", "1", "--home", str(home))
+    clear_error(done, 3, url)
+    assert time.monotonic() - started >= 1
+
+
+def test_name_slash_version_and_80_column_key_ids_against_a_running_hub(
+        served_home: Path) -> None:
+    home = str(served_home)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        deploy = pool.submit(run, "hub.cli", "deploy", "kws/1", "--all", "--home", home)
+        old = pool.submit(run, "hub.cli", "deploy", "--model", "kws", "--version", "1",
+                          "--all", "--home", home)
+        keys = pool.submit(run, "hub.cli", "keys", "show", "--json", "--home", home)
+        narrow = pool.submit(run, "hub.cli", "keys", "show", "--home", home, columns="80")
+        operators = pool.submit(run, "hub.cli", "operator", "list", "--home", home,
+                                columns="80")
+        status = pool.submit(run, "hub.cli", "status", "--wait", "10", "--home", home)
+    # Both spellings reach the hub with the same model version (and are refused alike).
+    refused = clear_error(deploy.result(), 1, "kws")
+    assert clear_error(old.result(), 1, "kws") == refused
+    assert status.result().returncode == 0, status.result().stderr
+    table = narrow.result()
+    assert table.returncode == 0, table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80
+    for role in json.loads(keys.result().stdout)["roles"]:
+        for keyid in role["keyids"]:
+            assert keyid in table.stdout, (keyid, table.stdout)
+    admin = SigningKey.load(served_home / "operators" / "admin.key")
+    assert admin.public.keyid in operators.result().stdout, operators.result().stdout
+
+
+def test_demo_refuses_a_non_empty_data_directory_it_did_not_make(tmp_path: Path) -> None:
+    data = tmp_path / "mine"
+    data.mkdir()
+    (data / "thesis.tex").write_text("years of work")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--data",
+                           str(data)], capture_output=True, text=True, env=cli_env(),
+                          cwd=tmp_path, timeout=60, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "not deleting it" in flat(done.stdout)
+    assert (data / "thesis.tex").read_text() == "years of work"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -16,13 +17,20 @@ from ledger.verify import ENTRY_EDITED
 TS = 1_700_000_000_000_000_000
 
 
-def run_ledger(*args: str) -> subprocess.CompletedProcess[str]:
+def run_ledger(*args: str, env: dict[str, str] | None = None,
+               columns: str | None = None) -> subprocess.CompletedProcess[str]:
+    child = {k: v for k, v in os.environ.items()
+             if k not in ("LEDGER_DB", "FLEET_HUB_HOME", "COLUMNS")}
+    child.update(env or {})
+    if columns is not None:
+        child["COLUMNS"] = columns
     return subprocess.run(
         [sys.executable, "-m", "ledger.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=child,
     )
 
 
@@ -132,3 +140,93 @@ def test_console_script_is_installed() -> None:
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60,
                           check=False)  # fmt: skip
     assert done.returncode == 0
+
+
+# -------------------------------------------------- which ledger: --db, --home, LEDGER_DB
+
+
+def hub_home_with(tmp_path: Path, database: str) -> Path:
+    """A directory with the config.toml `hub init` writes (only what `ledger` reads)."""
+    home = tmp_path / "hub-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'nats_url = "nats://127.0.0.1:4222"\n'
+                                      f'database = "{database}"\n')
+    return home
+
+
+def test_home_reads_the_database_from_config_toml(tmp_path: Path, ledger_db: Path) -> None:
+    by_db = run_ledger("verify", "--db", str(ledger_db))
+    relative = hub_home_with(tmp_path, "ledger.db")
+    (relative / "ledger.db").write_bytes(ledger_db.read_bytes())
+    by_home = run_ledger("verify", "--home", str(relative))
+    assert by_home.returncode == 0, by_home.stderr
+    assert by_home.stdout == by_db.stdout
+    absolute = tmp_path / "other"
+    absolute.mkdir()
+    home = hub_home_with(absolute, str(ledger_db))  # an absolute path is taken as it is
+    shown = run_ledger("show", "--home", str(home), "--json", "-n", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)[0]["seq"] == 9
+
+
+def test_ledger_db_environment_variable(ledger_db: Path) -> None:
+    done = run_ledger("verify", env={"LEDGER_DB": str(ledger_db)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OK: 10 entries")
+    # --db wins over the environment.
+    other = run_ledger("root", "--db", str(ledger_db), env={"LEDGER_DB": "/nonexistent.db"})
+    assert other.returncode == 0, other.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("verify",), ("show",), ("query", "--kind", "x"), ("export", "out.export"),
+    ("checkpoint",), ("root",), ("prove", "--seq", "0"), ("tail",),
+])
+def test_no_database_named_is_a_usage_error(args: tuple[str, ...]) -> None:
+    done = run_ledger(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error:") and "--home" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_home_errors_are_usage_errors(tmp_path: Path, ledger_db: Path) -> None:
+    not_home = run_ledger("verify", "--home", str(tmp_path))
+    assert not_home.returncode == 2
+    assert "config.toml not found" in not_home.stderr and "hub init" in not_home.stderr
+    both = run_ledger("verify", "--db", str(ledger_db), "--home", str(tmp_path))
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+# ---------------------------------------------------------------- conventions
+
+
+def test_version_and_short_help() -> None:
+    from importlib.metadata import version
+
+    done = run_ledger("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"ledger (fleetledger) {version('fleetledger')}"
+    assert run_ledger("-h").stdout == run_ledger("--help").stdout
+    short = run_ledger("verify", "-h")
+    assert short.returncode == 0 and "Examples:" in short.stdout
+    assert "--install-completion" in run_ledger("--help").stdout
+
+
+def test_80_columns_keep_every_seq_and_hash(tmp_path: Path) -> None:
+    """A long actor and subject fold; seq and the hash prefix are never cut or dropped."""
+    path = tmp_path / "wide.db"
+    actor = "158e364f48b70b4c5f7c8449e656504b"
+    with LedgerStore.open(path) as store:
+        for i in range(12):
+            store.append("model.registered", actor, f"model:keyword-spotting-large/{i}",
+                         {"i": i}, ts=TS + i)
+        hashes = [e.hash.hex()[:12] for e in store.tail(12)]
+    for command in ("show", "query"):
+        done = run_ledger(command, "--db", str(path), columns="80")
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80, done.stdout
+        first_cells = [line.split()[0] for line in lines if line.strip()]
+        assert {str(i) for i in range(12)} <= set(first_cells), done.stdout
+        for digest in hashes:
+            assert digest in done.stdout, (command, digest, done.stdout)

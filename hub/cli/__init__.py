@@ -13,7 +13,7 @@ import sys
 import typer
 
 from hub.cli import devices, keys, models, operators, rollouts, serve, telemetry
-from hub.cli._common import HubGroup
+from hub.cli._common import HELP_OPTIONS, HubGroup, examples, version_option
 
 __all__ = ["app", "main"]
 
@@ -28,10 +28,28 @@ app = typer.Typer(
         "-> deploy."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    context_settings=HELP_OPTIONS,
+    epilog=examples(
+        "hub init hub-home --nats nats://127.0.0.1:4222",
+        "hub serve --home hub-home",
+        "hub status --home hub-home --wait 30",
+        "hub model list --home hub-home",
+        "hub --install-completion    (tab completion for your shell)",
+    ),
 )
-device_app = typer.Typer(help="Enroll devices; what each device said it ran.",
-                         no_args_is_help=True)
+
+
+@app.callback()
+def _root(version: bool = version_option("hub")) -> None:
+    pass
+
+
+device_app = typer.Typer(
+    help="Enroll devices; what each device said it ran.", no_args_is_help=True,
+    epilog=examples("hub device enroll dev-1 --home hub-home",
+                    "hub device history dev-1 --home hub-home",
+                    "hub device tag dev-1 --group lab --tag site=a --home hub-home",
+                    "hub device revoke dev-1 --reason lost --home hub-home"))
 device_app.add_typer(devices.device_commands)  # enroll, revoke, history
 device_app.add_typer(rollouts.device_commands)  # tag
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Column
 from typer.core import TyperGroup
 
 from hub.client import HubClient
@@ -29,6 +31,7 @@ __all__ = [
     "EXIT_REFUSED",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
+    "HELP_OPTIONS",
     "HOME",
     "JSON",
     "KEY",
@@ -38,15 +41,21 @@ __all__ = [
     "ago",
     "call",
     "err",
+    "examples",
     "fail",
     "hub_config",
+    "key_column",
     "model_ref",
     "operator_key",
     "out",
+    "package_version",
     "print_json",
+    "resolve_ref",
     "run",
     "show",
     "utc_time",
+    "version_option",
+    "wait_for_port",
 ]
 
 T = TypeVar("T")
@@ -65,6 +74,36 @@ KEY = typer.Option(
 )
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 TIMEOUT = typer.Option(60.0, "--timeout", help="Seconds to wait for the hub to answer.")
+
+# `-h` is `--help` everywhere: click passes these settings down to every subcommand.
+HELP_OPTIONS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+
+def examples(*lines: str) -> str:
+    """The `Examples:` section of a command's help (its epilog), one command per line.
+
+    Rich markup is on for `hub`: examples hold no square brackets."""
+    return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fleetledger")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def version_option(prog: str) -> Any:
+    """A `--version` option for the root callback of `prog`: print, then exit 0."""
+    def show_version(value: bool) -> None:
+        if value:
+            print(f"{prog} (fleetledger) {package_version()}")
+            raise typer.Exit(0)
+
+    return typer.Option(False, "--version", callback=show_version, is_eager=True,
+                        help="Print the version and exit.")
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -144,6 +183,49 @@ def ago(ts_ns: int | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m ago"
     return utc_time(ts_ns)
+
+
+def key_column(header: str, width: int = 0) -> Column:
+    """A table column that is never wrapped, cut or dropped (ids people copy into the
+    next command: seq, key ids, device ids), also on an 80-column terminal."""
+    return Column(header, no_wrap=True, overflow="fold", min_width=max(width, len(header)))
+
+
+def wait_for_port(url: str, seconds: float) -> bool:
+    """Whether the TCP port of a NATS URL accepts connections within `seconds`."""
+    import socket
+    from urllib.parse import urlsplit
+
+    first = url.split(",")[0]
+    parts = urlsplit(first if "://" in first else f"nats://{first}")
+    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def resolve_ref(ref: str | None, model: str | None, version: str | None,
+                ) -> tuple[str, str]:
+    """NAME/VERSION from the argument, or from `--model NAME --version V` (the older
+    spelling, kept), or from `--model NAME/VERSION`."""
+    if ref is not None:
+        if model is not None or version is not None:
+            raise UsageError(f"give {ref} or --model/--version, not both")
+        return model_ref(ref)
+    if model is not None and "/" in model:
+        if version is not None:
+            raise UsageError(f"--model {model} already names a version; drop --version")
+        return model_ref(model)
+    if model is None or version is None:
+        raise UsageError("which model version? give NAME/VERSION (e.g. kws/1), or "
+                         "--model NAME --version VERSION")
+    return model, version
 
 
 def model_ref(ref: str) -> tuple[str, str]:

@@ -18,8 +18,11 @@ from hub.cli._common import (
     TIMEOUT,
     ago,
     call,
+    examples,
     hub_config,
+    key_column,
     out,
+    resolve_ref,
     run,
     show,
     utc_time,
@@ -31,7 +34,10 @@ commands = typer.Typer()  # top-level: `hub devices`, `hub deploy`
 device_commands = typer.Typer()  # under `hub device`
 
 
-@device_commands.command("enroll")
+@device_commands.command("enroll", epilog=examples(
+    'hub device enroll dev-1 --home hub-home',
+    'edge-agent run --bundle hub-home/devices/dev-1 --state-dir state/dev-1',
+))
 def device_enroll(
     device_id: str = typer.Argument(..., help="Device id: letters, digits, '-' or '_'."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
@@ -50,7 +56,9 @@ def device_enroll(
               {"device": device_id}), as_json, render)
 
 
-@device_commands.command("revoke")
+@device_commands.command("revoke", epilog=examples(
+    "hub device revoke dev-1 --reason 'lost in transit' --home hub-home",
+))
 def device_revoke(
     device_id: str = typer.Argument(..., help="The enrolled device to shut out."),
     reason: str = typer.Option("", "--reason", help="Why (kept in the ledger)."),
@@ -69,7 +77,10 @@ def device_revoke(
               {"device": device_id, "reason": reason}), as_json, render)
 
 
-@device_commands.command("history")
+@device_commands.command("history", epilog=examples(
+    'hub device history dev-1 --home hub-home',
+    'hub device history dev-1 --home hub-home --json',
+))
 def device_history(
     device_id: str = typer.Argument(..., help="Device id."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
@@ -103,7 +114,8 @@ def device_history(
                      "counter": p.get("counter"), "signature": signature})
 
     def render(rows: list[dict[str, Any]]) -> None:
-        table = Table("seq", "time (UTC)", "event", "model", "digest", "counter", "signature",
+        table = Table(key_column("seq", 4), "time (UTC)", "event", "model", "digest",
+                      "counter", "signature",
                       title=f"history of {device_id} (times of device events: as signed)")
         for r in rows:
             style = "red" if r["signature"] in ("INVALID", "unsigned") else None
@@ -117,7 +129,11 @@ def device_history(
         raise typer.Exit(EXIT_REFUSED)
 
 
-@commands.command()
+@commands.command(epilog=examples(
+    'hub devices --home hub-home',
+    'hub devices --state failed --home hub-home',
+    'hub devices --all --json --home hub-home',
+))
 def devices(
     state: str | None = typer.Option(None, "--state", help="Only devices in this state "
                                      "(enrolled, assigned, applied, failed, reverted, revoked)."),
@@ -144,7 +160,7 @@ def devices(
         states = ", ".join(f"{n:,} {s}" for s, n in sorted(result["states"].items()))
         shown = (f"{offset + 1:,}-{offset + len(rows):,} of {result['device_count']:,}"
                  if rows else f"none of {result['device_count']:,}")
-        table = Table("device", "model/version", "state", "last seen", "inferences",
+        table = Table(key_column("device"), "model/version", "state", "last seen", "inferences",
                       "errors", "p95 ms",
                       title=f"devices {shown}" + (f" ({states})" if states else ""))
         for r in rows:
@@ -164,10 +180,17 @@ def devices(
     show(run(hub_config(home, nats_url), key, timeout, fetch), as_json, render)
 
 
-@commands.command()
+@commands.command(epilog=examples(
+    'hub deploy kws/1 --all --home hub-home',
+    'hub deploy kws/2 --device dev-1 --device dev-2 --home hub-home',
+    'hub deploy --model kws --version 1 --all --home hub-home    (the older spelling)',
+))
 def deploy(
-    model: str = typer.Option(..., "--model", help="Model name."),
-    version: str = typer.Option(..., "--version", help="Model version (must be released)."),
+    ref: str | None = typer.Argument(None, help="NAME/VERSION of a released model (or "
+                                     "--model and --version).", metavar="[NAME/VERSION]"),
+    model: str | None = typer.Option(None, "--model", help="Model name (or NAME/VERSION)."),
+    version: str | None = typer.Option(None, "--version", help="Model version (must be "
+                                       "released)."),
     device: list[str] = typer.Option([], "--device", help="Target device (repeatable)."),
     all_devices: bool = typer.Option(False, "--all", help="Target every enrolled device."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
@@ -175,6 +198,7 @@ def deploy(
 ) -> None:
     """Assign a released model version to devices (operator role): a signed assignment per
     device goes into the KV bucket the agents watch, and each is recorded in the ledger."""
+    model, version = resolve_ref(ref, model, version)
     if bool(device) == all_devices:
         raise UsageError("give --device ID (one or more) or --all, not both")
     body: dict[str, Any] = {"model": model, "version": version}

@@ -15,7 +15,9 @@ from hub.cli._common import (
     NATS_URL,
     TIMEOUT,
     call,
+    examples,
     hub_config,
+    key_column,
     out,
     show,
     utc_time,
@@ -26,9 +28,17 @@ keys_app = typer.Typer(
     "fetch each new root version and accept it only if the old and the new root keys "
     "signed it.",
     no_args_is_help=True,
+    epilog=examples(
+    'hub keys show --home hub-home',
+    'hub keys rotate director --home hub-home',
+    'hub keys revoke KEYID --home hub-home',
+),
 )
 
-@keys_app.command("show")
+@keys_app.command("show", epilog=examples(
+    'hub keys show --home hub-home',
+    'hub keys show --home hub-home --json',
+))
 def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
               as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """The current trust root: per role its key ids, threshold, expiry and version.
@@ -36,12 +46,15 @@ def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | No
     result = call(hub_config(home, nats_url), key, timeout, "keys")
 
     def render(_: dict[str, Any]) -> None:
-        table = Table("role", "key ids (* = held by the hub)", "threshold", "expires (UTC)",
-                      "root version", title=f"trust root version {result['version']}")
+        table = Table("role", key_column("key ids (* = held by the hub)", 34), "threshold",
+                      "expires (UTC)", "root version",
+                      title=f"trust root version {result['version']}")
         for r in result["roles"]:
             names = r.get("names", {})
+            # One key id a line, whole (`hub keys revoke` needs it); its name below it.
             ids = "\n".join(f"{k}{' *' if k in r['held'] else ''}"
-                            f"{' ' + names[k] if k in names else ''}" for k in r["keyids"])
+                            f"{chr(10) + '  ' + names[k] if k in names else ''}"
+                            for k in r["keyids"])
             table.add_row(r["role"], ids, str(r["threshold"]), utc_time(result["expires"]),
                           str(result["version"]))
         out.print(table)
@@ -50,7 +63,11 @@ def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | No
     show({k: v for k, v in result.items() if k != "root"}, as_json, render)
 
 
-@keys_app.command("rotate")
+@keys_app.command("rotate", epilog=examples(
+    'hub keys rotate director --home hub-home',
+    'hub keys rotate log --home hub-home',
+    'hub keys rotate release --threshold 1 --home hub-home',
+))
 def keys_rotate(
     role: str = typer.Argument(..., help="root, release, director or log."),
     threshold: int | None = typer.Option(
@@ -76,7 +93,10 @@ def keys_rotate(
     show(call(hub_config(home, nats_url), key, timeout, "keys.rotate", body), as_json, render)
 
 
-@keys_app.command("revoke")
+@keys_app.command("revoke", epilog=examples(
+    'hub keys show --home hub-home    (the full key ids)',
+    'hub keys revoke 1be27cea36ab6045f4b4176ac3c74d59 --home hub-home',
+))
 def keys_revoke(
     keyid: str = typer.Argument(..., help="Key id to remove (see `hub keys show`)."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
@@ -97,9 +117,17 @@ witness_app = typer.Typer(
     help="Witnesses: the cosigners devices require with `edge-agent run --require-inclusion` "
     "(model transparency). Their keys are in the trust root's witness role.",
     no_args_is_help=True,
+    epilog=examples(
+    'ledger witness-key --out w1.key --name witness.example/w1',
+    'hub witness add witness.example/w1 --pubkey "$(cat w1.key.vkey)" --home hub-home',
+    'hub witness list --home hub-home',
+),
 )
 
-@witness_app.command("add")
+@witness_app.command("add", epilog=examples(
+    'ledger witness-key --out w1.key --name witness.example/w1',
+    'hub witness add witness.example/w1 --pubkey "$(cat w1.key.vkey)" --home hub-home',
+))
 def witness_add(
     name: str = typer.Argument(..., help="The witness's key name (as in its vkey)."),
     pubkey: str = typer.Option(
@@ -123,7 +151,10 @@ def witness_add(
                              f"{r['threshold']} cosignature(s)"))
 
 
-@witness_app.command("remove")
+@witness_app.command("remove", epilog=examples(
+    'hub witness remove witness.example/w1 --home hub-home',
+    'hub witness remove witness.example/w2 --threshold 1 --home hub-home',
+))
 def witness_remove(
     name: str = typer.Argument(..., help="The witness's key name (see `hub witness list`)."),
     threshold: int | None = typer.Option(
@@ -145,7 +176,10 @@ def witness_remove(
                              f"{r['threshold']} cosignature(s)"))
 
 
-@witness_app.command("list")
+@witness_app.command("list", epilog=examples(
+    'hub witness list --home hub-home',
+    'hub witness list --json --home hub-home',
+))
 def witness_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
                  as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """The witnesses in the current trust root: name, key id, and how many cosignatures
@@ -161,7 +195,7 @@ def witness_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path |
             out.print(f"trust root version {result['version']} names no witness; add one "
                       "with `hub witness add NAME --pubkey VKEY`")
             return
-        table = Table("name", "key id", title=f"witnesses in trust root version "
+        table = Table("name", key_column("key id", 32), title=f"witnesses in trust root version "
                       f"{result['version']} (devices need {threshold} cosignature(s))")
         for row in rows:
             table.add_row(row["name"], row["keyid"])

@@ -18,9 +18,12 @@ from hub.cli._common import (
     NATS_URL,
     TIMEOUT,
     call,
+    examples,
     hub_config,
+    key_column,
     model_ref,
     out,
+    resolve_ref,
     run,
     show,
     utc_time,
@@ -32,6 +35,13 @@ from hub.errors import UsageError
 model_app = typer.Typer(
     help="Model versions: register, validate, approve, release, show, history.",
     no_args_is_help=True,
+    epilog=examples(
+    'hub model register models/model-v1.tflite kws/1 --home hub-home',
+    'hub model validate kws/1 --data models/kws-v1.npz --home hub-home',
+    'hub model approve kws/1 --key hub-home/operators/alice.key --home hub-home',
+    'hub model release kws/1 --home hub-home',
+    'hub model list --home hub-home',
+),
 )
 
 
@@ -48,11 +58,18 @@ def _kv_pairs(items: list[str], what: str) -> dict[str, Any]:
     return out_map
 
 
-@model_app.command("register")
+@model_app.command("register", epilog=examples(
+    'hub model register models/model-v1.tflite kws/1 --home hub-home',
+    'hub model register models/model-v1.tflite --name kws --version 1 --home hub-home',
+    "hub model register models/model-v2.tflite kws/2 --intended-use 'wake word' "
+    "--owner ml-team --code-ref abc123 --metric accuracy=0.93 --home hub-home",
+))
 def model_register(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="The .tflite file."),
-    name: str = typer.Option(..., "--name", help="Model name, e.g. kws."),
-    version: str = typer.Option(..., "--version", help="Version label, e.g. 3."),
+    ref: str | None = typer.Argument(None, help="NAME/VERSION, e.g. kws/3 (or --name and "
+                                     "--version).", metavar="[NAME/VERSION]"),
+    name: str | None = typer.Option(None, "--name", help="Model name, e.g. kws (or kws/3)."),
+    version: str | None = typer.Option(None, "--version", help="Version label, e.g. 3."),
     card_file: Path | None = typer.Option(
         None, "--card", exists=True, dir_okay=False,
         help="TOML with [card] (intended_use, limitations, owners) and [lineage] tables.",
@@ -72,6 +89,7 @@ def model_register(
     """Upload FILE to the Object Store under its BLAKE3 digest and register it with its
     lineage and model card (needs the registrant role). The hub checks that it loads with
     the TFLite runtime. Next: `hub model validate NAME/VERSION --data FILE.npz`."""
+    name, version = resolve_ref(ref, name, version)
     card: dict[str, Any] = {}
     lineage: dict[str, Any] = {}
     if card_file is not None:
@@ -106,7 +124,10 @@ def model_register(
         f"--data FILE.npz"))
 
 
-@model_app.command("validate")
+@model_app.command("validate", epilog=examples(
+    '.venv/bin/python scripts/make_validation_data.py models/kws-v1.npz --version 1',
+    'hub model validate kws/1 --data models/kws-v1.npz --home hub-home',
+))
 def model_validate(
     ref: str = typer.Argument(..., help="NAME/VERSION"),
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False,
@@ -150,6 +171,26 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     out.print(table)
 
 
+TRANSITION_EXAMPLES = {
+    'approve': [
+        'hub model approve kws/1 --key hub-home/operators/alice.key --home hub-home',
+    ],
+    'reject': [
+        "hub model reject kws/1 --reason 'too noisy on site-b' "
+        "--key hub-home/operators/alice.key --home hub-home",
+    ],
+    'release': [
+        'hub model release kws/1 --home hub-home',
+    ],
+    'deprecate': [
+        "hub model deprecate kws/1 --reason 'superseded by kws/2' --home hub-home",
+    ],
+    'revoke': [
+        "hub model revoke kws/1 --reason 'leaks data' --home hub-home",
+    ],
+}
+
+
 def _transition_command(verb: str, doc: str) -> None:
     def command(
         ref: str = typer.Argument(..., help="NAME/VERSION"),
@@ -172,7 +213,7 @@ def _transition_command(verb: str, doc: str) -> None:
              render)
 
     command.__doc__ = doc
-    model_app.command(verb)(command)
+    model_app.command(verb, epilog=examples(*TRANSITION_EXAMPLES[verb]))(command)
 
 
 _transition_command("approve", "Approve a validated version (needs the approver role; the "
@@ -184,7 +225,10 @@ _transition_command("deprecate", "Mark a released version deprecated (operator r
 _transition_command("revoke", "Revoke a version; it can no longer be deployed (--reason).")
 
 
-@model_app.command("list")
+@model_app.command("list", epilog=examples(
+    'hub model list --home hub-home',
+    'hub model list --json --home hub-home',
+))
 def model_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
                as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """List registered model versions and where each is in its lifecycle."""
@@ -199,7 +243,10 @@ def model_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | N
     show(call(hub_config(home, nats_url), key, timeout, "models"), as_json, render)
 
 
-@model_app.command("show")
+@model_app.command("show", epilog=examples(
+    'hub model show kws/1 --home hub-home',
+    'hub model show kws --home hub-home    (every version)',
+))
 def model_show(
     ref: str = typer.Argument(..., help="NAME or NAME/VERSION"),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
@@ -248,7 +295,10 @@ def _signature(e: dict[str, Any], keys: dict[str, dict[str, Any]]) -> str:
     return "valid" if valid else "INVALID"
 
 
-@model_app.command("history")
+@model_app.command("history", epilog=examples(
+    'hub model history kws --home hub-home',
+    'hub model history kws --json --home hub-home',
+))
 def model_history(
     name: str = typer.Argument(..., help="Model name."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
@@ -264,7 +314,7 @@ def model_history(
              "signature": _signature(e, keys)} for e in result["events"]]
 
     def render(rows: list[dict[str, Any]]) -> None:
-        table = Table("seq", "time (UTC)", "event", "model", "actor", "signature",
+        table = Table(key_column("seq", 4), "time (UTC)", "event", "model", "actor", "signature",
                       title=f"history of {name}")
         for r in rows:
             style = "red" if r["signature"] == "INVALID" else None

@@ -8,15 +8,37 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from hub.cli._common import HOME, JSON, KEY, NATS_URL, TIMEOUT, call, hub_config, out, show
+from hub.cli._common import (
+    HOME,
+    JSON,
+    KEY,
+    NATS_URL,
+    TIMEOUT,
+    call,
+    examples,
+    hub_config,
+    key_column,
+    out,
+    show,
+)
 from hub.commands.envelope import ROLES
 from hub.errors import UsageError
 from ledger.signing import SigningKey
 
-operator_app = typer.Typer(help="Operators (people) and their roles.", no_args_is_help=True)
+operator_app = typer.Typer(
+    help="Operators (people) and their roles.", no_args_is_help=True,
+    epilog=examples(
+    'hub operator add alice --role approver --home hub-home',
+    'hub operator list --home hub-home',
+),
+)
 
 
-@operator_app.command("add")
+@operator_app.command("add", epilog=examples(
+    'hub operator add alice --role approver --home hub-home',
+    'hub operator add bob --role operator --role registrant --pubkey HEX --home hub-home',
+    'hub model approve kws/1 --key hub-home/operators/alice.key --home hub-home    (alice signs)',
+))
 def operator_add(
     name: str = typer.Argument(..., help="The person's name, e.g. alice."),
     role: list[str] = typer.Option(..., "--role", help=f"Repeatable: {', '.join(ROLES)}."),
@@ -62,7 +84,9 @@ def operator_add(
     show(result, as_json, render)
 
 
-@operator_app.command("revoke")
+@operator_app.command("revoke", epilog=examples(
+    "hub operator revoke alice --reason 'left the team' --home hub-home",
+))
 def operator_revoke(
     name: str = typer.Argument(..., help="Operator to revoke."),
     reason: str = typer.Option("", "--reason", help="Why, for the record."),
@@ -75,12 +99,15 @@ def operator_revoke(
     out.print(f"revoked {name} (key {result['keyid']})")
 
 
-@operator_app.command("list")
+@operator_app.command("list", epilog=examples(
+    'hub operator list --home hub-home',
+    'hub operator list --json --home hub-home',
+))
 def operator_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
                   as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """List operators, their key ids and roles."""
     def render(rows: list[dict[str, Any]]) -> None:
-        table = Table("name", "key id", "roles", "status")
+        table = Table("name", key_column("key id", 32), "roles", "status")
         for r in rows:
             table.add_row(r["name"], r["keyid"], ", ".join(r["roles"]),
                           "[red]revoked[/red]" if r["revoked"] else "active")

@@ -23,8 +23,11 @@ from hub.cli._common import (
     TIMEOUT,
     ago,
     call,
+    examples,
     hub_config,
+    key_column,
     out,
+    resolve_ref,
     run,
     show,
     utc_time,
@@ -37,6 +40,11 @@ rollout_app = typer.Typer(
           "failure and telemetry gates (error rate, p95 latency, output drift), bake time, "
           "automatic halt and rollback. Every step is a ledger event with its numbers."),
     no_args_is_help=True,
+    epilog=examples(
+    'hub rollout create kws/2 --target group=lab --waves 10%,100% --bake 60s --home hub-home',
+    'hub rollout start r-1 --home hub-home',
+    'hub rollout status r-1 --watch --home hub-home',
+),
 )
 
 TERMINAL = ("completed", "aborted", "rolled_back")
@@ -52,7 +60,10 @@ def _style(state: str) -> str:
 device_commands = typer.Typer()  # under `hub device`
 
 
-@device_commands.command("tag")
+@device_commands.command("tag", epilog=examples(
+    'hub device tag dev-1 --group lab --home hub-home',
+    'hub device tag dev-1 --tag site=a --untag old --home hub-home',
+))
 def device_tag(
     device_id: str = typer.Argument(..., help="Enrolled device id."),
     group: str | None = typer.Option(None, "--group", help="Set the device's group."),
@@ -81,10 +92,18 @@ def device_tag(
     show(call(hub_config(home, nats_url), key, timeout, "device.tag", body), as_json, render)
 
 
-@rollout_app.command("create")
+@rollout_app.command("create", epilog=examples(
+    'hub rollout create kws/2 --home hub-home',
+    "hub rollout create kws/2 --target group=lab,tag:site=a --waves 1,50%,100% "
+    "--max-p95-ms 20 --auto-rollback --home hub-home",
+    'hub rollout create --model kws --version 2 --home hub-home    (the older spelling)',
+))
 def rollout_create(
-    model: str = typer.Option(..., "--model", help="Model name."),
-    version: str = typer.Option(..., "--version", help="Released version to roll out."),
+    ref: str | None = typer.Argument(None, help="NAME/VERSION of a released model (or "
+                                     "--model and --version).", metavar="[NAME/VERSION]"),
+    model: str | None = typer.Option(None, "--model", help="Model name (or NAME/VERSION)."),
+    version: str | None = typer.Option(None, "--version", help="Released version to roll "
+                                       "out."),
     target: str = typer.Option(
         "all", "--target",
         help="Devices: all | group=G | tag:K=V | device=ID|ID, joined by commas (AND)."),
@@ -113,6 +132,7 @@ def rollout_create(
 ) -> None:
     """Plan a rollout (operator role). Wave membership is fixed now, deterministically;
     nothing is assigned until `hub rollout start`."""
+    model, version = resolve_ref(ref, model, version)
     body: dict[str, Any] = {
         "model": model, "version": version, "target": target, "waves": waves,
         "min_success": min_success, "max_failure": max_failure, "bake": bake,
@@ -127,6 +147,25 @@ def rollout_create(
          lambda r: out.print(f"{r['rollout']}: {model}/{version} to {r['devices']} device(s) "
                              f"in waves of {', '.join(map(str, r['waves']))}; start it with "
                              f"`hub rollout start {r['rollout']}`"))
+
+
+TRANSITION_EXAMPLES = {
+    'start': [
+        'hub rollout start r-1 --home hub-home',
+    ],
+    'pause': [
+        "hub rollout pause r-1 --reason 'weekend freeze' --home hub-home",
+    ],
+    'resume': [
+        'hub rollout resume r-1 --home hub-home',
+    ],
+    'abort': [
+        "hub rollout abort r-1 --reason 'wrong target' --home hub-home",
+    ],
+    'rollback': [
+        "hub rollout rollback r-1 --reason 'p95 too high' --home hub-home",
+    ],
+}
 
 
 def _transition(verb: str, doc: str) -> None:
@@ -148,7 +187,7 @@ def _transition(verb: str, doc: str) -> None:
                   {"rollout": rollout, "reason": reason}), as_json, render)
 
     command.__doc__ = doc
-    rollout_app.command(verb)(command)
+    rollout_app.command(verb, epilog=examples(*TRANSITION_EXAMPLES[verb]))(command)
 
 
 _transition("start", "Start a created rollout: the controller assigns wave 1.")
@@ -159,12 +198,15 @@ _transition("rollback", "Roll back: devices that took the new release get the on
                         "ran before.")
 
 
-@rollout_app.command("list")
+@rollout_app.command("list", epilog=examples(
+    'hub rollout list --home hub-home',
+    'hub rollout list --json --home hub-home',
+))
 def rollout_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
                  as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """Every rollout with its state and device counts."""
     def render(rows: list[dict[str, Any]]) -> None:
-        table = Table("rollout", "model/version", "target", "state", "wave", "devices",
+        table = Table(key_column("rollout"), "model/version", "target", "state", "wave", "devices",
                       "applied", "failed", "updated", title=f"{len(rows)} rollout(s)")
         for r in rows:
             c = r["counts"]
@@ -223,7 +265,11 @@ def render_status(status: dict[str, Any]) -> Group:
                  events)
 
 
-@rollout_app.command("status")
+@rollout_app.command("status", epilog=examples(
+    'hub rollout status r-1 --home hub-home',
+    'hub rollout status r-1 --watch --home hub-home',
+    'hub rollout status r-1 --devices --json --home hub-home',
+))
 def rollout_status(
     rollout: str = typer.Argument(..., help="Rollout id (r-N)."),
     watch: bool = typer.Option(False, "--watch", help="Keep updating until it ends."),
@@ -248,7 +294,7 @@ def rollout_status(
         def render(status: dict[str, Any]) -> None:
             out.print(render_status(status))
             if devices:
-                table = Table("device", "wave", "state", "rollback", "reason",
+                table = Table(key_column("device"), "wave", "state", "rollback", "reason",
                               title=f"{status['device_count']:,} device(s) in {rollout}")
                 for d in status["devices"]:
                     table.add_row(d["device"], str(d["wave"] + 1), d["state"],

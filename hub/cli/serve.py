@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,12 @@ from hub.cli._common import (
     TIMEOUT,
     call,
     err,
+    examples,
     hub_config,
     out,
+    run,
     show,
+    wait_for_port,
 )
 from hub.errors import Unreachable, UsageError
 from hub.home.config import init_home
@@ -35,7 +39,11 @@ from hub.home.config import init_home
 commands = typer.Typer()
 
 
-@commands.command()
+@commands.command(epilog=examples(
+    'hub init hub-home --nats nats://127.0.0.1:4222',
+    'hub init hub-home --tls',
+    'hub init hub-home --database postgresql+psycopg://fleet@127.0.0.1/fleet',
+))
 def init(
     home: Path = typer.Argument(..., help="Directory to create (keys, trust root, config)."),
     nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats", help="NATS server URL."),
@@ -66,7 +74,10 @@ def init(
     out.print(f"next: hub serve --home {home}")
 
 
-@commands.command()
+@commands.command(epilog=examples(
+    'hub serve --home hub-home',
+    'hub serve --home hub-home --metrics-port 9464 --log-level DEBUG',
+))
 def serve(
     home: Path = HOME,
     nats_url: str | None = NATS_URL,
@@ -75,6 +86,9 @@ def serve(
         None, "--metrics-port",
         help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config.toml "
              "metrics_port; default off)."),
+    wait_nats: float = typer.Option(
+        10.0, "--wait-nats", min=0, help="Seconds to wait for the NATS server to accept "
+        "connections before giving up (exit 3); handy right after starting it."),
 ) -> None:
     """Run the hub: create the NATS buckets and streams, answer signed operator commands,
     record device reports in the ledger, and drive rollouts. Stops cleanly on SIGTERM or
@@ -88,6 +102,9 @@ def serve(
     config = hub_config(home, nats_url)
     if metrics_port is not None:
         config = dataclasses.replace(config, metrics_port=metrics_port)
+    if not wait_for_port(config.nats_url, wait_nats):
+        raise Unreachable(f"cannot reach NATS at {config.nats_url} (waited {wait_nats:g} s; "
+                          "is nats-server running?)")
 
     async def main() -> None:
         service = HubService(config)
@@ -107,18 +124,40 @@ def serve(
         raise Unreachable(f"cannot reach NATS at {config.nats_url}: {exc}") from exc
 
 
-@commands.command()
-def status(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
-           as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
+@commands.command(epilog=examples(
+    'hub status --home hub-home',
+    'hub status --home hub-home --wait 30    (until the hub answers)',
+    'hub status --home hub-home --json',
+))
+def status(
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+    wait: float = typer.Option(
+        0.0, "--wait", min=0, help="Retry for up to this many seconds while NATS or the hub "
+        "is not up yet (exit 3 if it never answers); for scripts that just started them."),
+) -> None:
     """Show the ledger head as the running hub sees it."""
     def render(result: dict[str, Any]) -> None:
         out.print(f"ledger: {result['entries']} entries, head {result['head'] or '-'}")
         out.print(f"refused reports since start: {result['refused_reports']}")
 
-    show(call(hub_config(home, nats_url), key, timeout, "status"), as_json, render)
+    config = hub_config(home, nats_url)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            result = run(config, key, timeout, lambda c: c.call("status", {}))
+            break
+        except Unreachable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+    show(result, as_json, render)
 
 
-@commands.command()
+@commands.command(epilog=examples(
+    'hub whoami --home hub-home',
+    'hub whoami --home hub-home --key hub-home/operators/alice.key',
+))
 def whoami(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
            as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """Show which operator your key is and its roles, as the hub knows them."""
@@ -126,7 +165,10 @@ def whoami(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None 
          lambda r: out.print(f"{r['name']} (key {r['keyid']}): {', '.join(r['roles'])}"))
 
 
-@commands.command()
+@commands.command(epilog=examples(
+    'hub rebuild --home hub-home',
+    'hub rebuild --home hub-home --in-place    (with the hub stopped)',
+))
 def rebuild(
     home: Path = HOME,
     in_place: bool = typer.Option(

@@ -16,6 +16,7 @@ from hub.cli._common import (
     TIMEOUT,
     ago,
     call,
+    examples,
     hub_config,
     out,
     run,
@@ -31,7 +32,11 @@ SORT_HELP = ("Order of the device table: " + ", ".join(DEVICE_SORTS)
              + " (error-rate: the worst first; last-seen: the quietest first).")
 
 
-@commands.command("telemetry")
+@commands.command("telemetry", epilog=examples(
+    'hub telemetry --home hub-home',
+    'hub telemetry --device dev-1 --home hub-home',
+    'hub telemetry --sort last-seen --all --json --home hub-home',
+))
 def telemetry(
     device: str | None = typer.Option(None, "--device", help="One device's view."),
     limit: int = typer.Option(TELEMETRY_PAGE, "--limit", min=1, max=MAX_TELEMETRY_PAGE,

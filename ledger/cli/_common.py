@@ -8,11 +8,14 @@ ledger/cli/__init__.py registers their commands on `app`.
 from __future__ import annotations
 
 import os
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+from rich import box
+from rich.table import Table
 
 from ledger.entry import Entry
 from ledger.errors import LedgerError, LedgerNotFoundError, NoteError
@@ -23,6 +26,12 @@ from ledger.storage.store import LedgerStore
 EXIT_OK = 0
 EXIT_DAMAGED = 1
 EXIT_USAGE = 2
+
+def examples(*lines: str) -> str:
+    """The `Examples:` section of a command's help (its epilog), one command a line; the
+    \\b keeps click from re-flowing the lines into one paragraph."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
 
 app = typer.Typer(
     help=(
@@ -36,13 +45,98 @@ app = typer.Typer(
         "its root and `ledger prove` an entry's inclusion proof."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     # Plain click formatting re-flows the docstring paragraphs to the terminal width.
     rich_markup_mode=None,
+    epilog=examples(
+        "ledger verify --home hub-home --log-key hub-home/log.vkey",
+        "ledger show --db hub-home/ledger.db --last 5",
+        "LEDGER_DB=hub-home/ledger.db ledger query --kind model.released",
+        "ledger --install-completion    (tab completion for your shell)",
+    ),
 )
 
-DB_HELP = "The ledger database: a SQLite file path (the hub's ledger.db), or a SQLAlchemy URL."
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ledger (fleetledger) {version('fleetledger')}")
+        except PackageNotFoundError:
+            typer.echo("ledger (fleetledger) unknown (not installed)")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_show_version,
+                                      is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+DB_HELP = ("The ledger database: a SQLite file path (the hub's ledger.db), or a SQLAlchemy "
+           "URL. Default: --home's, else $LEDGER_DB, else $FLEET_HUB_HOME's.")
+DB = typer.Option(None, "--db", help=DB_HELP, metavar="PATH")
+HOME = typer.Option(
+    None, "--home", metavar="DIR", help="A hub home (`hub init`): use the database its "
+    "config.toml names, as `hub --home` does.")
+
+
+def ledger_db(db: str | None, home: Path | None) -> str | None:
+    """The database to open: --db, else --home's, else $LEDGER_DB, else $FLEET_HUB_HOME's;
+    None when none of them is given."""
+    if db is not None and home is not None:
+        fail("give --db or --home, not both", EXIT_USAGE)
+    if db is not None:
+        return db
+    if home is not None:
+        return db_of_home(home)
+    if os.environ.get("LEDGER_DB"):
+        return os.environ["LEDGER_DB"]
+    if os.environ.get("FLEET_HUB_HOME"):
+        return db_of_home(Path(os.environ["FLEET_HUB_HOME"]))
+    return None
+
+
+def need_db(db: str | None, home: Path | None) -> str:
+    found = ledger_db(db, home)
+    if found is None:
+        fail("which ledger? give --db PATH or --home DIR (or set LEDGER_DB)", EXIT_USAGE)
+    return found
+
+
+def db_of_home(home: Path) -> str:
+    """The database a hub home's config.toml names (a path relative to the home, or a
+    URL), read the way `hub` reads it; the ledger package does not import the hub."""
+    config = home / "config.toml"
+    try:
+        doc = tomllib.loads(config.read_text())
+    except FileNotFoundError:
+        fail(f"{config} not found: is {home} a hub home (made by `hub init`)?", EXIT_USAGE)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        fail(f"cannot read {config}: {exc}", EXIT_USAGE)
+    database = str(doc.get("database", "ledger.db"))
+    if "://" in database or database.startswith("sqlite:"):
+        return database
+    path = Path(database)
+    return str(path if path.is_absolute() else home / path)
+
+
+def entries_table(entries: list[Entry], caption: str) -> Table:
+    """seq, time, kind, actor, subject and the hash's first 12 hex digits. seq and the
+    hash are never cut; the other columns fold on a narrow terminal."""
+    table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, caption=caption)
+    seq_width = max((len(str(e.seq)) for e in entries), default=3)
+    table.add_column("seq", justify="right", no_wrap=True, min_width=seq_width)
+    table.add_column("time (UTC)", no_wrap=True, min_width=19)
+    for name in ("kind", "actor", "subject"):
+        table.add_column(name, overflow="fold")
+    table.add_column("hash", no_wrap=True, min_width=12)
+    for e in entries:
+        table.add_row(str(e.seq), iso(e.ts)[:-1], e.kind, e.actor, e.subject, e.hash.hex()[:12])
+    return table
 
 
 # Signing in to the hub's NATS server (`ledger witness`, `ledger tail --follow --nats`).

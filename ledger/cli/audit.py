@@ -10,14 +10,17 @@ import typer
 
 from ledger.checkpoint import SignedCheckpoint, detect_fork, open_checkpoint
 from ledger.cli._common import (
-    DB_HELP,
+    DB,
     EXIT_DAMAGED,
     EXIT_OK,
     EXIT_USAGE,
+    HOME,
     LOG_KEY_HELP,
     WITNESS_KEY_HELP,
     fail,
+    ledger_db,
     log_key,
+    need_db,
     open_store,
     witness_keys,
 )
@@ -46,7 +49,8 @@ def verify(
         None, help="An export file (`ledger export`) to check offline, instead of --db.",
         metavar="[FILE]",
     ),
-    db: str | None = typer.Option(None, "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
     checkpoints: list[Path] | None = typer.Option(
         None, "--checkpoint", help="A signed checkpoint note the ledger must agree with "
         "(repeatable).", metavar="FILE",
@@ -87,15 +91,17 @@ def verify(
     `FAIL at seq S: PROBLEM` at the first entry that does not; exit 2 when the check
     cannot run (no such database, unreadable file, missing key).
     """
-    if (file is None) == (db is None):
-        fail("give either an export FILE or --db (not both)", EXIT_USAGE)
+    if file is not None and (db is not None or home is not None):
+        fail("give either an export FILE or --db/--home (not both)", EXIT_USAGE)
     witnesses = witness_keys(witness)
     if file is not None:
         _verify_export(file, log_vkey, witnesses, as_json)
-    assert db is not None
+    path = ledger_db(db, home)
+    if path is None:
+        fail("give an export FILE, --db PATH or --home DIR (or set LEDGER_DB)", EXIT_USAGE)
     if since is not None:
-        _verify_since(db, since, log_key(log_vkey, "--since-checkpoint"), as_json)
-    _verify_db(db, checkpoints or [], log_vkey, witnesses, as_json, jobs or default_jobs())
+        _verify_since(path, since, log_key(log_vkey, "--since-checkpoint"), as_json)
+    _verify_db(path, checkpoints or [], log_vkey, witnesses, as_json, jobs or default_jobs())
 
 
 def _emit(doc: dict[str, Any], lines: list[str], as_json: bool, ok: bool) -> None:
@@ -218,7 +224,8 @@ def _verify_export(path: Path, log_vkey: str | None, witnesses: list[Cosignature
 
 def export(
     out: Path = typer.Argument(..., help="The file to write.", metavar="OUT"),
-    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
 ) -> None:
     """Write the whole ledger and its signed checkpoints to one portable file.
 
@@ -227,7 +234,7 @@ def export(
     """
     from ledger.storage.export import write_export
 
-    store = open_store(db)
+    store = open_store(need_db(db, home))
     try:
         entries, cps = write_export(store, out)
     except LedgerError as exc:
@@ -280,13 +287,14 @@ def verify_bundle_cmd(
 
 
 def checkpoint_cmd(
-    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
     size: int | None = typer.Option(None, "--size", min=0, help="Tree size; default: latest."),
     out: Path | None = typer.Option(None, "--out", help="Write the note to this file."),
 ) -> None:
     """Print a signed checkpoint stored in the ledger (the hub's), with its cosignatures:
     the note to keep for `ledger verify --checkpoint` / `--since-checkpoint`."""
-    store = open_store(db)
+    store = open_store(need_db(db, home))
     try:
         cps = CheckpointStore(store, create=False)
         found = cps.latest() if size is None else cps.get(size)

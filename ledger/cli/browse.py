@@ -13,20 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from ledger.cli._common import (
-    DB_HELP,
+    DB,
     EXIT_USAGE,
+    HOME,
     NATS_CA,
     NATS_PASSWORD_FILE,
     NATS_USER,
+    entries_table,
     entry_json,
     fail,
     iso,
+    ledger_db,
     nats_login,
+    need_db,
     open_store,
 )
 from ledger.entry import Entry
@@ -50,17 +52,9 @@ def _time_ns(value: str | None, what: str) -> int | None:
     return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
 
 
-def entries_table(entries: list[Entry], caption: str) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, caption=caption)
-    for name in ("seq", "time (UTC)", "kind", "actor", "subject", "hash"):
-        table.add_column(name, justify="right" if name == "seq" else "left", no_wrap=True)
-    for e in entries:
-        table.add_row(str(e.seq), iso(e.ts)[:-1], e.kind, e.actor, e.subject, e.hash.hex()[:12])
-    return table
-
-
 def query(
-    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
     kind: list[str] | None = typer.Option(None, "--kind", help="Entry kind, e.g. "
                                           "model.released (repeatable: any of them)."),
     subject: str | None = typer.Option(None, "--subject", help="Subject prefix, e.g. "
@@ -80,7 +74,7 @@ def query(
     This reads the stored columns and does not check the chain; run `ledger verify`."""
     flt = EntryFilter(tuple(kind or ()), subject, actor, _time_ns(since, "--since"),
                       _time_ns(until, "--until"))
-    store = open_store(db)
+    store = open_store(need_db(db, home))
     try:
         entries = query_entries(store, flt, limit, newest)
     except LedgerError as exc:
@@ -99,7 +93,8 @@ def _line(e: Entry) -> str:
 
 
 def tail(
-    db: str | None = typer.Option(None, "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
     nats_url: str | None = typer.Option(None, "--nats", help="Follow the hub's live "
                                         "ledger.entry feed on this NATS server."),
     last: int = typer.Option(10, "--last", "-n", min=0, help="Recent entries to print first "
@@ -115,8 +110,10 @@ def tail(
     """Print the most recent entries, one per line; with --follow keep printing new ones
     as they are appended (from the hub's feed with --nats, else by polling --db).
     Stops on SIGTERM or Ctrl-C."""
+    if db is not None or home is not None or nats_url is None:
+        db = ledger_db(db, home)  # $LEDGER_DB (or $FLEET_HUB_HOME) only without --nats
     if db is None and nats_url is None:
-        fail("give --db, --nats, or both", EXIT_USAGE)
+        fail("give --db (or --home), --nats, or both", EXIT_USAGE)
     if nats_url is not None and not follow:
         fail("--nats needs --follow (it only carries new entries)", EXIT_USAGE)
 

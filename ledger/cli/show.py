@@ -6,18 +6,28 @@ import json
 from pathlib import Path
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
-from ledger.cli._common import DB_HELP, EXIT_DAMAGED, EXIT_USAGE, entry_json, fail, iso, open_store
+from ledger.cli._common import (
+    DB,
+    EXIT_DAMAGED,
+    EXIT_USAGE,
+    HOME,
+    entries_table,
+    entry_json,
+    fail,
+    iso,
+    need_db,
+    open_store,
+)
 from ledger.errors import LedgerError, ProofError
 from ledger.merkle import verify_inclusion
 from ledger.storage.store import LedgerStore
 
 
 def show(
-    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
     last: int = typer.Option(20, "--last", "-n", min=1, help="How many recent entries."),
     as_json: bool = typer.Option(
         False, "--json", help="Print a JSON array with payloads (bytes as hex)."
@@ -30,7 +40,7 @@ def show(
     This reads entries as stored and does not check the chain; run `ledger verify`
     for that. Use --json to see payloads.
     """
-    store = open_store(db)
+    store = open_store(need_db(db, home))
     try:
         entries = store.tail(last)
     except LedgerError as exc:
@@ -40,25 +50,12 @@ def show(
     if as_json:
         typer.echo(json.dumps([entry_json(e) for e in entries], indent=2))
         return
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
-        pad_edge=False,
-        caption=f"{store.location}: last {len(entries)} entries",
-    )
-    table.add_column("seq", justify="right", no_wrap=True)
-    table.add_column("time (UTC)", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("actor", no_wrap=True)
-    table.add_column("subject", no_wrap=True)
-    table.add_column("hash", no_wrap=True)
-    for e in entries:
-        table.add_row(str(e.seq), iso(e.ts)[:-1], e.kind, e.actor, e.subject, e.hash.hex()[:12])
-    Console().print(table)
+    Console().print(entries_table(entries, f"{store.location}: last {len(entries)} entries"))
 
 
 def root(
-    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
     size: int | None = typer.Option(
         None, "--size", min=0, help="Tree size (number of entries); default: all."
     ),
@@ -69,7 +66,7 @@ def root(
     Prints `SIZE ROOT HASHNAME`, where HASHNAME (blake3 or sha256) is the tree's hash,
     chosen when the ledger was created. Exit 2 if SIZE is larger than the ledger.
     """
-    store = open_store(db)
+    store = open_store(need_db(db, home))
     try:
         tree_size = store.count() if size is None else size
         root_hash = store.root(tree_size)
@@ -85,7 +82,8 @@ def root(
 
 
 def prove(
-    db: str = typer.Option(..., "--db", help=DB_HELP, metavar="PATH"),
+    db: str | None = DB,
+    home: Path | None = HOME,
     seq: int = typer.Option(..., "--seq", min=0, help="The entry to prove."),
     size: int | None = typer.Option(
         None, "--size", min=1, help="Tree size to prove it in; default: all entries."
@@ -109,7 +107,7 @@ def prove(
     to the root (the stored tree is damaged; run `ledger verify`), 2 if SEQ or SIZE
     is out of range.
     """
-    store = open_store(db)
+    store = open_store(need_db(db, home))
     if out is not None:
         _write_bundle(store, seq, out)
         return
