@@ -21,6 +21,11 @@ edge_agent.transport, the reports in edge_agent.reporter. This module orchestrat
 One update runs at a time: a newer assignment cancels the one in progress (its partial
 download stays on disk and is resumed if the same blob is wanted again).
 
+Applications on the device run the installed model through the local inference API
+(edge_agent.serving, a Unix-domain socket, STATE/agent.sock by default); every call is
+counted in the telemetry window and the health window. `synthetic_load` adds a loop of
+inferences on generated inputs, for demos, simulators and benchmarks only.
+
 Faults can be injected for tests (edge_agent.faults, FLEET_AGENT_FAULTS).
 """
 
@@ -35,18 +40,20 @@ import resource
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
 import numpy as np
+from numpy.typing import NDArray
 
 from edge_agent import protocol as proto
 from edge_agent import update
 from edge_agent.download import DownloadStats, ResumableDownload
 from edge_agent.errors import (
+    InferenceError,
     ModelRuntimeError,
     NotPublished,
     TransferError,
@@ -57,6 +64,7 @@ from edge_agent.health import HealthWindow
 from edge_agent.protocol import names
 from edge_agent.reporter import Reporter
 from edge_agent.runtime import LoadedModel, preflight
+from edge_agent.serving.server import InferenceServer, Serving
 from edge_agent.slots import SlotStore
 from edge_agent.spool import Spool
 from edge_agent.transport import KeyUpdates
@@ -73,6 +81,7 @@ log = logging.getLogger("edge_agent")
 
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 STATS_NAME = "stats.json"
+API_SOCKET_NAME = "agent.sock"
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,12 @@ class AgentConfig:
     nats_url: str
     state_dir: Path
     trust_root: Path
+    # Inferences per second on generated inputs, only with synthetic_load (demos,
+    # simulators, benchmarks); real calls come through the local inference API.
     inference_hz: float = 20.0
+    synthetic_load: bool = False
+    serve_api: bool = True  # the local inference API (edge_agent.serving)
+    api_socket: Path | None = None  # default: STATE_DIR/agent.sock
     window_seconds: float = 5.0
     fetch_retries: int = 5
     health_window: float = 30.0
@@ -137,6 +151,11 @@ class EdgeAgent:
         self._rewatch = asyncio.Event()
         self._assignment_watch: KeyUpdates | None = None  # woken on reconnect
         self._stopping = False
+        self.api: InferenceServer | None = None
+
+    @property
+    def api_socket(self) -> Path:
+        return self.config.api_socket or self.config.state_dir / API_SOCKET_NAME
 
     @property
     def watching(self) -> bool:
@@ -254,6 +273,7 @@ class EdgeAgent:
             on_reconnect=on_reconnect,
         )
         self._report_status(proto.STATUS_STARTED, reason="")
+        await self._start_api()
         tasks = [
             asyncio.create_task(
                 self.reporter.send_outbox(self.transport, lambda: self._stopping),
@@ -277,9 +297,30 @@ class EdgeAgent:
             if pending:
                 log.warning("tasks did not stop in time: %s",
                             ", ".join(t.get_name() for t in pending))
+            if self.api is not None:
+                await self.api.stop()
+            self.emit_window()  # the calls counted since the last window
             await self.reporter.flush(self.transport, timeout=2.0)
             await close_quietly(self.transport, 2.0)
             log.info("stopped")
+
+    async def _start_api(self) -> None:
+        """Serve the local inference API; without it the agent still installs and reports."""
+        if not self.config.serve_api:
+            return
+        server = InferenceServer(self.api_socket, self.serving, self._count_inference,
+                                 before_call=self._inject_call_fault)
+        try:
+            await server.start()
+        except InferenceError as exc:
+            log.error("local inference API not available: %s", exc)
+            return
+        self.api = server
+
+    def serving(self) -> Serving | None:
+        """The model that answers calls now. `model` and `model_meta` change together in
+        one statement on the event loop, so a call sees one model, never half a switch."""
+        return None if self.model is None else Serving(self.model, self.model_meta)
 
     def nats_auth(self) -> NatsAuth:
         """The device key is the device's NATS identity (an nkey); TLS with the bundle's CA."""
@@ -498,7 +539,10 @@ class EdgeAgent:
     # ------------------------------------------------------------ inference + telemetry
 
     async def _inference_loop(self) -> None:
-        period = 1.0 / self.config.inference_hz if self.config.inference_hz > 0 else None
+        """Close a telemetry window every window_seconds and end a passed health window;
+        with synthetic_load, also run the model on generated inputs at inference_hz."""
+        synthetic = self.config.synthetic_load and self.config.inference_hz > 0
+        period = 1.0 / self.config.inference_hz if synthetic else None
         window_end = time.monotonic() + self.config.window_seconds
         while True:
             if period is not None and self.model is not None and not self.inference_paused:
@@ -513,26 +557,48 @@ class EdgeAgent:
             await asyncio.sleep(period if period is not None else self.config.window_seconds)
 
     def _infer_once(self, model: LoadedModel) -> None:
+        """One synthetic inference (generated input), counted like an API call."""
         meta = self.model_meta
-        self.reporter.follow_model(meta)
         started = time.perf_counter()
         ok = True
-        faults = self.faults
         output = None
         try:
-            if faults.error_rate and faults.applies(meta) and (
-                self._rng.random() < faults.error_rate
-            ):
-                raise ModelRuntimeError(f"inference failure injected by {FAULTS_ENV}")
+            self._inject_fault(meta)
             output = model.run(model.generated_input(self._rng))
-            if faults.output_shift and faults.applies(meta):
-                output = output + faults.output_shift
         except ModelRuntimeError as exc:
             ok = False
             log.debug("inference failed: %s", exc)
-        self.reporter.record((time.perf_counter() - started) * 1000.0, ok, output)
+        self._record_inference(meta, (time.perf_counter() - started) * 1000.0, ok, output)
+
+    def _inject_fault(self, meta: Mapping[str, Any]) -> None:
+        faults = self.faults
+        if faults.error_rate and faults.applies(dict(meta)) and (
+            self._rng.random() < faults.error_rate
+        ):
+            raise ModelRuntimeError(f"inference failure injected by {FAULTS_ENV}")
+
+    def _inject_call_fault(self, serving: Serving) -> None:
+        self._inject_fault(serving.meta)
+
+    def _count_inference(self, serving: Serving, latency_ms: float, ok: bool,
+                         outputs: list[NDArray[Any]] | None) -> None:
+        """An API call that ran the model: counted like a synthetic inference (the
+        first output goes into the output histograms)."""
+        self._record_inference(serving.meta, latency_ms, ok, outputs[0] if outputs else None)
+
+    def _record_inference(self, meta: Mapping[str, Any], latency_ms: float, ok: bool,
+                          output: NDArray[Any] | None) -> None:
+        """Count one inference of the model `meta` describes in the telemetry window and,
+        while that model is being watched, in its health window."""
+        meta = dict(meta)
+        self.reporter.follow_model(meta)
+        faults = self.faults
+        if output is not None and faults.output_shift and faults.applies(meta):
+            output = output + faults.output_shift
+        self.reporter.record(latency_ms, ok, output)
         watching = self.health.watching
-        if watching is not None and watching.digest == self.model_meta.get("digest"):
+        if (watching is not None and watching.digest == meta.get("digest")
+                and watching.digest == self.model_meta.get("digest")):
             evidence = self.health.record(ok)
             if evidence is not None:
                 self.emit_window()  # the failing model's last window, before the switch

@@ -52,9 +52,22 @@ def run(
         None, "--device-key", help="This device's Ed25519 key (or from --bundle); it signs "
         "status reports. Without one the agent runs but the hub refuses its reports."
     ),
-    rate: float = typer.Option(
-        20.0, "--rate", help="Inferences per second on generated inputs (0 = none)."
+    synthetic_load: bool = typer.Option(
+        False, "--synthetic-load",
+        help="Also run the model on generated random inputs at --rate, for demos and "
+        "benchmarks (telemetry then describes noise). Off: only real calls through the "
+        "local inference API are run and counted.",
     ),
+    rate: float = typer.Option(
+        20.0, "--rate", help="Inferences per second on generated inputs, with "
+        "--synthetic-load (0 = none)."
+    ),
+    api_socket: Path | None = typer.Option(
+        None, "--api-socket", help="Unix socket of the local inference API (default "
+        "STATE_DIR/agent.sock). It is created mode 0660: the agent's user and group may call."
+    ),
+    no_api: bool = typer.Option(
+        False, "--no-api", help="Do not serve the local inference API."),
     window: float = typer.Option(5.0, "--window", help="Telemetry window length in seconds."),
     health_window: float = typer.Option(
         30.0, "--health-window",
@@ -109,7 +122,8 @@ def run(
         agent = EdgeAgent(
             AgentConfig(
                 device_id=device_id, nats_url=nats_url, state_dir=state_dir,
-                trust_root=trust_root, inference_hz=rate, window_seconds=window,
+                trust_root=trust_root, inference_hz=rate, synthetic_load=synthetic_load,
+                serve_api=not no_api, api_socket=api_socket, window_seconds=window,
                 health_window=health_window, max_error_rate=max_error_rate,
                 device_key=device_key, nats_ca=nats_ca, require_inclusion=require_inclusion,
             )
@@ -154,6 +168,26 @@ def status(
     Console().print_json(json.dumps(info))
     if active is None:
         raise typer.Exit(1)
+
+
+@app.command()
+def predict(
+    inputs: Path = typer.Argument(
+        ..., help="INPUT.npy (the model's one input) or INPUT.npz (arrays named by input "
+        "name, or arr_0, arr_1... in input order)."),
+    socket_path: Path = typer.Option(
+        ..., "--socket", help="The agent's inference socket (STATE_DIR/agent.sock)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outputs as JSON."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the agent."),
+) -> None:
+    """Run the installed model once on inputs from a file and print its outputs.
+
+    Exit status: 0 ok, 1 the agent refused the inputs (or the model failed), 2 the
+    file is unreadable, 3 no agent answers on the socket.
+    """
+    from edge_agent.serving.predict_cli import run_predict
+
+    raise typer.Exit(run_predict(inputs, socket_path, as_json, timeout))
 
 
 def main() -> None:

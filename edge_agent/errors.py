@@ -14,6 +14,11 @@
         InclusionPending   no transparency proof yet: wait
       DeviceBundleError    the device bundle directory is missing or invalid
       ModelRuntimeError    the model does not load or run
+      InferenceError       a call through the local inference API failed (edge_agent.serving)
+        InputRejected      the agent refused the request (bad frame, op, dtype, shape...)
+        NoModelLoaded      no model is installed on the device yet
+        ModelFailed        the model ran and failed (the runtime raised)
+        AgentUnreachable   no agent answers on the socket, or the connection broke
 
 The agent refuses with one `except UpdateRefused` and retries with one
 `except TransferError`. `ProtocolError`, `TrustError` and `DeviceBundleError` stay
@@ -86,3 +91,32 @@ class DeviceBundleError(AgentError, ValueError):
 
 class ModelRuntimeError(AgentError):
     """A model could not be loaded or run; the message says why."""
+
+
+class InferenceError(AgentError):
+    """A call through the local inference API failed (edge_agent.serving).
+
+    `code` is the protocol's error code (docs/PROTOCOL.md, "Local inference API"),
+    empty when the call never got an answer.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InputRejected(InferenceError):
+    """The agent refused the request: unknown op, malformed or oversized frame, an input
+    of the wrong dtype or shape, a missing or unknown input, non-finite values."""
+
+
+class NoModelLoaded(InferenceError):
+    """The agent runs but has no model installed (yet)."""
+
+
+class ModelFailed(InferenceError):
+    """The model ran on valid inputs and the runtime reported a failure."""
+
+
+class AgentUnreachable(InferenceError):
+    """Nothing answers on the socket, or the connection broke mid-call."""

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,10 @@ class LoadedModel:
         try:
             self._inputs = [_spec(d) for d in interpreter.get_input_details()]
             self._outputs = [_spec(d) for d in interpreter.get_output_details()]
-            self._input_index = int(interpreter.get_input_details()[0]["index"])
-            self._output_index = int(interpreter.get_output_details()[0]["index"])
+            self._input_indexes = [int(d["index"]) for d in interpreter.get_input_details()]
+            self._output_indexes = [int(d["index"]) for d in interpreter.get_output_details()]
+            self._input_index = self._input_indexes[0]
+            self._output_index = self._output_indexes[0]
         except (ValueError, RuntimeError, IndexError, KeyError, TypeError) as exc:
             raise ModelRuntimeError(
                 f"{source}: cannot read the model's input/output tensors: {exc}"
@@ -198,6 +201,27 @@ class LoadedModel:
             except (ValueError, RuntimeError) as exc:
                 raise ModelRuntimeError(f"{self._source}: inference failed: {exc}") from exc
         return np.array(out, copy=True)
+
+    def run_all(self, inputs: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
+        """Run one inference on every input (in the model's order); copies of every output.
+
+        The caller has checked shapes and dtypes (edge_agent.serving validates requests);
+        the interpreter is used by one caller at a time.
+        """
+        if len(inputs) != len(self._input_indexes):
+            raise ModelRuntimeError(
+                f"{self._source}: model takes {len(self._input_indexes)} inputs, "
+                f"got {len(inputs)}"
+            )
+        with self._lock:
+            try:
+                for index, x in zip(self._input_indexes, inputs, strict=True):
+                    self._interpreter.set_tensor(index, x)
+                self._interpreter.invoke()
+                return [np.array(self._interpreter.get_tensor(i), copy=True)
+                        for i in self._output_indexes]
+            except (ValueError, RuntimeError) as exc:
+                raise ModelRuntimeError(f"{self._source}: inference failed: {exc}") from exc
 
     def generated_input(self, rng: np.random.Generator) -> NDArray[Any]:
         """Random data fitting the first input: floats in [-1, 1], integers over their range."""

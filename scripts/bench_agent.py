@@ -1,7 +1,7 @@
 """Edge agent footprint and update latency, against the raw Object Store read.
 
 One run: a private nats-server, a hub in this process, one real agent process
-(`edge-agent run --bundle ... --rate 0`). It measures
+(`edge-agent run --bundle ... --synthetic-load --rate 0`: no inferences). It measures
 
 1. resident memory (VmRSS) and CPU of the idle agent with a model loaded, sampled from
    /proc/PID/status and /proc/PID/stat over --idle-seconds (targets: <= 60 MB, < 1%);

@@ -148,7 +148,8 @@ async def drive(config: HubConfig, models: dict[str, Path], devices: list[str],
             # The bundle holds the device's own key (it signs its reports) and its root.
             procs.start(device, [
                 str(BIN / "edge-agent"), "run", "--bundle", enrolled["bundle"], "--nats", url,
-                "--state-dir", str(data / "devices" / device), "--rate", "20", "--window", "1",
+                "--state-dir", str(data / "devices" / device), "--synthetic-load", "--rate", "20",
+                "--window", "1",
             ])
         console.print(f"enrolled and started {len(devices)} agents: {', '.join(devices)}")
         async with await HubClient.connect(url, alice_key,

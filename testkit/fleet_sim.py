@@ -114,7 +114,8 @@ class SimFleet:
     def config_for(self, device: str) -> AgentConfig:
         return AgentConfig(
             device_id=device, nats_url=self.nats_url, state_dir=self.root / device,
-            trust_root=self.trust_root, inference_hz=self.rate, window_seconds=self.window,
+            trust_root=self.trust_root, inference_hz=self.rate, synthetic_load=True,
+            serve_api=False, window_seconds=self.window,
             health_window=self.health_window, faults="", device_key=self.key_path(device),
             spool_fsync=self.spool_fsync, isolate_preflight=False,
         )

@@ -100,6 +100,9 @@ class AgentProcess:
     log_path: Path
     rate: float = 50.0
     window: float = 0.5
+    # Inferences on generated inputs (--synthetic-load) at `rate`, so telemetry flows
+    # without an application; tests of the inference API turn it off.
+    synthetic_load: bool = True
     # The device bundle from enrolment (device key, pinned root); used when it exists.
     bundle: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
@@ -115,6 +118,7 @@ class AgentProcess:
             sys.executable, "-m", "edge_agent.cli", "run", *identity,
             "--device-id", self.device_id, "--nats", self.nats_url,
             "--state-dir", str(self.state_dir),
+            *(["--synthetic-load"] if self.synthetic_load else []),
             "--rate", str(self.rate), "--window", str(self.window),
             "--log-level", "DEBUG", *(extra or []),
         ]
