@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from edge_agent.errors import AgentError, DeviceBundleError, TransferError
 from edge_agent.slots import SlotStore
@@ -95,7 +96,7 @@ def run(
         try:
             b = DeviceBundle.load(bundle)
         except DeviceBundleError as exc:
-            err.print(f"[red]error:[/red] {exc}")
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(2) from exc
         device_id = device_id or b.device_id
         nats_url = nats_url or b.nats_url
@@ -129,7 +130,7 @@ def run(
             )
         )
     except (AgentError, OSError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
 
     async def main() -> None:
@@ -142,7 +143,7 @@ def run(
     try:
         asyncio.run(main())
     except (OSError, TransferError) as exc:  # unreachable, or refused (no/revoked identity)
-        err.print(f"[red]error:[/red] cannot reach NATS at {nats_url}: {exc}")
+        err.print(f"[red]error:[/red] cannot reach NATS at {escape(nats_url)}: {escape(str(exc))}")
         raise typer.Exit(3) from exc
 
 

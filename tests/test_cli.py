@@ -178,6 +178,40 @@ def test_importing_the_hub_cli_loads_no_server_module() -> None:
     assert [m for m in loaded if m not in client_side and not m.startswith("hub.cli.")] == []
 
 
+# An agent-only install (`pip install fleetledger`, no `hub` extra) lacks these; a
+# meta-path finder that refuses them stands in for that install in a fresh interpreter.
+WITHOUT_HUB_EXTRA = """
+import sys
+class NoHubExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("sqlalchemy", "sqlmodel", "psycopg"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoHubExtra())
+sys.argv = ["hub", *sys.argv[1:]]
+from hub.cli import main
+main()
+"""
+
+
+def test_without_the_hub_extra_help_works_and_serve_names_the_extra(tmp_path: Path) -> None:
+    """The operator CLI works on a device install; `hub serve` there says which extra to
+    install (exit 2, one line), not a traceback."""
+    def hub(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", WITHOUT_HUB_EXTRA, *args],
+                              capture_output=True, text=True, env=cli_env(),
+                              cwd=tmp_path, timeout=60, check=False)
+
+    helped = hub("--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "register" in helped.stdout
+    served = hub("serve", "--home", str(tmp_path / "home"))
+    assert served.returncode == 2, served.stdout + served.stderr
+    message = served.stdout + served.stderr
+    assert "pip install 'fleetledger[hub]'" in message
+    assert "Traceback" not in message
+
+
 def test_hub_cli_group_modules_import_only_the_common_module() -> None:
     """No import circle: __init__ -> group -> _common; a group imports neither the
     package nor another group."""
@@ -544,3 +578,13 @@ def test_demo_refuses_a_non_empty_data_directory_it_did_not_make(tmp_path: Path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "not deleting it" in flat(done.stdout)
     assert (data / "thesis.tex").read_text() == "years of work"
+
+
+def test_error_lines_print_hostile_names_as_themselves(capsys: pytest.CaptureFixture[str]) -> None:
+    """A refusal can quote names a device or an operator chose; rich markup in them is
+    printed as text, and an unbalanced closing tag does not crash the CLI."""
+    from hub.cli._common import fail
+
+    exit_ = fail("no device named '[bold]x[/nope]' is enrolled", 1)
+    assert exit_.exit_code == 1
+    assert "no device named '[bold]x[/nope]' is enrolled" in capsys.readouterr().err

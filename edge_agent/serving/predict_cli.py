@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_agent.errors import AgentUnreachable, InferenceError
@@ -38,17 +39,17 @@ def run_predict(path: Path, socket_path: Path, as_json: bool, timeout: float) ->
     try:
         inputs = load_inputs(path)
     except (OSError, ValueError) as exc:
-        err.print(f"[red]error:[/red] cannot read {path}: {exc}")
+        err.print(f"[red]error:[/red] cannot read {escape(str(path))}: {escape(str(exc))}")
         return EXIT_BAD_FILE
     try:
         with InferenceClient(socket_path, timeout=timeout) as client:
             outputs = client.predict(inputs)
             model, version = client.served_by or ("", "")
     except AgentUnreachable as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         return EXIT_UNREACHABLE
     except InferenceError as exc:
-        err.print(f"[red]refused:[/red] {exc}")
+        err.print(f"[red]refused:[/red] {escape(str(exc))}")
         return EXIT_REFUSED
     if as_json:
         print(json.dumps({name: {"dtype": a.dtype.name, "shape": list(a.shape),

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column
 from typer.core import TyperGroup
 
@@ -107,9 +108,16 @@ def version_option(prog: str) -> Any:
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    """Print one `error:` line; the caller raises the returned Exit."""
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """Print one `error:` line; the caller raises the returned Exit. The message is
+    escaped: it can carry names a device or an operator chose (`[red]` in a device id
+    must print as itself, not as markup, and `[/x]` must not raise)."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+# What the `hub` extra adds to a device install (pyproject.toml): `hub serve`, `init`
+# and `rebuild` need it, the operator commands do not.
+HUB_EXTRA_MODULES = frozenset({"sqlalchemy", "sqlmodel", "psycopg"})
 
 
 class HubGroup(TyperGroup):
@@ -122,6 +130,15 @@ class HubGroup(TyperGroup):
             return super().invoke(ctx)
         except HubError as exc:
             raise fail(str(exc), exc.exit_code) from exc
+        except ModuleNotFoundError as exc:
+            # An agent-only install (`pip install fleetledger`) has the operator CLI but
+            # not the hub's storage: say which extra to install, not a traceback.
+            if (exc.name or "").partition(".")[0] not in HUB_EXTRA_MODULES:
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            raise fail(f"`hub {command}` runs the hub's storage and needs the `hub` extra "
+                       f"({exc.name} is not installed): pip install 'fleetledger[hub]'",
+                       EXIT_USAGE) from exc
 
 
 def hub_config(home: Path, nats_url: str | None) -> HubConfig:
