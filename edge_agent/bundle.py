@@ -8,7 +8,7 @@ trust root it pins. Keys of device.toml:
     nats_url    where the hub's NATS server is
     trust_root  file name of the pinned trust root, relative to the bundle
     device_key  file name of the device's Ed25519 key (absent: the key lives elsewhere);
-                it is also the device's NATS nkey (edge_agent/nats_auth.py)
+                it is also the device's NATS nkey (edge_agent/transport/connect.py)
     nats_ca     file name of the NATS server's CA certificate (present when TLS is on)
     require_inclusion  true: install only releases proven in a witnessed checkpoint
                 (model transparency; same as `edge-agent run --require-inclusion`)

@@ -3,7 +3,7 @@
 The digest is BLAKE3 over the canonical encoding of every projection table's rows in
 primary-key order, so two databases with the same state give the same digest whatever
 their physical layout. `rebuild_digest` folds the whole ledger into empty in-memory
-tables with the very function the hub uses live (projections.apply_entries).
+tables with the very function the hub uses live (hub.fold.apply_entries).
 """
 
 from __future__ import annotations

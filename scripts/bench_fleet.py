@@ -5,8 +5,8 @@ each next to a raw baseline measured in the same run. Timings are printed, never
     .venv/bin/python scripts/bench_fleet.py [--devices 1000] [--model-mib 1]
 
 - the hub runs as its own process (`hub serve`), so its CPU and RSS are its own;
-- the devices are hub.fleet_sim agents (real EdgeAgents, real TFLite), sharded over
-  --procs OS processes (default: one per core) by hub.fleet_sim.ShardedFleet;
+- the devices are testkit.fleet_sim agents (real EdgeAgents, real TFLite), sharded over
+  --procs OS processes (default: one per core) by testkit.fleet_sim.ShardedFleet;
 - converge: `hub rollout create --waves 1%,10%,50%,100%` (no bake, no gates) of a
   model of --model-mib, from `rollout start` to every device applied;
 - fetch: bytes the agents downloaded during the update / the time at least one model
@@ -179,7 +179,7 @@ async def run(args: argparse.Namespace) -> None:
     hub_log = (tmp / "hub.log").open("wb")
     profile = ["-m", "cProfile", "-o", str(Path(args.profile) / "hub.prof")] \
         if args.profile else []
-    if args.profile:  # the shards read it (hub.fleet_sim)
+    if args.profile:  # the shards read it (testkit.fleet_sim)
         env["FLEET_SIM_PROFILE"] = os.environ["FLEET_SIM_PROFILE"] = args.profile
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     hub = subprocess.Popen([sys.executable, *profile, "-m", "hub.cli", "serve", "--home",

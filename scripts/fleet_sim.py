@@ -6,7 +6,7 @@
         [--drift 5.0 --drift-version 2]
 
 Enrolls the devices (each with its own key) and tags them, then runs until Ctrl-C.
-Faults go to a deterministic share of the devices (hub.fleet_sim.SimFleet.pick).
+Faults go to a deterministic share of the devices (testkit.fleet_sim.SimFleet.pick).
 Watch them with `hub rollout status ID --watch` and `hub telemetry`.
 """
 

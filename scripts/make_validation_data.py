@@ -1,4 +1,4 @@
-"""Write a validation set (.npz) for a model version from hub.modelgen.
+"""Write a validation set (.npz) for a model version from testkit.modelgen.
 
 .venv/bin/python scripts/make_validation_data.py OUT.npz --version 2 --rows 1000
 
@@ -40,7 +40,7 @@ def _flip_labels(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("out", type=Path, help="the .npz file to write")
-    parser.add_argument("--version", type=int, default=1, help="model version (hub.modelgen)")
+    parser.add_argument("--version", type=int, default=1, help="model version (testkit.modelgen)")
     parser.add_argument("--n-in", type=int, default=8)
     parser.add_argument("--n-out", type=int, default=4)
     parser.add_argument("--rows", type=int, default=1000)

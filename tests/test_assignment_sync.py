@@ -1,5 +1,5 @@
 """A hub stopped between the ledger commit of an assignment and its KV write: on the
-next start it puts the ledger's assignment into KV (hub/assignment_sync.py), so the
+next start it puts the ledger's assignment into KV (hub/devices/assignment_sync.py), so the
 device installs it; a further start writes nothing."""
 
 from __future__ import annotations

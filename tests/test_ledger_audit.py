@@ -1,5 +1,5 @@
 """Auditing with signed checkpoints, offline: the checkpoint table, `ledger verify
---checkpoint / --since-checkpoint`, export files and proof bundles (ledger/audit.py,
+--checkpoint / --since-checkpoint`, export files and proof bundles (ledger/storage/audit.py,
 checkpoint_store.py, export.py, bundle.py), through the real `ledger` command."""
 
 from __future__ import annotations
@@ -318,3 +318,40 @@ def test_query_by_kind_subject_actor_and_time(ledger: tuple[Path, LedgerStore]) 
     assert json.loads(none.stdout) == []
     bad = run_ledger("query", "--db", str(path), "--since", "yesterday")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+# A device install (`pip install fleetledger`, no `hub` extra) has no SQLAlchemy; this
+# meta-path finder stands in for that install in a fresh interpreter.
+WITHOUT_HUB_EXTRA = """
+import sys
+class NoHubExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("sqlalchemy", "sqlmodel", "psycopg"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoHubExtra())
+sys.argv = ["ledger", *sys.argv[1:]]
+from ledger.cli import main
+main()
+"""
+
+
+def test_a_device_install_verifies_bundles_and_names_the_extra_for_a_database(
+        tmp_path: Path, signer: Signer, log_vkey: str,
+        witnesses: list[tuple[str, SigningKey]]) -> None:
+    """The offline checks an auditor or a device runs on files need no storage code; a
+    command that opens a database says which extra to install (exit 2, one line)."""
+    data, vkeys = cosigned_bundle(tmp_path, signer, witnesses)
+    bundle = tmp_path / "seq5.bundle"
+    bundle.write_bytes(data)
+
+    def ledger(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", WITHOUT_HUB_EXTRA, *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    ok = ledger("verify-bundle", str(bundle), "--log-key", log_vkey, "--witness-key", vkeys[0])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    db = ledger("verify", "--db", str(tmp_path / "b.db"))
+    assert db.returncode == 2, db.stdout + db.stderr
+    assert "pip install 'fleetledger[hub]'" in db.stderr
+    assert "Traceback" not in db.stderr

@@ -1,5 +1,5 @@
-"""Checkpoints on the wire: the hub signs, stores and publishes them (hub/checkpointer.py),
-serves proofs on `ledger.api.*` (hub/ledger_api.py), a `ledger witness` process cosigns
+"""Checkpoints on the wire: the hub signs, stores and publishes them (hub/log/checkpointer.py),
+serves proofs on `ledger.api.*` (hub/log/api.py), a `ledger witness` process cosigns
 them and refuses a fork, and `ledger tail --follow` follows the feed. Real nats-server,
 real SQLite, the `ledger` command as a subprocess; every wait is on an event."""
 

@@ -1,4 +1,4 @@
-"""The NATS server confines every identity (hub/nats_config.py, docs/PROTOCOL.md
+"""The NATS server confines every identity (hub/home/nats_config.py, docs/PROTOCOL.md
 "Permissions"): a real nats-server with the configuration `hub init` writes.
 
 A refused publish or subscribe does not fail the call in nats-py; the server answers

@@ -1,4 +1,4 @@
-"""The device wire protocol (edge_agent/protocol.py) and canonical msgpack, no server.
+"""The device wire protocol (edge_agent/protocol/documents.py) and canonical msgpack, no server.
 
 Round trips of every message type, strict refusal of every malformed input with a
 `ProtocolError` that names the problem, and property tests: arbitrary bytes never

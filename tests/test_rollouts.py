@@ -1,5 +1,5 @@
 """Rollout scenarios: a real nats-server, a real hub (controller, telemetry ingest), and
-a simulated fleet of in-process agents (hub.fleet_sim) with real TFLite inference.
+a simulated fleet of in-process agents (testkit.fleet_sim) with real TFLite inference.
 
 Every wait is on a ledger event (or a counted state) with a timeout; fault injection is
 per device. Fleets are kept small (50 devices, 2-4 inferences/s each) so two cores cope.

@@ -1,4 +1,4 @@
-"""Trust-root rotation (edge_agent/trust_chain.py), pure: walking a chain of roots."""
+"""Trust-root rotation (edge_agent/trust/chain.py), pure: walking a chain of roots."""
 
 from __future__ import annotations
 

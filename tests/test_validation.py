@@ -1,4 +1,4 @@
-"""The validation gate against real TFLite models (float and int8) built by hub.modelgen."""
+"""The validation gate against real TFLite models (float and int8) built by testkit.modelgen."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ nats-py's `KeyValue.watch` creates its ordered consumer with `$JS.API.CONSUMER.C
 key a client asks for; allowing that subject would let a device read every device's
 assignment. Giving the consumer a name makes nats-py use `$JS.API.CONSUMER.CREATE.
 <stream>.<name>.<filter>` (nats-server 2.10+), which the server's permissions can limit
-to the device's own key (hub/nats_config.py).
+to the device's own key (hub/home/nats_config.py).
 """
 
 from __future__ import annotations

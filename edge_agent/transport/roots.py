@@ -4,7 +4,7 @@ The device starts from the root pinned at enrolment (`--trust-root`, or the bund
 or from the newest root it accepted before (STATE/trust-root.bin, replaced atomically),
 whichever is newer. `refresh` reads `root.latest` from the KV bucket `roots`, fetches
 `root.<N+1>` ... `root.<latest>` and hands them to the pure chain walk
-(edge_agent.trust_chain.walk_chain). What verified is kept, even when a later step is
+(edge_agent.trust.chain.walk_chain). What verified is kept, even when a later step is
 refused; a refusal is returned (once per distinct root) so the agent reports it.
 """
 

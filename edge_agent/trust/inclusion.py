@@ -4,7 +4,7 @@ provably in a checkpoint signed by the log and cosigned by enough witnesses.
 The hub publishes, per release, a proof bundle (ledger/bundle.py, format
 `fleetledger-proof/1`) in the KV bucket `transparency` under `<name>.<version>` once a
 checkpoint covering the release's `model.released` entry carries the trust root's
-witness threshold of cosignatures (hub/transparency.py). `verify_release_inclusion`
+witness threshold of cosignatures (hub/log/transparency.py). `verify_release_inclusion`
 (pure) checks it against the device's trust root alone:
 
 * the checkpoint is signed by a `log` role key of the root, under the key's `name` (the

@@ -36,7 +36,7 @@ class TrustRoot:
     roles: dict[str, Role]
     envelope: SignedEnvelope
     # keyid -> C2SP note key name (optional `name` of a key): the log origin for `log`
-    # keys, the witness name for `witness` keys (edge_agent/transparency.py).
+    # keys, the witness name for `witness` keys (edge_agent/trust/inclusion.py).
     names: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------ building

@@ -8,7 +8,7 @@ the `device.enrolled` event (`public`), and writes the bundle the device is set 
     HOME/devices/ID/trust-root.bin  the newest trust root, pinned by the device
     HOME/devices/ID/ca.pem          the NATS server's CA certificate (homes made with --tls)
 
-The device key is also the device's NATS identity (an nkey; edge_agent/nats_auth.py):
+The device key is also the device's NATS identity (an nkey; edge_agent/transport/connect.py):
 enrolment adds the device's user to the NATS server's users file, revocation removes it
 (hub.home.nats_users).
 

@@ -9,7 +9,7 @@
 Everything here is public and checkable: proofs are verified by the client against a
 signed checkpoint, so the API needs no authentication (the ledger is not secret to its
 auditors; NATS permissions decide who can reach it). Messages are canonical msgpack
-(ledger/remote.py has the client and the wire constants; docs/PROTOCOL.md "Ledger API").
+(ledger/net/remote.py has the client and the wire constants; docs/PROTOCOL.md "Ledger API").
 """
 
 from __future__ import annotations

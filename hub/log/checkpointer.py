@@ -3,7 +3,7 @@
 Every `checkpoint_every_entries` new entries or `checkpoint_every_seconds` (whichever
 comes first, and only when the tree grew) the hub signs a C2SP checkpoint of the
 current tree size with the log key (key name = the configured `origin`), stores it in
-`ledger_checkpoints` (ledger/checkpoint_store.py) and publishes the note on
+`ledger_checkpoints` (ledger/storage/checkpoint_store.py) and publishes the note on
 `ledger.checkpoint` (JetStream stream LEDGER). Witnesses cosign it and send the cosigned
 note back on `ledger.cosignature` (hub/log/api.py); `accept_cosignature`
 keeps the cosignatures of the witnesses listed in HOME/witnesses.

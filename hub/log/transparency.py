@@ -2,7 +2,7 @@
 `model.released` (or `model.resigned`) entry carries the trust root's witness threshold
 of cosignatures, the proof bundle of that entry in that checkpoint (ledger/bundle.py)
 goes into the KV bucket `transparency` under `<name>.<version>`, where agents that run
-with `--require-inclusion` fetch it (edge_agent/transparency.py).
+with `--require-inclusion` fetch it (edge_agent/trust/inclusion.py).
 
 `sync(size)` runs after every stored cosignature (hub/log/api.py calls it) and once at
 hub start for the latest checkpoint. A bundle is written once per entry; a newer

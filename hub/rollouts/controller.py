@@ -29,11 +29,10 @@ from hub import events as ev
 from hub.commands.writer import LedgerWriter
 from hub.devices import state as device_state
 from hub.devices.assignments import AssignmentIssuer, PutAssignment, write_all
-from hub.governance import state as governance
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
 from hub.rollouts.commands import rollback_events, rollout_release
-from hub.rollouts.state import Member, member_rows, wave_views
+from hub.rollouts.state import Member, member_rows, telemetry_view, wave_views
 from hub.telemetry.ingest import TelemetryIngest
 from ledger.storage import query
 from ledger.storage.store import NewEvent
@@ -234,17 +233,3 @@ def _due(policy: ro.Policy, waves: list[ro.WaveView], now_ns: int) -> float:
             times.append(current.baking_ns + int(policy.bake_s * 1e9))
     due_ns = min(t for t in times if t > now_ns) if any(t > now_ns for t in times) else now_ns
     return time.monotonic() + (due_ns - now_ns) / 1e9
-
-
-
-
-def telemetry_view(conn: Connection, telemetry: TelemetryIngest, rollout: dict[str, Any],
-                   members: list[Member] | None = None) -> ro.TelemetryView:
-    """The telemetry of a rollout's devices on its release, against the release's
-    reference histograms (drift)."""
-    if members is None:
-        members = member_rows(conn, rollout["rollout"])
-    release = governance.get_release(conn, rollout["model"], rollout["version"])
-    reference = (release or {}).get("validation", {}).get("reference_histograms", [])
-    keys = [(m.device, rollout["digest"], m.counter) for m in members if m.counter]
-    return telemetry.view(keys, reference)

@@ -10,15 +10,12 @@ from hub import events as ev
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Verbs
 from hub.rollouts import state as rs
-from hub.rollouts.controller import telemetry_view
-from hub.rollouts.state import wave_views
+from hub.rollouts.state import telemetry_view, wave_views
 from hub.telemetry.ingest import TelemetryIngest
+from hub.wire import MAX_TELEMETRY_PAGE, TELEMETRY_PAGE
 from ledger.storage import query
 
 RECENT_EVENTS = 30
-TELEMETRY_PAGE = 20  # devices per `telemetry` reply unless the operator asks for more
-# A summary row is ~250 bytes of msgpack: 500 of them stay well under NATS's 256 KiB.
-MAX_TELEMETRY_PAGE = 500
 
 
 STATUS_DEVICES_PAGE = 500

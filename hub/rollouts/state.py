@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Table, and_, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from hub import events as ev
 from hub.columns import int64_columns, json_text, row_dict
+from hub.governance import state as governance
 from hub.rollouts import rules as ro
 from ledger.entry import Entry
+
+if TYPE_CHECKING:
+    from hub.telemetry.ingest import TelemetryIngest
 
 
 class DeviceTagRow(SQLModel, table=True):
@@ -348,3 +352,15 @@ def wave_views(conn: Connection, rid: str, members: list[Member] | None = None
     return [ro.WaveView(w["wave"], w["state"], devices.get(w["wave"], {}), w["started_ts"],
                         w["baking_ts"])
             for w in list_waves(conn, rid)]
+
+
+def telemetry_view(conn: Connection, telemetry: TelemetryIngest, rollout: dict[str, Any],
+                   members: list[Member] | None = None) -> ro.TelemetryView:
+    """The telemetry of a rollout's devices on its release, against the release's
+    reference histograms (drift)."""
+    if members is None:
+        members = member_rows(conn, rollout["rollout"])
+    release = governance.get_release(conn, rollout["model"], rollout["version"])
+    reference = (release or {}).get("validation", {}).get("reference_histograms", [])
+    keys = [(m.device, rollout["digest"], m.counter) for m in members if m.counter]
+    return telemetry.view(keys, reference)

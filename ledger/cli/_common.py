@@ -11,7 +11,7 @@ import os
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich import box
@@ -20,7 +20,6 @@ from rich.table import Table
 from ledger.entry import Entry
 from ledger.errors import LedgerError, LedgerNotFoundError, NoteError
 from ledger.note import CosignatureVerifier, Verifier, parse_vkey
-from ledger.storage.store import LedgerStore
 
 # Exit codes: scripts tell "the ledger is damaged" from "the check could not run".
 EXIT_OK = 0
@@ -169,12 +168,24 @@ def nats_login(user: str | None, password_file: Path | None, ca: Path | None) ->
     return NatsLogin(user, password, ca)
 
 
+if TYPE_CHECKING:
+    from ledger.storage.store import LedgerStore
+
+
 def fail(message: str, code: int) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
 def open_store(db: str) -> LedgerStore:
+    """Open an existing ledger database. The storage code needs the `hub` extra
+    (SQLAlchemy), which a device install lacks: the offline checks of files
+    (`verify-bundle`, `verify EXPORT`) work without it, a database does not."""
+    try:
+        from ledger.storage.store import LedgerStore
+    except ModuleNotFoundError as exc:
+        fail(f"reading a ledger database needs the `hub` extra ({exc.name} is not "
+             "installed): pip install 'fleetledger[hub]'", EXIT_USAGE)
     try:
         return LedgerStore.open(db, create=False)
     except LedgerNotFoundError as exc:

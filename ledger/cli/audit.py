@@ -26,9 +26,6 @@ from ledger.cli._common import (
 )
 from ledger.errors import LedgerError, NoteError
 from ledger.note import CosignatureVerifier, Verifier, b64encode
-from ledger.storage.audit import check_against_checkpoint, verify_since
-from ledger.storage.checkpoint_store import CheckpointStore
-from ledger.storage.verify_parallel import default_jobs, verify_store
 
 
 def _read_checkpoint(path: Path, log: Verifier, witnesses: list[CosignatureVerifier],
@@ -101,7 +98,7 @@ def verify(
         fail("give an export FILE, --db PATH or --home DIR (or set LEDGER_DB)", EXIT_USAGE)
     if since is not None:
         _verify_since(path, since, log_key(log_vkey, "--since-checkpoint"), as_json)
-    _verify_db(path, checkpoints or [], log_vkey, witnesses, as_json, jobs or default_jobs())
+    _verify_db(path, checkpoints or [], log_vkey, witnesses, as_json, jobs)
 
 
 def _emit(doc: dict[str, Any], lines: list[str], as_json: bool, ok: bool) -> None:
@@ -113,9 +110,14 @@ def _emit(doc: dict[str, Any], lines: list[str], as_json: bool, ok: bool) -> Non
 
 
 def _verify_db(db: str, files: list[Path], log_vkey: str | None,
-               witnesses: list[CosignatureVerifier], as_json: bool, jobs: int = 1) -> None:
+               witnesses: list[CosignatureVerifier], as_json: bool, jobs: int | None) -> None:
     log = log_key(log_vkey, "--checkpoint") if files or log_vkey else None
-    store = open_store(db)
+    store = open_store(db)  # first: it names the `hub` extra if storage is missing
+    from ledger.storage.audit import check_against_checkpoint
+    from ledger.storage.checkpoint_store import CheckpointStore
+    from ledger.storage.verify_parallel import default_jobs, verify_store
+
+    jobs = jobs or default_jobs()
     try:
         result = verify_store(store, jobs=jobs)
         signed: list[tuple[str, SignedCheckpoint]] = []
@@ -170,6 +172,8 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None,
 def _verify_since(db: str, path: Path, log: Verifier, as_json: bool) -> None:
     cp = _read_checkpoint(path, log, [])
     store = open_store(db)
+    from ledger.storage.audit import verify_since
+
     try:
         result = verify_since(store, cp.checkpoint)
     except LedgerError as exc:
@@ -295,6 +299,8 @@ def checkpoint_cmd(
     """Print a signed checkpoint stored in the ledger (the hub's), with its cosignatures:
     the note to keep for `ledger verify --checkpoint` / `--since-checkpoint`."""
     store = open_store(need_db(db, home))
+    from ledger.storage.checkpoint_store import CheckpointStore
+
     try:
         cps = CheckpointStore(store, create=False)
         found = cps.latest() if size is None else cps.get(size)

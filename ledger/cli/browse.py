@@ -33,7 +33,6 @@ from ledger.cli._common import (
 )
 from ledger.entry import Entry
 from ledger.errors import EntryError, LedgerError
-from ledger.storage.query import EntryFilter, query_entries
 
 
 def _time_ns(value: str | None, what: str) -> int | None:
@@ -72,9 +71,11 @@ def query(
     """Find entries by kind, subject prefix, actor and time range, in seq order.
 
     This reads the stored columns and does not check the chain; run `ledger verify`."""
+    store = open_store(need_db(db, home))
+    from ledger.storage.query import EntryFilter, query_entries
+
     flt = EntryFilter(tuple(kind or ()), subject, actor, _time_ns(since, "--since"),
                       _time_ns(until, "--until"))
-    store = open_store(need_db(db, home))
     try:
         entries = query_entries(store, flt, limit, newest)
     except LedgerError as exc:
@@ -184,6 +185,8 @@ def _follow_db(db: str, after: int, interval: float, emit: Callable[[Entry], Non
 
     signal.signal(signal.SIGTERM, on_signal)
     store = open_store(db)
+    from ledger.storage.query import EntryFilter, query_entries
+
     typer.echo(f"following {store.location}", err=True)
     try:
         while not stopped:

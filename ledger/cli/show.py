@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -22,7 +23,9 @@ from ledger.cli._common import (
 )
 from ledger.errors import LedgerError, ProofError
 from ledger.merkle import verify_inclusion
-from ledger.storage.store import LedgerStore
+
+if TYPE_CHECKING:
+    from ledger.storage.store import LedgerStore
 
 
 def show(

@@ -3,7 +3,7 @@
 This is the one ledger module that talks to NATS. The pure core and the store never
 import it; only `ledger witness` and `ledger tail --follow --nats` load it (lazily),
 because witnesses and auditors read the log from wherever the hub publishes it. The
-hub's side is hub/ledger_api.py. docs/PROTOCOL.md, "Ledger API", is the spec.
+hub's side is hub/log/api.py. docs/PROTOCOL.md, "Ledger API", is the spec.
 
 Requests and replies are canonical msgpack maps (ledger/encoding.py). Replies are
 ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": text}``.

@@ -16,7 +16,7 @@ handed out, is evidence and never changes.
 
 This module stores what it is given: checking signatures is the caller's job (the
 hub signs the notes itself and checks cosignatures against its configured witness
-keys before storing them, see hub/checkpointer.py).
+keys before storing them, see hub/log/checkpointer.py).
 """
 
 from __future__ import annotations
