@@ -26,6 +26,7 @@ from edge_agent.runtime import LoadedModel, describe
 from edge_agent.serving.client import InferenceClient
 from edge_agent.telemetry import TelemetryWindowBuilder
 from hub import events as ev
+from hub.cli.models import tensor_text
 from hub.governance.models import manifest_quantization
 from hub.telemetry.drift import psi, quantile_edges, reference_histogram
 from hub.validation import Dataset, Policy, validate
@@ -33,7 +34,7 @@ from hub.validation.runner import Runner
 from ledger.encoding import canonical_decode, canonical_encode
 from testkit.modelgen import make_dense_model, make_int8_dense_model
 from tests.device_kit import configured_agent
-from tests.fleet import Fleet
+from tests.fleet import Fleet, refused
 
 N_IN, N_OUT, ROWS = 8, 4, 400
 PSI_NEAR_ZERO = 0.1  # "stable" in the usual reading of PSI; the gate threshold below
@@ -251,3 +252,35 @@ async def test_shifted_application_inputs_halt_the_rollout_on_drift(
     assert kind == ev.ROLLOUT_HALTED, payload
     assert "output drift PSI" in payload["reason"]
     assert payload["evidence"]["psi"] > PSI_NEAR_ZERO
+
+
+async def test_a_psi_gate_on_a_flagged_model_is_refused_as_blind(fleet: Fleet) -> None:
+    fleet.config.policy_path.write_text('[default]\ntask = "regression"\n')
+    path = fleet.root / "constant.tflite"
+    path.write_bytes(make_dense_model(np.zeros((2, N_IN)), np.array([0.5, -0.5])))
+    x = np.random.default_rng(3).uniform(-1, 1, (60, N_IN)).astype(np.float32)
+    data = fleet.root / "constant.npz"
+    np.savez(data, inputs=x)
+    async with await fleet.client() as admin, \
+            await fleet.client(fleet.approver_key) as approver:
+        await admin.register_model(path, "kws", "1")
+        validated = await admin.validate_model("kws", "1", data)
+        assert validated["passed"] and "has no spread" in validated["warnings"][0]
+        await approver.call("model.approve", {"name": "kws", "version": "1"})
+        await admin.call("model.release", {"name": "kws", "version": "1"})
+        await admin.call("device.enroll", {"device": "d-0"})
+        body = {"model": "kws", "version": "1", "target": "device=d-0"}
+        await refused(fleet, admin, "rollout.create", body | {"max_psi": 0.25},
+                      "PSI gate (--max-psi) would be blind", "output(s) 0, 1 has no spread")
+        assert (await admin.call("rollout.create", body))["rollout"]  # without the gate
+        shown = (await admin.call("model.show", {"name": "kws", "version": "1"}))[0]
+    assert shown["validation"]["warnings"] == validated["warnings"]
+    assert [tensor_text(t) for t in shown["outputs"]] == ["output [1, 2] float32 not quantized"]
+
+
+def test_model_show_prints_each_tensor_with_its_quantization() -> None:
+    q = {"scale": 0.0425545, "zero_point": -27}
+    assert tensor_text({"name": "output", "shape": [1, 4], "dtype": "int8",
+                        "quantization": q}) == "output [1, 4] int8 scale=0.0425545 zero_point=-27"
+    assert tensor_text({"name": "[red]x", "shape": [1], "dtype": "int8"}) == (
+        "\\[red]x [1] int8 (quantization not recorded)")
