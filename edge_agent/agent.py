@@ -61,7 +61,7 @@ from edge_agent.errors import (
 )
 from edge_agent.faults import FAULTS_ENV, Faults
 from edge_agent.health import HealthWindow
-from edge_agent.protocol import names
+from edge_agent.protocol import bins, names
 from edge_agent.reporter import Reporter
 from edge_agent.runtime import LoadedModel, preflight
 from edge_agent.serving.server import InferenceServer, Serving
@@ -251,6 +251,7 @@ class EdgeAgent:
             if self.faults.load_error and self.faults.applies(self.model_meta):
                 raise ModelRuntimeError(f"{active.path}: load failure injected by {FAULTS_ENV}")
             self.model = LoadedModel.load(active.path, mapped=True)
+            self.model_meta = with_quantization(self.model_meta, self.model)
             log.info("running %s/%s from slot %s", self.model_meta.get("model"),
                      self.model_meta.get("version"), active.name)
         except ModelRuntimeError as exc:
@@ -448,11 +449,15 @@ class EdgeAgent:
             "counter": assignment.counter, "manifest_hash": assignment.manifest_hash,
             "drift_bins": manifest.drift_bins,  # telemetry bins outputs on these edges
         }
+        quantization = manifest.tensor_quantization("outputs")
+        if quantization:  # (scale, zero_point) of the output the histograms count
+            meta["output_quantization"] = [quantization[0][1], quantization[0][2]]
         if self.faults.install_error and self.faults.applies(meta):
             raise UpdateRefused(f"install failure injected by {FAULTS_ENV}")
         active = self.slots.active()
         if active is not None and active.metadata.get("digest") == manifest.digest and self.model:
             # Same bytes already running: record the new assignment, no download.
+            meta = with_quantization(meta, self.model)
             self.slots.activate(active.name, meta)
             self.model_meta = dict(meta)
         else:
@@ -500,6 +505,7 @@ class EdgeAgent:
             loaded.smoke_test()
         except ModelRuntimeError as exc:
             raise UpdateRefused(f"model does not load: {exc}") from exc
+        meta.update(with_quantization(meta, loaded))
         self.health.start(meta)
         self.slots.activate(slot, meta)
         self.model, self.model_meta = loaded, dict(meta)
@@ -526,7 +532,7 @@ class EdgeAgent:
             return False
         self.slots.revert()
         self.health.clear()
-        self.model, self.model_meta = loaded, dict(previous.metadata)
+        self.model, self.model_meta = loaded, with_quantization(previous.metadata, loaded)
         reason = (f"{evidence}; reverted {bad.get('model')}/{bad.get('version')} "
                   f"(counter {bad.get('counter')}) to {previous.metadata.get('model')}/"
                   f"{previous.metadata.get('version')}")
@@ -594,7 +600,10 @@ class EdgeAgent:
         self.reporter.follow_model(meta)
         faults = self.faults
         if output is not None and faults.output_shift and faults.applies(meta):
-            output = output + faults.output_shift
+            # A shift of the real output: a quantized one is dequantized first (floats
+            # are then binned as they are).
+            scale, zero_point = meta.get("output_quantization") or (0.0, 0)
+            output = bins.dequantize(output, scale, zero_point) + faults.output_shift
         self.reporter.record(latency_ms, ok, output)
         watching = self.health.watching
         if (watching is not None and watching.digest == meta.get("digest")
@@ -618,6 +627,17 @@ class EdgeAgent:
     ) -> None:
         self.reporter.status(event, reason, self.model_meta, assignment=assignment,
                              probe_output=probe_output, counter=counter)
+
+
+def with_quantization(meta: Mapping[str, Any], model: LoadedModel) -> dict[str, Any]:
+    """`meta` with the (scale, zero_point) of the model's first output, the one telemetry
+    dequantizes before binning, when the manifest did not give it (an older hub: the
+    file is the one the manifest names by digest, so its own parameters are the same)."""
+    out = dict(meta)
+    if "output_quantization" not in out:
+        scale, zero_point = model.outputs[0].quantization
+        out["output_quantization"] = [scale, zero_point]
+    return out
 
 
 def _load_device_key(path: Path | None) -> SigningKey | None:

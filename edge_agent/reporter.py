@@ -61,7 +61,8 @@ class Reporter:
         ):
             self.emit_window()  # the previous model's last window
             self._window_meta = dict(meta)
-            self._window.set_drift_bins(meta.get("drift_bins") or [])
+            self._window.set_drift_bins(meta.get("drift_bins") or [],
+                                        meta.get("output_quantization"))
 
     def record(self, latency_ms: float, ok: bool, output: NDArray[Any] | None) -> None:
         """Count one inference in the open window."""

@@ -75,8 +75,21 @@ def probe_input(n: int) -> NDArray[np.float32]:
     return values.astype(np.float32).reshape(1, n)
 
 
-def _spec(detail: dict[str, Any]) -> TensorSpec:
+def _quantization(detail: dict[str, Any]) -> tuple[float, int]:
+    """(scale, zero_point) of a tensor: from `quantization_parameters` when it holds one
+    scale (per-tensor quantization), else the legacy `quantization` pair ((0.0, 0) for a
+    tensor that is not quantized, and for per-channel quantization, which outputs and
+    inputs of TFLite models do not use)."""
+    params = detail.get("quantization_parameters") or {}
+    scales, zero_points = params.get("scales"), params.get("zero_points")
+    if scales is not None and zero_points is not None and len(scales) == 1 == len(zero_points):
+        return float(scales[0]), int(zero_points[0])
     scale, zero_point = detail.get("quantization", (0.0, 0))
+    return float(scale), int(zero_point)
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    scale, zero_point = _quantization(detail)
     return TensorSpec(
         name=str(detail["name"]),
         shape=tuple(int(d) for d in detail["shape"]),
@@ -263,7 +276,10 @@ class LoadedModel:
 
 
 def _signature(specs: list[TensorSpec]) -> list[dict[str, Any]]:
-    return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+    """Name, shape, dtype and quantization (scale 0.0: not quantized) of each tensor."""
+    return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype,
+             "quantization": {"scale": s.quantization[0], "zero_point": s.quantization[1]}}
+            for s in specs]
 
 
 def describe(path: Path) -> dict[str, list[dict[str, Any]]]:

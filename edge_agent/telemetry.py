@@ -3,7 +3,9 @@
 A window has the count, errors, latency percentiles, a latency histogram on the fixed
 buckets of edge_agent.bins, and, once the running model's release manifest gives
 reference bin edges (`drift_bins`, one list per output), a histogram per output on
-exactly those edges, with the same binning rule the hub used for the reference.
+exactly those edges, with the same binning rule the hub used for the reference, over the
+same values: a quantized (integer) output is dequantized with its (scale, zero_point)
+first (edge_agent.protocol.bins.dequantize), as the hub did.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.protocol.bins import LATENCY_BUCKETS_MS, bin_of, check_edges, latency_bucket
+from edge_agent.protocol.bins import (
+    LATENCY_BUCKETS_MS,
+    bin_of,
+    check_edges,
+    dequantize,
+    latency_bucket,
+)
 
 # Keep at most this many latency samples per window; beyond it we sample evenly
 # enough for percentiles without growing memory with the inference rate.
@@ -26,11 +34,20 @@ class TelemetryWindowBuilder:
     def __init__(self) -> None:
         self._edges: list[NDArray[np.float64]] = []
         self._edge_lists: list[list[float]] = []
+        self._quantization: tuple[float, int] = (0.0, 0)
         self._reset(time.time_ns())
 
-    def set_drift_bins(self, drift_bins: Sequence[Sequence[float]]) -> None:
-        """Bin edges per output (from the manifest) of the model that runs from now on;
-        outputs with unusable edges get no histogram."""
+    def set_drift_bins(self, drift_bins: Sequence[Sequence[float]],
+                       quantization: Sequence[float] | None = None) -> None:
+        """Bin edges per output (from the manifest) of the model that runs from now on,
+        and the (scale, zero_point) of its output tensor (an integer output is
+        dequantized with them before binning); outputs with unusable edges get no
+        histogram."""
+        self._quantization = (0.0, 0)
+        if quantization is not None and len(quantization) == 2:
+            scale, zero_point = float(quantization[0]), int(quantization[1])
+            if np.isfinite(scale) and scale > 0:
+                self._quantization = (scale, zero_point)
         edges = []
         for e in drift_bins:
             try:
@@ -59,8 +76,9 @@ class TelemetryWindowBuilder:
         else:
             self._latencies[self.count % MAX_SAMPLES] = latency_ms
         if output is not None and ok and self._edges:
-            # Output k of a [1, n] (or [n]) tensor goes into histogram k.
-            flat = np.asarray(output, dtype=np.float64).reshape(-1).tolist()
+            # Output k of a [1, n] (or [n]) tensor goes into histogram k, as a real
+            # value: integers dequantized (bins.dequantize; floats pass as they are).
+            flat = dequantize(output, *self._quantization).tolist()
             for k, edges in enumerate(self._edge_lists[: len(flat)]):
                 self._hist[k][bin_of(flat[k], edges)] += 1
 

@@ -81,9 +81,12 @@ def test_padded_model_loads_and_runs(tmp_path: Path) -> None:
 def test_describe_is_json_able(tmp_path: Path) -> None:
     path = tmp_path / "m.tflite"
     path.write_bytes(model_for_version(1, n_in=6, n_out=2))
+    none = {"scale": 0.0, "zero_point": 0}  # float tensors: not quantized
     assert describe(path) == {
-        "inputs": [{"name": "input", "shape": [1, 6], "dtype": "float32"}],
-        "outputs": [{"name": "output", "shape": [1, 2], "dtype": "float32"}],
+        "inputs": [{"name": "input", "shape": [1, 6], "dtype": "float32",
+                    "quantization": none}],
+        "outputs": [{"name": "output", "shape": [1, 2], "dtype": "float32",
+                     "quantization": none}],
     }
 
 

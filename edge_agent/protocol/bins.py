@@ -9,6 +9,11 @@ the model. So there is exactly one rule, here:
     in the last bin too (numpy's searchsorted sorts it after +inf).
 
 Edges must be at least two strictly increasing finite numbers.
+
+The values binned are the model's REAL outputs: an integer (quantized) output tensor is
+first dequantized with its (scale, zero_point), as `dequantize` does, on both sides (the
+hub when it builds the reference, the device before it counts). The manifest carries
+each tensor's quantization so a device needs nothing else to apply the same rule.
 """
 
 from __future__ import annotations
@@ -41,6 +46,23 @@ def bin_of(value: float, edges: Sequence[float]) -> int:
     bisect_right is searchsorted(side="right"); NaN compares false with every edge,
     so it lands past the last one, into the last bin, as with searchsorted."""
     return min(max(bisect_right(edges, value) - 1, 0), len(edges) - 2)
+
+
+def is_quantized(dtype: Any, scale: float) -> bool:
+    """Whether a tensor of `dtype` with this scale holds quantized integers: an integer
+    dtype and a positive scale (TFLite writes scale 0.0 for a tensor that is not)."""
+    return np.dtype(dtype).kind in "iu" and scale > 0
+
+
+def dequantize(values: Any, scale: float, zero_point: int) -> NDArray[np.float64]:
+    """The real values of a tensor's raw `values`, flattened, as float64:
+    (q - zero_point) * scale for an integer tensor with a positive scale; any other
+    tensor (float, or integer without quantization) is only converted to float64."""
+    raw = np.asarray(values)
+    out = raw.astype(np.float64).ravel()
+    if is_quantized(raw.dtype, scale):
+        out = (out - float(zero_point)) * float(scale)
+    return out
 
 
 def histogram_counts(values: Any, edges: Sequence[float] | NDArray[Any]) -> list[int]:

@@ -10,6 +10,7 @@ message says which field is wrong. See docs/PROTOCOL.md ("Wire protocol").
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -23,6 +24,7 @@ from ledger.signing import PublicKey, SigningKey
 MAX_ENVELOPE_BYTES = 256 * 1024
 MAX_SIGNATURES = 16
 MAX_INT64 = 2**63 - 1
+MAX_TENSORS = 1024  # per side in a manifest's quantization
 
 DOMAIN_ROOT = "root"
 DOMAIN_MANIFEST = "release-manifest"
@@ -200,11 +202,48 @@ class ReleaseManifest(_Document):
     # Per output: the reference histogram's bin edges from validation, so devices
     # bin their outputs the same way and the hub can compute drift (PSI).
     drift_bins: list[Any] = field(default_factory=list)
+    # Optional (manifests before it have none): each tensor's quantization,
+    # {"inputs": [q, ...], "outputs": [q, ...]} in the model's tensor order, q =
+    # {"dtype": "int8", "scale": 0.0425, "zero_point": -27}; scale 0.0: not quantized.
+    # Devices dequantize an output with it before binning it on drift_bins
+    # (edge_agent.protocol.bins: the values binned are real outputs on both sides).
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     _FIELDS: ClassVar[FieldSpec] = {
         "name": str, "version": str, "digest": str, "size": int, "format": str,
         "inputs": list, "outputs": list, "created": int, "expires": int, "drift_bins": list,
+        "quantization": dict,
     }
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"quantization"})
+
+    @classmethod
+    def from_map(cls, doc: Mapping[str, Any]) -> ReleaseManifest:
+        manifest = super().from_map(doc)
+        for side in ("inputs", "outputs"):
+            manifest.tensor_quantization(side)  # ProtocolError unless well formed
+        return manifest
+
+    def tensor_quantization(self, side: str = "outputs") -> list[tuple[str, float, int]]:
+        """(dtype, scale, zero_point) of each input or output tensor, in order; empty
+        when the manifest does not say (an older hub)."""
+        what = f"{self.TYPE}: quantization.{side}"
+        raw = self.quantization.get(side, [])
+        if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
+            raise ProtocolError(f"{what} must be a list of at most {MAX_TENSORS} maps")
+        out = []
+        for q in raw:
+            if not isinstance(q, dict):
+                raise ProtocolError(f"{what} must be a list of maps")
+            dtype, scale, zero_point = q.get("dtype"), q.get("scale"), q.get("zero_point")
+            if (not isinstance(dtype, str) or isinstance(scale, bool)
+                    or not isinstance(scale, float | int) or not math.isfinite(scale)
+                    or scale < 0 or isinstance(zero_point, bool)
+                    or not isinstance(zero_point, int) or abs(zero_point) > 2**31):
+                raise ProtocolError(
+                    f"{what}: each entry needs dtype (text), scale (a finite number >= 0) "
+                    "and zero_point (an integer)")
+            out.append((dtype, float(scale), zero_point))
+        return out
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hub.cli._common import (
@@ -150,6 +151,8 @@ def model_validate(
             out.print(f"[red]validation failed[/red] for {ref}:")
             for failure in result["failures"]:
                 out.print(f"  - {failure}")
+        for warning in result.get("warnings") or []:
+            out.print(f"[yellow]warning[/yellow]: {warning}")
 
     result = show(run(config, key, timeout, lambda c: c.validate_model(name, version, data)),
                   as_json, render)
@@ -270,14 +273,34 @@ def model_show(
             out.print(f"owners: {', '.join(card.get('owners', []) or ['-'])}")
             for k, v in sorted(lineage.items()):
                 out.print(f"lineage {k}: {v}")
+            for side in ("inputs", "outputs"):
+                for t in r.get(side) or []:
+                    out.print(f"{side[:-1]} {tensor_text(t)}")
             if validation:
                 verdict = "passed" if validation.get("passed") else "failed"
                 out.print(f"validation: {verdict}; failures: "
                           f"{validation.get('failures') or 'none'}")
+                for warning in validation.get("warnings") or []:
+                    out.print(f"[yellow]warning[/yellow]: {warning}")
                 _print_metrics(validation.get("metrics", {}))
             out.print(f"approvals: {len(r['approvals'])}/{r['approvals_required']}")
 
     show(call(hub_config(home, nats_url), key, timeout, "model.show", body), as_json, render)
+
+
+def tensor_text(t: Any) -> str:
+    """One tensor of a signature: `name [1, 8] int8 scale=0.0425 zero_point=-27`
+    ("not quantized" for a float tensor; "quantization not recorded" for a model
+    registered before it was)."""
+    if not isinstance(t, dict):
+        return str(t)
+    text = f"{escape(str(t.get('name', '?')))} {t.get('shape')} {t.get('dtype')}"
+    q = t.get("quantization")
+    if not isinstance(q, dict):
+        return f"{text} (quantization not recorded)"
+    if not q.get("scale"):
+        return f"{text} not quantized"
+    return f"{text} scale={q['scale']:.6g} zero_point={q.get('zero_point')}"
 
 
 def _signature(e: dict[str, Any], keys: dict[str, dict[str, Any]]) -> str:

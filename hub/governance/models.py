@@ -152,6 +152,7 @@ class ModelCommands:
                                       payload)
                 return Outcome([event], {"name": name, "version": version,
                                          "passed": report.passed, "failures": report.failures,
+                                         "warnings": report.warnings,
                                          "metrics": payload["metrics"]})
 
             return commit
@@ -205,6 +206,7 @@ class ModelCommands:
             format="tflite", inputs=row["inputs"], outputs=row["outputs"], created=now,
             expires=now + self.config.manifest_ttl_days * DAY_NS,
             drift_bins=[h.get("edges", []) for h in histograms if isinstance(h, dict)],
+            quantization=manifest_quantization(row["inputs"], row["outputs"]),
         )
         envelope = proto.SignedEnvelope.sign(
             manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
@@ -221,6 +223,24 @@ class ModelCommands:
              "state": lc.RELEASED},
             [lambda: self.effects.put_manifest(key, envelope)],
         )
+
+
+def manifest_quantization(inputs: list[Any], outputs: list[Any]) -> dict[str, Any]:
+    """The manifest's `quantization` from the registered signature: per tensor its
+    dtype, scale and zero_point (scale 0.0: not quantized). Empty when the signature
+    does not carry them (a model registered before they were recorded): devices then
+    read them from the model itself."""
+    out: dict[str, Any] = {}
+    for side, tensors in (("inputs", inputs), ("outputs", outputs)):
+        entries = []
+        for t in tensors:
+            q = t.get("quantization") if isinstance(t, dict) else None
+            if not isinstance(q, dict) or "scale" not in q or "zero_point" not in q:
+                return {}
+            entries.append({"dtype": str(t.get("dtype", "")), "scale": float(q["scale"]),
+                            "zero_point": int(q["zero_point"])})
+        out[side] = entries
+    return out
 
 
 def _check_unregistered(conn: Connection, name: str, version: str) -> None:

@@ -26,6 +26,7 @@ from hub.governance import state as governance
 from hub.governance.state import require_release, require_transition
 from hub.rollouts import rules as ro
 from hub.rollouts import state as rs
+from hub.telemetry.drift import blind_outputs, drift_blind_warning
 from ledger.storage.store import NewEvent
 
 
@@ -132,6 +133,8 @@ class RolloutCommands:
             auto_rollback=bool(body.get("auto_rollback", False)),
             min_inferences=int(body.get("min_inferences", ro.Policy.min_inferences)),
         )
+        if policy.max_psi is not None:
+            _refuse_blind_psi_gate(release)
         tags = rs.device_tags(conn)
         targets = [d["device"] for d in device_state.list_devices(conn)
                    if selector.matches(d["device"], *tags.get(d["device"], ("", {})))]
@@ -184,3 +187,15 @@ class RolloutCommands:
             await write_all(self.effects.put_assignment, issued.writes)
 
         return Outcome(events, {**result, "state": ro.ROLLED_BACK}, [deliver])
+
+
+def _refuse_blind_psi_gate(release: dict[str, Any]) -> None:
+    """A PSI gate on a release whose drift reference has no spread would be blind (the
+    validation flagged it): say so instead of letting it pass silently."""
+    reference = (release.get("validation") or {}).get("reference_histograms", [])
+    blind = blind_outputs(reference if isinstance(reference, list) else [])
+    if blind:
+        raise CommandError(
+            f"the PSI gate (--max-psi) would be blind for {release['name']}/"
+            f"{release['version']}: {drift_blind_warning(blind)}; or create the rollout "
+            "without --max-psi")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ import blake3
 import numpy as np
 from numpy.typing import NDArray
 
-from hub.telemetry.drift import ReferenceHistogram, histogram_counts, quantile_edges
+from hub.telemetry.drift import ReferenceHistogram, drift_blind_warning, reference_histogram
 from hub.validation import checks
 from hub.validation.dataset import Dataset
 from hub.validation.errors import DatasetError, ModelError
@@ -40,6 +40,8 @@ class ValidationReport:
     policy: Policy
     model_digest: str  # BLAKE3 hex of the model file, as in model.registered
     dataset_digest: str  # `Dataset.digest`
+    # Flags that do not fail the gate (a reference without spread: drift is blind).
+    warnings: list[str] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
         """The body of the validation ledger event: plain str/int/float/bool/list/dict."""
@@ -52,6 +54,7 @@ class ValidationReport:
                 "policy": self.policy.to_payload(),
                 "model_digest": self.model_digest,
                 "dataset_digest": self.dataset_digest,
+                **({"warnings": self.warnings} if self.warnings else {}),
             }
         )
         return payload
@@ -214,10 +217,8 @@ def validate(
     metrics: dict[str, Any] = {"rows": len(dataset), "outputs": n_outputs, "task": task}
 
     # Reference histograms first: regression flips are counted on their bins.
-    histograms = []
-    for k in range(n_outputs):
-        edges = quantile_edges(outputs[:, k], policy.histogram_bins)
-        histograms.append(ReferenceHistogram(k, edges, histogram_counts(outputs[:, k], edges)))
+    histograms = [reference_histogram(k, outputs[:, k], policy.histogram_bins)
+                  for k in range(n_outputs)]
 
     # The measurements, in this order: the random generator is shared.
     worst = best = ""
@@ -240,6 +241,7 @@ def validate(
     metrics["latency_ms"] = checks.percentiles(latencies)
 
     found = failures(_Measured(metrics, worst, best), policy)
+    blind = drift_blind_warning([h.output_index for h in histograms if h.degenerate])
     return ValidationReport(
         passed=not found,
         failures=found,
@@ -248,4 +250,5 @@ def validate(
         policy=policy,
         model_digest=blake3.blake3(model_bytes).hexdigest(),
         dataset_digest=dataset.digest,
+        warnings=[blind] if blind else [],
     )

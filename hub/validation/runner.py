@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_agent.protocol import bins
 from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
 from hub.validation.errors import DatasetError, ModelError
 
@@ -52,11 +53,10 @@ class Runner:
         return np.clip(values, info.min, info.max).astype(dtype)
 
     def decode(self, out: NDArray[Any]) -> NDArray[np.float64]:
-        values = out.astype(np.float64).ravel()
-        scale, zero_point = self.output.quantization
-        if self.output.numpy_dtype.kind in "iu" and scale > 0:
-            values = (values - zero_point) * scale
-        return values
+        """The real output values: dequantized by the rule devices apply before they bin
+        their outputs (edge_agent.protocol.bins.dequantize), so the reference histogram
+        and a device's histogram count the same values."""
+        return bins.dequantize(out, *self.output.quantization)
 
     def run_rows(
         self, rows: NDArray[np.float64], latencies: list[float] | None = None
