@@ -21,8 +21,10 @@ import pytest
 from edge_agent import protocol as proto
 from edge_agent.protocol.bins import LATENCY_BUCKETS_MS
 from edge_agent.protocol.names import REPORTS_DURABLE, REPORTS_STREAM
+from hub import events as ev
 from hub.client import HubClient
 from ledger.encoding import canonical_encode
+from ledger.signing import SigningKey
 from tests.fleet import Fleet, ledger_state
 
 pytestmark = pytest.mark.timeout(90)
@@ -130,4 +132,79 @@ async def test_a_17_bucket_latency_histogram_is_refused(fleet: Fleet,
     await publish(client, "dev-a", "telemetry", canonical_encode(doc))
     await refused_and_intake_goes_on(fleet, client, before, "bounds")
     assert await counted(client, "dev-a") == 0
+    assert ledger_state(fleet) == head
+
+
+async def test_garbage_bytes_are_refused(fleet: Fleet, client: HubClient) -> None:
+    before, head = await refused_by(client), ledger_state(fleet)
+    for junk in (b"\xff\x00garbage", b"", canonical_encode([1, 2, 3]),
+                 canonical_encode({"type": "telemetry"})):
+        await publish(client, "dev-a", "telemetry", junk)
+    await refused_and_intake_goes_on(fleet, client, before, "malformed", at_least=4)
+    assert ledger_state(fleet) == head
+
+
+async def test_a_replayed_status_report_is_refused(fleet: Fleet, client: HubClient) -> None:
+    key = SigningKey.load(fleet.bundle("dev-a") / "device.key")
+    signed = proto.encode_signed_report(status("dev-a", 1, "boom"), key)
+    before, (count, _) = await refused_by(client), ledger_state(fleet)
+    await publish(client, "dev-a", "status", signed)
+    await fleet.feed.wait_for(lambda _: bool(fleet.feed.of_kind(ev.DEVICE_UPDATE_FAILED)),
+                              what="the first report in the ledger")
+    for _ in range(3):  # the same signed bytes again: a replay
+        await publish(client, "dev-a", "status", signed)
+    await refused_and_intake_goes_on(fleet, client, before, "duplicate", at_least=3)
+    assert fleet.hub.store.count() == count + 1  # the report once, the replays never
+    assert fleet.hub.store.verify().ok
+
+
+async def test_an_oversized_status_report_is_refused(fleet: Fleet, client: HubClient) -> None:
+    key = SigningKey.load(fleet.bundle("dev-a") / "device.key")
+    before, head = await refused_by(client), ledger_state(fleet)
+    # Issue 12: 200 KB reports became permanent ledger entries. Now over every bound.
+    await publish(client, "dev-a", "status",
+                  proto.encode_signed_report(status("dev-a", 1, "x" * 200_000), key))
+    await refused_and_intake_goes_on(fleet, client, before, "oversized")
+    # A reason past its bound, in a report of allowed size: refused as well.
+    await publish(client, "dev-a", "status",
+                  proto.encode_signed_report(status("dev-a", 2, "x" * 2000), key))
+    await refused_and_intake_goes_on(fleet, client, before, "bounds")
+    assert ledger_state(fleet) == head
+
+
+async def test_a_flood_of_status_reports_from_one_device_is_bounded(
+    fleet: Fleet, client: HubClient
+) -> None:
+    from hub.devices.reports import STATUS_BURST
+
+    key = SigningKey.load(fleet.bundle("dev-a") / "device.key")
+    before, (count, _) = await refused_by(client), ledger_state(fleet)
+    flood = 100
+    for seq in range(1, flood + 1):  # each valid, signed, new: only the rate is wrong
+        await publish(client, "dev-a", "status",
+                      proto.encode_signed_report(status("dev-a", seq, "r" * 900), key))
+    # Refill is 1 a second: a few more may be let through while the test runs.
+    await refused_and_intake_goes_on(fleet, client, before, "rate",
+                                     at_least=flood - STATUS_BURST - 10)
+    added = fleet.hub.store.count() - count
+    assert STATUS_BURST <= added <= STATUS_BURST + 10, added
+    assert added + (await refused_by(client))["rate"] - before.get("rate", 0) == flood
+    assert fleet.hub.store.verify().ok
+
+
+async def test_output_histograms_of_another_shape_are_refused(fleet: Fleet,
+                                                             client: HubClient) -> None:
+    before, head = await refused_by(client), ledger_state(fleet)
+    await publish(client, "dev-a", "telemetry",
+                  canonical_encode(window_map("dev-a", 1, output_hist=[[4, 6]])))
+
+    async def a_counted() -> bool:
+        return await counted(client, "dev-a") == 1
+
+    await until("dev-a's first window", a_counted)
+    # The same assignment, with a third bin: the aggregate cannot take it.
+    await publish(client, "dev-a", "telemetry",
+                  canonical_encode(window_map("dev-a", 2, output_hist=[[4, 3, 3]])))
+    await refused_and_intake_goes_on(fleet, client, before, "bounds")
+    assert await counted(client, "dev-a") == 1
     assert ledger_state(fleet) == head
