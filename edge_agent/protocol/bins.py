@@ -74,7 +74,9 @@ def quantile_from_buckets(counts: Sequence[int], q: float) -> float | None:
     seen = 0.0
     for i, c in enumerate(counts):
         if c and seen + c >= rank:
-            low = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
+            # Counts past the open last bucket (never sent since decoders check the
+            # length; aggregates stored before that) count as the open bucket.
+            low = LATENCY_BUCKETS_MS[min(i, len(LATENCY_BUCKETS_MS)) - 1] if i > 0 else 0.0
             if i >= len(LATENCY_BUCKETS_MS):
                 return low
             return low + (LATENCY_BUCKETS_MS[i] - low) * (rank - seen) / c
