@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_agent.protocol.documents import LATENCY_BUCKET_COUNT
+
 
 def check_edges(edges: Sequence[float] | NDArray[Any]) -> NDArray[np.float64]:
     """The edges as a float64 array; ValueError unless strictly increasing and finite."""
@@ -54,6 +56,10 @@ def histogram_counts(values: Any, edges: Sequence[float] | NDArray[Any]) -> list
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
 )
+
+
+if len(LATENCY_BUCKETS_MS) + 1 != LATENCY_BUCKET_COUNT:  # the decoders' bound
+    raise ImportError("LATENCY_BUCKETS_MS and documents.LATENCY_BUCKET_COUNT disagree")
 
 
 def latency_bucket(latency_ms: float) -> int:
