@@ -50,7 +50,17 @@ class UpdateRefused(AgentError):
 
 
 class ProtocolError(UpdateRefused, ValueError):
-    """A message is malformed, of the wrong type, or too large."""
+    """A message is malformed, of the wrong type, or too large. `reason` names the class
+    of refusal for counters (the hub counts refused reports by it): "malformed" (not a
+    document of the protocol), "bounds" (a field past a bound of docs/PROTOCOL.md
+    "Bounds"), "oversized" (more bytes than the message may have)."""
+
+    reason: str = "malformed"
+
+    def __init__(self, message: str = "", reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class TrustError(UpdateRefused, ValueError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_TASK_FAILED = 4  # `hub serve`: a critical task cannot work (ledger.supervisor)
 
 
 class HubError(Exception):

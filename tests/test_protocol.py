@@ -28,8 +28,10 @@ from edge_agent.protocol import (
     SignedEnvelope,
     StatusReport,
     TelemetryWindow,
+    decode_map,
     decode_report,
     encode_report,
+    read_report,
 )
 from ledger.encoding import canonical_decode, canonical_encode
 from ledger.errors import EncodingError
@@ -194,12 +196,19 @@ def test_oversized_envelope_is_refused() -> None:
         SignedEnvelope.decode(env.encode())
 
 
-def test_report_of_exactly_the_limit_is_read() -> None:
+def test_a_map_of_exactly_the_limit_is_read() -> None:
     base = len(canonical_encode(report_map(reason="")))
     # str32 header for long text: 5 bytes instead of 1 for the empty fixstr.
     data = canonical_encode(report_map(reason="x" * (MAX_ENVELOPE_BYTES - base - 4)))
     assert len(data) == MAX_ENVELOPE_BYTES
-    assert isinstance(decode_report(data), StatusReport)
+    assert decode_map(data, "report")["type"] == "status"
+    # As a report it breaks the bound on reasons (and on a status report's bytes).
+    with pytest.raises(ProtocolError, match="reason is longer") as info:
+        decode_report(data)
+    assert info.value.reason == "bounds"
+    with pytest.raises(ProtocolError, match="65536-byte limit") as info:
+        read_report(data)
+    assert info.value.reason == "oversized"
 
 
 # ---------------------------------------------------------------- refusals: non-canonical
@@ -563,3 +572,64 @@ def test_ledger_feed_subjects_agree_with_the_ledger():
 
     assert names.LEDGER_ENTRY_SUBJECT == ENTRY_SUBJECT
     assert names.LEDGER_CHECKPOINT_SUBJECT == CHECKPOINT_SUBJECT
+
+
+# ---------------------------------------------------------------- bounds (PROTOCOL.md "Bounds")
+
+
+def window_doc(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "type": "telemetry", "device": "dev-1", "boot": "b0", "seq": 1, "model": "kws",
+        "version": "1", "digest": "ab" * 32, "start": NOW, "end": NOW + 2 * 10**9,
+        "count": 10, "errors": 1, "latency_ms_p50": 0.1, "latency_ms_p95": 0.2,
+        "latency_ms_max": 0.3, "counter": 1,
+        "latency_buckets": [10] + [0] * (proto.LATENCY_BUCKET_COUNT - 1),
+        "output_hist": [[3, 6], [9]],
+    }
+    doc.update(changes)
+    return doc
+
+
+def test_a_window_within_every_bound_is_read() -> None:
+    most = 2 * proto.MAX_INFERENCES_PER_SECOND  # a 2 s window
+    window = decode_report(canonical_encode(window_doc(
+        count=most, latency_buckets=[most] + [0] * (proto.LATENCY_BUCKET_COUNT - 1))))
+    assert isinstance(window, TelemetryWindow) and window.count == most
+    assert isinstance(decode_report(canonical_encode(window_doc(latency_buckets=[]))),
+                      TelemetryWindow)  # older senders: no histogram
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"count": 2 * proto.MAX_INFERENCES_PER_SECOND + 1}, "per second"),
+    ({"count": 2**62 + 1}, "per second"),
+    ({"end": NOW + proto.MAX_WINDOW_NS + 1}, "s long"),
+    ({"errors": 11}, "errors <= count"),
+    ({"latency_buckets": [10] + [0] * 15}, "not 15"),
+    ({"latency_buckets": [0] * 16 + [10]}, "not 15"),
+    ({"latency_buckets": [11] + [0] * 14}, "more than the window"),
+    ({"output_hist": [[11, 0]]}, "more than the window"),
+    ({"output_hist": [[0] * (proto.MAX_DRIFT_BINS + 1)]}, "bins"),
+    ({"output_hist": [[0]] * (proto.MAX_OUTPUTS + 1)}, "outputs"),
+    ({"output_hist": [[0] * 200] * 21}, "in all"),
+    ({"latency_ms_p95": -1.0}, "finite number >= 0"),
+    ({"latency_ms_max": 1e300}, "finite number >= 0"),
+    ({"boot": "b" * 129}, "at most 128"),
+])
+def test_a_window_past_a_bound_is_refused(changes: dict[str, object], words: str) -> None:
+    with pytest.raises(ProtocolError, match=words) as info:
+        decode_report(canonical_encode(window_doc(**changes)))
+    assert info.value.reason == "bounds"
+
+
+def test_a_status_report_past_a_bound_is_refused() -> None:
+    for changes, words in (({"probe_output": [0.5] * (proto.MAX_PROBE_VALUES + 1)}, "probe"),
+                           ({"reason": "x" * (proto.MAX_REASON_CHARS + 1)}, "reason")):
+        with pytest.raises(ProtocolError, match=words) as info:
+            decode_report(canonical_encode(report_map(**changes)))
+        assert info.value.reason == "bounds"
+    with pytest.raises(ProtocolError, match="byte limit") as info:
+        read_report(b"\x00" * (proto.MAX_REPORT_BYTES + 1))
+    assert info.value.reason == "oversized"
+    with pytest.raises(ProtocolError) as info:
+        read_report(b"\xff\x00 not msgpack")
+    assert info.value.reason == "malformed"

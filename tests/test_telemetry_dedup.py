@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, update
 
 from edge_agent import protocol as proto
@@ -57,3 +58,29 @@ def test_rows_written_before_holes_were_kept_still_load(tmp_path: Path) -> None:
     again = TelemetryIngest(engine)
     assert not again.offer(window(5))
     assert again.offer(window(6))
+
+
+def test_a_failed_flush_keeps_nothing_it_did_not_commit(tmp_path: Path) -> None:
+    """Issue 13: a failed flush marked rows stored before its commit, so the next flush
+    updated rows that did not exist and the windows were lost. Now a failed flush goes
+    back to what was committed; the redelivered window counts once."""
+    engine = create_engine(f"sqlite:///{tmp_path / 't.db'}")
+    ingest = TelemetryIngest(engine)
+    assert ingest.offer(window(1))
+    ingest.flush()
+    assert ingest.offer(window(2)) and ingest.offer(window(1, device="d2"))
+    real = ingest._write_device_counters
+
+    def disk_full(conn: object) -> None:
+        raise OSError("database or disk is full")
+
+    ingest._write_device_counters = disk_full  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk is full"):
+        ingest.flush()
+    assert ingest.windows_total == 1  # back to what was committed
+    ingest._write_device_counters = real  # type: ignore[method-assign]
+    assert ingest.offer(window(2)) and ingest.offer(window(1, device="d2"))  # redelivered
+    ingest.flush()
+    again = TelemetryIngest(engine)
+    assert again.windows_total == 3
+    assert sum(r["inferences"] for r in again.device_rows()) == 30

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_agent.protocol.documents import LATENCY_BUCKET_COUNT
+
 
 def check_edges(edges: Sequence[float] | NDArray[Any]) -> NDArray[np.float64]:
     """The edges as a float64 array; ValueError unless strictly increasing and finite."""
@@ -78,6 +80,10 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
 )
 
 
+if len(LATENCY_BUCKETS_MS) + 1 != LATENCY_BUCKET_COUNT:  # the decoders' bound
+    raise ImportError("LATENCY_BUCKETS_MS and documents.LATENCY_BUCKET_COUNT disagree")
+
+
 def latency_bucket(latency_ms: float) -> int:
     """Index of the first bucket whose upper bound is >= latency_ms (last: +inf)."""
     for i, bound in enumerate(LATENCY_BUCKETS_MS):
@@ -96,7 +102,9 @@ def quantile_from_buckets(counts: Sequence[int], q: float) -> float | None:
     seen = 0.0
     for i, c in enumerate(counts):
         if c and seen + c >= rank:
-            low = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
+            # Counts past the open last bucket (never sent since decoders check the
+            # length; aggregates stored before that) count as the open bucket.
+            low = LATENCY_BUCKETS_MS[min(i, len(LATENCY_BUCKETS_MS)) - 1] if i > 0 else 0.0
             if i >= len(LATENCY_BUCKETS_MS):
                 return low
             return low + (LATENCY_BUCKETS_MS[i] - low) * (rank - seen) / c

@@ -26,6 +26,27 @@ MAX_SIGNATURES = 16
 MAX_INT64 = 2**63 - 1
 MAX_TENSORS = 1024  # per side in a manifest's quantization
 
+# Bounds on what a device sends (docs/PROTOCOL.md "Bounds"), checked at decode.
+# A telemetry window counts at most MAX_INFERENCES_PER_SECOND per second of its length
+# (a window shorter than a second, or whose clock stepped back, is allowed one second's
+# worth), and a window is at most MAX_WINDOW_NS long, so one window's count is at most
+# 8.64e9: the hub's sums stay in int64 for ~1e9 windows (and the hub checks the sums).
+MAX_INFERENCES_PER_SECOND = 100_000
+MAX_WINDOW_NS = 24 * 3600 * 10**9
+# A latency histogram has exactly LATENCY_BUCKET_COUNT counts (bins.LATENCY_BUCKETS_MS
+# plus the open last bucket), or none (older senders).
+LATENCY_BUCKET_COUNT = 15  # bins.py checks it against its bounds (no numpy here)
+MAX_OUTPUTS = 64  # output histograms per window
+MAX_DRIFT_BINS = 256  # bins per output histogram (the hub also checks the manifest's)
+MAX_HIST_CELLS = 4096  # bins over all output histograms of one window
+MAX_REPORT_BYTES = 64 * 1024  # any report as published
+# A status report's bytes are kept in the ledger for good (the signed report): at most
+# this many, with at most MAX_PROBE_VALUES probe outputs and MAX_REASON_CHARS of reason.
+MAX_STATUS_REPORT_BYTES = 16 * 1024
+MAX_PROBE_VALUES = 1024
+MAX_REASON_CHARS = 1024
+MAX_TOKEN_CHARS = 128  # boot, model, version, digest
+
 DOMAIN_ROOT = "root"
 DOMAIN_MANIFEST = "release-manifest"
 DOMAIN_ASSIGNMENT = "assignment"
@@ -342,37 +363,86 @@ def decode_report(data: bytes) -> StatusReport | TelemetryWindow:
 
 
 def report_from_map(doc: dict[str, Any]) -> StatusReport | TelemetryWindow:
-    """A report from its decoded map, with decode_report's checks."""
+    """A report from its decoded map, with decode_report's checks (every bound of
+    docs/PROTOCOL.md "Bounds"; a field past one is a ProtocolError, reason "bounds")."""
     kind = doc.get("type")
     if kind == StatusReport.TYPE:
         status = StatusReport.from_map(doc)
         check_device_id(status.device)
+        _check_tokens("status", status.boot, status.model, status.version, status.digest)
         if status.event not in STATUS_EVENTS:
             raise ProtocolError(f"status: unknown event {status.event!r}")
-        if not all(isinstance(v, float | int) for v in status.probe_output):
+        if not all(isinstance(v, float | int) and not isinstance(v, bool)
+                   for v in status.probe_output):
             raise ProtocolError("status: probe_output must be a list of numbers")
+        if len(status.probe_output) > MAX_PROBE_VALUES:
+            raise _bounds(f"status: probe_output has more than {MAX_PROBE_VALUES} values")
+        if len(status.reason) > MAX_REASON_CHARS:
+            raise _bounds(f"status: reason is longer than {MAX_REASON_CHARS} characters")
         return status
     if kind == TelemetryWindow.TYPE:
         window = TelemetryWindow.from_map(doc)
         check_device_id(window.device)
-        if window.count < 0 or window.errors < 0 or window.errors > window.count:
-            raise ProtocolError("telemetry: counts must satisfy 0 <= errors <= count")
-        _check_counts(window.latency_buckets, "latency_buckets")
-        if len(window.output_hist) > 64:
-            raise ProtocolError("telemetry: output_hist has more than 64 outputs")
-        for hist in window.output_hist:
-            if not isinstance(hist, list):
-                raise ProtocolError("telemetry: output_hist must be a list of count lists")
-            _check_counts(hist, "output_hist")
+        check_window(window)
         return window
     raise ProtocolError(f"report: unknown type {kind!r}")
 
 
-def _check_counts(values: list[Any], what: str) -> None:
-    if len(values) > 256 or not all(
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT64 for v in values
-    ):
-        raise ProtocolError(f"telemetry: {what} must be at most 256 counts >= 0")
+def _bounds(message: str) -> ProtocolError:
+    return ProtocolError(message, reason="bounds")
+
+
+def _check_tokens(what: str, *values: str) -> None:
+    if any(len(v) > MAX_TOKEN_CHARS for v in values):
+        raise _bounds(f"{what}: boot, model, version and digest are at most "
+                      f"{MAX_TOKEN_CHARS} characters")
+
+
+def max_window_count(start: int, end: int) -> int:
+    """The most inferences a window from `start` to `end` (ns) may count."""
+    seconds = max(1, -(-(end - start) // 10**9))  # whole seconds, rounded up, at least 1
+    return seconds * MAX_INFERENCES_PER_SECOND
+
+
+def check_window(w: TelemetryWindow) -> None:
+    """Every bound of a telemetry window (docs/PROTOCOL.md "Bounds"), or ProtocolError."""
+    _check_tokens("telemetry", w.boot, w.model, w.version, w.digest)
+    if w.end - w.start > MAX_WINDOW_NS:
+        raise _bounds(f"telemetry: a window is at most {MAX_WINDOW_NS // 10**9} s long")
+    if w.count > max_window_count(w.start, w.end):
+        raise _bounds(f"telemetry: count {w.count} is over {MAX_INFERENCES_PER_SECOND} "
+                      "inferences per second of the window")
+    if w.errors > w.count:
+        raise _bounds("telemetry: counts must satisfy 0 <= errors <= count")
+    for name in ("latency_ms_p50", "latency_ms_p95", "latency_ms_max"):
+        value = getattr(w, name)
+        if not (math.isfinite(value) and 0 <= value <= 1e12):
+            raise _bounds(f"telemetry: {name} must be a finite number >= 0")
+    if w.latency_buckets:
+        if len(w.latency_buckets) != LATENCY_BUCKET_COUNT:
+            raise _bounds(f"telemetry: latency_buckets has {len(w.latency_buckets)} counts, "
+                          f"not {LATENCY_BUCKET_COUNT}")
+        _check_counts(w.latency_buckets, "latency_buckets", w.count)
+    if len(w.output_hist) > MAX_OUTPUTS:
+        raise _bounds(f"telemetry: output_hist has more than {MAX_OUTPUTS} outputs")
+    cells = 0
+    for hist in w.output_hist:
+        if not isinstance(hist, list):
+            raise ProtocolError("telemetry: output_hist must be a list of count lists")
+        if len(hist) > MAX_DRIFT_BINS:
+            raise _bounds(f"telemetry: an output histogram has more than {MAX_DRIFT_BINS} bins")
+        cells += len(hist)
+        _check_counts(hist, "output_hist", w.count)
+    if cells > MAX_HIST_CELLS:
+        raise _bounds(f"telemetry: output_hist has more than {MAX_HIST_CELLS} bins in all")
+
+
+def _check_counts(values: list[Any], what: str, total: int) -> None:
+    """Counts >= 0 that sum to at most `total` (each inference lands in one bin)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ProtocolError(f"telemetry: {what} must be counts >= 0")
+    if sum(values) > total:
+        raise _bounds(f"telemetry: {what} counts more than the window's {total} inferences")
 
 
 # ---------------------------------------------------------------- signed device reports
@@ -394,11 +464,22 @@ def decode_signed_report(data: bytes) -> tuple[StatusReport, SignedEnvelope]:
 
 
 def read_report(data: bytes) -> tuple[StatusReport | TelemetryWindow, SignedEnvelope | None]:
-    """A report as it arrives: a signed status envelope, or a bare (unsigned) map."""
+    """A report as it arrives: a signed status envelope, or a bare (unsigned) map; at
+    most MAX_REPORT_BYTES, a status report at most MAX_STATUS_REPORT_BYTES."""
+    if len(data) > MAX_REPORT_BYTES:
+        raise ProtocolError(f"report: {len(data)} bytes is over the {MAX_REPORT_BYTES}-byte "
+                            "limit", reason="oversized")
     doc = decode_map(data, "report")
+    report: StatusReport | TelemetryWindow
+    envelope: SignedEnvelope | None
     if "type" not in doc and "signed" in doc and "signatures" in doc:
-        return decode_signed_report(data)
-    return report_from_map(doc), None  # decoded once: the hub reads every window
+        report, envelope = decode_signed_report(data)
+    else:
+        report, envelope = report_from_map(doc), None  # decoded once: the hub reads every window
+    if isinstance(report, StatusReport) and len(data) > MAX_STATUS_REPORT_BYTES:
+        raise ProtocolError(f"status report: {len(data)} bytes is over the "
+                            f"{MAX_STATUS_REPORT_BYTES}-byte limit", reason="oversized")
+    return report, envelope
 
 
 def report_signed_by(envelope: SignedEnvelope, public: bytes) -> bool:

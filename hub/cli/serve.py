@@ -16,6 +16,8 @@ from typing import Any
 
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
 
 from hub.cli._common import (
     EXIT_REFUSED,
@@ -33,7 +35,7 @@ from hub.cli._common import (
     show,
     wait_for_port,
 )
-from hub.errors import Unreachable, UsageError
+from hub.errors import EXIT_TASK_FAILED, Unreachable, UsageError
 from hub.home.config import init_home
 
 commands = typer.Typer()
@@ -106,22 +108,30 @@ def serve(
         raise Unreachable(f"cannot reach NATS at {config.nats_url} (waited {wait_nats:g} s; "
                           "is nats-server running?)")
 
-    async def main() -> None:
+    async def main() -> str:
         service = HubService(config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await service.start()
+        fatal = service.supervisor.fatal
         try:
-            await stop.wait()
+            waits = [asyncio.create_task(stop.wait()), asyncio.create_task(fatal.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
         finally:
             await service.stop()
+        return service.supervisor.fatal_reason if fatal.is_set() else ""
 
     try:
-        asyncio.run(main())
+        fatal = asyncio.run(main())
     except OSError as exc:
         raise Unreachable(f"cannot reach NATS at {config.nats_url}: {exc}") from exc
+    if fatal:  # a critical task cannot work: exit so a service manager restarts the hub
+        err.print(f"[red]error:[/red] {escape(fatal)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_TASK_FAILED)
 
 
 @commands.command(epilog=examples(
@@ -139,7 +149,19 @@ def status(
     """Show the ledger head as the running hub sees it."""
     def render(result: dict[str, Any]) -> None:
         out.print(f"ledger: {result['entries']} entries, head {result['head'] or '-'}")
-        out.print(f"refused reports since start: {result['refused_reports']}")
+        reasons = result.get("refused_by_reason") or {}
+        detail = ", ".join(f"{escape(str(k))} {v}" for k, v in sorted(reasons.items()))
+        out.print(f"refused reports since start: {result['refused_reports']}"
+                  + (f" ({detail})" if detail else ""), highlight=False)
+        tasks = result.get("tasks") or []
+        if tasks:
+            table = Table("task", "state", "restarts", "since", "last error")
+            for t in tasks:
+                color = {"running": "green", "failed": "red"}.get(t["state"], "yellow")
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["since"]))
+                table.add_row(escape(t["name"]), f"[{color}]{t['state']}[/{color}]",
+                              str(t["restarts"]), since, escape(t["last_error"] or "-"))
+            out.print(table)
 
     config = hub_config(home, nats_url)
     deadline = time.monotonic() + wait

@@ -6,6 +6,15 @@ the device's enrolled key and becomes a ledger event through the single writer. 
 are fetched in batches and acknowledged only once the batch is stored, so a hub stop
 loses nothing (JetStream redelivers) and a redelivered status report is recognised by
 its (boot, seq) and not recorded twice.
+
+Poison input (docs/PROTOCOL.md "Bounds"): every report is checked on its own; one that
+breaks a rule (malformed, past a bound, oversized, from an unknown or revoked device,
+badly signed, a replay, over its device's rate) is refused, counted by reason
+(`refused_by_reason`), logged once (one line per device and reason a minute at most)
+and acknowledged with its batch: it is never retried and never stops intake. Storage
+failures are the other kind: the batch is not acknowledged (negatively acknowledged,
+redelivered), nothing it counted is kept, and `StorageUnavailable` ends the intake task
+so its supervisor shows the failure and starts it again with backoff.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +30,19 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from sqlalchemy import select
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from edge_agent import protocol as proto
 from edge_agent.protocol import ProtocolError, SignedEnvelope, report_signed_by
+from edge_agent.protocol.bins import check_edges
 from edge_agent.protocol.names import REPORTS_DURABLE, REPORTS_STREAM
 from hub import events as ev
 from hub.commands.writer import LedgerWriter
 from hub.devices import state as device_state
 from hub.devices.state import REVOKED
+from hub.governance import state as governance
 from hub.telemetry.ingest import TelemetryIngest
+from ledger.errors import StoreError
 from ledger.storage.store import NewEvent
 
 log = logging.getLogger("hub")
@@ -37,6 +51,35 @@ log = logging.getLogger("hub")
 # transaction, so larger batches share them; below the consumer's 1,000 unacked messages.
 REPORT_BATCH = 512
 REPORT_SUBJECTS = "fleet.report.>"
+# Status reports that become ledger entries, per device: a burst of STATUS_BURST, then
+# STATUS_PER_MINUTE a minute (a device reports a handful per update); the excess is
+# refused (reason "rate"). With MAX_STATUS_REPORT_BYTES this bounds what one device can
+# put into the ledger for good: at most 30 x 16 KiB a minute.
+STATUS_PER_MINUTE = 30
+STATUS_BURST = 30
+REFUSAL_LOG_EVERY_S = 60.0  # one log line per (device, reason) at most this often
+REDELIVER_DELAY_S = 1.0  # a batch that could not be stored comes back after this
+
+# Reasons a report is refused, for the counters (status verb, metrics).
+REFUSAL_REASONS = ("malformed", "bounds", "oversized", "subject", "unknown-device",
+                   "revoked", "signature", "duplicate", "rate", "unstorable", "error")
+
+
+class StorageUnavailable(Exception):
+    """A batch of reports could not be stored (disk full, database gone): it was not
+    acknowledged and comes back; the intake task ends with this (its supervisor
+    restarts it with backoff)."""
+
+
+class Refusal(proto.ProtocolError):
+    """A report refused for a rule of the hub (not of the wire format)."""
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the storage failing (retry later) rather than the data (refuse)."""
+    if isinstance(exc, StoreError | OSError):
+        return True
+    return isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError | DataError)
 
 
 def check_report_signature(device: dict[str, Any], envelope: SignedEnvelope | None) -> None:
@@ -44,14 +87,16 @@ def check_report_signature(device: dict[str, Any], envelope: SignedEnvelope | No
     name = device["device"]
     if envelope is None:
         raise ProtocolError(f"unsigned status report from {name}: devices must sign status "
-                            "reports with their device key (edge-agent run --bundle DIR)")
+                            "reports with their device key (edge-agent run --bundle DIR)",
+                            reason="signature")
     public = device.get("public")
     if not isinstance(public, bytes):
-        raise ProtocolError(f"status report from {name}, which has no enrolled key")
+        raise ProtocolError(f"status report from {name}, which has no enrolled key",
+                            reason="signature")
     if not report_signed_by(envelope, public):
         signers = ", ".join(s.keyid for s in envelope.signatures) or "none"
         raise ProtocolError(f"status report from {name} is not signed by its enrolled key "
-                            f"(signed by: {signers})")
+                            f"(signed by: {signers})", reason="signature")
 
 
 @dataclass
@@ -67,13 +112,24 @@ class ReportIntake:
     def __init__(self, writer: LedgerWriter, telemetry: TelemetryIngest) -> None:
         self.writer = writer
         self.telemetry = telemetry
-        self.refused = 0  # reports refused since the hub started
+        self.refused_by_reason: dict[str, int] = {}  # since the hub started
+        self.storage_failures = 0  # batches not stored (and not acknowledged)
         # Device rows for report intake, valid while the ledger head is unchanged.
         self._device_cache: dict[str, dict[str, Any] | None] = {}
         self._device_cache_head: int | None = None
+        # (model, version) -> (digest, bins per output) of a release, same validity.
+        self._shapes: dict[tuple[str, str], tuple[str, list[int]] | None] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # -> (at, suppressed)
+
+    @property
+    def refused(self) -> int:
+        """Reports refused since the hub started."""
+        return sum(self.refused_by_reason.values())
 
     async def consume(self, js: JetStreamContext) -> None:
-        """Fetch, store and acknowledge reports until cancelled."""
+        """Fetch, store and acknowledge reports until cancelled; StorageUnavailable
+        once a batch could not be stored (it is negatively acknowledged first)."""
         sub = await js.pull_subscribe(REPORT_SUBJECTS, durable=REPORTS_DURABLE,
                                       stream=REPORTS_STREAM)
 
@@ -94,43 +150,115 @@ class ReportIntake:
             while True:
                 msgs = await pending
                 pending = asyncio.create_task(fetch())
-                if msgs and await self.take([(m.subject, m.data) for m in msgs]):
+                if not msgs:
+                    continue
+                error = await self.take_or_error([(m.subject, m.data) for m in msgs])
+                if error is None:
                     # Acknowledged only once the batch is stored: counted exactly once.
                     for msg in msgs:
                         with contextlib.suppress(Exception):
                             await msg.ack()
+                    continue
+                # Not stored: redelivered soon, with the batch fetched meanwhile.
+                more = await pending
+                for msg in [*msgs, *more]:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=REDELIVER_DELAY_S)
+                raise StorageUnavailable(f"reports not stored, redelivered: {error}")
         finally:
             pending.cancel()
 
     async def take(self, reports: Sequence[tuple[str, bytes]]) -> bool:
         """Check and store one fetched batch of (subject, data); True once it is stored
         (then it may be acknowledged), False if it must be delivered again."""
+        return await self.take_or_error(reports) is None
+
+    async def take_or_error(self, reports: Sequence[tuple[str, bytes]]) -> str | None:
+        """`take`, with the storage error (None: stored, acknowledge the batch). A
+        report refused for its content is part of a stored batch."""
         batch = ReportBatch()
         try:
             self._check_device_cache()
             self._load_devices({subject.split(".")[2] for subject, _ in reports
                                 if subject.count(".") == 3})
-        except Exception:  # the database is busy or gone: not acknowledged, redelivered
-            log.exception("cannot read the devices of a report batch")
-            await asyncio.sleep(0.5)
-            return False
+        except Exception as exc:  # the database is busy or gone: not acknowledged
+            return self._storage_failed("cannot read the devices of a report batch", exc)
         for subject, data in reports:
             try:
                 self._prepare(subject, data, batch)
             except proto.ProtocolError as exc:
-                self.refused += 1
-                log.warning("refused report on %s: %s", subject, exc)
-            except Exception:
+                self._refuse(subject, exc.reason, str(exc))
+            except Exception as exc:
+                if storage_failure(exc):
+                    self.telemetry.rollback()
+                    return self._storage_failed("cannot read for a report", exc)
                 # One poisonous report must never stop intake for the whole fleet.
-                self.refused += 1
-                log.exception("report on %s could not be processed", subject)
+                self._refuse(subject, "error", f"could not be processed: {exc!r}")
+                log.debug("report on %s could not be processed", subject, exc_info=exc)
         try:
             await self._commit(batch)
-        except Exception:
-            log.exception("status reports could not be stored; redelivered later")
-            return False  # not acknowledged: JetStream redelivers them
-        self.telemetry.flush()
+            self.telemetry.flush()  # rolls the counts back itself if it fails
+        except Exception as exc:
+            self.telemetry.rollback()
+            return self._storage_failed("reports could not be stored", exc)
+        return None
+
+    def _storage_failed(self, what: str, exc: BaseException) -> str:
+        self.storage_failures += 1
+        error = f"{what}: {exc}"
+        log.debug("%s", error, exc_info=exc)  # the supervisor logs the failure once
+        return error
+
+    def _refuse(self, subject: str, reason: str, message: str) -> None:
+        """Count a refused report by reason; log one line per device and reason a
+        minute at most (a flood from one device must not flood the log)."""
+        self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
+        parts = subject.split(".")
+        device = parts[2] if len(parts) == 4 else subject[:64]
+        key = (device, reason)
+        now = time.monotonic()
+        at, suppressed = self._logged.get(key, (-REFUSAL_LOG_EVERY_S, 0))
+        if now - at < REFUSAL_LOG_EVERY_S:
+            self._logged[key] = (at, suppressed + 1)
+            return
+        if len(self._logged) > 10_000:
+            self._logged.clear()
+        self._logged[key] = (now, 0)
+        more = f" ({suppressed} more refused as {reason} since)" if suppressed else ""
+        log.warning("refused report on %s (%s): %s%s", subject[:200], reason, message[:500],
+                    more)
+
+    def _rate_allows(self, device: str) -> bool:
+        """Take one token of the device's status-report bucket, if it has one."""
+        now = time.monotonic()
+        tokens, at = self._buckets.get(device, (float(STATUS_BURST), now))
+        tokens = min(float(STATUS_BURST), tokens + (now - at) * STATUS_PER_MINUTE / 60.0)
+        if tokens < 1.0:
+            self._buckets[device] = (tokens, now)
+            return False
+        self._buckets[device] = (tokens - 1.0, now)
         return True
+
+    def _output_shape(self, w: proto.TelemetryWindow) -> list[int] | None:
+        """Bins per output of the release the window is from (its drift bins, as the
+        manifest carries them), or None if the hub has no such release."""
+        key = (w.model, w.version)
+        if key not in self._shapes:
+            row = self.writer.read(lambda c: governance.get_release(c, w.model, w.version))
+            if row is None:
+                self._shapes[key] = None
+            else:
+                shape = []
+                for h in (row.get("validation") or {}).get("reference_histograms", []):
+                    edges = h.get("edges") if isinstance(h, dict) else None
+                    try:
+                        check_edges(edges or [])
+                    except (ValueError, TypeError):
+                        break  # as the agent does: output indexes stay aligned
+                    shape.append(len(edges or []) - 1)
+                self._shapes[key] = (str(row["digest"]), shape)
+        known = self._shapes[key]
+        return known[1] if known is not None and known[0] == w.digest else None
 
     def _check_device_cache(self) -> None:
         """Drop the cached device rows if the ledger moved (an enrolment, a revocation,
@@ -139,6 +267,7 @@ class ReportIntake:
         head = self.writer.head_seq()
         if head != self._device_cache_head:
             self._device_cache.clear()
+            self._shapes.clear()
             self._device_cache_head = head
 
     def _load_devices(self, devices: set[str]) -> None:
@@ -164,18 +293,19 @@ class ReportIntake:
         event and last-seen time to `batch` (stored by _commit)."""
         parts = subject.split(".")
         if len(parts) != 4:
-            raise proto.ProtocolError(f"unexpected report subject {subject}")
+            raise Refusal(f"unexpected report subject {subject}", reason="subject")
         report, envelope = proto.read_report(data)
         if report.device != parts[2]:
-            raise proto.ProtocolError(
-                f"report for device {report.device} arrived on {parts[2]}'s subject"
-            )
+            raise Refusal(f"report for device {report.device} arrived on {parts[2]}'s "
+                          "subject", reason="subject")
         device = self._device(report.device)
         if device is None:
-            raise proto.ProtocolError(f"report from unknown device {report.device}")
+            raise Refusal(f"report from unknown device {report.device}",
+                          reason="unknown-device")
         if device["state"] == REVOKED:
-            raise proto.ProtocolError(f"report from revoked device {report.device}")
+            raise Refusal(f"report from revoked device {report.device}", reason="revoked")
         if isinstance(report, proto.TelemetryWindow):
+            self.telemetry.check(report, self._output_shape(report))
             self.telemetry.offer(report)
             return
         check_report_signature(device, envelope)  # refused unless the device's key signed it
@@ -185,7 +315,12 @@ class ReportIntake:
         last_boot, last_seq = batch.last.get(
             report.device, (device["last_report_boot"], device["last_report_seq"]))
         if last_boot == report.boot and last_seq is not None and last_seq >= report.seq:
-            return  # already in the ledger (a redelivery after a hub restart)
+            # Already in the ledger: a redelivery after a hub restart, or a replay.
+            raise Refusal(f"status report {report.boot}/{report.seq} of {report.device} "
+                          "is already in the ledger", reason="duplicate")
+        if not self._rate_allows(report.device):
+            raise Refusal(f"{report.device} sent more than {STATUS_PER_MINUTE} status "
+                          "reports a minute", reason="rate")
         batch.last[report.device] = (report.boot, report.seq)
         common = {
             "device": report.device, "model": report.model, "version": report.version,
@@ -215,17 +350,19 @@ class ReportIntake:
             try:
                 await self.writer.append(batch.events)
                 return
-            except Exception:
-                if len(batch.events) == 1:
-                    raise
-                log.warning("a batch of %d status reports failed; appending them one by one",
-                            len(batch.events))
+            except Exception as exc:
+                if storage_failure(exc):
+                    raise  # nothing was written (one transaction); redelivered
+                log.warning("a batch of %d status reports failed (%s); appending them one "
+                            "by one", len(batch.events), exc)
             for event in batch.events:  # so one bad event does not hold up the others
                 try:
                     await self.writer.append([event])
-                except Exception:
-                    self.refused += 1
-                    log.exception("status report of %s could not be stored", event.subject)
+                except Exception as exc:
+                    if storage_failure(exc):
+                        raise  # those before are in; their redelivery is a duplicate
+                    self._refuse(f"fleet.report.{event.actor}.status", "unstorable",
+                                 f"its ledger event could not be stored: {exc}")
 
     def _touch_many(self, seen: dict[str, int]) -> None:
         table = device_state.TELEMETRY

@@ -162,6 +162,19 @@ class Checkpointer:
         if seq + 1 - self._signed_size >= self.every_entries:
             self._due.set()
 
+    async def hand_over(self) -> None:
+        """Stop the signing loop's own task: the caller runs `run()` (e.g. under a
+        supervisor that restarts it)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """Sign checkpoints when due, until cancelled."""
+        await self._run()
+
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):

@@ -65,13 +65,21 @@ class RolloutController:
         self.evaluations = 0  # decisions computed (for benchmarks: skipped ones are not)
 
     async def run(self) -> None:
+        failing = ""  # the error of the last step, while steps fail: logged once
         while True:
             try:
                 await self.step()
+                if failing:
+                    log.info("rollout controller steps work again")
+                    failing = ""
             except asyncio.CancelledError:
                 raise
-            except Exception:  # keep controlling the other rollouts; say what went wrong
-                log.exception("rollout controller step failed")
+            except Exception as exc:  # keep controlling the other rollouts; say what went wrong
+                error = f"{type(exc).__name__}: {exc}"
+                if error != failing:
+                    log.error("rollout controller step failed: %s", error)
+                log.debug("rollout controller step failed", exc_info=exc)
+                failing = error
             await asyncio.sleep(self.tick)
 
     async def step(self) -> None:

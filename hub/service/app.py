@@ -14,7 +14,6 @@ device never runs something the ledger does not show.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -47,6 +46,7 @@ from hub.service.nats import NatsEdge, allow_fleet_consumers
 from hub.telemetry.ingest import TelemetryIngest
 from hub.telemetry.metrics import MetricsServer, render
 from ledger.storage.store import LedgerStore
+from ledger.supervisor import Supervisor
 
 log = logging.getLogger("hub")
 
@@ -88,7 +88,11 @@ class HubService:
         ])
         self.controller = RolloutController(self.writer, self.telemetry, issuer,
                                             self.effects.put_assignment)
-        self._tasks: list[asyncio.Task[None]] = []
+        # Every long-running task of the hub runs under it: a failure is logged once,
+        # the task restarts with backoff, `status` and the metrics show each task's
+        # state; a critical task that cannot work at all sets `supervisor.fatal`, and
+        # `hub serve` then exits non-zero (docs/OPERATIONS.md "Supervision").
+        self.supervisor = Supervisor(log)
         self.ledger_publishing: LedgerPublishing | None = None  # checkpoints + ledger.api
         self.transparency: TransparencyPublisher | None = None  # proofs of witnessed releases
         self.metrics: MetricsServer | None = None
@@ -100,7 +104,8 @@ class HubService:
 
     def render_metrics(self) -> str:
         """The Prometheus page of the hub's state now."""
-        return render(self.store, self.telemetry, self.reports.refused)
+        return render(self.store, self.telemetry, self.reports.refused,
+                      self.reports.refused_by_reason, self.supervisor.states())
 
     async def start(self) -> None:
         await self.bootstrap_admin()
@@ -130,26 +135,28 @@ class HubService:
             lambda: self.keyring.root, edge.js)
         self.ledger_publishing.api.on_cosigned = self.transparency.sync
         await self.transparency.start()
-        self._tasks.append(asyncio.create_task(self.reports.consume(edge.js), name="reports"))
-        self._tasks.append(asyncio.create_task(self.controller.run(), name="rollouts"))
+        js = edge.js
+        self.supervisor.start("reports", lambda: self.reports.consume(js))
+        self.supervisor.start("rollouts", self.controller.run)
+        checkpointer = self.ledger_publishing.checkpointer
+        await checkpointer.hand_over()
+        self.supervisor.start("checkpointer", checkpointer.run)
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self.render_metrics, self.config.metrics_port)
-            await self.metrics.start()
+            await self.metrics.start()  # a port in use fails the start, not later
+            self.supervisor.start("metrics", self.metrics.run, critical=False)
         log.info("hub serving on %s, ledger %s", self.config.nats_url, self.config.database_url())
 
     async def stop(self) -> None:
         await self.edge.drain_api()
         if self.ledger_publishing is not None:
             await self.ledger_publishing.stop()  # signs a last checkpoint of what was added
-        for task in self._tasks:
-            task.cancel()
         # Bounded: a stuck NATS call must not keep the hub from stopping.
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5)
-        self._tasks.clear()
+        await self.supervisor.stop(timeout=5)
         if self.metrics is not None:
             await self.metrics.stop()
-        self.telemetry.flush()
+        with contextlib.suppress(Exception):  # counted again when redelivered
+            self.telemetry.flush()
         self.writer.publish = None
         await self.edge.close()
         self.store.close()
@@ -160,4 +167,6 @@ class HubService:
             "entries": 0 if head is None else head.seq + 1,
             "head": "" if head is None else head.hash.hex(),
             "refused_reports": self.reports.refused,
+            "refused_by_reason": dict(self.reports.refused_by_reason),
+            "tasks": self.supervisor.states(),
         }

@@ -149,21 +149,30 @@ class TelemetryIngest:
         with engine.begin() as conn:
             for table in (AGG, DEVS, device_state.TELEMETRY):
                 table.create(conn, checkfirst=True)
-            self._aggs: dict[tuple[str, str, int], _Agg] = {}
+        self._load()
+
+    def _load(self) -> None:
+        """The counts as committed (at start, and after a flush that failed: what was
+        counted since the last commit is forgotten, and counted again when JetStream
+        redelivers the reports, which were not acknowledged)."""
+        aggs: dict[tuple[str, str, int], _Agg] = {}
+        with self.engine.connect() as conn:  # read fully before anything is replaced
             for r in conn.execute(select(AGG)).mappings():
-                self._aggs[(r["device"], r["digest"], r["counter"])] = _Agg(
+                aggs[(r["device"], r["digest"], r["counter"])] = _Agg(
                     r["model"], r["version"], r["windows"], r["inferences"], r["errors"],
                     json.loads(r["latency_buckets"]), json.loads(r["output_hist"]),
                     r["first_ts"], r["last_ts"], stored=True)
-            self._devs: dict[str, _Dev] = {
+            devs: dict[str, _Dev] = {
                 r["device"]: _Dev(*_load_seen(r["seen"]), r["windows"], r["duplicates"],
                                   r["dropped"], stored=True)
                 for r in conn.execute(select(DEVS)).mappings()
             }
-        for (device, _, _), a in self._aggs.items():
-            dev = self._devs.setdefault(device, _Dev())
+        for (device, _, _), a in aggs.items():
+            dev = devs.setdefault(device, _Dev())
             dev.inferences += a.inferences
             dev.errors += a.errors
+        self._aggs = aggs
+        self._devs = devs
         self._dirty_aggs: set[tuple[str, str, int]] = set()
         self._dirty_devs: set[str] = set()
         self._latest: dict[str, proto.TelemetryWindow] = {}
@@ -174,8 +183,40 @@ class TelemetryIngest:
 
     # ------------------------------------------------------------ intake
 
+    def check(self, w: proto.TelemetryWindow,
+              output_shape: list[int] | None = None) -> None:
+        """Refuse (ProtocolError) a window the aggregates cannot take: one whose counts
+        would carry a sum past 2**63-1, or whose output histograms do not have the
+        shape of the release's drift bins (`output_shape`, bins per output, when the
+        hub knows the release) or, else, of the windows counted before for the same
+        assignment. Changes nothing."""
+        a = self._aggs.get((w.device, w.digest, w.counter))
+        dev = self._devs.get(w.device)
+        shape = [len(h) for h in w.output_hist]
+        if output_shape is not None:
+            if shape and shape != output_shape[: len(shape)]:
+                raise proto.ProtocolError(
+                    f"telemetry: output histograms of shape {shape}, the release's drift "
+                    f"bins are {output_shape}", reason="bounds")
+        elif a is not None and a.outputs and shape and \
+                shape != [len(h) for h in a.outputs][: len(shape)]:
+            raise proto.ProtocolError(
+                f"telemetry: output histograms of shape {shape}, earlier windows of this "
+                f"assignment had {[len(h) for h in a.outputs]}", reason="bounds")
+        sums = [w.count + (a.inferences if a else 0), w.errors + (a.errors if a else 0),
+                w.count + (dev.inferences if dev else 0), (a.windows + 1) if a else 1]
+        if a is not None:
+            sums += [x + y for x, y in zip(a.latency, w.latency_buckets, strict=False)]
+            for mine, theirs in zip(a.outputs, w.output_hist, strict=False):
+                sums += [x + y for x, y in zip(mine, theirs, strict=False)]
+        if max(sums) > proto.MAX_INT64:
+            raise proto.ProtocolError(
+                "telemetry: the window's counts would carry the device's totals past "
+                "2**63-1", reason="bounds")
+
     def offer(self, w: proto.TelemetryWindow) -> bool:
-        """Count a window unless it was counted before; True if counted."""
+        """Count a window unless it was counted before; True if counted. The caller
+        has `check`ed it."""
         dev = self._devs.setdefault(w.device, _Dev())
         self._dirty_devs.add(w.device)
         if not _first_time(dev, w.boot, w.seq):
@@ -210,9 +251,25 @@ class TelemetryIngest:
         return True
 
     def flush(self) -> None:
-        """Write what was counted since the last flush, in one transaction."""
+        """Write what was counted since the last flush, in one transaction. If it
+        fails, the counts go back to what was committed (so nothing is marked stored,
+        or seen, that is not in the database) and the error is raised: the caller
+        must not acknowledge the reports counted since the last flush."""
         if not (self._dirty_aggs or self._dirty_devs):
             return
+        try:
+            self._write()
+        except BaseException:
+            self._load()
+            raise
+
+    def rollback(self) -> None:
+        """Forget what was counted since the last flush (its reports are redelivered)."""
+        if self._dirty_aggs or self._dirty_devs:
+            self._load()
+
+    def _write(self) -> None:
+        stored: list[_Agg | _Dev] = []  # marked stored only once the commit succeeded
         # Rows are grouped into one executemany per table and statement: a flush after a
         # fetched batch of 256 windows is a handful of statements, not ~800.
         with self.engine.begin() as conn:
@@ -223,7 +280,7 @@ class TelemetryIngest:
                 row = {"device": key[0], "digest": key[1], "counter": key[2],
                        **self._agg_values(a)}
                 (updates if a.stored else inserts).append(row)
-                a.stored = True
+                stored.append(a)
             if inserts:
                 conn.execute(insert(AGG), inserts)
             if updates:
@@ -239,7 +296,7 @@ class TelemetryIngest:
                 row = {"device": device, "seen": _dump_seen(d), "windows": d.windows,
                        "duplicates": d.duplicates, "dropped": d.dropped}
                 (updates if d.stored else inserts).append(row)
-                d.stored = True
+                stored.append(d)
             if inserts:
                 conn.execute(insert(DEVS), inserts)
             if updates:
@@ -248,6 +305,8 @@ class TelemetryIngest:
                     [{**{c: r[c] for c in _DEV_VALUES}, "k_device": r["device"]}
                      for r in updates])
             self._write_device_counters(conn)
+        for item in stored:
+            item.stored = True
         self._dirty_aggs.clear()
         self._dirty_devs.clear()
         self._latest.clear()

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from edge_agent.protocol.bins import LATENCY_BUCKETS_MS
 from hub.devices import state as device_state
@@ -46,7 +47,9 @@ class _Out:
                           else f"{name}{text} {value}")
 
 
-def render(store: LedgerStore, telemetry: TelemetryIngest, refused_reports: int) -> str:
+def render(store: LedgerStore, telemetry: TelemetryIngest, refused_reports: int,
+           refused_by_reason: dict[str, int] | None = None,
+           tasks: list[dict[str, Any]] | None = None) -> str:
     out = _Out()
     with store.engine.connect() as conn:
         devices = device_state.list_devices(conn)
@@ -107,6 +110,21 @@ def render(store: LedgerStore, telemetry: TelemetryIngest, refused_reports: int)
     out.sample("fleet_telemetry_ingest_lag_seconds", round(t.last_lag_s, 6))
     out.family("fleet_reports_refused_total", "counter", "Device reports refused.")
     out.sample("fleet_reports_refused_total", refused_reports)
+    if refused_by_reason:
+        out.family("fleet_reports_refused_by_reason_total", "counter",
+                   "Device reports refused, by reason (docs/PROTOCOL.md \"Bounds\").")
+        for reason, n in sorted(refused_by_reason.items()):
+            out.sample("fleet_reports_refused_by_reason_total", n, reason=reason)
+    if tasks:
+        out.family("fleet_hub_task_up", "gauge",
+                   "1 if the hub's task is running, 0 if restarting, failed or stopped.")
+        for task in tasks:
+            out.sample("fleet_hub_task_up", int(task["state"] == "running"),
+                       task=task["name"])
+        out.family("fleet_hub_task_restarts_total", "counter",
+                   "Times the hub's task failed and was started again.")
+        for task in tasks:
+            out.sample("fleet_hub_task_restarts_total", task["restarts"], task=task["name"])
     head = store.head()
     out.family("fleet_ledger_entries", "gauge", "Entries in the ledger.")
     out.sample("fleet_ledger_entries", 0 if head is None else head.seq + 1)
@@ -127,6 +145,13 @@ class MetricsServer:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
         return self.port
+
+    async def run(self) -> None:
+        """Serve until cancelled (under the hub's supervisor; binds again if needed)."""
+        if self._server is None or not self._server.is_serving():
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
 
     async def stop(self) -> None:
         if self._server is not None:

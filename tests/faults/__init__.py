@@ -1,0 +1,1 @@
+"""Fault tests with real processes (issue 13): injected storage failures, poison input."""
