@@ -358,3 +358,14 @@ async def test_witness_signs_in_with_user_and_password_file(
     code, out, err = await run_cli(*args, "--nats-user", "witness",
                                    "--nats-password-file", str(tmp_path / "missing"))
     assert code == 2 and "cannot read a password" in err, err
+
+
+async def test_the_checkpointer_signs_the_tree_hash(tmp_path: Path) -> None:
+    signer = log_signer(init_home(tmp_path / "home", "nats://127.0.0.1:1", nats_auth=False))
+    for tree_hash, line in (("sha256", None), ("blake3", "fleetledger-merkle-hash blake3")):
+        with LedgerStore.open(tmp_path / f"{tree_hash}.db", tree_hash=tree_hash) as store:
+            store.append("device.status", "a", "device:a", {"i": 1})
+            cp = await Checkpointer(store, lambda: [signer]).sign_now()
+            assert cp is not None
+            opened = open_checkpoint(cp.note, signer.verifier()).checkpoint
+            assert opened.extensions == (() if line is None else (line,))
