@@ -8,6 +8,8 @@ A bundle is one canonical msgpack map (docs/PROTOCOL.md, "Proof bundle")::
      "tree_size": int, "inclusion_proof": [bin, ...], "checkpoint": bin}
 
 `checkpoint` is the signed checkpoint note of `tree_size` with its cosignatures.
+`merkle_hash` is not signed; it must be the tree hash the checkpoint signs
+(ledger/checkpoint.py, `tree_hash_problem`), else the bundle is refused.
 
 This module is the format and its offline check (the device uses it without a database);
 `ledger/storage/bundles.py` makes bundles from a store.
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ledger.checkpoint import SignedCheckpoint, open_checkpoint
+from ledger.checkpoint import SignedCheckpoint, open_checkpoint, tree_hash_problem
 from ledger.encoding import canonical_decode
 from ledger.entry import Entry
 from ledger.errors import BundleError, EncodingError, EntryError, NoteError, ProofError
@@ -58,8 +60,9 @@ def verify_bundle(
 ) -> BundleReport:
     """Check a bundle offline; raise `BundleError` naming the failed check.
 
-    The checkpoint must be signed by the log; the leaf HASH(0x00 || body) with the
-    inclusion proof must lead to the checkpoint's root at its size; the entry's chain
+    The checkpoint must be signed by the log, for the tree hash the bundle names; the
+    leaf HASH(0x00 || body) with the inclusion proof must lead to the checkpoint's root
+    at its size; the entry's chain
     hash must match its prev and body; at least `min_witnesses` (default: all of
     `witness_verifiers`) distinct listed witnesses must have cosigned the checkpoint,
     and every cosignature by a listed witness must verify.
@@ -96,6 +99,9 @@ def verify_bundle(
     if signed.checkpoint.size != size:
         raise BundleError(f"the checkpoint is of tree size {signed.checkpoint.size}, the "
                           f"bundle says {size}")
+    mismatch = tree_hash_problem(signed.checkpoint, th.name)
+    if mismatch is not None:
+        raise BundleError(f"bundle merkle_hash: {mismatch}")
     try:
         verify_inclusion(th, seq, size, th.leaf(entry.body), proof, signed.checkpoint.root)
     except ProofError as exc:

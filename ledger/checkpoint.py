@@ -12,6 +12,13 @@ name is the origin. Witnesses add Ed25519 cosignatures (type 0x04, c2sp.org/
 tlog-cosignature) after checking consistency with the last checkpoint they cosigned
 (ledger/witness.py). Two checkpoints of one origin and size with different roots
 prove that the log forked: `detect_fork`.
+
+The Merkle tree's hash function is part of the signed text. tlog-checkpoint defines the
+root as an RFC 6962 (SHA-256) tree's, so a SHA-256 checkpoint has no extension line
+and is a standard checkpoint; a log with another tree hash (BLAKE3) signs it in one
+extension line, ``fleetledger-merkle-hash blake3``. `checkpoint_tree_hash` reads it and
+`tree_hash_problem` is the one rule every verifier applies (docs/PROTOCOL.md,
+"Tree hash binding").
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ledger.errors import CheckpointError, NoteError
+from ledger.merkle import HASHES, SHA256
 from ledger.note import (
     CosignatureSigner,
     CosignatureVerifier,
@@ -116,6 +124,57 @@ class Checkpoint:
         except NoteError as exc:
             raise CheckpointError(str(exc)) from exc
         return cls(origin, int(size_line), root, tuple(extensions))
+
+
+TREE_HASH_EXTENSION = "fleetledger-merkle-hash"
+UNSTATED_TREE_HASH = SHA256.name  # tlog-checkpoint: the root of an RFC 6962 tree
+
+
+def tree_hash_extensions(tree_hash: str) -> tuple[str, ...]:
+    """The extension lines a log with Merkle tree hash `tree_hash` signs: none for
+    SHA-256 (a standard checkpoint), else ``fleetledger-merkle-hash NAME``."""
+    if tree_hash not in HASHES:
+        raise CheckpointError(f"unknown Merkle tree hash {tree_hash!r}")
+    return () if tree_hash == UNSTATED_TREE_HASH else (f"{TREE_HASH_EXTENSION} {tree_hash}",)
+
+
+def stated_tree_hash(cp: Checkpoint) -> str | None:
+    """The tree hash the checkpoint's signed text names, or None when it names none.
+    Raises `CheckpointError` for a malformed, unknown or repeated tree-hash line."""
+    found = [line for line in cp.extensions
+             if line.split(" ", 1)[0] == TREE_HASH_EXTENSION]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise CheckpointError(f"checkpoint has {len(found)} {TREE_HASH_EXTENSION} lines")
+    name = found[0][len(TREE_HASH_EXTENSION) + 1:]
+    if name not in HASHES or name == UNSTATED_TREE_HASH:
+        raise CheckpointError(f"checkpoint line {found[0]!r}: not a tree hash a log "
+                              f"states ({', '.join(h for h in HASHES if h != 'sha256')})")
+    return name
+
+
+def checkpoint_tree_hash(cp: Checkpoint) -> str:
+    """The Merkle tree hash the log signed for `cp`: its tree-hash line, else SHA-256."""
+    return stated_tree_hash(cp) or UNSTATED_TREE_HASH
+
+
+def tree_hash_problem(cp: Checkpoint, claimed: str, *, legacy: bool = False) -> str | None:
+    """None if `claimed` (what a bundle, export, ledger or hub says) is the tree hash the
+    checkpoint signs, else the problem. With `legacy`, a checkpoint without a tree-hash
+    line may also be a BLAKE3 one signed before fleetledger bound the hash (only for
+    verifiers that recompute the root from the entries themselves)."""
+    try:
+        signed = checkpoint_tree_hash(cp)
+    except CheckpointError as exc:
+        return str(exc)
+    if signed == claimed:
+        return None
+    if legacy and stated_tree_hash(cp) is None:
+        return None
+    how = "its tree-hash line" if stated_tree_hash(cp) else "no tree-hash line: RFC 6962"
+    return (f"tree hash mismatch: {claimed} is claimed, the checkpoint of tree size "
+            f"{cp.size} is signed for {signed} ({how})")
 
 
 @dataclass(frozen=True)

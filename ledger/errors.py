@@ -114,6 +114,11 @@ class WitnessError(LedgerError):
         )
 
 
+class StaleCheckpoint(WitnessError):
+    """An old checkpoint, consistent with (a prefix of) the one the witness cosigned
+    last: nothing to cosign and nothing wrong (a replayed or redelivered message)."""
+
+
 class ForkDetected(LedgerError):
     """The log showed this witness two histories; `error` carries both notes."""
 

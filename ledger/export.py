@@ -26,7 +26,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
 
-from ledger.checkpoint import Checkpoint, SignedCheckpoint, detect_fork, open_checkpoint
+from ledger.checkpoint import (
+    UNSTATED_TREE_HASH,
+    Checkpoint,
+    SignedCheckpoint,
+    detect_fork,
+    open_checkpoint,
+    stated_tree_hash,
+    tree_hash_problem,
+)
 from ledger.encoding import MAX_DOCUMENT_BYTES, canonical_decode, canonical_encode
 from ledger.entry import GENESIS_PREV, HASH_NAME, Entry
 from ledger.errors import EncodingError, EntryError, ExportError, NoteError
@@ -59,6 +67,11 @@ class ExportResult:
     root: bytes | None
     checkpoints: list[SignedCheckpoint] = field(default_factory=list)
     signatures_checked: bool = True
+    # Checkpoints given besides the file's (`ledger verify FILE --checkpoint`), checked too.
+    given: list[SignedCheckpoint] = field(default_factory=list)
+    # Checkpoints without a tree-hash line accepted for a BLAKE3 export (signed before
+    # fleetledger bound the tree hash; their roots are recomputed here all the same).
+    legacy_tree_hash: int = 0
     first_bad_seq: int | None = None
     problem: str | None = None
 
@@ -108,12 +121,16 @@ def verify_export(
     path: Path,
     log_verifier: Verifier | None,
     witness_verifiers: Sequence[CosignatureVerifier] = (),
+    given: Sequence[SignedCheckpoint] = (),
 ) -> ExportResult:
     """Check an export file offline: framing, the hash chain (as `ledger verify`), the
     Merkle tree recomputed from the bodies, and every checkpoint: signed by the log
     (when `log_verifier` is given; else only its text is read), of the header's origin,
-    and its root equal to the recomputed root at its size. Raises `ExportError` when the
-    file is not an export at all; damage is reported in the result."""
+    signed for the header's tree hash, and its root equal to the recomputed root at its
+    size. `given` are more signed checkpoints (opened by the caller) the file must agree
+    with the same way: it must reach their sizes and have their roots there. Raises
+    `ExportError` when the file is not an export at all; damage is reported in the
+    result."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -126,8 +143,8 @@ def verify_export(
 
         def fail(problem: str, seq: int | None, count: int = 0, head: bytes | None = None,
                  cps: list[SignedCheckpoint] | None = None) -> ExportResult:
-            return ExportResult(False, count, head, th.name, None, cps or [], checked, seq,
-                                problem)
+            return ExportResult(False, count, head, th.name, None, cps or [], checked,
+                                list(given), 0, seq, problem)
 
         cps: list[SignedCheckpoint] = []
         try:
@@ -144,11 +161,26 @@ def verify_export(
                 return fail(str(fork), None, cps=cps)
             if b.checkpoint.size <= a.checkpoint.size:
                 return fail("checkpoints are not in increasing tree size order", None, cps=cps)
-        if cps and cps[-1].checkpoint.size > header["entries"]:
-            last = cps[-1].checkpoint.size
-            return fail(f"truncation below a signed checkpoint: it covers {last} entries, "
+        for cp in [*cps, *given]:
+            if header["origin"] is not None and cp.checkpoint.origin != header["origin"]:
+                return fail(f"a given checkpoint is of origin {cp.checkpoint.origin!r}, the "
+                            f"file's of {header['origin']!r}", None, cps=cps)
+            mismatch = tree_hash_problem(cp.checkpoint, th.name, legacy=True)
+            if mismatch is not None:
+                return fail(f"header merkle_hash: {mismatch}", None, cps=cps)
+        legacy = sum(1 for cp in cps if th.name != UNSTATED_TREE_HASH
+                     and stated_tree_hash(cp.checkpoint) is None)
+        everything = [*cps, *given]
+        for i, a in enumerate(everything):
+            for b in everything[i + 1:]:
+                fork = detect_fork(a, b)
+                if fork is not None:
+                    return fail(str(fork), None, cps=cps)
+        largest = max((cp.checkpoint.size for cp in everything), default=0)
+        if largest > header["entries"]:
+            return fail(f"truncation below a signed checkpoint: it covers {largest} entries, "
                         f"the file has {header['entries']}", header["entries"], cps=cps)
-        wanted = {cp.checkpoint.size: cp for cp in cps}
+        wanted = {cp.checkpoint.size: cp for cp in everything}
         frontier = MerkleFrontier(th)
         prev, head = GENESIS_PREV, None
         if 0 in wanted:
@@ -165,14 +197,15 @@ def verify_export(
                 return fail(found_row[1], found_row[0], seq, head, cps)
             frontier.append(th.leaf(row.body))
             prev = head = row.hash
-            cp = wanted.get(seq + 1)
-            if cp is not None:
-                found = _root_problem(cp, frontier.root())
+            at = wanted.get(seq + 1)
+            if at is not None:
+                found = _root_problem(at, frontier.root())
                 if found:
                     return fail(found, seq, seq + 1, head, cps)
         if fh.read(1):
             return fail("trailing bytes after the last entry", None, header["entries"], head, cps)
-    return ExportResult(True, header["entries"], head, th.name, frontier.root(), cps, checked)
+    return ExportResult(True, header["entries"], head, th.name, frontier.root(), cps, checked,
+                        list(given), legacy)
 
 
 def _open(note: bytes, origin: str, log: Verifier | None,

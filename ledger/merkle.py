@@ -6,8 +6,8 @@
                      with k the largest power of two smaller than n
 
 The leaf data of ledger entry `seq` is that entry's canonical body, and its leaf index
-is `seq`. HASH is pluggable (`TreeHash`): BLAKE3 by default, SHA-256 so that standard
-transparency-log tooling can check the tree.
+is `seq`. HASH is pluggable (`TreeHash`): SHA-256 by default (RFC 6962's, so standard
+transparency-log tooling can check the tree), or BLAKE3.
 
 Proof generation reads *complete subtrees* through `get_node(level, index)`: the hash
 of the perfect subtree over leaves [index * 2**level, (index + 1) * 2**level). A store
@@ -76,7 +76,9 @@ def _blake3(data: bytes) -> bytes:
 SHA256 = TreeHash("sha256", 32, _sha256)
 BLAKE3 = TreeHash("blake3", 32, _blake3)
 HASHES: dict[str, TreeHash] = {th.name: th for th in (BLAKE3, SHA256)}
-DEFAULT_TREE_HASH = BLAKE3.name
+# New ledgers: RFC 6962's SHA-256, so standard C2SP/tlog tooling checks their checkpoints
+# and proofs; BLAKE3 is chosen explicitly (`hub init --tree-hash blake3`).
+DEFAULT_TREE_HASH = SHA256.name
 
 
 def _split(n: int) -> int:
@@ -322,9 +324,10 @@ def verify_consistency(
     """Check that the tree of `m` leaves with `root_m` is a prefix of the tree of `n`
     leaves with `root_n`, by the algorithm of RFC 9162 §2.1.4.2. Raises `ProofError`.
 
-    RFC 9162 defines proofs for 0 < m < n only. As in transparency-dev/merkle, m == n
-    needs an empty proof and equal roots, and m == 0 an empty proof and `root_m` equal
-    to the empty tree's root (every tree extends the empty tree).
+    RFC 9162 defines proofs for 0 < m < n only (§2.1.4.2 fails an empty proof). As in
+    transparency-dev/merkle, m == n needs an empty proof and equal roots, and m == 0 an
+    empty proof; unlike it (it ignores root_m there), `root_m` must then also be the
+    empty tree's root HASH(), since a checkpoint of size 0 signs that root.
     """
     _check_size("first tree size", m)
     _check_size("second tree size", n)

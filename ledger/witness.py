@@ -3,12 +3,18 @@
 For each log (origin) the witness remembers the last checkpoint it cosigned. A new
 checkpoint is cosigned (c2sp.org/tlog-cosignature, Ed25519, type 0x04) only if
 
-1. it is a strict checkpoint signed by that log's key;
-2. its tree size is not smaller than the remembered one (no rollback);
-3. at the same size it has the same root (otherwise: a fork, with both notes as
+1. it is a strict checkpoint signed by that log's key, and the tree hash it signs
+   (ledger/checkpoint.py, `checkpoint_tree_hash`) is the one the proofs are checked
+   with (otherwise: refused, no alarm: the hub or the witness's pin is wrong);
+2. at the same size it has the same root (otherwise: a fork, with both notes as
    evidence);
-4. at a larger size, a Merkle consistency proof (RFC 9162) shows that the remembered
+3. at a larger size, a Merkle consistency proof (RFC 9162) shows that the remembered
    tree is a prefix of the new one (otherwise: a fork, with both notes as evidence).
+
+A checkpoint of a smaller size than the remembered one is an old one replayed (a
+redelivered message, a lagging hub replica): with a consistency proof from its size to
+the remembered size it is a prefix of what the witness cosigned, and `StaleCheckpoint`
+says so (not cosigned, not an alarm); a proof that fails is a fork.
 
 The logic is pure; the only I/O is `WitnessState`, one small JSON file replaced
 atomically (temp file, fsync, rename, directory fsync). One process owns a state file.
@@ -22,9 +28,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from ledger.checkpoint import Checkpoint, cosign, open_checkpoint
+from ledger.checkpoint import Checkpoint, cosign, open_checkpoint, tree_hash_problem
 from ledger.durable import atomic_write
-from ledger.errors import NoteError, ProofError, WitnessError, WitnessStateError
+from ledger.errors import (
+    NoteError,
+    ProofError,
+    StaleCheckpoint,
+    WitnessError,
+    WitnessStateError,
+)
 from ledger.merkle import TreeHash, verify_consistency
 from ledger.note import CosignatureSigner, CosignatureVerifier, Verifier, parse_note
 from ledger.signing import SigningKey
@@ -154,8 +166,11 @@ class Witness:
         log; return the note with this witness's cosignature added.
 
         `consistency_proof` goes from the size of `latest(origin)` to the new size
-        (empty when there is no earlier checkpoint, or the size is unchanged).
-        `tree_hash` is the log's Merkle hash function. Raises `WitnessError`.
+        (empty when there is no earlier checkpoint, or the size is unchanged); for a
+        checkpoint smaller than `latest(origin)`, from its size to the latest's.
+        `tree_hash` is the log's Merkle hash function: it must be the one the checkpoint
+        signs. Raises `StaleCheckpoint` for an old, consistent checkpoint and
+        `WitnessError` otherwise.
         """
         with self._lock:
             return self._consider(bytes(new_note), list(consistency_proof), tree_hash)
@@ -173,6 +188,9 @@ class Witness:
             new = open_checkpoint(new_note, log, origin=origin).checkpoint
         except NoteError as exc:
             raise WitnessError(f"refused checkpoint of {origin}: {exc}") from exc
+        mismatch = tree_hash_problem(new, th.name)
+        if mismatch is not None:
+            raise WitnessError(f"refused checkpoint of {origin}: {mismatch}")
         old_note = self._state.latest(origin)
         if old_note is None:
             if proof:
@@ -197,11 +215,18 @@ class Witness:
     ) -> None:
         old = _checkpoint_of(old_note)
         if new.size < old.size:
-            raise WitnessError(
-                f"refused rollback of {origin}: new tree size {new.size} is smaller than "
-                f"size {old.size}, which this witness already cosigned",
-                old_note,
-                new_note,
+            try:
+                verify_consistency(th, new.size, old.size, new.root, old.root, proof)
+            except ProofError as exc:
+                raise WitnessError(
+                    f"FORK of {origin}: the tree of size {new.size} is not a prefix of the "
+                    f"tree of size {old.size} this witness cosigned: {exc}",
+                    old_note,
+                    new_note,
+                ) from exc
+            raise StaleCheckpoint(
+                f"ignored an old checkpoint of {origin}: tree size {new.size} is a prefix "
+                f"of size {old.size}, which this witness already cosigned"
             )
         if new.size == old.size and new.root != old.root:
             raise WitnessError(

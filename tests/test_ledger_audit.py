@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from ledger.bundle import verify_bundle
-from ledger.checkpoint import Checkpoint, cosign, sign_checkpoint
+from ledger.checkpoint import Checkpoint, cosign, sign_checkpoint, tree_hash_extensions
 from ledger.errors import BundleError, LedgerError, StoreError
 from ledger.export import verify_export
 from ledger.note import CosignatureSigner, Signer, parse_note
@@ -55,7 +55,8 @@ def log_vkey(tmp_path: Path, signer: Signer) -> str:
 
 def checkpoint(store: LedgerStore, signer: Signer, size: int, keep: bool = True) -> bytes:
     root = store.root(size)
-    note = sign_checkpoint(Checkpoint(ORIGIN, size, root), signer)
+    extensions = tree_hash_extensions(store.tree_hash.name)
+    note = sign_checkpoint(Checkpoint(ORIGIN, size, root, extensions), signer)
     if keep:
         CheckpointStore(store).add(size, root, note)
     return note
@@ -298,6 +299,129 @@ def test_every_single_byte_change_in_a_bundle_fails(
         flipped[i] ^= 0x01
         with pytest.raises(BundleError):
             verify_bundle(bytes(flipped), signer.verifier(), [witness])
+
+
+# -- audit holes (issue 12, class 8) -------------------------------------------------
+
+
+def test_an_export_is_checked_against_given_checkpoints(
+    ledger: tuple[Path, LedgerStore], log_vkey: str, tmp_path: Path, signer: Signer
+) -> None:
+    path, store = ledger
+    out = tmp_path / "ledger.export"
+    assert run_ledger("export", "--db", str(path), str(out)).returncode == 0
+    honest = tmp_path / "honest.note"
+    honest.write_bytes(checkpoint(store, signer, 16, keep=False))
+    with LedgerStore.open(tmp_path / "fork.db") as fork:
+        fill(fork, 9)
+        fill(fork, 9, start=9, tag="rewritten")
+        forked, longer = tmp_path / "forked.note", tmp_path / "longer.note"
+        forked.write_bytes(checkpoint(fork, signer, 16, keep=False))
+        longer.write_bytes(checkpoint(fork, signer, 18, keep=False))
+    ok = run_ledger("verify", str(out), "--log-key", log_vkey, "--checkpoint", str(honest))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "agrees with 1 given signed checkpoint(s)" in ok.stdout
+    for option, note, problem in [
+        ("--checkpoint", forked, "fork: the ledger disagrees with a signed checkpoint at "
+                                 "tree size 16"),
+        ("--since-checkpoint", forked, "fork: the ledger disagrees"),
+        ("--checkpoint", longer, "truncation below a signed checkpoint: it covers 18"),
+    ]:
+        bad = run_ledger("verify", str(out), "--log-key", log_vkey, option, str(note))
+        assert bad.returncode == 1 and problem in bad.stdout, (option, bad.stdout)
+    since = run_ledger("verify", str(out), "--log-key", log_vkey, "--since-checkpoint",
+                       str(honest))
+    assert since.returncode == 0 and "an export is read whole" in since.stdout
+    no_key = run_ledger("verify", str(out), "--checkpoint", str(honest))
+    assert no_key.returncode == 2 and "--log-key" in no_key.stderr
+
+
+def test_with_a_log_key_a_ledger_without_any_checkpoint_fails(
+    tmp_path: Path, log_vkey: str
+) -> None:
+    path = tmp_path / "bare.db"
+    with LedgerStore.open(path) as store:
+        fill(store, 5)
+        write_export(store, tmp_path / "bare.export")
+    for target in (["--db", str(path)], [str(tmp_path / "bare.export")]):
+        bad = run_ledger("verify", *target, "--log-key", log_vkey)
+        assert bad.returncode == 1, bad.stdout
+        assert "no checkpoint signed by the given log key covers this ledger" in bad.stdout
+        allowed = run_ledger("verify", *target, "--log-key", log_vkey, "--allow-no-checkpoint")
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        assert "WARNING: no signed checkpoint" in allowed.stdout
+        assert run_ledger("verify", *target).returncode == 0  # no key: the chain only
+
+
+def test_witness_keys_require_and_report_cosignatures(
+    ledger: tuple[Path, LedgerStore], log_vkey: str, tmp_path: Path,
+    witnesses: list[tuple[str, SigningKey]],
+) -> None:
+    path, store = ledger
+    name, key = witnesses[0]
+    stored = CheckpointStore(store).get(12)
+    assert stored is not None
+    sig = parse_note(cosign(stored.full_note(), key, name, 1_700_000_000))[1][-1]
+    CheckpointStore(store).add_cosignature(12, sig)
+    real, made_up = (CosignatureSigner.from_signing_key(n, k).vkey() for n, k in witnesses)
+    out = tmp_path / "ledger.export"
+    write_export(store, out)
+    for target in (["--db", str(path)], [str(out)]):
+        ok = run_ledger("verify", *target, "--log-key", log_vkey, "--witness-key", real)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "witnessed: the checkpoint of tree size 12 is cosigned by w.example/one" \
+            in ok.stdout
+        fake = run_ledger("verify", *target, "--log-key", log_vkey, "--witness-key", made_up)
+        assert fake.returncode == 1, fake.stdout
+        assert "no checkpoint is cosigned by 1 of the 1 given witness(es)" in fake.stdout
+        both = run_ledger("verify", *target, "--log-key", log_vkey, "--witness-key", real,
+                          "--witness-key", made_up)
+        assert both.returncode == 1 and "cosignatures found by: w.example/one" in both.stdout
+        one = run_ledger("verify", *target, "--log-key", log_vkey, "--witness-key", real,
+                         "--witness-key", made_up, "--min-witnesses", "1", "--json")
+        assert one.returncode == 0, one.stdout
+        assert json.loads(one.stdout)["witnessed"] == {
+            "size": 12, "witnesses": ["w.example/one"], "required": 1}
+    no_log = run_ledger("verify", "--db", str(path), "--witness-key", real)
+    assert no_log.returncode == 2 and "--witness-key needs --log-key" in no_log.stderr
+
+
+def test_the_tree_hash_is_bound_by_the_signed_checkpoint(
+    tmp_path: Path, signer: Signer, log_vkey: str
+) -> None:
+    path = tmp_path / "b3.db"
+    with LedgerStore.open(path, tree_hash="blake3") as store:
+        fill(store, 6)
+        note = checkpoint(store, signer, 6)
+        assert note.decode().startswith(f"{ORIGIN}\n6\n")
+        assert "\nfleetledger-merkle-hash blake3\n" in note.decode()
+        bound = make_bundle(store, 2)
+        write_export(store, tmp_path / "b3.export")
+    assert verify_bundle(bound, signer.verifier()).merkle_hash == "blake3"
+    # A bundle or export that claims another tree hash than the checkpoint signs.
+    claims_sha = bound.replace(b"\xa6blake3", b"\xa6sha256", 1)
+    with pytest.raises(BundleError, match="tree hash mismatch: sha256 is claimed"):
+        verify_bundle(claims_sha, signer.verifier())
+    data = (tmp_path / "b3.export").read_bytes()
+    claimed = data.replace(b"merkle_hash\xa6blake3", b"merkle_hash\xa6sha256", 1)
+    (tmp_path / "sha.export").write_bytes(claimed)
+    done = run_ledger("verify", str(tmp_path / "sha.export"), "--log-key", log_vkey)
+    assert done.returncode == 1 and "tree hash mismatch: sha256 is claimed" in done.stdout
+    # A checkpoint without the line signs an RFC 6962 (SHA-256) tree: a BLAKE3 bundle on
+    # it is refused; `ledger verify` still accepts such legacy checkpoints of a BLAKE3
+    # ledger, whose roots it recomputes from the entries.
+    with LedgerStore.open(tmp_path / "legacy.db", tree_hash="blake3") as store:
+        fill(store, 6)
+        root = store.root(6)
+        CheckpointStore(store).add(6, root, sign_checkpoint(Checkpoint(ORIGIN, 6, root),
+                                                            signer))
+        legacy = make_bundle(store, 2)
+    with pytest.raises(BundleError, match=r"no tree-hash line: RFC 6962"):
+        verify_bundle(legacy, signer.verifier())
+    old = run_ledger("verify", "--db", str(tmp_path / "legacy.db"), "--log-key", log_vkey,
+                     "--json")
+    assert old.returncode == 0, old.stdout
+    assert json.loads(old.stdout)["checkpoints"][0]["tree_hash_signed"] is False
 
 
 # -- browsing ------------------------------------------------------------------------

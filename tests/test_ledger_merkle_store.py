@@ -157,8 +157,14 @@ def test_the_tree_hash_is_chosen_when_the_ledger_is_created(ledger_url: str) -> 
         LedgerStore.open(ledger_url, tree_hash="md5")
 
 
-def test_blake3_is_the_default(tmp_path: Path) -> None:
+def test_sha256_is_the_default_and_a_ledger_keeps_its_recorded_hash(tmp_path: Path) -> None:
     with LedgerStore.open(tmp_path / "l.db") as store:
+        assert store.tree_hash.name == "sha256"  # RFC 6962: standard tooling checks it
+    with LedgerStore.open(tmp_path / "b3.db", tree_hash="blake3") as store:
+        store.append("device.status", "a", "device:a", {"i": 1})
+    with LedgerStore.open(tmp_path / "b3.db") as store:  # no hash named: the recorded one
+        assert store.tree_hash.name == "blake3"
+    with LedgerStore.open(tmp_path / "b3.db", create=False) as store:
         assert store.tree_hash.name == "blake3"
 
 
@@ -417,7 +423,7 @@ def test_protocol_document_worked_example(tmp_path: Path) -> None:
         assert store.inclusion_proof(2) == [node]
         assert store.consistency_proof(1, 3) == [leaves[1], leaves[2]]
         assert store.consistency_proof(2, 3) == [leaves[2]]
-    with LedgerStore.open(tmp_path / "b3.db") as store:
+    with LedgerStore.open(tmp_path / "b3.db", tree_hash="blake3") as store:
         store.append_many(events)
         got["blake3 root 3"] = store.root().hex()
     assert got == want

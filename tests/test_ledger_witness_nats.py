@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,13 +20,13 @@ from nats.aio.msg import Msg
 
 from edge_agent.transport.connect import connect as nats_connect
 from hub.client import HubClient
-from hub.home.config import init_home, load_config
+from hub.home.config import HomeError, init_home, load_config
 from hub.log.api import LedgerApi
 from hub.log.checkpointer import Checkpointer, log_signer
 from hub.service.app import HubService
 from ledger.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from ledger.merkle import verify_consistency, verify_inclusion
-from ledger.net.remote import LedgerClient, RemoteError
+from ledger.net.remote import CHECKPOINT_SUBJECT, LedgerClient, RemoteError
 from ledger.note import CosignatureVerifier, Verifier, parse_vkey
 from ledger.signing import SigningKey
 from ledger.storage.checkpoint_store import CheckpointStore
@@ -203,6 +204,17 @@ async def test_a_witness_cosigns_a_chain_of_growing_checkpoints(
             sizes.append(cp.size)
             line = await read_until(proc.stdout, f"tree size {cp.size};")
             assert WITNESS in line  # the hub stored it
+        # An old checkpoint published again (a replay, a redelivery) is a prefix of what
+        # the witness cosigned: ignored quietly, no false "rollback" alarm and no exit.
+        replayed = checkpointer.checkpoints.get(sizes[0])
+        assert replayed is not None and checkpointer._js is not None
+        await checkpointer._js.publish(CHECKPOINT_SUBJECT, replayed.note,
+                                       headers={"Nats-Msg-Id": "replay"})
+        await enroll(fleet, "dev-after-replay")
+        cp = await checkpointer.sign_now()
+        assert cp is not None
+        await read_until(proc.stdout, f"tree size {cp.size};")
+        assert proc.returncode is None
         for size in sizes:
             stored = checkpointer.checkpoints.get(size)
             assert stored is not None
@@ -296,7 +308,19 @@ async def test_tail_follows_the_feed_and_the_database(fleet: Fleet) -> None:
 
 def test_hub_init_writes_the_log_verifier_key(tmp_path: Path) -> None:
     config = init_home(tmp_path / "my hub+1", "nats://127.0.0.1:1")
-    assert config.origin == "fleetledger/my-hub-1"
+    assert re.fullmatch(r"fleetledger\.local/[0-9a-f]{16}", config.origin)  # URL-like, unique
+    assert config.tree_hash == "sha256"  # RFC 6962 by default
+    other = init_home(tmp_path / "my hub+1", "nats://127.0.0.1:1", force=True)
+    assert other.origin != config.origin  # not derived from the directory's name
+    named = init_home(tmp_path / "b3", "nats://127.0.0.1:1", origin="example.com/fleet",
+                      tree_hash="blake3")
+    assert (named.origin, named.tree_hash) == ("example.com/fleet", "blake3")
+    with LedgerStore.open(named.database_url(), tree_hash=named.tree_hash) as store:
+        assert store.tree_hash.name == "blake3"
+    for bad in ("has space", "a+b", ""):
+        with pytest.raises(HomeError):
+            init_home(tmp_path / "bad", "nats://127.0.0.1:1", origin=bad)
+    config = named
     key = parse_vkey((config.home / "log.vkey").read_text().strip())
     assert isinstance(key, Verifier) and key.name == config.origin
     assert key == log_signer(config).verifier()
@@ -334,3 +358,14 @@ async def test_witness_signs_in_with_user_and_password_file(
     code, out, err = await run_cli(*args, "--nats-user", "witness",
                                    "--nats-password-file", str(tmp_path / "missing"))
     assert code == 2 and "cannot read a password" in err, err
+
+
+async def test_the_checkpointer_signs_the_tree_hash(tmp_path: Path) -> None:
+    signer = log_signer(init_home(tmp_path / "home", "nats://127.0.0.1:1", nats_auth=False))
+    for tree_hash, line in (("sha256", None), ("blake3", "fleetledger-merkle-hash blake3")):
+        with LedgerStore.open(tmp_path / f"{tree_hash}.db", tree_hash=tree_hash) as store:
+            store.append("device.status", "a", "device:a", {"i": 1})
+            cp = await Checkpointer(store, lambda: [signer]).sign_now()
+            assert cp is not None
+            opened = open_checkpoint(cp.note, signer.verifier()).checkpoint
+            assert opened.extensions == (() if line is None else (line,))

@@ -1,6 +1,7 @@
 """The checkpoint witness (ledger/witness.py): cosigns a consistent chain of checkpoints
 over real RFC 9162 Merkle trees (ledger/merkle.py's reference functions), refuses forks
-and rollbacks with both notes as evidence, and keeps its state across restarts."""
+with both notes as evidence, ignores old checkpoints that are prefixes, and keeps its
+state across restarts."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from pathlib import Path
 import pytest
 
 from ledger import merkle
-from ledger.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
-from ledger.errors import WitnessError, WitnessStateError
+from ledger.checkpoint import (
+    Checkpoint,
+    open_checkpoint,
+    sign_checkpoint,
+    tree_hash_extensions,
+)
+from ledger.errors import StaleCheckpoint, WitnessError, WitnessStateError
 from ledger.merkle import TreeHash
 from ledger.note import Signer, parse_note, sign_note
 from ledger.signing import SigningKey
@@ -41,7 +47,9 @@ class Log:
 
     def checkpoint(self, size: int) -> bytes:
         root = merkle.root_from_leaves(self.th, self.leaves[:size])
-        return sign_checkpoint(Checkpoint(self.signer.name, size, root), self.signer)
+        extensions = tree_hash_extensions(self.th.name)  # the tree hash is signed
+        return sign_checkpoint(Checkpoint(self.signer.name, size, root, extensions),
+                               self.signer)
 
     def proof(self, old: int, new: int) -> list[bytes]:
         return merkle.reference_consistency_proof(self.th, old, self.leaves[:new])
@@ -187,11 +195,34 @@ def test_refuses_bad_proofs(witness: Witness, log: Log) -> None:
     feed(witness, log, [11])
 
 
-def test_refuses_rollback(witness: Witness, log: Log) -> None:
+def test_an_old_consistent_checkpoint_is_ignored_not_an_alarm(witness: Witness, log: Log) -> None:
     accepted = feed(witness, log, [3, 10])
-    with pytest.raises(WitnessError, match=r"rollback .*size 4 is smaller than size 10") as info:
+    for old in (0, 3, 4, 9):  # replayed or redelivered: a prefix of what was cosigned
+        with pytest.raises(StaleCheckpoint, match=f"size {old} is a prefix of size 10") as info:
+            witness.consider(log.checkpoint(old), log.proof(old, 10), log.th)
+        assert info.value.evidence is None
+    assert witness.latest(ORIGIN) == Checkpoint.parse(parse_note(accepted)[0])
+
+
+def test_an_old_checkpoint_of_another_history_is_a_fork(
+    witness: Witness, log: Log, log_signer: Signer
+) -> None:
+    accepted = feed(witness, log, [3, 10])
+    other = Log(log.th, log_signer, prefix=b"rewritten")
+    with pytest.raises(WitnessError, match=r"FORK .* size 4 is not a prefix") as info:
+        witness.consider(other.checkpoint(4), log.proof(4, 10), log.th)
+    assert info.value.evidence == (accepted, other.checkpoint(4))
+    assert not isinstance(info.value, StaleCheckpoint)
+    with pytest.raises(WitnessError, match="FORK") as bad_proof:  # no proof: no prefix
         witness.consider(log.checkpoint(4), [], log.th)
-    assert info.value.evidence == (accepted, log.checkpoint(4))
+    assert bad_proof.value.evidence is not None
+
+
+def test_the_tree_hash_is_pinned_by_the_signed_checkpoint(witness: Witness, log: Log) -> None:
+    other = merkle.SHA256 if log.th is merkle.BLAKE3 else merkle.BLAKE3
+    with pytest.raises(WitnessError, match=f"tree hash mismatch: {other.name} is claimed"):
+        witness.consider(log.checkpoint(3), [], other)
+    assert witness.latest(ORIGIN) is None
 
 
 def test_refuses_what_the_log_did_not_sign(witness: Witness, log: Log) -> None:
@@ -232,7 +263,9 @@ def test_survives_restart(
     restarted = make_witness(state_path, witness_key, log_signer)
     latest = restarted.latest(ORIGIN)
     assert latest is not None and latest.size == 9
-    with pytest.raises(WitnessError, match="rollback") as info:
+    with pytest.raises(StaleCheckpoint):
+        restarted.consider(log.checkpoint(5), log.proof(5, 9), log.th)
+    with pytest.raises(WitnessError, match="FORK") as info:  # no proof of a prefix
         restarted.consider(log.checkpoint(5), [], log.th)
     assert info.value.evidence == (accepted, log.checkpoint(5))
     forked = Log(log.th, log.signer, prefix=b"other")

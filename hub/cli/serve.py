@@ -45,6 +45,7 @@ commands = typer.Typer()
     'hub init hub-home --nats nats://127.0.0.1:4222',
     'hub init hub-home --tls',
     'hub init hub-home --database postgresql+psycopg://fleet@127.0.0.1/fleet',
+    'hub init hub-home --origin example.com/fleet-log --tree-hash blake3',
 ))
 def init(
     home: Path = typer.Argument(..., help="Directory to create (keys, trust root, config)."),
@@ -58,18 +59,28 @@ def init(
                              "for 127.0.0.1/localhost; server and clients then use TLS."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Write no NATS server "
                                  "configuration (a server without users; tests, benchmarks)."),
+    origin: str | None = typer.Option(
+        None, "--origin", help="The log's name in signed checkpoints and its key name, a "
+        "schema-less URL such as example.com/fleet-log (default: fleetledger.local/ and a "
+        "random id)."),
+    tree_hash: str = typer.Option(
+        "sha256", "--tree-hash", help="The ledger's Merkle tree hash: sha256 (RFC 6962, "
+        "checked by standard C2SP/tlog tooling) or blake3. The chain hash and blob "
+        "digests are BLAKE3 either way."),
 ) -> None:
     """Create a hub home: Ed25519 keys for the root, release, director and log roles, the
     signed trust root that devices pin (DIR/trust-root.bin), the first operator's key
     (DIR/operators/admin.key), a validation policy (DIR/policy.toml) and DIR/config.toml."""
-    config = init_home(home, nats_url, database, force, nats_auth=not no_auth, tls=tls)
+    config = init_home(home, nats_url, database, force, nats_auth=not no_auth, tls=tls,
+                       origin=origin, tree_hash=tree_hash)
     out.print(f"hub home ready in [bold]{home}[/bold]")
     out.print(f"  trust root for devices: {config.trust_root_path}")
     out.print(f"  log verifier key (for `ledger witness` / `ledger verify --log-key`): "
               f"{config.home / 'log.vkey'}")
     out.print(f"  first operator key (admin): {config.operator_key_path('admin')}")
     out.print(f"  validation policy: {config.policy_path}")
-    out.print(f"  ledger: {config.database_url()}")
+    out.print(f"  ledger: {config.database_url()} (Merkle tree hash {tree_hash}, log "
+              f"origin {escape(config.origin)})")
     if not no_auth:
         out.print(f"  nats-server config (users, permissions{', TLS' if tls else ''}): "
                   f"{home / 'nats' / 'nats-server.conf'}; run nats-server -js -c with it")

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import os
-import re
+import secrets
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,8 @@ from edge_agent.trust.root import ROLES, TrustRoot
 from hub.errors import UsageError
 from hub.home.nats_config import auth_for, operator_auth, write_server_config
 from ledger.errors import KeyFileError
-from ledger.note import Signer
+from ledger.merkle import DEFAULT_TREE_HASH, HASHES
+from ledger.note import Signer, valid_key_name
 from ledger.signing import SigningKey
 
 CONFIG_NAME = "config.toml"
@@ -59,6 +60,9 @@ class HubConfig:
     assignment_ttl_days: int = 30
     admin_public: str = ""
     origin: str = "fleetledger/hub"
+    # The Merkle tree hash a new ledger is created with; None: the store's default.
+    # An existing ledger keeps the one it recorded (opening it with another fails).
+    tree_hash: str | None = None
     metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None = off, 0 = any
     # Checkpoints (hub/log/checkpointer.py): sign after this many new entries or seconds.
     checkpoint_every_entries: int = 100
@@ -100,13 +104,27 @@ class HubConfig:
         return str(path if path.is_absolute() else self.home / path)
 
 
+def default_origin() -> str:
+    """A URL-like origin unique to this hub (tlog-checkpoint: "a schema-less URL"): the
+    log's identity in checkpoints and its key name, so it is made once, at init."""
+    return f"fleetledger.local/{secrets.token_hex(8)}"
+
+
 def init_home(
     home: Path, nats_url: str, database: str = "ledger.db", force: bool = False,
-    nats_auth: bool = True, tls: bool = False,
+    nats_auth: bool = True, tls: bool = False, origin: str | None = None,
+    tree_hash: str = DEFAULT_TREE_HASH,
 ) -> HubConfig:
     """Create keys for every role, the signed trust root and the config file; with
     `nats_auth`, the NATS server's configuration and identities (hub/home/nats_config.py),
-    with `tls` also a CA and a server certificate."""
+    with `tls` also a CA and a server certificate. `origin` names the log (default: a
+    new `fleetledger.local/<random id>`); `tree_hash` is the new ledger's Merkle tree
+    hash (default SHA-256, RFC 6962)."""
+    if origin is not None and not valid_key_name(origin):
+        raise HomeError(f"origin {origin!r} must be non-empty, with no spaces, no '+' and "
+                        "no control characters (e.g. example.com/fleet-log)")
+    if tree_hash not in HASHES:
+        raise HomeError(f"tree hash {tree_hash!r}: choose one of {', '.join(HASHES)}")
     config_path = home / CONFIG_NAME
     if config_path.exists() and not force:
         raise HomeError(f"{home} is already a hub home (use --force to overwrite its keys)")
@@ -122,7 +140,7 @@ def init_home(
     if not (home / POLICY_NAME).exists():
         (home / POLICY_NAME).write_text(DEFAULT_POLICY)
     # The log's identity in checkpoints and its key name: no spaces, no '+'.
-    origin = "fleetledger/" + re.sub(r"[\s+]", "-", home.resolve().name)
+    origin = origin or default_origin()
     config_path.write_text(
         "# fleetledger hub configuration (written by `hub init`)\n"
         f"nats_url = {toml_str(nats_url)}\n"
@@ -132,6 +150,9 @@ def init_home(
         "# The first operator, added to the ledger when `hub serve` first starts.\n"
         f"admin_public = {toml_str(admin.public.raw.hex())}\n"
         f"origin = {toml_str(origin)}\n"
+        "# The Merkle tree hash of a new ledger (sha256: RFC 6962, or blake3); a ledger\n"
+        "# keeps the one it was created with.\n"
+        f"tree_hash = {toml_str(tree_hash)}\n"
         "# Signed checkpoints of the ledger: after this many new entries or seconds.\n"
         "checkpoint_every_entries = 100\n"
         "checkpoint_every_seconds = 10.0\n"
@@ -163,12 +184,21 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             assignment_ttl_days=int(raw.get("assignment_ttl_days", 30)),
             admin_public=str(raw.get("admin_public", "")),
             origin=str(raw.get("origin", "fleetledger/hub")),
+            tree_hash=_tree_hash(raw.get("tree_hash")),
             metrics_port=int(raw["metrics_port"]) if "metrics_port" in raw else None,
             checkpoint_every_entries=int(raw.get("checkpoint_every_entries", 100)),
             checkpoint_every_seconds=float(raw.get("checkpoint_every_seconds", 10.0)),
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc
+
+
+def _tree_hash(value: object) -> str | None:
+    if value is None:
+        return None
+    if value not in HASHES:
+        raise ValueError(f"tree_hash {value!r} (choose one of {', '.join(HASHES)})")
+    return str(value)
 
 
 def set_nats_url(home: Path, nats_url: str) -> None:

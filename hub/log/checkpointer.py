@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from hub.errors import Refused
 from hub.home.config import LOG_VKEY_NAME, HomeError, HubConfig
 from hub.keys.keyring import Keyring
-from ledger.checkpoint import Checkpoint, sign_checkpoint
+from ledger.checkpoint import Checkpoint, sign_checkpoint, tree_hash_extensions
 from ledger.durable import atomic_write
 from ledger.errors import NoteError
 from ledger.net.remote import CHECKPOINT_SUBJECT, ENTRY_SUBJECT
@@ -197,7 +197,10 @@ class Checkpointer:
                 return None
             root = self.store.root(size)
             signers = self.signers()
-            note = sign_checkpoint(Checkpoint(signers[0].name, size, root), *signers)
+            # The tree hash is signed too (a line unless SHA-256): docs/PROTOCOL.md.
+            extensions = tree_hash_extensions(self.store.tree_hash.name)
+            note = sign_checkpoint(Checkpoint(signers[0].name, size, root, extensions),
+                                   *signers)
             self.checkpoints.add(size, root, note)
             self._signed_size = size
             stored = self.checkpoints.get(size)

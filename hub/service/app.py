@@ -59,7 +59,8 @@ class HubService:
 
     def __init__(self, config: HubConfig, effects: Effects | None = None) -> None:
         self.config = config
-        self.store = LedgerStore.open(config.database_url())
+        # A new ledger gets the configured tree hash; an existing one keeps its own.
+        self.store = LedgerStore.open(config.database_url(), tree_hash=config.tree_hash)
         with self.store.engine.begin() as conn:
             fold.create_tables(conn)
         self.writer = LedgerWriter(self.store)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ledger.checkpoint import SignedCheckpoint, detect_fork, open_checkpoint
+from ledger.checkpoint import (
+    SignedCheckpoint,
+    checkpoint_tree_hash,
+    detect_fork,
+    open_checkpoint,
+    tree_hash_problem,
+)
 from ledger.cli._common import (
     DB,
     EXIT_DAMAGED,
@@ -26,6 +33,9 @@ from ledger.cli._common import (
 )
 from ledger.errors import LedgerError, NoteError
 from ledger.note import CosignatureVerifier, Verifier, b64encode
+
+if TYPE_CHECKING:
+    from ledger.storage.store import LedgerStore
 
 
 def _read_checkpoint(path: Path, log: Verifier, witnesses: list[CosignatureVerifier],
@@ -54,11 +64,19 @@ def verify(
     ),
     since: Path | None = typer.Option(
         None, "--since-checkpoint", help="Verify only the entries after this trusted, "
-        "signed checkpoint: O(new entries).", metavar="FILE",
+        "signed checkpoint: O(new entries) for a database (an export is read whole).",
+        metavar="FILE",
     ),
     log_vkey: str | None = typer.Option(None, "--log-key", help=LOG_KEY_HELP, metavar="VKEY"),
     witness: list[str] | None = typer.Option(
-        None, "--witness-key", help=WITNESS_KEY_HELP, metavar="VKEY"),
+        None, "--witness-key", help=WITNESS_KEY_HELP + " With witness keys, some checkpoint "
+        "must be cosigned by --min-witnesses of them.", metavar="VKEY"),
+    min_witnesses: int | None = typer.Option(
+        None, "--min-witnesses", min=1, help="How many of the given witnesses must have "
+        "cosigned a checkpoint (default: all of them).", metavar="K"),
+    allow_no_checkpoint: bool = typer.Option(
+        False, "--allow-no-checkpoint", help="With --log-key, pass a ledger that no signed "
+        "checkpoint covers (a new hub's); by default that fails."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
     jobs: int = typer.Option(
         0, "--jobs", min=0, help="Processes checking segments of a --db ledger in "
@@ -78,11 +96,15 @@ def verify(
 
     With --log-key, every checkpoint stored in the ledger and every --checkpoint FILE
     must verify and agree: the ledger must reach its tree size ("truncation below a
-    signed checkpoint" otherwise) and have its root there ("fork" otherwise). Two
-    checkpoints of one size with different roots are printed as fork evidence.
+    signed checkpoint" otherwise), have its root there ("fork" otherwise) and use the
+    tree hash it signs. Two checkpoints of one size with different roots are printed as
+    fork evidence. At least one checkpoint must verify (--allow-no-checkpoint waives
+    this). With --witness-key, at least one of them must carry cosignatures by
+    --min-witnesses of the given witnesses; the witnesses that cosigned are printed.
 
     FILE (an export) is checked the same way offline: the chain, the Merkle tree
-    recomputed from the bodies, and each checkpoint in it against the recomputed roots.
+    recomputed from the bodies, and each checkpoint in it or given with --checkpoint /
+    --since-checkpoint against the recomputed roots.
 
     Exit 0 and print `OK: N entries, head HASH` when all hold; exit 1 and print
     `FAIL at seq S: PROBLEM` at the first entry that does not; exit 2 when the check
@@ -91,14 +113,72 @@ def verify(
     if file is not None and (db is not None or home is not None):
         fail("give either an export FILE or --db/--home (not both)", EXIT_USAGE)
     witnesses = witness_keys(witness)
+    if witnesses and log_vkey is None:
+        fail("--witness-key needs --log-key (cosignatures are on checkpoints the log "
+             "signed)", EXIT_USAGE)
+    if min_witnesses is not None and min_witnesses > len(witnesses):
+        fail(f"--min-witnesses {min_witnesses} needs at least that many --witness-key",
+             EXIT_USAGE)
+    rules = _Rules(witnesses, len(witnesses) if min_witnesses is None else min_witnesses,
+                   allow_no_checkpoint)
+    files = checkpoints or []
     if file is not None:
-        _verify_export(file, log_vkey, witnesses, as_json)
+        _verify_export(file, log_vkey, files, since, rules, as_json)
     path = ledger_db(db, home)
     if path is None:
         fail("give an export FILE, --db PATH or --home DIR (or set LEDGER_DB)", EXIT_USAGE)
     if since is not None:
-        _verify_since(path, since, log_key(log_vkey, "--since-checkpoint"), as_json)
-    _verify_db(path, checkpoints or [], log_vkey, witnesses, as_json, jobs)
+        _verify_since(path, since, files, log_key(log_vkey, "--since-checkpoint"), rules,
+                      as_json)
+    _verify_db(path, files, log_vkey, rules, as_json, jobs)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What the auditor asked of the checkpoints besides agreeing with the entries."""
+
+    witnesses: list[CosignatureVerifier]
+    need: int  # cosignatures by distinct given witnesses on some checkpoint
+    allow_no_checkpoint: bool
+
+    def check(self, signed: list[SignedCheckpoint]) -> tuple[list[str], list[str], dict[str, Any]]:
+        """(problems, report lines, JSON fields) for the verified checkpoints `signed`."""
+        if not signed:
+            if self.allow_no_checkpoint:
+                return [], ["WARNING: no signed checkpoint covers this ledger "
+                            "(--allow-no-checkpoint)"], {"witnessed": None}
+            return [NO_CHECKPOINT], [], {"witnessed": None}
+        if not self.witnesses:
+            return [], [], {"witnessed": None}
+        best = max((cp for cp in signed if len(_cosigners(cp)) >= self.need),
+                   key=lambda cp: cp.checkpoint.size, default=None)
+        given = len(self.witnesses)
+        if best is None:
+            seen = sorted({n for cp in signed for n in _cosigners(cp)})
+            return [f"no checkpoint is cosigned by {self.need} of the {given} given "
+                    f"witness(es) (cosignatures found by: {', '.join(seen) or 'none'})"
+                    ], [], {"witnessed": None}
+        names = sorted(_cosigners(best))
+        return [], [f"OK: witnessed: the checkpoint of tree size {best.checkpoint.size} is "
+                    f"cosigned by {', '.join(names)} ({len(names)} of {given} given, "
+                    f"{self.need} required)"], {
+            "witnessed": {"size": best.checkpoint.size, "witnesses": names,
+                          "required": self.need}}
+
+
+NO_CHECKPOINT = ("no checkpoint signed by the given log key covers this ledger (pass "
+                 "--allow-no-checkpoint to accept that)")
+
+
+def _cosigners(cp: SignedCheckpoint) -> set[str]:
+    return {c.name for c in cp.cosignatures}
+
+
+def _checkpoint_doc(where: str, cp: SignedCheckpoint, tree_hash: str) -> dict[str, Any]:
+    # tree_hash_signed False: a BLAKE3 checkpoint signed before the hash was bound.
+    return {"source": where, "size": cp.checkpoint.size, "root": cp.checkpoint.root.hex(),
+            "tree_hash_signed": checkpoint_tree_hash(cp.checkpoint) == tree_hash,
+            "witnesses": sorted(_cosigners(cp))}
 
 
 def _emit(doc: dict[str, Any], lines: list[str], as_json: bool, ok: bool) -> None:
@@ -109,11 +189,19 @@ def _emit(doc: dict[str, Any], lines: list[str], as_json: bool, ok: bool) -> Non
     raise typer.Exit(EXIT_OK if ok else EXIT_DAMAGED)
 
 
-def _verify_db(db: str, files: list[Path], log_vkey: str | None,
-               witnesses: list[CosignatureVerifier], as_json: bool, jobs: int | None) -> None:
+def _store_problem(store: LedgerStore, cp: SignedCheckpoint) -> str | None:
+    from ledger.storage.audit import check_against_checkpoint
+
+    # A BLAKE3 ledger's checkpoints signed before the tree hash was bound carry no line;
+    # their roots are compared with roots recomputed from the entries all the same.
+    mismatch = tree_hash_problem(cp.checkpoint, store.tree_hash.name, legacy=True)
+    return mismatch or check_against_checkpoint(store, cp.checkpoint)
+
+
+def _verify_db(db: str, files: list[Path], log_vkey: str | None, rules: _Rules,
+               as_json: bool, jobs: int | None) -> None:
     log = log_key(log_vkey, "--checkpoint") if files or log_vkey else None
     store = open_store(db)  # first: it names the `hub` extra if storage is missing
-    from ledger.storage.audit import check_against_checkpoint
     from ledger.storage.checkpoint_store import CheckpointStore
     from ledger.storage.verify_parallel import default_jobs, verify_store
 
@@ -125,15 +213,15 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None,
             for stored in CheckpointStore(store, create=False).all():
                 try:
                     signed.append((f"stored checkpoint {stored.size}",
-                                   open_checkpoint(stored.full_note(), log, witnesses)))
+                                   open_checkpoint(stored.full_note(), log, rules.witnesses)))
                 except NoteError as exc:
                     problem = f"stored checkpoint of size {stored.size} does not verify: {exc}"
                     _emit({"ok": False, "problem": problem}, [f"FAIL: {problem}"], as_json, False)
-            signed += [(str(f), _read_checkpoint(f, log, witnesses)) for f in files]
+            signed += [(str(f), _read_checkpoint(f, log, rules.witnesses)) for f in files]
         problems = []
         if result.ok:
             for where, cp in signed:
-                found = check_against_checkpoint(store, cp.checkpoint)
+                found = _store_problem(store, cp)
                 if found is not None:
                     problems.append(f"{where}: {found}")
         forks = [str(fork) for i, (_, a) in enumerate(signed) for _, b in signed[i + 1:]
@@ -142,19 +230,18 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None,
         fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
+    ruled, rule_lines, rule_doc = (rules.check([cp for _, cp in signed]) if log is not None
+                                   else ([], [], {"witnessed": None}))
     head = result.head_hash.hex() if result.head_hash is not None else None
-    ok = result.ok and not problems and not forks
+    ok = result.ok and not problems and not forks and not ruled
     doc = {
         "ok": ok, "entries": result.entries, "head_hash": head,
         "first_bad_seq": result.first_bad_seq, "problem": result.problem,
         "merkle_hash": store.tree_hash.name,
         "merkle_root": result.merkle_root.hex() if result.merkle_root else None,
         "db": store.location,
-        "checkpoints": [{"source": w, "size": cp.checkpoint.size,
-                         "root": cp.checkpoint.root.hex(),
-                         "witnesses": sorted({c.name for c in cp.cosignatures})}
-                        for w, cp in signed],
-        "checkpoint_problems": problems, "forks": forks,
+        "checkpoints": [_checkpoint_doc(w, cp, store.tree_hash.name) for w, cp in signed],
+        "checkpoint_problems": problems + ruled, "forks": forks, **rule_doc,
     }
     if result.ok:
         lines = [f"OK: {result.entries} entries, head {head or 'none (empty ledger)'}"]
@@ -163,64 +250,107 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None,
             lines.append(f"OK: agrees with {len(signed)} signed checkpoint(s), the largest "
                          f"of tree size {largest}")
         lines = [*lines, *(f"FAIL: {p}" for p in problems)]
+        if not problems:
+            lines += [*rule_lines, *(f"FAIL: {p}" for p in ruled)]
     else:
         lines = [f"FAIL at seq {result.first_bad_seq}: {result.problem}"]
     lines += [f"FAIL: {f}" for f in forks]
     _emit(doc, lines, as_json, ok)
 
 
-def _verify_since(db: str, path: Path, log: Verifier, as_json: bool) -> None:
-    cp = _read_checkpoint(path, log, [])
+def _verify_since(db: str, path: Path, files: list[Path], log: Verifier, rules: _Rules,
+                  as_json: bool) -> None:
+    cp = _read_checkpoint(path, log, rules.witnesses)
+    given = [(str(f), _read_checkpoint(f, log, rules.witnesses)) for f in files]
     store = open_store(db)
     from ledger.storage.audit import verify_since
 
+    problems: list[str] = []
     try:
+        mismatch = tree_hash_problem(cp.checkpoint, store.tree_hash.name, legacy=True)
         result = verify_since(store, cp.checkpoint)
+        if mismatch is not None:
+            problems.append(f"{path}: {mismatch}")
+        if result.ok:
+            problems += [f"{where}: {found}" for where, other in given
+                         if (found := _store_problem(store, other)) is not None]
     except LedgerError as exc:
         fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
+    tree_hash = store.tree_hash.name
+    signed = [(str(path), cp), *given]
+    forks = [str(fork) for i, (_, a) in enumerate(signed) for _, b in signed[i + 1:]
+             if (fork := detect_fork(a, b)) is not None]
+    ruled, rule_lines, rule_doc = rules.check([c for _, c in signed])
+    ok = result.ok and not problems and not forks and not ruled
     head = result.head_hash.hex() if result.head_hash is not None else None
-    doc = {"ok": result.ok, "checkpoint_size": result.checkpoint_size,
+    doc = {"ok": ok, "checkpoint_size": result.checkpoint_size,
            "checked": result.checked, "entries": result.entries, "head_hash": head,
            "merkle_root": result.root.hex() if result.root else None,
-           "first_bad_seq": result.first_bad_seq, "problem": result.problem}
+           "first_bad_seq": result.first_bad_seq, "problem": result.problem,
+           "checkpoints": [_checkpoint_doc(w, c, tree_hash) for w, c in signed],
+           "checkpoint_problems": problems + ruled, "forks": forks, **rule_doc}
     if result.ok:
         lines = [f"OK: {result.checked} new entries after the checkpoint of tree size "
                  f"{result.checkpoint_size}; {result.entries} entries, head "
                  f"{head or 'none (empty ledger)'}"]
+        if given and not problems:
+            lines.append(f"OK: agrees with {len(given)} more signed checkpoint(s)")
+        lines += [*(f"FAIL: {p}" for p in problems), *rule_lines,
+                  *(f"FAIL: {p}" for p in ruled)]
     else:
         lines = [f"FAIL at seq {result.first_bad_seq}: {result.problem}"]
-    _emit(doc, lines, as_json, result.ok)
+    lines += [f"FAIL: {f}" for f in forks]
+    _emit(doc, lines, as_json, ok)
 
 
-def _verify_export(path: Path, log_vkey: str | None, witnesses: list[CosignatureVerifier],
-                   as_json: bool) -> None:
+def _verify_export(path: Path, log_vkey: str | None, files: list[Path], since: Path | None,
+                   rules: _Rules, as_json: bool) -> None:
     from ledger.export import verify_export
 
+    if (files or since is not None) and log_vkey is None:
+        fail("--checkpoint and --since-checkpoint need the log's key: pass --log-key",
+             EXIT_USAGE)
     log = log_key(log_vkey, "") if log_vkey is not None else None
+    named = [*files, *([since] if since is not None else [])]
+    given = [_read_checkpoint(f, log, rules.witnesses) for f in named] if log else []
     try:
-        result = verify_export(path, log, witnesses)
+        result = verify_export(path, log, rules.witnesses, given)
     except LedgerError as exc:
         fail(str(exc), EXIT_DAMAGED if path.exists() else EXIT_USAGE)
+    signed = [*result.checkpoints, *result.given]
+    ruled, rule_lines, rule_doc = (rules.check(signed) if log is not None
+                                   else ([], [], {"witnessed": None}))
+    ok = result.ok and not ruled
     head = result.head_hash.hex() if result.head_hash is not None else None
-    doc = {"ok": result.ok, "entries": result.entries, "head_hash": head,
+    doc = {"ok": ok, "entries": result.entries, "head_hash": head,
            "merkle_hash": result.merkle_hash,
            "merkle_root": result.root.hex() if result.root else None,
            "checkpoints": [cp.checkpoint.size for cp in result.checkpoints],
+           "given_checkpoints": [cp.checkpoint.size for cp in result.given],
+           "legacy_tree_hash": result.legacy_tree_hash,
            "signatures_checked": result.signatures_checked,
-           "first_bad_seq": result.first_bad_seq, "problem": result.problem, "file": str(path)}
+           "first_bad_seq": result.first_bad_seq,
+           "problem": result.problem or (ruled[0] if ruled else None), "file": str(path),
+           **rule_doc}
     if result.ok:
         lines = [f"OK: {result.entries} entries, head {head or 'none (empty ledger)'}"]
         if result.checkpoints:
             note = "" if result.signatures_checked else " (signatures NOT checked: no --log-key)"
             lines.append(f"OK: {len(result.checkpoints)} checkpoint(s) agree with the "
                          f"entries{note}")
+        if result.given:
+            lines.append(f"OK: agrees with {len(result.given)} given signed checkpoint(s)")
+        if since is not None:
+            lines.append(f"note: an export is read whole: all {result.entries} entries "
+                         "were checked, not only those after --since-checkpoint")
+        lines += [*rule_lines, *(f"FAIL: {p}" for p in ruled)]
     elif result.first_bad_seq is not None:
         lines = [f"FAIL at seq {result.first_bad_seq}: {result.problem}"]
     else:
         lines = [f"FAIL: {result.problem}"]
-    _emit(doc, lines, as_json, result.ok)
+    _emit(doc, lines, as_json, ok)
 
 
 # ---------------------------------------------------------------- export, bundles

@@ -3,23 +3,28 @@
 For each checkpoint the hub publishes on `ledger.checkpoint` (and, at start, the
 latest one from `ledger.api.checkpoint`), ask the hub for a consistency proof from the
 last checkpoint this witness cosigned, let `Witness.consider` decide, and hand the
-cosigned note back on `ledger.cosignature`. A fork or rollback stops the witness with
-both signed notes printed (`ForkDetected`).
+cosigned note back on `ledger.cosignature`. A fork stops the witness with both signed
+notes printed (`ForkDetected`). An old checkpoint delivered again (JetStream redelivery,
+a replay) is checked against the latest cosigned one with a consistency proof from its
+size; if it is a prefix it is counted in `stale` and logged at debug level, nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
 from ledger.checkpoint import Checkpoint
-from ledger.errors import ForkDetected, NoteError, WitnessError
+from ledger.errors import ForkDetected, NoteError, StaleCheckpoint, WitnessError
 from ledger.merkle import TreeHash
 from ledger.net.remote import CHECKPOINT_SUBJECT, LedgerClient, RemoteError
 from ledger.note import parse_note
 from ledger.witness import Witness
+
+log = logging.getLogger("ledger.witness")
 
 
 class WitnessRunner:
@@ -34,6 +39,7 @@ class WitnessRunner:
         self.client = client
         self.say = say
         self._th = tree_hash
+        self.stale = 0  # old, consistent checkpoints ignored
 
     async def _tree_hash(self, size: int) -> TreeHash:
         if self._th is None:
@@ -54,9 +60,15 @@ class WitnessRunner:
         proof: list[bytes] = []
         if latest is not None and latest.size < cp.size:
             proof = await self.client.consistency(latest.size, cp.size)
+        elif latest is not None and cp.size < latest.size:  # old: is it a prefix?
+            proof = await self.client.consistency(cp.size, latest.size)
         th = await self._tree_hash(cp.size)
         try:
             cosigned = self.witness.consider(note, proof, th)
+        except StaleCheckpoint as exc:
+            self.stale += 1
+            log.debug("%s", exc)
+            return True
         except WitnessError as exc:
             if exc.evidence is not None:
                 raise ForkDetected(exc) from exc

@@ -160,7 +160,7 @@ POSTGRES_TRIGGERS = [
 
 def create_schema(conn: Connection, tree_hash: str | None = None) -> None:
     """Create the tables, triggers and meta rows that are missing (idempotent). A new
-    ledger records its Merkle tree hash now, once (default blake3)."""
+    ledger records its Merkle tree hash now, once (default sha256)."""
     SQLModel.metadata.create_all(conn, tables=[ENTRIES, META, TILES])
     dialect = conn.dialect.name
     triggers = SQLITE_TRIGGERS if dialect == "sqlite" else POSTGRES_TRIGGERS

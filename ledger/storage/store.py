@@ -122,7 +122,7 @@ class LedgerStore:
         `LedgerNotFoundError` instead of being created (what an auditor wants).
         `synchronous` is SQLite's durability level: "FULL" (default) or "NORMAL".
         `tree_hash` ("blake3" or "sha256") is the Merkle tree's hash, chosen when the
-        ledger is created (default blake3) and recorded in it; an existing ledger always
+        ledger is created (default sha256) and recorded in it; an existing ledger always
         uses what it recorded, and naming a different one raises `StoreError`."""
         if tree_hash is not None and tree_hash not in HASHES:
             raise StoreError(
