@@ -207,7 +207,8 @@ def test_sqlite_is_in_wal_mode_and_records_its_format(db_path: Path) -> None:
         meta = dict(raw.execute("SELECT key, value FROM ledger_meta").fetchall())
     finally:
         raw.close()
-    assert meta == {"format": FORMAT, "hash": "blake3", "merkle_hash": "blake3"}
+    # chain hash BLAKE3; Merkle tree SHA-256 by default (RFC 6962: C2SP tooling checks it)
+    assert meta == {"format": FORMAT, "hash": "blake3", "merkle_hash": "sha256"}
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     store.close()
