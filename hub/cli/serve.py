@@ -140,6 +140,10 @@ def status(
     def render(result: dict[str, Any]) -> None:
         out.print(f"ledger: {result['entries']} entries, head {result['head'] or '-'}")
         out.print(f"refused reports since start: {result['refused_reports']}")
+        replies = result.get("refused_replies") or {}
+        if replies:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(replies.items()))
+            out.print(f"requests dropped for their reply subject since start: {kinds}")
 
     config = hub_config(home, nats_url)
     deadline = time.monotonic() + wait

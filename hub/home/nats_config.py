@@ -110,9 +110,12 @@ def device_permissions(device: str) -> dict[str, list[str]]:
     return {"publish": publish, "subscribe": [device_inbox_prefix(device) + ".>"]}
 
 
+OPERATOR_INBOX_ROOT = "_INBOX_OPERATOR"
+
+
 def operator_inbox_prefix(keyid: str) -> str:
     """The reply-inbox prefix an operator must use (a root no device id can take)."""
-    return f"_INBOX_OPERATOR.{keyid}"
+    return f"{OPERATOR_INBOX_ROOT}.{keyid}"
 
 
 def operator_permissions(keyid: str) -> dict[str, list[str]]:

@@ -123,7 +123,7 @@ class HubService:
         await edge.serve_api(self.router)
         assert edge.nc is not None
         self.ledger_publishing = await start_ledger_publishing(
-            self.config, self.store, edge.nc, edge.js)
+            self.config, self.store, edge.nc, edge.js, edge.replies)
         # Model transparency: proof bundles of witnessed releases (hub.log.transparency).
         self.transparency = TransparencyPublisher(
             self.store, self.ledger_publishing.checkpointer.checkpoints,
@@ -160,4 +160,6 @@ class HubService:
             "entries": 0 if head is None else head.seq + 1,
             "head": "" if head is None else head.hash.hex(),
             "refused_reports": self.reports.refused,
+            # Requests dropped because of their reply subject (hub/home/replies.py).
+            "refused_replies": dict(self.edge.replies.counts),
         }
