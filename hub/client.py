@@ -8,6 +8,7 @@ when the hub answered with an error (or with something unreadable).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,6 +26,7 @@ from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub.commands.envelope import sign_command
 from hub.errors import Refused, Unreachable
+from hub.home.nats_config import operator_inbox_prefix
 from ledger.signing import SigningKey
 
 
@@ -58,7 +60,11 @@ class HubClient:
     async def connect(cls, url: str, key: SigningKey, timeout: float = 30.0,
                       auth: NatsAuth = NO_AUTH) -> HubClient:
         """Connect as an operator: `auth` is the NATS identity (config.nats_auth()),
-        `key` the operator's own signing key."""
+        `key` the operator's own signing key. Answers come to the key's own inbox
+        prefix (`_INBOX_OPERATOR.<keyid>`), the only place the hub answers its commands
+        (hub/home/replies.py), whichever NATS user the connection signs in as."""
+        if auth.inbox_prefix is None:
+            auth = replace(auth, inbox_prefix=operator_inbox_prefix(key.keyid))
         try:
             nc = await nats_connect(url, auth, name="hub-cli", connect_timeout=5,
                                     max_reconnect_attempts=1, reconnect_time_wait=0.2,

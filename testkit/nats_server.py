@@ -7,7 +7,9 @@ learned from its log, stopped by the PID we started and nothing else.
 With `config_file` = HOME/nats/nats-server.conf (written by `hub init`) it runs with the
 hub's users, per-device permissions and TLS; the `pid_file` in that configuration is
 how the hub finds it to reload the users file after an enrolment (hub/home/nats_config.py).
-Command-line flags (address, port, store) override the file.
+Command-line flags (address, port) override the file; a file that sets JetStream's
+`store_dir` (what `hub init` writes: HOME/nats) keeps it, since nats-server refuses `-sd`
+with it, so `store_dir` here then holds only the log.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def find_nats_server() -> str:
     )
 
 
+def _sets_store_dir(config_file: Path) -> bool:
+    """The configuration names JetStream's store directory itself."""
+    return re.search(r"^\s*jetstream\s*\{[^}]*store_dir", config_file.read_text(),
+                     re.M) is not None
+
+
 @dataclass
 class EmbeddedNats:
     """A running nats-server; use `start()` and `stop()` or a `with` block."""
@@ -62,14 +70,10 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.store_dir / "nats-server.log"
         log_path.write_bytes(b"")
-        args = [
-            find_nats_server(),
-            "-a", "127.0.0.1",
-            "-p", str(self.port),
-            "-js",
-            "-sd", str(self.store_dir / "jetstream"),
-            "-l", str(log_path),
-        ]
+        args = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                "-l", str(log_path)]
+        if self.config_file is None or not _sets_store_dir(self.config_file):
+            args += ["-sd", str(self.store_dir / "jetstream")]
         if self.config_file is not None:
             args += ["-c", str(self.config_file)]
         self.process = subprocess.Popen(

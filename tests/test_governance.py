@@ -11,15 +11,18 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from edge_agent.transport.connect import connect as nats_connect
 from hub import events as ev
 from hub.client import HubClient
 from hub.errors import HubError
+from hub.home.nats_config import operator_inbox_prefix
 from hub.rebuild import live_digest, rebuild_digest
 from ledger.signing import SigningKey
 from testkit.modelgen import write_validation_set
@@ -106,18 +109,22 @@ async def test_roles_revocation_and_unsigned_commands_are_enforced(
             await admin.call("operator.revoke", {"name": "audrey", "reason": "left"})
             with pytest.raises(HubError):  # her NATS user is gone: disconnected
                 await audrey.call("whoami")
-        # Her key over someone else's NATS connection: the hub still refuses it.
-        stolen = HubClient(await fleet.connect(), auditor_key, 10)
+        # Her key over someone else's NATS connection (answers under her inbox prefix, the
+        # only place the hub answers her commands): the hub still refuses it.
+        stolen = HubClient(await nats_connect(fleet.nats_url, replace(
+            fleet.config.nats_auth("hub"), inbox_prefix=operator_inbox_prefix(
+                auditor_key.keyid))), auditor_key, 10)
         try:
             await refused(fleet, stolen, "devices", {}, "audrey", "has been revoked")
         finally:
             await stolen.close()
         await refused(fleet, admin, "operator.revoke", {"name": "admin"},
                       "cannot revoke your own key")
-    # A command that is not a signed envelope at all.
+    # A command that is not a signed envelope at all (answered under an operator inbox).
     before = ledger_state(fleet)
 
-    nc = await fleet.connect()
+    nc = await nats_connect(fleet.nats_url, replace(
+        fleet.config.nats_auth("hub"), inbox_prefix=operator_inbox_prefix("nobody")))
     from ledger.encoding import canonical_decode, canonical_encode
 
     reply = canonical_decode((await nc.request(

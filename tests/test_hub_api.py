@@ -310,18 +310,24 @@ async def test_commands_that_are_not_properly_signed_are_refused(
     body = {"device": "dev-1"}
     stranger = SigningKey.generate()
     cases = [
-        (sign_command(stranger, "device.enroll", body), "unknown operator key"),
-        (sign_command(fleet.admin_key, "devices", body), "signed for 'devices'"),
-        (sign_command(fleet.admin_key, "device.enroll", body,
-                      now=time.time_ns() - 3600 * 10**9), "stale"),
-        (sign_command(fleet.approver_key, "device.enroll", body), "needs operator or admin"),
+        (stranger, sign_command(stranger, "device.enroll", body), "unknown operator key"),
+        (fleet.admin_key, sign_command(fleet.admin_key, "devices", body),
+         "signed for 'devices'"),
+        (fleet.admin_key, sign_command(fleet.admin_key, "device.enroll", body,
+                                       now=time.time_ns() - 3600 * 10**9), "stale"),
+        (fleet.approver_key, sign_command(fleet.approver_key, "device.enroll", body),
+         "needs operator or admin"),
     ]
     forged = SignedEnvelope.decode(sign_command(fleet.admin_key, "device.enroll", body))
-    cases.append((replace(forged, signed=forged.signed.replace(b"dev-1", b"dev-2")).encode(),
+    cases.append((fleet.admin_key,
+                  replace(forged, signed=forged.signed.replace(b"dev-1", b"dev-2")).encode(),
                   "does not verify"))
     before = ledger_state(fleet)
-    for data, words in cases:
-        msg = await client.nc.request("hub.api.device.enroll", data, timeout=WAIT)
+    for signer, data, words in cases:
+        # The hub answers a command only under the inbox prefix of the key it names: a
+        # side connection (as `hub`) that waits there plays that key's holder.
+        async with await fleet.client(signer, role="hub") as holder:
+            msg = await holder.nc.request("hub.api.device.enroll", data, timeout=WAIT)
         reply = canonical_decode(msg.data)
         assert reply["ok"] is False and words in reply["error"], (words, reply)
     assert ledger_state(fleet) == before

@@ -173,6 +173,10 @@ def status(
                 table.add_row(escape(t["name"]), f"[{color}]{t['state']}[/{color}]",
                               str(t["restarts"]), since, escape(t["last_error"] or "-"))
             out.print(table)
+        replies = result.get("refused_replies") or {}
+        if replies:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(replies.items()))
+            out.print(f"requests dropped for their reply subject since start: {kinds}")
 
     config = hub_config(home, nats_url)
     deadline = time.monotonic() + wait

@@ -21,7 +21,12 @@ from pathlib import Path
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.trust.root import ROLES, TrustRoot
 from hub.errors import UsageError
-from hub.home.nats_config import auth_for, operator_auth, write_server_config
+from hub.home.nats_config import (
+    auth_for,
+    listen_address,
+    operator_auth,
+    write_server_config,
+)
 from ledger.errors import KeyFileError
 from ledger.merkle import DEFAULT_TREE_HASH, HASHES
 from ledger.note import Signer, valid_key_name
@@ -128,6 +133,11 @@ def init_home(
     config_path = home / CONFIG_NAME
     if config_path.exists() and not force:
         raise HomeError(f"{home} is already a hub home (use --force to overwrite its keys)")
+    if nats_auth or tls:
+        try:
+            listen_address(nats_url)  # the server's `listen` line comes from it
+        except ValueError as exc:
+            raise HomeError(str(exc)) from exc
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
     keys = {role: SigningKey.generate() for role in ROLES}
@@ -161,7 +171,8 @@ def init_home(
     log_vkey = Signer.from_signing_key(origin, keys["log"]).vkey()
     (home / LOG_VKEY_NAME).write_text(log_vkey + "\n")
     if nats_auth or tls:
-        write_server_config(home, tls=tls, operators=[(admin.keyid, admin.public.raw)])
+        write_server_config(home, tls=tls, operators=[(admin.keyid, admin.public.raw)],
+                            nats_url=nats_url)
     return load_config(home)
 
 

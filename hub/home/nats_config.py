@@ -2,7 +2,8 @@
 
 `hub init` writes
 
-    HOME/nats/nats-server.conf    pid_file, `include users.conf`, TLS (with --tls)
+    HOME/nats/nats-server.conf    pid_file, `listen` (from --nats), JetStream's store_dir
+                                  (HOME/nats/jetstream), `include users.conf`, TLS (--tls)
     HOME/nats/users.conf          one user per identity with its permissions (0600)
     HOME/nats/credentials.toml    passwords of the hub and witness users (0600)
     HOME/nats/tls/                ca.pem, ca.key, server.pem, server.key (with --tls)
@@ -40,6 +41,7 @@ import tomllib
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edge_agent.protocol.names import (
     API_PREFIX,
@@ -110,9 +112,12 @@ def device_permissions(device: str) -> dict[str, list[str]]:
     return {"publish": publish, "subscribe": [device_inbox_prefix(device) + ".>"]}
 
 
+OPERATOR_INBOX_ROOT = "_INBOX_OPERATOR"
+
+
 def operator_inbox_prefix(keyid: str) -> str:
     """The reply-inbox prefix an operator must use (a root no device id can take)."""
-    return f"_INBOX_OPERATOR.{keyid}"
+    return f"{OPERATOR_INBOX_ROOT}.{keyid}"
 
 
 def operator_permissions(keyid: str) -> dict[str, list[str]]:
@@ -185,9 +190,34 @@ def operator_auth(home: Path, key: SigningKey) -> NatsAuth:
                     inbox_prefix=operator_inbox_prefix(key.keyid))
 
 
+def listen_address(nats_url: str) -> str:
+    """`host:port` for the server's `listen` line, from the URL clients use (the first
+    one of a comma-separated list; port 4222 when the URL names none)."""
+    first = nats_url.split(",")[0].strip()
+    parts = urlsplit(first if "://" in first else f"nats://{first}")
+    host = parts.hostname or "127.0.0.1"
+    try:
+        port = parts.port or 4222
+    except ValueError as exc:
+        raise ValueError(f"not a NATS URL: {nats_url!r}") from exc
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def jetstream_dir(home: Path) -> Path:
+    """Where the server keeps JetStream's files: in the hub's home, not the shared
+    /tmp/nats. (The configuration's `store_dir` is HOME/nats: the server adds
+    `jetstream/` itself.)"""
+    return nats_dir(home) / "jetstream"
+
+
 def write_server_config(home: Path, tls: bool = False,
-                        operators: Iterable[tuple[str, bytes]] = ()) -> Path:
-    """Create the identities, the users file and the server configuration."""
+                        operators: Iterable[tuple[str, bytes]] = (),
+                        nats_url: str = "nats://127.0.0.1:4222") -> Path:
+    """Create the identities, the users file and the server configuration. The server
+    listens only where `nats_url` points (nats-server binds 0.0.0.0:4222 without a
+    `listen` line) and keeps JetStream under HOME/nats/jetstream. The flags `-a` and
+    `-p` override the listen line; `-sd` may not be given with this file (nats-server
+    refuses a store_dir set twice), so testkit/nats_server.py leaves it out."""
     directory = nats_dir(home)
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
@@ -200,6 +230,8 @@ def write_server_config(home: Path, tls: bool = False,
         "# The hub rewrites users.conf on device enrolment/revocation and sends SIGHUP to",
         "# the PID in pid_file; for a server elsewhere, reload it yourself.",
         f"pid_file: {json.dumps(str((directory / PID_FILE).resolve()))}",
+        f"listen: {json.dumps(listen_address(nats_url))}",
+        f"jetstream {{ store_dir: {json.dumps(str(directory.resolve()))} }}",
         "include users.conf",
     ]
     if tls:

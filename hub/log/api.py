@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from hub.commands.outcome import Body
 from hub.errors import Refused
 from hub.home.config import HubConfig
+from hub.home.replies import ReplyGuard
 from hub.log.checkpointer import Checkpointer, CosignatureRefused
 from ledger.encoding import canonical_decode
 from ledger.errors import EncodingError, LedgerError
@@ -55,8 +56,12 @@ class ApiRefused(Refused):
 
 
 class LedgerApi:
-    def __init__(self, store: LedgerStore, checkpointer: Checkpointer) -> None:
+    def __init__(self, store: LedgerStore, checkpointer: Checkpointer,
+                 replies: ReplyGuard | None = None) -> None:
         self.store = store
+        # Where answers may go (hub/home/replies.py); shared with the operator API.
+        self.replies = replies if replies is not None else ReplyGuard()
+        self._nc: NATS | None = None
         self.checkpointer = checkpointer
         self.checkpoints = checkpointer.checkpoints
         self._subs: list[Subscription] = []
@@ -70,6 +75,7 @@ class LedgerApi:
         }
 
     async def start(self, nc: NATS) -> None:
+        self._nc = nc
         self._subs.append(await nc.subscribe(API_PREFIX + ">", cb=self._on_request))
         self._subs.append(await nc.subscribe(COSIGNATURE_SUBJECT, cb=self._on_cosignature))
 
@@ -81,7 +87,14 @@ class LedgerApi:
 
     # -- transport -----------------------------------------------------------------
 
+    def _may_answer(self, msg: Msg) -> bool:
+        """A request whose reply subject the hub may not write to is dropped unanswered
+        (and, for a cosignature, not stored): the hub is no confused deputy."""
+        return not msg.reply or self.replies.public_reply(msg.reply, msg.subject)
+
     async def _on_request(self, msg: Msg) -> None:
+        if not self._may_answer(msg):
+            return
         verb = msg.subject[len(API_PREFIX):]
         try:
             handler = self._verbs.get(verb)
@@ -101,6 +114,8 @@ class LedgerApi:
         await self._respond(msg, reply)
 
     async def _on_cosignature(self, msg: Msg) -> None:
+        if not self._may_answer(msg):
+            return
         cosigned: int | None = None
         try:
             size, stored = self.checkpointer.accept_cosignature(msg.data)
@@ -118,11 +133,12 @@ class LedgerApi:
             except Exception:  # publishing proofs must not stop the API
                 log.exception("after the cosignature of tree size %d", cosigned)
 
-    @staticmethod
-    async def _respond(msg: Msg, reply: bytes) -> None:
-        if msg.reply:
+    async def _respond(self, msg: Msg, reply: bytes) -> None:
+        # Checked by _may_answer on arrival. Not msg.respond(): that would echo the
+        # request's headers, which the requester chose.
+        if msg.reply and self._nc is not None:
             with contextlib.suppress(Exception):
-                await msg.respond(reply)
+                await self._nc.publish(msg.reply, reply)
 
     # -- verbs (synchronous, O(log n) reads each) -----------------------------------
 
@@ -178,11 +194,12 @@ class LedgerPublishing:
 
 
 async def start_ledger_publishing(
-    config: HubConfig, store: LedgerStore, nc: NATS, js: JetStreamContext
+    config: HubConfig, store: LedgerStore, nc: NATS, js: JetStreamContext,
+    replies: ReplyGuard | None = None,
 ) -> LedgerPublishing:
     """Start checkpoint signing and the `ledger.api.*` / `ledger.cosignature` handlers."""
     checkpointer = Checkpointer.from_config(config, store)
-    api = LedgerApi(store, checkpointer)
+    api = LedgerApi(store, checkpointer, replies)
     await api.start(nc)
     await checkpointer.start(nc, js)
     return LedgerPublishing(checkpointer, api)

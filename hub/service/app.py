@@ -129,7 +129,7 @@ class HubService:
         await edge.serve_api(self.router)
         assert edge.nc is not None
         self.ledger_publishing = await start_ledger_publishing(
-            self.config, self.store, edge.nc, edge.js)
+            self.config, self.store, edge.nc, edge.js, edge.replies)
         # Model transparency: proof bundles of witnessed releases (hub.log.transparency).
         self.transparency = TransparencyPublisher(
             self.store, self.ledger_publishing.checkpointer.checkpoints,
@@ -170,4 +170,6 @@ class HubService:
             "refused_reports": self.reports.refused,
             "refused_by_reason": dict(self.reports.refused_by_reason),
             "tasks": self.supervisor.states(),
+            # Requests dropped because of their reply subject (hub/home/replies.py).
+            "refused_replies": dict(self.edge.replies.counts),
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,12 @@ from edge_agent.protocol.names import (
 )
 from edge_agent.transport.connect import connect as nats_connect
 from edge_agent.transport.objects import iter_object_chunks
+from hub.commands.envelope import claimed_actor
 from hub.commands.router import Router
 from hub.errors import Refused
 from hub.home.config import HubConfig
 from hub.home.nats_users import NatsUsersSync
+from hub.home.replies import HUB_INBOX_PREFIX, ReplyGuard
 from hub.keys.roots import put_root
 from ledger.encoding import canonical_encode
 
@@ -61,6 +64,8 @@ class NatsEdge:
         self._js: JetStreamContext | None = None
         self._api_slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._api_tasks: set[asyncio.Task[None]] = set()
+        # Every responder of this hub checks its reply subject here (hub/home/replies.py).
+        self.replies = ReplyGuard()
 
     @property
     def js(self) -> JetStreamContext:
@@ -68,8 +73,11 @@ class NatsEdge:
         return self._js
 
     async def connect(self) -> None:
+        # The hub's own inboxes live under a root no other identity may subscribe to and
+        # no responder of the hub answers under (hub/home/replies.py).
+        auth = replace(self.config.nats_auth("hub"), inbox_prefix=HUB_INBOX_PREFIX)
         self.nc = await nats_connect(
-            self.config.nats_url, self.config.nats_auth("hub"), name="hub",
+            self.config.nats_url, auth, name="hub",
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         )
         self._js = self.nc.jetstream()
@@ -104,6 +112,12 @@ class NatsEdge:
         assert self.nc is not None, "NatsEdge.connect() was not called"
 
         async def on_request(msg: Msg) -> None:
+            # Where the answer goes is checked before anything runs: a command whose reply
+            # subject the hub may not write to (a JetStream API subject, a KV key, a stream
+            # subject, another operator's inbox) is dropped, not run (a confused deputy).
+            if msg.reply and not self.replies.operator_reply(
+                    msg.reply, claimed_actor(msg.data), msg.subject):
+                return
             # nats-py runs one subscription's callbacks one after another: hand each
             # request to a task of its own so a long command does not hold up the next.
             await self._api_slots.acquire()
@@ -129,9 +143,11 @@ class NatsEdge:
         except Exception as exc:  # keep serving; the operator gets one line
             log.exception("command %s failed", verb)
             reply = {"ok": False, "error": f"internal error in {verb}: {exc}"}
-        if msg.reply:
+        if msg.reply and self.nc is not None:
+            # Checked on arrival (serve_api). Not msg.respond(): that would echo the
+            # request's headers (Nats-Msg-Id, KV-Operation, ...) chosen by the requester.
             with contextlib.suppress(Exception):
-                await msg.respond(canonical_encode(reply))
+                await self.nc.publish(msg.reply, canonical_encode(reply))
 
     async def drain_api(self, timeout: float = 10) -> None:
         """Let commands in progress answer (bounded), then cancel what is left."""

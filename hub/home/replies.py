@@ -1,0 +1,130 @@
+"""The one rule for which reply subjects the hub answers (docs/PROTOCOL.md "Permissions").
+
+The hub's NATS user may publish anywhere: it owns the streams and the buckets. A
+request's reply subject is chosen by whoever sent it, and NATS subject permissions do
+not restrict it. Answering blindly would make the hub a confused deputy: an answer
+aimed at `$JS.API.STREAM.PURGE.<stream>` purges the stream, one aimed at
+`$KV.assignments.<device>` overwrites that device's assignment, one aimed at
+`fleet.report.<device>.status` or `ledger.entry` lands in a stream. So every responder
+the hub runs asks `ReplyGuard` first, and sends nothing to a subject it refuses:
+
+- a signed operator command (`hub.api.<verb>`) is answered only under the inbox
+  prefix of the operator that the command names (`_INBOX_OPERATOR.<keyid>.`, the only
+  prefix that operator's NATS user may subscribe to); a command whose actor cannot be
+  read is answered only under some operator's inbox prefix, and its command is not run;
+- an unsigned request (the public ledger API, cosignatures from witnesses) is answered
+  only under `_INBOX.` or `_INBOX_OPERATOR.`;
+- in both cases the subject has at least one token after the prefix, no empty token, no
+  wildcard (`*`, `>`), no space or control character, and at most MAX_REPLY_BYTES; it
+  never starts with `$` (JetStream, KV, Object Store, system subjects) and never lies
+  under the hub's own inbox prefix (HUB_INBOX_PREFIX), where the hub's own requests
+  (its JetStream calls) wait for their answers.
+
+A refused reply is counted per reason (`counts`, shown by `hub status`) and logged once
+per reason; the request is dropped and the hub keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from hub.home.nats_config import OPERATOR_INBOX_ROOT, operator_inbox_prefix
+
+log = logging.getLogger("hub.replies")
+
+# Where the hub's own connection takes its reply inboxes: a root no other identity may
+# subscribe to, and one the hub never answers a request under.
+HUB_INBOX_PREFIX = "_INBOX_HUB"
+# Inbox roots of identities that send unsigned requests: witnesses and auditors (nats-py's
+# default `_INBOX.`) and operators (their own `_INBOX_OPERATOR.<keyid>.`).
+PUBLIC_INBOX_ROOTS = ("_INBOX", OPERATOR_INBOX_ROOT)
+MAX_REPLY_BYTES = 256
+
+# Reasons (the keys of ReplyGuard.counts).
+TOO_LONG = "too-long"
+BAD_CHARACTER = "bad-character"
+EMPTY_TOKEN = "empty-token"
+WILDCARD = "wildcard"
+SYSTEM_SUBJECT = "system-subject"
+NOT_AN_INBOX = "not-an-inbox"
+NOT_THE_SIGNERS_INBOX = "not-the-signers-inbox"
+
+
+def _shape(reply: str) -> str | None:
+    """Why `reply` is not a well-formed, literal subject (None: it is)."""
+    if len(reply.encode()) > MAX_REPLY_BYTES:
+        return TOO_LONG
+    if any(not ("!" <= ch <= "~") for ch in reply):  # printable ASCII, no space
+        return BAD_CHARACTER
+    tokens = reply.split(".")
+    if any(not t for t in tokens):
+        return EMPTY_TOKEN
+    if any("*" in t or ">" in t for t in tokens):
+        return WILDCARD
+    if reply.startswith("$"):
+        return SYSTEM_SUBJECT
+    return None
+
+
+def _under(reply: str, prefix: str) -> bool:
+    """`reply` lies strictly under `prefix` (at least one token after it)."""
+    return reply.startswith(prefix + ".") and len(reply) > len(prefix) + 1
+
+
+def operator_reply_refusal(reply: str, actor: str | None) -> str | None:
+    """Why the hub must not answer a `hub.api` command at `reply` (None: it may).
+    `actor` is the operator key id the command names (None: unreadable)."""
+    bad = _shape(reply)
+    if bad is not None:
+        return bad
+    if actor is not None:
+        if _shape(actor) is not None or "." in actor:
+            return NOT_THE_SIGNERS_INBOX
+        return None if _under(reply, operator_inbox_prefix(actor)) else NOT_THE_SIGNERS_INBOX
+    tokens = reply.split(".")
+    if tokens[0] == OPERATOR_INBOX_ROOT and len(tokens) >= 3:
+        return None
+    return NOT_THE_SIGNERS_INBOX
+
+
+def public_reply_refusal(reply: str) -> str | None:
+    """Why the hub must not answer an unsigned request (ledger API, cosignature) at
+    `reply` (None: it may)."""
+    bad = _shape(reply)
+    if bad is not None:
+        return bad
+    tokens = reply.split(".")
+    if tokens[0] == OPERATOR_INBOX_ROOT:
+        return None if len(tokens) >= 3 else NOT_AN_INBOX
+    if tokens[0] in PUBLIC_INBOX_ROOTS and len(tokens) >= 2:
+        return None
+    return NOT_AN_INBOX
+
+
+class ReplyGuard:
+    """Counts and logs the replies the hub's responders refuse (one guard per hub)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def refused(self) -> int:
+        return sum(self.counts.values())
+
+    def _verdict(self, reason: str | None, reply: str, where: str) -> bool:
+        if reason is None:
+            return True
+        if not self.counts[reason]:
+            log.warning("refused to answer %s at reply subject %r (%s); not answering "
+                        "such requests (logged once per reason)", where, reply[:80], reason)
+        self.counts[reason] += 1
+        return False
+
+    def operator_reply(self, reply: str, actor: str | None, where: str) -> bool:
+        """True when the hub may answer the `hub.api` command at `reply`."""
+        return self._verdict(operator_reply_refusal(reply, actor), reply, where)
+
+    def public_reply(self, reply: str, where: str) -> bool:
+        """True when the hub may answer the unsigned request at `reply`."""
+        return self._verdict(public_reply_refusal(reply), reply, where)
