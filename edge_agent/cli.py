@@ -18,6 +18,13 @@ from rich.markup import escape
 from edge_agent.errors import AgentError, DeviceBundleError, TransferError
 from edge_agent.slots import SlotStore
 
+
+def examples(*lines: str) -> str:
+    """The `Examples:` section of a command's help (its epilog), one command per line."""
+    return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+
 app = typer.Typer(
     help=(
         "The fleetledger edge agent. It watches this device's signed assignment on NATS, "
@@ -25,12 +32,40 @@ app = typer.Typer(
         "it into an A/B slot, runs it with the TFLite runtime and reports back to the hub."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=examples(
+        "edge-agent run --bundle hub-home/devices/dev-1 --state-dir state/dev-1",
+        "edge-agent status --state-dir state/dev-1",
+        "edge-agent predict input.npy --socket state/dev-1/agent.sock",
+        "edge-agent --install-completion    (tab completion for your shell)",
+    ),
 )
 err = Console(stderr=True)
 
 
-@app.command()
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"edge-agent (fleetledger) {version('fleetledger')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            print("edge-agent (fleetledger) unknown")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version,
+                                       is_eager=True, help="Print the version and exit.")
+          ) -> None:
+    pass
+
+
+@app.command(epilog=examples(
+    "edge-agent run --bundle hub-home/devices/dev-1 --state-dir state/dev-1",
+    "edge-agent run --bundle hub-home/devices/dev-1 --synthetic-load --rate 20",
+    "edge-agent run --bundle hub-home/devices/dev-1 --require-inclusion",
+))
 def run(
     bundle: Path | None = typer.Option(
         None, "--bundle", help="Device bundle directory from `hub device enroll` (device.toml, "
@@ -147,7 +182,10 @@ def run(
         raise typer.Exit(3) from exc
 
 
-@app.command()
+@app.command(epilog=examples(
+    "edge-agent status --state-dir state/dev-1",
+    "edge-agent status --state-dir state/dev-1 --json",
+))
 def status(
     state_dir: Path = typer.Option(..., "--state-dir", help="The agent's state directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
@@ -171,7 +209,10 @@ def status(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "edge-agent predict input.npy --socket state/dev-1/agent.sock",
+    "edge-agent predict inputs.npz --socket state/dev-1/agent.sock --json",
+))
 def predict(
     inputs: Path = typer.Argument(
         ..., help="INPUT.npy (the model's one input) or INPUT.npz (arrays named by input "

@@ -425,7 +425,8 @@ def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[
 
 
 CLICK = {tool: typer.main.get_command(app) for tool, app in APPS.items()}
-EVERY_COMMAND = [(tool, path) for tool in ("hub", "ledger") for path, _ in _commands(CLICK[tool])]
+EVERY_COMMAND = [(tool, path) for tool in ("hub", "ledger", "edge-agent")
+                 for path, _ in _commands(CLICK[tool])]
 
 
 def test_the_walk_finds_every_command() -> None:
@@ -485,13 +486,15 @@ def test_every_example_names_real_commands_and_options(tool: str, path: tuple[st
         assert not unknown, f"{line}: {' '.join(names)} takes no {unknown}"
 
 
-def test_hub_version_and_completion() -> None:
+@pytest.mark.parametrize(("tool", "module"), [("hub", "hub.cli"),
+                                              ("edge-agent", "edge_agent.cli")])
+def test_version_and_completion(tool: str, module: str) -> None:
     from importlib.metadata import version
 
-    done = run("hub.cli", "--version")
+    done = run(module, "--version")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"hub (fleetledger) {version('fleetledger')}"
-    helped = CliRunner().invoke(hub_cli.app, ["--help"], prog_name="hub")
+    assert done.stdout.strip() == f"{tool} (fleetledger) {version('fleetledger')}"
+    helped = CliRunner().invoke(APPS[tool], ["--help"], prog_name=tool)
     assert "--install-completion" in helped.stdout and "--show-completion" in helped.stdout
 
 
