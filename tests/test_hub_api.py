@@ -309,14 +309,17 @@ async def test_commands_that_are_not_properly_signed_are_refused(
 ) -> None:
     body = {"device": "dev-1"}
     stranger = SigningKey.generate()
+    hub = fleet.config.origin
     cases = [
-        (sign_command(stranger, "device.enroll", body), "unknown operator key"),
-        (sign_command(fleet.admin_key, "devices", body), "signed for 'devices'"),
+        (sign_command(stranger, "device.enroll", body, audience=hub), "unknown operator key"),
+        (sign_command(fleet.admin_key, "devices", body, audience=hub), "signed for 'devices'"),
         (sign_command(fleet.admin_key, "device.enroll", body,
-                      now=time.time_ns() - 3600 * 10**9), "stale"),
-        (sign_command(fleet.approver_key, "device.enroll", body), "needs operator or admin"),
+                      now=time.time_ns() - 3600 * 10**9, audience=hub), "stale"),
+        (sign_command(fleet.approver_key, "device.enroll", body, audience=hub),
+         "needs operator or admin"),
     ]
-    forged = SignedEnvelope.decode(sign_command(fleet.admin_key, "device.enroll", body))
+    forged = SignedEnvelope.decode(sign_command(fleet.admin_key, "device.enroll", body,
+                                                audience=hub))
     cases.append((replace(forged, signed=forged.signed.replace(b"dev-1", b"dev-2")).encode(),
                   "does not verify"))
     before = ledger_state(fleet)
@@ -329,7 +332,8 @@ async def test_commands_that_are_not_properly_signed_are_refused(
 
 
 async def test_a_replayed_command_is_refused(fleet: Fleet, client: HubClient) -> None:
-    data = sign_command(fleet.admin_key, "device.enroll", {"device": "dev-1"})
+    data = sign_command(fleet.admin_key, "device.enroll", {"device": "dev-1"},
+                        audience=fleet.config.origin)
     first = canonical_decode((await client.nc.request("hub.api.device.enroll", data,
                                                       timeout=WAIT)).data)
     assert first["ok"] is True, first
