@@ -5,12 +5,19 @@ Each attack must be refused and change nothing: the ledger head, `ledger verify`
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edge_agent import protocol as proto
+from edge_agent.boots import next_boot
+from edge_agent.reporter import Reporter
+from edge_agent.spool import Spool
+from hub import events as ev
 from hub.client import HubClient
 from hub.commands.envelope import sign_command
 from hub.home.config import init_home, set_nats_url
@@ -106,3 +113,64 @@ def test_sign_command_without_audience_names_no_hub() -> None:
     doc = SignedEnvelope.decode(sign_command(SigningKey.generate(), "devices", {},
                                              audience=None)).document("command")
     assert "audience" not in doc
+
+
+def status_from_boot(state: Path, device: str, key: SigningKey) -> tuple[str, str, bytes]:
+    """Start the agent's reporter on `state` (a new boot, as `edge-agent run` does) and
+    have it spool one signed status report: (subject, message id, data)."""
+    reporter = Reporter(device, next_boot(state), Spool(state / "spool"), key)
+    reporter.status(proto.STATUS_APPLIED, "", {"model": "kws", "version": "1",
+                                               "digest": "ab" * 32, "counter": 1},
+                    probe_output=[0.5])
+    record = reporter.spool.peek()
+    assert record is not None
+    reporter.spool.ack(record)
+    return record.subject, record.msg_id, record.data
+
+
+async def test_a_status_report_of_an_earlier_boot_is_refused(
+        fleet: Fleet, tmp_path: Path) -> None:
+    async with await fleet.client(role="hub") as client:
+        await client.call("device.enroll", {"device": "dev-1"})
+        key = SigningKey.load(fleet.bundle("dev-1") / "device.key")
+        js = client.nc.jetstream()
+        state = tmp_path / "dev-1-state"
+        state.mkdir()
+
+        async def appended(n: int) -> None:
+            await fleet.feed.wait_for(
+                lambda _: len(fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, "dev-1")) >= n,
+                WAIT, f"{n} applied reports")
+
+        subject, msg_id, captured = status_from_boot(state, "dev-1", key)  # boot 1
+        await js.publish(subject, captured, headers={"Nats-Msg-Id": msg_id})
+        await appended(1)
+        subject, msg_id, data = status_from_boot(state, "dev-1", key)  # boot 2
+        await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+        await appended(2)
+        boots = [proto.decode_signed_report(e.payload["report"])[0].boot
+                 for e in fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, "dev-1")]
+        assert [proto.boot_counter(b) for b in boots] == sorted(
+            proto.boot_counter(b) or 0 for b in boots)
+        before = ledger_state(fleet)
+        status = await client.call("status")
+        refused = status["refused_by_reason"].get("replay", 0)
+        # The captured boot-1 report again, with a new message id (past JetStream's
+        # de-duplication), and one of an agent older than boot counters.
+        old_agent = proto.StatusReport(
+            device="dev-1", boot="deadbeef", seq=99, ts=time.time_ns(),
+            event=proto.STATUS_APPLIED, model="kws", version="1", digest="ab" * 32,
+            counter=1, reason="", probe_output=[0.5])
+        await js.publish(subject, captured, headers={"Nats-Msg-Id": "replay-1"})
+        await js.publish(subject, proto.encode_signed_report(old_agent, key),
+                         headers={"Nats-Msg-Id": "replay-2"})
+
+        async def counted() -> dict[str, int]:
+            while True:
+                reasons: dict[str, int] = (await client.call("status"))["refused_by_reason"]
+                if reasons.get("replay", 0) >= refused + 2:
+                    return reasons
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(counted(), WAIT)
+        assert ledger_state(fleet) == before and fleet.hub.store.verify().ok
