@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import resource
-import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +50,7 @@ from numpy.typing import NDArray
 
 from edge_agent import protocol as proto
 from edge_agent import update
+from edge_agent.boots import next_boot
 from edge_agent.download import DownloadStats, ResumableDownload
 from edge_agent.errors import (
     InferenceError,
@@ -131,7 +131,7 @@ class EdgeAgent:
         self.last_counter = self._load_last_counter()
         self.health = HealthWindow(config.state_dir, config.health_window, config.max_error_rate)
         self.faults = Faults.configured(config.faults)
-        self.boot = secrets.token_hex(4)
+        self.boot = next_boot(config.state_dir)  # signed in reports: ordered across boots
         self.model: LoadedModel | None = None
         self.model_meta: dict[str, Any] = {}
         self._transport: NatsTransport | None = None

@@ -24,7 +24,7 @@ from edge_agent.protocol import ProtocolError, decode_map
 from edge_agent.protocol.names import API_PREFIX, MODELS_BUCKET
 from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
-from hub.commands.envelope import sign_command
+from hub.commands.envelope import AUDIENCE_VERB, sign_command
 from hub.errors import Refused, Unreachable
 from hub.home.nats_config import operator_inbox_prefix
 from ledger.signing import SigningKey
@@ -49,18 +49,23 @@ async def _quiet_event() -> None:
 
 
 class HubClient:
-    """Sends operator commands, each signed with the operator's own key."""
+    """Sends operator commands, each signed with the operator's own key for one hub
+    (`audience`: the hub's origin, from its config.toml; None: asked of the hub with
+    the unsigned `audience` verb before the first command)."""
 
-    def __init__(self, nc: NATS, key: SigningKey, timeout: float) -> None:
+    def __init__(self, nc: NATS, key: SigningKey, timeout: float,
+                 audience: str | None = None) -> None:
         self.nc = nc
         self.key = key
         self.timeout = timeout
+        self.audience = audience
 
     @classmethod
     async def connect(cls, url: str, key: SigningKey, timeout: float = 30.0,
-                      auth: NatsAuth = NO_AUTH) -> HubClient:
+                      auth: NatsAuth = NO_AUTH, audience: str | None = None) -> HubClient:
         """Connect as an operator: `auth` is the NATS identity (config.nats_auth()),
-        `key` the operator's own signing key. Answers come to the key's own inbox
+        `key` the operator's own signing key, `audience` the hub's origin (pinned from
+        its config.toml; None: learned from the hub). Answers come to the key's own inbox
         prefix (`_INBOX_OPERATOR.<keyid>`), the only place the hub answers its commands
         (hub/home/replies.py), whichever NATS user the connection signs in as."""
         if auth.inbox_prefix is None:
@@ -72,7 +77,7 @@ class HubClient:
                                     error_cb=_quiet, disconnected_cb=_quiet_event)
         except Exception as exc:
             raise Unreachable(f"cannot connect to NATS at {url}: {exc}") from exc
-        return cls(nc, key, timeout)
+        return cls(nc, key, timeout, audience)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -86,12 +91,23 @@ class HubClient:
     ) -> None:
         await self.close()
 
+    async def hub_audience(self) -> str:
+        """The origin of the hub serving here (what commands are signed for)."""
+        if self.audience is None:
+            result = await self._request(AUDIENCE_VERB, b"")
+            if not isinstance(result, dict) or not isinstance(result.get("audience"), str):
+                raise Refused("the hub did not say its audience; is it older than this client?")
+            self.audience = str(result["audience"])
+        return self.audience
+
     async def call(self, verb: str, body: dict[str, Any] | None = None) -> Any:
+        audience = await self.hub_audience()
+        return await self._request(
+            verb, sign_command(self.key, verb, body or {}, audience=audience))
+
+    async def _request(self, verb: str, data: bytes) -> Any:
         try:
-            msg = await self.nc.request(
-                API_PREFIX + verb, sign_command(self.key, verb, body or {}),
-                timeout=self.timeout,
-            )
+            msg = await self.nc.request(API_PREFIX + verb, data, timeout=self.timeout)
         except NoRespondersError as exc:
             raise Unreachable("no hub is serving on this NATS server; start `hub serve`") from exc
         except NatsTimeout as exc:

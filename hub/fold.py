@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import Connection, Table
 
+from hub.commands import nonces
 from hub.devices import state as device_state
 from hub.governance import state as governance
 from hub.rollouts import state as rollouts
@@ -36,6 +37,8 @@ def create_tables(conn: Connection, include_telemetry: bool = True) -> None:
     tables = LEDGER_PROJECTIONS + ((device_state.TELEMETRY,) if include_telemetry else ())
     for table in tables:
         table.create(conn, checkfirst=True)
+    if include_telemetry:  # the hub's own tables, not folds of the ledger
+        nonces.create_table(conn)
 
 
 def apply_entries(conn: Connection, entries: Sequence[Entry]) -> None:

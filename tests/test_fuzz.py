@@ -71,10 +71,10 @@ def test_ledger_entry_bodies_refuse_garbage_cleanly(data: bytes) -> None:
 
 @FUZZ
 @given(st.binary(max_size=4096) | st.builds(
-    mutate, st.just(sign_command(KEY, "devices", {})), st.randoms()))
+    mutate, st.just(sign_command(KEY, "devices", {}, audience="hub")), st.randoms()))
 def test_operator_envelopes_refuse_garbage_cleanly(data: bytes) -> None:
     try:
-        open_command(data, "devices", OPERATORS, set())
+        open_command(data, "devices", OPERATORS, set(), audience="hub")
     except CommandRefused as exc:
         assert str(exc)
 

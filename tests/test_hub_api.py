@@ -309,16 +309,21 @@ async def test_commands_that_are_not_properly_signed_are_refused(
 ) -> None:
     body = {"device": "dev-1"}
     stranger = SigningKey.generate()
+    hub = fleet.config.origin
     cases = [
-        (stranger, sign_command(stranger, "device.enroll", body), "unknown operator key"),
-        (fleet.admin_key, sign_command(fleet.admin_key, "devices", body),
+        (stranger, sign_command(stranger, "device.enroll", body, audience=hub),
+         "unknown operator key"),
+        (fleet.admin_key, sign_command(fleet.admin_key, "devices", body, audience=hub),
          "signed for 'devices'"),
         (fleet.admin_key, sign_command(fleet.admin_key, "device.enroll", body,
-                                       now=time.time_ns() - 3600 * 10**9), "stale"),
-        (fleet.approver_key, sign_command(fleet.approver_key, "device.enroll", body),
+                                       now=time.time_ns() - 3600 * 10**9, audience=hub),
+         "stale"),
+        (fleet.approver_key, sign_command(fleet.approver_key, "device.enroll", body,
+                                          audience=hub),
          "needs operator or admin"),
     ]
-    forged = SignedEnvelope.decode(sign_command(fleet.admin_key, "device.enroll", body))
+    forged = SignedEnvelope.decode(sign_command(fleet.admin_key, "device.enroll", body,
+                                                audience=hub))
     cases.append((fleet.admin_key,
                   replace(forged, signed=forged.signed.replace(b"dev-1", b"dev-2")).encode(),
                   "does not verify"))
@@ -335,7 +340,8 @@ async def test_commands_that_are_not_properly_signed_are_refused(
 
 
 async def test_a_replayed_command_is_refused(fleet: Fleet, client: HubClient) -> None:
-    data = sign_command(fleet.admin_key, "device.enroll", {"device": "dev-1"})
+    data = sign_command(fleet.admin_key, "device.enroll", {"device": "dev-1"},
+                        audience=fleet.config.origin)
     first = canonical_decode((await client.nc.request("hub.api.device.enroll", data,
                                                       timeout=WAIT)).data)
     assert first["ok"] is True, first

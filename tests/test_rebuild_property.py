@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge_agent import protocol as proto
-from hub.commands.envelope import sign_command
+from hub.commands.envelope import sign_command as sign_for_hub
 from hub.errors import Refused
 from hub.home.config import init_home
 from hub.rebuild import live_digest, rebuild_digest
@@ -99,6 +100,10 @@ async def _run(tmp: Path, assets: dict[str, Path], ops: list[tuple[str, str]]) -
     hub = HubService(config, effects=OfflineEffects(blobs))
     await hub.bootstrap_admin()
     handle = hub.router.handle
+
+    def sign_command(key: SigningKey, verb: str, body: dict[str, Any]) -> bytes:
+        return sign_for_hub(key, verb, body, audience=config.origin)
+
     admin = SigningKey.load(config.operator_key_path("admin"))
     approver = SigningKey.generate()
     await handle("operator.add", sign_command(admin, "operator.add", {

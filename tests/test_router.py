@@ -34,7 +34,7 @@ async def test_read_nonces_are_dropped_once_their_command_would_be_stale(
         admin = SigningKey.load(hub.config.operator_key_path("admin"))
         now = [10**18]
         hub.router.clock = lambda: now[0]
-        first = sign_command(admin, "whoami", {}, now=now[0])
+        first = sign_command(admin, "whoami", {}, now=now[0], audience=hub.config.origin)
         assert (await hub.router.handle("whoami", first))["name"] == "admin"
         with pytest.raises(Refused, match="replayed"):
             await hub.router.handle("whoami", first)
@@ -42,7 +42,8 @@ async def test_read_nonces_are_dropped_once_their_command_would_be_stale(
         # Past the freshness window the first command is refused as stale anyway, so
         # its nonce is no longer held.
         now[0] += MAX_CLOCK_SKEW_NS + 1
-        await hub.router.handle("whoami", sign_command(admin, "whoami", {}, now=now[0]))
+        await hub.router.handle("whoami", sign_command(admin, "whoami", {}, now=now[0],
+                                                       audience=hub.config.origin))
         assert hub.router.read_nonces() == 1
         with pytest.raises(Refused, match="stale"):
             await hub.router.handle("whoami", first)

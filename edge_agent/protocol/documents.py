@@ -354,6 +354,23 @@ class TelemetryWindow(_Document):
         {"counter", "latency_buckets", "output_hist", "dropped"})
 
 
+def boot_id(counter: int, random_part: str) -> str:
+    """A report's `boot`: "<boot counter>-<random hex>". The counter rises with every
+    start of the agent on its state directory (edge_agent.boots), so reports order
+    across boots by (boot counter, seq); the hub refuses one not above the last."""
+    return f"{counter}-{random_part}"
+
+
+def boot_counter(boot: str) -> int | None:
+    """The boot counter of a report's `boot` (None: an agent older than boot counters,
+    whose boot id is random hex only)."""
+    counter, sep, rest = boot.partition("-")
+    if not sep or not rest or not counter.isascii() or not counter.isdigit() \
+            or len(counter) > 18:
+        return None
+    return int(counter)
+
+
 def encode_report(report: StatusReport | TelemetryWindow) -> bytes:
     return canonical_encode(report.to_map())
 

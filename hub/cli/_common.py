@@ -159,8 +159,10 @@ def run(config: HubConfig, key: Path | None, timeout: float,
     signing_key = operator_key(config, key)
 
     async def go() -> T:
+        # Commands are signed for the hub this home configures (its origin).
         async with await HubClient.connect(config.nats_url, signing_key, timeout,
-                                           config.operator_auth(signing_key)) as client:
+                                           config.operator_auth(signing_key),
+                                           audience=config.origin) as client:
             return await fn(client)
 
     return asyncio.run(go())

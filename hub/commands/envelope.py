@@ -3,12 +3,14 @@
 An operator command is a signed envelope (edge_agent.protocol.SignedEnvelope) over
 
     {"type": "operator-command", "verb": str, "body": map, "actor": keyid,
-     "nonce": 16 random bytes as hex, "time": UTC ns}
+     "nonce": 16 random bytes as hex, "time": UTC ns, "audience": the hub's origin}
 
 signed by the operator's own Ed25519 key under the domain `operator-command`. The hub
-checks the key is a known, unrevoked operator with a role that allows the verb, that
-the time is fresh, and that the nonce was never used; the envelope is kept in the
-ledger event so an auditor can check who asked for it without trusting the hub.
+checks the command names it (`audience` = its ledger origin, so a command signed for
+one hub is refused by every other), that the key is a known, unrevoked operator with a
+role that allows the verb, that the time is fresh, and that the nonce was never used;
+the envelope is kept in the ledger event so an auditor can check who asked for it
+without trusting the hub.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from ledger.signing import PublicKey, SigningKey
 
 DOMAIN_COMMAND: Final = "operator-command"
 MAX_CLOCK_SKEW_NS: Final = 5 * 60 * 10**9
+# The one unsigned verb: it answers {"audience": the hub's origin}, what to sign for.
+AUDIENCE_VERB: Final = "audience"
 ROLES: Final = ("registrant", "approver", "operator", "auditor", "admin")
 
 # verb -> roles that may issue it. Reads are open to every known operator.
@@ -83,8 +87,10 @@ class VerifiedCommand:
 
 
 def sign_command(key: SigningKey, verb: str, body: Mapping[str, Any],
-                 now: int | None = None) -> bytes:
-    document = {
+                 now: int | None = None, *, audience: str | None) -> bytes:
+    """A signed command for the hub whose origin is `audience` (None: a command that
+    names no hub, as clients before audiences sent; hubs refuse it)."""
+    document: dict[str, Any] = {
         "type": "operator-command",
         "verb": verb,
         "body": dict(body),
@@ -92,6 +98,8 @@ def sign_command(key: SigningKey, verb: str, body: Mapping[str, Any],
         "nonce": secrets.token_hex(16),
         "time": now if now is not None else time.time_ns(),
     }
+    if audience is not None:
+        document["audience"] = audience
     return SignedEnvelope.sign(document, DOMAIN_COMMAND, [key]).encode()
 
 
@@ -112,8 +120,11 @@ def open_command(
     lookup: Mapping[str, Operator],
     nonce_used: Iterable[str] | Any,
     now: int | None = None,
+    *,
+    audience: str,
 ) -> VerifiedCommand:
-    """Check a command sent on `hub.api.<verb>`; raise CommandRefused with the reason."""
+    """Check a command sent on `hub.api.<verb>` to the hub whose origin is `audience`;
+    raise CommandRefused with the reason."""
     try:
         envelope = SignedEnvelope.decode(data, "operator command")
         doc = envelope.document("operator command")
@@ -128,6 +139,17 @@ def open_command(
         raise CommandRefused("operator command is missing verb, body, actor, nonce or time")
     if signed_verb != verb:
         raise CommandRefused(f"command was signed for {signed_verb!r} but sent to {verb!r}")
+    signed_for = doc.get("audience")
+    if signed_for is None:
+        raise CommandRefused(
+            "command names no hub (no audience): it comes from a client older than this "
+            "hub; upgrade fleetledger (the `hub` CLI, HubClient) and send it again"
+        )
+    if signed_for != audience:
+        raise CommandRefused(
+            f"command was signed for hub {str(signed_for)[:200]!r}, not this hub "
+            f"({audience!r}); sign it for this hub (its config.toml origin)"
+        )
     operator = lookup.get(actor)
     if operator is None:
         raise CommandRefused(

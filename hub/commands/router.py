@@ -1,8 +1,11 @@
 """The verb router: a signed operator command in, its answer out.
 
-`Router.handle(verb, data)` checks the command (hub.commands.envelope.open_command: a
-known, unrevoked operator whose role allows the verb, a fresh time, an unused nonce),
-then runs the verb's handler. A read answers from the state. A write runs its handler
+`Router.handle(verb, data)` checks the command (hub.commands.envelope.open_command: signed
+for this hub, by a known, unrevoked operator whose role allows the verb, a fresh time,
+an unused nonce), then runs the verb's handler. Nonces survive a restart: an accepted
+write's is in the ledger, a read's (and a refused write's) in hub.commands.nonces.
+The one unsigned verb, `audience`, answers the hub's origin so a client can learn what
+to sign for. A read answers from the state. A write runs its handler
 under the writer's lock and appends its events; the side effects it asks for run after
 the commit. A slow write (model register / validate) does its slow part first with no
 lock held, then re-checks and appends under the lock.
@@ -21,29 +24,40 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from hub.commands.envelope import MAX_CLOCK_SKEW_NS, Operator, VerifiedCommand, open_command
+from hub.commands.envelope import (
+    AUDIENCE_VERB,
+    MAX_CLOCK_SKEW_NS,
+    CommandRefused,
+    Operator,
+    VerifiedCommand,
+    open_command,
+)
+from hub.commands.nonces import SeenNonces
 from hub.commands.outcome import CommandError, Handler, Outcome, Read, SlowHandler, Verbs
 from hub.commands.writer import LedgerWriter
 from hub.governance import state as governance
 
-# How often the read-nonce set drops what is older than the freshness window.
+# How often the seen-nonce table drops what is older than the freshness window.
 NONCE_SWEEP_NS = 10 * 10**9
 
 
 class _NonceLookup:
-    """`nonce in lookup` against the ledger-derived nonce table."""
+    """`nonce in lookup`: in the ledger-derived nonce table or among the seen ones."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, seen: SeenNonces) -> None:
         self.conn = conn
+        self.seen = seen
 
     def __contains__(self, nonce: object) -> bool:
-        return isinstance(nonce, str) and governance.nonce_used(self.conn, nonce)
+        return isinstance(nonce, str) and (governance.nonce_used(self.conn, nonce)
+                                           or nonce in self.seen)
 
 
 class Router:
-    def __init__(self, writer: LedgerWriter, verbs: Iterable[Verbs],
+    def __init__(self, writer: LedgerWriter, verbs: Iterable[Verbs], *, audience: str,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.writer = writer
+        self.audience = audience  # the hub's origin: commands must be signed for it
         self.clock = clock
         self.writes: dict[str, Handler] = {}
         self.slow_writes: dict[str, SlowHandler] = {}
@@ -54,9 +68,9 @@ class Router:
             self.writes.update(group.writes)
             self.slow_writes.update(group.slow_writes)
             self.reads.update(group.reads)
-        # Reads append nothing, so their nonces are not in the ledger: they are kept
-        # here, each until its command would be refused as stale anyway.
-        self._read_nonces: dict[str, int] = {}  # nonce -> the command's signed time
+        # Reads append nothing, so their nonces are not in the ledger: they are kept in
+        # the hub's database (across restarts), each until its command would be stale.
+        self.seen = SeenNonces(writer.store.engine)
         self._swept = 0
 
     @property
@@ -71,54 +85,80 @@ class Router:
         }
 
     def read_nonces(self) -> int:
-        """How many read nonces are held (bounded by the freshness window)."""
-        return len(self._read_nonces)
+        """How many nonces outside the ledger are held (bounded by the freshness window)."""
+        return len(self.seen)
 
-    def _remember_read(self, cmd: VerifiedCommand, now: int) -> None:
-        self._read_nonces[cmd.nonce] = cmd.time
-        if now - self._swept < NONCE_SWEEP_NS:
-            return
-        self._swept = now
-        # A command signed more than MAX_CLOCK_SKEW_NS before `now` is refused as stale
-        # by open_command, before its nonce is looked at: its nonce can go.
-        old = [n for n, sent in self._read_nonces.items() if now - sent > MAX_CLOCK_SKEW_NS]
-        for nonce in old:
-            del self._read_nonces[nonce]
+    def _claim(self, cmd: VerifiedCommand, now: int) -> None:
+        """Record the nonce of a command the ledger will not record; refuse a replay
+        that got past the check meanwhile (two copies sent at once)."""
+        if now - self._swept >= NONCE_SWEEP_NS:
+            self._swept = now
+            # A command signed more than MAX_CLOCK_SKEW_NS before `now` is refused as
+            # stale by open_command, before its nonce is looked at: its nonce can go.
+            self.seen.sweep(now - MAX_CLOCK_SKEW_NS)
+        if not self.seen.claim(cmd.nonce, cmd.time):
+            raise CommandRefused("replayed command: this nonce was already used")
+
+    def _open(self, data: bytes, verb: str, operators: dict[str, Operator], nonces: Any,
+              received: int) -> VerifiedCommand:
+        return open_command(data, verb, operators, nonces, received, audience=self.audience)
 
     async def handle(self, verb: str, data: bytes) -> Any:
         """Check and run one signed command; a refusal raises hub.errors.Refused."""
+        if verb == AUDIENCE_VERB:  # unsigned: what a client signs its commands for
+            return {"audience": self.audience}
         if verb not in self.verbs:
             known = ", ".join(sorted(self.verbs))
             raise CommandError(f"unknown command {verb!r}; known: {known}")
         received = self.clock()  # freshness is judged on arrival, however long it runs
         read = self.reads.get(verb)
         if read is not None:
-            cmd = open_command(data, verb, self.writer.read(self.operators),
-                               self._read_nonces, received)
-            self._remember_read(cmd, received)
+            cmd = self._open(data, verb, self.writer.read(self.operators), self.seen, received)
+            self._claim(cmd, received)
             result = read(cmd)
             return await result if asyncio.iscoroutine(result) else result
+        return await self._write(verb, data, received)
+
+    def _claim_refused(self, cmd: VerifiedCommand) -> None:
+        """A write its handler refused appends nothing, so no ledger entry names its
+        nonce: claim it, or the same signed command could be replayed (within its
+        freshness) once the state allows it."""
+        self.seen.claim(cmd.nonce, cmd.time)
+
+    async def _write(self, verb: str, data: bytes, received: int) -> Any:
         handler = self.writes.get(verb)
         slow = self.slow_writes.get(verb)
         if slow is not None:
             # Checks first, then the slow part (blobs, the model) with no lock held, so
             # reports and other commands go on meanwhile; `handler` re-checks under it.
             with self.writer.store.engine.connect() as conn:
-                cmd = open_command(data, verb, self.operators(conn), _NonceLookup(conn),
-                                   received)
-                work = slow(conn, cmd)
-            handler = await work()
+                cmd = self._open(data, verb, self.operators(conn),
+                                 _NonceLookup(conn, self.seen), received)
+                try:
+                    work = slow(conn, cmd)
+                except Exception:
+                    self._claim_refused(cmd)
+                    raise
+            try:
+                handler = await work()
+            except Exception:
+                self._claim_refused(cmd)
+                raise
         assert handler is not None
         # One writer at a time: state checks and the append see the same state.
         async with self.writer.lock:
             with self.writer.store.engine.connect() as conn:
                 # Again under the lock: a twin may have used the nonce, or the operator
                 # been revoked, while the slow part ran.
-                cmd = open_command(data, verb, self.operators(conn), _NonceLookup(conn),
-                                   received)
-                outcome = handler(conn, cmd)
-                if not isinstance(outcome, Outcome):
-                    outcome = await outcome
+                cmd = self._open(data, verb, self.operators(conn),
+                                 _NonceLookup(conn, self.seen), received)
+                try:
+                    outcome = handler(conn, cmd)
+                    if not isinstance(outcome, Outcome):
+                        outcome = await outcome
+                except Exception:
+                    self._claim_refused(cmd)
+                    raise
             entries = await self.writer.append(outcome.events)
         for effect in outcome.after_commit:
             await effect()

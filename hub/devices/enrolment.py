@@ -42,6 +42,7 @@ from hub.devices import state as device_state
 from hub.devices.state import REVOKED
 from hub.home.config import HubConfig, toml_str
 from hub.home.nats_config import ca_path
+from hub.home.nats_users import identity_holder
 from ledger.signing import PublicKey, SigningKey
 
 
@@ -67,6 +68,9 @@ class EnrolmentCommands:
             public = key.public.raw
         elif not isinstance(public, bytes) or len(public) != 32:
             raise CommandError("'public' must be a 32-byte Ed25519 public key")
+        elif (holder := identity_holder(conn, public)) is not None:
+            raise CommandError(f"key {PublicKey(public).keyid} is already the key of {holder}: "
+                               "every device needs a key of its own")
         bundle = write_bundle(self.config, device, key)
         event = command_event(cmd, ev.DEVICE_ENROLLED, ev.device_subject(device),
                               {"device": device, "public": public})

@@ -62,7 +62,8 @@ REDELIVER_DELAY_S = 1.0  # a batch that could not be stored comes back after thi
 
 # Reasons a report is refused, for the counters (status verb, metrics).
 REFUSAL_REASONS = ("malformed", "bounds", "oversized", "subject", "unknown-device",
-                   "revoked", "signature", "duplicate", "rate", "unstorable", "error")
+                   "revoked", "signature", "duplicate", "replay", "rate", "unstorable",
+                   "error")
 
 
 class StorageUnavailable(Exception):
@@ -97,6 +98,29 @@ def check_report_signature(device: dict[str, Any], envelope: SignedEnvelope | No
         signers = ", ".join(s.keyid for s in envelope.signatures) or "none"
         raise ProtocolError(f"status report from {name} is not signed by its enrolled key "
                             f"(signed by: {signers})", reason="signature")
+
+
+def check_report_order(report: proto.StatusReport, last_boot: str | None,
+                       last_seq: int | None) -> None:
+    """Refuse (reason "replay") a status report not after the device's last recorded
+    one: reports order across boots by (boot counter, seq) (edge_agent.boots). An agent
+    older than boot counters sends none; its reports are taken (as before: duplicates
+    caught within a boot only) until the device has once sent a counter, and refused
+    after that, so a report captured before an upgrade cannot come back either."""
+    if last_boot is None or last_seq is None:
+        return
+    last_counter = proto.boot_counter(last_boot)
+    if last_counter is None:
+        return
+    counter = proto.boot_counter(report.boot)
+    if counter is None:
+        raise Refusal(f"status report {report.boot}/{report.seq} of {report.device} has no "
+                      "boot counter, but the device has sent them since (a replay of an "
+                      "older agent's report)", reason="replay")
+    if (counter, report.seq) <= (last_counter, last_seq):
+        raise Refusal(f"status report {report.boot}/{report.seq} of {report.device} is not "
+                      f"after its last recorded one ({last_boot}/{last_seq}): a replay of an "
+                      "earlier boot's report", reason="replay")
 
 
 @dataclass
@@ -318,6 +342,7 @@ class ReportIntake:
             # Already in the ledger: a redelivery after a hub restart, or a replay.
             raise Refusal(f"status report {report.boot}/{report.seq} of {report.device} "
                           "is already in the ledger", reason="duplicate")
+        check_report_order(report, last_boot, last_seq)
         if not self._rate_allows(report.device):
             raise Refusal(f"{report.device} sent more than {STATUS_PER_MINUTE} status "
                           "reports a minute", reason="rate")

@@ -12,6 +12,7 @@ from hub.commands.outcome import Body, CommandError, Effects, Outcome, Verbs, co
 from hub.commands.writer import LedgerWriter
 from hub.governance import state as governance
 from hub.home.config import BOOTSTRAP_ADMIN, BOOTSTRAP_ROLES, HubConfig
+from hub.home.nats_users import identity_holder
 from ledger.signing import PublicKey
 from ledger.storage.store import NewEvent
 
@@ -39,6 +40,10 @@ class OperatorCommands:
                 raise CommandError(f"key {keyid} already belongs to operator {op['name']}")
             if op["name"] == name and not op["revoked"]:
                 raise CommandError(f"operator {name} already exists; revoke the old key first")
+        holder = identity_holder(conn, public)
+        if holder is not None and holder.startswith("device "):
+            raise CommandError(f"key {keyid} is already the key of {holder}: an operator "
+                               "needs a key of its own")
         payload = {"name": name, "keyid": keyid, "public": public, "roles": sorted(set(roles))}
         # Before the reply: the new operator can connect as soon as the command returns.
         return Outcome([command_event(cmd, ev.OPERATOR_ADDED, ev.operator_subject(name),

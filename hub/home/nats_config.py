@@ -55,6 +55,7 @@ from edge_agent.protocol.names import (
     device_report_subjects,
 )
 from edge_agent.transport.connect import NatsAuth, device_inbox_prefix, nkey_public, nkey_seed
+from hub.home.nats_check import check_users_text, new_probe, without_probe
 from ledger.durable import atomic_write
 from ledger.signing import SigningKey
 
@@ -65,6 +66,7 @@ SERVER_CONF = "nats-server.conf"
 USERS_CONF = "users.conf"
 CREDENTIALS = "credentials.toml"
 PID_FILE = "nats-server.pid"
+PROBE_SEED = "reload-probe.seed"  # the users file's reload probe (hub.home.nats_check)
 TLS_DIR = "tls"
 CA_CERT = "ca.pem"
 # Password users. Operators are nkey users (one per operator key), not a shared password.
@@ -262,14 +264,28 @@ def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
     for device, public in sorted(devices):
         blocks.append(f"    # device {device}\n" + _user_block(
             f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device)))
+    seed, probe = new_probe()  # proves, once the server lets it in, that it runs this file
+    blocks.append(probe)
     text = ("# NATS users (rewritten by the hub when devices or operators change)\n"
             "authorization {\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n")
     path = nats_dir(home) / USERS_CONF
     with contextlib.suppress(OSError):
-        if path.read_text() == text:
+        if without_probe(path.read_text()) == without_probe(text):
             return False
+    # Never in place unless nats-server takes it: a refused file would leave the server
+    # on its old users after a reload, and unable to start after a restart.
+    check_users_text(server_conf_path(home), USERS_CONF, text)
     _write_private(path, text)
+    _write_private(nats_dir(home) / PROBE_SEED, seed + "\n")
     return True
+
+
+def probe_seed(home: Path) -> str | None:
+    """The nkey seed of the reload probe in the users file written last (None: none)."""
+    try:
+        return (nats_dir(home) / PROBE_SEED).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def reload_server(home: Path) -> bool:

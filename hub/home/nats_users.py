@@ -14,7 +14,8 @@ from hub.devices import state as device_state
 from hub.devices.state import REVOKED
 from hub.governance import state as governance
 from hub.home.config import HubConfig
-from hub.home.nats_config import load_credentials, reload_server, write_users
+from hub.home.nats_check import confirm_reload
+from hub.home.nats_config import ca_path, load_credentials, probe_seed, reload_server, write_users
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +33,40 @@ def nats_operators(conn: Connection) -> list[tuple[str, bytes]]:
             if not op["revoked"] and isinstance(op["public"], bytes)]
 
 
+def identity_holder(conn: Connection, public: bytes) -> str | None:
+    """Who already holds `public` as their key (and so NATS identity): "device ID" or
+    "operator NAME" (revoked ones too: a key is never handed to a second identity), or
+    None. Two users with one nkey make nats-server refuse the whole users file."""
+    for device, key in conn.execute(select(device_state.DEVICES.c.device,
+                                           device_state.DEVICES.c.public)).all():
+        if key == public:
+            return f"device {device}"
+    for op in governance.list_operators(conn):
+        if op["public"] == public:
+            return f"operator {op['name']}"
+    return None
+
+
 def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]],
                      operators: list[tuple[str, bytes]], force: bool = False) -> bool:
     """Rewrite the NATS users file for these devices and operators and have the local
     server reload it; True if it reloaded, or if the file was already so and `force` is
     off (the hub forces the first sync after it starts: a hub stopped between writing
     the file and the reload must not leave the server on the old users). A home without
-    NATS identities (`hub init --no-auth`) has nothing to rewrite."""
+    NATS identities (`hub init --no-auth`) has nothing to rewrite.
+
+    Raises NatsUsersRefused (hub.home.nats_check) if nats-server refuses the new file
+    (it is not written), NatsReloadUnconfirmed if the server did not take it."""
     if not load_credentials(config.home):
         return False
     if not write_users(config.home, devices, operators) and not force:
         return True
-    return reload_server(config.home)
+    if not reload_server(config.home):
+        return False
+    seed = probe_seed(config.home)
+    if seed is not None:  # a users file written before reload probes has none
+        confirm_reload(config.nats_url, seed, ca_path(config.home))
+    return True
 
 
 class NatsUsersSync:

@@ -86,7 +86,7 @@ class HubService:
             RolloutCommands(issuer, self.effects).handlers(),
             RolloutReads(engine, self.telemetry).handlers(),
             Verbs(reads={"status": self._status}),
-        ])
+        ], audience=config.origin)
         self.controller = RolloutController(self.writer, self.telemetry, issuer,
                                             self.effects.put_assignment)
         # Every long-running task of the hub runs under it: a failure is logged once,

@@ -174,7 +174,8 @@ def request_body(setting: Setting, identity: str, responder: str) -> bytes:
     if responder.startswith("hub.api."):
         verb = responder[len("hub.api."):]
         body = {"device": "dev-z"} if verb == "device.enroll" else {}
-        return sign_command(setting.keys[identity], verb, body)
+        return sign_command(setting.keys[identity], verb, body,
+                            audience=setting.fleet.config.origin)
     if responder == "ledger.api.entries":
         return canonical_encode({"start": 0, "limit": 2})
     if responder == "ledger.cosignature":
@@ -298,7 +299,7 @@ async def test_the_legitimate_path_is_answered(
     before = await setting.snapshot()
     if responder == "hub.api.device.enroll":  # a real write, answered and committed
         answer = await ask(conn, responder, sign_command(
-            setting.keys[identity], "devices", {}))  # signed for `devices`: refused, answered
+            setting.keys[identity], "devices", {}, audience=setting.fleet.config.origin))  # signed for `devices`: refused, answered
         assert answer["ok"] is False and "signed for 'devices'" in answer["error"], answer
     else:
         answer = await ask(conn, responder, request_body(setting, identity, responder))
@@ -320,7 +321,8 @@ async def test_a_signed_command_is_answered_in_its_signers_inbox_and_runs(
         await admin.call("device.tag", {"device": "dev-a", "group": "lab"})
         assert fleet.hub.store.count() == before + 1
     status = await ask(setting.conns["admin"], "hub.api.status",
-                       sign_command(fleet.admin_key, "status", {}))
+                       sign_command(fleet.admin_key, "status", {},
+                                    audience=fleet.config.origin))
     assert status["ok"] is True and sum(status["result"]["refused_replies"].values()) > 0
 
 
