@@ -298,8 +298,9 @@ async def test_the_legitimate_path_is_answered(
     conn = setting.conns[identity]
     before = await setting.snapshot()
     if responder == "hub.api.device.enroll":  # a real write, answered and committed
+        # signed for `devices`: refused, answered
         answer = await ask(conn, responder, sign_command(
-            setting.keys[identity], "devices", {}, audience=setting.fleet.config.origin))  # signed for `devices`: refused, answered
+            setting.keys[identity], "devices", {}, audience=setting.fleet.config.origin))
         assert answer["ok"] is False and "signed for 'devices'" in answer["error"], answer
     else:
         answer = await ask(conn, responder, request_body(setting, identity, responder))
