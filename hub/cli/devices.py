@@ -192,7 +192,9 @@ def deploy(
     version: str | None = typer.Option(None, "--version", help="Model version (must be "
                                        "released)."),
     device: list[str] = typer.Option([], "--device", help="Target device (repeatable)."),
-    all_devices: bool = typer.Option(False, "--all", help="Target every enrolled device."),
+    all_devices: bool = typer.Option(False, "--all", help="Target every enrolled device "
+                                     "(revoked devices are skipped; a revoked --device is "
+                                     "refused)."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
     as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
@@ -203,6 +205,10 @@ def deploy(
         raise UsageError("give --device ID (one or more) or --all, not both")
     body: dict[str, Any] = {"model": model, "version": version}
     body.update({"all": True} if all_devices else {"devices": device})
-    show(call(hub_config(home, nats_url), key, timeout, "deploy", body), as_json,
-         lambda r: out.print(f"{r['deployment']}: {model}/{version} assigned to "
-                             f"{len(r['devices'])} device(s); watch with `hub devices`"))
+    def render(r: dict[str, Any]) -> None:
+        skipped = r.get("skipped_revoked") or []
+        out.print(f"{r['deployment']}: {model}/{version} assigned to {len(r['devices'])} "
+                  f"device(s)" + (f"; {len(skipped)} revoked device(s) skipped"
+                                  if skipped else "") + "; watch with `hub devices`")
+
+    show(call(hub_config(home, nats_url), key, timeout, "deploy", body), as_json, render)

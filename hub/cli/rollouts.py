@@ -145,8 +145,10 @@ def rollout_create(
             body[name] = value
     show(call(hub_config(home, nats_url), key, timeout, "rollout.create", body), as_json,
          lambda r: out.print(f"{r['rollout']}: {model}/{version} to {r['devices']} device(s) "
-                             f"in waves of {', '.join(map(str, r['waves']))}; start it with "
-                             f"`hub rollout start {r['rollout']}`"))
+                             f"in waves of {', '.join(map(str, r['waves']))}"
+                             + (f" ({r['skipped_revoked']} revoked device(s) left out)"
+                                if r.get("skipped_revoked") else "")
+                             + f"; start it with `hub rollout start {r['rollout']}`"))
 
 
 TRANSITION_EXAMPLES = {

@@ -1,0 +1,221 @@
+"""Device lifecycle, driven through the `hub` CLI as an operator would (exit codes,
+output, --json): revoked devices stay out of rollouts and deploys and stay revoked,
+rollback after an abort, `hub device show`, `hub deploy --wait`, `hub status` as a fleet
+summary and label selectors.
+
+A real nats-server and hub, and a small simulated fleet (testkit.fleet_sim) with real
+TFLite inference. Every wait is on a ledger event or the CLI's own exit, with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import create_engine
+
+from hub import events as ev
+from hub import fold
+from hub.devices import state as device_state
+from ledger.entry import Entry
+from testkit.fleet_sim import SimFleet
+from testkit.modelgen import write_validation_set
+from testkit.nats_server import EmbeddedNats
+from tests.fleet import Fleet
+from tests.test_cli import run
+
+pytestmark = pytest.mark.timeout(240)
+
+N = 4
+
+
+class World:
+    def __init__(self, fleet: Fleet, sim: SimFleet) -> None:
+        self.fleet = fleet
+        self.sim = sim
+        self.home = str(fleet.config.home)
+
+    def hub(self, *args: str, timeout: float = 120) -> Any:
+        """`hub ARGS --home HOME` in a child process (awaitable)."""
+        return asyncio.to_thread(run, "hub.cli", *args, "--home", self.home,
+                                 timeout=timeout)
+
+    async def hub_json(self, *args: str) -> Any:
+        done: subprocess.CompletedProcess[str] = await self.hub(*args, "--json")
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return json.loads(done.stdout)
+
+    def events(self, kind: str) -> list[Entry]:
+        return [e for e in self.fleet.hub.store.iter_entries() if e.kind == kind]
+
+    async def wait_event(self, kind: str, match: dict[str, Any], timeout: float = 90.0
+                         ) -> Entry:
+        async def until() -> Entry:
+            while True:
+                for e in self.events(kind):
+                    if all(e.payload.get(k) == v for k, v in match.items()):
+                        return e
+                await asyncio.sleep(0.1)
+
+        return await asyncio.wait_for(until(), timeout)
+
+    async def call(self, verb: str, body: dict[str, Any] | None = None) -> Any:
+        async with await self.fleet.client() as client:
+            return await client.call(verb, body or {})
+
+    async def release(self, path: Path, version: str) -> None:
+        fleet = self.fleet
+        async with await fleet.client() as admin, \
+                await fleet.client(fleet.approver_key) as approver:
+            await admin.register_model(path, "kws", version)
+            data = write_validation_set(path, fleet.root / f"val-{version}.npz", rows=200)
+            assert (await admin.validate_model("kws", version, data))["passed"]
+            await approver.call("model.approve", {"name": "kws", "version": version})
+            await admin.call("model.release", {"name": "kws", "version": version})
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        with self.fleet.hub.store.engine.connect() as conn:
+            return {d["device"]: d for d in device_state.list_devices(conn)}
+
+    async def wait_running(self, devices: list[str], version: str,
+                           timeout: float = 90.0) -> None:
+        async def until() -> None:
+            while not all(self.devices()[d]["version"] == version
+                          and self.devices()[d]["state"] == "applied" for d in devices):
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(until(), timeout)
+
+
+@pytest.fixture
+async def world(tmp_path: Path, nats_server: EmbeddedNats, model_files: dict[str, Path]
+                ) -> AsyncIterator[World]:
+    """N simulated devices: sim-0000..1 in group `prod` at site a, sim-0002..3 in group
+    `lab` at site b, all running kws/1 (a direct deploy); kws/2 is released too."""
+    fleet = await Fleet(tmp_path, nats_server.url).start()
+    sim = SimFleet(nats_server.url, tmp_path / "sim", fleet.config.trust_root_path, N,
+                   rate=4.0, window=0.5)
+    w = World(fleet, sim)
+    try:
+        await w.release(model_files["1"], "1")
+        await w.release(model_files["2"], "2")
+        async with await fleet.client() as admin:
+            await sim.enroll(admin)
+            for i, device in enumerate(sim.ids):
+                group, site = ("prod", "a") if i < N // 2 else ("lab", "b")
+                await admin.call("device.tag", {"device": device, "group": group,
+                                                "tags": {"site": site}})
+        await sim.start()
+        await w.call("deploy", {"model": "kws", "version": "1", "all": True})
+        await w.wait_running(sim.ids, "1")
+        yield w
+    finally:
+        await sim.stop()
+        await fleet.stop()
+
+
+def error_line(done: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    message = " ".join(done.stderr.split())
+    assert message.startswith("error:"), done.stderr
+    for word in words:
+        assert word in message, done.stderr
+    return message
+
+
+# ---------------------------------------------------------------- revoked devices
+
+
+async def test_a_revoked_device_stays_out_of_rollouts_and_deploys_and_stays_revoked(
+    world: World,
+) -> None:
+    gone = world.sim.ids[-1]
+    revoked = await world.hub("device", "revoke", gone, "--reason", "lost in transit")
+    assert revoked.returncode == 0, revoked.stderr
+    revoked_seq = world.events(ev.DEVICE_REVOKED)[-1].seq
+
+    # A deploy to it by id is refused, naming why; --all skips it and says so.
+    by_id = await world.hub("deploy", "kws/2", "--device", gone)
+    error_line(by_id, 1, gone, "revoked")
+    everyone = await world.hub_json("deploy", "kws/1", "--all")
+    assert gone not in everyone["devices"] and everyone["skipped_revoked"] == [gone]
+    plain = await world.hub("deploy", "kws/1", "--all")
+    assert plain.returncode == 0 and "1 revoked device(s) skipped" in plain.stdout
+
+    # A rollout over a selector that matches it runs to completion without it.
+    created = await world.hub_json("rollout", "create", "kws/2", "--target", "all",
+                                   "--waves", "50%,100%", "--min-success", "1.0",
+                                   "--max-failure", "0", "--deadline", "20s")
+    assert created["devices"] == N - 1
+    rid = created["rollout"]
+    assert (await world.hub("rollout", "start", rid)).returncode == 0
+    watched = await world.hub("rollout", "status", rid, "--watch", "--interval", "0.3")
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+
+    # Still revoked, in the device list and (below) in `hub device show`.
+    listed = await world.hub_json("devices", "--all")
+    states = {d["device"]: d["state"] for d in listed["devices"]}
+    assert states[gone] == "revoked"
+    assert all(states[d] == "applied" for d in world.sim.ids[:-1])
+    assert listed["states"]["revoked"] == 1
+    # No assignment was signed for it after the revocation.
+    assert not [e for e in world.events(ev.DEVICE_ASSIGNED)
+                if e.payload["device"] == gone and e.seq > revoked_seq]
+    rebuilt = await world.hub_json("rebuild")
+    assert rebuilt["equal"], rebuilt
+
+
+def test_the_fold_never_turns_revoked_back_into_something_else() -> None:
+    """Old ledgers may hold events after a revocation (an assignment, a late report):
+    the device stays revoked, whatever comes after."""
+    engine = create_engine("sqlite://")
+    with engine.begin() as conn:
+        fold.create_tables(conn)
+        later = {
+            ev.DEVICE_ASSIGNED: {"device": "d1", "counter": 2, "model": "m",
+                                 "version": "2", "digest": "ab", "manifest_hash": "cd"},
+            ev.DEVICE_UPDATE_APPLIED: {"device": "d1", "counter": 2, "model": "m",
+                                       "version": "2", "digest": "ab", "boot": "b",
+                                       "report_seq": 1},
+            ev.DEVICE_UPDATE_FAILED: {"device": "d1", "counter": 2, "reason": "x",
+                                      "boot": "b", "report_seq": 2},
+            ev.DEVICE_UPDATE_REVERTED: {"device": "d1", "counter": 2, "model": "m",
+                                        "version": "1", "digest": "ef", "reason": "y",
+                                        "boot": "b", "report_seq": 3},
+        }
+        assert set(later) | {ev.DEVICE_ENROLLED, ev.DEVICE_REVOKED} >= {
+            k for k, handlers in fold.HANDLERS.items()
+            if any(h in device_state.HANDLERS.values() for h in handlers)}
+        steps = [(ev.DEVICE_ENROLLED, {"device": "d1"}),
+                 (ev.DEVICE_REVOKED, {"device": "d1", "reason": "lost"}), *later.items()]
+        for seq, (kind, payload) in enumerate(steps):
+            entry = cast(Entry, SimpleNamespace(seq=seq, ts=seq + 1, kind=kind,
+                                                payload=payload))
+            for handler in fold.HANDLERS.get(kind, ()):
+                handler(conn, entry, payload)
+            row = device_state.get_device(conn, "d1")
+            assert row is not None
+            if seq >= 1:
+                assert row["state"] == "revoked" and row["last_error"] == "lost", kind
+
+
+def test_a_device_revoked_after_planning_neither_starts_nor_stalls_its_wave() -> None:
+    """Revoked after `rollout create`: its row turns `revoked` (the fold) and the wave
+    starts without it; a wave whose every device was revoked completes."""
+    from hub.rollouts import rules as ro
+
+    policy = ro.Policy(min_success=1.0, max_failure=0.0, deadline_s=10)
+    pending = ro.WaveView(0, ro.WAVE_PENDING, {"a": ro.DEV_PLANNED, "b": ro.DEV_REVOKED})
+    start = ro.decide(policy, [pending], ro.TelemetryView(), 0)
+    assert (start.action, start.devices) == (ro.ACT_START_WAVE, ("a",))
+    rolling = ro.WaveView(0, ro.WAVE_ROLLING, {"a": ro.DEV_APPLIED, "b": ro.DEV_REVOKED})
+    assert ro.decide(policy, [rolling], ro.TelemetryView(), 1).action == ro.ACT_COMPLETE_WAVE
+    empty = ro.WaveView(0, ro.WAVE_ROLLING, {"b": ro.DEV_REVOKED})
+    assert ro.decide(policy, [empty], ro.TelemetryView(), 1).action == ro.ACT_COMPLETE_WAVE
