@@ -219,3 +219,35 @@ def test_a_device_revoked_after_planning_neither_starts_nor_stalls_its_wave() ->
     assert ro.decide(policy, [rolling], ro.TelemetryView(), 1).action == ro.ACT_COMPLETE_WAVE
     empty = ro.WaveView(0, ro.WAVE_ROLLING, {"b": ro.DEV_REVOKED})
     assert ro.decide(policy, [empty], ro.TelemetryView(), 1).action == ro.ACT_COMPLETE_WAVE
+
+
+# ---------------------------------------------------------------- rollback after abort
+
+
+async def test_rollback_after_abort_gives_the_devices_that_took_it_their_previous_release(
+    world: World,
+) -> None:
+    helped = await world.hub("rollout", "abort", "--help")
+    assert helped.returncode == 0 and "rollout rollback" in " ".join(helped.stdout.split())
+    created = await world.hub_json("rollout", "create", "kws/2", "--target", "all",
+                                   "--waves", "50%,100%", "--bake", "300s",
+                                   "--min-success", "1.0", "--max-failure", "0")
+    rid = created["rollout"]
+    assert (await world.hub("rollout", "start", rid)).returncode == 0
+    first = (await world.wait_event(ev.ROLLOUT_WAVE_BAKING, {"rollout": rid})).payload
+    wave1 = sorted(e.payload["device"] for e in world.events(ev.DEVICE_ASSIGNED)
+                   if e.payload.get("rollout") == rid)
+    assert len(wave1) == N // 2 and first["wave"] == 0
+    await world.wait_running(wave1, "2")
+    aborted = await world.hub("rollout", "abort", rid, "--reason", "wrong release")
+    assert aborted.returncode == 0, aborted.stderr
+
+    rolled = await world.hub_json("rollout", "rollback", rid, "--reason", "back to 1")
+    assert sorted(rolled["devices"]) == wave1 and rolled["state"] == "rolled_back"
+    await world.wait_running(world.sim.ids, "1")
+    # The second wave never started: only wave 1's devices ever got kws/2.
+    got_two = {e.payload["device"] for e in world.events(ev.DEVICE_ASSIGNED)
+               if e.payload["version"] == "2"}
+    assert sorted(got_two) == wave1
+    again = await world.hub("rollout", "rollback", rid)
+    error_line(again, 1, "rolled_back", "nothing more can happen")

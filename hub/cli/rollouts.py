@@ -195,9 +195,12 @@ def _transition(verb: str, doc: str) -> None:
 _transition("start", "Start a created rollout: the controller assigns wave 1.")
 _transition("pause", "Pause: no new wave starts, nothing is halted.")
 _transition("resume", "Resume a paused rollout.")
-_transition("abort", "Abort: no more waves; devices keep what they run now.")
+_transition("abort", "Abort: no more waves; devices keep what they run now. To give "
+                     "the devices that took the new release their previous one, run "
+                     "`hub rollout rollback` afterwards.")
 _transition("rollback", "Roll back: devices that took the new release get the one they "
-                        "ran before.")
+                        "ran before (also after an abort or completion; devices given "
+                        "another release since, and revoked ones, are skipped and listed).")
 
 
 @rollout_app.command("list", epilog=examples(

@@ -48,8 +48,16 @@ def rollback_events(conn: Connection, issuer: AssignmentIssuer, rollout: dict[st
     for row in members:
         if row["state"] not in (ro.DEV_ASSIGNED, ro.DEV_APPLIED, ro.DEV_TIMED_OUT):
             continue
-        if devices_now.get(row["device"], {}).get("state") == device_state.REVOKED:
+        now = devices_now.get(row["device"], {})
+        if now.get("state") == device_state.REVOKED:
             skipped[row["device"]] = "revoked"
+            continue
+        # After an abort or completion, a later deploy or rollout may have moved it on.
+        if (now.get("assigned_model"), now.get("assigned_version")) != (
+                rollout["model"], rollout["version"]):
+            skipped[row["device"]] = (f"now assigned {now.get('assigned_model')}/"
+                                      f"{now.get('assigned_version')}, not this rollout's "
+                                      "release")
             continue
         prev = (row["previous_model"], row["previous_version"])
         if not all(prev):

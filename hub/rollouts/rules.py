@@ -12,7 +12,7 @@ cumulative counts, so anyone can recompute it from the `rollout.created` event.
 
     rollout: created -> running <-> paused;  running -> halted | completed
              created | running | paused | halted -> aborted
-             running | paused | halted | completed -> rolled_back
+             running | paused | halted | completed | aborted -> rolled_back
     wave:    pending -> rolling -> baking -> done;  rolling | baking -> halted
 """
 
@@ -59,7 +59,9 @@ ALLOWED_FROM: Final[dict[str, tuple[str, ...]]] = {
     "pause": (RUNNING,),
     "resume": (PAUSED,),
     "abort": (CREATED, RUNNING, PAUSED, HALTED),
-    "rollback": (RUNNING, PAUSED, HALTED, COMPLETED),
+    # After an abort the devices that took the new release keep it: rollback gives
+    # them their previous one.
+    "rollback": (RUNNING, PAUSED, HALTED, COMPLETED, ABORTED),
 }
 
 _WAVE_DOMAIN: Final = b"fleetledger/wave\x00"
