@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.test_cli import run
 pytestmark = pytest.mark.timeout(240)
 
 N = 4
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
 class World:
@@ -165,6 +167,11 @@ async def test_a_revoked_device_stays_out_of_rollouts_and_deploys_and_stays_revo
     assert states[gone] == "revoked"
     assert all(states[d] == "applied" for d in world.sim.ids[:-1])
     assert listed["states"]["revoked"] == 1
+    shown = await world.hub_json("device", "show", gone)
+    assert shown["state"] == "revoked" and shown["last_error"] == "lost in transit"
+    assert shown["running"]["version"] == "1" and shown["assigned"]["version"] == "1"
+    text = await world.hub("device", "show", gone)
+    assert text.returncode == 0 and "revoked" in text.stdout
     # No assignment was signed for it after the revocation.
     assert not [e for e in world.events(ev.DEVICE_ASSIGNED)
                 if e.payload["device"] == gone and e.seq > revoked_seq]
@@ -251,3 +258,53 @@ async def test_rollback_after_abort_gives_the_devices_that_took_it_their_previou
     assert sorted(got_two) == wave1
     again = await world.hub("rollout", "rollback", rid)
     error_line(again, 1, "rolled_back", "nothing more can happen")
+
+
+# ---------------------------------------------------------------- hub device show
+
+
+def check_device_document(doc: dict[str, Any]) -> None:
+    """The documented shape of `hub device show --json` (docs/CLI-JSON.md)."""
+    assert set(doc) == {"device", "state", "last_error", "enrolled_seq", "updated", "group",
+                        "tags", "assigned", "running", "trust_root_version", "rollout",
+                        "telemetry", "reports", "history"}
+    assert doc["updated"] is None or RFC3339.fullmatch(doc["updated"])
+    if doc["running"] is not None:
+        assert set(doc["running"]) == {"model", "version", "digest"}
+        assert len(doc["running"]["digest"]) == 64  # full, never cut
+    if doc["telemetry"] is not None:
+        assert set(doc["telemetry"]) == {"last_seen", "boot", "window_seq", "inferences",
+                                         "errors", "latency_ms_p95"}
+        assert RFC3339.fullmatch(doc["telemetry"]["last_seen"])
+    for r in doc["reports"]:
+        assert set(r) == {"seq", "time", "event", "model", "version", "digest", "counter",
+                          "reason"}
+        assert RFC3339.fullmatch(r["time"]) and len(r["digest"]) == 64
+
+
+async def test_device_show_says_what_a_device_runs_its_tags_reports_and_telemetry(
+    world: World,
+) -> None:
+    device = world.sim.ids[0]
+
+    async def telemetry_seen() -> None:
+        while not (world.devices()[device].get("inferences") or 0):
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(telemetry_seen(), 60)
+    doc = await world.hub_json("device", "show", device)
+    check_device_document(doc)
+    assert doc["state"] == "applied" and doc["running"]["version"] == "1"
+    assert (doc["group"], doc["tags"]) == ("prod", {"site": "a"})
+    assert doc["trust_root_version"] is None and doc["telemetry"]["inferences"] > 0
+    assert doc["reports"][-1]["event"] == ev.DEVICE_UPDATE_APPLIED
+    assert doc["history"] == f"hub device history {device}"
+    text = await world.hub("device", "show", device)
+    assert text.returncode == 0, text.stderr
+    flat = " ".join(text.stdout.split())
+    for words in (f"{device} applied", "running: kws/1", "trust root: not reported",
+                  "group: prod; tags: site=a", "last status reports", "last window",
+                  f"history: hub device history {device}"):
+        assert words in flat, text.stdout
+    missing = await world.hub("device", "show", "nobody")
+    error_line(missing, 1, "no device nobody is enrolled")

@@ -1,4 +1,4 @@
-"""`hub device enroll|revoke|history`, `hub devices` and `hub deploy`."""
+"""`hub device enroll|revoke|show|history`, `hub devices` and `hub deploy`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edge_agent.protocol import ProtocolError, StatusReport, read_report
@@ -23,6 +24,7 @@ from hub.cli._common import (
     key_column,
     out,
     resolve_ref,
+    rfc3339,
     run,
     show,
     utc_time,
@@ -75,6 +77,91 @@ def device_revoke(
 
     show(call(hub_config(home, nats_url), key, timeout, "device.revoke",
               {"device": device_id, "reason": reason}), as_json, render)
+
+
+def device_view(result: dict[str, Any]) -> dict[str, Any]:
+    """The `hub device show --json` document (docs/CLI-JSON.md): full digests, RFC 3339
+    times, null for what is not known."""
+    row, telemetry = result["device"], result["telemetry"]
+    assigned = ({"model": row["assigned_model"], "version": row["assigned_version"],
+                 "counter": row["counter"]} if row["assigned_model"] else None)
+    running = ({"model": row["model"], "version": row["version"], "digest": row["digest"]}
+               if row["model"] else None)
+    return {
+        "device": row["device"], "state": row["state"], "last_error": row["last_error"],
+        "enrolled_seq": row["enrolled_seq"], "updated": rfc3339(row["updated_ts"]),
+        "group": result["group"] or None, "tags": result["tags"],
+        "assigned": assigned, "running": running,
+        "trust_root_version": None,  # status reports do not carry it (yet)
+        "rollout": result["rollout"],
+        "telemetry": None if telemetry is None else {
+            "last_seen": rfc3339(telemetry["last_seen"]), "boot": telemetry["boot"],
+            "window_seq": telemetry["window_seq"], "inferences": telemetry["inferences"],
+            "errors": telemetry["errors"], "latency_ms_p95": telemetry["latency_ms_p95"]},
+        "reports": [{"seq": r["seq"], "time": rfc3339(r["ts"]), "event": r["kind"],
+                     "model": r["model"], "version": r["version"], "digest": r["digest"],
+                     "counter": r["counter"], "reason": r["reason"] or None}
+                    for r in result["reports"]],
+        "history": f"hub device history {row['device']}",
+    }
+
+
+@device_commands.command("show", epilog=examples(
+    'hub device show dev-1 --home hub-home',
+    'hub device show dev-1 --json --home hub-home',
+))
+def device_show(
+    device_id: str = typer.Argument(..., help="Device id."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """One device: its state, the release it was assigned and the one it last reported
+    running, the trust-root version it reported (devices do not report it yet: "not
+    reported"), group and tags, the active rollout it is in, its last status reports and
+    its telemetry (last window, totals). Every ledger event about it: `hub device
+    history`. --json prints the document of docs/CLI-JSON.md."""
+    view = device_view(call(hub_config(home, nats_url), key, timeout, "device.show",
+                            {"device": device_id}))
+
+    def render(v: dict[str, Any]) -> None:
+        state = v["state"]
+        color = {"applied": "green", "failed": "red", "reverted": "red",
+                 "revoked": "red"}.get(state, "yellow")
+        out.print(f"[bold]{escape(v['device'])}[/bold]  [{color}]{state}[/{color}]"
+                  + (f": {escape(v['last_error'])}" if v["last_error"] else ""))
+        run_ = v["running"]
+        out.print("  running:    " + (f"{run_['model']}/{run_['version']} (digest "
+                                      f"{run_['digest']})" if run_ else "nothing reported"),
+                  soft_wrap=True)
+        a = v["assigned"]
+        out.print("  assigned:   " + (f"{a['model']}/{a['version']} (counter {a['counter']})"
+                                      if a else "-"))
+        out.print("  trust root: " + (str(v["trust_root_version"])
+                                      if v["trust_root_version"] is not None
+                                      else "not reported"))
+        tags = ", ".join(f"{k}={val}" for k, val in sorted(v["tags"].items())) or "-"
+        out.print(f"  group:      {v['group'] or '-'}; tags: {escape(tags)}")
+        out.print(f"  rollout:    {v['rollout'] or '-'}")
+        t = v["telemetry"]
+        out.print("  telemetry:  " + (
+            f"last window {t['last_seen']} (seq {t['window_seq']}), p95 "
+            f"{t['latency_ms_p95']:.2f} ms; totals {t['inferences']:,} inferences, "
+            f"{t['errors']:,} errors" if t else "none yet"))
+        out.print(f"  enrolled at ledger seq {v['enrolled_seq']}; updated {v['updated']}")
+        if v["reports"]:
+            table = Table(key_column("seq", 4), "time (UTC)", "report", "model", "counter",
+                          "reason", title="last status reports")
+            for r in v["reports"]:
+                table.add_row(str(r["seq"]), r["time"] or "-",
+                              r["event"].removeprefix("device.update_"),
+                              f"{r['model']}/{r['version']}" if r["model"] else "-",
+                              str(r["counter"]), escape(r["reason"] or ""))
+            out.print(table)
+        else:
+            out.print("  no status reports yet")
+        out.print(f"history: {v['history']}")
+
+    show(view, as_json, render)
 
 
 @device_commands.command("history", epilog=examples(
