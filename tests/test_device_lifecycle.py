@@ -308,3 +308,35 @@ async def test_device_show_says_what_a_device_runs_its_tags_reports_and_telemetr
         assert words in flat, text.stdout
     missing = await world.hub("device", "show", "nobody")
     error_line(missing, 1, "no device nobody is enrolled")
+
+
+# ---------------------------------------------------------------- hub deploy --wait
+
+
+async def test_deploy_wait_exits_0_when_all_apply_1_when_any_fails_3_on_timeout(
+    world: World,
+) -> None:
+    helped = await world.hub("deploy", "--help")
+    flat = " ".join(helped.stdout.split())
+    assert "0 every device applied it, 1 any failed" in flat and "3 --wait-timeout" in flat
+
+    everyone = await world.hub_json("deploy", "kws/2", "--all", "--wait", "--interval", "0.2")
+    assert everyone["counts"]["applied"] == N and not everyone["timed_out"]
+    assert {d["state"] for d in everyone["devices"].values()} == {"applied"}
+
+    bad, good = world.sim.ids[:2]
+    world.sim.inject([bad], install_error=True, version="1")
+    mixed = await world.hub("deploy", "kws/1", "--device", bad, "--device", good, "--wait",
+                            "--interval", "0.2")
+    assert mixed.returncode == 1, mixed.stdout + mixed.stderr
+    text = " ".join(mixed.stdout.split())
+    assert "1 applied, 1 failed" in text and f"{bad}: failed" in text
+
+    # A device that never comes online: the wait gives up with exit 3.
+    enrolled = await world.hub("device", "enroll", "offline-1")
+    assert enrolled.returncode == 0, enrolled.stderr
+    stuck = await world.hub("deploy", "kws/1", "--device", "offline-1", "--wait",
+                            "--wait-timeout", "2", "--interval", "0.2", "--json")
+    assert stuck.returncode == 3, stuck.stdout + stuck.stderr
+    summary = json.loads(stuck.stdout)
+    assert summary["timed_out"] and summary["devices"]["offline-1"]["state"] == "pending"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hub.cli._common import (
     TIMEOUT,
     ago,
     call,
+    err,
     examples,
     hub_config,
     key_column,
@@ -267,9 +269,62 @@ def devices(
     show(run(hub_config(home, nats_url), key, timeout, fetch), as_json, render)
 
 
+# `hub deploy --wait` exit codes (also in its help).
+EXIT_DEPLOY_PENDING = 3  # the wait timed out with devices still pending
+SETTLED = ("applied", "failed", "reverted", "revoked")
+
+
+def deploy_summary(deployment: str, model: str, version: str, targets: list[str],
+                   rows: dict[str, dict[str, Any]], timed_out: bool) -> dict[str, Any]:
+    """Where each targeted device stands: `applied`, `failed`, `reverted`, `revoked` or
+    `pending` (no outcome of this release yet), with the reason of a failure."""
+    devices: dict[str, dict[str, Any]] = {}
+    for device in targets:
+        row = rows.get(device, {})
+        mine = (row.get("assigned_model"), row.get("assigned_version")) == (model, version)
+        state = row.get("state", "pending")
+        if state not in SETTLED or (not mine and state != "revoked"):
+            state = "pending"
+        devices[device] = {"state": state, "reason": row.get("last_error")
+                           if state in ("failed", "reverted", "revoked") else None}
+    counts = {s: sum(1 for d in devices.values() if d["state"] == s)
+              for s in (*SETTLED, "pending")}
+    return {"deployment": deployment, "model": model, "version": version,
+            "devices": devices, "counts": counts, "timed_out": timed_out}
+
+
+async def wait_for_outcomes(client: HubClient, result: dict[str, Any], model: str,
+                            version: str, wait_timeout: float, interval: float,
+                            progress: bool) -> dict[str, Any]:
+    """Poll `devices` until every device of the deployment has an outcome (or the wait
+    times out), with a progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    targets: list[str] = result["devices"]
+    deadline = asyncio.get_running_loop().time() + wait_timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), console=err,
+                  disable=not progress) as bar:
+        task = bar.add_task(f"{model}/{version}", total=len(targets), detail="")
+        while True:
+            page = await client.all_pages("devices", {"offset": 0})
+            rows = {r["device"]: r for r in page["devices"]}
+            now = asyncio.get_running_loop().time()
+            summary = deploy_summary(result["deployment"], model, version, targets, rows,
+                                     timed_out=now >= deadline)
+            c = summary["counts"]
+            bar.update(task, completed=len(targets) - c["pending"],
+                       detail=f"{c['applied']} applied, {c['failed']} failed, "
+                              f"{c['reverted']} reverted")
+            if not c["pending"] or summary["timed_out"]:
+                return summary
+            await asyncio.sleep(min(interval, max(deadline - now, 0.05)))
+
+
 @commands.command(epilog=examples(
     'hub deploy kws/1 --all --home hub-home',
     'hub deploy kws/2 --device dev-1 --device dev-2 --home hub-home',
+    'hub deploy kws/2 --all --wait --wait-timeout 300 --home hub-home',
     'hub deploy --model kws --version 1 --all --home hub-home    (the older spelling)',
 ))
 def deploy(
@@ -282,11 +337,22 @@ def deploy(
     all_devices: bool = typer.Option(False, "--all", help="Target every enrolled device "
                                      "(revoked devices are skipped; a revoked --device is "
                                      "refused)."),
+    wait: bool = typer.Option(False, "--wait", help="Then wait, with a progress bar, until "
+                              "every targeted device reports applied, failed or reverted, "
+                              "and print a summary (exit codes below)."),
+    wait_timeout: float = typer.Option(600.0, "--wait-timeout", min=0,
+                                       help="With --wait: give up after this many seconds."),
+    interval: float = typer.Option(1.0, "--interval", min=0.05,
+                                   help="With --wait: seconds between polls."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
     as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
     """Assign a released model version to devices (operator role): a signed assignment per
-    device goes into the KV bucket the agents watch, and each is recorded in the ledger."""
+    device goes into the KV bucket the agents watch, and each is recorded in the ledger.
+
+    With --wait the exit status says how it went: 0 every device applied it, 1 any
+    failed, reverted or was revoked meanwhile, 3 --wait-timeout passed with devices
+    still pending (2: a usage error, as everywhere)."""
     model, version = resolve_ref(ref, model, version)
     if bool(device) == all_devices:
         raise UsageError("give --device ID (one or more) or --all, not both")
@@ -298,4 +364,32 @@ def deploy(
                   f"device(s)" + (f"; {len(skipped)} revoked device(s) skipped"
                                   if skipped else "") + "; watch with `hub devices`")
 
-    show(call(hub_config(home, nats_url), key, timeout, "deploy", body), as_json, render)
+    config = hub_config(home, nats_url)
+    if not wait:
+        show(call(config, key, timeout, "deploy", body), as_json, render)
+        return
+
+    async def deploy_and_wait(client: HubClient) -> dict[str, Any]:
+        result = await client.call("deploy", body)
+        if not as_json:
+            render(result)
+        return await wait_for_outcomes(client, result, model, version, wait_timeout,
+                                       interval, progress=not as_json)
+
+    def render_summary(summary: dict[str, Any]) -> None:
+        c = summary["counts"]
+        out.print(f"{summary['deployment']}: {c['applied']} applied, {c['failed']} failed, "
+                  f"{c['reverted']} reverted, {c['revoked']} revoked, {c['pending']} pending"
+                  + (" (wait timed out)" if summary["timed_out"] else ""))
+        for device, d in sorted(summary["devices"].items()):
+            if d["state"] != "applied":
+                out.print(f"  {escape(device)}: {d['state']}"
+                          + (f": {escape(d['reason'])}" if d["reason"] else ""))
+
+    summary = show(run(config, key, timeout, deploy_and_wait), as_json,
+                   render_summary)
+    c = summary["counts"]
+    if c["pending"]:
+        raise typer.Exit(EXIT_DEPLOY_PENDING)
+    if c["applied"] != len(summary["devices"]):
+        raise typer.Exit(EXIT_REFUSED)
