@@ -340,3 +340,29 @@ async def test_deploy_wait_exits_0_when_all_apply_1_when_any_fails_3_on_timeout(
     assert stuck.returncode == 3, stuck.stdout + stuck.stderr
     summary = json.loads(stuck.stdout)
     assert summary["timed_out"] and summary["devices"]["offline-1"]["state"] == "pending"
+
+
+# ---------------------------------------------------------------- hub status
+
+
+async def test_status_summarises_the_fleet(world: World) -> None:
+    created = await world.hub_json("rollout", "create", "kws/2", "--target", "group=lab")
+    doc = await world.hub_json("status")
+    assert doc["devices"] == {"applied": N}
+    assert [(r["rollout"], r["state"]) for r in doc["rollouts"]] == [
+        (created["rollout"], "created")]
+    assert doc["nats"]["reachable"] and doc["database"] == {"reachable": True, "error": None}
+    assert {t["name"]: t["state"] for t in doc["tasks"]}.items() >= {
+        "reports": "running", "rollouts": "running", "checkpointer": "running"}.items()
+    assert all(RFC3339.fullmatch(t["since"]) for t in doc["tasks"])
+    assert doc["witnesses"] == []
+    if doc["checkpoint"] is not None:
+        assert RFC3339.fullmatch(doc["checkpoint"]["time"])
+        assert doc["checkpoint"]["witnesses"] == []
+    text = await world.hub("status")
+    assert text.returncode == 0, text.stderr
+    flat = " ".join(text.stdout.split())
+    for words in (f"devices: {N} ({N} applied)", "active rollouts: 1",
+                  f"{created['rollout']} kws/2 created", "NATS reachable, database reachable",
+                  "checkpoint:", "rollouts"):
+        assert words in flat, text.stdout
