@@ -366,3 +366,29 @@ async def test_status_summarises_the_fleet(world: World) -> None:
                   f"{created['rollout']} kws/2 created", "NATS reachable, database reachable",
                   "checkpoint:", "rollouts"):
         assert words in flat, text.stdout
+
+
+# ---------------------------------------------------------------- label selectors
+
+
+async def test_label_selectors_on_devices_and_rollout_create(world: World) -> None:
+    prod, lab = world.sim.ids[:N // 2], world.sim.ids[N // 2:]
+    page = await world.hub_json("devices", "-l", "group=prod,site=a")
+    assert [d["device"] for d in page["devices"]] == prod
+    assert page["device_count"] == len(prod) and page["states"] == {"applied": len(prod)}
+    by_tag = await world.hub_json("devices", "--selector", "site=b", "--state", "applied")
+    assert [d["device"] for d in by_tag["devices"]] == lab
+    none = await world.hub_json("devices", "-l", "group=prod,site=b")
+    assert none["devices"] == [] and none["device_count"] == 0
+    text = await world.hub("devices", "-l", "group=lab")
+    assert text.returncode == 0 and all(d in text.stdout for d in lab)
+    assert not any(d in text.stdout for d in prod)
+
+    created = await world.hub_json("rollout", "create", "kws/2", "-l", "group=lab,site=b")
+    assert created["devices"] == len(lab)
+    status = await world.call("rollout.status", {"rollout": created["rollout"],
+                                                 "devices": True})
+    assert sorted(d["device"] for d in status["devices"]) == lab
+    assert status["rollout"]["target"] == "group=lab,tag:site=b"
+    bad = await world.hub("devices", "-l", "group")
+    error_line(bad, 1, "invalid label 'group'", "KEY=VALUE")

@@ -222,10 +222,15 @@ def device_history(
     'hub devices --home hub-home',
     'hub devices --state failed --home hub-home',
     'hub devices --all --json --home hub-home',
+    'hub devices -l group=prod,site=a --home hub-home',
 ))
 def devices(
     state: str | None = typer.Option(None, "--state", help="Only devices in this state "
                                      "(enrolled, assigned, applied, failed, reverted, revoked)."),
+    labels: str | None = typer.Option(
+        None, "-l", "--selector", help="Only devices with these labels: KEY=VALUE joined by "
+        "commas (AND); `group` is the device's group, other keys its tags "
+        "(`hub device tag`)."),
     limit: int = typer.Option(100, "--limit", min=1, max=500, help="Devices per page."),
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
     every: bool = typer.Option(False, "--all", help="Every device, page after page."),
@@ -238,6 +243,8 @@ def devices(
     body: dict[str, Any] = {"limit": limit, "offset": offset}
     if state is not None:
         body["state"] = state
+    if labels is not None:
+        body["labels"] = labels
 
     async def fetch(client: HubClient) -> dict[str, Any]:
         page = await (client.all_pages("devices", body) if every

@@ -96,6 +96,7 @@ def device_tag(
     'hub rollout create kws/2 --home hub-home',
     "hub rollout create kws/2 --target group=lab,tag:site=a --waves 1,50%,100% "
     "--max-p95-ms 20 --auto-rollback --home hub-home",
+    'hub rollout create kws/2 -l group=prod,site=a --home hub-home',
     'hub rollout create --model kws --version 2 --home hub-home    (the older spelling)',
 ))
 def rollout_create(
@@ -107,6 +108,9 @@ def rollout_create(
     target: str = typer.Option(
         "all", "--target",
         help="Devices: all | group=G | tag:K=V | device=ID|ID, joined by commas (AND)."),
+    labels: str | None = typer.Option(
+        None, "-l", "--selector", help="Also only devices with these labels: KEY=VALUE "
+        "joined by commas (AND); `group` is the group, other keys tags."),
     waves: str = typer.Option("1%,10%,50%,100%", "--waves",
                               help="Cumulative shares or counts; the last must be 100%."),
     min_success: float = typer.Option(0.95, "--min-success",
@@ -139,6 +143,8 @@ def rollout_create(
         "deadline": deadline, "auto_rollback": auto_rollback,
         "min_inferences": min_inferences,
     }
+    if labels is not None:
+        body["labels"] = labels
     for name, value in (("max_error_rate", max_error_rate), ("max_p95_ms", max_p95_ms),
                         ("max_psi", max_psi)):
         if value is not None:

@@ -20,6 +20,7 @@ from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Verbs
 from hub.devices import state as device_state
 from hub.rollouts import state as rollout_state
+from hub.rollouts.rules import label_clauses, parse_selector
 from ledger.encoding import canonical_encode
 from ledger.storage import query
 
@@ -47,9 +48,23 @@ class DeviceReads:
         body = Body(cmd.body)
         limit = body.whole_number("limit", DEVICES_PAGE, 1, DEVICES_PAGE)
         offset = body.whole_number("offset", 0, 0, None)
+        labels = cmd.body.get("labels")
+        if labels is not None and not isinstance(labels, str):
+            raise CommandError("'labels' must be text: KEY=VALUE,...")
         with self.engine.connect() as conn:
-            rows = device_state.list_devices(conn, state, offset, limit + 1)
-            states = device_state.device_states(conn)
+            if labels:
+                # Only devices whose group and tags match (`group=prod,site=a`).
+                selector = parse_selector(label_clauses(labels))
+                tags = rollout_state.device_tags(conn)
+                matched = [r for r in device_state.list_devices(conn, state)
+                           if selector.matches(r["device"], *tags.get(r["device"], ("", {})))]
+                rows = matched[offset:offset + limit + 1]
+                states: dict[str, int] = {}  # of the matching devices
+                for r in matched:
+                    states[r["state"]] = states.get(r["state"], 0) + 1
+            else:
+                rows = device_state.list_devices(conn, state, offset, limit + 1)
+                states = device_state.device_states(conn)
         more = len(rows) > limit
         kept: list[dict[str, Any]] = []
         size = 0

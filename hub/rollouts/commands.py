@@ -133,7 +133,11 @@ class RolloutCommands:
         name, version = fields.text("model"), fields.text("version")
         release = require_release(conn, name, version)
         require_transition("deploy", release)
-        selector = ro.parse_selector(fields.text("target"))
+        target = fields.text("target")
+        labels = body.get("labels")
+        if labels:
+            target = f"{target},{ro.label_clauses(str(labels))}"
+        selector = ro.parse_selector(target)
         waves = ro.parse_waves(body.get("waves", "100%"))
         policy = ro.Policy(
             min_success=fields.number("min_success", ro.Policy.min_success),

@@ -142,6 +142,23 @@ def parse_selector(text: str) -> Selector:
     return Selector(canonical, group, tuple(sorted(tags)), devices)
 
 
+def label_clauses(text: str) -> str:
+    """Label selector `group=prod,site=a` (comma = AND; `group` is the device's group,
+    any other key a tag) as target clauses: `group=prod,tag:site=a`."""
+    clauses = []
+    for item in (c.strip() for c in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RolloutError(f"invalid label {item!r}: use KEY=VALUE, e.g. group=prod,site=a")
+        key, value = key.strip(), value.strip()
+        clauses.append(f"group={value}" if key == "group" else f"tag:{key}={value}")
+    if not clauses:
+        raise RolloutError("empty label selector: use KEY=VALUE, e.g. group=prod,site=a")
+    return ",".join(clauses)
+
+
 # ---------------------------------------------------------------- waves
 
 
