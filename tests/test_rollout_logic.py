@@ -76,8 +76,11 @@ def test_transitions_name_what_is_allowed() -> None:
     with pytest.raises(ro.RolloutError, match="cannot resume rollout r-1: it is running; "
                                               "allowed now: pause, abort, rollback"):
         ro.check_transition("resume", ro.RUNNING, "r-1")
-    with pytest.raises(ro.RolloutError, match="nothing more can happen"):
+    with pytest.raises(ro.RolloutError, match="cannot start rollout r-1: it is aborted; "
+                                              "allowed now: rollback"):
         ro.check_transition("start", ro.ABORTED, "r-1")
+    with pytest.raises(ro.RolloutError, match="nothing more can happen"):
+        ro.check_transition("start", ro.ROLLED_BACK, "r-1")
 
 
 def wave(index: int, state: str, states: list[str], started: int = NOW,

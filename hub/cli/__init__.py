@@ -47,10 +47,11 @@ def _root(version: bool = version_option("hub")) -> None:
 device_app = typer.Typer(
     help="Enroll devices; what each device said it ran.", no_args_is_help=True,
     epilog=examples("hub device enroll dev-1 --home hub-home",
+                    "hub device show dev-1 --home hub-home",
                     "hub device history dev-1 --home hub-home",
                     "hub device tag dev-1 --group lab --tag site=a --home hub-home",
                     "hub device revoke dev-1 --reason lost --home hub-home"))
-device_app.add_typer(devices.device_commands)  # enroll, revoke, history
+device_app.add_typer(devices.device_commands)  # enroll, revoke, show, history
 device_app.add_typer(rollouts.device_commands)  # tag
 
 # In the order `hub --help` lists them; a Typer added without a name adds its commands.

@@ -52,6 +52,7 @@ __all__ = [
     "package_version",
     "print_json",
     "resolve_ref",
+    "rfc3339",
     "run",
     "show",
     "utc_time",
@@ -191,6 +192,16 @@ def utc_time(ts_ns: int | None) -> str:
     if not ts_ns:
         return "-"
     return dt.datetime.fromtimestamp(ts_ns / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def rfc3339(ts_ns: int | None) -> str | None:
+    """An RFC 3339 UTC time with microseconds (`2025-01-31T12:00:00.123456Z`) for
+    --json output; None for "never" (0 or None)."""
+    if not ts_ns:
+        return None
+    seconds, rest = divmod(int(ts_ns), 1_000_000_000)
+    when = dt.datetime.fromtimestamp(seconds, dt.UTC).replace(microsecond=rest // 1000)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def ago(ts_ns: int | None) -> str:

@@ -1,11 +1,13 @@
-"""`hub device enroll|revoke|history`, `hub devices` and `hub deploy`."""
+"""`hub device enroll|revoke|show|history`, `hub devices` and `hub deploy`."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edge_agent.protocol import ProtocolError, StatusReport, read_report
@@ -18,11 +20,13 @@ from hub.cli._common import (
     TIMEOUT,
     ago,
     call,
+    err,
     examples,
     hub_config,
     key_column,
     out,
     resolve_ref,
+    rfc3339,
     run,
     show,
     utc_time,
@@ -75,6 +79,91 @@ def device_revoke(
 
     show(call(hub_config(home, nats_url), key, timeout, "device.revoke",
               {"device": device_id, "reason": reason}), as_json, render)
+
+
+def device_view(result: dict[str, Any]) -> dict[str, Any]:
+    """The `hub device show --json` document (docs/CLI-JSON.md): full digests, RFC 3339
+    times, null for what is not known."""
+    row, telemetry = result["device"], result["telemetry"]
+    assigned = ({"model": row["assigned_model"], "version": row["assigned_version"],
+                 "counter": row["counter"]} if row["assigned_model"] else None)
+    running = ({"model": row["model"], "version": row["version"], "digest": row["digest"]}
+               if row["model"] else None)
+    return {
+        "device": row["device"], "state": row["state"], "last_error": row["last_error"],
+        "enrolled_seq": row["enrolled_seq"], "updated": rfc3339(row["updated_ts"]),
+        "group": result["group"] or None, "tags": result["tags"],
+        "assigned": assigned, "running": running,
+        "trust_root_version": None,  # status reports do not carry it (yet)
+        "rollout": result["rollout"],
+        "telemetry": None if telemetry is None else {
+            "last_seen": rfc3339(telemetry["last_seen"]), "boot": telemetry["boot"],
+            "window_seq": telemetry["window_seq"], "inferences": telemetry["inferences"],
+            "errors": telemetry["errors"], "latency_ms_p95": telemetry["latency_ms_p95"]},
+        "reports": [{"seq": r["seq"], "time": rfc3339(r["ts"]), "event": r["kind"],
+                     "model": r["model"], "version": r["version"], "digest": r["digest"],
+                     "counter": r["counter"], "reason": r["reason"] or None}
+                    for r in result["reports"]],
+        "history": f"hub device history {row['device']}",
+    }
+
+
+@device_commands.command("show", epilog=examples(
+    'hub device show dev-1 --home hub-home',
+    'hub device show dev-1 --json --home hub-home',
+))
+def device_show(
+    device_id: str = typer.Argument(..., help="Device id."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """One device: its state, the release it was assigned and the one it last reported
+    running, the trust-root version it reported (devices do not report it yet: "not
+    reported"), group and tags, the active rollout it is in, its last status reports and
+    its telemetry (last window, totals). Every ledger event about it: `hub device
+    history`. --json prints the document of docs/CLI-JSON.md."""
+    view = device_view(call(hub_config(home, nats_url), key, timeout, "device.show",
+                            {"device": device_id}))
+
+    def render(v: dict[str, Any]) -> None:
+        state = v["state"]
+        color = {"applied": "green", "failed": "red", "reverted": "red",
+                 "revoked": "red"}.get(state, "yellow")
+        out.print(f"[bold]{escape(v['device'])}[/bold]  [{color}]{state}[/{color}]"
+                  + (f": {escape(v['last_error'])}" if v["last_error"] else ""))
+        run_ = v["running"]
+        out.print("  running:    " + (f"{run_['model']}/{run_['version']} (digest "
+                                      f"{run_['digest']})" if run_ else "nothing reported"),
+                  soft_wrap=True)
+        a = v["assigned"]
+        out.print("  assigned:   " + (f"{a['model']}/{a['version']} (counter {a['counter']})"
+                                      if a else "-"))
+        out.print("  trust root: " + (str(v["trust_root_version"])
+                                      if v["trust_root_version"] is not None
+                                      else "not reported"))
+        tags = ", ".join(f"{k}={val}" for k, val in sorted(v["tags"].items())) or "-"
+        out.print(f"  group:      {v['group'] or '-'}; tags: {escape(tags)}")
+        out.print(f"  rollout:    {v['rollout'] or '-'}")
+        t = v["telemetry"]
+        out.print("  telemetry:  " + (
+            f"last window {t['last_seen']} (seq {t['window_seq']}), p95 "
+            f"{t['latency_ms_p95']:.2f} ms; totals {t['inferences']:,} inferences, "
+            f"{t['errors']:,} errors" if t else "none yet"))
+        out.print(f"  enrolled at ledger seq {v['enrolled_seq']}; updated {v['updated']}")
+        if v["reports"]:
+            table = Table(key_column("seq", 4), "time (UTC)", "report", "model", "counter",
+                          "reason", title="last status reports")
+            for r in v["reports"]:
+                table.add_row(str(r["seq"]), r["time"] or "-",
+                              r["event"].removeprefix("device.update_"),
+                              f"{r['model']}/{r['version']}" if r["model"] else "-",
+                              str(r["counter"]), escape(r["reason"] or ""))
+            out.print(table)
+        else:
+            out.print("  no status reports yet")
+        out.print(f"history: {v['history']}")
+
+    show(view, as_json, render)
 
 
 @device_commands.command("history", epilog=examples(
@@ -133,10 +222,15 @@ def device_history(
     'hub devices --home hub-home',
     'hub devices --state failed --home hub-home',
     'hub devices --all --json --home hub-home',
+    'hub devices -l group=prod,site=a --home hub-home',
 ))
 def devices(
     state: str | None = typer.Option(None, "--state", help="Only devices in this state "
                                      "(enrolled, assigned, applied, failed, reverted, revoked)."),
+    labels: str | None = typer.Option(
+        None, "-l", "--selector", help="Only devices with these labels: KEY=VALUE joined by "
+        "commas (AND); `group` is the device's group, other keys its tags "
+        "(`hub device tag`)."),
     limit: int = typer.Option(100, "--limit", min=1, max=500, help="Devices per page."),
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
     every: bool = typer.Option(False, "--all", help="Every device, page after page."),
@@ -149,6 +243,8 @@ def devices(
     body: dict[str, Any] = {"limit": limit, "offset": offset}
     if state is not None:
         body["state"] = state
+    if labels is not None:
+        body["labels"] = labels
 
     async def fetch(client: HubClient) -> dict[str, Any]:
         page = await (client.all_pages("devices", body) if every
@@ -180,9 +276,62 @@ def devices(
     show(run(hub_config(home, nats_url), key, timeout, fetch), as_json, render)
 
 
+# `hub deploy --wait` exit codes (also in its help).
+EXIT_DEPLOY_PENDING = 3  # the wait timed out with devices still pending
+SETTLED = ("applied", "failed", "reverted", "revoked")
+
+
+def deploy_summary(deployment: str, model: str, version: str, targets: list[str],
+                   rows: dict[str, dict[str, Any]], timed_out: bool) -> dict[str, Any]:
+    """Where each targeted device stands: `applied`, `failed`, `reverted`, `revoked` or
+    `pending` (no outcome of this release yet), with the reason of a failure."""
+    devices: dict[str, dict[str, Any]] = {}
+    for device in targets:
+        row = rows.get(device, {})
+        mine = (row.get("assigned_model"), row.get("assigned_version")) == (model, version)
+        state = row.get("state", "pending")
+        if state not in SETTLED or (not mine and state != "revoked"):
+            state = "pending"
+        devices[device] = {"state": state, "reason": row.get("last_error")
+                           if state in ("failed", "reverted", "revoked") else None}
+    counts = {s: sum(1 for d in devices.values() if d["state"] == s)
+              for s in (*SETTLED, "pending")}
+    return {"deployment": deployment, "model": model, "version": version,
+            "devices": devices, "counts": counts, "timed_out": timed_out}
+
+
+async def wait_for_outcomes(client: HubClient, result: dict[str, Any], model: str,
+                            version: str, wait_timeout: float, interval: float,
+                            progress: bool) -> dict[str, Any]:
+    """Poll `devices` until every device of the deployment has an outcome (or the wait
+    times out), with a progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    targets: list[str] = result["devices"]
+    deadline = asyncio.get_running_loop().time() + wait_timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), console=err,
+                  disable=not progress) as bar:
+        task = bar.add_task(f"{model}/{version}", total=len(targets), detail="")
+        while True:
+            page = await client.all_pages("devices", {"offset": 0})
+            rows = {r["device"]: r for r in page["devices"]}
+            now = asyncio.get_running_loop().time()
+            summary = deploy_summary(result["deployment"], model, version, targets, rows,
+                                     timed_out=now >= deadline)
+            c = summary["counts"]
+            bar.update(task, completed=len(targets) - c["pending"],
+                       detail=f"{c['applied']} applied, {c['failed']} failed, "
+                              f"{c['reverted']} reverted")
+            if not c["pending"] or summary["timed_out"]:
+                return summary
+            await asyncio.sleep(min(interval, max(deadline - now, 0.05)))
+
+
 @commands.command(epilog=examples(
     'hub deploy kws/1 --all --home hub-home',
     'hub deploy kws/2 --device dev-1 --device dev-2 --home hub-home',
+    'hub deploy kws/2 --all --wait --wait-timeout 300 --home hub-home',
     'hub deploy --model kws --version 1 --all --home hub-home    (the older spelling)',
 ))
 def deploy(
@@ -192,17 +341,62 @@ def deploy(
     version: str | None = typer.Option(None, "--version", help="Model version (must be "
                                        "released)."),
     device: list[str] = typer.Option([], "--device", help="Target device (repeatable)."),
-    all_devices: bool = typer.Option(False, "--all", help="Target every enrolled device."),
+    all_devices: bool = typer.Option(False, "--all", help="Target every enrolled device "
+                                     "(revoked devices are skipped; a revoked --device is "
+                                     "refused)."),
+    wait: bool = typer.Option(False, "--wait", help="Then wait, with a progress bar, until "
+                              "every targeted device reports applied, failed or reverted, "
+                              "and print a summary (exit codes below)."),
+    wait_timeout: float = typer.Option(600.0, "--wait-timeout", min=0,
+                                       help="With --wait: give up after this many seconds."),
+    interval: float = typer.Option(1.0, "--interval", min=0.05,
+                                   help="With --wait: seconds between polls."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
     as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
     """Assign a released model version to devices (operator role): a signed assignment per
-    device goes into the KV bucket the agents watch, and each is recorded in the ledger."""
+    device goes into the KV bucket the agents watch, and each is recorded in the ledger.
+
+    With --wait the exit status says how it went: 0 every device applied it, 1 any
+    failed, reverted or was revoked meanwhile, 3 --wait-timeout passed with devices
+    still pending (2: a usage error, as everywhere)."""
     model, version = resolve_ref(ref, model, version)
     if bool(device) == all_devices:
         raise UsageError("give --device ID (one or more) or --all, not both")
     body: dict[str, Any] = {"model": model, "version": version}
     body.update({"all": True} if all_devices else {"devices": device})
-    show(call(hub_config(home, nats_url), key, timeout, "deploy", body), as_json,
-         lambda r: out.print(f"{r['deployment']}: {model}/{version} assigned to "
-                             f"{len(r['devices'])} device(s); watch with `hub devices`"))
+    def render(r: dict[str, Any]) -> None:
+        skipped = r.get("skipped_revoked") or []
+        out.print(f"{r['deployment']}: {model}/{version} assigned to {len(r['devices'])} "
+                  f"device(s)" + (f"; {len(skipped)} revoked device(s) skipped"
+                                  if skipped else "") + "; watch with `hub devices`")
+
+    config = hub_config(home, nats_url)
+    if not wait:
+        show(call(config, key, timeout, "deploy", body), as_json, render)
+        return
+
+    async def deploy_and_wait(client: HubClient) -> dict[str, Any]:
+        result = await client.call("deploy", body)
+        if not as_json:
+            render(result)
+        return await wait_for_outcomes(client, result, model, version, wait_timeout,
+                                       interval, progress=not as_json)
+
+    def render_summary(summary: dict[str, Any]) -> None:
+        c = summary["counts"]
+        out.print(f"{summary['deployment']}: {c['applied']} applied, {c['failed']} failed, "
+                  f"{c['reverted']} reverted, {c['revoked']} revoked, {c['pending']} pending"
+                  + (" (wait timed out)" if summary["timed_out"] else ""))
+        for device, d in sorted(summary["devices"].items()):
+            if d["state"] != "applied":
+                out.print(f"  {escape(device)}: {d['state']}"
+                          + (f": {escape(d['reason'])}" if d["reason"] else ""))
+
+    summary = show(run(config, key, timeout, deploy_and_wait), as_json,
+                   render_summary)
+    c = summary["counts"]
+    if c["pending"]:
+        raise typer.Exit(EXIT_DEPLOY_PENDING)
+    if c["applied"] != len(summary["devices"]):
+        raise typer.Exit(EXIT_REFUSED)

@@ -96,6 +96,7 @@ def device_tag(
     'hub rollout create kws/2 --home hub-home',
     "hub rollout create kws/2 --target group=lab,tag:site=a --waves 1,50%,100% "
     "--max-p95-ms 20 --auto-rollback --home hub-home",
+    'hub rollout create kws/2 -l group=prod,site=a --home hub-home',
     'hub rollout create --model kws --version 2 --home hub-home    (the older spelling)',
 ))
 def rollout_create(
@@ -107,6 +108,9 @@ def rollout_create(
     target: str = typer.Option(
         "all", "--target",
         help="Devices: all | group=G | tag:K=V | device=ID|ID, joined by commas (AND)."),
+    labels: str | None = typer.Option(
+        None, "-l", "--selector", help="Also only devices with these labels: KEY=VALUE "
+        "joined by commas (AND); `group` is the group, other keys tags."),
     waves: str = typer.Option("1%,10%,50%,100%", "--waves",
                               help="Cumulative shares or counts; the last must be 100%."),
     min_success: float = typer.Option(0.95, "--min-success",
@@ -139,14 +143,18 @@ def rollout_create(
         "deadline": deadline, "auto_rollback": auto_rollback,
         "min_inferences": min_inferences,
     }
+    if labels is not None:
+        body["labels"] = labels
     for name, value in (("max_error_rate", max_error_rate), ("max_p95_ms", max_p95_ms),
                         ("max_psi", max_psi)):
         if value is not None:
             body[name] = value
     show(call(hub_config(home, nats_url), key, timeout, "rollout.create", body), as_json,
          lambda r: out.print(f"{r['rollout']}: {model}/{version} to {r['devices']} device(s) "
-                             f"in waves of {', '.join(map(str, r['waves']))}; start it with "
-                             f"`hub rollout start {r['rollout']}`"))
+                             f"in waves of {', '.join(map(str, r['waves']))}"
+                             + (f" ({r['skipped_revoked']} revoked device(s) left out)"
+                                if r.get("skipped_revoked") else "")
+                             + f"; start it with `hub rollout start {r['rollout']}`"))
 
 
 TRANSITION_EXAMPLES = {
@@ -193,9 +201,12 @@ def _transition(verb: str, doc: str) -> None:
 _transition("start", "Start a created rollout: the controller assigns wave 1.")
 _transition("pause", "Pause: no new wave starts, nothing is halted.")
 _transition("resume", "Resume a paused rollout.")
-_transition("abort", "Abort: no more waves; devices keep what they run now.")
+_transition("abort", "Abort: no more waves; devices keep what they run now. To give "
+                     "the devices that took the new release their previous one, run "
+                     "`hub rollout rollback` afterwards.")
 _transition("rollback", "Roll back: devices that took the new release get the one they "
-                        "ran before.")
+                        "ran before (also after an abort or completion; devices given "
+                        "another release since, and revoked ones, are skipped and listed).")
 
 
 @rollout_app.command("list", epilog=examples(

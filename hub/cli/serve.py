@@ -31,6 +31,7 @@ from hub.cli._common import (
     examples,
     hub_config,
     out,
+    rfc3339,
     run,
     show,
     wait_for_port,
@@ -157,9 +158,36 @@ def status(
         0.0, "--wait", min=0, help="Retry for up to this many seconds while NATS or the hub "
         "is not up yet (exit 3 if it never answers); for scripts that just started them."),
 ) -> None:
-    """Show the ledger head as the running hub sees it."""
+    """The fleet at a glance, as the running hub sees it: devices by state, active
+    rollouts, the ledger head, the last checkpoint's age and the witnesses that cosigned
+    it, whether NATS and the database answer, refused reports, and the state of each
+    background task. --json: the document of docs/CLI-JSON.md."""
     def render(result: dict[str, Any]) -> None:
+        states = result.get("devices") or {}
+        out.print(f"devices: {sum(states.values()):,}"
+                  + (" (" + ", ".join(f"{n:,} {escape(s)}" for s, n in sorted(states.items()))
+                     + ")" if states else ""), highlight=False)
+        rollouts = result.get("rollouts") or []
+        out.print(f"active rollouts: {len(rollouts)}"
+                  + "".join(f"\n  {r['rollout']} {escape(r['model'])}/{escape(r['version'])}"
+                            f" {r['state']} (wave {r['wave']}, target {escape(r['target'])})"
+                            for r in rollouts), highlight=False)
         out.print(f"ledger: {result['entries']} entries, head {result['head'] or '-'}")
+        cp = result.get("checkpoint")
+        listed = result.get("witnesses") or []
+        if cp is None:
+            out.print("checkpoint: none signed yet")
+        else:
+            cosigned = ", ".join(map(escape, cp["witnesses"])) or "no witness"
+            out.print(f"checkpoint: tree size {cp['size']}, signed {cp['age_s']:.0f}s ago, "
+                      f"cosigned by {cosigned} ({len(listed)} witness(es) listed)",
+                      highlight=False)
+        reachable = {True: "[green]reachable[/green]", False: "[red]UNREACHABLE[/red]"}
+        db, nats = result.get("database") or {}, result.get("nats") or {}
+        if db or nats:
+            out.print(f"NATS {reachable[bool(nats.get('reachable'))]}, database "
+                      f"{reachable[bool(db.get('reachable'))]}"
+                      + (f" ({escape(db['error'])})" if db.get("error") else ""))
         reasons = result.get("refused_by_reason") or {}
         detail = ", ".join(f"{escape(str(k))} {v}" for k, v in sorted(reasons.items()))
         out.print(f"refused reports since start: {result['refused_reports']}"
@@ -188,7 +216,19 @@ def status(
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
+    if as_json:
+        result = status_document(result)
     show(result, as_json, render)
+
+
+def status_document(result: dict[str, Any]) -> dict[str, Any]:
+    """`hub status --json` (docs/CLI-JSON.md): RFC 3339 times, the rest as the hub said."""
+    cp = result.get("checkpoint")
+    tasks = [{**t, "since": rfc3339(int(t["since"] * 1e9))} for t in result.get("tasks") or []]
+    return {**result, "tasks": tasks,
+            "checkpoint": None if cp is None else {
+                "size": cp["size"], "time": rfc3339(cp["ts"]), "age_s": cp["age_s"],
+                "witnesses": cp["witnesses"]}}
 
 
 @commands.command(epilog=examples(

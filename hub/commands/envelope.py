@@ -59,7 +59,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
 }
 READ_VERBS: Final = frozenset(
     {"status", "models", "model.show", "model.history", "devices", "operators", "whoami",
-     "keys", "device.history", "rollouts", "rollout.status", "telemetry"}
+     "keys", "device.history", "device.show", "rollouts", "rollout.status", "telemetry"}
 )
 
 

@@ -71,8 +71,8 @@ class AssignmentIssuer:
         signers = self.signers() if devices else []
         for device in devices:
             row = rows.get(device)
-            if row is None:
-                continue
+            if row is None or row["state"] == device_state.REVOKED:
+                continue  # a revoked device is never assigned anything
             counter = int(row["counter"]) + 1
             envelope = self.sign(proto.Assignment(
                 device=device, model=release["name"], version=release["version"],
@@ -104,7 +104,8 @@ class AssignmentIssuer:
         devices = {d["device"]: d for d in device_state.list_devices(conn)}
         for device, last in sorted(current_assignments(conn).items()):
             row = devices.get(device)
-            if (row is None or row["counter"] != last.get("counter")
+            if (row is None or row["state"] == device_state.REVOKED
+                    or row["counter"] != last.get("counter")
                     or not isinstance(last.get("assignment"), bytes)):
                 continue
             release = governance.get_release(conn, last["model"], last["version"])

@@ -34,13 +34,27 @@ class DeployCommands:
             raise CommandError("name at least one --device, or use --all")
         release = require_release(conn, name, version)
         require_transition("deploy", release)
-        known = {d["device"] for d in device_state.list_devices(conn) if d["state"] != REVOKED}
-        targets = sorted(known) if all_devices else list(dict.fromkeys(wanted))
-        unknown = [d for d in targets if d not in known]
-        if unknown:
-            raise CommandError(f"unknown device(s): {', '.join(unknown)}; enroll them first")
+        states = {d["device"]: d["state"] for d in device_state.list_devices(conn)}
+        # Revoked devices are never deployed to: named, the deploy is refused; --all
+        # skips them (and says how many).
+        revoked = sorted(d for d, state in states.items() if state == REVOKED)
+        if all_devices:
+            targets = sorted(d for d in states if states[d] != REVOKED)
+        else:
+            targets = list(dict.fromkeys(wanted))
+            unknown = [d for d in targets if d not in states]
+            if unknown:
+                raise CommandError(
+                    f"unknown device(s): {', '.join(unknown)}; enroll them first")
+            named = [d for d in targets if states[d] == REVOKED]
+            if named:
+                raise CommandError(
+                    f"device(s) {', '.join(named)} are revoked and never get a deployment; "
+                    "leave them out (`hub devices --state revoked` lists them)")
+            revoked = []
         if not targets:
-            raise CommandError("no devices are enrolled")
+            raise CommandError("no devices are enrolled" + (
+                f" that are not revoked ({len(revoked)} revoked)" if revoked else ""))
         # A direct deploy must not pull a device out from under a running rollout.
         refuse_busy(conn, targets, "let it finish, or `hub rollout abort {owner}` first")
         deployment = f"dep-{next_seq(conn)}"
@@ -54,4 +68,5 @@ class DeployCommands:
             await write_all(self.effects.put_assignment, issued.writes)
 
         return Outcome([created, *issued.events], {"deployment": deployment,
-                                                   "devices": targets}, [deliver])
+                                                   "devices": targets,
+                                                   "skipped_revoked": revoked}, [deliver])

@@ -1,12 +1,13 @@
-"""Read verbs about devices: `devices` (one page of the fleet) and `device.history`
-(every ledger event about a device, with its enrolled key), and the check of a
-recorded report's signature that `hub device history` shows."""
+"""Read verbs about devices: `devices` (one page of the fleet), `device.show` (one
+device: state, what it runs, tags, last reports, telemetry) and `device.history` (every
+ledger event about a device, with its enrolled key), and the check of a recorded
+report's signature that `hub device history` shows."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, select
 
 from edge_agent.protocol import (
     ProtocolError,
@@ -18,6 +19,8 @@ from hub import events as ev
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Verbs
 from hub.devices import state as device_state
+from hub.rollouts import state as rollout_state
+from hub.rollouts.rules import label_clauses, parse_selector
 from ledger.encoding import canonical_encode
 from ledger.storage import query
 
@@ -32,7 +35,8 @@ class DeviceReads:
         self.engine = engine
 
     def handlers(self) -> Verbs:
-        return Verbs(reads={"devices": self.devices, "device.history": self.history})
+        return Verbs(reads={"devices": self.devices, "device.show": self.show,
+                            "device.history": self.history})
 
     def devices(self, cmd: VerifiedCommand) -> Any:
         """One page of the fleet (a 1,000-device fleet is over the reply size limit in
@@ -44,9 +48,23 @@ class DeviceReads:
         body = Body(cmd.body)
         limit = body.whole_number("limit", DEVICES_PAGE, 1, DEVICES_PAGE)
         offset = body.whole_number("offset", 0, 0, None)
+        labels = cmd.body.get("labels")
+        if labels is not None and not isinstance(labels, str):
+            raise CommandError("'labels' must be text: KEY=VALUE,...")
         with self.engine.connect() as conn:
-            rows = device_state.list_devices(conn, state, offset, limit + 1)
-            states = device_state.device_states(conn)
+            if labels:
+                # Only devices whose group and tags match (`group=prod,site=a`).
+                selector = parse_selector(label_clauses(labels))
+                tags = rollout_state.device_tags(conn)
+                matched = [r for r in device_state.list_devices(conn, state)
+                           if selector.matches(r["device"], *tags.get(r["device"], ("", {})))]
+                rows = matched[offset:offset + limit + 1]
+                states: dict[str, int] = {}  # of the matching devices
+                for r in matched:
+                    states[r["state"]] = states.get(r["state"], 0) + 1
+            else:
+                rows = device_state.list_devices(conn, state, offset, limit + 1)
+                states = device_state.device_states(conn)
         more = len(rows) > limit
         kept: list[dict[str, Any]] = []
         size = 0
@@ -63,6 +81,41 @@ class DeviceReads:
     def history(self, cmd: VerifiedCommand) -> Any:
         with self.engine.connect() as conn:
             return device_history(conn, cmd.body.get("device"))
+
+    def show(self, cmd: VerifiedCommand) -> Any:
+        with self.engine.connect() as conn:
+            return device_show(conn, cmd.body.get("device"))
+
+
+REPORT_KINDS = (ev.DEVICE_UPDATE_APPLIED, ev.DEVICE_UPDATE_FAILED, ev.DEVICE_UPDATE_REVERTED)
+LAST_REPORTS = 5
+
+
+def device_show(conn: Connection, device: Any) -> dict[str, Any]:
+    """One device for `hub device show`: its row (state, assigned and running release),
+    group and tags, its telemetry counters, the active rollout it is in, and its last
+    LAST_REPORTS status reports as the ledger recorded them (times: hub ns)."""
+    if not isinstance(device, str):
+        raise CommandError("missing 'device'")
+    check_device_id(device)
+    row = device_state.get_device(conn, device)
+    if row is None:
+        raise CommandError(f"no device {device} is enrolled; see `hub devices`")
+    group, tags = rollout_state.device_tags(conn).get(device, ("", {}))
+    t = device_state.TELEMETRY
+    telemetry = conn.execute(select(t).where(t.c.device == device)).mappings().first()
+    reports = query.select_entries(
+        conn, query.EntryFilter(subject=ev.device_subject(device), kinds=REPORT_KINDS),
+        limit=LAST_REPORTS, newest=True)
+    return {
+        "device": row, "group": group, "tags": tags,
+        "telemetry": dict(telemetry) if telemetry is not None else None,
+        "rollout": rollout_state.active_rollout_of(conn).get(device),
+        "reports": [{"seq": e.seq, "ts": e.ts, "kind": e.kind,
+                     **{k: e.payload.get(k) for k in
+                        ("model", "version", "digest", "counter", "reason")}}
+                    for e in reports],
+    }
 
 
 def device_history(conn: Connection, device: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, insert, select, update
+from sqlalchemy import Connection, Table, case, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
 from hub import events as ev
@@ -67,7 +67,19 @@ def _enrolled(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
 
 
 def _device_update(conn: Connection, device: str, **values: Any) -> None:
+    """Update a device's row; a revoked device stays revoked (and keeps the reason in
+    `last_error`) whatever event comes after its revocation (an old ledger may hold an
+    assignment or a late report after it)."""
+    for column in ("state", "last_error"):
+        if column in values:
+            values[column] = case((DEVICES.c.state == REVOKED, DEVICES.c[column]),
+                                  else_=values[column])
     conn.execute(update(DEVICES).where(DEVICES.c.device == device).values(**values))
+
+
+def _revoked(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    conn.execute(update(DEVICES).where(DEVICES.c.device == p["device"]).values(
+        state=REVOKED, last_error=p["reason"] or "revoked", updated_ts=entry.ts))
 
 
 def _assigned(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
@@ -103,9 +115,7 @@ def _reverted(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
 Handler = Callable[[Connection, Entry, dict[str, Any]], None]
 HANDLERS: dict[str, Handler] = {
     ev.DEVICE_ENROLLED: _enrolled,
-    ev.DEVICE_REVOKED: lambda conn, entry, p: _device_update(
-        conn, p["device"], state="revoked", last_error=p["reason"] or "revoked",
-        updated_ts=entry.ts),
+    ev.DEVICE_REVOKED: _revoked,
     ev.DEVICE_ASSIGNED: _assigned,
     ev.DEVICE_UPDATE_APPLIED: _applied,
     ev.DEVICE_UPDATE_FAILED: _failed,

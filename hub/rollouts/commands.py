@@ -43,8 +43,21 @@ def rollback_events(conn: Connection, issuer: AssignmentIssuer, rollout: dict[st
     rid = rollout["rollout"]
     targets: dict[tuple[str, str], list[str]] = {}
     skipped: dict[str, str] = {}
-    for row in rs.list_rollout_devices(conn, rid):
+    members = rs.list_rollout_devices(conn, rid)
+    devices_now = device_state.get_devices(conn, [row["device"] for row in members])
+    for row in members:
         if row["state"] not in (ro.DEV_ASSIGNED, ro.DEV_APPLIED, ro.DEV_TIMED_OUT):
+            continue
+        now = devices_now.get(row["device"], {})
+        if now.get("state") == device_state.REVOKED:
+            skipped[row["device"]] = "revoked"
+            continue
+        # After an abort or completion, a later deploy or rollout may have moved it on.
+        if (now.get("assigned_model"), now.get("assigned_version")) != (
+                rollout["model"], rollout["version"]):
+            skipped[row["device"]] = (f"now assigned {now.get('assigned_model')}/"
+                                      f"{now.get('assigned_version')}, not this rollout's "
+                                      "release")
             continue
         prev = (row["previous_model"], row["previous_version"])
         if not all(prev):
@@ -120,7 +133,11 @@ class RolloutCommands:
         name, version = fields.text("model"), fields.text("version")
         release = require_release(conn, name, version)
         require_transition("deploy", release)
-        selector = ro.parse_selector(fields.text("target"))
+        target = fields.text("target")
+        labels = body.get("labels")
+        if labels:
+            target = f"{target},{ro.label_clauses(str(labels))}"
+        selector = ro.parse_selector(target)
         waves = ro.parse_waves(body.get("waves", "100%"))
         policy = ro.Policy(
             min_success=fields.number("min_success", ro.Policy.min_success),
@@ -136,10 +153,16 @@ class RolloutCommands:
         if policy.max_psi is not None:
             _refuse_blind_psi_gate(release)
         tags = rs.device_tags(conn)
-        targets = [d["device"] for d in device_state.list_devices(conn)
+        matched = [d for d in device_state.list_devices(conn)
                    if selector.matches(d["device"], *tags.get(d["device"], ("", {})))]
+        # Revoked devices never enter a rollout (they could only time out and halt it).
+        targets = [d["device"] for d in matched if d["state"] != device_state.REVOKED]
+        revoked = len(matched) - len(targets)
         if not targets:
-            raise CommandError(f"no enrolled device matches target {selector.text!r}")
+            raise CommandError(
+                f"no enrolled device matches target {selector.text!r}"
+                + (f" ({revoked} revoked device(s) match; they are never targeted)"
+                   if revoked else ""))
         rs.refuse_busy(conn, targets,
                        "finish, abort or roll back {owner} first, or narrow --target")
         rid = f"r-{next_seq(conn)}"
@@ -152,7 +175,8 @@ class RolloutCommands:
         }
         event = command_event(cmd, ev.ROLLOUT_CREATED, ev.rollout_subject(rid), payload)
         return Outcome([event], {"rollout": rid, "devices": len(targets),
-                                 "waves": [len(w) for w in plan], "state": ro.CREATED})
+                                 "waves": [len(w) for w in plan], "state": ro.CREATED,
+                                 "skipped_revoked": revoked})
 
     def _load(self, conn: Connection, cmd: VerifiedCommand, action: str) -> dict[str, Any]:
         rid = Body(cmd.body).text("rollout")

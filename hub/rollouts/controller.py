@@ -214,6 +214,7 @@ class RolloutController:
         joined = sorted(
             d["device"] for d in device_state.list_devices(conn)
             if d["device"] not in in_rollout and d["device"] not in busy
+            and d["state"] != device_state.REVOKED
             and selector.matches(d["device"], *tags.get(d["device"], ("", {})))
         )
         if not joined:

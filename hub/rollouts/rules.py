@@ -12,7 +12,7 @@ cumulative counts, so anyone can recompute it from the `rollout.created` event.
 
     rollout: created -> running <-> paused;  running -> halted | completed
              created | running | paused | halted -> aborted
-             running | paused | halted | completed -> rolled_back
+             running | paused | halted | completed | aborted -> rolled_back
     wave:    pending -> rolling -> baking -> done;  rolling | baking -> halted
 """
 
@@ -51,6 +51,7 @@ DEV_FAILED: Final = "failed"
 DEV_REVERTED: Final = "reverted"  # installed, then the agent's health window reverted it
 DEV_TIMED_OUT: Final = "timed_out"  # no outcome before the deadline: counts as failed
 DEV_ROLLED_BACK: Final = "rolled_back"  # given the previous release again
+DEV_REVOKED: Final = "revoked"  # revoked before its outcome: out of the rollout
 FAILED_STATES: Final = (DEV_FAILED, DEV_REVERTED, DEV_TIMED_OUT)
 
 ALLOWED_FROM: Final[dict[str, tuple[str, ...]]] = {
@@ -58,7 +59,9 @@ ALLOWED_FROM: Final[dict[str, tuple[str, ...]]] = {
     "pause": (RUNNING,),
     "resume": (PAUSED,),
     "abort": (CREATED, RUNNING, PAUSED, HALTED),
-    "rollback": (RUNNING, PAUSED, HALTED, COMPLETED),
+    # After an abort the devices that took the new release keep it: rollback gives
+    # them their previous one.
+    "rollback": (RUNNING, PAUSED, HALTED, COMPLETED, ABORTED),
 }
 
 _WAVE_DOMAIN: Final = b"fleetledger/wave\x00"
@@ -137,6 +140,23 @@ def parse_selector(text: str) -> Selector:
          *([f"device={'|'.join(devices)}"] if devices else [])]
     ) or "all"
     return Selector(canonical, group, tuple(sorted(tags)), devices)
+
+
+def label_clauses(text: str) -> str:
+    """Label selector `group=prod,site=a` (comma = AND; `group` is the device's group,
+    any other key a tag) as target clauses: `group=prod,tag:site=a`."""
+    clauses = []
+    for item in (c.strip() for c in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RolloutError(f"invalid label {item!r}: use KEY=VALUE, e.g. group=prod,site=a")
+        key, value = key.strip(), value.strip()
+        clauses.append(f"group={value}" if key == "group" else f"tag:{key}={value}")
+    if not clauses:
+        raise RolloutError("empty label selector: use KEY=VALUE, e.g. group=prod,site=a")
+    return ",".join(clauses)
 
 
 # ---------------------------------------------------------------- waves
@@ -284,8 +304,13 @@ class WaveView:
     started_ns: int = 0
     baking_ns: int = 0
 
+    @property
+    def live(self) -> tuple[str, ...]:
+        """The wave's devices that count: not those revoked since it was planned."""
+        return tuple(sorted(d for d, s in self.devices.items() if s != DEV_REVOKED))
+
     def counts(self) -> dict[str, int]:
-        states = list(self.devices.values())
+        states = [s for s in self.devices.values() if s != DEV_REVOKED]
         applied = states.count(DEV_APPLIED)
         failed = sum(states.count(s) for s in FAILED_STATES)
         pending = states.count(DEV_ASSIGNED) + states.count(DEV_PLANNED)
@@ -370,9 +395,12 @@ def decide(policy: Policy, waves: Sequence[WaveView], telemetry: TelemetryView,
     if current.state == WAVE_HALTED:
         return Decision(ACT_NONE, current.index)
     if current.state == WAVE_PENDING:
-        return Decision(ACT_START_WAVE, current.index, devices=tuple(sorted(current.devices)))
+        return Decision(ACT_START_WAVE, current.index, devices=current.live)
     counts = current.counts()
-    n = max(counts["devices"], 1)
+    if not counts["devices"]:
+        return Decision(ACT_COMPLETE_WAVE, current.index,
+                        "every device of the wave was revoked", counts)
+    n = counts["devices"]
     success = counts["applied"] / n
     failure = counts["failed"] / n
     deadline_ns = current.started_ns + int(policy.deadline_s * 1e9)

@@ -190,6 +190,17 @@ def _rolled_back(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     _state(ro.ROLLED_BACK)(conn, entry, p)
 
 
+def _device_revoked(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    """A device revoked while an active rollout has not heard its outcome leaves it: it
+    is not assigned, does not time out, and does not count in its wave."""
+    active = select(ROLLOUTS.c.rollout).where(ROLLOUTS.c.state.in_(ro.ACTIVE_STATES))
+    conn.execute(update(ROLLOUT_DEVICES).where(
+        ROLLOUT_DEVICES.c.device == p["device"],
+        ROLLOUT_DEVICES.c.state.in_((ro.DEV_PLANNED, ro.DEV_ASSIGNED)),
+        ROLLOUT_DEVICES.c.rollout.in_(active),
+    ).values(state=ro.DEV_REVOKED, reason="device revoked", updated_ts=entry.ts))
+
+
 def _assigned(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     rollout = p.get("rollout")
     if not isinstance(rollout, str):
@@ -247,6 +258,7 @@ HANDLERS: dict[str, Handler] = {
     ev.ROLLOUT_HALTED: _halted,
     ev.ROLLOUT_COMPLETED: _state(ro.COMPLETED),
     ev.ROLLOUT_ROLLED_BACK: _rolled_back,
+    ev.DEVICE_REVOKED: _device_revoked,
     ev.DEVICE_ASSIGNED: _assigned,
     ev.DEVICE_UPDATE_APPLIED: _report(ro.DEV_APPLIED),
     ev.DEVICE_UPDATE_FAILED: _report(ro.DEV_FAILED),

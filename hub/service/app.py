@@ -38,11 +38,13 @@ from hub.keys.keyring import Keyring
 from hub.keys.roots import publish_roots
 from hub.keys.witnesses import WitnessCommands
 from hub.log.api import LedgerPublishing, start_ledger_publishing
+from hub.log.checkpointer import WITNESSES_NAME
 from hub.log.transparency import TransparencyPublisher
 from hub.rollouts.commands import RolloutCommands
 from hub.rollouts.controller import RolloutController
 from hub.rollouts.reads import RolloutReads
 from hub.service.nats import NatsEdge, allow_fleet_consumers
+from hub.service.status import fleet_status
 from hub.telemetry.ingest import TelemetryIngest
 from hub.telemetry.metrics import MetricsServer, render
 from ledger.storage.store import LedgerStore
@@ -164,7 +166,14 @@ class HubService:
 
     def _status(self, cmd: VerifiedCommand) -> Any:
         head = self.store.head()
+        publishing = self.ledger_publishing
+        fleet = fleet_status(
+            self.store.engine,
+            publishing.checkpointer.checkpoints if publishing is not None else None,
+            self.config.home / WITNESSES_NAME,
+            lambda: self.edge.nc is not None and self.edge.nc.is_connected)
         return {
+            **fleet,
             "entries": 0 if head is None else head.seq + 1,
             "head": "" if head is None else head.hash.hex(),
             "refused_reports": self.reports.refused,
