@@ -180,3 +180,111 @@ async def test_keys_deleted_behind_the_hubs_back_are_put_back(
     finally:
         await nc.close()
         await sim.stop()
+
+
+def assignment_of(entry: Any) -> proto.Assignment:
+    doc = proto.SignedEnvelope.decode(entry.payload["assignment"]).document("assignment")
+    return proto.Assignment.from_map(doc)
+
+
+@pytest.fixture
+async def short_lived(tmp_path: Path, hub_home: HubConfig, nats_server: EmbeddedNats
+                      ) -> AsyncIterator[Fleet]:
+    """A fleet whose assignments live 3 s (renewed with 1 s left)."""
+    configure(hub_home, reconcile_every_seconds=RECONCILE_S,
+              kv_write_give_up_seconds=GIVE_UP_S, assignment_ttl_seconds=3.0)
+    fleet = await Fleet(tmp_path, nats_server.url).start()
+    try:
+        yield fleet
+    finally:
+        await fleet.stop()
+
+
+async def test_live_assignments_are_renewed_before_they_expire(
+    tmp_path: Path, short_lived: Fleet, model_files: dict[str, Path],
+) -> None:
+    fleet = short_lived
+    sim = SimFleet(fleet.nats_url, tmp_path / "sim", fleet.config.trust_root_path, 1,
+                   prefix="renew", rate=2.0)
+    device = sim.ids[0]
+    try:
+        await fleet.release_model(model_files["1"], "kws", "1")
+        async with await fleet.client() as admin:
+            await sim.enroll(admin)
+            await sim.start()
+            await admin.call("deploy", {"model": "kws", "version": "1", "devices": [device]})
+
+        def renewed(entries: list[Any]) -> bool:
+            return any(e.payload.get("reason") == "renewed before expiry"
+                       for e in fleet.feed.of_kind(ev.DEVICE_ASSIGNED, device))
+
+        await fleet.feed.wait_for(renewed, timeout=30, what="a renewed assignment")
+        assigned = fleet.feed.of_kind(ev.DEVICE_ASSIGNED, device)
+        first = assignment_of(assigned[0])
+        second = assignment_of(next(e for e in assigned if e.payload.get("resigned")))
+        assert second.issued_at < first.expires  # before expiry
+        assert second.counter == first.counter + 1
+        assert (second.model, second.version, second.digest) == \
+            (first.model, first.version, first.digest)
+        assert second.expires > first.expires
+        await fleet.feed.wait_for(
+            lambda _: any(e.payload["counter"] == second.counter
+                          for e in fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, device)),
+            timeout=30, what="the device to apply the renewed assignment")
+        assert not fleet.feed.of_kind(ev.DEVICE_UPDATE_FAILED, device)
+    finally:
+        await sim.stop()
+
+
+async def test_a_device_restarted_with_its_assignment_expired_keeps_running(
+    tmp_path: Path, short_lived: Fleet, model_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The device was off while its assignment expired and nothing renewed it (say the
+    hub was down too). At its next start it keeps running its model and reports no
+    failure; when the renewed assignment comes, it applies it."""
+    from edge_agent import update
+
+    monkeypatch.setattr(update, "EXPIRY_SKEW_NS", 0)  # see an expiry within seconds
+    fleet = short_lived
+    reconciler = fleet.hub.reconciler
+    renew = reconciler.renew
+
+    async def no_renewal() -> list[str]:
+        return []
+
+    monkeypatch.setattr(reconciler, "renew", no_renewal)
+    sim = SimFleet(fleet.nats_url, tmp_path / "sim", fleet.config.trust_root_path, 1,
+                   prefix="aged", rate=2.0)
+    device = sim.ids[0]
+    try:
+        await fleet.release_model(model_files["1"], "kws", "1")
+        async with await fleet.client() as admin:
+            await sim.enroll(admin)
+            await sim.start()
+            await admin.call("deploy", {"model": "kws", "version": "1", "devices": [device]})
+        await fleet.feed.wait_for(
+            lambda _: bool(fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, device)), timeout=60,
+            what=f"{device} to apply kws/1")
+        await sim.stop()
+        first = assignment_of(fleet.feed.of_kind(ev.DEVICE_ASSIGNED, device)[-1])
+
+        async def expired() -> bool:
+            return time.time_ns() > first.expires
+
+        await until(expired, 10, "the installed assignment to expire")
+        await sim.start()
+        await sim.wait_watching(timeout=30)
+        agent = sim.agents[device]
+        assert agent.model is not None  # serving the installed model
+
+        monkeypatch.setattr(reconciler, "renew", renew)  # the hub renews again
+        await fleet.feed.wait_for(
+            lambda _: any(e.payload["counter"] > first.counter
+                          for e in fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, device)),
+            timeout=30, what="the renewed assignment to be applied")
+        assert agent.model is not None
+        failed = fleet.feed.of_kind(ev.DEVICE_UPDATE_FAILED, device)
+        assert not failed, [e.payload.get("reason") for e in failed]
+    finally:
+        await sim.stop()
