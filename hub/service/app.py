@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from hub import fold
-from hub.clock import Clock, SystemClock
+from hub.clock import Clock, SystemClock, clock_skew
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Effects, Verbs
 from hub.commands.router import Router
@@ -111,6 +111,7 @@ class HubService:
         self.transparency: TransparencyPublisher | None = None  # proofs of witnessed releases
         self.metrics: MetricsServer | None = None
         self.assignment_sync = SyncResult()  # what start() found missing from KV
+        self.clock_behind_ns = 0  # see check_clock
 
     async def bootstrap_admin(self) -> bool:
         """Record the first admin from config.toml if the ledger has no operator yet."""
@@ -121,7 +122,20 @@ class HubService:
         return render(self.store, self.telemetry, self.reports.refused,
                       self.reports.refused_by_reason, self.supervisor.states())
 
+    def check_clock(self) -> int:
+        """How far this hub's wall clock is behind the ledger's newest entry (beyond
+        CLOCK_SKEW_NS; 0 otherwise): such a clock is surely wrong. Logged, and shown in
+        `status` (`clock_behind_s`); bakes and deadlines do not trust it (hub/clock.py)."""
+        head = self.store.head()
+        self.clock_behind_ns = clock_skew(self.clock.wall_ns(), head.ts if head else None)
+        if self.clock_behind_ns:
+            log.warning("this hub's clock is %.0f s behind the ledger's newest entry; "
+                        "check its time source (bakes and deadlines run on elapsed time)",
+                        self.clock_behind_ns / 1e9)
+        return self.clock_behind_ns
+
     async def start(self) -> None:
+        self.check_clock()
         await self.bootstrap_admin()
         edge = self.edge
         await edge.connect()
@@ -196,4 +210,5 @@ class HubService:
             "refused_reports": self.reports.refused,
             "refused_by_reason": dict(self.reports.refused_by_reason),
             "tasks": self.supervisor.states(),
+            "clock_behind_s": self.clock_behind_ns / 1e9,
         }
