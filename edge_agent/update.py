@@ -89,8 +89,8 @@ def check_assignment(
         return None
     news = _news(assignment, counters)
     if news is not None and expired:
-        raise TrustError(f"assignment {assignment.counter} expired; the hub must re-sign "
-                         "it", assignment)
+        raise TrustError(f"assignment expired (counter {assignment.counter}); the hub must "
+                         "re-sign it", assignment)
     return news
 
 
