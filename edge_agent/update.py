@@ -14,20 +14,36 @@ Counter rules (anti-rollback and replay, Uptane's "director" check):
   valid assignment replayed, or a rollback;
 * anything above, or installed but not recorded (a crash right after the switch), is
   (re)applied.
+
+Expiry rules (an assignment's `expires`, checked against the device's clock with
+EXPIRY_SKEW_NS of tolerance, since device and hub clocks disagree):
+
+* an expired assignment that is not news (the one installed or handled) is no fault:
+  the model it installed keeps running, nothing bad is reported, and the device waits
+  for the renewed one (the hub re-signs live assignments before they expire); a device
+  that was off for longer than the lifetime must not turn `failed` at its next start;
+* a new assignment that has expired is refused (the hub re-signs and sends another);
+* an assignment issued more than EXPIRY_SKEW_NS in the device's future says the
+  device's clock is behind: logged as a warning (`clock_behind_ns`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import blake3
 
 from edge_agent import protocol as proto
-from edge_agent.errors import UpdateRefused
+from edge_agent.errors import TrustError, UpdateRefused
 from edge_agent.trust.root import TrustRoot
 
 log = logging.getLogger("edge_agent")
+
+# Clocks of the hub and of devices may disagree by this much without an expiry check
+# tripping (tests lower it to see an expiry without waiting five minutes).
+EXPIRY_SKEW_NS = 5 * 60 * 10**9
 
 
 @dataclass(frozen=True)
@@ -39,17 +55,46 @@ class Counters:
     installed: int | None = None  # the counter of the model running now
 
 
+def clock_behind_ns(assignment: proto.Assignment, now_ns: int) -> int:
+    """How far this device's clock is behind the hub's, as far as `assignment` shows
+    (it cannot have been issued in the future); 0 within EXPIRY_SKEW_NS."""
+    behind = assignment.issued_at - now_ns
+    return behind if behind > EXPIRY_SKEW_NS else 0
+
+
 def check_assignment(
-    trust: TrustRoot, device_id: str, counters: Counters, data: bytes
+    trust: TrustRoot, device_id: str, counters: Counters, data: bytes,
+    now_ns: int | None = None,
 ) -> proto.Assignment | None:
     """The assignment if it is authentic, for `device_id` and new; None if it was
-    already handled. Raises UpdateRefused (with `assignment` set when the assignment
-    is authentic and for this device)."""
+    already handled (also when it has expired since: see the module docstring). Raises
+    UpdateRefused (with `assignment` set when the assignment is authentic and for this
+    device)."""
+    now = time.time_ns() if now_ns is None else now_ns
     envelope = proto.SignedEnvelope.decode(data, "assignment")
-    doc = trust.verify(envelope, "director", proto.DOMAIN_ASSIGNMENT)
-    assignment = proto.Assignment.from_map(doc)
+    # The signature first; expiry is judged below, once we know if it is news.
+    trust.check_signatures(envelope, "director", proto.DOMAIN_ASSIGNMENT)
+    assignment = proto.Assignment.from_map(envelope.document(proto.DOMAIN_ASSIGNMENT))
     if assignment.device != device_id:
         raise UpdateRefused(f"assignment is for device {assignment.device}, not {device_id}")
+    behind = clock_behind_ns(assignment, now)
+    if behind:
+        log.warning("this device's clock is at least %.0f s behind the hub's (assignment "
+                    "%d was issued in its future); check its time source",
+                    behind / 1e9, assignment.counter)
+    expired = now > assignment.expires + EXPIRY_SKEW_NS
+    if expired and assignment.counter == counters.installed:
+        log.info("assignment %d (running) has expired; keeps running until the hub's "
+                 "renewed assignment arrives", assignment.counter)
+        return None
+    news = _news(assignment, counters)
+    if news is not None and expired:
+        raise TrustError(f"assignment expired (counter {assignment.counter}); the hub must "
+                         "re-sign it", assignment)
+    return news
+
+
+def _news(assignment: proto.Assignment, counters: Counters) -> proto.Assignment | None:
     counter, last, inflight = assignment.counter, counters.last, counters.inflight
     if counter == inflight:
         log.info("assignment %d is already being installed", counter)

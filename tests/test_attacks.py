@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 
 from edge_agent import protocol as proto
 from edge_agent.protocol.names import MODELS_BUCKET
+from edge_agent.update import EXPIRY_SKEW_NS
 from hub import events as ev
 from hub.client import HubClient
 from ledger.signing import SigningKey
@@ -166,7 +167,9 @@ async def test_freeze_expired_assignment(target: Target) -> None:
     manifest = await staged_v3(target)
     await put_assignment(
         target.js, DEVICE,
-        forge_assignment(director(target), DEVICE, manifest, counter=2, expires_in_ns=-1),
+        # Expired beyond the clock skew devices tolerate (edge_agent.update.EXPIRY_SKEW_NS).
+        forge_assignment(director(target), DEVICE, manifest, counter=2,
+                         expires_in_ns=-EXPIRY_SKEW_NS - 1),
     )
     await target.expect_refusal("assignment expired")
 

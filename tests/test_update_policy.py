@@ -34,7 +34,13 @@ from edge_agent.errors import (
 )
 from edge_agent.trust.chain import RootRotationError
 from edge_agent.trust.root import TrustRoot
-from edge_agent.update import Counters, check_assignment, check_manifest
+from edge_agent.update import (
+    EXPIRY_SKEW_NS,
+    Counters,
+    check_assignment,
+    check_manifest,
+    clock_behind_ns,
+)
 from ledger.signing import SigningKey
 
 HOUR = 3600 * 10**9
@@ -118,7 +124,7 @@ ASSIGNMENT_REFUSALS: dict[str, tuple[Callable[[], bytes], Counters, type[Excepti
         lambda: signed_assignment(domain=proto.DOMAIN_MANIFEST), Counters(last=4), TrustError,
         "valid signature"),
     "freeze: expired assignment": (
-        lambda: signed_assignment(expires=time.time_ns() - 1), Counters(last=4), TrustError,
+        lambda: signed_assignment(expires=time.time_ns() - HOUR), Counters(last=4), TrustError,
         "expired"),
     "mix and match: assignment for another device": (
         lambda: signed_assignment(device="dev-2"), Counters(last=4), UpdateRefused,
@@ -174,6 +180,37 @@ def test_assignment_counter_rules(case: str) -> None:
         assert result is not None and result.counter == counter
     else:
         assert result is None
+
+
+# name -> (counter, counters, expired this long ago, applied?): an expired assignment
+# that is not news is no fault (the device keeps running it, waits for the renewal);
+# clocks may disagree by EXPIRY_SKEW_NS.
+EXPIRY_CASES: dict[str, tuple[int, Counters, int, bool]] = {
+    "installed and recorded, expired since": (5, Counters(last=5, installed=5), HOUR, False),
+    "installed, not recorded (crash), expired since": (
+        6, Counters(last=5, installed=6), HOUR, False),
+    "handled before, expired since": (5, Counters(last=5), HOUR, False),
+    "new, expired within the skew": (6, Counters(last=5), EXPIRY_SKEW_NS // 2, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPIRY_CASES))
+def test_assignment_expiry_rules(case: str) -> None:
+    counter, counters, ago, applied = EXPIRY_CASES[case]
+    now = time.time_ns()
+    data = signed_assignment(counter=counter, issued_at=now - 30 * HOUR, expires=now - ago)
+    result = check_assignment(ROOT, DEVICE, counters, data, now_ns=now)
+    assert (result is not None) == applied
+
+
+def test_a_device_clock_behind_the_hub_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    now = time.time_ns()
+    data = signed_assignment(counter=5, issued_at=now + 2 * HOUR, expires=now + 3 * HOUR)
+    assert clock_behind_ns(assignment(issued_at=now + 2 * HOUR), now) == 2 * HOUR
+    assert clock_behind_ns(assignment(issued_at=now + EXPIRY_SKEW_NS // 2), now) == 0
+    with caplog.at_level("WARNING", logger="edge_agent"):
+        assert check_assignment(ROOT, DEVICE, Counters(last=4), data, now_ns=now) is not None
+    assert "clock is at least 7200 s behind the hub's" in caplog.text
 
 
 # ---------------------------------------------------------------- manifests

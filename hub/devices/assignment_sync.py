@@ -1,10 +1,11 @@
-"""Bring the assignments bucket (KV) back in line with the ledger when the hub starts.
+"""Bring the assignments bucket (KV) back in line with the ledger (at hub start, then
+continuously from the reconciler, hub/service/reconcile.py).
 
 The hub appends a `device.assigned` event first and writes the signed assignment to KV
 after the commit (a device must never run what the ledger does not show). A hub that
 dies between the two, or that gives up on a KV write during a long NATS outage, leaves
 a device without the assignment the ledger says it has, and nothing would ever re-send
-it: devices act only on KV. So on start the hub compares, per device, the counter the
+it: devices act only on KV. So the hub compares, per device, the counter the
 ledger issued last (proj_devices.counter) with the counter of the assignment in KV, and
 puts the ledger's own signed envelope (the bytes in the event) where KV is behind or
 missing. Idempotent: a second run finds nothing to do and writes nothing.
@@ -24,6 +25,7 @@ from edge_agent import protocol as proto
 from edge_agent.protocol.names import ASSIGNMENTS_BUCKET
 from hub import events as ev
 from hub.devices import state as device_state
+from hub.devices.assignments import write_all
 from hub.devices.state import REVOKED
 from ledger.entry import Entry
 from ledger.storage import query
@@ -82,6 +84,7 @@ async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncRes
         return result
     kv = await js.key_value(ASSIGNMENTS_BUCKET)
     in_kv = await kv_counters(kv)
+    writes: list[tuple[str, bytes]] = []
     for device in sorted(issued):
         have, want = in_kv.get(device), issued[device]
         if have is not None and have > want:
@@ -95,11 +98,17 @@ async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncRes
                 envelope, bytes):
             log.error("ledger says %s has assignment %d but holds no such event", device, want)
             continue
+        writes.append((device, envelope))
+
+    async def put(device: str, envelope: bytes) -> None:
         await kv.put(device, envelope)
-        result.restored.append(device)
+
+    await write_all(put, writes)  # batched; the first failure is raised after them all
+    result.restored = [device for device, _ in writes]
     if result.restored:
         log.warning("restored %d assignment(s) the ledger has but KV did not (a hub stop "
-                    "between commit and KV write): %s", len(result.restored),
+                    "between commit and KV write, a write left, a key deleted): %s",
+                    len(result.restored),
                     ", ".join(result.restored[:10]) + (" ..." if len(result.restored) > 10
                                                        else ""))
     if result.ahead:

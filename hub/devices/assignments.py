@@ -20,7 +20,6 @@ from sqlalchemy import Connection
 
 from edge_agent import protocol as proto
 from hub import events as ev
-from hub.commands.outcome import DAY_NS
 from hub.devices import state as device_state
 from hub.governance import state as governance
 from ledger.signing import SigningKey
@@ -53,7 +52,12 @@ class AssignmentIssuer:
     """Signs per-device assignments with the director key(s) in force."""
 
     signers: Callable[[], list[SigningKey]]  # the director key(s) in force now
-    ttl_days: int
+    ttl_s: float  # an assignment's lifetime (renewed before it ends: hub/service/reconcile.py)
+    wall_ns: Callable[[], int] = time.time_ns
+
+    @property
+    def ttl_ns(self) -> int:
+        return int(self.ttl_s * 1e9)
 
     def sign(self, assignment: proto.Assignment, signers: list[SigningKey]) -> bytes:
         return proto.SignedEnvelope.sign(
@@ -65,7 +69,7 @@ class AssignmentIssuer:
         """Assignments of `release` for `devices` (enrolled ones), each with the device's
         next counter. `rollout` names the deployment or rollout; `in_rollout` records it
         as the event's `rollout` too, `previous` the release the device ran before."""
-        now = time.time_ns()
+        now = self.wall_ns()
         out = Issued()
         rows = device_state.get_devices(conn, list(devices))  # one query for a whole wave
         signers = self.signers() if devices else []
@@ -78,7 +82,7 @@ class AssignmentIssuer:
                 device=device, model=release["name"], version=release["version"],
                 digest=release["digest"], manifest_hash=release["manifest_hash"],
                 counter=counter, rollout=rollout, issued_at=now,
-                expires=now + self.ttl_days * DAY_NS,
+                expires=now + self.ttl_ns,
             ), signers)
             payload: dict[str, Any] = {
                 "device": device, "deployment": rollout,
@@ -96,13 +100,15 @@ class AssignmentIssuer:
         return out
 
     def reissue(self, conn: Connection, actor: str, signers: list[SigningKey],
-                manifest_hashes: dict[tuple[str, str], str], reason: str) -> Issued:
-        """Each device's current assignment again, with its next counter, signed by
-        `signers` (a key revocation); `manifest_hashes` are re-signed manifests' hashes."""
-        now = time.time_ns()
+                manifest_hashes: dict[tuple[str, str], str], reason: str,
+                only: set[str] | None = None) -> Issued:
+        """Each device's current assignment again (of the devices in `only`, if given),
+        with its next counter and a new expiry, signed by `signers` (a key revocation,
+        or a renewal before expiry); `manifest_hashes` are re-signed manifests' hashes."""
+        now = self.wall_ns()
         out = Issued()
         devices = {d["device"]: d for d in device_state.list_devices(conn)}
-        for device, last in sorted(current_assignments(conn).items()):
+        for device, last in sorted(current_assignments(conn, only).items()):
             row = devices.get(device)
             if (row is None or row["state"] == device_state.REVOKED
                     or row["counter"] != last.get("counter")
@@ -119,7 +125,7 @@ class AssignmentIssuer:
             envelope = self.sign(proto.Assignment(
                 device=device, model=old.model, version=old.version, digest=old.digest,
                 manifest_hash=manifest_hash, counter=counter, rollout=old.rollout,
-                issued_at=now, expires=now + self.ttl_days * DAY_NS,
+                issued_at=now, expires=now + self.ttl_ns,
             ), signers)
             out.add(actor, device, envelope, {
                 **{k: v for k, v in last.items() if k != "command"},
@@ -128,50 +134,67 @@ class AssignmentIssuer:
         return out
 
 
-def current_assignments(conn: Connection) -> dict[str, dict[str, Any]]:
-    """The payload of each device's newest `device.assigned` event."""
+def current_assignments(conn: Connection, only: set[str] | None = None
+                        ) -> dict[str, dict[str, Any]]:
+    """The payload of each device's newest `device.assigned` event (of `only`'s)."""
     out: dict[str, dict[str, Any]] = {}
+    if only is not None:
+        for device in only:
+            entry = query.last_entry(conn, query.EntryFilter(
+                kinds=(ev.DEVICE_ASSIGNED,), subject=ev.device_subject(device)))
+            if entry is not None:
+                out[device] = dict(entry.payload)
+        return out
     for entry in query.iter_entries(conn, query.EntryFilter(kinds=(ev.DEVICE_ASSIGNED,))):
         out[entry.payload["device"]] = dict(entry.payload)
     return out
 
 
 async def write_all(put: PutAssignment, writes: Iterable[tuple[str, bytes]],
-                    give_up_s: float | None = None) -> None:
+                    give_up_s: float | None = None) -> list[str]:
     """Put assignments in KV, KV_WRITES_IN_FLIGHT at a time. Without `give_up_s` every
-    write is tried once and the first failure is raised after them all (the hub re-puts
-    what the ledger says at its next start: hub.devices.assignment_sync). With it, each
-    write is retried through a NATS outage for up to that long (the device acts only on
-    what is in KV, so a lost write would strand it), then logged and given up."""
+    write is tried once and the first failure is raised after them all. With it, each
+    write is retried through a NATS outage for up to that long, then left: the devices
+    whose writes were left are returned (and logged once). Nothing is lost either way:
+    the hub's reconciler (hub/service/reconcile.py) puts the ledger's assignment into KV
+    wherever KV lacks it, retrying until it lands."""
     slots = asyncio.Semaphore(KV_WRITES_IN_FLIGHT)
 
-    async def one(device: str, envelope: bytes) -> None:
+    async def one(device: str, envelope: bytes) -> bool:
         async with slots:
             if give_up_s is None:
                 await put(device, envelope)
-            else:
-                await _until_done(put, device, envelope, give_up_s)
+                return True
+            return await _until_done(put, device, envelope, give_up_s)
 
-    outcomes = await asyncio.gather(*(one(d, e) for d, e in writes), return_exceptions=True)
+    pairs = list(writes)
+    outcomes = await asyncio.gather(*(one(d, e) for d, e in pairs), return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
+    left = [device for (device, _), done in zip(pairs, outcomes, strict=True) if not done]
+    if left:
+        log.warning("left %d assignment write(s) to the reconciler after %.0f s of "
+                    "failures: %s", len(left), give_up_s or 0, ", ".join(left[:10]))
+    return left
 
 
 async def _until_done(put: PutAssignment, device: str, envelope: bytes,
-                      give_up_s: float) -> None:
+                      give_up_s: float) -> bool:
     delay = 0.2
     deadline = time.monotonic() + give_up_s
+    failures = 0
     while True:
         try:
             await put(device, envelope)
-            return
+            return True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            failures += 1
             if time.monotonic() > deadline:
-                log.error("giving up on an assignment write after %.0f s: %s", give_up_s, exc)
-                return
-            log.warning("assignment write failed (%s); retrying", exc)
+                return False
+            if failures == 1:
+                log.info("assignment write for %s failed (%s); retrying", device, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -72,6 +72,22 @@ class HubConfig:
     # Checkpoints (hub/log/checkpointer.py): sign after this many new entries or seconds.
     checkpoint_every_entries: int = 100
     checkpoint_every_seconds: float = 10.0
+    # KV kept in line with the ledger (hub/service/reconcile.py): compared this often
+    # (and at once after a NATS reconnect); a failed KV write is retried until it lands.
+    reconcile_every_seconds: float = 30.0
+    # How long a command or the rollout controller retries a KV write itself before
+    # leaving it to the reconciler (it never blocks a wave for a whole outage).
+    kv_write_give_up_seconds: float = 30.0
+    # Overrides assignment_ttl_days when set (tests use a few seconds).
+    assignment_ttl_seconds: float | None = None
+
+    @property
+    def assignment_ttl_s(self) -> float:
+        """The lifetime of a signed assignment; live ones are renewed when a third of
+        it is left (hub/service/reconcile.py)."""
+        if self.assignment_ttl_seconds is not None:
+            return self.assignment_ttl_seconds
+        return self.assignment_ttl_days * 86400.0
 
     @property
     def policy_path(self) -> Path:
@@ -199,6 +215,10 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             metrics_port=int(raw["metrics_port"]) if "metrics_port" in raw else None,
             checkpoint_every_entries=int(raw.get("checkpoint_every_entries", 100)),
             checkpoint_every_seconds=float(raw.get("checkpoint_every_seconds", 10.0)),
+            reconcile_every_seconds=float(raw.get("reconcile_every_seconds", 30.0)),
+            kv_write_give_up_seconds=float(raw.get("kv_write_give_up_seconds", 30.0)),
+            assignment_ttl_seconds=(float(raw["assignment_ttl_seconds"])
+                                    if "assignment_ttl_seconds" in raw else None),
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc

@@ -144,7 +144,7 @@ class KeyCommands:
             director_keys = remaining if role == "director" else self.keyring.signers("director")
             resigned: dict[tuple[str, str], str] = {}  # (name, version) -> manifest hash
             if role == "release":
-                for name, version, envelope in _live_manifests(conn):
+                for name, version, envelope in live_manifests(conn):
                     new_env = _resign(envelope, proto.DOMAIN_MANIFEST, release_keys)
                     new_hash = blake3.blake3(new_env).hexdigest()
                     resigned[(name, version)] = new_hash
@@ -194,7 +194,7 @@ def _resign(envelope: bytes, domain: str, keys: list[SigningKey]) -> bytes:
     ).encode()
 
 
-def _live_manifests(conn: Connection) -> list[tuple[str, str, bytes]]:
+def live_manifests(conn: Connection) -> list[tuple[str, str, bytes]]:
     """(name, version, newest signed manifest) of every release devices may still fetch."""
     newest: dict[tuple[str, str], bytes] = {}
     released = query.EntryFilter(kinds=(ev.MODEL_RELEASED, ev.MODEL_RESIGNED))

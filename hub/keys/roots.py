@@ -22,12 +22,10 @@ def roots_from_ledger(conn: Connection) -> list[bytes]:
     return [e.payload["root"] for e in query.iter_entries(conn, changes)]
 
 
-async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerStore) -> None:
-    """Bring HOME and the KV bucket `roots` up to date with the ledger, at hub start.
-
-    A root the ledger has but HOME lacks (the hub stopped between the commit and
-    writing the file) is written first.
-    """
+def wanted_roots(keyring: Keyring, store: LedgerStore) -> dict[str, bytes]:
+    """What the bucket `roots` must hold (`root.<N>` for every root, `root.latest`),
+    after bringing HOME up to date with the ledger: a root the ledger has but HOME
+    lacks (the hub stopped between the commit and writing the file) is written."""
     with store.engine.connect() as conn:
         recorded = roots_from_ledger(conn)
     for data in recorded:
@@ -37,14 +35,20 @@ async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerSto
             continue
         if version not in keyring.roots():
             keyring.store_root(data)
+    roots = keyring.roots()
+    out = {root_key(version): roots[version] for version in sorted(roots)}
+    out[ROOT_LATEST_KEY] = roots[max(roots)]  # last: a device reads root.latest first
+    return out
+
+
+async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerStore) -> None:
+    """Bring HOME and the KV bucket `roots` up to date with the ledger, at hub start."""
     try:
         kv = await js.key_value(ROOTS_BUCKET)
     except (BucketNotFoundError, NotFoundError):
         kv = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1))
-    roots = keyring.roots()
-    for version in sorted(roots):
-        await kv.put(root_key(version), roots[version])
-    await kv.put(ROOT_LATEST_KEY, roots[max(roots)])
+    for key, data in wanted_roots(keyring, store).items():
+        await kv.put(key, data)
 
 
 async def put_root(js: JetStreamContext, data: bytes) -> None:

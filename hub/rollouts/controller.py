@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection
 
 from hub import events as ev
+from hub.clock import Clock, Stopwatch, SystemClock
 from hub.commands.writer import LedgerWriter
 from hub.devices import state as device_state
 from hub.devices.assignments import AssignmentIssuer, PutAssignment, write_all
@@ -41,7 +43,9 @@ log = logging.getLogger("hub.rollouts")
 
 MAX_STEPS_PER_TICK = 16
 QUIET_MAX_S = 60.0  # re-decide an unchanged rollout at least this often
-KV_GIVE_UP_S = 120.0  # an assignment write is retried this long through a NATS outage
+# An assignment write is retried this long through a NATS outage, then left to the
+# reconciler (hub/service/reconcile.py), which retries it until it lands.
+KV_GIVE_UP_S = 30.0
 # Entries after which a device may have joined a rollout's target: an enrolment, a tag
 # change, or a rollout event (a rollout that ends frees its devices).
 JOIN_KINDS = (ev.DEVICE_ENROLLED, ev.DEVICE_TAGGED)
@@ -51,12 +55,21 @@ JOIN_PREFIXES = ("rollout.",)
 class RolloutController:
     def __init__(self, writer: LedgerWriter, telemetry: TelemetryIngest,
                  issuer: AssignmentIssuer, put_assignment: PutAssignment,
-                 tick: float = 0.2) -> None:
+                 tick: float = 0.2, kv_give_up_s: float = KV_GIVE_UP_S,
+                 on_writes_left: Callable[[list[str]], None] | None = None,
+                 clock: Clock | None = None) -> None:
         self.writer = writer
         self.telemetry = telemetry
         self.issuer = issuer
         self.put_assignment = put_assignment
         self.tick = tick
+        self.kv_give_up_s = kv_give_up_s
+        self.on_writes_left = on_writes_left  # devices whose KV write was left undone
+        self.writes_left = 0
+        # Wave deadlines and bakes: monotonic within this process; after a restart a
+        # wall clock that went backwards never stretches them (hub/clock.py).
+        self.clock: Clock = clock or SystemClock()
+        self.stopwatch = Stopwatch(self.clock)
         self._join_seq: dict[str, int] = {}  # ledger head at the last joiner search
         # rollout -> (ledger head, telemetry windows, monotonic due) of its last "nothing
         # to do": while all three hold, the decision cannot change.
@@ -84,8 +97,10 @@ class RolloutController:
 
     async def step(self) -> None:
         running = self.writer.read(lambda c: rs.list_rollouts(c, (ro.RUNNING,)))
-        for rid in set(self._quiet) - {r["rollout"] for r in running}:
+        ids = {r["rollout"] for r in running}
+        for rid in set(self._quiet) - ids:
             del self._quiet[rid]
+        self.stopwatch.forget(lambda key: isinstance(key, tuple) and key[0] in ids)
         for rollout in running:
             for _ in range(MAX_STEPS_PER_TICK):
                 if not await self._advance(rollout["rollout"]):
@@ -102,7 +117,7 @@ class RolloutController:
                 head, windows = self._inputs(conn)
                 quiet = self._quiet.get(rid)
                 if quiet is not None and quiet[0] == head and quiet[1] in (-1, windows) \
-                        and time.monotonic() < quiet[2]:
+                        and self._monotonic() < quiet[2]:
                     return False  # nothing its decision depends on has changed
                 rollout = rs.get_rollout(conn, rid)
                 if rollout is None or rollout["state"] != ro.RUNNING:
@@ -117,7 +132,11 @@ class RolloutController:
                 return False
             self._quiet.pop(rid, None)
             await self.writer.append(events)
-        await write_all(self.put_assignment, writes, give_up_s=KV_GIVE_UP_S)
+        left = await write_all(self.put_assignment, writes, give_up_s=self.kv_give_up_s)
+        if left:
+            self.writes_left += len(left)
+            if self.on_writes_left is not None:
+                self.on_writes_left(left)
         self.decisions += 1
         return True
 
@@ -128,8 +147,8 @@ class RolloutController:
         rid = rollout["rollout"]
         policy = ro.Policy.from_payload(rollout["policy"])
         members = member_rows(conn, rid)
-        waves = wave_views(conn, rid, members)
-        now_ns = time.time_ns()
+        now_ns = self.clock.wall_ns()
+        waves = self._on_this_clock(rid, wave_views(conn, rid, members), now_ns)
         # Telemetry decides only through the gates; otherwise it is evidence, read only
         # when an event will carry it (decide() is the same without gates either way).
         decision = ro.decide(policy, waves, ro.TelemetryView(), now_ns)
@@ -138,9 +157,31 @@ class RolloutController:
             decision = ro.decide(policy, waves, telemetry, now_ns)
         if decision.action == ro.ACT_NONE:
             events, writes = self._joiners(conn, rollout, waves, members, head)
-            return events, writes, _due(policy, waves, now_ns)
+            return events, writes, self._monotonic() + _due_in(policy, waves, now_ns)
         events, writes = self._events(conn, rollout, policy, decision)
         return events, writes, 0.0
+
+    def _monotonic(self) -> float:
+        return self.clock.monotonic_ns() / 1e9
+
+    def _on_this_clock(self, rid: str, waves: list[ro.WaveView], now_ns: int
+                       ) -> list[ro.WaveView]:
+        """The current wave's start and bake instants (wall clock, from the ledger)
+        moved onto this process's timeline: the time elapsed since each runs on the
+        monotonic clock from when this process first saw it, and a wall clock that is
+        behind the recorded instant counts as "just started" (hub/clock.py). So a bake
+        of 5 s ends at most 5 s after this process saw it begin, whatever the wall
+        clock does; `rules.decide` stays pure and compares with `now_ns`."""
+        out = []
+        for w in waves:
+            if w.state not in (ro.WAVE_ROLLING, ro.WAVE_BAKING):
+                out.append(w)
+                continue
+            started = self.stopwatch.as_of_now((rid, w.index, "start"), w.started_ns, now_ns)
+            baking = (self.stopwatch.as_of_now((rid, w.index, "bake"), w.baking_ns, now_ns)
+                      if w.state == ro.WAVE_BAKING else w.baking_ns)
+            out.append(replace(w, started_ns=started, baking_ns=baking))
+        return out
 
     def _events(self, conn: Connection, rollout: dict[str, Any], policy: ro.Policy,
                 decision: ro.Decision) -> tuple[list[NewEvent], list[tuple[str, bytes]]]:
@@ -230,10 +271,10 @@ class RolloutController:
         return [*events, *issued.events], issued.writes
 
 
-def _due(policy: ro.Policy, waves: list[ro.WaveView], now_ns: int) -> float:
-    """Monotonic time by which the clock alone may change a "nothing to do" decision:
-    the current wave's deadline or the end of its bake; at the latest a minute from now
-    (a cache, not a rule: re-deciding is always allowed)."""
+def _due_in(policy: ro.Policy, waves: list[ro.WaveView], now_ns: int) -> float:
+    """Seconds after which the clock alone may change a "nothing to do" decision: until
+    the current wave's deadline or the end of its bake; at the latest a minute (a
+    cache, not a rule: re-deciding is always allowed)."""
     times = [now_ns + int(QUIET_MAX_S * 1e9)]
     current = next((w for w in waves if w.state in (ro.WAVE_ROLLING, ro.WAVE_BAKING)), None)
     if current is not None:
@@ -241,4 +282,4 @@ def _due(policy: ro.Policy, waves: list[ro.WaveView], now_ns: int) -> float:
         if current.state == ro.WAVE_BAKING:
             times.append(current.baking_ns + int(policy.bake_s * 1e9))
     due_ns = min(t for t in times if t > now_ns) if any(t > now_ns for t in times) else now_ns
-    return time.monotonic() + (due_ns - now_ns) / 1e9
+    return (due_ns - now_ns) / 1e9

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from hub import fold
+from hub.clock import Clock, SystemClock, clock_skew
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Effects, Verbs
 from hub.commands.router import Router
@@ -44,6 +45,7 @@ from hub.rollouts.commands import RolloutCommands
 from hub.rollouts.controller import RolloutController
 from hub.rollouts.reads import RolloutReads
 from hub.service.nats import NatsEdge, allow_fleet_consumers
+from hub.service.reconcile import Reconciler
 from hub.service.status import fleet_status
 from hub.telemetry.ingest import TelemetryIngest
 from hub.telemetry.metrics import MetricsServer, render
@@ -59,8 +61,11 @@ class HubService:
     `effects` replaces the NATS edge's side effects (blob reads, KV writes, the users
     file) for a hub that runs offline (tests); such a hub is driven through `router`."""
 
-    def __init__(self, config: HubConfig, effects: Effects | None = None) -> None:
+    def __init__(self, config: HubConfig, effects: Effects | None = None,
+                 clock: Clock | None = None) -> None:
         self.config = config
+        # Wall and monotonic time for deadlines and expiries; tests inject a skewed one.
+        self.clock: Clock = clock or SystemClock()
         # A new ledger gets the configured tree hash; an existing one keeps its own.
         self.store = LedgerStore.open(config.database_url(), tree_hash=config.tree_hash)
         with self.store.engine.begin() as conn:
@@ -73,7 +78,7 @@ class HubService:
         self.telemetry = TelemetryIngest(self.store.engine)
         self.reports = ReportIntake(self.writer, self.telemetry)
         issuer = AssignmentIssuer(lambda: self.keyring.signers("director"),
-                                  config.assignment_ttl_days)
+                                  config.assignment_ttl_s, self.clock.wall_ns)
         roots = RootChanges(config, self.keyring, self.effects)
         engine = self.store.engine
         self.router = Router(self.writer, [
@@ -89,8 +94,16 @@ class HubService:
             RolloutReads(engine, self.telemetry).handlers(),
             Verbs(reads={"status": self._status}),
         ], audience=config.origin)
-        self.controller = RolloutController(self.writer, self.telemetry, issuer,
-                                            self.effects.put_assignment)
+        # KV follows the ledger continuously: writes left undone are retried until they
+        # land, deleted keys are put back, assignments renewed before they expire.
+        self.reconciler = Reconciler(
+            self.writer, issuer, self.keyring, lambda: self.edge.js,
+            self.effects.put_assignment, self.clock, config.reconcile_every_seconds,
+            reconnects=self._reconnects)
+        self.controller = RolloutController(
+            self.writer, self.telemetry, issuer, self.effects.put_assignment,
+            kv_give_up_s=config.kv_write_give_up_seconds,
+            on_writes_left=lambda _: self.reconciler.nudge(), clock=self.clock)
         # Every long-running task of the hub runs under it: a failure is logged once,
         # the task restarts with backoff, `status` and the metrics show each task's
         # state; a critical task that cannot work at all sets `supervisor.fatal`, and
@@ -100,6 +113,7 @@ class HubService:
         self.transparency: TransparencyPublisher | None = None  # proofs of witnessed releases
         self.metrics: MetricsServer | None = None
         self.assignment_sync = SyncResult()  # what start() found missing from KV
+        self.clock_behind_ns = 0  # see check_clock
 
     async def bootstrap_admin(self) -> bool:
         """Record the first admin from config.toml if the ledger has no operator yet."""
@@ -110,7 +124,20 @@ class HubService:
         return render(self.store, self.telemetry, self.reports.refused,
                       self.reports.refused_by_reason, self.supervisor.states())
 
+    def check_clock(self) -> int:
+        """How far this hub's wall clock is behind the ledger's newest entry (beyond
+        CLOCK_SKEW_NS; 0 otherwise): such a clock is surely wrong. Logged, and shown in
+        `status` (`clock_behind_s`); bakes and deadlines do not trust it (hub/clock.py)."""
+        head = self.store.head()
+        self.clock_behind_ns = clock_skew(self.clock.wall_ns(), head.ts if head else None)
+        if self.clock_behind_ns:
+            log.warning("this hub's clock is %.0f s behind the ledger's newest entry; "
+                        "check its time source (bakes and deadlines run on elapsed time)",
+                        self.clock_behind_ns / 1e9)
+        return self.clock_behind_ns
+
     async def start(self) -> None:
+        self.check_clock()
         await self.bootstrap_admin()
         edge = self.edge
         await edge.connect()
@@ -141,6 +168,15 @@ class HubService:
         js = edge.js
         self.supervisor.start("reports", lambda: self.reports.consume(js))
         self.supervisor.start("rollouts", self.controller.run)
+        transparency = self.transparency
+
+        async def bundles(republish: bool) -> int:
+            if republish:  # the bucket changed behind our back: put every bundle again
+                transparency.published.clear()
+            return await transparency.sync()
+
+        self.reconciler.transparency = bundles
+        self.supervisor.start("reconcile", self.reconciler.run)
         checkpointer = self.ledger_publishing.checkpointer
         await checkpointer.hand_over()
         self.supervisor.start("checkpointer", checkpointer.run)
@@ -164,6 +200,10 @@ class HubService:
         await self.edge.close()
         self.store.close()
 
+    def _reconnects(self) -> int:
+        nc = self.edge.nc
+        return 0 if nc is None else int(nc.stats.get("reconnects", 0))
+
     def _status(self, cmd: VerifiedCommand) -> Any:
         head = self.store.head()
         publishing = self.ledger_publishing
@@ -181,4 +221,5 @@ class HubService:
             "tasks": self.supervisor.states(),
             # Requests dropped because of their reply subject (hub/home/replies.py).
             "refused_replies": dict(self.edge.replies.counts),
+            "clock_behind_s": self.clock_behind_ns / 1e9,
         }
