@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import resource
 import secrets
 import sys
@@ -97,7 +98,12 @@ class AgentConfig:
     serve_api: bool = True  # the local inference API (edge_agent.serving)
     api_socket: Path | None = None  # default: STATE_DIR/agent.sock
     window_seconds: float = 5.0
-    fetch_retries: int = 5
+    fetch_retries: int = 5  # in-place resumes of a download without progress
+    fetch_timeout: float = 5.0  # seconds a batch of blob chunks may take to arrive
+    # Then the update is tried again after retry_base * 2**n seconds (n: failures so
+    # far), at most retry_cap, with jitter; never given up for transfer reasons.
+    retry_base: float = 1.0
+    retry_cap: float = 30.0
     health_window: float = 30.0
     max_error_rate: float = 0.5
     faults: str | None = None  # None: read FLEET_AGENT_FAULTS (edge_agent.faults)
@@ -403,15 +409,7 @@ class EdgeAgent:
 
     async def _apply(self, assignment: proto.Assignment) -> None:
         try:
-            for attempt in range(1, self.config.fetch_retries + 1):
-                try:
-                    await self._install(assignment)
-                    return
-                except TransferError as exc:
-                    if attempt == self.config.fetch_retries:
-                        raise UpdateRefused(f"download failed {attempt} times: {exc}") from exc
-                    log.warning("transfer failed (%s); retrying", exc)
-                    await asyncio.sleep(min(5.0, 0.5 * attempt))
+            await self._install_retrying(assignment)
         except asyncio.CancelledError:
             log.info("update to counter %d cancelled", assignment.counter)
             raise
@@ -429,6 +427,22 @@ class EdgeAgent:
         finally:
             if self._inflight is assignment:
                 self._inflight = None
+
+    async def _install_retrying(self, assignment: proto.Assignment) -> None:
+        """Install; a transfer failure (network down, partition, timeout) is never the
+        update's end: it is retried with capped exponential backoff and jitter until it
+        goes through or a newer assignment cancels it, with no new deploy needed."""
+        attempt = 0
+        while True:
+            try:
+                await self._install(assignment)
+                return
+            except TransferError as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, self.config.retry_base, self.config.retry_cap)
+                log.warning("transfer of counter %d failed (%s); retry %d in %.1f s",
+                            assignment.counter, exc, attempt, delay)
+                await asyncio.sleep(delay)
 
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
         key = names.manifest_key(assignment.model, assignment.version)
@@ -476,6 +490,7 @@ class EdgeAgent:
         download = ResumableDownload(
             self.slots.slots_dir, self.transport, manifest.digest, manifest.size,
             stats=self.download_stats, on_checkpoint=self._write_stats,
+            retries=self.config.fetch_retries, fetch_timeout=self.config.fetch_timeout,
         )
         self._rss_kib["before_download"] = self._rss_kib["download_max"] = _rss_kib()
         wire_before = self.download_stats.bytes_received
@@ -638,6 +653,14 @@ def with_quantization(meta: Mapping[str, Any], model: LoadedModel) -> dict[str, 
         scale, zero_point = model.outputs[0].quantization
         out["output_quantization"] = [scale, zero_point]
     return out
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): exponential, capped, jittered to
+    between half and all of it so a fleet that lost the network does not come back in
+    one burst."""
+    delay = min(cap, base * 2.0 ** min(attempt - 1, 30))
+    return random.uniform(delay / 2, delay)
 
 
 def _load_device_key(path: Path | None) -> SigningKey | None:

@@ -6,8 +6,10 @@ sidecar, `slots/download.json`, records what is safely on disk:
 
     {"digest", "size", "nuid", "received", "chunks", "next_seq"}
 
-If the connection drops, the download continues from `next_seq` (the stream sequence
-after the last chunk received) with a new consumer, keeping what it has. If the agent
+If the connection drops, or a chunk arrives out of order (one was lost on the wire:
+edge_agent.transport.objects checks continuity), the download continues from
+`next_seq` (the stream sequence after the last chunk received in order) with a new
+consumer, writing at `received`, the end of what it has. If the agent
 restarts, the next download of the same digest truncates the partial file to the
 sidecar's `received` (bytes written after the last checkpoint may be torn) and re-hashes
 it, since a BLAKE3 state cannot be serialised; re-hashing a local file is cheap.
@@ -105,9 +107,12 @@ class ResumableDownload:
         failures = 0
         mode = "r+b" if progress.received else "wb"
         with open(self.partial, mode) as fh:
-            fh.seek(progress.received)
-            fh.truncate()
             while True:
+                # Every attempt appends at the end of what is known good, never where
+                # the last attempt's file position happened to be (a chunk half-written
+                # when the connection or the disk failed is cut off).
+                fh.seek(progress.received)
+                fh.truncate()
                 before = progress.received
                 try:
                     await self._read_into(fh, progress, hasher)
@@ -180,6 +185,10 @@ class ResumableDownload:
 
     def _checkpoint(self, fh: IO[bytes], progress: _Progress) -> None:
         """Make the first `received` bytes durable, then record that they are."""
+        if not 0 <= progress.received <= self.size:
+            # Never record an offset past the object's end: a resume would trust it.
+            raise BlobTooLarge(f"download of {self.digest[:16]} at {progress.received} "
+                               f"bytes, past the manifest's {self.size}")
         fh.flush()
         os.fsync(fh.fileno())
         atomic_write(self.sidecar, json.dumps(asdict(progress)).encode())
