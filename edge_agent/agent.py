@@ -66,7 +66,7 @@ from edge_agent.protocol import bins, names
 from edge_agent.reporter import Reporter
 from edge_agent.runtime import LoadedModel, preflight
 from edge_agent.serving.server import InferenceServer, Serving
-from edge_agent.slots import SlotStore
+from edge_agent.slots import ActiveSlot, SlotStore
 from edge_agent.spool import Spool
 from edge_agent.transport import KeyUpdates
 from edge_agent.transport.connect import NatsAuth
@@ -157,6 +157,7 @@ class EdgeAgent:
         self._rewatch = asyncio.Event()
         self._assignment_watch: KeyUpdates | None = None  # woken on reconnect
         self._stopping = False
+        self._reinstall = False  # no usable slot at boot: install the assignment again
         self.api: InferenceServer | None = None
 
     @property
@@ -237,15 +238,74 @@ class EdgeAgent:
             atomic_write(self._stats_path, json.dumps(stats).encode())
 
     def _start_up(self) -> None:
-        """Count this start in an open health window, then load the active model."""
-        active = self.slots.active()
-        crash_loop = self.health.on_boot(active.metadata.get("digest") if active else None)
-        if crash_loop is not None and active is not None:
-            self.model_meta = dict(active.metadata)
+        """Check the installed model's bytes, count this start in an open health window,
+        then load the active model.
+
+        Boot integrity: the active slot's file must hash to the digest recorded at
+        install and pass the out-of-process preflight before this process maps it (a
+        file with flipped bytes used to crash the agent with SIGBUS at every start, or
+        run under the release's digest). A missing or bad active slot falls back to the
+        previous one (reported `reverted`); with no usable slot the agent reports
+        `failed` and installs its current assignment again.
+        """
+        active = self.slots.active_record()
+        if active is None:
+            log.info("no model installed yet")
+            return
+        self.model_meta = dict(active.metadata)
+        problem = self._slot_problem(active)
+        if problem is not None:
+            self._fall_back(f"boot check: {problem}")
+            return
+        crash_loop = self.health.on_boot(active.metadata.get("digest"))
+        if crash_loop is not None:
             log.error("%s", crash_loop)
             if self._revert(crash_loop):
                 return
         self._load_active_model()
+
+    def _slot_problem(self, slot: ActiveSlot) -> str | None:
+        """Why `slot` cannot run (missing, not its recorded digest, does not load);
+        None if it is good."""
+        name = f"slot {slot.name} ({slot.metadata.get('model')}/{slot.metadata.get('version')})"
+        if not slot.path.is_file():
+            return f"{name}: the model file {slot.path} is missing"
+        try:
+            digest = _file_digest(slot.path)
+        except OSError as exc:
+            return f"{name}: cannot read {slot.path}: {exc}"
+        recorded = str(slot.metadata.get("digest", ""))
+        if digest != recorded:
+            return (f"{name}: {slot.path} hashes to {digest[:16]}..., not the installed "
+                    f"model's {recorded[:16]}... (corrupted on disk)")
+        if self.config.isolate_preflight:
+            try:
+                preflight(slot.path)
+            except ModelRuntimeError as exc:
+                return f"{name}: does not load: {exc}"
+        return None
+
+    def _fall_back(self, evidence: str) -> None:
+        """The active slot failed its boot check: run the previous model if it is good,
+        else nothing, and ask for the assignment again."""
+        log.error("%s", evidence)
+        previous = self.slots.previous()
+        if previous is None:
+            evidence += "; no previous model to go back to"
+        else:
+            problem = self._slot_problem(previous)
+            if problem is None and self._revert(evidence):
+                return
+            evidence += f"; the previous model is unusable too: {problem or 'does not load'}"
+        self.model = None
+        self.health.clear()
+        self.slots.forget()
+        self._reinstall = True
+        reason = f"{evidence}; no usable model: installing the current assignment again"
+        log.error("%s", reason)
+        self._report_status(proto.STATUS_FAILED, reason=reason,
+                            counter=int(self.model_meta.get("counter", self.last_counter)))
+        self.model_meta = {}
 
     def _load_active_model(self) -> None:
         active = self.slots.active()
@@ -402,9 +462,11 @@ class EdgeAgent:
         """The assignment if it is authentic, for us and new; None if already handled."""
         inflight = self._inflight.counter if self._inflight is not None else None
         installed = self.model_meta.get("counter") if self.model is not None else None
+        # No usable model after a boot check: the last assignment handled is wanted again.
+        last = self.last_counter - 1 if self._reinstall and self.model is None else (
+            self.last_counter)
         return update.check_assignment(
-            self.trust, self.device_id, update.Counters(self.last_counter, inflight, installed),
-            data,
+            self.trust, self.device_id, update.Counters(last, inflight, installed), data,
         )
 
     async def _apply(self, assignment: proto.Assignment) -> None:
@@ -477,6 +539,7 @@ class EdgeAgent:
         else:
             await self._download_and_switch(manifest, meta)
         self._save_last_counter(assignment.counter)
+        self._reinstall = False
         self.installs += 1
         probe = self.model.smoke_test() if self.model is not None else np.zeros(0)
         log.info("installed %s/%s (counter %d)", manifest.name, manifest.version,
