@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import random
 import resource
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -52,8 +54,9 @@ from numpy.typing import NDArray
 
 from edge_agent import protocol as proto
 from edge_agent import update
-from edge_agent.download import DownloadStats, ResumableDownload
+from edge_agent.download import PARTIAL_NAME, DownloadStats, ResumableDownload
 from edge_agent.errors import (
+    DiskFull,
     InferenceError,
     ModelRuntimeError,
     NotPublished,
@@ -61,6 +64,7 @@ from edge_agent.errors import (
     UpdateRefused,
 )
 from edge_agent.faults import FAULTS_ENV, Faults
+from edge_agent.faults import enospc as faults_enospc
 from edge_agent.health import HealthWindow
 from edge_agent.protocol import bins, names
 from edge_agent.reporter import Reporter
@@ -83,6 +87,7 @@ log = logging.getLogger("edge_agent")
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 STATS_NAME = "stats.json"
 API_SOCKET_NAME = "agent.sock"
+DISK_MARGIN = 4 * 1024 * 1024  # free space a download leaves (at least; 10% of the blob)
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,8 @@ class EdgeAgent:
         # Reports wait on disk until JetStream acknowledges them (edge_agent/spool.py).
         self.spool = Spool(config.state_dir / "spool", max_bytes=config.spool_max_bytes,
                            fsync=config.spool_fsync)
+        if self.faults.spool_enospc:
+            self.spool.write_fault = _raise_enospc("spool write")
         self.reporter = Reporter(self.device_id, self.boot, self.spool, self.device_key,
                                  on_window=config.on_window)
         self.inference_paused = False  # no new inferences (simulators drain their spools)
@@ -495,15 +502,27 @@ class EdgeAgent:
         update's end: it is retried with capped exponential backoff and jitter until it
         goes through or a newer assignment cancels it, with no new deploy needed."""
         attempt = 0
+        reported = ""
         while True:
             try:
-                await self._install(assignment)
-                return
-            except TransferError as exc:
+                try:
+                    await self._install(assignment)
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise DiskFull(f"the disk is full installing the update: {exc}") from exc
+            except (TransferError, DiskFull) as exc:
                 attempt += 1
                 delay = backoff_delay(attempt, self.config.retry_base, self.config.retry_cap)
-                log.warning("transfer of counter %d failed (%s); retry %d in %.1f s",
+                log.warning("update to counter %d failed (%s); retry %d in %.1f s",
                             assignment.counter, exc, attempt, delay)
+                if isinstance(exc, DiskFull) and str(exc) != reported:
+                    # The current model keeps running; the hub learns why this device
+                    # does not move (once per reason, not at every retry).
+                    reported = str(exc)
+                    self._report_status(proto.STATUS_FAILED, reason=f"{exc}; retrying",
+                                        assignment=assignment)
                 await asyncio.sleep(delay)
 
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
@@ -550,10 +569,12 @@ class EdgeAgent:
     async def _download_and_switch(
         self, manifest: proto.ReleaseManifest, meta: dict[str, Any]
     ) -> None:
+        self._check_room(manifest, meta)
         download = ResumableDownload(
             self.slots.slots_dir, self.transport, manifest.digest, manifest.size,
             stats=self.download_stats, on_checkpoint=self._write_stats,
             retries=self.config.fetch_retries, fetch_timeout=self.config.fetch_timeout,
+            before_write=self._download_write_fault(meta),
         )
         self._rss_kib["before_download"] = self._rss_kib["download_max"] = _rss_kib()
         wire_before = self.download_stats.bytes_received
@@ -587,6 +608,35 @@ class EdgeAgent:
         self.health.start(meta)
         self.slots.activate(slot, meta)
         self.model, self.model_meta = loaded, dict(meta)
+
+    def _check_room(self, manifest: proto.ReleaseManifest, meta: dict[str, Any]) -> None:
+        """Refuse (for now: DiskFull is retried later) a download that cannot fit: the
+        blob plus a margin for the spool and state files, less what a partial download
+        of it already holds."""
+        directory = self.slots.slots_dir
+        partial = directory / PARTIAL_NAME
+        have = partial.stat().st_size if partial.exists() else 0
+        if self.faults.disk_free is not None and self.faults.applies(meta):
+            free = self.faults.disk_free
+        else:
+            free = shutil.disk_usage(directory).free
+        margin = max(DISK_MARGIN, manifest.size // 10)
+        if free + have < manifest.size + margin:
+            raise DiskFull(
+                f"not enough disk space for {manifest.name}/{manifest.version}: "
+                f"{manifest.size} bytes plus a {margin}-byte margin needed, {free + have} "
+                f"free in {directory}")
+
+    def _download_write_fault(self, meta: dict[str, Any]) -> Callable[[int, int], None] | None:
+        limit = self.faults.download_enospc
+        if limit is None or not self.faults.applies(meta):
+            return None
+
+        def before_write(offset: int, length: int) -> None:
+            if offset + length > limit:
+                raise faults_enospc(f"download past {limit} bytes")
+
+        return before_write
 
     # ------------------------------------------------------------ health + revert
 
@@ -716,6 +766,13 @@ def with_quantization(meta: Mapping[str, Any], model: LoadedModel) -> dict[str, 
         scale, zero_point = model.outputs[0].quantization
         out["output_quantization"] = [scale, zero_point]
     return out
+
+
+def _raise_enospc(what: str) -> Callable[[], None]:
+    def fail() -> None:
+        raise faults_enospc(what)
+
+    return fail
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:

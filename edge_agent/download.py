@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from typing import IO, Any
 
 import blake3
 
-from edge_agent.errors import BlobTooLarge, DigestMismatch, TransferError
+from edge_agent.errors import BlobTooLarge, DigestMismatch, DiskFull, TransferError
 from edge_agent.transport import UpdateSource
 from ledger.durable import atomic_write
 
@@ -82,6 +83,7 @@ class ResumableDownload:
         checkpoint_bytes: int = CHECKPOINT_BYTES,
         on_checkpoint: Callable[[], None] | None = None,
         fetch_timeout: float = 5.0,
+        before_write: Callable[[int, int], None] | None = None,
     ) -> None:
         self.partial = directory / PARTIAL_NAME
         self.sidecar = directory / SIDECAR_NAME
@@ -93,6 +95,7 @@ class ResumableDownload:
         self.checkpoint_bytes = checkpoint_bytes
         self._on_checkpoint = on_checkpoint
         self.fetch_timeout = fetch_timeout
+        self._before_write = before_write  # (offset, length): a test hook for disk faults
 
     # ------------------------------------------------------------ public
 
@@ -101,8 +104,20 @@ class ResumableDownload:
 
         Raises BlobTooLarge or DigestMismatch when the data is bad (the partial file
         is removed), TransferError when the transfer failed `retries` times in a row
-        without progress (the partial file stays for the next attempt).
+        without progress (the partial file stays for the next attempt), DiskFull when
+        the disk filled up (the partial file is removed: it would keep the disk full).
         """
+        try:
+            return await self._run()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.discard()
+            raise DiskFull(f"the disk filled up while downloading {self.digest[:16]}... "
+                           f"({self.size} bytes): {exc.strerror or exc}; the partial "
+                           "download was removed") from exc
+
+    async def _run(self) -> Path:
         progress, hasher = self._resume_from_disk()
         failures = 0
         mode = "r+b" if progress.received else "wb"
@@ -172,6 +187,8 @@ class ResumableDownload:
             chunks_seen=progress.chunks, start_seq=progress.next_seq,
             batch=DOWNLOAD_BATCH, timeout=self.fetch_timeout,
         ):
+            if self._before_write is not None:
+                self._before_write(progress.received, len(chunk.data))
             fh.write(chunk.data)
             hasher.update(chunk.data)
             self.stats.bytes_received += len(chunk.data)
