@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import random
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -51,8 +54,9 @@ from numpy.typing import NDArray
 from edge_agent import protocol as proto
 from edge_agent import update
 from edge_agent.boots import next_boot
-from edge_agent.download import DownloadStats, ResumableDownload
+from edge_agent.download import PARTIAL_NAME, DownloadStats, ResumableDownload
 from edge_agent.errors import (
+    DiskFull,
     InferenceError,
     ModelRuntimeError,
     NotPublished,
@@ -60,12 +64,13 @@ from edge_agent.errors import (
     UpdateRefused,
 )
 from edge_agent.faults import FAULTS_ENV, Faults
+from edge_agent.faults import enospc as faults_enospc
 from edge_agent.health import HealthWindow
 from edge_agent.protocol import bins, names
 from edge_agent.reporter import Reporter
 from edge_agent.runtime import LoadedModel, preflight
 from edge_agent.serving.server import InferenceServer, Serving
-from edge_agent.slots import SlotStore
+from edge_agent.slots import ActiveSlot, SlotStore
 from edge_agent.spool import Spool
 from edge_agent.transport import KeyUpdates
 from edge_agent.transport.connect import NatsAuth
@@ -82,6 +87,7 @@ log = logging.getLogger("edge_agent")
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 STATS_NAME = "stats.json"
 API_SOCKET_NAME = "agent.sock"
+DISK_MARGIN = 4 * 1024 * 1024  # free space a download leaves (at least; 10% of the blob)
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,12 @@ class AgentConfig:
     serve_api: bool = True  # the local inference API (edge_agent.serving)
     api_socket: Path | None = None  # default: STATE_DIR/agent.sock
     window_seconds: float = 5.0
-    fetch_retries: int = 5
+    fetch_retries: int = 5  # in-place resumes of a download without progress
+    fetch_timeout: float = 5.0  # seconds a batch of blob chunks may take to arrive
+    # Then the update is tried again after retry_base * 2**n seconds (n: failures so
+    # far), at most retry_cap, with jitter; never given up for transfer reasons.
+    retry_base: float = 1.0
+    retry_cap: float = 30.0
     health_window: float = 30.0
     max_error_rate: float = 0.5
     faults: str | None = None  # None: read FLEET_AGENT_FAULTS (edge_agent.faults)
@@ -138,6 +149,8 @@ class EdgeAgent:
         # Reports wait on disk until JetStream acknowledges them (edge_agent/spool.py).
         self.spool = Spool(config.state_dir / "spool", max_bytes=config.spool_max_bytes,
                            fsync=config.spool_fsync)
+        if self.faults.spool_enospc:
+            self.spool.write_fault = _raise_enospc("spool write")
         self.reporter = Reporter(self.device_id, self.boot, self.spool, self.device_key,
                                  on_window=config.on_window)
         self.inference_paused = False  # no new inferences (simulators drain their spools)
@@ -151,6 +164,7 @@ class EdgeAgent:
         self._rewatch = asyncio.Event()
         self._assignment_watch: KeyUpdates | None = None  # woken on reconnect
         self._stopping = False
+        self._reinstall = False  # no usable slot at boot: install the assignment again
         self.api: InferenceServer | None = None
 
     @property
@@ -231,15 +245,74 @@ class EdgeAgent:
             atomic_write(self._stats_path, json.dumps(stats).encode())
 
     def _start_up(self) -> None:
-        """Count this start in an open health window, then load the active model."""
-        active = self.slots.active()
-        crash_loop = self.health.on_boot(active.metadata.get("digest") if active else None)
-        if crash_loop is not None and active is not None:
-            self.model_meta = dict(active.metadata)
+        """Check the installed model's bytes, count this start in an open health window,
+        then load the active model.
+
+        Boot integrity: the active slot's file must hash to the digest recorded at
+        install and pass the out-of-process preflight before this process maps it (a
+        file with flipped bytes used to crash the agent with SIGBUS at every start, or
+        run under the release's digest). A missing or bad active slot falls back to the
+        previous one (reported `reverted`); with no usable slot the agent reports
+        `failed` and installs its current assignment again.
+        """
+        active = self.slots.active_record()
+        if active is None:
+            log.info("no model installed yet")
+            return
+        self.model_meta = dict(active.metadata)
+        problem = self._slot_problem(active)
+        if problem is not None:
+            self._fall_back(f"boot check: {problem}")
+            return
+        crash_loop = self.health.on_boot(active.metadata.get("digest"))
+        if crash_loop is not None:
             log.error("%s", crash_loop)
             if self._revert(crash_loop):
                 return
         self._load_active_model()
+
+    def _slot_problem(self, slot: ActiveSlot) -> str | None:
+        """Why `slot` cannot run (missing, not its recorded digest, does not load);
+        None if it is good."""
+        name = f"slot {slot.name} ({slot.metadata.get('model')}/{slot.metadata.get('version')})"
+        if not slot.path.is_file():
+            return f"{name}: the model file {slot.path} is missing"
+        try:
+            digest = _file_digest(slot.path)
+        except OSError as exc:
+            return f"{name}: cannot read {slot.path}: {exc}"
+        recorded = str(slot.metadata.get("digest", ""))
+        if digest != recorded:
+            return (f"{name}: {slot.path} hashes to {digest[:16]}..., not the installed "
+                    f"model's {recorded[:16]}... (corrupted on disk)")
+        if self.config.isolate_preflight:
+            try:
+                preflight(slot.path)
+            except ModelRuntimeError as exc:
+                return f"{name}: does not load: {exc}"
+        return None
+
+    def _fall_back(self, evidence: str) -> None:
+        """The active slot failed its boot check: run the previous model if it is good,
+        else nothing, and ask for the assignment again."""
+        log.error("%s", evidence)
+        previous = self.slots.previous()
+        if previous is None:
+            evidence += "; no previous model to go back to"
+        else:
+            problem = self._slot_problem(previous)
+            if problem is None and self._revert(evidence):
+                return
+            evidence += f"; the previous model is unusable too: {problem or 'does not load'}"
+        self.model = None
+        self.health.clear()
+        self.slots.forget()
+        self._reinstall = True
+        reason = f"{evidence}; no usable model: installing the current assignment again"
+        log.error("%s", reason)
+        self._report_status(proto.STATUS_FAILED, reason=reason,
+                            counter=int(self.model_meta.get("counter", self.last_counter)))
+        self.model_meta = {}
 
     def _load_active_model(self) -> None:
         active = self.slots.active()
@@ -396,22 +469,16 @@ class EdgeAgent:
         """The assignment if it is authentic, for us and new; None if already handled."""
         inflight = self._inflight.counter if self._inflight is not None else None
         installed = self.model_meta.get("counter") if self.model is not None else None
+        # No usable model after a boot check: the last assignment handled is wanted again.
+        last = self.last_counter - 1 if self._reinstall and self.model is None else (
+            self.last_counter)
         return update.check_assignment(
-            self.trust, self.device_id, update.Counters(self.last_counter, inflight, installed),
-            data,
+            self.trust, self.device_id, update.Counters(last, inflight, installed), data,
         )
 
     async def _apply(self, assignment: proto.Assignment) -> None:
         try:
-            for attempt in range(1, self.config.fetch_retries + 1):
-                try:
-                    await self._install(assignment)
-                    return
-                except TransferError as exc:
-                    if attempt == self.config.fetch_retries:
-                        raise UpdateRefused(f"download failed {attempt} times: {exc}") from exc
-                    log.warning("transfer failed (%s); retrying", exc)
-                    await asyncio.sleep(min(5.0, 0.5 * attempt))
+            await self._install_retrying(assignment)
         except asyncio.CancelledError:
             log.info("update to counter %d cancelled", assignment.counter)
             raise
@@ -429,6 +496,34 @@ class EdgeAgent:
         finally:
             if self._inflight is assignment:
                 self._inflight = None
+
+    async def _install_retrying(self, assignment: proto.Assignment) -> None:
+        """Install; a transfer failure (network down, partition, timeout) is never the
+        update's end: it is retried with capped exponential backoff and jitter until it
+        goes through or a newer assignment cancels it, with no new deploy needed."""
+        attempt = 0
+        reported = ""
+        while True:
+            try:
+                try:
+                    await self._install(assignment)
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise DiskFull(f"the disk is full installing the update: {exc}") from exc
+            except (TransferError, DiskFull) as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, self.config.retry_base, self.config.retry_cap)
+                log.warning("update to counter %d failed (%s); retry %d in %.1f s",
+                            assignment.counter, exc, attempt, delay)
+                if isinstance(exc, DiskFull) and str(exc) != reported:
+                    # The current model keeps running; the hub learns why this device
+                    # does not move (once per reason, not at every retry).
+                    reported = str(exc)
+                    self._report_status(proto.STATUS_FAILED, reason=f"{exc}; retrying",
+                                        assignment=assignment)
+                await asyncio.sleep(delay)
 
     async def _load_manifest(self, assignment: proto.Assignment) -> proto.ReleaseManifest:
         key = names.manifest_key(assignment.model, assignment.version)
@@ -463,6 +558,7 @@ class EdgeAgent:
         else:
             await self._download_and_switch(manifest, meta)
         self._save_last_counter(assignment.counter)
+        self._reinstall = False
         self.installs += 1
         probe = self.model.smoke_test() if self.model is not None else np.zeros(0)
         log.info("installed %s/%s (counter %d)", manifest.name, manifest.version,
@@ -473,9 +569,12 @@ class EdgeAgent:
     async def _download_and_switch(
         self, manifest: proto.ReleaseManifest, meta: dict[str, Any]
     ) -> None:
+        self._check_room(manifest, meta)
         download = ResumableDownload(
             self.slots.slots_dir, self.transport, manifest.digest, manifest.size,
             stats=self.download_stats, on_checkpoint=self._write_stats,
+            retries=self.config.fetch_retries, fetch_timeout=self.config.fetch_timeout,
+            before_write=self._download_write_fault(meta),
         )
         self._rss_kib["before_download"] = self._rss_kib["download_max"] = _rss_kib()
         wire_before = self.download_stats.bytes_received
@@ -509,6 +608,35 @@ class EdgeAgent:
         self.health.start(meta)
         self.slots.activate(slot, meta)
         self.model, self.model_meta = loaded, dict(meta)
+
+    def _check_room(self, manifest: proto.ReleaseManifest, meta: dict[str, Any]) -> None:
+        """Refuse (for now: DiskFull is retried later) a download that cannot fit: the
+        blob plus a margin for the spool and state files, less what a partial download
+        of it already holds."""
+        directory = self.slots.slots_dir
+        partial = directory / PARTIAL_NAME
+        have = partial.stat().st_size if partial.exists() else 0
+        if self.faults.disk_free is not None and self.faults.applies(meta):
+            free = self.faults.disk_free
+        else:
+            free = shutil.disk_usage(directory).free
+        margin = max(DISK_MARGIN, manifest.size // 10)
+        if free + have < manifest.size + margin:
+            raise DiskFull(
+                f"not enough disk space for {manifest.name}/{manifest.version}: "
+                f"{manifest.size} bytes plus a {margin}-byte margin needed, {free + have} "
+                f"free in {directory}")
+
+    def _download_write_fault(self, meta: dict[str, Any]) -> Callable[[int, int], None] | None:
+        limit = self.faults.download_enospc
+        if limit is None or not self.faults.applies(meta):
+            return None
+
+        def before_write(offset: int, length: int) -> None:
+            if offset + length > limit:
+                raise faults_enospc(f"download past {limit} bytes")
+
+        return before_write
 
     # ------------------------------------------------------------ health + revert
 
@@ -638,6 +766,21 @@ def with_quantization(meta: Mapping[str, Any], model: LoadedModel) -> dict[str, 
         scale, zero_point = model.outputs[0].quantization
         out["output_quantization"] = [scale, zero_point]
     return out
+
+
+def _raise_enospc(what: str) -> Callable[[], None]:
+    def fail() -> None:
+        raise faults_enospc(what)
+
+    return fail
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): exponential, capped, jittered to
+    between half and all of it so a fleet that lost the network does not come back in
+    one burst."""
+    delay = min(cap, base * 2.0 ** min(attempt - 1, 30))
+    return random.uniform(delay / 2, delay)
 
 
 def _load_device_key(path: Path | None) -> SigningKey | None:

@@ -6,8 +6,10 @@ sidecar, `slots/download.json`, records what is safely on disk:
 
     {"digest", "size", "nuid", "received", "chunks", "next_seq"}
 
-If the connection drops, the download continues from `next_seq` (the stream sequence
-after the last chunk received) with a new consumer, keeping what it has. If the agent
+If the connection drops, or a chunk arrives out of order (one was lost on the wire:
+edge_agent.transport.objects checks continuity), the download continues from
+`next_seq` (the stream sequence after the last chunk received in order) with a new
+consumer, writing at `received`, the end of what it has. If the agent
 restarts, the next download of the same digest truncates the partial file to the
 sidecar's `received` (bytes written after the last checkpoint may be torn) and re-hashes
 it, since a BLAKE3 state cannot be serialised; re-hashing a local file is cheap.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -33,7 +36,7 @@ from typing import IO, Any
 
 import blake3
 
-from edge_agent.errors import BlobTooLarge, DigestMismatch, TransferError
+from edge_agent.errors import BlobTooLarge, DigestMismatch, DiskFull, TransferError
 from edge_agent.transport import UpdateSource
 from ledger.durable import atomic_write
 
@@ -80,6 +83,7 @@ class ResumableDownload:
         checkpoint_bytes: int = CHECKPOINT_BYTES,
         on_checkpoint: Callable[[], None] | None = None,
         fetch_timeout: float = 5.0,
+        before_write: Callable[[int, int], None] | None = None,
     ) -> None:
         self.partial = directory / PARTIAL_NAME
         self.sidecar = directory / SIDECAR_NAME
@@ -91,6 +95,7 @@ class ResumableDownload:
         self.checkpoint_bytes = checkpoint_bytes
         self._on_checkpoint = on_checkpoint
         self.fetch_timeout = fetch_timeout
+        self._before_write = before_write  # (offset, length): a test hook for disk faults
 
     # ------------------------------------------------------------ public
 
@@ -99,15 +104,30 @@ class ResumableDownload:
 
         Raises BlobTooLarge or DigestMismatch when the data is bad (the partial file
         is removed), TransferError when the transfer failed `retries` times in a row
-        without progress (the partial file stays for the next attempt).
+        without progress (the partial file stays for the next attempt), DiskFull when
+        the disk filled up (the partial file is removed: it would keep the disk full).
         """
+        try:
+            return await self._run()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.discard()
+            raise DiskFull(f"the disk filled up while downloading {self.digest[:16]}... "
+                           f"({self.size} bytes): {exc.strerror or exc}; the partial "
+                           "download was removed") from exc
+
+    async def _run(self) -> Path:
         progress, hasher = self._resume_from_disk()
         failures = 0
         mode = "r+b" if progress.received else "wb"
         with open(self.partial, mode) as fh:
-            fh.seek(progress.received)
-            fh.truncate()
             while True:
+                # Every attempt appends at the end of what is known good, never where
+                # the last attempt's file position happened to be (a chunk half-written
+                # when the connection or the disk failed is cut off).
+                fh.seek(progress.received)
+                fh.truncate()
                 before = progress.received
                 try:
                     await self._read_into(fh, progress, hasher)
@@ -167,6 +187,8 @@ class ResumableDownload:
             chunks_seen=progress.chunks, start_seq=progress.next_seq,
             batch=DOWNLOAD_BATCH, timeout=self.fetch_timeout,
         ):
+            if self._before_write is not None:
+                self._before_write(progress.received, len(chunk.data))
             fh.write(chunk.data)
             hasher.update(chunk.data)
             self.stats.bytes_received += len(chunk.data)
@@ -180,6 +202,10 @@ class ResumableDownload:
 
     def _checkpoint(self, fh: IO[bytes], progress: _Progress) -> None:
         """Make the first `received` bytes durable, then record that they are."""
+        if not 0 <= progress.received <= self.size:
+            # Never record an offset past the object's end: a resume would trust it.
+            raise BlobTooLarge(f"download of {self.digest[:16]} at {progress.received} "
+                               f"bytes, past the manifest's {self.size}")
         fh.flush()
         os.fsync(fh.fileno())
         atomic_write(self.sidecar, json.dumps(asdict(progress)).encode())

@@ -12,6 +12,7 @@
         FetchError         a blob or document could not be read (network, missing object)
         NotPublished       a bucket or key is not there (yet)
         InclusionPending   no transparency proof yet: wait
+      DiskFull             no room on the device's disk for the update: retried later
       DeviceBundleError    the device bundle directory is missing or invalid
       ModelRuntimeError    the model does not load or run
       InferenceError       a call through the local inference API failed (edge_agent.serving)
@@ -93,6 +94,11 @@ class NotPublished(TransferError):
 
 class InclusionPending(TransferError):
     """No proof yet (the release is not witnessed yet, or the root names no witnesses)."""
+
+
+class DiskFull(AgentError):
+    """The update does not fit on the device's disk (the pre-check, or ENOSPC while
+    writing); the partial download is removed and the update is tried again later."""
 
 
 class DeviceBundleError(AgentError, ValueError):

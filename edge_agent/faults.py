@@ -8,6 +8,9 @@ separated list of `key:value` items:
     install_error:1  refuse to install
     output_shift:X   add X to every output before it is counted (drift)
     version:V        only while a model of version V is active (or being installed)
+    download_enospc:N  a download's file write fails with ENOSPC once N bytes are written
+    spool_enospc:1   every write to the report spool fails with ENOSPC (the disk is full)
+    disk_free:N      the free space the download pre-check sees, in bytes
 
 Example: `FLEET_AGENT_FAULTS=error_rate:1.0,version:2`. Used by tests/test_health_revert.py,
 tests/test_faults.py and the fleet simulator (testkit/fleet_sim.py).
@@ -15,6 +18,7 @@ tests/test_faults.py and the fleet simulator (testkit/fleet_sim.py).
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +35,9 @@ class Faults:
     version: str | None = None
     install_error: bool = False  # refuse to install (the assignment's version must match)
     output_shift: float = 0.0  # added to every output before it is counted (drift)
+    download_enospc: int | None = None  # bytes a download writes before ENOSPC
+    spool_enospc: bool = False  # every spool write fails with ENOSPC
+    disk_free: int | None = None  # what the download pre-check sees as free space
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
@@ -45,6 +52,9 @@ class Faults:
                 version=values.get("version") or None,
                 install_error=values.get("install_error", "0") not in ("", "0", "false"),
                 output_shift=float(values.get("output_shift", 0.0)),
+                download_enospc=_optional_int(values.get("download_enospc")),
+                spool_enospc=values.get("spool_enospc", "0") not in ("", "0", "false"),
+                disk_free=_optional_int(values.get("disk_free")),
             )
         except ValueError as exc:
             raise ValueError(f"{FAULTS_ENV}={spec!r} is not valid: {exc}") from exc
@@ -56,3 +66,12 @@ class Faults:
 
     def applies(self, meta: dict[str, Any]) -> bool:
         return self.version is None or str(meta.get("version")) == self.version
+
+
+def _optional_int(value: str | None) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def enospc(what: str) -> OSError:
+    """The OSError a full disk raises, injected."""
+    return OSError(errno.ENOSPC, f"No space left on device (injected by {FAULTS_ENV}: {what})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ from edge_agent.spool import Spool
 from edge_agent.telemetry import TelemetryWindowBuilder
 from edge_agent.transport import ReportSink
 from ledger.signing import SigningKey
+
+MAX_UNSPOOLED = 1000  # reports kept in memory while the disk is full
 
 log = logging.getLogger("edge_agent")
 
@@ -46,6 +49,9 @@ class Reporter:
         self._spooled = asyncio.Event()
         self._window = TelemetryWindowBuilder()
         self._window_meta: dict[str, Any] = {}  # the model the open window counts
+        # Reports the spool could not take (the disk is full), oldest first, sent from
+        # memory; while any wait here, new ones queue behind them so order holds.
+        self._unspooled: deque[tuple[str, str, bytes]] = deque()
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -117,20 +123,42 @@ class Reporter:
 
     def _enqueue(self, kind: str, data: bytes, seq: int) -> None:
         # Durable and bounded: a full spool drops its oldest and counts it (never silent).
-        self.spool.append(names.report_subject(self.device_id, kind),
-                          names.report_msg_id(self.device_id, self.boot, seq), data)
+        item = (names.report_subject(self.device_id, kind),
+                names.report_msg_id(self.device_id, self.boot, seq), data)
+        if not self._unspooled:
+            try:
+                self.spool.append(*item)
+                self._spooled.set()
+                return
+            except OSError as exc:  # disk full: never lose the report, never crash
+                log.warning("cannot spool a %s report (%s); keeping it in memory until sent",
+                            kind, exc)
+        if len(self._unspooled) >= MAX_UNSPOOLED:
+            self._unspooled.popleft()
+            self.spool.dropped += 1  # counted in the next telemetry window
+        self._unspooled.append(item)
         self._spooled.set()
 
+    @property
+    def unspooled(self) -> int:
+        """Reports waiting in memory because the spool could not take them."""
+        return len(self._unspooled)
+
     async def send_outbox(self, sink: ReportSink, stopping: Callable[[], bool]) -> None:
-        """Send what is spooled, oldest first, each until acknowledged; then wait for more."""
+        """Send what is spooled, oldest first, each until acknowledged, then what waits
+        in memory (it came later); then wait for more."""
         while not stopping():
             record = self.spool.peek()
-            if record is None:
+            if record is not None:
+                await _publish_until_acked(sink, record.subject, record.data, record.msg_id)
+                self.spool.ack(record)
+            elif self._unspooled:
+                subject, msg_id, data = self._unspooled[0]
+                await _publish_until_acked(sink, subject, data, msg_id)
+                self._unspooled.popleft()
+            else:
                 self._spooled.clear()
                 await self._spooled.wait()
-                continue
-            await _publish_until_acked(sink, record.subject, record.data, record.msg_id)
-            self.spool.ack(record)
 
     async def flush(self, sink: ReportSink, timeout: float) -> None:
         """Try to send what is spooled; what is left stays on disk for the next start."""

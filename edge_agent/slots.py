@@ -57,6 +57,11 @@ class SlotStore:
     def previous(self) -> ActiveSlot | None:
         return self._entry("previous")
 
+    def active_record(self) -> ActiveSlot | None:
+        """The active slot as recorded, even if its file is gone (a boot check tells a
+        deleted model from "nothing installed yet")."""
+        return self._entry("active", need_file=False)
+
     def inactive_name(self) -> str:
         current = self.active()
         if current is None:
@@ -130,6 +135,11 @@ class SlotStore:
         )
         return previous
 
+    def forget(self) -> None:
+        """Record that no slot holds a usable model (both failed their boot check): the
+        next install starts from nothing instead of keeping a bad slot as `previous`."""
+        self._write_state({"format": _STATE_FORMAT, "active": None, "previous": None})
+
     def discard_stale_temp_files(self) -> int:
         """Remove temp files left by writes that died midway; call once at agent start."""
         removed = 0
@@ -170,7 +180,7 @@ class SlotStore:
             return str(entry["slot"])
         return None
 
-    def _entry(self, key: str) -> ActiveSlot | None:
+    def _entry(self, key: str, need_file: bool = True) -> ActiveSlot | None:
         state = self._read_state()
         if state is None:
             return None
@@ -183,7 +193,7 @@ class SlotStore:
             log.warning("%s has a malformed %r record: %r", self.state_path, key, entry)
             return None
         path = self.slot_path(slot)
-        if not path.is_file():
+        if need_file and not path.is_file():
             log.warning(
                 "%s names slot %r as %s but %s is missing", self.state_path, slot, key, path
             )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.max_records = max_records
         self.fsync = fsync
+        self.write_fault: Callable[[], None] | None = None  # a test hook (disk faults)
         directory.mkdir(parents=True, exist_ok=True)
         self._dropped_path = directory / "dropped"
         self.dropped = self._read_dropped()
@@ -91,6 +93,8 @@ class Spool:
             return 0
 
     def _write(self, path: Path, data: bytes) -> None:
+        if self.write_fault is not None:
+            self.write_fault()
         atomic_write(path, data, 0o644, fsync=self.fsync)
 
     def append(self, subject: str, msg_id: str, data: bytes) -> SpoolRecord:

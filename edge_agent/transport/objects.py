@@ -9,7 +9,11 @@ a longer object is refused (TUF's "endless data" attack) without reading it all.
 
 Every chunk carries its stream sequence, so a reader that lost its connection can
 start a new consumer at the sequence after the last chunk it got
-(`DeliverPolicy.BY_START_SEQUENCE`) instead of starting over.
+(`DeliverPolicy.BY_START_SEQUENCE`) instead of starting over. Chunks are checked for
+continuity: each must be the consumer's next delivery and come later in the stream. The
+consumer does not redeliver (AckPolicy.NONE), so a message lost with a reset connection
+would otherwise be a silent gap in the file; it is a FetchError instead, and the caller
+resumes after the last chunk it has in order.
 
 Errors are split by meaning: `BlobTooLarge` (the data is bad, don't retry) and
 `FetchError` (the transfer failed: missing object, timeout, lost connection;
@@ -92,6 +96,8 @@ async def iter_chunks_from(
     except Exception as exc:
         raise FetchError(f"cannot start reading blob {ref.name}: {exc!r}") from exc
     chunks_left = ref.chunks - chunks_seen
+    delivered = 0  # this consumer's deliveries so far: each chunk must be the next one
+    last_stream_seq = (start_seq or 1) - 1
     try:
         while chunks_left > 0:
             try:
@@ -104,6 +110,16 @@ async def iter_chunks_from(
                     f"{exc!r}"
                 ) from exc
             for msg in msgs:
+                seq = msg.metadata.sequence
+                if seq.consumer != delivered + 1 or seq.stream <= last_stream_seq:
+                    # A message lost on the wire (a reset connection; the consumer had
+                    # already sent it): never skip it. The caller resumes with a new
+                    # consumer after the last chunk it has in order.
+                    raise FetchError(
+                        f"reading {ref.name}: chunk out of order after {received} bytes "
+                        f"(delivery {seq.consumer}, expected {delivered + 1}; stream "
+                        f"sequence {seq.stream} after {last_stream_seq})")
+                delivered, last_stream_seq = seq.consumer, seq.stream
                 chunks_left -= 1
                 received += len(msg.data)
                 if received > expected_size:
