@@ -233,3 +233,37 @@ def _entry_row(doc: Any, seq: int) -> RawRow:
     body, prev, digest = doc
     entry = Entry.from_body(body, prev, digest)
     return RawRow(entry.seq, entry.ts, entry.kind, entry.actor, entry.subject, body, prev, digest)
+
+
+@dataclass(frozen=True)
+class ExportContents:
+    """An export file read into memory (framing and entry decoding checked, not the
+    chain: run `verify_export` for that)."""
+
+    merkle_hash: str
+    origin: str | None
+    checkpoints: list[bytes]  # signed notes, smallest tree size first
+    entries: list[Entry]
+
+
+def read_export(path: Path) -> ExportContents:
+    """Every checkpoint note and entry of an export file; raise `ExportError` when it
+    cannot be read as one."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from exc
+    with fh:
+        reader = _Reader(fh)
+        header = _header(reader.frame("header"))
+        notes = [reader.frame(f"checkpoint {i}") for i in range(header["checkpoints"])]
+        if not all(isinstance(n, bytes) for n in notes):
+            raise ExportError("a checkpoint frame is not a note (bin)")
+        entries = []
+        for seq in range(header["entries"]):
+            try:
+                row = _entry_row(reader.frame(f"entry {seq}"), seq)
+            except EntryError as exc:
+                raise ExportError(f"entry {seq} cannot be read: {exc}") from exc
+            entries.append(Entry.from_body(row.body, row.prev, row.hash))
+    return ExportContents(header["merkle_hash"], header["origin"], notes, entries)

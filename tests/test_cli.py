@@ -166,7 +166,8 @@ def test_importing_the_hub_cli_loads_no_server_module() -> None:
     it has loaded neither SQLAlchemy, SQLModel nor numpy, and no hub module outside the
     client side (`hub serve` and `hub rebuild` import theirs when they run)."""
     client_side = ("hub", "hub.cli", "hub.client", "hub.commands", "hub.commands.envelope",
-                   "hub.errors", "hub.home", "hub.home.config", "hub.home.nats_check",
+                   "hub.errors", "hub.home", "hub.home.config", "hub.home.contexts",
+                   "hub.home.nats_check",
                    "hub.home.nats_config",
                    "hub.wire")
     probe = ("import json, sys, hub.cli; print(json.dumps(sorted(m for m in sys.modules "

@@ -1,7 +1,7 @@
 """`hub`: the operator's command line for the fleetledger control plane.
 
 This module only assembles: each command group lives in its own module (`serve`,
-`operators`, `models`, `devices`, `keys`, `rollouts`, `telemetry`), which imports
+`operators`, `models`, `devices`, `keys`, `rollouts`, `telemetry`, `contexts`), which imports
 `_common` and nothing else of the CLI. Imports run __init__ -> group -> _common ->
 hub.client; no server module is imported (`serve` and `rebuild` load theirs inside).
 """
@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from hub.cli import devices, keys, models, operators, rollouts, serve, telemetry
+from hub.cli import contexts, devices, keys, models, operators, rollouts, serve, telemetry
 from hub.cli._common import HELP_OPTIONS, HubGroup, examples, version_option
 
 __all__ = ["app", "main"]
@@ -64,6 +64,7 @@ app.add_typer(operators.operator_app, name="operator")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(keys.witness_app, name="witness")
 app.add_typer(rollouts.rollout_app, name="rollout")
+app.add_typer(contexts.context_app, name="context")
 
 
 def main() -> None:

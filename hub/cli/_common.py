@@ -65,9 +65,22 @@ T = TypeVar("T")
 out = Console()
 err = Console(stderr=True)
 
+# Whether the running command was given --home (or FLEET_HUB_HOME): without it, the
+# current context (`hub context use`) is used before the ./hub-home default.
+_home_given = True
+
+
+def _note_home(ctx: typer.Context, value: Path) -> Path:
+    global _home_given
+    source = ctx.get_parameter_source("home")
+    _home_given = source is None or source.name != "DEFAULT"
+    return value
+
+
 HOME = typer.Option(
-    Path("hub-home"), "--home", envvar=DEFAULT_HOME_ENV,
-    help="Hub home directory made by `hub init` (env FLEET_HUB_HOME).",
+    Path("hub-home"), "--home", envvar=DEFAULT_HOME_ENV, callback=_note_home,
+    help="Hub home directory made by `hub init` (env FLEET_HUB_HOME; without it, the "
+    "current `hub context`, else ./hub-home).",
 )
 NATS_URL = typer.Option(None, "--nats", help="NATS URL; overrides the one in config.toml.")
 KEY = typer.Option(
@@ -142,12 +155,23 @@ class HubGroup(TyperGroup):
                        EXIT_USAGE) from exc
 
 
-def hub_config(home: Path, nats_url: str | None) -> HubConfig:
+def hub_config(home: Path, nats_url: str | None, *, server: bool = False) -> HubConfig:
+    """The hub to talk to. Precedence: explicit flags (--nats, --key) > --home (or
+    FLEET_HUB_HOME) > the current context (`hub context use`) > ./hub-home. `server`:
+    the command runs the hub itself (`serve`, `rebuild`), so it needs a home."""
+    if not _home_given and not server:
+        from hub.home.contexts import Contexts, config_of
+
+        contexts = Contexts.load()  # ContextError is a UsageError: exit 2
+        context = contexts.current_context()
+        if context is not None:
+            return config_of(context, contexts.path, nats_url)
     return load_config(home, nats_url)  # HomeError is a UsageError: exit 2
 
 
 def operator_key(config: HubConfig, key_path: Path | None) -> SigningKey:
-    path = key_path or config.operator_key_path("admin")
+    # A context's config names the operator's own key; a home's, its admin key.
+    path = key_path or getattr(config, "own_key", None) or config.operator_key_path("admin")
     try:
         return SigningKey.load(path)
     except KeyFileError as exc:

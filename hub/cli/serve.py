@@ -113,7 +113,7 @@ def serve(
         level=log_level.upper(), format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False)],
     )
-    config = hub_config(home, nats_url)
+    config = hub_config(home, nats_url, server=True)
     if metrics_port is not None:
         config = dataclasses.replace(config, metrics_port=metrics_port)
     if not wait_for_port(config.nats_url, wait_nats):
@@ -260,7 +260,7 @@ def rebuild(
     from ledger.errors import LedgerError
     from ledger.storage.store import LedgerStore
 
-    config = hub_config(home, None)
+    config = hub_config(home, None, server=True)
     try:
         store = LedgerStore.open(config.database_url(), create=False)
     except LedgerError as exc:

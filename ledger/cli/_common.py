@@ -8,6 +8,7 @@ ledger/cli/__init__.py registers their commands on `app`.
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -192,6 +193,24 @@ def open_store(db: str) -> LedgerStore:
         fail(f"{exc} (check the --db path)", EXIT_USAGE)
     except LedgerError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def parse_time(value: str | None, what: str) -> int | None:
+    """An ISO 8601 time (UTC unless it says otherwise), integer nanoseconds, or `now`."""
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    if value == "now":
+        return time.time_ns()
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"{what} {value!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z) "
+             "or integer nanoseconds", EXIT_USAGE)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
 
 
 def iso(ts_ns: int) -> str:

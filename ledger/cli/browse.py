@@ -8,7 +8,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +29,10 @@ from ledger.cli._common import (
     nats_login,
     need_db,
     open_store,
+    parse_time,
 )
 from ledger.entry import Entry
 from ledger.errors import EntryError, LedgerError
-
-
-def _time_ns(value: str | None, what: str) -> int | None:
-    """An ISO 8601 time (UTC unless it says otherwise) or integer nanoseconds."""
-    if value is None:
-        return None
-    if value.isdigit():
-        return int(value)
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        fail(f"{what} {value!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z) "
-              "or integer nanoseconds", EXIT_USAGE)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
 
 
 def query(
@@ -74,8 +58,8 @@ def query(
     store = open_store(need_db(db, home))
     from ledger.storage.query import EntryFilter, query_entries
 
-    flt = EntryFilter(tuple(kind or ()), subject, actor, _time_ns(since, "--since"),
-                      _time_ns(until, "--until"))
+    flt = EntryFilter(tuple(kind or ()), subject, actor, parse_time(since, "--since"),
+                      parse_time(until, "--until"))
     try:
         entries = query_entries(store, flt, limit, newest)
     except LedgerError as exc:
