@@ -34,6 +34,7 @@ from hub.commands.outcome import (
 )
 from hub.governance import rules as lc
 from hub.governance import state as governance
+from hub.governance.manifests import check_manifest_size, manifest_quantization
 from hub.governance.state import require_release, require_transition
 from hub.home.config import HubConfig
 from hub.keys.keyring import Keyring
@@ -196,6 +197,11 @@ class ModelCommands:
         return self._simple_transition(conn, cmd, "revoke", ev.MODEL_REVOKED, True)
 
     async def release(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        """Sign the manifest, check its size and put it in KV, all before
+        `model.released` is appended: the ledger never says released for a version
+        devices cannot fetch. A manifest in KV whose release the ledger does not show
+        (the append failed after the put) is harmless: devices act only on signed
+        assignments, and deploy refuses a version that is not released."""
         name, version = model_ref(cmd.body)
         row = require_release(conn, name, version)
         require_transition("release", row)
@@ -211,36 +217,22 @@ class ModelCommands:
         envelope = proto.SignedEnvelope.sign(
             manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
         ).encode()
+        check_manifest_size(manifest, envelope)
         manifest_hash = blake3.blake3(envelope).hexdigest()
         payload = {"name": name, "version": version, "digest": row["digest"],
                    "manifest_hash": manifest_hash, "manifest": envelope,
                    "expires": manifest.expires}
-        # The manifest goes to the KV bucket only once the release is in the ledger.
-        key = proto.manifest_key(name, version)
+        try:
+            await self.effects.put_manifest(proto.manifest_key(name, version), envelope)
+        except Exception as exc:
+            raise CommandError(
+                f"cannot publish the manifest of {name}/{version} ({exc}); nothing was "
+                "released: try again once NATS is reachable") from exc
         return Outcome(
             [command_event(cmd, ev.MODEL_RELEASED, ev.model_subject(name, version), payload)],
             {"name": name, "version": version, "manifest_hash": manifest_hash,
              "state": lc.RELEASED},
-            [lambda: self.effects.put_manifest(key, envelope)],
         )
-
-
-def manifest_quantization(inputs: list[Any], outputs: list[Any]) -> dict[str, Any]:
-    """The manifest's `quantization` from the registered signature: per tensor its
-    dtype, scale and zero_point (scale 0.0: not quantized). Empty when the signature
-    does not carry them (a model registered before they were recorded): devices then
-    read them from the model itself."""
-    out: dict[str, Any] = {}
-    for side, tensors in (("inputs", inputs), ("outputs", outputs)):
-        entries = []
-        for t in tensors:
-            q = t.get("quantization") if isinstance(t, dict) else None
-            if not isinstance(q, dict) or "scale" not in q or "zero_point" not in q:
-                return {}
-            entries.append({"dtype": str(t.get("dtype", "")), "scale": float(q["scale"]),
-                            "zero_point": int(q["zero_point"])})
-        out[side] = entries
-    return out
 
 
 def _check_unregistered(conn: Connection, name: str, version: str) -> None:
