@@ -6,9 +6,15 @@ Real nats-server, real hub, real TFLite models from testkit.modelgen.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from nats.js.errors import KeyNotFoundError
 
@@ -17,8 +23,10 @@ from edge_agent.protocol.names import MANIFESTS_BUCKET
 from hub import events as ev
 from hub.client import HubClient
 from hub.governance import state as governance
+from hub.governance.results import MAX_VALIDATED_BYTES, read_detail
+from ledger.encoding import canonical_decode, canonical_encode
 from testkit.modelgen import model_for_version, write_validation_set
-from tests.fleet import Fleet, ledger_state, refused
+from tests.fleet import REPO_ROOT, Fleet, ledger_state, refused
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -110,3 +118,100 @@ async def test_a_failed_manifest_put_records_no_release_and_a_retry_does(
     [event] = released_events(fleet)
     assert event.payload["manifest"] == stored
     assert event.payload["manifest_hash"] == result["manifest_hash"]
+
+
+# ------------------------------------------------------------ bounded validation results
+
+
+def validated_events(fleet: Fleet, name: str) -> list[Any]:
+    return [e for e in fleet.hub.store.iter_entries()
+            if e.kind == ev.MODEL_VALIDATED and e.payload["name"] == name]
+
+
+async def test_a_wide_model_keeps_model_validated_small_with_its_detail_by_digest(
+    fleet: Fleet
+) -> None:
+    fleet.config.policy_path.write_text(LENIENT_POLICY)
+    wide = write_model(fleet.root, "wide", 1, n_in=100, n_out=1500)
+    small = write_model(fleet.root, "kws", 1)
+    async with await fleet.client() as admin:
+        ref = await approved(fleet, admin, wide, "wide", "1")
+        await approved(fleet, admin, small, "kws", "1")
+        [event] = validated_events(fleet, "wide")
+        payload = {k: v for k, v in event.payload.items() if k != "command"}
+        assert len(canonical_encode(payload)) <= MAX_VALIDATED_BYTES
+        assert payload["reference_histograms"] == []
+        assert payload["reference_histograms_summary"]["outputs"] == 1500
+        metrics = payload["metrics"]
+        assert "permutation_importance" not in metrics
+        assert metrics["permutation_importance_features"] == 100
+        assert len(metrics["permutation_importance_top"]) == 16
+        # The full results: in the Object Store under the digest the entry names.
+        detail = payload["detail"]
+        assert detail["parts"] == ["metrics", "reference_histograms"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "detail"
+            got = await fleet.hub.edge.read_blob(detail["digest"], detail["size"], path)
+            assert got == detail["digest"] == blake3.blake3(path.read_bytes()).hexdigest()
+            full = read_detail(path.read_bytes())
+        assert len(full["reference_histograms"]) == 1500
+        importances = full["metrics"]["permutation_importance"]
+        assert len(importances) == 100
+        assert max(importances) == max(metrics["permutation_importance_top"].values())
+        # Listing and showing stay readable with the wide model among them.
+        listed = await admin.call("models")
+        assert {(r["name"], r["validation"]["passed"]) for r in listed} == {
+            ("wide", True), ("kws", True)}
+        assert (await admin.call("model.show", ref))[0]["validation"]["detail"] == detail
+        # Release takes the drift bins from the detail document.
+        await admin.call("model.release", ref)
+    manifest_bytes = await kv_manifest(fleet, "wide", "1")
+    assert manifest_bytes is not None
+    manifest = proto.ReleaseManifest.from_map(
+        canonical_decode(proto.SignedEnvelope.decode(manifest_bytes).signed))
+    assert [len(b) for b in manifest.drift_bins] == [
+        len(h["edges"]) for h in full["reference_histograms"]]
+
+
+async def test_the_policy_used_is_recorded_and_shown(fleet: Fleet) -> None:
+    model = write_model(fleet.root, "kws", 1)
+    strict = ('[default]\ntask = "classification"\nmax_p95_latency_ms = 0.0\n'
+              '[models.kws]\nmin_accuracy = 0.5\n')
+    fleet.config.policy_path.write_text(strict)
+    async with await fleet.client() as admin:
+        await admin.register_model(model, "kws", "1")
+        data = write_validation_set(model, fleet.root / "kws.npz")
+        first = await admin.validate_model("kws", "1", data)
+        assert not first["passed"]
+        assert first["policy"]["max_p95_latency_ms"] == 0.0
+        fleet.config.policy_path.write_text(LENIENT_POLICY)
+        second = await admin.validate_model("kws", "1", data)
+        assert second["passed"]
+        old, new = (e.payload for e in validated_events(fleet, "kws"))
+        assert old["policy"] == {"model_name": "kws", "task": "classification",
+                                 "min_accuracy": 0.5, "max_p95_latency_ms": 0.0,
+                                 "noise_std": 0.05, "histogram_bins": 10,
+                                 "approvals_required": 1}
+        assert "max_p95_latency_ms" not in new["policy"]
+        for p in (old, new):
+            assert p["policy_digest"] == blake3.blake3(
+                canonical_encode(p["policy"])).hexdigest()
+            assert p["policy_file"] == "policy.toml"
+        assert old["policy_digest"] != new["policy_digest"]
+        recorded = await admin.call("policy.show", {"name": "kws", "version": "1"})
+        assert (recorded["policy"], recorded["policy_digest"]) == (
+            new["policy"], new["policy_digest"])
+        fleet.config.policy_path.write_text(strict)
+        now = await admin.call("policy.show", {"name": "kws"})
+        assert now["policy"]["min_accuracy"] == 0.5 and "[models.kws]" in now["source"]
+        default = await admin.call("policy.show", {})
+        assert "min_accuracy" not in default["policy"]
+    # `hub policy show NAME/VERSION --json`, as an operator runs it.
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub.cli", "policy", "show", "kws/1", "--json",
+        "--home", str(fleet.config.home), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    assert json.loads(stdout)["policy_digest"] == new["policy_digest"]

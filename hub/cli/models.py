@@ -283,6 +283,15 @@ def model_show(
                 for warning in validation.get("warnings") or []:
                     out.print(f"[yellow]warning[/yellow]: {warning}")
                 _print_metrics(validation.get("metrics", {}))
+                policy = validation.get("policy")
+                if isinstance(policy, dict):
+                    out.print(f"policy {str(validation.get('policy_digest', ''))[:16]}…: "
+                              f"{policy_text(policy)}")
+                detail = validation.get("detail")
+                if isinstance(detail, dict):
+                    out.print(f"full results ({', '.join(detail.get('parts', []))}): "
+                              f"Object Store blob {detail.get('digest')} "
+                              f"({detail.get('size', 0):,} bytes)")
             out.print(f"approvals: {len(r['approvals'])}/{r['approvals_required']}")
 
     show(call(hub_config(home, nats_url), key, timeout, "model.show", body), as_json, render)
@@ -348,3 +357,47 @@ def model_history(
     show(rows, as_json, render)
     if any(r["signature"] == "INVALID" for r in rows):
         raise typer.Exit(EXIT_REFUSED)
+
+
+def policy_text(policy: dict[str, Any]) -> str:
+    """A policy map on one line: `task=classification min_accuracy=0.9 ...`."""
+    return " ".join(f"{k}={v}" for k, v in sorted(policy.items()) if k != "model_name")
+
+
+policy_app = typer.Typer(
+    help="The validation policy: thresholds and approvals, per model name.",
+    no_args_is_help=True,
+    epilog=examples('hub policy show kws --home hub-home'),
+)
+
+
+@policy_app.command("show", epilog=examples(
+    'hub policy show --home hub-home',
+    'hub policy show kws --home hub-home',
+    'hub policy show kws/1 --json --home hub-home',
+))
+def policy_show(
+    ref: str | None = typer.Argument(None, help="NAME (its policy now) or NAME/VERSION (the "
+                                     "one its last validation recorded); none: [default].",
+                                     metavar="[NAME[/VERSION]]"),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Print the effective policy: for NAME the hub's policy file with [models.NAME]
+    over [default]; for NAME/VERSION the thresholds recorded in its model.validated
+    entry, with their digest."""
+    name, _, version = (ref or "").partition("/")
+    body: dict[str, Any] = {}
+    if name:
+        body["name"] = name
+    if version:
+        body["version"] = version
+
+    def render(result: dict[str, Any]) -> None:
+        table = Table("key", "value", title=f"policy from {escape(result['source'])}")
+        for k, v in sorted(result["policy"].items()):
+            table.add_row(k, str(v))
+        out.print(table)
+        out.print(f"digest {result['policy_digest']}")
+
+    show(call(hub_config(home, nats_url), key, timeout, "policy.show", body), as_json, render)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from edge_agent import protocol as proto
 from edge_agent.runtime import ModelRuntimeError, preflight
@@ -35,9 +35,11 @@ from hub.commands.outcome import (
 from hub.governance import rules as lc
 from hub.governance import state as governance
 from hub.governance.manifests import check_manifest_size, manifest_quantization
+from hub.governance.results import Bounded, bound_payload, payload_too_big, read_detail
 from hub.governance.state import require_release, require_transition
 from hub.home.config import HubConfig
 from hub.keys.keyring import Keyring
+from ledger.encoding import canonical_encode
 
 MAX_DATASET_BYTES = 64 * 1024 * 1024
 
@@ -52,8 +54,10 @@ def model_ref(body: dict[str, Any]) -> tuple[str, str]:
 
 
 class ModelCommands:
-    def __init__(self, config: HubConfig, keyring: Keyring, effects: Effects) -> None:
+    def __init__(self, config: HubConfig, keyring: Keyring, effects: Effects,
+                 engine: Engine) -> None:
         self.config = config
+        self.engine = engine  # for reads (policy.show)
         self.keyring = keyring
         self.effects = effects
 
@@ -68,7 +72,37 @@ class ModelCommands:
             },
             # Their slow part runs outside the write lock (see outcome.SlowWork).
             slow_writes={"model.register": self.register, "model.validate": self.validate},
+            reads={"policy.show": self.policy_show},
         )
+
+    def policy_show(self, cmd: VerifiedCommand) -> Any:
+        """The effective policy: of a model name (or `[default]` alone) from the policy
+        file as it is now, or, for NAME/VERSION, the one its last validation recorded."""
+        from hub import validation  # numpy-heavy; only when asked
+
+        body = cmd.body
+        name, version = body.get("name") or "", body.get("version") or ""
+        if not isinstance(name, str) or not isinstance(version, str):
+            raise CommandError("invalid 'name' or 'version': expected text")
+        if version:
+            proto.check_model_ref(name, version)
+            with self.engine.connect() as conn:
+                row = require_release(conn, name, version)
+            recorded = row["validation"].get("policy")
+            if not isinstance(recorded, dict):
+                raise CommandError(
+                    f"{name}/{version} has no recorded policy: "
+                    + ("it was never validated" if not row["validation"] else
+                       f"it was validated before policies were recorded (file {recorded!r})"))
+            return {"source": f"model.validated of {name}/{version}", **policy_record(recorded)}
+        try:
+            policy = validation.load_policy(self.config.policy_path, name).to_payload()
+        except validation.ValidationError as exc:
+            raise CommandError(f"policy {self.config.policy_path}: {exc}") from exc
+        if not name:
+            policy.pop("model_name", None)
+        where = f"[models.{name}] over [default]" if name else "[default]"
+        return {"source": f"{self.config.policy_path.name} {where}", **policy_record(policy)}
 
     def register(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
         name, version = model_ref(cmd.body)
@@ -140,25 +174,70 @@ class ModelCommands:
                 except validation.ValidationError as exc:
                     raise CommandError(f"validation could not run: {exc}") from exc
 
+            results = self._bounded_results({
+                "name": name, "version": version, **report.to_payload(),
+                "dataset_digest": data_digest, **policy_record(report.policy.to_payload()),
+                "policy_file": self.config.policy_path.name,
+                "approvals_required": int(policy.approvals_required),
+            })
+            await self._store_detail(results)
+            payload = results.payload
+
             def commit(conn: Connection, cmd: VerifiedCommand) -> Outcome:
                 # The state may have moved while the model ran (another validation,
                 # a rejection): judge the transition again against the ledger as it is now.
                 require_transition("validate", require_release(conn, name, version))
-                payload = {
-                    "name": name, "version": version, **report.to_payload(),
-                    "dataset_digest": data_digest, "policy": str(self.config.policy_path.name),
-                    "approvals_required": int(policy.approvals_required),
-                }
                 event = command_event(cmd, ev.MODEL_VALIDATED, ev.model_subject(name, version),
                                       payload)
                 return Outcome([event], {"name": name, "version": version,
                                          "passed": report.passed, "failures": report.failures,
                                          "warnings": report.warnings,
-                                         "metrics": payload["metrics"]})
+                                         "metrics": payload["metrics"],
+                                         "policy": payload["policy"],
+                                         "policy_digest": payload["policy_digest"],
+                                         **({"detail": payload["detail"]}
+                                            if "detail" in payload else {})})
 
             return commit
 
         return evaluate
+
+    @staticmethod
+    def _bounded_results(payload: dict[str, Any]) -> Bounded:
+        """The model.validated payload within its size bound (hub.governance.results)."""
+        result = bound_payload(payload)
+        too_big = payload_too_big(result.payload)
+        if too_big:
+            raise CommandError(f"cannot record the validation: {too_big}")
+        return result
+
+    async def _store_detail(self, result: Bounded) -> None:
+        """Put the detail document in the Object Store under its digest before the
+        entry that names it is appended (an orphan blob is harmless; a dangling
+        digest would not be)."""
+        if result.detail is None or result.detail_digest is None:
+            return
+        try:
+            await self.effects.put_blob(result.detail_digest, result.detail)
+        except Exception as exc:
+            raise CommandError(f"cannot store the validation detail: {exc}") from exc
+
+    async def _reference_histograms(self, validation: dict[str, Any]) -> list[Any]:
+        """The reference histograms of a validation: in the entry, or in its detail
+        document (fetched by digest and checked)."""
+        detail = validation.get("detail")
+        if not isinstance(detail, dict) or "reference_histograms" not in detail.get(
+                "parts", []):
+            return list(validation.get("reference_histograms", []))
+        with tempfile.TemporaryDirectory(prefix="hub-release-") as tmp:
+            path = Path(tmp) / "detail"
+            await self._fetch_checked(str(detail["digest"]), int(detail["size"]), path,
+                                      "validation detail")
+            try:
+                doc = read_detail(path.read_bytes())
+            except ValueError as exc:
+                raise CommandError(f"the validation detail is unreadable: {exc}") from exc
+        return list(doc.get("reference_histograms", []))
 
     def approve(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         name, version = model_ref(cmd.body)
@@ -206,7 +285,7 @@ class ModelCommands:
         row = require_release(conn, name, version)
         require_transition("release", row)
         now = time.time_ns()
-        histograms = row["validation"].get("reference_histograms", [])
+        histograms = await self._reference_histograms(row["validation"])
         manifest = proto.ReleaseManifest(
             name=name, version=version, digest=row["digest"], size=row["size"],
             format="tflite", inputs=row["inputs"], outputs=row["outputs"], created=now,
@@ -233,6 +312,13 @@ class ModelCommands:
             {"name": name, "version": version, "manifest_hash": manifest_hash,
              "state": lc.RELEASED},
         )
+
+
+def policy_record(policy: dict[str, Any]) -> dict[str, Any]:
+    """The policy a validation used, for its ledger entry: the effective thresholds as a
+    map and their digest (BLAKE3 of the map's canonical bytes), so a re-validation under
+    another policy leaves a trace an auditor can check."""
+    return {"policy": policy, "policy_digest": blake3.blake3(canonical_encode(policy)).hexdigest()}
 
 
 def _check_unregistered(conn: Connection, name: str, version: str) -> None:
