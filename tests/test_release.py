@@ -215,3 +215,44 @@ async def test_the_policy_used_is_recorded_and_shown(fleet: Fleet) -> None:
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, stderr.decode()
     assert json.loads(stdout)["policy_digest"] == new["policy_digest"]
+
+
+# ------------------------------------------------------------ signatures between versions
+
+
+async def test_a_new_input_shape_is_refused_at_release_unless_allowed_and_recorded(
+    fleet: Fleet
+) -> None:
+    v1 = write_model(fleet.root, "kws", 1, n_in=8)
+    v2 = write_model(fleet.root, "kws", 2, n_in=16)
+    async with await fleet.client() as admin:
+        await admin.call("model.release", await approved(fleet, admin, v1, "kws", "1"))
+        registered = await admin.register_model(v2, "kws", "2")
+        assert "--allow-signature-change" in registered["warnings"][0]
+        data = write_validation_set(v2, fleet.root / "kws-2.npz")
+        assert (await admin.validate_model("kws", "2", data))["passed"]
+        async with await fleet.client(fleet.approver_key) as appr:
+            await appr.call("model.approve", {"name": "kws", "version": "2"})
+        ref = {"name": "kws", "version": "2"}
+        await refused(fleet, admin, "model.release", ref,
+                      "its signature differs from released kws/1",
+                      "input 0 (input) shape [1, 8] -> [1, 16]", "--allow-signature-change")
+        assert await kv_manifest(fleet, "kws", "2") is None
+        result = await admin.call("model.release", {**ref, "allow_signature_change": True})
+        assert result["state"] == "released"
+    [first, second] = released_events(fleet)
+    assert "signature_change" not in first.payload
+    change = second.payload["signature_change"]
+    assert change["from_version"] == "1"
+    assert change["old"]["inputs"][0]["shape"] == [1, 8]
+    assert change["new"]["inputs"][0]["shape"] == [1, 16]
+    assert change["new"]["inputs"][0]["quantization"] == {"scale": 0.0, "zero_point": 0}
+    # `hub model show` prints each tensor with its quantization.
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), COLUMNS="200")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub.cli", "model", "show", "kws/2",
+        "--home", str(fleet.config.home), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    assert "input input [1, 16] float32 not quantized" in stdout.decode()

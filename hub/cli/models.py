@@ -119,10 +119,14 @@ def model_register(
     config = hub_config(home, nats_url)
     result = run(config, key, timeout,
                  lambda c: c.register_model(file, name, version, lineage, card))
-    show(result, as_json, lambda r: out.print(
-        f"registered [bold]{name}/{version}[/bold] digest {r['digest'][:16]}… "
-        f"(ledger seq {r['seq'][0]}); next: hub model validate {name}/{version} "
-        f"--data FILE.npz"))
+    def render(r: dict[str, Any]) -> None:
+        out.print(f"registered [bold]{name}/{version}[/bold] digest {r['digest'][:16]}… "
+                  f"(ledger seq {r['seq'][0]}); next: hub model validate {name}/{version} "
+                  f"--data FILE.npz")
+        for warning in r.get("warnings") or []:
+            out.print(f"[yellow]warning[/yellow]: {escape(warning)}")
+
+    show(result, as_json, render)
 
 
 @model_app.command("validate", epilog=examples(
@@ -182,9 +186,6 @@ TRANSITION_EXAMPLES = {
         "hub model reject kws/1 --reason 'too noisy on site-b' "
         "--key hub-home/operators/alice.key --home hub-home",
     ],
-    'release': [
-        'hub model release kws/1 --home hub-home',
-    ],
     'deprecate': [
         "hub model deprecate kws/1 --reason 'superseded by kws/2' --home hub-home",
     ],
@@ -222,8 +223,39 @@ def _transition_command(verb: str, doc: str) -> None:
 _transition_command("approve", "Approve a validated version (needs the approver role; the "
                     "registrant cannot approve; policy says how many approvals are needed).")
 _transition_command("reject", "Reject a version (approver role; --reason required).")
-_transition_command("release", "Release an approved version: the hub signs its release "
-                    "manifest and publishes it for devices (operator role).")
+
+
+@model_app.command("release", epilog=examples(
+    'hub model release kws/1 --home hub-home',
+    'hub model release kws/2 --allow-signature-change --home hub-home',
+))
+def model_release(
+    ref: str = typer.Argument(..., help="NAME/VERSION"),
+    allow_signature_change: bool = typer.Option(
+        False, "--allow-signature-change",
+        help="Release even though its input/output signature differs from the released "
+             "version's (the old and new signatures are recorded in the ledger)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Release an approved version (operator role): the hub signs its release manifest,
+    puts it where devices fetch it, then records the release. A version whose signature
+    differs from the released one's is refused unless --allow-signature-change."""
+    name, version = model_ref(ref)
+    body: dict[str, Any] = {"name": name, "version": version}
+    if allow_signature_change:
+        body["allow_signature_change"] = True
+
+    def render(result: dict[str, Any]) -> None:
+        out.print(f"{ref}: {result['state']}")
+        change = result.get("signature_change")
+        if change:
+            out.print(f"[yellow]signature changed[/yellow] from {name}/{change['from_version']}:"
+                      f" {escape('; '.join(change['changes']))}")
+
+    show(call(hub_config(home, nats_url), key, timeout, "model.release", body), as_json, render)
+
+
 _transition_command("deprecate", "Mark a released version deprecated (operator role).")
 _transition_command("revoke", "Revoke a version; it can no longer be deployed (--reason).")
 

@@ -33,6 +33,7 @@ from hub.commands.outcome import (
     command_event,
 )
 from hub.governance import rules as lc
+from hub.governance import signatures
 from hub.governance import state as governance
 from hub.governance.manifests import check_manifest_size, manifest_quantization
 from hub.governance.results import Bounded, bound_payload, payload_too_big, read_detail
@@ -130,8 +131,17 @@ class ModelCommands:
                 }
                 event = command_event(cmd, ev.MODEL_REGISTERED, ev.model_subject(name, version),
                                       payload)
-                return Outcome([event], {"name": name, "version": version, "digest": digest,
-                                         "state": lc.REGISTERED})
+                result: dict[str, Any] = {"name": name, "version": version, "digest": digest,
+                          "state": lc.REGISTERED}
+                old = released_before(conn, name, version)
+                changes = [] if old is None else signatures.differences(
+                    signatures.signature(old), signatures.signature(payload))
+                if old is not None and changes:  # told now; refused at release unless allowed
+                    result["warnings"] = [
+                        f"the signature differs from released {name}/{old['version']} "
+                        f"({'; '.join(changes[:4])}); releasing it will need "
+                        "--allow-signature-change"]
+                return Outcome([event], result)
 
             return commit
 
@@ -297,10 +307,11 @@ class ModelCommands:
             manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
         ).encode()
         check_manifest_size(manifest, envelope)
+        change = signature_change(conn, row, bool(cmd.body.get("allow_signature_change")))
         manifest_hash = blake3.blake3(envelope).hexdigest()
         payload = {"name": name, "version": version, "digest": row["digest"],
                    "manifest_hash": manifest_hash, "manifest": envelope,
-                   "expires": manifest.expires}
+                   "expires": manifest.expires, **change}
         try:
             await self.effects.put_manifest(proto.manifest_key(name, version), envelope)
         except Exception as exc:
@@ -310,8 +321,41 @@ class ModelCommands:
         return Outcome(
             [command_event(cmd, ev.MODEL_RELEASED, ev.model_subject(name, version), payload)],
             {"name": name, "version": version, "manifest_hash": manifest_hash,
-             "state": lc.RELEASED},
+             "state": lc.RELEASED, **change},
         )
+
+
+def released_before(conn: Connection, name: str, version: str) -> dict[str, Any] | None:
+    """The newest released version of `name` other than `version` (None: none is)."""
+    rows = [r for r in governance.list_releases(conn, name)
+            if r["state"] == lc.RELEASED and r["version"] != version]
+    return rows[-1] if rows else None
+
+
+def signature_change(conn: Connection, row: dict[str, Any], allowed: bool) -> dict[str, Any]:
+    """{} when `row` keeps the signature of the released version of its model; else,
+    if the operator allowed it, the `signature_change` record for model.released
+    (old and new signature); if not, the refusal that says what changed.
+
+    Checked at release, not registration: release is what makes a version deployable,
+    and only then is it known which version the fleet runs (another may have been
+    released, deprecated or revoked since this one was registered)."""
+    old = released_before(conn, row["name"], row["version"])
+    if old is None:
+        return {}
+    before, after = signatures.signature(old), signatures.signature(row)
+    changes = signatures.differences(before, after)
+    if not changes:
+        return {}
+    ref, old_ref = f"{row['name']}/{row['version']}", f"{old['name']}/{old['version']}"
+    if not allowed:
+        raise CommandError(
+            f"cannot release {ref}: its signature differs from released {old_ref} "
+            f"({'; '.join(changes[:8])}{'; ...' if len(changes) > 8 else ''}); applications "
+            f"built for {old_ref} would break. If that is intended, release with "
+            "--allow-signature-change (recorded in the ledger)")
+    return {"signature_change": {"from_version": old["version"], "old": before,
+                                 "new": after, "changes": changes}}
 
 
 def policy_record(policy: dict[str, Any]) -> dict[str, Any]:
