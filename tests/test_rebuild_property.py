@@ -42,6 +42,9 @@ class OfflineEffects:
         dest.write_bytes(data)
         return blake3.blake3(data).hexdigest()
 
+    async def put_blob(self, digest: str, data: bytes) -> None:
+        return None
+
     async def put_manifest(self, key: str, envelope: bytes) -> None:
         return None
 

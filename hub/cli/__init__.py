@@ -59,6 +59,7 @@ app.add_typer(serve.commands)  # init, serve, status, whoami, rebuild
 app.add_typer(devices.commands)  # devices, deploy
 app.add_typer(telemetry.commands)  # telemetry
 app.add_typer(models.model_app, name="model")
+app.add_typer(models.policy_app, name="policy")
 app.add_typer(device_app, name="device")
 app.add_typer(operators.operator_app, name="operator")
 app.add_typer(keys.keys_app, name="keys")

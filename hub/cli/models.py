@@ -119,10 +119,14 @@ def model_register(
     config = hub_config(home, nats_url)
     result = run(config, key, timeout,
                  lambda c: c.register_model(file, name, version, lineage, card))
-    show(result, as_json, lambda r: out.print(
-        f"registered [bold]{name}/{version}[/bold] digest {r['digest'][:16]}… "
-        f"(ledger seq {r['seq'][0]}); next: hub model validate {name}/{version} "
-        f"--data FILE.npz"))
+    def render(r: dict[str, Any]) -> None:
+        out.print(f"registered [bold]{name}/{version}[/bold] digest {r['digest'][:16]}… "
+                  f"(ledger seq {r['seq'][0]}); next: hub model validate {name}/{version} "
+                  f"--data FILE.npz")
+        for warning in r.get("warnings") or []:
+            out.print(f"[yellow]warning[/yellow]: {escape(warning)}")
+
+    show(result, as_json, render)
 
 
 @model_app.command("validate", epilog=examples(
@@ -182,9 +186,6 @@ TRANSITION_EXAMPLES = {
         "hub model reject kws/1 --reason 'too noisy on site-b' "
         "--key hub-home/operators/alice.key --home hub-home",
     ],
-    'release': [
-        'hub model release kws/1 --home hub-home',
-    ],
     'deprecate': [
         "hub model deprecate kws/1 --reason 'superseded by kws/2' --home hub-home",
     ],
@@ -222,8 +223,39 @@ def _transition_command(verb: str, doc: str) -> None:
 _transition_command("approve", "Approve a validated version (needs the approver role; the "
                     "registrant cannot approve; policy says how many approvals are needed).")
 _transition_command("reject", "Reject a version (approver role; --reason required).")
-_transition_command("release", "Release an approved version: the hub signs its release "
-                    "manifest and publishes it for devices (operator role).")
+
+
+@model_app.command("release", epilog=examples(
+    'hub model release kws/1 --home hub-home',
+    'hub model release kws/2 --allow-signature-change --home hub-home',
+))
+def model_release(
+    ref: str = typer.Argument(..., help="NAME/VERSION"),
+    allow_signature_change: bool = typer.Option(
+        False, "--allow-signature-change",
+        help="Release even though its input/output signature differs from the released "
+             "version's (the old and new signatures are recorded in the ledger)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Release an approved version (operator role): the hub signs its release manifest,
+    puts it where devices fetch it, then records the release. A version whose signature
+    differs from the released one's is refused unless --allow-signature-change."""
+    name, version = model_ref(ref)
+    body: dict[str, Any] = {"name": name, "version": version}
+    if allow_signature_change:
+        body["allow_signature_change"] = True
+
+    def render(result: dict[str, Any]) -> None:
+        out.print(f"{ref}: {result['state']}")
+        change = result.get("signature_change")
+        if change:
+            out.print(f"[yellow]signature changed[/yellow] from {name}/{change['from_version']}:"
+                      f" {escape('; '.join(change['changes']))}")
+
+    show(call(hub_config(home, nats_url), key, timeout, "model.release", body), as_json, render)
+
+
 _transition_command("deprecate", "Mark a released version deprecated (operator role).")
 _transition_command("revoke", "Revoke a version; it can no longer be deployed (--reason).")
 
@@ -283,6 +315,15 @@ def model_show(
                 for warning in validation.get("warnings") or []:
                     out.print(f"[yellow]warning[/yellow]: {warning}")
                 _print_metrics(validation.get("metrics", {}))
+                policy = validation.get("policy")
+                if isinstance(policy, dict):
+                    out.print(f"policy {str(validation.get('policy_digest', ''))[:16]}…: "
+                              f"{policy_text(policy)}")
+                detail = validation.get("detail")
+                if isinstance(detail, dict):
+                    out.print(f"full results ({', '.join(detail.get('parts', []))}): "
+                              f"Object Store blob {detail.get('digest')} "
+                              f"({detail.get('size', 0):,} bytes)")
             out.print(f"approvals: {len(r['approvals'])}/{r['approvals_required']}")
 
     show(call(hub_config(home, nats_url), key, timeout, "model.show", body), as_json, render)
@@ -348,3 +389,47 @@ def model_history(
     show(rows, as_json, render)
     if any(r["signature"] == "INVALID" for r in rows):
         raise typer.Exit(EXIT_REFUSED)
+
+
+def policy_text(policy: dict[str, Any]) -> str:
+    """A policy map on one line: `task=classification min_accuracy=0.9 ...`."""
+    return " ".join(f"{k}={v}" for k, v in sorted(policy.items()) if k != "model_name")
+
+
+policy_app = typer.Typer(
+    help="The validation policy: thresholds and approvals, per model name.",
+    no_args_is_help=True,
+    epilog=examples('hub policy show kws --home hub-home'),
+)
+
+
+@policy_app.command("show", epilog=examples(
+    'hub policy show --home hub-home',
+    'hub policy show kws --home hub-home',
+    'hub policy show kws/1 --json --home hub-home',
+))
+def policy_show(
+    ref: str | None = typer.Argument(None, help="NAME (its policy now) or NAME/VERSION (the "
+                                     "one its last validation recorded); none: [default].",
+                                     metavar="[NAME[/VERSION]]"),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Print the effective policy: for NAME the hub's policy file with [models.NAME]
+    over [default]; for NAME/VERSION the thresholds recorded in its model.validated
+    entry, with their digest."""
+    name, _, version = (ref or "").partition("/")
+    body: dict[str, Any] = {}
+    if name:
+        body["name"] = name
+    if version:
+        body["version"] = version
+
+    def render(result: dict[str, Any]) -> None:
+        table = Table("key", "value", title=f"policy from {escape(result['source'])}")
+        for k, v in sorted(result["policy"].items()):
+            table.add_row(k, str(v))
+        out.print(table)
+        out.print(f"digest {result['policy_digest']}")
+
+    show(call(hub_config(home, nats_url), key, timeout, "policy.show", body), as_json, render)

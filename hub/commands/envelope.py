@@ -59,7 +59,8 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
 }
 READ_VERBS: Final = frozenset(
     {"status", "models", "model.show", "model.history", "devices", "operators", "whoami",
-     "keys", "device.history", "device.show", "rollouts", "rollout.status", "telemetry"}
+     "keys", "device.history", "device.show", "rollouts", "rollout.status", "telemetry",
+     "policy.show"}
 )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from edge_agent import protocol as proto
 from edge_agent.runtime import ModelRuntimeError, preflight
@@ -33,10 +33,14 @@ from hub.commands.outcome import (
     command_event,
 )
 from hub.governance import rules as lc
+from hub.governance import signatures
 from hub.governance import state as governance
+from hub.governance.manifests import check_manifest_size, manifest_quantization
+from hub.governance.results import Bounded, bound_payload, payload_too_big, read_detail
 from hub.governance.state import require_release, require_transition
 from hub.home.config import HubConfig
 from hub.keys.keyring import Keyring
+from ledger.encoding import canonical_encode
 
 MAX_DATASET_BYTES = 64 * 1024 * 1024
 
@@ -51,8 +55,10 @@ def model_ref(body: dict[str, Any]) -> tuple[str, str]:
 
 
 class ModelCommands:
-    def __init__(self, config: HubConfig, keyring: Keyring, effects: Effects) -> None:
+    def __init__(self, config: HubConfig, keyring: Keyring, effects: Effects,
+                 engine: Engine) -> None:
         self.config = config
+        self.engine = engine  # for reads (policy.show)
         self.keyring = keyring
         self.effects = effects
 
@@ -67,7 +73,37 @@ class ModelCommands:
             },
             # Their slow part runs outside the write lock (see outcome.SlowWork).
             slow_writes={"model.register": self.register, "model.validate": self.validate},
+            reads={"policy.show": self.policy_show},
         )
+
+    def policy_show(self, cmd: VerifiedCommand) -> Any:
+        """The effective policy: of a model name (or `[default]` alone) from the policy
+        file as it is now, or, for NAME/VERSION, the one its last validation recorded."""
+        from hub import validation  # numpy-heavy; only when asked
+
+        body = cmd.body
+        name, version = body.get("name") or "", body.get("version") or ""
+        if not isinstance(name, str) or not isinstance(version, str):
+            raise CommandError("invalid 'name' or 'version': expected text")
+        if version:
+            proto.check_model_ref(name, version)
+            with self.engine.connect() as conn:
+                row = require_release(conn, name, version)
+            recorded = row["validation"].get("policy")
+            if not isinstance(recorded, dict):
+                raise CommandError(
+                    f"{name}/{version} has no recorded policy: "
+                    + ("it was never validated" if not row["validation"] else
+                       f"it was validated before policies were recorded (file {recorded!r})"))
+            return {"source": f"model.validated of {name}/{version}", **policy_record(recorded)}
+        try:
+            policy = validation.load_policy(self.config.policy_path, name).to_payload()
+        except validation.ValidationError as exc:
+            raise CommandError(f"policy {self.config.policy_path}: {exc}") from exc
+        if not name:
+            policy.pop("model_name", None)
+        where = f"[models.{name}] over [default]" if name else "[default]"
+        return {"source": f"{self.config.policy_path.name} {where}", **policy_record(policy)}
 
     def register(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
         name, version = model_ref(cmd.body)
@@ -95,8 +131,17 @@ class ModelCommands:
                 }
                 event = command_event(cmd, ev.MODEL_REGISTERED, ev.model_subject(name, version),
                                       payload)
-                return Outcome([event], {"name": name, "version": version, "digest": digest,
-                                         "state": lc.REGISTERED})
+                result: dict[str, Any] = {"name": name, "version": version, "digest": digest,
+                          "state": lc.REGISTERED}
+                old = released_before(conn, name, version)
+                changes = [] if old is None else signatures.differences(
+                    signatures.signature(old), signatures.signature(payload))
+                if old is not None and changes:  # told now; refused at release unless allowed
+                    result["warnings"] = [
+                        f"the signature differs from released {name}/{old['version']} "
+                        f"({'; '.join(changes[:4])}); releasing it will need "
+                        "--allow-signature-change"]
+                return Outcome([event], result)
 
             return commit
 
@@ -139,25 +184,70 @@ class ModelCommands:
                 except validation.ValidationError as exc:
                     raise CommandError(f"validation could not run: {exc}") from exc
 
+            results = self._bounded_results({
+                "name": name, "version": version, **report.to_payload(),
+                "dataset_digest": data_digest, **policy_record(report.policy.to_payload()),
+                "policy_file": self.config.policy_path.name,
+                "approvals_required": int(policy.approvals_required),
+            })
+            await self._store_detail(results)
+            payload = results.payload
+
             def commit(conn: Connection, cmd: VerifiedCommand) -> Outcome:
                 # The state may have moved while the model ran (another validation,
                 # a rejection): judge the transition again against the ledger as it is now.
                 require_transition("validate", require_release(conn, name, version))
-                payload = {
-                    "name": name, "version": version, **report.to_payload(),
-                    "dataset_digest": data_digest, "policy": str(self.config.policy_path.name),
-                    "approvals_required": int(policy.approvals_required),
-                }
                 event = command_event(cmd, ev.MODEL_VALIDATED, ev.model_subject(name, version),
                                       payload)
                 return Outcome([event], {"name": name, "version": version,
                                          "passed": report.passed, "failures": report.failures,
                                          "warnings": report.warnings,
-                                         "metrics": payload["metrics"]})
+                                         "metrics": payload["metrics"],
+                                         "policy": payload["policy"],
+                                         "policy_digest": payload["policy_digest"],
+                                         **({"detail": payload["detail"]}
+                                            if "detail" in payload else {})})
 
             return commit
 
         return evaluate
+
+    @staticmethod
+    def _bounded_results(payload: dict[str, Any]) -> Bounded:
+        """The model.validated payload within its size bound (hub.governance.results)."""
+        result = bound_payload(payload)
+        too_big = payload_too_big(result.payload)
+        if too_big:
+            raise CommandError(f"cannot record the validation: {too_big}")
+        return result
+
+    async def _store_detail(self, result: Bounded) -> None:
+        """Put the detail document in the Object Store under its digest before the
+        entry that names it is appended (an orphan blob is harmless; a dangling
+        digest would not be)."""
+        if result.detail is None or result.detail_digest is None:
+            return
+        try:
+            await self.effects.put_blob(result.detail_digest, result.detail)
+        except Exception as exc:
+            raise CommandError(f"cannot store the validation detail: {exc}") from exc
+
+    async def _reference_histograms(self, validation: dict[str, Any]) -> list[Any]:
+        """The reference histograms of a validation: in the entry, or in its detail
+        document (fetched by digest and checked)."""
+        detail = validation.get("detail")
+        if not isinstance(detail, dict) or "reference_histograms" not in detail.get(
+                "parts", []):
+            return list(validation.get("reference_histograms", []))
+        with tempfile.TemporaryDirectory(prefix="hub-release-") as tmp:
+            path = Path(tmp) / "detail"
+            await self._fetch_checked(str(detail["digest"]), int(detail["size"]), path,
+                                      "validation detail")
+            try:
+                doc = read_detail(path.read_bytes())
+            except ValueError as exc:
+                raise CommandError(f"the validation detail is unreadable: {exc}") from exc
+        return list(doc.get("reference_histograms", []))
 
     def approve(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         name, version = model_ref(cmd.body)
@@ -196,11 +286,16 @@ class ModelCommands:
         return self._simple_transition(conn, cmd, "revoke", ev.MODEL_REVOKED, True)
 
     async def release(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        """Sign the manifest, check its size and put it in KV, all before
+        `model.released` is appended: the ledger never says released for a version
+        devices cannot fetch. A manifest in KV whose release the ledger does not show
+        (the append failed after the put) is harmless: devices act only on signed
+        assignments, and deploy refuses a version that is not released."""
         name, version = model_ref(cmd.body)
         row = require_release(conn, name, version)
         require_transition("release", row)
         now = time.time_ns()
-        histograms = row["validation"].get("reference_histograms", [])
+        histograms = await self._reference_histograms(row["validation"])
         manifest = proto.ReleaseManifest(
             name=name, version=version, digest=row["digest"], size=row["size"],
             format="tflite", inputs=row["inputs"], outputs=row["outputs"], created=now,
@@ -211,36 +306,63 @@ class ModelCommands:
         envelope = proto.SignedEnvelope.sign(
             manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
         ).encode()
+        check_manifest_size(manifest, envelope)
+        change = signature_change(conn, row, bool(cmd.body.get("allow_signature_change")))
         manifest_hash = blake3.blake3(envelope).hexdigest()
         payload = {"name": name, "version": version, "digest": row["digest"],
                    "manifest_hash": manifest_hash, "manifest": envelope,
-                   "expires": manifest.expires}
-        # The manifest goes to the KV bucket only once the release is in the ledger.
-        key = proto.manifest_key(name, version)
+                   "expires": manifest.expires, **change}
+        try:
+            await self.effects.put_manifest(proto.manifest_key(name, version), envelope)
+        except Exception as exc:
+            raise CommandError(
+                f"cannot publish the manifest of {name}/{version} ({exc}); nothing was "
+                "released: try again once NATS is reachable") from exc
         return Outcome(
             [command_event(cmd, ev.MODEL_RELEASED, ev.model_subject(name, version), payload)],
             {"name": name, "version": version, "manifest_hash": manifest_hash,
-             "state": lc.RELEASED},
-            [lambda: self.effects.put_manifest(key, envelope)],
+             "state": lc.RELEASED, **change},
         )
 
 
-def manifest_quantization(inputs: list[Any], outputs: list[Any]) -> dict[str, Any]:
-    """The manifest's `quantization` from the registered signature: per tensor its
-    dtype, scale and zero_point (scale 0.0: not quantized). Empty when the signature
-    does not carry them (a model registered before they were recorded): devices then
-    read them from the model itself."""
-    out: dict[str, Any] = {}
-    for side, tensors in (("inputs", inputs), ("outputs", outputs)):
-        entries = []
-        for t in tensors:
-            q = t.get("quantization") if isinstance(t, dict) else None
-            if not isinstance(q, dict) or "scale" not in q or "zero_point" not in q:
-                return {}
-            entries.append({"dtype": str(t.get("dtype", "")), "scale": float(q["scale"]),
-                            "zero_point": int(q["zero_point"])})
-        out[side] = entries
-    return out
+def released_before(conn: Connection, name: str, version: str) -> dict[str, Any] | None:
+    """The newest released version of `name` other than `version` (None: none is)."""
+    rows = [r for r in governance.list_releases(conn, name)
+            if r["state"] == lc.RELEASED and r["version"] != version]
+    return rows[-1] if rows else None
+
+
+def signature_change(conn: Connection, row: dict[str, Any], allowed: bool) -> dict[str, Any]:
+    """{} when `row` keeps the signature of the released version of its model; else,
+    if the operator allowed it, the `signature_change` record for model.released
+    (old and new signature); if not, the refusal that says what changed.
+
+    Checked at release, not registration: release is what makes a version deployable,
+    and only then is it known which version the fleet runs (another may have been
+    released, deprecated or revoked since this one was registered)."""
+    old = released_before(conn, row["name"], row["version"])
+    if old is None:
+        return {}
+    before, after = signatures.signature(old), signatures.signature(row)
+    changes = signatures.differences(before, after)
+    if not changes:
+        return {}
+    ref, old_ref = f"{row['name']}/{row['version']}", f"{old['name']}/{old['version']}"
+    if not allowed:
+        raise CommandError(
+            f"cannot release {ref}: its signature differs from released {old_ref} "
+            f"({'; '.join(changes[:8])}{'; ...' if len(changes) > 8 else ''}); applications "
+            f"built for {old_ref} would break. If that is intended, release with "
+            "--allow-signature-change (recorded in the ledger)")
+    return {"signature_change": {"from_version": old["version"], "old": before,
+                                 "new": after, "changes": changes}}
+
+
+def policy_record(policy: dict[str, Any]) -> dict[str, Any]:
+    """The policy a validation used, for its ledger entry: the effective thresholds as a
+    map and their digest (BLAKE3 of the map's canonical bytes), so a re-validation under
+    another policy leaves a trace an auditor can check."""
+    return {"policy": policy, "policy_digest": blake3.blake3(canonical_encode(policy)).hexdigest()}
 
 
 def _check_unregistered(conn: Connection, name: str, version: str) -> None:

@@ -38,7 +38,13 @@ class GovernanceReads:
     def models(self, cmd: VerifiedCommand) -> Any:
         name = cmd.body.get("name")
         with self.engine.connect() as conn:
-            return governance.list_releases(conn, name if isinstance(name, str) else None)
+            rows = governance.list_releases(conn, name if isinstance(name, str) else None)
+        # A list stays small however many versions and outputs there are: each row's
+        # validation is cut to its verdict (`hub model show` has the rest).
+        for row in rows:
+            row["validation"] = {k: v for k, v in row["validation"].items()
+                                 if k in ("passed", "policy_digest", "detail")}
+        return rows
 
     def model_show(self, cmd: VerifiedCommand) -> Any:
         name = cmd.body.get("name")

@@ -83,7 +83,7 @@ class HubService:
         engine = self.store.engine
         self.router = Router(self.writer, [
             OperatorCommands(self.effects).handlers(),
-            ModelCommands(config, self.keyring, self.effects).handlers(),
+            ModelCommands(config, self.keyring, self.effects, engine).handlers(),
             GovernanceReads(engine).handlers(),
             EnrolmentCommands(config, self.effects).handlers(),
             DeployCommands(issuer, self.effects).handlers(),

@@ -166,6 +166,10 @@ class NatsEdge:
                 fh.write(chunk)
         return hasher.hexdigest()
 
+    async def put_blob(self, digest: str, data: bytes) -> None:
+        """Store `data` in the Object Store under `digest` (its BLAKE3, the caller's)."""
+        await (await self.js.object_store(MODELS_BUCKET)).put(digest, data)
+
     async def put_manifest(self, key: str, envelope: bytes) -> None:
         await (await self.js.key_value(MANIFESTS_BUCKET)).put(key, envelope)
 

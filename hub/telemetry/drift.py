@@ -142,11 +142,16 @@ def blind_outputs(reference: list[dict[str, Any]]) -> list[int]:
             if isinstance(h, dict) and h.get("degenerate") is True]
 
 
+MAX_NAMED_OUTPUTS = 16  # outputs a warning names one by one
+
+
 def drift_blind_warning(outputs: list[int]) -> str:
     """The sentence that flags degenerate references ("" when there are none)."""
     if not outputs:
         return ""
-    which = ", ".join(str(k) for k in outputs)
+    which = ", ".join(str(k) for k in outputs[:MAX_NAMED_OUTPUTS])
+    if len(outputs) > MAX_NAMED_OUTPUTS:  # a sentence, not a list of thousands
+        which += f" and {len(outputs) - MAX_NAMED_OUTPUTS:,} more"
     return (f"drift reference of output(s) {which} has no spread: every validation output "
             "had the same value, so PSI can only tell whether outputs left that value; "
             "validate with data on which the output varies for a drift gate that sees")
