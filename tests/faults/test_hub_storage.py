@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from edge_agent import protocol as proto
+from edge_agent.protocol import boot_id
 from edge_agent.protocol.names import REPORTS_DURABLE, REPORTS_STREAM
 from hub import events as ev
 from hub.errors import HubError
@@ -84,7 +85,9 @@ async def test_intake_survives_a_full_disk_and_counts_everything_once(
         # A device's status report arrives while the disk is full.
         device = sim.ids[0]
         report = proto.StatusReport(
-            device=device, boot="boot-disk", seq=1, ts=time.time_ns(),
+            # A boot counter above the agent's own (reports are monotonic across boots).
+            device=device, boot=boot_id(int(time.time()) + 3600, "d15c"), seq=1,
+            ts=time.time_ns(),
             event=proto.STATUS_FAILED, model="kws", version="1", digest="ab" * 32,
             counter=1, reason="while the hub's disk was full")
         async with await fleet.client(role="hub") as raw:
@@ -126,7 +129,7 @@ async def test_intake_survives_a_full_disk_and_counts_everything_once(
             assert info.num_pending == 0, info
         # Exactly once: the report sent during the failure, each window.
         failed = [e for e in fleet.feed.of_kind(ev.DEVICE_UPDATE_FAILED, device)
-                  if e.payload["boot"] == "boot-disk"]
+                  if e.payload["boot"] == report.boot]
         assert len(failed) == 1
         rows = hub.telemetry.device_rows()
         assert sum(r["duplicates"] for r in rows) >= 0
