@@ -112,6 +112,33 @@ def verify(
     """
     if file is not None and (db is not None or home is not None):
         fail("give either an export FILE or --db/--home (not both)", EXIT_USAGE)
+    rules = rules_of(log_vkey, witness, min_witnesses, allow_no_checkpoint)
+    files = checkpoints or []
+    if file is not None:
+        _emit(verify_export_file(file, log_vkey, files, since, rules), as_json)
+    path = ledger_db(db, home)
+    if path is None:
+        fail("give an export FILE, --db PATH or --home DIR (or set LEDGER_DB)", EXIT_USAGE)
+    if since is not None:
+        _emit(_verify_since(path, since, files, log_key(log_vkey, "--since-checkpoint"),
+                            rules), as_json)
+    _emit(verify_db(path, files, log_vkey, rules, jobs), as_json)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What `ledger verify` found: the JSON document, the report lines, and whether all
+    held. `ledger report` shows the same verdict."""
+
+    ok: bool
+    doc: dict[str, Any]
+    lines: list[str]
+
+
+def rules_of(log_vkey: str | None, witness: list[str] | None, min_witnesses: int | None,
+             allow_no_checkpoint: bool) -> Rules:
+    """The checkpoint rules of the --witness-key, --min-witnesses and
+    --allow-no-checkpoint options (usage errors exit 2)."""
     witnesses = witness_keys(witness)
     if witnesses and log_vkey is None:
         fail("--witness-key needs --log-key (cosignatures are on checkpoints the log "
@@ -119,22 +146,12 @@ def verify(
     if min_witnesses is not None and min_witnesses > len(witnesses):
         fail(f"--min-witnesses {min_witnesses} needs at least that many --witness-key",
              EXIT_USAGE)
-    rules = _Rules(witnesses, len(witnesses) if min_witnesses is None else min_witnesses,
-                   allow_no_checkpoint)
-    files = checkpoints or []
-    if file is not None:
-        _verify_export(file, log_vkey, files, since, rules, as_json)
-    path = ledger_db(db, home)
-    if path is None:
-        fail("give an export FILE, --db PATH or --home DIR (or set LEDGER_DB)", EXIT_USAGE)
-    if since is not None:
-        _verify_since(path, since, files, log_key(log_vkey, "--since-checkpoint"), rules,
-                      as_json)
-    _verify_db(path, files, log_vkey, rules, as_json, jobs)
+    return Rules(witnesses, len(witnesses) if min_witnesses is None else min_witnesses,
+                 allow_no_checkpoint)
 
 
 @dataclass(frozen=True)
-class _Rules:
+class Rules:
     """What the auditor asked of the checkpoints besides agreeing with the entries."""
 
     witnesses: list[CosignatureVerifier]
@@ -181,12 +198,12 @@ def _checkpoint_doc(where: str, cp: SignedCheckpoint, tree_hash: str) -> dict[st
             "witnesses": sorted(_cosigners(cp))}
 
 
-def _emit(doc: dict[str, Any], lines: list[str], as_json: bool, ok: bool) -> None:
+def _emit(verdict: Verdict, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(doc))
+        typer.echo(json.dumps(verdict.doc))
     else:
-        typer.echo("\n".join(lines))
-    raise typer.Exit(EXIT_OK if ok else EXIT_DAMAGED)
+        typer.echo("\n".join(verdict.lines))
+    raise typer.Exit(EXIT_OK if verdict.ok else EXIT_DAMAGED)
 
 
 def _store_problem(store: LedgerStore, cp: SignedCheckpoint) -> str | None:
@@ -198,8 +215,9 @@ def _store_problem(store: LedgerStore, cp: SignedCheckpoint) -> str | None:
     return mismatch or check_against_checkpoint(store, cp.checkpoint)
 
 
-def _verify_db(db: str, files: list[Path], log_vkey: str | None, rules: _Rules,
-               as_json: bool, jobs: int | None) -> None:
+def verify_db(db: str, files: list[Path], log_vkey: str | None, rules: Rules,
+              jobs: int | None) -> Verdict:
+    """Verify a ledger database as `ledger verify --db` does (usage errors exit 2)."""
     log = log_key(log_vkey, "--checkpoint") if files or log_vkey else None
     store = open_store(db)  # first: it names the `hub` extra if storage is missing
     from ledger.storage.checkpoint_store import CheckpointStore
@@ -216,7 +234,8 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None, rules: _Rules,
                                    open_checkpoint(stored.full_note(), log, rules.witnesses)))
                 except NoteError as exc:
                     problem = f"stored checkpoint of size {stored.size} does not verify: {exc}"
-                    _emit({"ok": False, "problem": problem}, [f"FAIL: {problem}"], as_json, False)
+                    return Verdict(False, {"ok": False, "problem": problem},
+                                   [f"FAIL: {problem}"])
             signed += [(str(f), _read_checkpoint(f, log, rules.witnesses)) for f in files]
         problems = []
         if result.ok:
@@ -255,11 +274,11 @@ def _verify_db(db: str, files: list[Path], log_vkey: str | None, rules: _Rules,
     else:
         lines = [f"FAIL at seq {result.first_bad_seq}: {result.problem}"]
     lines += [f"FAIL: {f}" for f in forks]
-    _emit(doc, lines, as_json, ok)
+    return Verdict(ok, doc, lines)
 
 
-def _verify_since(db: str, path: Path, files: list[Path], log: Verifier, rules: _Rules,
-                  as_json: bool) -> None:
+def _verify_since(db: str, path: Path, files: list[Path], log: Verifier, rules: Rules,
+                  ) -> Verdict:
     cp = _read_checkpoint(path, log, rules.witnesses)
     given = [(str(f), _read_checkpoint(f, log, rules.witnesses)) for f in files]
     store = open_store(db)
@@ -302,11 +321,12 @@ def _verify_since(db: str, path: Path, files: list[Path], log: Verifier, rules: 
     else:
         lines = [f"FAIL at seq {result.first_bad_seq}: {result.problem}"]
     lines += [f"FAIL: {f}" for f in forks]
-    _emit(doc, lines, as_json, ok)
+    return Verdict(ok, doc, lines)
 
 
-def _verify_export(path: Path, log_vkey: str | None, files: list[Path], since: Path | None,
-                   rules: _Rules, as_json: bool) -> None:
+def verify_export_file(path: Path, log_vkey: str | None, files: list[Path],
+                       since: Path | None, rules: Rules) -> Verdict:
+    """Verify an export file as `ledger verify FILE` does (usage errors exit 2)."""
     from ledger.export import verify_export
 
     if (files or since is not None) and log_vkey is None:
@@ -350,7 +370,7 @@ def _verify_export(path: Path, log_vkey: str | None, files: list[Path], since: P
         lines = [f"FAIL at seq {result.first_bad_seq}: {result.problem}"]
     else:
         lines = [f"FAIL: {result.problem}"]
-    _emit(doc, lines, as_json, ok)
+    return Verdict(ok, doc, lines)
 
 
 # ---------------------------------------------------------------- export, bundles
