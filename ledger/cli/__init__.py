@@ -1,13 +1,13 @@
 """`ledger`: check and inspect a fleetledger ledger database without trusting the hub.
 
 Each command group is a module of plain functions (show.py, audit.py, witness.py,
-browse.py, at.py) over the shared helpers of _common.py; this module registers them on
+browse.py, at.py, report.py) over the shared helpers of _common.py; this module registers them on
 the one typer app, in the order `ledger --help` lists them, each with the examples of its help.
 """
 
 from __future__ import annotations
 
-from ledger.cli import at, audit, browse, show, witness
+from ledger.cli import at, audit, browse, report, show, witness
 from ledger.cli._common import app, examples
 
 __all__ = ["app", "main"]
@@ -46,6 +46,12 @@ for _name, _command, _examples in (
         "ledger at --home hub-home --device dev-1 --time 2024-05-01T12:00:00Z",
         "ledger at --export ledger.export --device dev-1 --time now --json",
         f"ledger at {DB} --device dev-1 --time now --out proof/ {VKEY}")),
+    ("report", report.report, (
+        f"ledger report {DB} --out report.html {VKEY}",
+        "ledger report --home hub-home --out report.html --device dev-1 "
+        "--from 2024-05-01T00:00:00Z --to 2024-06-01T00:00:00Z",
+        "ledger report --export ledger.export --out report.html --log-key log.vkey "
+        "--witness-key w1.key.vkey")),
     ("tail", browse.tail, (f"ledger tail {DB} -n 20", f"ledger tail {DB} --follow",
                            "ledger tail --follow --nats nats://127.0.0.1:4222 "
                            "--nats-user witness --nats-password-file w1.pass")),

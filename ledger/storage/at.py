@@ -82,8 +82,7 @@ class Answer:
         return [c for c in self.checks if not c.ok]
 
     def name_of(self, keyid: str) -> str:
-        op = self.operators.get(keyid)
-        return str(op.payload.get("name", keyid)) if op is not None else keyid
+        return operator_name(self.operators, keyid)
 
     def entries(self) -> list[Entry]:
         """Every entry the answer rests on, in seq order (the ones to bundle)."""
@@ -113,7 +112,7 @@ def answer_at(source: Source, device: str, t_ns: int) -> Answer:
     subject = f"device:{device}"
     enrolled = [e for e in source.select(("device.enrolled",), subject) if e.seq < report.seq]
     answer.enrolled = enrolled[-1] if enrolled else None
-    answer.checks.append(_report_check(report, answer.enrolled))
+    answer.checks.append(check_report(report, answer.enrolled))
 
     assigned = [e for e in source.select(("device.assigned",), subject)
                 if e.seq < report.seq and e.payload.get("counter") == p.get("counter")]
@@ -137,7 +136,7 @@ def answer_at(source: Source, device: str, t_ns: int) -> Answer:
                         (answer.released, "model.release"),
                         (answer.rollout, "rollout.create")):
         if entry is not None:
-            answer.checks.append(_command_check(entry, verb, answer))
+            answer.checks.append(check_command(entry, verb, answer.operators))
     return answer
 
 
@@ -171,10 +170,18 @@ def _assignment_rollout(payload: dict[str, Any]) -> str:
     return rollout if isinstance(rollout, str) else ""
 
 
-def _command_check(entry: Entry, verb: str, answer: Answer) -> Check:
+def operator_name(operators: dict[str, Entry], keyid: str) -> str:
+    """The name `operator.added` gave the key `keyid` (the key id when none did)."""
+    op = operators.get(keyid)
+    return str(op.payload.get("name", keyid)) if op is not None else keyid
+
+
+def check_command(entry: Entry, verb: str, operators: dict[str, Entry]) -> Check:
+    """The operator command kept in `entry` verifies against the key `operators` (keyid ->
+    operator.added) recorded for its actor, and was signed for `verb` and this version."""
     what = f"{entry.kind} seq {entry.seq}"
-    op = answer.operators.get(entry.actor)
-    signer = answer.name_of(entry.actor)
+    op = operators.get(entry.actor)
+    signer = operator_name(operators, entry.actor)
     try:
         signed, sigs, doc = _envelope(entry.payload.get("command"))
     except ValueError as exc:
@@ -199,7 +206,9 @@ def _command_check(entry: Entry, verb: str, answer: Answer) -> Check:
     return Check(what, signer, True)
 
 
-def _report_check(report: Entry, enrolled: Entry | None) -> Check:
+def check_report(report: Entry, enrolled: Entry | None) -> Check:
+    """The device's signed `applied` report in `report` verifies against the key of its
+    `device.enrolled` event and says what the event says."""
     device = str(report.payload.get("device", report.actor))
     what = f"{report.kind} seq {report.seq}"
     if enrolled is None:
