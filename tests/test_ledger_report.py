@@ -293,6 +293,15 @@ async def test_the_report_of_a_real_fleet_agrees_with_verify_and_at(
         await fleet.feed.wait_for(
             lambda _: bool(fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, "dev-0")), 60,
             "kws/1 applied")
+        # kws/2 goes out in a rollout (one wave) to group `lab`.
+        await client.call("device.tag", {"device": "dev-0", "group": "lab", "tags": {}})
+        await fleet.release_model(model_files["2"], "kws", "2")
+        rid = str((await client.call("rollout.create", {
+            "model": "kws", "version": "2", "target": "group=lab", "waves": "100%",
+            "min_success": 1.0, "max_failure": 0.0, "deadline": "60s"}))["rollout"])
+        await client.call("rollout.start", {"rollout": rid})
+        done = await fleet.feed.wait_for(lambda es: any(
+            e.kind == "rollout.completed" for e in es), 90, "the rollout completed")
     await fleet.hub.ledger_publishing.checkpointer.sign_now()
     db = fleet.config.database_url()
     vkey = str(fleet.config.home / "log.vkey")
@@ -318,7 +327,15 @@ async def test_the_report_of_a_real_fleet_agrees_with_verify_and_at(
     assert "valid" in approvals and "INVALID" not in page.sections_text
     assert answer["manifest_hash"] in page.section("releases")
     devices = page.section("devices")
-    assert "Device dev-0" in devices and "kws/1" in devices
+    assert "Device dev-0" in devices and "kws/1" in devices and "kws/2" in devices
+    rollouts = page.section("rollouts")
+    decided = [e for e in done if e.subject == f"rollout:{rid}"]
+    assert f"Rollout {rid}: kws/2" in rollouts and "(completed)" in rollouts
+    assert {"rollout.created", "rollout.wave_started", "rollout.completed"} <= {
+        e.kind for e in decided}
+    for e in decided:
+        assert f"seq\xa0{e.seq}" in rollouts, e.kind
+    assert "created by admin" in rollouts and "Devices per wave" in rollouts
     assert f"seq\xa0{answer['applied']['seq']}" in devices
     assert "approved by approver" in " ".join(devices.split())
     for key in ("applied", "registered", "validated", "released"):
