@@ -340,3 +340,20 @@ async def test_the_report_of_a_real_fleet_agrees_with_verify_and_at(
     assert "approved by approver" in " ".join(devices.split())
     for key in ("applied", "registered", "validated", "released"):
         assert f"seq-{answer[key]['seq']}" in page.ids
+
+
+def test_the_report_of_an_export_file_matches_the_database_s(
+    hostile: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    db, _ = hostile
+    export = tmp_path / "ledger.export"
+    assert ledger("export", "--db", str(db), str(export))[0] == 0
+    from_db, from_export = tmp_path / "db.html", tmp_path / "export.html"
+    assert ledger("report", "--db", str(db), "--out", str(from_db), "--device", SCRIPT)[0] == 0
+    code, said = ledger("report", "--export", str(export), "--out", str(from_export),
+                        "--device", SCRIPT)
+    assert code == 0, said
+    a, b = Page(from_db.read_text()), Page(from_export.read_text())
+    assert a.ids == b.ids and set(SECTIONS) <= b.ids
+    for name in ("operators", "models", "approvals", "rollouts", "devices", "appendix"):
+        assert a.section(name) == b.section(name), name
