@@ -191,7 +191,8 @@ async def test_the_policy_used_is_recorded_and_shown(fleet: Fleet) -> None:
         assert old["policy"] == {"model_name": "kws", "task": "classification",
                                  "min_accuracy": 0.5, "max_p95_latency_ms": 0.0,
                                  "noise_std": 0.05, "histogram_bins": 10,
-                                 "approvals_required": 1}
+                                 "approvals_required": 1, "importance_rows": 256,
+                                 "importance_budget_s": 20.0}
         assert "max_p95_latency_ms" not in new["policy"]
         for p in (old, new):
             assert p["policy_digest"] == blake3.blake3(
