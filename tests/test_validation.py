@@ -178,7 +178,7 @@ _CLS = '[default]\ntask = "classification"\n'
         ('[defaults]\ntask = "classification"\n', r"unknown top-level keys \['defaults'\]"),
         (
             '[default]\ntask = "ranking"\n',
-            r"task must be one of \['classification', 'regression'\]",
+            r"task must be one of \['classification', 'regression', 'binary', 'none'\]",
         ),
         (_CLS + "min_accuracy = 1.5\n", r"min_accuracy must be between 0\.0 and 1\.0"),
         (_CLS + 'histogram_bins = "10"\n', r"histogram_bins must be an integer"),
@@ -301,13 +301,19 @@ def test_zero_weight_feature_has_the_lowest_importance(
     assert "accuracy" not in report.metrics and report.passed
 
 
-def test_missing_labels_or_groups_fail_closed(setup: dict[str, Any]) -> None:
+def test_missing_labels_mean_metrics_only_said_so(setup: dict[str, Any]) -> None:
+    """Without labels the quality checks are skipped, and the report says so (the shipped
+    default policy must not make unlabeled models impossible); groups without labels are
+    still a failure nowhere, labels without groups still fail the group gap."""
     policy = Policy("kws", "classification", min_accuracy=0.5, max_group_gap=0.5)
     report = validate(setup["float"], Dataset(setup["dataset"].inputs), policy)
-    assert report.failures == [
-        "accuracy cannot be checked: the validation data has no labels",
-        "group gap cannot be checked: the validation data has no labels",
-    ]
+    assert report.passed, report.failures
+    assert report.metrics["mode"] == "metrics_only"
+    assert "no labels" in report.metrics["quality_skipped"]
+    assert "accuracy" not in report.metrics
+    labelled = Dataset(setup["dataset"].inputs, setup["dataset"].labels)
+    assert validate(setup["float"], labelled, policy).failures == [
+        "group gap cannot be checked: the validation data has no groups"]
 
 
 def test_flip_rate_is_zero_without_noise(setup: dict[str, Any]) -> None:
@@ -434,6 +440,8 @@ def test_payload_is_plain_and_canonically_encodable(baseline: ValidationReport) 
         "noise_std": 0.05,
         "histogram_bins": 10,
         "approvals_required": 1,
+        "importance_rows": 256,
+        "importance_budget_s": 20.0,
     }
     encoded = canonical_encode(payload)
     assert canonical_decode(encoded) == payload

@@ -110,6 +110,7 @@ class ModelCommands:
         body = Body(cmd.body)
         digest, size = body.text("digest"), body.integer("size")
         lineage, card = body.map("lineage"), body.map("card")
+        input_shapes = _input_shapes(cmd.body.get("input_shapes"))
         _check_unregistered(conn, name, version)
 
         async def inspect() -> Handler:
@@ -118,7 +119,8 @@ class ModelCommands:
                 await self._fetch_checked(digest, size, path, "model")
                 try:
                     # In a child process: a corrupt model can crash the TFLite runtime.
-                    signature = (await asyncio.to_thread(preflight, path)).signature
+                    signature = (await asyncio.to_thread(
+                        preflight, path, 120.0, input_shapes or None)).signature
                 except ModelRuntimeError as exc:
                     raise CommandError(f"not a loadable TFLite model: {exc}") from exc
 
@@ -128,6 +130,7 @@ class ModelCommands:
                     "name": name, "version": version, "digest": digest, "size": size,
                     "format": "tflite", "inputs": signature["inputs"],
                     "outputs": signature["outputs"], "lineage": lineage, "card": card,
+                    **({"input_shapes": input_shapes} if input_shapes else {}),
                 }
                 event = command_event(cmd, ev.MODEL_REGISTERED, ev.model_subject(name, version),
                                       payload)
@@ -179,8 +182,9 @@ class ModelCommands:
                 await self._fetch_checked(data_digest, data_size, data_path, "validation data")
                 try:
                     dataset = validation.load_dataset(data_path)
-                    report = await asyncio.to_thread(validation.validate, model_path, dataset,
-                                                     policy)
+                    report = await asyncio.to_thread(
+                        validation.validate, model_path, dataset, policy, 0,
+                        _run_shapes(row["inputs"]))
                 except validation.ValidationError as exc:
                     raise CommandError(f"validation could not run: {exc}") from exc
 
@@ -363,6 +367,36 @@ def policy_record(policy: dict[str, Any]) -> dict[str, Any]:
     map and their digest (BLAKE3 of the map's canonical bytes), so a re-validation under
     another policy leaves a trace an auditor can check."""
     return {"policy": policy, "policy_digest": blake3.blake3(canonical_encode(policy)).hexdigest()}
+
+
+MAX_INPUT_DIMS = 8
+
+
+def _input_shapes(value: Any) -> dict[str, list[int]]:
+    """The declared run shapes of a registration (`input_shapes`: input name -> shape),
+    for models with dynamic inputs; {} when none are declared."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 64:
+        raise CommandError("input_shapes must map input names to shapes, e.g. "
+                           '{"audio": [1, 1280]}')
+    out: dict[str, list[int]] = {}
+    for key, shape in value.items():
+        if (not isinstance(key, str) or not isinstance(shape, list)
+                or not 1 <= len(shape) <= MAX_INPUT_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 20
+                           for d in shape)):
+            raise CommandError(f"input_shapes[{key!r}] must be a list of 1 to {MAX_INPUT_DIMS} "
+                               f"positive dimensions, got {shape!r}")
+        out[key] = [int(d) for d in shape]
+    return out
+
+
+def _run_shapes(inputs: list[Any]) -> dict[str, list[int]]:
+    """The shape each input runs at, as registered (the declared run shape of a dynamic
+    input is in its registered signature)."""
+    return {str(t["name"]): [int(d) for d in t["shape"]] for t in inputs
+            if isinstance(t, dict) and "name" in t and isinstance(t.get("shape"), list)}
 
 
 def _check_unregistered(conn: Connection, name: str, version: str) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from ledger.encoding import canonical_encode
 
 DEFAULT_MAX_DATASET_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_ROWS = 100_000
-_DATASET_ARRAYS = ("inputs", "labels", "groups")
+_DATASET_ARRAYS = ("inputs", "labels", "groups", "sequences")
 _DATASET_DOMAIN = b"fleetledger/validation-dataset\x00"
 
 
@@ -30,12 +30,21 @@ def _require_finite(name: str, values: NDArray[Any]) -> None:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Validation rows: `inputs` (N, *features) float64, optional `labels` (N,) numeric
-    and `groups` (N,) as text. The constructor checks and normalises its arguments."""
+    """Validation rows: `inputs` (N, *features) float64, optional `labels` (N,) numeric,
+    `groups` (N,) as text and `sequences` (N,) as text. The constructor checks and
+    normalises its arguments.
+
+    `sequences` declares a streaming model's sequences: rows with the same id form one
+    sequence, run in their order in the file with the model's state reset before it
+    (without it, every row is a sequence of its own). `input_dtype` is the dtype the
+    inputs were given in: integer inputs of the model's own integer dtype are fed as
+    they are, never re-quantized."""
 
     inputs: NDArray[Any]  # stored as float64
     labels: NDArray[Any] | None = None
     groups: NDArray[np.str_] | None = None
+    sequences: NDArray[np.str_] | None = None
+    input_dtype: str = field(init=False, default="")  # set by the constructor
 
     def __post_init__(self) -> None:
         inputs = np.asarray(self.inputs)
@@ -47,6 +56,7 @@ class Dataset:
             )
         _require_finite("inputs", inputs)
         n = int(inputs.shape[0])
+        object.__setattr__(self, "input_dtype", inputs.dtype.name)
         object.__setattr__(self, "inputs", inputs.astype(np.float64))
         if self.labels is not None:
             labels = np.asarray(self.labels)
@@ -71,6 +81,13 @@ class Dataset:
                     f"got {list(groups.shape)}"
                 )
             object.__setattr__(self, "groups", groups.astype(np.str_))
+        if self.sequences is not None:
+            sequences = np.asarray(self.sequences)
+            if sequences.dtype.kind not in "iuUS" or sequences.shape != (n,):
+                raise DatasetError(
+                    f"sequences must be integer or string ids of shape ({n},), one per input "
+                    f"row, got dtype {sequences.dtype} shape {list(sequences.shape)}")
+            object.__setattr__(self, "sequences", sequences.astype(np.str_))
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -80,6 +97,8 @@ class Dataset:
         """BLAKE3 hex over the normalised arrays (dtype, shape, bytes), not the file:
         the same data gives the same digest however the .npz was compressed."""
         doc: dict[str, Any] = {}
+        if self.input_dtype and np.dtype(self.input_dtype).kind in "iu":
+            doc["input_dtype"] = self.input_dtype  # fed natively: part of the data
         for name in _DATASET_ARRAYS:
             arr = getattr(self, name)
             if arr is not None:
@@ -128,7 +147,7 @@ def load_dataset(
             if unknown:
                 raise DatasetError(
                     f"{path}: unexpected arrays {unknown}; a validation set holds only "
-                    f"'inputs' and optionally 'labels' and 'groups'"
+                    f"'inputs' and optionally 'labels', 'groups' and 'sequences'"
                 )
             if "inputs" not in npz.files:
                 raise DatasetError(f"{path}: missing the 'inputs' array (N x features)")
@@ -141,6 +160,7 @@ def load_dataset(
     if rows > max_rows:
         raise DatasetError(f"{path}: {rows:,} rows, more than the limit of {max_rows:,}")
     try:
-        return Dataset(arrays["inputs"], arrays.get("labels"), arrays.get("groups"))
+        return Dataset(arrays["inputs"], arrays.get("labels"), arrays.get("groups"),
+                       arrays.get("sequences"))
     except DatasetError as exc:
         raise DatasetError(f"{path}: {exc}") from exc

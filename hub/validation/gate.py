@@ -12,7 +12,8 @@ failures are sentences a person can act on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,13 @@ import blake3
 import numpy as np
 from numpy.typing import NDArray
 
-from hub.telemetry.drift import ReferenceHistogram, drift_blind_warning, reference_histogram
+from edge_agent.protocol import MAX_OUTPUTS
+from hub.telemetry.drift import (
+    ReferenceHistogram,
+    drift_blind_warning,
+    quantile_edges,
+    reference_histogram,
+)
 from hub.validation import checks
 from hub.validation.dataset import Dataset
 from hub.validation.errors import DatasetError, ModelError
@@ -122,6 +129,23 @@ def _gap_unmeasurable(m: _Measured) -> str:
     return f"group gap cannot be checked: the validation data has no {missing}"
 
 
+def _binary_check(threshold: str, bound: Literal["min", "max"], metric: str, label: str,
+                  needs: str) -> _Check:
+    """A binary detector's threshold on `metrics["binary"][metric]`; unmeasurable when
+    the data has no labels or not the rows (`needs`) the metric is defined on."""
+    side = "below the policy minimum" if bound == "min" else "above the policy maximum"
+
+    def fails_as(a: str, b: str, m: _Measured, p: Policy) -> str:
+        return f"{label} {a} at threshold {m.metrics['binary']['threshold']:g} is {side} {b}"
+
+    def unmeasurable(m: _Measured) -> str:
+        why = "no labels" if "binary" not in m.metrics else f"no {needs}"
+        return f"{label} cannot be checked: the validation data has {why}"
+
+    return _Check(threshold, bound, lambda m: m.metrics.get("binary", {}).get(metric),
+                  fails_as, unmeasurable)
+
+
 # In the order the failures are reported.
 CHECKS: tuple[_Check, ...] = (
     _Check("min_accuracy", "min", lambda m: m.metrics.get("accuracy"),
@@ -135,6 +159,13 @@ CHECKS: tuple[_Check, ...] = (
     _Check("max_flip_rate", "max", lambda m: m.metrics["flip_rate"],
            lambda a, b, m, p: f"flip rate under input noise (noise_std {p.noise_std:g}) "
                               f"{a} is above the policy maximum {b}"),
+    *(_binary_check(*row) for row in (
+        ("min_precision", "min", "precision", "precision",
+         "row scored at or above the threshold"),
+        ("min_recall", "min", "recall", "recall", "positive rows (label 1)"),
+        ("max_far", "max", "far", "false accept rate", "negative rows (label 0)"),
+        ("max_frr", "max", "frr", "false reject rate", "positive rows (label 1)"),
+        ("min_roc_auc", "min", "roc_auc", "ROC AUC", "rows of both classes"))),
     _Check("max_p95_latency_ms", "max", lambda m: m.metrics["latency_ms"]["p95"],
            lambda a, b, m, p: f"p95 latency {a} ms is above the policy maximum {b} ms"),
 )
@@ -149,12 +180,19 @@ def _fmt(value: float, other: float) -> tuple[str, str]:
     return repr(value), repr(other)
 
 
+# Checks of the model's quality against labels: skipped, and said so, in metrics-only
+# mode (task "none", or validation data without labels).
+QUALITY_CHECKS = frozenset({"min_accuracy", "max_mae", "max_group_gap", "min_precision",
+                            "min_recall", "max_far", "max_frr", "min_roc_auc"})
+
+
 def failures(measured: _Measured, policy: Policy) -> list[str]:
     """The sentence of every check whose threshold the policy sets and the run misses."""
     out: list[str] = []
+    metrics_only = measured.metrics.get("mode") == "metrics_only"
     for check in CHECKS:
         bound = getattr(policy, check.threshold)
-        if bound is None:
+        if bound is None or (metrics_only and check.threshold in QUALITY_CHECKS):
             continue
         value = check.value(measured)
         if value is None:
@@ -169,74 +207,185 @@ def failures(measured: _Measured, policy: Policy) -> list[str]:
 
 
 def _checked_labels(dataset: Dataset, task: Task, n_outputs: int) -> NDArray[Any] | None:
+    """The labels as the task reads them; None in metrics-only mode (no labels, or task
+    "none"), where the model's output shape is not held to a task either."""
+    labels = dataset.labels
+    if labels is None or task == "none":
+        return None
+    if task == "regression":
+        return labels.astype(np.float64)
     if task == "classification" and n_outputs < 2:
         raise ModelError(
             f"a classification model needs one output per class; this one has {n_outputs} "
-            'output (use task = "regression" for a single score)'
+            'output (use task = "binary" for a detector score, "regression" for a value)'
         )
-    labels = dataset.labels
-    if labels is None or task == "regression":
-        return None if labels is None else labels.astype(np.float64)
     if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
-        raise DatasetError("classification labels must be integer class ids, got fractions")
+        raise DatasetError(f"{task} labels must be integer class ids, got fractions")
     ids = labels.astype(np.int64)
-    if ids.min() < 0 or ids.max() >= n_outputs:
+    top = n_outputs - 1 if task == "classification" else 1
+    if ids.min() < 0 or ids.max() > top:
         raise DatasetError(
-            f"classification labels must be class ids in [0, {n_outputs - 1}] for a model "
-            f"with {n_outputs} outputs, got values from {ids.min()} to {ids.max()}"
+            f"{task} labels must be class ids in [0, {top}]"
+            + (f" for a model with {n_outputs} outputs" if task == "classification" else "")
+            + f", got values from {ids.min()} to {ids.max()}"
         )
     return ids
 
 
+def _in_sequences(dataset: Dataset) -> tuple[NDArray[np.intp], NDArray[np.bool_]]:
+    """The row order to run in (each declared sequence together, in file order within
+    it, sequences in order of first appearance) and, per row of that order, whether the
+    model's state is reset before it (the first row of each sequence). Without declared
+    sequences every row is its own sequence."""
+    n = len(dataset)
+    if dataset.sequences is None:
+        return np.arange(n, dtype=np.intp), np.ones(n, dtype=np.bool_)
+    ids = dataset.sequences
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first[inverse], kind="stable").astype(np.intp)
+    ordered = ids[order]
+    resets = np.ones(n, dtype=np.bool_)
+    resets[1:] = ordered[1:] != ordered[:-1]
+    return order, resets
+
+
+def _importance_sample(resets: NDArray[np.bool_], limit: int,
+                       rng: np.random.Generator) -> NDArray[np.intp]:
+    """Rows (positions in run order) for permutation importance: whole sequences drawn
+    at random until `limit` rows are reached (all rows when there are fewer)."""
+    n = resets.size
+    if n <= limit:
+        return np.arange(n, dtype=np.intp)
+    starts = np.flatnonzero(resets)
+    ends = np.append(starts[1:], n)
+    chosen: list[int] = []
+    for k in rng.permutation(starts.size):
+        if len(chosen) >= limit:
+            break
+        chosen.extend(range(int(starts[k]), int(ends[k])))
+    return np.sort(np.asarray(chosen, dtype=np.intp))
+
+
+def _drift_count(policy: Policy, first_output: str, values: int) -> int:
+    """How many values of the first output get a drift reference: devices histogram at
+    most MAX_OUTPUTS per telemetry window, so a bigger output is refused here, at
+    validation, unless the policy's `drift_values` picks how many to watch."""
+    if policy.drift_values is not None:
+        return min(policy.drift_values, values)
+    if values > MAX_OUTPUTS:
+        raise ModelError(
+            f"output {first_output!r} has {values:,} values, but devices histogram at most "
+            f"{MAX_OUTPUTS} output values per telemetry window (the drift reference covers "
+            f"the first output tensor): set drift_values = N (1..{MAX_OUTPUTS}) in "
+            f"[models.{policy.model_name}] of the policy to watch its first N values")
+    return values
+
 
 def validate(
-    model_path: Path, dataset: Dataset, policy: Policy, rng_seed: int = 0
+    model_path: Path, dataset: Dataset, policy: Policy, rng_seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> ValidationReport:
     """Run the model over `dataset`, measure, and check the numbers against `policy`.
 
-    Cost: N * (2 + IMPORTANCE_REPEATS * features) single-row inferences (baseline,
-    noisy copy, one pass per shuffled feature and repeat), plus a child-process
-    preflight of the model.
+    Cost: 2 N single-row inferences (baseline, noisy copy) plus IMPORTANCE_REPEATS x
+    groups x min(N, importance_rows) for permutation importance, which stops at
+    `importance_budget_s`; plus a child-process preflight of the model. `input_shapes`
+    are the run shapes of dynamic inputs (as registered).
     """
     model_path = Path(model_path)
     try:
         model_bytes = model_path.read_bytes()
     except OSError as exc:
         raise ModelError(f"cannot read model file {model_path}: {exc}") from exc
-    runner = Runner(load_model(model_bytes, model_path), tuple(dataset.inputs.shape[1:]))
+    model = load_model(model_bytes, model_path, input_shapes)
+    native = dataset.input_dtype == model.inputs[0].dtype and model.inputs[0].dtype[0] in "iu"
+    runner = Runner(model, tuple(dataset.inputs.shape[1:]), native=native,
+                    output=policy.output)
     rng = np.random.default_rng(rng_seed)
-    task = policy.task
-    x = dataset.inputs
+    order, resets = _in_sequences(dataset)
+    x = dataset.inputs[order]
+    threshold = policy.threshold if policy.threshold is not None else checks.DEFAULT_THRESHOLD
 
     for _ in range(_WARMUP_RUNS):
-        runner.run_rows(x[:1])
+        runner.run_all_rows(x[:1])
     latencies: list[float] = []
-    outputs = runner.run_rows(x, latencies)
+    all_outputs = runner.run_all_rows(x, resets, latencies)
+    outputs = all_outputs[runner.scored]
     n_outputs = int(outputs.shape[1])
-    labels = _checked_labels(dataset, task, n_outputs)
-    metrics: dict[str, Any] = {"rows": len(dataset), "outputs": n_outputs, "task": task}
+    labels = _checked_labels(dataset, policy.task, n_outputs)
+    labels = None if labels is None else labels[order]
+    groups = None if dataset.groups is None else dataset.groups[order]
+    task: Task = policy.task if labels is not None else "none"
+    out_specs = model.outputs
+    metrics: dict[str, Any] = {
+        "rows": len(dataset), "outputs": n_outputs, "task": policy.task,
+        "output": out_specs[runner.scored].name,
+        "output_tensors": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype}
+                           for o in out_specs],
+        "input_encoding": ("native" if runner.native else "quantized"
+                           if model.inputs[0].dtype[0] in "iu" else "float"),
+        "sequences": int(resets.sum()) if dataset.sequences is not None else None,
+    }
+    if metrics["sequences"] is None:
+        del metrics["sequences"]
+    if task == "none":
+        metrics["mode"] = "metrics_only"
+        metrics["quality_skipped"] = (
+            'task = "none": quality is not checked' if policy.task == "none" else
+            f"the validation data has no labels: quality checks of task {policy.task!r} "
+            "skipped (metrics only)")
 
-    # Reference histograms first: regression flips are counted on their bins.
-    histograms = [reference_histogram(k, outputs[:, k], policy.histogram_bins)
-                  for k in range(n_outputs)]
+    # Reference histograms first (of the first output, which devices histogram).
+    first = all_outputs[0]
+    drift_count = _drift_count(policy, out_specs[0].name, int(first.shape[1]))
+    if drift_count < first.shape[1]:
+        metrics["drift_values"] = {"watched": drift_count, "of": int(first.shape[1])}
+    histograms = [reference_histogram(k, first[:, k], policy.histogram_bins)
+                  for k in range(drift_count)]
+    flip_edges = (histograms[0].edges if runner.scored == 0 and histograms
+                  else quantile_edges(outputs[:, 0], policy.histogram_bins))
+
+    def run_rows(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+        return runner.run_rows(rows, resets)
 
     # The measurements, in this order: the random generator is shared.
     worst = best = ""
     if labels is not None:
-        metrics[checks.metric_name(task)] = checks.score(outputs, labels, task)
-        if dataset.groups is not None:
-            per_group, worst, best = checks.group_metrics(outputs, labels, dataset.groups, task)
+        metrics[checks.metric_name(task)] = checks.score(outputs, labels, task, threshold)
+        if task == "binary":
+            metrics["binary"] = checks.binary_metrics(outputs, labels, threshold)
+        if groups is not None:
+            per_group, worst, best = checks.group_metrics(outputs, labels, groups, task,
+                                                          threshold)
             name = checks.metric_name(task)
             metrics["groups"] = per_group
             metrics["group_gap"] = abs(per_group[best][name] - per_group[worst][name])
     metrics["noise_std"] = policy.noise_std
-    metrics["flip_rate"] = checks.flip_rate(runner.run_rows, x, outputs, histograms[0].edges,
-                                            task, policy.noise_std, rng)
-    metrics["permutation_importance"] = checks.permutation_importance(
-        runner.run_rows, x, outputs, labels, task, rng
-    )
+    metrics["flip_rate"] = checks.flip_rate(run_rows, x, outputs, flip_edges, task,
+                                            policy.noise_std, rng, threshold)
+    sample = _importance_sample(resets, policy.importance_rows, rng)
+    sample_resets = resets[sample].copy()
+    sample_resets[0] = True
+    sample_resets[1:] |= np.diff(sample) != 1  # a gap in the rows starts a new sequence
+    feature_groups, grouping = checks.feature_groups(tuple(x.shape[1:]))
+    started = time.monotonic()
+    importance = checks.permutation_importance(
+        lambda rows: runner.run_rows(rows, sample_resets), x[sample], outputs[sample],
+        None if labels is None else labels[sample], task, rng, feature_groups,
+        started + policy.importance_budget_s, threshold)
+    metrics["permutation_importance"] = importance
     metrics["importance_basis"] = checks.importance_basis(task, labels is not None)
     metrics["importance_repeats"] = checks.IMPORTANCE_REPEATS
+    metrics["importance_rows"] = int(sample.size)
+    metrics["importance_grouping"] = grouping
+    metrics["importance_seconds"] = time.monotonic() - started
+    warnings: list[str] = []
+    if len(importance) < len(feature_groups):
+        metrics["importance_truncated"] = {"measured": len(importance),
+                                           "groups": len(feature_groups)}
+        warnings.append(
+            f"permutation importance stopped at its budget ({policy.importance_budget_s:g} s): "
+            f"{len(importance)} of {len(feature_groups)} feature groups measured")
     # Latency, as measured on the hub (not the device): a sanity bound.
     metrics["latency_ms"] = checks.percentiles(latencies)
 
@@ -250,5 +399,5 @@ def validate(
         policy=policy,
         model_digest=blake3.blake3(model_bytes).hexdigest(),
         dataset_digest=dataset.digest,
-        warnings=[blind] if blind else [],
+        warnings=([blind] if blind else []) + warnings,
     )

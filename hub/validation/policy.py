@@ -11,10 +11,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_agent.protocol import MAX_OUTPUTS
 from hub.validation.errors import PolicyError
 
-Task = Literal["classification", "regression"]
-_TASKS: tuple[Task, ...] = ("classification", "regression")
+Task = Literal["classification", "regression", "binary", "none"]
+# "binary": a detector's score (the scored output's first value) against `threshold`;
+# "none": metrics only (no quality checks; also what any task becomes without labels).
+_TASKS: tuple[Task, ...] = ("classification", "regression", "binary", "none")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,22 @@ class Policy:
     max_p95_latency_ms: float | None = None
     histogram_bins: int = 10
     approvals_required: int = 1
+    # binary detectors: score >= threshold is a detection
+    threshold: float | None = None
+    min_precision: float | None = None
+    min_recall: float | None = None
+    max_far: float | None = None  # false accept rate: FP / negatives
+    max_frr: float | None = None  # false reject rate: FN / positives
+    min_roc_auc: float | None = None
+    # The output tensor (by name) that quality, flip rate and importance read; the first
+    # output when unset.
+    output: str | None = None
+    # Values of the first output that get a drift reference (devices histogram at most
+    # edge_agent.protocol.MAX_OUTPUTS): unset = all of them, refused if too many.
+    drift_values: int | None = None
+    # Permutation importance: rows sampled, and a time budget for the whole measurement.
+    importance_rows: int = 256
+    importance_budget_s: float = 20.0
 
     def __post_init__(self) -> None:
         # `load_policy` checks the file table by table; this also guards direct use.
@@ -74,6 +93,20 @@ def _integer(low: int) -> Callable[[str, Any], int]:
     return check
 
 
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise PolicyError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _drift_values(key: str, value: Any) -> int:
+    n = _integer(1)(key, value)
+    if n > MAX_OUTPUTS:
+        raise PolicyError(f"{key} must be at most {MAX_OUTPUTS} (devices histogram at most "
+                          f"{MAX_OUTPUTS} output values per telemetry window), got {n}")
+    return n
+
+
 def _task(key: str, value: Any) -> str:
     if value not in _TASKS:
         raise PolicyError(f"{key} must be one of {list(_TASKS)}, got {value!r}")
@@ -90,9 +123,21 @@ _POLICY_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "max_p95_latency_ms": _number(0.0),
     "histogram_bins": _integer(1),
     "approvals_required": _integer(1),
+    "threshold": _number(-math.inf),
+    "min_precision": _number(0.0, 1.0),
+    "min_recall": _number(0.0, 1.0),
+    "max_far": _number(0.0, 1.0),
+    "max_frr": _number(0.0, 1.0),
+    "min_roc_auc": _number(0.0, 1.0),
+    "output": _text,
+    "drift_values": _drift_values,
+    "importance_rows": _integer(1),
+    "importance_budget_s": _number(0.0),
 }
 # Thresholds that only make sense for one task.
-_TASK_ONLY = {"min_accuracy": "classification", "max_mae": "regression"}
+_TASK_ONLY = {"min_accuracy": "classification", "max_mae": "regression",
+              **{k: "binary" for k in ("threshold", "min_precision", "min_recall", "max_far",
+                                       "max_frr", "min_roc_auc")}}
 
 
 def _checked_table(table: Any, where: str) -> dict[str, Any]:
@@ -136,8 +181,8 @@ def load_policy(path: Path, model_name: str) -> Policy:
     task = own.get("task", default.get("task"))
     if task is None:
         raise PolicyError(
-            f'{path}: no task for model {model_name!r}; set task = "classification" or '
-            f'"regression" in [default] or [models.{model_name}]'
+            f"{path}: no task for model {model_name!r}; set task = one of {list(_TASKS)} "
+            f"in [default] or [models.{model_name}]"
         )
     for key, only in _TASK_ONLY.items():
         if key in own and task != only:

@@ -1,9 +1,11 @@
-"""The TFLite side of validation: load the model safely and run it one row at a time."""
+"""The TFLite side of validation: load the model safely and run it one row at a time,
+sequence by sequence (the model's state reset before each)."""
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +16,37 @@ from edge_agent.protocol import bins
 from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
 from hub.validation.errors import DatasetError, ModelError
 
+# Outputs a model may have for validation (each is run and checked finite).
+MAX_MODEL_OUTPUTS = 16
+
 
 class Runner:
-    """Feeds float rows to a batch-1 model: casts or quantizes inputs with the input
-    tensor's (scale, zero_point), dequantizes outputs with the output tensor's."""
+    """Feeds rows to a batch-1 model and returns the dequantized outputs.
 
-    def __init__(self, model: LoadedModel, row_shape: tuple[int, ...]) -> None:
+    Float rows are cast (float inputs) or quantized with the input tensor's (scale,
+    zero_point); rows given in the input tensor's own integer dtype (`native`) are fed
+    as they are. Every output is dequantized with its own parameters. Before each row
+    where `resets` is True the model's state (resource variables) is reset, so a
+    streaming model sees each declared sequence from its initial state, and results do
+    not depend on the order of the sequences."""
+
+    def __init__(self, model: LoadedModel, row_shape: tuple[int, ...], *,
+                 native: bool = False, output: str | None = None) -> None:
         self.model = model
-        self.input = model.inputs[0]
-        self.output = model.outputs[0]
         if len(model.inputs) != 1:
             raise ModelError(
-                f"validation supports one input tensor, the model has {len(model.inputs)}"
-            )
+                f"validation feeds one input tensor from the .npz 'inputs' array; the model "
+                f"has {len(model.inputs)} ({[s.name for s in model.inputs]})")
+        self.input = model.inputs[0]
+        outputs = model.outputs
+        if len(outputs) > MAX_MODEL_OUTPUTS:
+            raise ModelError(f"the model has {len(outputs)} output tensors; validation takes "
+                             f"at most {MAX_MODEL_OUTPUTS}")
+        names = [o.name for o in outputs]
+        if output is not None and output not in names:
+            raise ModelError(f"the policy's output {output!r} is not an output of the model; "
+                             f"its outputs are {names}")
+        self.scored = names.index(output) if output is not None else 0
         if not self.input.shape or self.input.shape[0] != 1:
             raise ModelError(
                 f"validation runs one row at a time and needs a batch size of 1; input "
@@ -38,59 +58,73 @@ class Runner:
                 f"{self.input.name!r} expects {list(self.input.shape[1:])} per row "
                 f"(tensor shape {list(self.input.shape)})"
             )
-        if self.input.numpy_dtype.kind not in "iuf" or self.output.numpy_dtype.kind not in "iuf":
-            raise ModelError(
-                f"unsupported tensor types: input {self.input.dtype}, output {self.output.dtype}"
-            )
+        bad = [f"{t.name!r} {t.dtype}" for t in [self.input, *outputs]
+               if t.numpy_dtype.kind not in "iuf"]
+        if bad:
+            raise ModelError(f"unsupported tensor types: {', '.join(bad)}")
+        self.native = native and self.input.numpy_dtype.kind in "iu"
 
     def encode(self, rows: NDArray[np.float64]) -> NDArray[Any]:
         dtype = self.input.numpy_dtype
         if dtype.kind == "f":
             return rows.astype(dtype)
+        info = np.iinfo(dtype)
+        if self.native:  # already the tensor's integers: not re-quantized
+            return np.clip(np.round(rows), info.min, info.max).astype(dtype)
         scale, zero_point = self.input.quantization
         values = np.round(rows / scale) + zero_point if scale > 0 else np.round(rows)
-        info = np.iinfo(dtype)
         return np.clip(values, info.min, info.max).astype(dtype)
 
-    def decode(self, out: NDArray[Any]) -> NDArray[np.float64]:
-        """The real output values: dequantized by the rule devices apply before they bin
-        their outputs (edge_agent.protocol.bins.dequantize), so the reference histogram
-        and a device's histogram count the same values."""
-        return bins.dequantize(out, *self.output.quantization)
+    def decode(self, out: NDArray[Any], k: int = 0) -> NDArray[np.float64]:
+        """The real values of output `k`: dequantized by the rule devices apply before
+        they bin their outputs (edge_agent.protocol.bins.dequantize), so the reference
+        histogram and a device's histogram count the same values."""
+        return bins.dequantize(out, *self.model.outputs[k].quantization)
 
-    def run_rows(
-        self, rows: NDArray[np.float64], latencies: list[float] | None = None
-    ) -> NDArray[np.float64]:
+    def run_all_rows(self, rows: NDArray[np.float64], resets: NDArray[np.bool_] | None = None,
+                     latencies: list[float] | None = None) -> list[NDArray[np.float64]]:
+        """Every output, one (N, values) array per output tensor."""
         encoded = self.encode(rows)
         batch_shape = self.input.shape
-        outputs = []
+        per_output: list[list[NDArray[np.float64]]] = [[] for _ in self.model.outputs]
         try:
-            for row in encoded:
+            for i, row in enumerate(encoded):
+                if resets is None or resets[i]:
+                    self.model.reset_state()
                 x = row.reshape(batch_shape)
                 start = time.perf_counter_ns()
-                out = self.model.run(x)
+                outs = self.model.run_all([x])
                 if latencies is not None:
                     latencies.append((time.perf_counter_ns() - start) / 1e6)
-                outputs.append(self.decode(out))
+                for k, out in enumerate(outs):
+                    per_output[k].append(self.decode(out, k))
         except ModelRuntimeError as exc:
             raise ModelError(str(exc)) from exc
-        result = np.stack(outputs)
-        if not np.all(np.isfinite(result)):
-            raise ModelError("the model produced NaN or infinite outputs on the validation data")
+        result = [np.stack(values) for values in per_output]
+        for k, values in enumerate(result):
+            if not np.all(np.isfinite(values)):
+                raise ModelError(f"the model produced NaN or infinite values in output "
+                                 f"{self.model.outputs[k].name!r} on the validation data")
         return result
 
+    def run_rows(self, rows: NDArray[np.float64],
+                 resets: NDArray[np.bool_] | None = None) -> NDArray[np.float64]:
+        """The scored output only."""
+        return self.run_all_rows(rows, resets)[self.scored]
 
-def load_model(model_bytes: bytes, model_path: Path) -> LoadedModel:
+
+def load_model(model_bytes: bytes, model_path: Path,
+               input_shapes: Mapping[str, Sequence[int]] | None = None) -> LoadedModel:
     # Preflight the exact bytes we run, in a child process: a malformed flatbuffer can
     # crash the runtime, and that must not take the hub down with it.
     with tempfile.TemporaryDirectory(prefix="fleetledger-validate-") as tmp:
         copy = Path(tmp) / "model.tflite"
         copy.write_bytes(model_bytes)
         try:
-            preflight(copy)
+            preflight(copy, input_shapes=input_shapes)
         except ModelRuntimeError as exc:
             raise ModelError(f"{model_path}: {exc}") from exc
     try:
-        return LoadedModel.from_bytes(model_bytes)
+        return LoadedModel.from_bytes(model_bytes, input_shapes)
     except ModelRuntimeError as exc:
         raise ModelError(f"{model_path}: {exc}") from exc

