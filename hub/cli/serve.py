@@ -37,7 +37,7 @@ from hub.cli._common import (
     wait_for_port,
 )
 from hub.errors import EXIT_TASK_FAILED, Unreachable, UsageError
-from hub.home.config import init_home
+from hub.home.config import init_home, parse_listen
 
 commands = typer.Typer()
 
@@ -90,16 +90,20 @@ def init(
 
 @commands.command(epilog=examples(
     'hub serve --home hub-home',
-    'hub serve --home hub-home --metrics-port 9464 --log-level DEBUG',
+    'hub serve --home hub-home --metrics 0.0.0.0:9464 --log-level DEBUG',
+    'hub serve --home hub-home --metrics-port 9464    (= --metrics 127.0.0.1:9464)',
 ))
 def serve(
     home: Path = HOME,
     nats_url: str | None = NATS_URL,
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    metrics: str | None = typer.Option(
+        None, "--metrics", metavar="ADDR:PORT",
+        help="Serve Prometheus metrics on http://ADDR:PORT/metrics, e.g. 0.0.0.0:9464 "
+             "(config.toml metrics_listen; default off)."),
     metrics_port: int | None = typer.Option(
         None, "--metrics-port",
-        help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config.toml "
-             "metrics_port; default off)."),
+        help="The same as --metrics 127.0.0.1:PORT (config.toml metrics_port)."),
     wait_nats: float = typer.Option(
         10.0, "--wait-nats", min=0, help="Seconds to wait for the NATS server to accept "
         "connections before giving up (exit 3); handy right after starting it."),
@@ -114,8 +118,16 @@ def serve(
         handlers=[RichHandler(console=err, show_path=False)],
     )
     config = hub_config(home, nats_url)
-    if metrics_port is not None:
-        config = dataclasses.replace(config, metrics_port=metrics_port)
+    if metrics is not None and metrics_port is not None:
+        raise UsageError("--metrics and --metrics-port both give the listen address; use one")
+    listen = metrics if metrics is not None else (
+        None if metrics_port is None else f"127.0.0.1:{metrics_port}")
+    if listen is not None:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        config = dataclasses.replace(config, metrics_listen=listen)
     if not wait_for_port(config.nats_url, wait_nats):
         raise Unreachable(f"cannot reach NATS at {config.nats_url} (waited {wait_nats:g} s; "
                           "is nats-server running?)")

@@ -28,11 +28,12 @@ from hub.devices.assignments import AssignmentIssuer
 from hub.devices.deploy import DeployCommands
 from hub.devices.enrolment import EnrolmentCommands
 from hub.devices.reads import DeviceReads
-from hub.devices.reports import ReportIntake
+from hub.devices.reports import REFUSAL_REASONS, ReportIntake
 from hub.governance.models import ModelCommands
 from hub.governance.operators import OperatorCommands, bootstrap_admin
 from hub.governance.reads import GovernanceReads
-from hub.home.config import HubConfig
+from hub.home.config import HubConfig, parse_listen
+from hub.home.replies import REASONS as REPLY_REFUSAL_REASONS
 from hub.keys.commands import KeyCommands, RootChanges
 from hub.keys.keyring import Keyring
 from hub.keys.roots import publish_roots
@@ -46,7 +47,7 @@ from hub.rollouts.reads import RolloutReads
 from hub.service.nats import NatsEdge, allow_fleet_consumers
 from hub.service.status import fleet_status
 from hub.telemetry.ingest import TelemetryIngest
-from hub.telemetry.metrics import MetricsServer, render
+from hub.telemetry.metrics import HubMetrics, MetricSources, MetricsServer
 from ledger.storage.store import LedgerStore
 from ledger.supervisor import Supervisor
 
@@ -98,7 +99,16 @@ class HubService:
         self.supervisor = Supervisor(log)
         self.ledger_publishing: LedgerPublishing | None = None  # checkpoints + ledger.api
         self.transparency: TransparencyPublisher | None = None  # proofs of witnessed releases
-        self.metrics: MetricsServer | None = None
+        # Prometheus: this hub's own registry, read from its state at scrape time.
+        self.metrics = HubMetrics(MetricSources(
+            store=self.store, telemetry=self.telemetry,
+            reports_accepted=lambda: self.reports.accepted_by_kind,
+            reports_refused=lambda: self.reports.refused_by_reason,
+            refusal_reasons=REFUSAL_REASONS,
+            replies_refused=lambda: self.edge.replies.counts,
+            reply_reasons=REPLY_REFUSAL_REASONS, tasks=self.supervisor.states))
+        self.writer.on_append = self.metrics.observe_append
+        self.metrics_server: MetricsServer | None = None  # serving while started
         self.assignment_sync = SyncResult()  # what start() found missing from KV
 
     async def bootstrap_admin(self) -> bool:
@@ -106,9 +116,8 @@ class HubService:
         return await bootstrap_admin(self.config, self.writer)
 
     def render_metrics(self) -> str:
-        """The Prometheus page of the hub's state now."""
-        return render(self.store, self.telemetry, self.reports.refused,
-                      self.reports.refused_by_reason, self.supervisor.states())
+        """The Prometheus page of the hub's state now (as `GET /metrics` serves it)."""
+        return self.metrics.render()
 
     async def start(self) -> None:
         await self.bootstrap_admin()
@@ -144,10 +153,11 @@ class HubService:
         checkpointer = self.ledger_publishing.checkpointer
         await checkpointer.hand_over()
         self.supervisor.start("checkpointer", checkpointer.run)
-        if self.config.metrics_port is not None:
-            self.metrics = MetricsServer(self.render_metrics, self.config.metrics_port)
-            await self.metrics.start()  # a port in use fails the start, not later
-            self.supervisor.start("metrics", self.metrics.run, critical=False)
+        if self.config.metrics_listen is not None:
+            host, port = parse_listen(self.config.metrics_listen)
+            self.metrics_server = MetricsServer(self.metrics.registry, host, port)
+            await self.metrics_server.start()  # a port in use fails the start, not later
+            self.supervisor.start("metrics", self.metrics_server.run, critical=False)
         log.info("hub serving on %s, ledger %s", self.config.nats_url, self.config.database_url())
 
     async def stop(self) -> None:
@@ -156,8 +166,8 @@ class HubService:
             await self.ledger_publishing.stop()  # signs a last checkpoint of what was added
         # Bounded: a stuck NATS call must not keep the hub from stopping.
         await self.supervisor.stop(timeout=5)
-        if self.metrics is not None:
-            await self.metrics.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         with contextlib.suppress(Exception):  # counted again when redelivered
             self.telemetry.flush()
         self.writer.publish = None
