@@ -14,6 +14,7 @@ device never runs something the ledger does not show.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -44,7 +45,7 @@ from hub.log.transparency import TransparencyPublisher
 from hub.rollouts.commands import RolloutCommands
 from hub.rollouts.controller import RolloutController
 from hub.rollouts.reads import RolloutReads
-from hub.service.nats import NatsEdge, allow_fleet_consumers
+from hub.service.nats import CONNECT_FOR_S, NatsEdge, allow_fleet_consumers
 from hub.service.status import fleet_status
 from hub.telemetry.ingest import TelemetryIngest
 from hub.telemetry.metrics import HubMetrics, MetricSources, MetricsServer
@@ -119,10 +120,13 @@ class HubService:
         """The Prometheus page of the hub's state now (as `GET /metrics` serves it)."""
         return self.metrics.render()
 
-    async def start(self) -> None:
+    async def start(self, stop: asyncio.Event | None = None,
+                    connect_for: float | None = CONNECT_FOR_S) -> None:
+        """Connect (for `connect_for` seconds at most, `Stopped` if `stop` is set while
+        connecting) and serve."""
         await self.bootstrap_admin()
         edge = self.edge
-        await edge.connect()
+        await edge.connect(stop=stop, give_up_after=connect_for)
         self.writer.publish = edge.publish
         # The NATS users file follows the ledger's devices and operators. After our own
         # connect: a reload resets connections caught mid-handshake, never established
