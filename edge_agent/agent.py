@@ -80,6 +80,7 @@ from edge_agent.transport.roots import RootUpdater
 from edge_agent.trust.root import TrustRoot
 from ledger.durable import atomic_write
 from ledger.errors import KeyFileError
+from ledger.retry import Stopped
 from ledger.signing import SigningKey
 
 log = logging.getLogger("edge_agent")
@@ -342,10 +343,14 @@ class EdgeAgent:
             if self._assignment_watch is not None:
                 self._assignment_watch.wake()
 
-        self._transport = await NatsTransport.connect(
-            self.config.nats_url, self.nats_auth(), name=f"edge-agent:{self.device_id}",
-            on_reconnect=on_reconnect,
-        )
+        try:  # until connected, or stopped while still connecting (SIGTERM)
+            self._transport = await NatsTransport.connect(
+                self.config.nats_url, self.nats_auth(), name=f"edge-agent:{self.device_id}",
+                on_reconnect=on_reconnect, stop=stop,
+            )
+        except Stopped:
+            log.info("stopped before NATS was reached")
+            return
         self._report_status(proto.STATUS_STARTED, reason="")
         await self._start_api()
         tasks = [

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 
 from edge_agent.errors import AgentError, DeviceBundleError, TransferError
 from edge_agent.slots import SlotStore
+from ledger.logs import LOG_FORMAT_HELP, configure_logging
+
+STOP_GRACE_S = 10.0  # after SIGTERM: the agent's own shutdown is bounded well below this
 
 
 def examples(*lines: str) -> str:
@@ -65,6 +67,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_show_versio
     "edge-agent run --bundle hub-home/devices/dev-1 --state-dir state/dev-1",
     "edge-agent run --bundle hub-home/devices/dev-1 --synthetic-load --rate 20",
     "edge-agent run --bundle hub-home/devices/dev-1 --require-inclusion",
+    "edge-agent run --bundle hub-home/devices/dev-1 --log-format json",
 ))
 def run(
     bundle: Path | None = typer.Option(
@@ -122,8 +125,12 @@ def run(
         "in the bundle's device.toml).",
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    log_format: str = typer.Option("auto", "--log-format", help=LOG_FORMAT_HELP),
 ) -> None:
-    """Run the agent until SIGTERM or Ctrl-C."""
+    """Run the agent until SIGTERM or Ctrl-C. While NATS is unreachable or refuses this
+    device (unauthorised: not enrolled, or revoked) it keeps trying with exponential
+    backoff, one log line per attempt. Exit status: 0 when stopped by SIGTERM or Ctrl-C
+    (at any point, also while connecting), 2 for a set-up error."""
     from edge_agent.agent import AgentConfig, EdgeAgent  # numpy/TFLite only when actually running
     from edge_agent.bundle import DeviceBundle
 
@@ -149,11 +156,11 @@ def run(
         raise typer.Exit(2)
     assert device_id is not None and state_dir is not None and trust_root is not None
     nats_url = nats_url or "nats://127.0.0.1:4222"
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"{device_id} %(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-    )
+    try:
+        configure_logging(log_level, log_format, prefix=f"{device_id} ")
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
     try:
         agent = EdgeAgent(
             AgentConfig(
@@ -173,7 +180,17 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await agent.run(stop)
+        run = asyncio.create_task(agent.run(stop))
+        await asyncio.wait({run, asyncio.create_task(stop.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
+        # Stopping: the agent flushes and closes itself (bounded); never wait for ever.
+        done, _ = await asyncio.wait({run}, timeout=STOP_GRACE_S)
+        if not done:
+            logging.getLogger("edge_agent").warning(
+                "did not stop within %.0f s; exiting anyway", STOP_GRACE_S)
+            run.cancel()
+            return
+        run.result()
 
     try:
         asyncio.run(main())

@@ -264,7 +264,7 @@ async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Pat
     # Prometheus metrics from the same state.
     from hub.telemetry.metrics import MetricsServer
 
-    server = MetricsServer(world.fleet.hub.render_metrics, 0)
+    server = MetricsServer(world.fleet.hub.metrics.registry, "127.0.0.1", 0)
     port = await server.start()
     try:
         text = await asyncio.to_thread(
@@ -272,9 +272,9 @@ async def test_targeting_overlap_joiners_and_metrics(world: World, tmp_path: Pat
             .read().decode())
     finally:
         await server.stop()
-    assert f'fleet_devices{{model="kws",version="2"}} {N + 1}' in text
-    assert f'fleet_rollout_info{{rollout="{rid}",model="kws",version="2",state="completed"}} 1' \
-        in text
+    assert f'fleet_devices{{model="kws",version="2"}} {float(N + 1)}' in text
+    assert f'fleet_rollout_info{{model="kws",rollout="{rid}",version="2"}} 1.0' in text
+    assert f'fleet_rollout_state{{rollout="{rid}",state="completed"}} 1.0' in text
     assert 'fleet_inferences_total{model="kws",version="2"}' in text
     assert "fleet_telemetry_ingest_lag_seconds " in text
     # `hub telemetry` data for one device.

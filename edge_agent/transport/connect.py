@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import ssl
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from typing import Any
 import nats
 import nkeys
 from nats.aio.client import Client as NATS
+
+from ledger.retry import connect_for_good
 
 USER_PREFIX = nkeys.PREFIX_BYTE_USER
 
@@ -112,3 +115,18 @@ async def connect(url: str, auth: NatsAuth = NO_AUTH,
             if not _transient(exc) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+
+async def connect_retrying(url: str, auth: NatsAuth = NO_AUTH, *, name: str,
+                           log: logging.Logger, stop: asyncio.Event | None = None,
+                           give_up_after: float | None = None, cap: float = 5.0,
+                           **options: Any) -> NATS:
+    """A connection for good, retried quietly (`ledger.retry.connect_for_good`: one log
+    line per failed attempt with its reason, exponential backoff up to `cap` seconds,
+    `Stopped` when `stop` is set, the last error after `give_up_after` seconds); nats-py
+    reconnects for ever afterwards with the same backoff."""
+    nc: NATS = await connect_for_good(
+        nats.connect, url, log=log, stop=stop, give_up_after=give_up_after, cap=cap,
+        name=name, **options, **auth.options())
+    return nc

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from edge_agent.errors import FetchError, NotPublished, TransferError
+from edge_agent.errors import FetchError, NotPublished
 from edge_agent.protocol.names import (
     ASSIGNMENTS_BUCKET,
     MANIFESTS_BUCKET,
@@ -30,7 +30,7 @@ from edge_agent.protocol.names import (
     root_key,
 )
 from edge_agent.transport import Chunk, KeyUpdates, ObjectRef, buckets, objects
-from edge_agent.transport.connect import NatsAuth, connect
+from edge_agent.transport.connect import NatsAuth, connect_retrying
 from edge_agent.transport.kv_watch import KeyWatch, flow_control_without_polling
 
 _MISSING = (BucketNotFoundError, NotFoundError, KeyNotFoundError)
@@ -68,6 +68,8 @@ class _KvUpdates:
         await self._watcher.stop()
 
 
+log = logging.getLogger("edge_agent.nats")
+
 class NatsTransport:
     """One NATS connection; `UpdateSource` and `ReportSink` over its JetStream."""
 
@@ -79,14 +81,13 @@ class NatsTransport:
     async def connect(
         cls, url: str, auth: NatsAuth, *, name: str,
         on_reconnect: Callable[[], Awaitable[None]],
+        stop: asyncio.Event | None = None,
     ) -> NatsTransport:
-        """Connect for good: reconnect forever. TransferError if the server cannot be
-        reached or refuses this identity (its message is nats-py's)."""
-        try:
-            nc = await connect(url, auth, name=name, max_reconnect_attempts=-1,
-                               reconnect_time_wait=0.5, reconnected_cb=on_reconnect)
-        except NatsError as exc:
-            raise TransferError(str(exc)) from exc
+        """Connect for good: retry (one log line per failure, with its reason and
+        backoff) until connected or `stop` is set (ledger.retry.Stopped); reconnect
+        for ever afterwards."""
+        nc = await connect_retrying(url, auth, name=name, log=log, stop=stop,
+                                    reconnected_cb=on_reconnect)
         return cls(nc)
 
     async def close(self) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
@@ -34,10 +33,12 @@ from hub.cli._common import (
     rfc3339,
     run,
     show,
-    wait_for_port,
 )
 from hub.errors import EXIT_TASK_FAILED, Unreachable, UsageError
-from hub.home.config import init_home
+from hub.home.config import init_home, parse_listen
+from ledger.logs import LOG_FORMAT_HELP, configure_logging
+
+STOP_GRACE_S = 10.0  # `hub serve` after SIGTERM: the hub's own stop is bounded below this
 
 commands = typer.Typer()
 
@@ -90,52 +91,79 @@ def init(
 
 @commands.command(epilog=examples(
     'hub serve --home hub-home',
-    'hub serve --home hub-home --metrics-port 9464 --log-level DEBUG',
+    'hub serve --home hub-home --metrics 0.0.0.0:9464 --log-level DEBUG',
+    'hub serve --home hub-home --metrics-port 9464    (= --metrics 127.0.0.1:9464)',
+    'hub serve --home hub-home --log-format json --wait-nats 60',
 ))
 def serve(
     home: Path = HOME,
     nats_url: str | None = NATS_URL,
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    metrics: str | None = typer.Option(
+        None, "--metrics", metavar="ADDR:PORT",
+        help="Serve Prometheus metrics on http://ADDR:PORT/metrics, e.g. 0.0.0.0:9464 "
+             "(config.toml metrics_listen; default off)."),
     metrics_port: int | None = typer.Option(
         None, "--metrics-port",
-        help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config.toml "
-             "metrics_port; default off)."),
+        help="The same as --metrics 127.0.0.1:PORT (config.toml metrics_port)."),
     wait_nats: float = typer.Option(
-        10.0, "--wait-nats", min=0, help="Seconds to wait for the NATS server to accept "
-        "connections before giving up (exit 3); handy right after starting it."),
+        10.0, "--wait-nats", min=0, help="Seconds to keep trying to reach the NATS server "
+        "(exponential backoff, one log line per attempt) before giving up (exit 3); handy "
+        "right after starting it."),
+    log_format: str = typer.Option("auto", "--log-format", help=LOG_FORMAT_HELP),
 ) -> None:
     """Run the hub: create the NATS buckets and streams, answer signed operator commands,
     record device reports in the ledger, and drive rollouts. Stops cleanly on SIGTERM or
-    Ctrl-C."""
+    Ctrl-C, at any point (also while still connecting): exit 0. Exit 3 when NATS cannot
+    be reached (or refuses the hub) within --wait-nats, 4 when a critical task fails."""
     from hub.service.app import HubService
+    from ledger.retry import Stopped
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-    )
+    try:
+        configure_logging(log_level, log_format)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     config = hub_config(home, nats_url, server=True)
-    if metrics_port is not None:
-        config = dataclasses.replace(config, metrics_port=metrics_port)
-    if not wait_for_port(config.nats_url, wait_nats):
-        raise Unreachable(f"cannot reach NATS at {config.nats_url} (waited {wait_nats:g} s; "
-                          "is nats-server running?)")
+    if metrics is not None and metrics_port is not None:
+        raise UsageError("--metrics and --metrics-port both give the listen address; use one")
+    listen = metrics if metrics is not None else (
+        None if metrics_port is None else f"127.0.0.1:{metrics_port}")
+    if listen is not None:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        config = dataclasses.replace(config, metrics_listen=listen)
 
     async def main() -> str:
-        service = HubService(config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # first: SIGTERM works from here on
             loop.add_signal_handler(sig, stop.set)
-        await service.start()
-        fatal = service.supervisor.fatal
+        service = HubService(config)
+        starting = asyncio.create_task(service.start(stop=stop, connect_for=wait_nats))
+        stopped = asyncio.create_task(stop.wait())
         try:
-            waits = [asyncio.create_task(stop.wait()), asyncio.create_task(fatal.wait())]
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # stopped half-way through the start
+                starting.cancel()
+            try:
+                await starting
+            except (Stopped, asyncio.CancelledError):
+                logging.getLogger("hub").info("stopped before serving")
+                return ""
+            fatal = service.supervisor.fatal
+            waits = [stopped, asyncio.create_task(fatal.wait())]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for task in waits:
                 task.cancel()
+            return service.supervisor.fatal_reason if fatal.is_set() else ""
         finally:
-            await service.stop()
-        return service.supervisor.fatal_reason if fatal.is_set() else ""
+            stopped.cancel()
+            try:  # bounded: a NATS call that hangs must not keep the hub from exiting
+                await asyncio.wait_for(service.stop(), STOP_GRACE_S)
+            except Exception as exc:
+                logging.getLogger("hub").warning("did not stop cleanly: %s", exc)
 
     try:
         fatal = asyncio.run(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -27,6 +28,8 @@ T = TypeVar("T")
 
 # publish(subject, data, headers): the NATS edge's, without waiting for an ack.
 Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+# on_append(entries, seconds): one append's size and how long its transaction took.
+AppendObserver = Callable[[int, float], None]
 
 
 def entry_headers(entry: Entry) -> dict[str, str]:
@@ -39,11 +42,15 @@ class LedgerWriter:
         self.store = store
         self.lock = asyncio.Lock()
         self.publish: Publish | None = None  # set while the hub serves the feed
+        self.on_append: AppendObserver | None = None  # the metrics' latency histogram
 
     async def append(self, new: Sequence[NewEvent]) -> list[Entry]:
         """Append `new` with their fold, in one transaction; the caller holds `lock`."""
         assert self.lock.locked(), "LedgerWriter.append needs the write lock held"
+        started = time.perf_counter()
         entries = self.store.append_many(list(new), apply=fold.apply_entries)
+        if self.on_append is not None:
+            self.on_append(len(entries), time.perf_counter() - started)
         if self.publish is None:
             return entries  # not serving (offline use): no feed to publish to
         # The feed is a convenience; the DB is truth. Published in order on the hub's one

@@ -130,6 +130,7 @@ class ReportBatch:
     events: list[NewEvent] = field(default_factory=list)
     seen: dict[str, int] = field(default_factory=dict)  # device -> newest report ts
     last: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)  # accepted reports by kind
 
 
 class ReportIntake:
@@ -137,6 +138,8 @@ class ReportIntake:
         self.writer = writer
         self.telemetry = telemetry
         self.refused_by_reason: dict[str, int] = {}  # since the hub started
+        # Reports stored since the hub started, by kind: "telemetry" or the status event.
+        self.accepted_by_kind: dict[str, int] = {}
         self.storage_failures = 0  # batches not stored (and not acknowledged)
         # Device rows for report intake, valid while the ledger head is unchanged.
         self._device_cache: dict[str, dict[str, Any] | None] = {}
@@ -225,6 +228,8 @@ class ReportIntake:
         except Exception as exc:
             self.telemetry.rollback()
             return self._storage_failed("reports could not be stored", exc)
+        for kind, n in batch.kinds.items():
+            self.accepted_by_kind[kind] = self.accepted_by_kind.get(kind, 0) + n
         return None
 
     def _storage_failed(self, what: str, exc: BaseException) -> str:
@@ -331,10 +336,12 @@ class ReportIntake:
         if isinstance(report, proto.TelemetryWindow):
             self.telemetry.check(report, self._output_shape(report))
             self.telemetry.offer(report)
+            batch.kinds["telemetry"] = batch.kinds.get("telemetry", 0) + 1
             return
         check_report_signature(device, envelope)  # refused unless the device's key signed it
         batch.seen[report.device] = max(report.ts, batch.seen.get(report.device, report.ts))
         if report.event == proto.STATUS_STARTED:
+            batch.kinds[report.event] = batch.kinds.get(report.event, 0) + 1
             return
         last_boot, last_seq = batch.last.get(
             report.device, (device["last_report_boot"], device["last_report_seq"]))
@@ -363,6 +370,7 @@ class ReportIntake:
             payload = {**common, "reason": report.reason}
         batch.events.append(
             NewEvent(kind, report.device, ev.device_subject(report.device), payload))
+        batch.kinds[report.event] = batch.kinds.get(report.event, 0) + 1
 
     async def _commit(self, batch: ReportBatch) -> None:
         """A batch's last-seen times in one transaction, its ledger events in another

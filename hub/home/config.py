@@ -68,7 +68,9 @@ class HubConfig:
     # The Merkle tree hash a new ledger is created with; None: the store's default.
     # An existing ledger keeps the one it recorded (opening it with another fails).
     tree_hash: str | None = None
-    metrics_port: int | None = None  # Prometheus /metrics on 127.0.0.1; None = off, 0 = any
+    # Prometheus /metrics on "ADDR:PORT" (hub/telemetry/metrics.py); None = off, port 0 =
+    # any free port. config.toml `metrics_listen`, or `metrics_port = P` = 127.0.0.1:P.
+    metrics_listen: str | None = None
     # Checkpoints (hub/log/checkpointer.py): sign after this many new entries or seconds.
     checkpoint_every_entries: int = 100
     checkpoint_every_seconds: float = 10.0
@@ -212,7 +214,7 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             admin_public=str(raw.get("admin_public", "")),
             origin=str(raw.get("origin", "fleetledger/hub")),
             tree_hash=_tree_hash(raw.get("tree_hash")),
-            metrics_port=int(raw["metrics_port"]) if "metrics_port" in raw else None,
+            metrics_listen=_metrics_listen(raw),
             checkpoint_every_entries=int(raw.get("checkpoint_every_entries", 100)),
             checkpoint_every_seconds=float(raw.get("checkpoint_every_seconds", 10.0)),
             reconcile_every_seconds=float(raw.get("reconcile_every_seconds", 30.0)),
@@ -222,6 +224,30 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc
+
+
+def _metrics_listen(raw: dict[str, object]) -> str | None:
+    if "metrics_listen" in raw:
+        parse_listen(str(raw["metrics_listen"]))  # refused at load, not at serve
+        return str(raw["metrics_listen"])
+    if "metrics_port" in raw:
+        return f"127.0.0.1:{int(str(raw['metrics_port']))}"
+    return None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`ADDR:PORT` (`[::1]:9464` for IPv6; a bare `PORT` is 127.0.0.1:PORT) as (host,
+    port); ValueError with the expected form otherwise."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics listen address {text!r}: use ADDR:PORT, e.g. "
+                         "127.0.0.1:9464, 0.0.0.0:9464 or [::1]:9464")
+    return host, int(port)
 
 
 def _tree_hash(value: object) -> str | None:

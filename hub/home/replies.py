@@ -49,6 +49,8 @@ WILDCARD = "wildcard"
 SYSTEM_SUBJECT = "system-subject"
 NOT_AN_INBOX = "not-an-inbox"
 NOT_THE_SIGNERS_INBOX = "not-the-signers-inbox"
+REASONS = (TOO_LONG, BAD_CHARACTER, EMPTY_TOKEN, WILDCARD, SYSTEM_SUBJECT, NOT_AN_INBOX,
+           NOT_THE_SIGNERS_INBOX)
 
 
 def _shape(reply: str) -> str | None:

@@ -14,6 +14,7 @@ device never runs something the ledger does not show.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -29,11 +30,12 @@ from hub.devices.assignments import AssignmentIssuer
 from hub.devices.deploy import DeployCommands
 from hub.devices.enrolment import EnrolmentCommands
 from hub.devices.reads import DeviceReads
-from hub.devices.reports import ReportIntake
+from hub.devices.reports import REFUSAL_REASONS, ReportIntake
 from hub.governance.models import ModelCommands
 from hub.governance.operators import OperatorCommands, bootstrap_admin
 from hub.governance.reads import GovernanceReads
-from hub.home.config import HubConfig
+from hub.home.config import HubConfig, parse_listen
+from hub.home.replies import REASONS as REPLY_REFUSAL_REASONS
 from hub.keys.commands import KeyCommands, RootChanges
 from hub.keys.keyring import Keyring
 from hub.keys.roots import publish_roots
@@ -44,11 +46,11 @@ from hub.log.transparency import TransparencyPublisher
 from hub.rollouts.commands import RolloutCommands
 from hub.rollouts.controller import RolloutController
 from hub.rollouts.reads import RolloutReads
-from hub.service.nats import NatsEdge, allow_fleet_consumers
+from hub.service.nats import CONNECT_FOR_S, NatsEdge, allow_fleet_consumers
 from hub.service.reconcile import Reconciler
 from hub.service.status import fleet_status
 from hub.telemetry.ingest import TelemetryIngest
-from hub.telemetry.metrics import MetricsServer, render
+from hub.telemetry.metrics import HubMetrics, MetricSources, MetricsServer
 from ledger.storage.store import LedgerStore
 from ledger.supervisor import Supervisor
 
@@ -111,7 +113,16 @@ class HubService:
         self.supervisor = Supervisor(log)
         self.ledger_publishing: LedgerPublishing | None = None  # checkpoints + ledger.api
         self.transparency: TransparencyPublisher | None = None  # proofs of witnessed releases
-        self.metrics: MetricsServer | None = None
+        # Prometheus: this hub's own registry, read from its state at scrape time.
+        self.metrics = HubMetrics(MetricSources(
+            store=self.store, telemetry=self.telemetry,
+            reports_accepted=lambda: self.reports.accepted_by_kind,
+            reports_refused=lambda: self.reports.refused_by_reason,
+            refusal_reasons=REFUSAL_REASONS,
+            replies_refused=lambda: self.edge.replies.counts,
+            reply_reasons=REPLY_REFUSAL_REASONS, tasks=self.supervisor.states))
+        self.writer.on_append = self.metrics.observe_append
+        self.metrics_server: MetricsServer | None = None  # serving while started
         self.assignment_sync = SyncResult()  # what start() found missing from KV
         self.clock_behind_ns = 0  # see check_clock
 
@@ -120,9 +131,8 @@ class HubService:
         return await bootstrap_admin(self.config, self.writer)
 
     def render_metrics(self) -> str:
-        """The Prometheus page of the hub's state now."""
-        return render(self.store, self.telemetry, self.reports.refused,
-                      self.reports.refused_by_reason, self.supervisor.states())
+        """The Prometheus page of the hub's state now (as `GET /metrics` serves it)."""
+        return self.metrics.render()
 
     def check_clock(self) -> int:
         """How far this hub's wall clock is behind the ledger's newest entry (beyond
@@ -136,11 +146,14 @@ class HubService:
                         self.clock_behind_ns / 1e9)
         return self.clock_behind_ns
 
-    async def start(self) -> None:
+    async def start(self, stop: asyncio.Event | None = None,
+                    connect_for: float | None = CONNECT_FOR_S) -> None:
+        """Connect (for `connect_for` seconds at most, `Stopped` if `stop` is set while
+        connecting) and serve."""
         self.check_clock()
         await self.bootstrap_admin()
         edge = self.edge
-        await edge.connect()
+        await edge.connect(stop=stop, give_up_after=connect_for)
         self.writer.publish = edge.publish
         # The NATS users file follows the ledger's devices and operators. After our own
         # connect: a reload resets connections caught mid-handshake, never established
@@ -180,10 +193,11 @@ class HubService:
         checkpointer = self.ledger_publishing.checkpointer
         await checkpointer.hand_over()
         self.supervisor.start("checkpointer", checkpointer.run)
-        if self.config.metrics_port is not None:
-            self.metrics = MetricsServer(self.render_metrics, self.config.metrics_port)
-            await self.metrics.start()  # a port in use fails the start, not later
-            self.supervisor.start("metrics", self.metrics.run, critical=False)
+        if self.config.metrics_listen is not None:
+            host, port = parse_listen(self.config.metrics_listen)
+            self.metrics_server = MetricsServer(self.metrics.registry, host, port)
+            await self.metrics_server.start()  # a port in use fails the start, not later
+            self.supervisor.start("metrics", self.metrics_server.run, critical=False)
         log.info("hub serving on %s, ledger %s", self.config.nats_url, self.config.database_url())
 
     async def stop(self) -> None:
@@ -192,8 +206,8 @@ class HubService:
             await self.ledger_publishing.stop()  # signs a last checkpoint of what was added
         # Bounded: a stuck NATS call must not keep the hub from stopping.
         await self.supervisor.stop(timeout=5)
-        if self.metrics is not None:
-            await self.metrics.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         with contextlib.suppress(Exception):  # counted again when redelivered
             self.telemetry.flush()
         self.writer.publish = None

@@ -30,18 +30,20 @@ from edge_agent.protocol.names import (
     MODELS_BUCKET,
     REPORTS_STREAM,
 )
-from edge_agent.transport.connect import connect as nats_connect
+from edge_agent.transport.connect import connect_retrying
 from edge_agent.transport.objects import iter_object_chunks
 from hub.commands.envelope import claimed_actor
 from hub.commands.router import Router
-from hub.errors import Refused
+from hub.errors import Refused, Unreachable
 from hub.home.config import HubConfig
 from hub.home.nats_users import NatsUsersSync
 from hub.home.replies import HUB_INBOX_PREFIX, ReplyGuard
 from hub.keys.roots import put_root
 from ledger.encoding import canonical_encode
+from ledger.retry import Stopped, describe, failure_reason
 
 log = logging.getLogger("hub")
+CONNECT_FOR_S = 10.0  # how long `start` tries to reach NATS by default (`hub serve --wait-nats`)
 
 MAX_REQUEST_BYTES = 256 * 1024
 # Commands handled at once. Writes still commit one at a time (the write lock); this
@@ -72,14 +74,26 @@ class NatsEdge:
         assert self._js is not None, "NatsEdge.connect() was not called"
         return self._js
 
-    async def connect(self) -> None:
+    async def connect(self, stop: asyncio.Event | None = None,
+                      give_up_after: float | None = CONNECT_FOR_S) -> None:
+        """Connect for good, retrying quietly (one log line per failed attempt with its
+        reason) for `give_up_after` seconds (then the last error), or until `stop` is
+        set (ledger.retry.Stopped)."""
         # The hub's own inboxes live under a root no other identity may subscribe to and
         # no responder of the hub answers under (hub/home/replies.py).
         auth = replace(self.config.nats_auth("hub"), inbox_prefix=HUB_INBOX_PREFIX)
-        self.nc = await nats_connect(
-            self.config.nats_url, auth, name="hub",
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        )
+        try:
+            self.nc = await connect_retrying(
+                self.config.nats_url, auth, name="hub", log=log, stop=stop,
+                give_up_after=give_up_after)
+        except Stopped:
+            raise
+        except Exception as exc:
+            tried = "" if give_up_after is None else f"; tried for {give_up_after:g} s"
+            raise Unreachable(
+                f"cannot reach NATS at {self.config.nats_url} ({failure_reason(exc)}: "
+                f"{describe(exc)}{tried}; is nats-server running with this hub's "
+                "configuration?)") from exc
         self._js = self.nc.jetstream()
 
     async def ensure_layout(self) -> None:

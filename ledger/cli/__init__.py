@@ -36,7 +36,10 @@ for _name, _command, _examples in (
     ("witness", witness.witness, (
         "ledger witness --nats nats://127.0.0.1:4222 --nats-user witness "
         "--nats-password-file w1.pass --log-key hub-home/log.vkey --key w1.key "
-        "--name witness.example/w1 --state w1-state.json --once",)),
+        "--name witness.example/w1 --state w1-state.json --once",
+        "ledger witness --nats nats://127.0.0.1:4222 --nats-user witness "
+        "--nats-password-file w1.pass --log-key hub-home/log.vkey --key w1.key "
+        "--name witness.example/w1 --state w1-state.json --log-format json")),
     ("checkpoint", audit.checkpoint_cmd, (f"ledger checkpoint {DB}",
                                           f"ledger checkpoint {DB} --out cp.note")),
     ("query", browse.query, (

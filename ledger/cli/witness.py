@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ from ledger.cli._common import (
     nats_login,
 )
 from ledger.errors import KeyFileError, LedgerError, NoteError
+from ledger.logs import LOG_FORMAT_HELP, configure_logging
 from ledger.merkle import HASHES
 from ledger.note import CosignatureSigner
+from ledger.retry import Stopped
 from ledger.signing import SigningKey
 
 
@@ -62,17 +65,25 @@ def witness(
     nats_user: str | None = NATS_USER,
     nats_password_file: Path | None = NATS_PASSWORD_FILE,
     nats_ca: Path | None = NATS_CA,
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    log_format: str = typer.Option("auto", "--log-format", help=LOG_FORMAT_HELP),
 ) -> None:
     """Witness a hub's checkpoints: cosign each one that is consistent with the last one
     this witness cosigned (RFC 9162 consistency proof from the hub), and send the
     cosignature back. A fork or rollback is refused: both signed notes are printed and
-    the witness exits 1. Runs until SIGTERM/Ctrl-C, or once with --once (exit 0 when
-    cosigned, 1 when refused, 2 when it could not run)."""
+    the witness exits 1. Runs until SIGTERM/Ctrl-C (exit 0, also while still
+    connecting), retrying NATS for ever with exponential backoff (one log line per
+    attempt); or once with --once (exit 0 when cosigned, 1 when refused, 2 when it
+    could not run)."""
     from ledger.errors import ForkDetected
     from ledger.net.remote import LedgerClient
     from ledger.net.witness_runner import WitnessRunner
     from ledger.witness import Witness, WitnessState
 
+    try:
+        configure_logging(log_level, log_format)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
     log = log_key(log_vkey, "witness")
     login = nats_login(nats_user, nats_password_file, nats_ca)
     if merkle_hash is not None and merkle_hash not in HASHES:
@@ -88,16 +99,25 @@ def witness(
         sys.stdout.flush()
 
     async def run() -> int:
-        client = await LedgerClient.connect(nats_url, timeout=timeout, name=f"witness {name}",
-                                            login=login)
+        if once:
+            client = await LedgerClient.connect(nats_url, timeout=timeout,
+                                                name=f"witness {name}", login=login)
+            try:
+                runner = WitnessRunner(w, client, say, HASHES.get(merkle_hash or ""))
+                return EXIT_OK if await runner.once() else EXIT_DAMAGED
+            finally:
+                await client.close()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before connecting: SIGTERM works there
+            loop.add_signal_handler(sig, stop.set)
+        try:  # NATS down or refusing this witness: one log line per attempt, for ever
+            client = await LedgerClient.connect_for_good(
+                nats_url, timeout=timeout, name=f"witness {name}", login=login, stop=stop)
+        except Stopped:
+            return EXIT_OK
         runner = WitnessRunner(w, client, say, HASHES.get(merkle_hash or ""))
         try:
-            if once:
-                return EXIT_OK if await runner.once() else EXIT_DAMAGED
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
             follow = asyncio.create_task(runner.follow(
                 lambda: typer.echo(f"witness {name} following {log.name} on {nats_url}",
                                    err=True)))
@@ -108,7 +128,8 @@ def witness(
             follow.cancel()
             return EXIT_OK
         finally:
-            await client.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 2)
 
     try:
         code = asyncio.run(run())

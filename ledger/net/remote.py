@@ -29,6 +29,7 @@ from ledger.encoding import canonical_decode, canonical_encode
 from ledger.entry import Entry
 from ledger.errors import EncodingError, EntryError, LedgerError
 from ledger.merkle import HASHES, TreeHash
+from ledger.retry import connect_for_good
 
 log = logging.getLogger("ledger.remote")
 
@@ -158,6 +159,23 @@ class LedgerClient:
         except (OSError, NatsError, TimeoutError) as exc:
             why = errors[-1] if errors else exc
             raise RemoteError(f"cannot reach NATS at {url}: {why or type(why).__name__}") from exc
+        return cls(nc, timeout)
+
+    @classmethod
+    async def connect_for_good(cls, url: str, timeout: float = 10.0, name: str = "ledger",
+                               login: NatsLogin | None = None,
+                               stop: asyncio.Event | None = None) -> LedgerClient:
+        """Connect, retrying for ever (one log line per failed attempt with its reason,
+        exponential backoff; `ledger.retry.Stopped` when `stop` is set), and reconnect
+        for ever afterwards: for `ledger witness`, which must outlive NATS outages."""
+        options = (login or NatsLogin()).options()
+
+        async def bounded(servers: str, **more: Any) -> Any:
+            # nats-py can stall after a failed TLS handshake instead of raising: bound it.
+            return await asyncio.wait_for(nats.connect(servers, **more), timeout + 1)
+
+        nc = await connect_for_good(bounded, url, log=log, stop=stop, name=name,
+                                    connect_timeout=timeout, **options)
         return cls(nc, timeout)
 
     async def _request(self, subject: str, payload: bytes, what: str) -> dict[str, Any]:

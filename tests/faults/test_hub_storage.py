@@ -105,7 +105,7 @@ async def test_intake_survives_a_full_disk_and_counts_everything_once(
 
             shown = await asyncio.wait_for(intake_failing(), 30)
             assert "database or disk is full" in shown["last_error"], shown
-            assert 'fleet_hub_task_up{task="reports"} 0' in hub.render_metrics()
+            assert 'fleet_hub_task_up{task="reports"} 0.0' in hub.render_metrics()
             # An operator command is refused with the storage's error, nothing half-written.
             with pytest.raises(HubError, match="disk is full"):
                 await raw.call("device.tag", {"device": device, "tags": {"k": "v"}})
