@@ -222,7 +222,7 @@ class LogKeyHistory:
         for verifier in self.verifiers_at(size):
             try:
                 return open_checkpoint(note, verifier, witnesses, origin=origin)
-            except CheckpointError as exc:
+            except NoteError as exc:  # not signed by this key (or badly): try the next
                 errors.append(str(exc))
         tried = ", ".join(f"{v.name}+{v.key_hash:08x}" for v in self.verifiers_at(size))
         raise CheckpointError(f"checkpoint of tree size {size} is signed by no log key "
