@@ -170,3 +170,22 @@ async def test_a_witness_that_cannot_follow_says_why_and_stops(
     async with await LedgerClient.connect(fleet.url_as("witness")) as client:
         with pytest.raises(Exception, match="signed by no log key this witness trusts"):
             await WitnessRunner(witness, client, lambda _: None).once()
+
+
+async def test_verify_after_a_rotation_no_checkpoint_saw(fleet: Fleet) -> None:
+    """Rotate and revoke the log key with no checkpoint in between: the checkpoints
+    before are the old key's alone, those after the new key's alone."""
+    home = fleet.config.home
+    await add_witness(fleet)
+    assert fleet.hub.ledger_publishing is not None
+    checkpointer = fleet.hub.ledger_publishing.checkpointer
+    await checkpointer.sign_now()
+    (old_log,) = fleet.hub.keyring.root.roles["log"].keyids
+    async with await fleet.client() as admin:
+        await admin.call("keys.rotate", {"role": "log"})
+        await admin.call("keys.revoke", {"keyid": old_log})
+        await admin.call("device.enroll", {"device": "dev-t"})
+    await checkpointer.sign_now()
+    for vkey in (home / "log.vkey", home / "log-keys" / f"{old_log}.vkey"):
+        code, out, err = await run_cli("verify", "--home", str(home), "--log-key", str(vkey))
+        assert code == 0 and "OK: agrees with 2 signed checkpoint(s)" in out, out + err

@@ -107,9 +107,10 @@ def verify(
     Log-key rotations: each checkpoint must be signed by a log key valid at its tree
     size. Besides the --log-key keys (repeatable; old or current), those are the log
     keys the trust roots recorded in the ledger list (keys.rotated / keys.revoked),
-    trusted once a checkpoint signed by an already trusted key covers them, and only
-    while they form a chain signed by the root keys (docs/PROTOCOL.md, "Root
-    rotation"). So HOME/log.vkey alone checks every checkpoint ever signed.
+    trusted once a checkpoint signed by an already trusted key covers one of them, the
+    later ones as the root keys sign the chain (docs/PROTOCOL.md, "Root rotation").
+    So HOME/log.vkey alone (once it signed a checkpoint) checks every checkpoint ever
+    signed; so does an old vkey from HOME/log-keys/.
 
     FILE (an export) is checked the same way offline: the chain, the Merkle tree
     recomputed from the bodies, and each checkpoint in it or given with --checkpoint /
@@ -214,7 +215,7 @@ def _recorded_history(store: LedgerStore, pinned: list[Any],
 
     with store.engine.connect() as conn:
         entries = list(query.iter_entries(conn, query.EntryFilter(kinds=ROOT_CHANGE_KINDS)))
-    return LogKeyHistory.from_entries(pinned, entries, notes)
+    return LogKeyHistory.from_entries(pinned, entries, notes, follow_chain=True)
 
 
 def _verify_db(db: str, files: list[Path], log_vkey: list[str] | None, rules: _Rules,
@@ -359,7 +360,8 @@ def _verify_export(path: Path, log_vkey: list[str] | None, files: list[Path],
         pinned = log_keys(log_vkey, "")
         try:
             contents = read_export(path)
-            log = LogKeyHistory.from_entries(pinned, contents.entries, contents.checkpoints)
+            log = LogKeyHistory.from_entries(pinned, contents.entries, contents.checkpoints,
+                                             follow_chain=True)
         except RootChainError as exc:
             problem = f"log-key history: {exc}"
             _emit({"ok": False, "problem": problem}, [f"FAIL: {problem}"], as_json, False)
