@@ -127,6 +127,11 @@ class ForkDetected(LedgerError):
         self.error = error
 
 
+class LogKeyLost(LedgerError):
+    """A witness got a checkpoint signed by no log key it trusts and could not learn the
+    new key from the trust roots recorded in the log (it stops rather than fall silent)."""
+
+
 class WitnessStateError(LedgerError):
     """The witness's state file could not be read or written, or is corrupt. A witness
     must stop rather than forget what it cosigned, so this is never ignored."""

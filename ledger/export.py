@@ -38,6 +38,7 @@ from ledger.checkpoint import (
 from ledger.encoding import MAX_DOCUMENT_BYTES, canonical_decode, canonical_encode
 from ledger.entry import GENESIS_PREV, HASH_NAME, Entry
 from ledger.errors import EncodingError, EntryError, ExportError, NoteError
+from ledger.log_keys import LogKeyHistory
 from ledger.merkle import HASHES, MerkleFrontier
 from ledger.note import CosignatureVerifier, Verifier, b64encode, parse_note
 from ledger.verify import RawRow, row_problem
@@ -119,13 +120,14 @@ def _header(doc: Any) -> dict[str, Any]:
 
 def verify_export(
     path: Path,
-    log_verifier: Verifier | None,
+    log_verifier: Verifier | LogKeyHistory | None,
     witness_verifiers: Sequence[CosignatureVerifier] = (),
     given: Sequence[SignedCheckpoint] = (),
 ) -> ExportResult:
     """Check an export file offline: framing, the hash chain (as `ledger verify`), the
     Merkle tree recomputed from the bodies, and every checkpoint: signed by the log
-    (when `log_verifier` is given; else only its text is read), of the header's origin,
+    (when `log_verifier` is given, by a log key valid at its tree size for a
+    `LogKeyHistory`; else only its text is read), of the header's origin,
     signed for the header's tree hash, and its root equal to the recomputed root at its
     size. `given` are more signed checkpoints (opened by the caller) the file must agree
     with the same way: it must reach their sizes and have their roots there. Raises
@@ -208,7 +210,7 @@ def verify_export(
                         list(given), legacy)
 
 
-def _open(note: bytes, origin: str, log: Verifier | None,
+def _open(note: bytes, origin: str, log: Verifier | LogKeyHistory | None,
           witnesses: Sequence[CosignatureVerifier]) -> SignedCheckpoint:
     if log is None:
         text, _ = parse_note(note)
@@ -216,6 +218,8 @@ def _open(note: bytes, origin: str, log: Verifier | None,
         if cp.origin != origin:
             raise ExportError(f"origin {cp.origin!r}, the header says {origin!r}")
         return SignedCheckpoint(cp, note)
+    if isinstance(log, LogKeyHistory):
+        return log.open(note, witnesses, origin=origin)
     return open_checkpoint(note, log, witnesses, origin=origin)
 
 

@@ -1,6 +1,8 @@
 """A checkpoint witness: cosigns a log's checkpoints only while they stay consistent.
 
-For each log (origin) the witness remembers the last checkpoint it cosigned. A new
+For each log (origin) the witness remembers the last checkpoint it cosigned, and trusts
+the log key it was given plus those it learned from trust roots recorded in the log
+(`trust_log_keys`, after a log-key rotation: ledger/net/witness_runner.py). A new
 checkpoint is cosigned (c2sp.org/tlog-cosignature, Ed25519, type 0x04) only if
 
 1. it is a strict checkpoint signed by that log's key, and the tree hash it signs
@@ -143,7 +145,9 @@ class Witness:
         self.name = name
         self._key = key
         self._signer = CosignatureSigner.from_signing_key(name, key)
-        self._logs = dict(logs)
+        # origin -> the log keys trusted for it: the pinned one, then those learned
+        # from trust roots recorded in the log (`trust_log_keys`, a log-key rotation).
+        self._logs: dict[str, list[Verifier]] = {o: [v] for o, v in logs.items()}
         self._state = state
         self._clock = clock
         self._lock = threading.Lock()
@@ -152,6 +156,38 @@ class Witness:
     def verifier(self) -> CosignatureVerifier:
         """What a client configures to check this witness's cosignatures."""
         return self._signer.verifier()
+
+    def log_keys(self, origin: str) -> list[Verifier]:
+        """The log keys this witness trusts for `origin` (none: an unknown log)."""
+        return list(self._logs.get(origin, []))
+
+    def trust_log_keys(self, origin: str, keys: Sequence[Verifier]) -> list[Verifier]:
+        """Trust `keys` for `origin` too (the caller verified that trust roots recorded
+        in the log name them); returns those that are new."""
+        with self._lock:
+            known = self._logs.setdefault(origin, [])
+            new = [k for k in keys if k.name == origin and k not in known]
+            known.extend(new)
+            return new
+
+    def signed_by_known_key(self, note: bytes) -> bool:
+        """Whether a trusted log key of the note's origin signed it (False for a note
+        that is not a checkpoint or of an unknown log)."""
+        try:
+            origin = _checkpoint_of(note).origin
+        except NoteError:
+            return False
+        for log in self._logs.get(origin, []):
+            try:
+                open_checkpoint(note, log, origin=origin)
+                return True
+            except NoteError:
+                continue
+        return False
+
+    def latest_note(self, origin: str) -> bytes | None:
+        """The last cosigned checkpoint note of `origin`, as stored."""
+        return self._state.latest(origin)
 
     def latest(self, origin: str) -> Checkpoint | None:
         """The last checkpoint cosigned for `origin`: the log must send a consistency
@@ -180,14 +216,19 @@ class Witness:
             origin = _checkpoint_of(new_note).origin
         except NoteError as exc:
             raise WitnessError(f"refused: not a checkpoint note: {exc}") from exc
-        log = self._logs.get(origin)
-        if log is None:
+        logs = self._logs.get(origin)
+        if not logs:
             known = ", ".join(sorted(self._logs)) or "none"
             raise WitnessError(f"refused: unknown log {origin!r} (this witness knows: {known})")
-        try:
-            new = open_checkpoint(new_note, log, origin=origin).checkpoint
-        except NoteError as exc:
-            raise WitnessError(f"refused checkpoint of {origin}: {exc}") from exc
+        errors = []
+        for log in logs:  # after a log-key rotation, any trusted key of the log
+            try:
+                new = open_checkpoint(new_note, log, origin=origin).checkpoint
+                break
+            except NoteError as exc:
+                errors.append(str(exc))
+        else:
+            raise WitnessError(f"refused checkpoint of {origin}: {'; '.join(errors)}")
         mismatch = tree_hash_problem(new, th.name)
         if mismatch is not None:
             raise WitnessError(f"refused checkpoint of {origin}: {mismatch}")

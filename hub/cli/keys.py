@@ -42,7 +42,9 @@ keys_app = typer.Typer(
 def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
               as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
     """The current trust root: per role its key ids, threshold, expiry and version.
-    Keys the hub holds are marked *; log and witness keys show their note key name."""
+    Keys the hub holds are marked *; log and witness keys show their note key name.
+    Every log key the hub ever had is listed with its vkey (HOME/log-keys), revoked
+    ones too: `ledger verify --log-key` takes any of them."""
     result = call(hub_config(home, nats_url), key, timeout, "keys")
 
     def render(_: dict[str, Any]) -> None:
@@ -58,6 +60,13 @@ def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | No
             table.add_row(r["role"], ids, str(r["threshold"]), utc_time(result["expires"]),
                           str(result["version"]))
         out.print(table)
+        if result.get("log_keys"):
+            # Every log key the hub ever had (HOME/log-keys): auditors of old checkpoints.
+            kept = Table("log key id", "vkey (HOME/log-keys/<keyid>.vkey)", "state",
+                         title="log keys, current and revoked")
+            for k in result["log_keys"]:
+                kept.add_row(k["keyid"], k["vkey"], "revoked" if k["revoked"] else "current")
+            out.print(kept)
 
     # The signed root itself (bytes) stays out of the JSON.
     show({k: v for k, v in result.items() if k != "root"}, as_json, render)

@@ -49,6 +49,7 @@ approvals_required = 1
 """
 TRUST_ROOT_NAME = "trust-root.bin"
 LOG_VKEY_NAME = "log.vkey"
+LOG_KEYS_DIR = "log-keys"  # <keyid>.vkey of every log key the hub ever had
 DEFAULT_HOME_ENV = "FLEET_HUB_HOME"
 
 
@@ -188,6 +189,8 @@ def init_home(
     # The log's C2SP verifier key: what witnesses and auditors pass as --log-key.
     log_vkey = Signer.from_signing_key(origin, keys["log"]).vkey()
     (home / LOG_VKEY_NAME).write_text(log_vkey + "\n")
+    (home / LOG_KEYS_DIR).mkdir(exist_ok=True)
+    (home / LOG_KEYS_DIR / f"{keys['log'].keyid}.vkey").write_text(log_vkey + "\n")
     if nats_auth or tls:
         write_server_config(home, tls=tls, operators=[(admin.keyid, admin.public.raw)],
                             nats_url=nats_url)

@@ -37,7 +37,7 @@ from hub.governance import rules as lc
 from hub.governance import state as governance
 from hub.home.config import HubConfig
 from hub.keys.keyring import KeyChange, Keyring, plan_next_root
-from hub.log.checkpointer import write_log_vkey
+from hub.log.checkpointer import saved_log_vkeys, write_log_vkey
 from ledger.signing import SigningKey
 from ledger.storage import query
 from ledger.storage.store import NewEvent
@@ -101,8 +101,11 @@ class KeyCommands:
                   "held": [k for k in spec.keyids if k in held],
                   "names": {k: root.names[k] for k in spec.keyids if k in root.names}}
                  for role, spec in root.roles.items()]
+        listed = set(root.roles["log"].keyids) if "log" in root.roles else set()
+        log_keys = [{"keyid": k, "vkey": v, "revoked": k not in listed}
+                    for k, v in saved_log_vkeys(self.roots.config).items()]
         return {"version": root.version, "expires": root.expires, "roles": roles,
-                "root": root.envelope.encode()}
+                "log_keys": log_keys, "root": root.envelope.encode()}
 
     # ------------------------------------------------------------ writes
 

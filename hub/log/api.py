@@ -4,6 +4,8 @@
     ledger.api.consistency  {from, to}         -> {proof: [bin], merkle_hash}
     ledger.api.inclusion    {seq, size}        -> {proof: [bin], leaf_hash, merkle_hash}
     ledger.api.entries      {start, limit?}    -> {entries: [[body, prev, hash], ...]}
+    ledger.api.roots        {before}           -> {entries: [[body, prev, hash], ...]}
+                            (the keys.rotated / keys.revoked entries below `before`)
     ledger.cosignature      a cosigned note    -> {size, stored: [witness names]}
 
 Everything here is public and checkable: proofs are verified by the client against a
@@ -32,6 +34,7 @@ from hub.home.replies import ReplyGuard
 from hub.log.checkpointer import Checkpointer, CosignatureRefused
 from ledger.encoding import canonical_decode
 from ledger.errors import EncodingError, LedgerError
+from ledger.log_keys import ROOT_CHANGE_KINDS
 from ledger.net.remote import (
     API_PREFIX,
     COSIGNATURE_SUBJECT,
@@ -41,9 +44,11 @@ from ledger.net.remote import (
     VERB_CONSISTENCY,
     VERB_ENTRIES,
     VERB_INCLUSION,
+    VERB_ROOTS,
     error_reply,
     ok_reply,
 )
+from ledger.storage import query
 from ledger.storage.store import LedgerStore
 
 log = logging.getLogger("hub.ledger_api")
@@ -72,6 +77,7 @@ class LedgerApi:
             VERB_CONSISTENCY: self.consistency,
             VERB_INCLUSION: self.inclusion,
             VERB_ENTRIES: self.entries,
+            VERB_ROOTS: self.roots,
         }
 
     async def start(self, nc: NATS) -> None:
@@ -179,6 +185,16 @@ class LedgerApi:
             rows.append([entry.body, entry.prev, entry.hash])
             total += len(entry.body) + 64
         return {"entries": rows}
+
+
+    def roots(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The entries recording trust roots below tree size `before`: how a witness
+        follows a log-key rotation (ledger/net/witness_runner.py). Few, so unpaged."""
+        before = Body(body, ApiRefused).integer("before")
+        flt = query.EntryFilter(kinds=ROOT_CHANGE_KINDS, before_seq=before)
+        with self.store.engine.connect() as conn:
+            rows = [[e.body, e.prev, e.hash] for e in query.iter_entries(conn, flt)]
+        return {"entries": rows[-MAX_ENTRIES_PER_REPLY:]}
 
 
 @dataclass

@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from hub.errors import Refused
-from hub.home.config import LOG_VKEY_NAME, HomeError, HubConfig
+from hub.home.config import LOG_KEYS_DIR, LOG_VKEY_NAME, HomeError, HubConfig
 from hub.keys.keyring import Keyring
 from ledger.checkpoint import Checkpoint, sign_checkpoint, tree_hash_extensions
 from ledger.durable import atomic_write
@@ -42,6 +42,7 @@ from ledger.note import (
     ALG_COSIGNATURE_V1,
     CosignatureVerifier,
     Signer,
+    Verifier,
     open_note,
     parse_note,
     parse_vkey,
@@ -100,10 +101,36 @@ def log_signers(config: HubConfig) -> list[Signer]:
 
 
 def write_log_vkey(config: HubConfig) -> Path:
-    """HOME/log.vkey := the newest log key's verifier key (after a log-key change)."""
+    """HOME/log.vkey := the newest log key's verifier key (after a log-key change), and
+    HOME/log-keys/<keyid>.vkey for every log key the hub signs with. Those files are
+    never removed: a revoked key's vkey stays for auditors of old checkpoints."""
     path = config.home / LOG_VKEY_NAME
     atomic_write(path, (log_signer(config).vkey() + "\n").encode(), 0o644)
+    keyring = Keyring(config)
+    spec = keyring.root.roles.get("log")
+    for keyid in spec.keyids if spec is not None else ():
+        public = keyring.root.keys.get(keyid)
+        if public is not None:
+            save_log_vkey(config, keyid, Verifier(config.origin, public.raw).vkey())
     return path
+
+
+def save_log_vkey(config: HubConfig, keyid: str, vkey: str) -> Path:
+    """HOME/log-keys/<keyid>.vkey (kept forever; written once)."""
+    path = config.home / LOG_KEYS_DIR / f"{keyid}.vkey"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, (vkey + "\n").encode(), 0o644)
+    return path
+
+
+def saved_log_vkeys(config: HubConfig) -> dict[str, str]:
+    """keyid -> vkey of every log key HOME/log-keys keeps (current and revoked)."""
+    out = {}
+    for path in sorted((config.home / LOG_KEYS_DIR).glob("*.vkey")):
+        with contextlib.suppress(OSError):
+            out[path.name.removesuffix(".vkey")] = path.read_text().strip()
+    return out
 
 
 class Checkpointer:

@@ -5,13 +5,18 @@ goes into the KV bucket `transparency` under `<name>.<version>`, where agents th
 with `--require-inclusion` fetch it (edge_agent/trust/inclusion.py).
 
 `sync(size)` runs after every stored cosignature (hub/log/api.py calls it) and once at
-hub start for the latest checkpoint. A bundle is written once per entry; a newer
-checkpoint does not re-publish it (a re-signed manifest is a new entry and is).
+hub start for the latest checkpoint. A bundle is written once per entry while its
+checkpoint stays signed by a live log key; a newer checkpoint does not re-publish it (a
+re-signed manifest is a new entry and is). After a log-key revocation the bundles whose
+checkpoint only the revoked key signed are re-published against the newest witnessed
+checkpoint, so `--require-inclusion` devices can still install (or roll back to) every
+live release.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -27,7 +32,9 @@ from edge_agent.trust.inclusion import (
     transparency_keys,
 )
 from edge_agent.trust.root import TrustRoot
+from ledger.checkpoint import open_checkpoint
 from ledger.entry import Entry
+from ledger.errors import NoteError
 from ledger.storage import query
 from ledger.storage.bundles import make_bundle_at
 from ledger.storage.checkpoint_store import CheckpointStore, StoredCheckpoint
@@ -55,8 +62,24 @@ class TransparencyPublisher:
         self.checkpoints = checkpoints
         self.root = root
         self.js = js
-        self.published: dict[str, int] = {}  # KV key -> seq of the entry published
+        # KV key -> (seq of the entry published, tree size of its checkpoint)
+        self.published: dict[str, tuple[int, int]] = {}
         self._lock = asyncio.Lock()
+
+    def _signed_by_live_key(self, root: TrustRoot, size: int) -> bool:
+        """Whether the checkpoint of `size` is signed by a log key of the newest root."""
+        stored = self.checkpoints.get(size)
+        if stored is None:
+            return False
+        try:
+            logs = transparency_keys(root).logs
+        except (InclusionPending, InclusionRefused):
+            return False
+        for verifier in logs:
+            with contextlib.suppress(NoteError):
+                open_checkpoint(stored.note, verifier)
+                return True
+        return False
 
     async def _bucket(self) -> KeyValue:
         try:
@@ -83,12 +106,20 @@ class TransparencyPublisher:
                 return 0
             kv = await self._bucket()
             written = 0
+            root = self.root()
+            live: dict[int, bool] = {}
             for entry in self._releases_below(cp.size):
                 key = transparency_key(str(entry.payload["name"]), str(entry.payload["version"]))
-                if self.published.get(key, -1) >= entry.seq:
-                    continue
+                seq, size = self.published.get(key, (-1, -1))
+                if seq >= entry.seq:
+                    if size not in live:
+                        live[size] = self._signed_by_live_key(root, size)
+                    if live[size]:
+                        continue
+                    log.info("transparency bundle for %s: its checkpoint %d is signed by "
+                             "no live log key; re-publishing", key, size)
                 await kv.put(key, make_bundle_at(self.store, entry.seq, cp))
-                self.published[key] = entry.seq
+                self.published[key] = (entry.seq, cp.size)
                 written += 1
                 log.info("transparency bundle for %s: seq %d in checkpoint %d", key,
                          entry.seq, cp.size)

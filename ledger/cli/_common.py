@@ -246,7 +246,11 @@ def entry_json(entry: Entry) -> dict[str, Any]:
 
 LOG_KEY_HELP = (
     "The log's verifier key: a C2SP vkey string NAME+HASH+BASE64, or a file holding one "
-    "(the hub writes HOME/log.vkey)."
+    "(the hub writes HOME/log.vkey, and every log key it ever had in HOME/log-keys/)."
+)
+LOG_KEYS_HELP = (
+    LOG_KEY_HELP + " Repeatable. Log keys rotated in or out since are found from the trust "
+    "roots recorded in the ledger, attested by checkpoints this key signed."
 )
 WITNESS_KEY_HELP = "A witness's cosignature verifier key (vkey string or file); repeatable."
 
@@ -275,6 +279,17 @@ def log_key(value: str | None, why: str) -> Verifier:
     if not isinstance(key, Verifier):
         fail("--log-key is a cosignature (witness) key, not the log's note key", EXIT_USAGE)
     return key
+
+
+def log_keys(values: list[str] | None, why: str) -> list[Verifier]:
+    """Every --log-key given (at least one), each a log note key."""
+    if not values:
+        log_key(None, why)
+    keys = [log_key(v, why) for v in values or []]
+    if len({k.name for k in keys}) > 1:
+        fail("--log-key: the keys name different logs ("
+             + ", ".join(sorted({k.name for k in keys})) + ")", EXIT_USAGE)
+    return keys
 
 
 def witness_keys(values: list[str] | None) -> list[CosignatureVerifier]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
@@ -13,7 +13,6 @@ from ledger.checkpoint import (
     SignedCheckpoint,
     checkpoint_tree_hash,
     detect_fork,
-    open_checkpoint,
     tree_hash_problem,
 )
 from ledger.cli._common import (
@@ -23,25 +22,27 @@ from ledger.cli._common import (
     EXIT_USAGE,
     HOME,
     LOG_KEY_HELP,
+    LOG_KEYS_HELP,
     WITNESS_KEY_HELP,
     fail,
     ledger_db,
-    log_key,
+    log_keys,
     need_db,
     open_store,
     witness_keys,
 )
 from ledger.errors import LedgerError, NoteError
-from ledger.note import CosignatureVerifier, Verifier, b64encode
+from ledger.log_keys import ROOT_CHANGE_KINDS, LogKeyHistory, RootChainError
+from ledger.note import CosignatureVerifier, b64encode
 
 if TYPE_CHECKING:
     from ledger.storage.store import LedgerStore
 
 
-def _read_checkpoint(path: Path, log: Verifier, witnesses: list[CosignatureVerifier],
+def _read_checkpoint(path: Path, log: LogKeyHistory, witnesses: list[CosignatureVerifier],
                      ) -> SignedCheckpoint:
     try:
-        return open_checkpoint(path.read_bytes(), log, witnesses)
+        return log.open(path.read_bytes(), witnesses)
     except OSError as exc:
         fail(f"cannot read checkpoint {path}: {exc}", EXIT_USAGE)
     except NoteError as exc:
@@ -67,7 +68,8 @@ def verify(
         "signed checkpoint: O(new entries) for a database (an export is read whole).",
         metavar="FILE",
     ),
-    log_vkey: str | None = typer.Option(None, "--log-key", help=LOG_KEY_HELP, metavar="VKEY"),
+    log_vkey: list[str] | None = typer.Option(None, "--log-key", help=LOG_KEYS_HELP,
+                                              metavar="VKEY"),
     witness: list[str] | None = typer.Option(
         None, "--witness-key", help=WITNESS_KEY_HELP + " With witness keys, some checkpoint "
         "must be cosigned by --min-witnesses of them.", metavar="VKEY"),
@@ -102,6 +104,14 @@ def verify(
     this). With --witness-key, at least one of them must carry cosignatures by
     --min-witnesses of the given witnesses; the witnesses that cosigned are printed.
 
+    Log-key rotations: each checkpoint must be signed by a log key valid at its tree
+    size. Besides the --log-key keys (repeatable; old or current), those are the log
+    keys the trust roots recorded in the ledger list (keys.rotated / keys.revoked),
+    trusted once a checkpoint signed by an already trusted key covers one of them, the
+    later ones as the root keys sign the chain (docs/PROTOCOL.md, "Root rotation").
+    So HOME/log.vkey alone (once it signed a checkpoint) checks every checkpoint ever
+    signed; so does an old vkey from HOME/log-keys/.
+
     FILE (an export) is checked the same way offline: the chain, the Merkle tree
     recomputed from the bodies, and each checkpoint in it or given with --checkpoint /
     --since-checkpoint against the recomputed roots.
@@ -120,8 +130,9 @@ def verify(
     if path is None:
         fail("give an export FILE, --db PATH or --home DIR (or set LEDGER_DB)", EXIT_USAGE)
     if since is not None:
-        _emit(_verify_since(path, since, files, log_key(log_vkey, "--since-checkpoint"),
-                            rules), as_json)
+        _emit(_verify_since(path, since, files,
+                            LogKeyHistory(log_keys(log_vkey, "--since-checkpoint")), rules),
+              as_json)
     _emit(verify_db(path, files, log_vkey, rules, jobs), as_json)
 
 
@@ -135,12 +146,12 @@ class Verdict:
     lines: list[str]
 
 
-def rules_of(log_vkey: str | None, witness: list[str] | None, min_witnesses: int | None,
-             allow_no_checkpoint: bool) -> Rules:
+def rules_of(log_vkey: list[str] | None, witness: list[str] | None,
+             min_witnesses: int | None, allow_no_checkpoint: bool) -> Rules:
     """The checkpoint rules of the --witness-key, --min-witnesses and
     --allow-no-checkpoint options (usage errors exit 2)."""
     witnesses = witness_keys(witness)
-    if witnesses and log_vkey is None:
+    if witnesses and not log_vkey:
         fail("--witness-key needs --log-key (cosignatures are on checkpoints the log "
              "signed)", EXIT_USAGE)
     if min_witnesses is not None and min_witnesses > len(witnesses):
@@ -198,7 +209,7 @@ def _checkpoint_doc(where: str, cp: SignedCheckpoint, tree_hash: str) -> dict[st
             "witnesses": sorted(_cosigners(cp))}
 
 
-def _emit(verdict: Verdict, as_json: bool) -> None:
+def _emit(verdict: Verdict, as_json: bool) -> NoReturn:
     if as_json:
         typer.echo(json.dumps(verdict.doc))
     else:
@@ -215,27 +226,43 @@ def _store_problem(store: LedgerStore, cp: SignedCheckpoint) -> str | None:
     return mismatch or check_against_checkpoint(store, cp.checkpoint)
 
 
-def verify_db(db: str, files: list[Path], log_vkey: str | None, rules: Rules,
+def _recorded_history(store: LedgerStore, pinned: list[Any],
+                      notes: list[bytes]) -> LogKeyHistory:
+    """The log keys valid when, from the trust roots the stored ledger records."""
+    from ledger.storage import query
+
+    with store.engine.connect() as conn:
+        entries = list(query.iter_entries(conn, query.EntryFilter(kinds=ROOT_CHANGE_KINDS)))
+    return LogKeyHistory.from_entries(pinned, entries, notes, follow_chain=True)
+
+
+def verify_db(db: str, files: list[Path], log_vkey: list[str] | None, rules: Rules,
               jobs: int | None) -> Verdict:
     """Verify a ledger database as `ledger verify --db` does (usage errors exit 2)."""
-    log = log_key(log_vkey, "--checkpoint") if files or log_vkey else None
+    pinned = log_keys(log_vkey, "--checkpoint") if files or log_vkey else None
     store = open_store(db)  # first: it names the `hub` extra if storage is missing
     from ledger.storage.checkpoint_store import CheckpointStore
     from ledger.storage.verify_parallel import default_jobs, verify_store
 
     jobs = jobs or default_jobs()
+    log: LogKeyHistory | None = None
     try:
         result = verify_store(store, jobs=jobs)
         signed: list[tuple[str, SignedCheckpoint]] = []
-        if log is not None:
-            for stored in CheckpointStore(store, create=False).all():
+        if pinned is not None:
+            stored_cps = CheckpointStore(store, create=False).all()
+            try:
+                log = _recorded_history(store, pinned, [c.full_note() for c in stored_cps])
+            except RootChainError as exc:
+                problem = f"log-key history: {exc}"
+                return Verdict(False, {"ok": False, "problem": problem}, [f"FAIL: {problem}"])
+            for stored in stored_cps:
                 try:
                     signed.append((f"stored checkpoint {stored.size}",
-                                   open_checkpoint(stored.full_note(), log, rules.witnesses)))
+                                   log.open(stored.full_note(), rules.witnesses)))
                 except NoteError as exc:
                     problem = f"stored checkpoint of size {stored.size} does not verify: {exc}"
-                    return Verdict(False, {"ok": False, "problem": problem},
-                                   [f"FAIL: {problem}"])
+                    return Verdict(False, {"ok": False, "problem": problem}, [f"FAIL: {problem}"])
             signed += [(str(f), _read_checkpoint(f, log, rules.witnesses)) for f in files]
         problems = []
         if result.ok:
@@ -253,6 +280,7 @@ def verify_db(db: str, files: list[Path], log_vkey: str | None, rules: Rules,
                                    else ([], [], {"witnessed": None}))
     head = result.head_hash.hex() if result.head_hash is not None else None
     ok = result.ok and not problems and not forks and not ruled
+    history = _history_doc(log)
     doc = {
         "ok": ok, "entries": result.entries, "head_hash": head,
         "first_bad_seq": result.first_bad_seq, "problem": result.problem,
@@ -261,6 +289,7 @@ def verify_db(db: str, files: list[Path], log_vkey: str | None, rules: Rules,
         "db": store.location,
         "checkpoints": [_checkpoint_doc(w, cp, store.tree_hash.name) for w, cp in signed],
         "checkpoint_problems": problems + ruled, "forks": forks, **rule_doc,
+        "log_keys": history,
     }
     if result.ok:
         lines = [f"OK: {result.entries} entries, head {head or 'none (empty ledger)'}"]
@@ -268,6 +297,10 @@ def verify_db(db: str, files: list[Path], log_vkey: str | None, rules: Rules,
             largest = max(cp.checkpoint.size for _, cp in signed)
             lines.append(f"OK: agrees with {len(signed)} signed checkpoint(s), the largest "
                          f"of tree size {largest}")
+            if history is not None and history["roots"]:
+                lines.append(f"OK: log keys followed through trust root versions "
+                             f"{history['roots'][0]['version']}..{history['roots'][-1]['version']} "
+                             f"recorded in the ledger ({len(history['keyids'])} log key(s))")
         lines = [*lines, *(f"FAIL: {p}" for p in problems)]
         if not problems:
             lines += [*rule_lines, *(f"FAIL: {p}" for p in ruled)]
@@ -277,7 +310,17 @@ def verify_db(db: str, files: list[Path], log_vkey: str | None, rules: Rules,
     return Verdict(ok, doc, lines)
 
 
-def _verify_since(db: str, path: Path, files: list[Path], log: Verifier, rules: Rules,
+def _history_doc(log: LogKeyHistory | None) -> dict[str, Any] | None:
+    """The log keys and recorded roots a verification used (JSON)."""
+    if log is None:
+        return None
+    keyids = sorted({k for r in log.roots for k in r.log_keyids()})
+    return {"pinned": [v.vkey() for v in log.pinned], "keyids": keyids,
+            "roots": [{"version": r.version, "seq": r.seq, "log_keyids": list(r.log_keyids())}
+                      for r in log.roots]}
+
+
+def _verify_since(db: str, path: Path, files: list[Path], log: LogKeyHistory, rules: Rules,
                   ) -> Verdict:
     cp = _read_checkpoint(path, log, rules.witnesses)
     given = [(str(f), _read_checkpoint(f, log, rules.witnesses)) for f in files]
@@ -324,15 +367,26 @@ def _verify_since(db: str, path: Path, files: list[Path], log: Verifier, rules: 
     return Verdict(ok, doc, lines)
 
 
-def verify_export_file(path: Path, log_vkey: str | None, files: list[Path],
+def verify_export_file(path: Path, log_vkey: list[str] | None, files: list[Path],
                        since: Path | None, rules: Rules) -> Verdict:
     """Verify an export file as `ledger verify FILE` does (usage errors exit 2)."""
-    from ledger.export import verify_export
+    from ledger.export import read_export, verify_export
 
-    if (files or since is not None) and log_vkey is None:
+    if (files or since is not None) and not log_vkey:
         fail("--checkpoint and --since-checkpoint need the log's key: pass --log-key",
              EXIT_USAGE)
-    log = log_key(log_vkey, "") if log_vkey is not None else None
+    log = None
+    if log_vkey:
+        pinned = log_keys(log_vkey, "")
+        try:
+            contents = read_export(path)
+            log = LogKeyHistory.from_entries(pinned, contents.entries, contents.checkpoints,
+                                             follow_chain=True)
+        except RootChainError as exc:
+            problem = f"log-key history: {exc}"
+            return Verdict(False, {"ok": False, "problem": problem}, [f"FAIL: {problem}"])
+        except LedgerError:  # not an export: verify_export says why
+            log = LogKeyHistory(pinned)
     named = [*files, *([since] if since is not None else [])]
     given = [_read_checkpoint(f, log, rules.witnesses) for f in named] if log else []
     try:
@@ -400,7 +454,8 @@ def export(
 
 def verify_bundle_cmd(
     file: Path = typer.Argument(..., help="A proof bundle from `ledger prove --out`."),
-    log_vkey: str = typer.Option(..., "--log-key", help=LOG_KEY_HELP, metavar="VKEY"),
+    log_vkey: list[str] = typer.Option(..., "--log-key", help=LOG_KEY_HELP + " Repeatable "
+                                       "(any of them may have signed).", metavar="VKEY"),
     witness: list[str] | None = typer.Option(
         None, "--witness-key", help=WITNESS_KEY_HELP, metavar="VKEY"),
     min_witnesses: int | None = typer.Option(
@@ -411,16 +466,14 @@ def verify_bundle_cmd(
     """Check a proof bundle offline: the log signed the checkpoint, the entry's leaf
     HASH(0x00 + body) is in the checkpoint's tree (inclusion proof), and enough of the
     given witnesses cosigned it. Exit 0 if so, 1 if any check fails (named), 2 on usage."""
-    from ledger.bundle import verify_bundle
-
-    log = log_key(log_vkey, "verify-bundle")
+    logs = log_keys(log_vkey, "verify-bundle")
     witnesses = witness_keys(witness)
     try:
         data = file.read_bytes()
     except OSError as exc:
         fail(f"cannot read {file}: {exc}", EXIT_USAGE)
     try:
-        report = verify_bundle(data, log, witnesses, min_witnesses)
+        report = _verify_bundle_any(data, logs, witnesses, min_witnesses)
     except LedgerError as exc:
         if as_json:
             typer.echo(json.dumps({"ok": False, "problem": str(exc)}))
@@ -467,3 +520,18 @@ def checkpoint_cmd(
         return
     out.write_bytes(note)
     typer.echo(f"wrote {out}: checkpoint of tree size {found.size}")
+
+
+def _verify_bundle_any(data: bytes, logs: list[Any], witnesses: list[CosignatureVerifier],
+                       min_witnesses: int | None) -> Any:
+    """`verify_bundle` with the first of `logs` that signed the bundle's checkpoint."""
+    from ledger.bundle import verify_bundle
+    from ledger.errors import BundleError
+
+    errors = []
+    for log in logs:
+        try:
+            return verify_bundle(data, log, witnesses, min_witnesses)
+        except BundleError as exc:
+            errors.append(str(exc))
+    raise BundleError("; ".join(dict.fromkeys(errors)))

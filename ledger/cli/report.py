@@ -14,7 +14,7 @@ from ledger.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     HOME,
-    LOG_KEY_HELP,
+    LOG_KEYS_HELP,
     WITNESS_KEY_HELP,
     fail,
     ledger_db,
@@ -31,9 +31,9 @@ def report(
     home: Path | None = HOME,
     export: Path | None = typer.Option(None, "--export", metavar="FILE", help="Read an "
                                        "export file (`ledger export`) instead of a database."),
-    log_vkey: str | None = typer.Option(None, "--log-key", help=LOG_KEY_HELP + " Without "
-                                        "it, checkpoint signatures are not checked.",
-                                        metavar="VKEY"),
+    log_vkey: list[str] | None = typer.Option(
+        None, "--log-key", help=LOG_KEYS_HELP + " Without it, checkpoint signatures are not "
+        "checked.", metavar="VKEY"),
     witness: list[str] | None = typer.Option(None, "--witness-key", help=WITNESS_KEY_HELP,
                                              metavar="VKEY"),
     allow_no_checkpoint: bool = typer.Option(

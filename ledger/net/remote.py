@@ -41,7 +41,8 @@ VERB_CHECKPOINT = "checkpoint"
 VERB_CONSISTENCY = "consistency"
 VERB_INCLUSION = "inclusion"
 VERB_ENTRIES = "entries"
-VERBS = (VERB_CHECKPOINT, VERB_CONSISTENCY, VERB_INCLUSION, VERB_ENTRIES)
+VERB_ROOTS = "roots"
+VERBS = (VERB_CHECKPOINT, VERB_CONSISTENCY, VERB_INCLUSION, VERB_ENTRIES, VERB_ROOTS)
 # One reply stays well under NATS's default 1 MiB max_payload.
 MAX_ENTRIES_PER_REPLY = 1000
 MAX_ENTRIES_REPLY_BYTES = 512 * 1024
@@ -97,6 +98,21 @@ def entry_from_feed(msg: Msg) -> Entry:
     except (KeyError, ValueError) as exc:
         raise EntryError(f"feed message without valid Ledger-Prev/Ledger-Hash: {exc}") from exc
     return Entry.from_body(msg.data, prev, digest)
+
+
+def _entry_rows(rows: object, what: str) -> list[Entry]:
+    if not isinstance(rows, list):
+        raise RemoteError(f"{what}: malformed reply")
+    out = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3
+                and all(isinstance(x, bytes) for x in row)):
+            raise RemoteError(f"{what}: malformed entry in the reply")
+        try:
+            out.append(Entry.from_body(row[0], row[1], row[2]))
+        except LedgerError as exc:
+            raise RemoteError(f"{what}: malformed entry in the reply: {exc}") from exc
+    return out
 
 
 @dataclass(frozen=True)
@@ -207,16 +223,13 @@ class LedgerClient:
 
     async def entries(self, start: int, limit: int = MAX_ENTRIES_PER_REPLY) -> list[Entry]:
         result = await self.call(VERB_ENTRIES, {"start": start, "limit": limit})
-        rows = result.get("entries")
-        if not isinstance(rows, list):
-            raise RemoteError("ledger.api.entries: malformed reply")
-        out = []
-        for row in rows:
-            if not (isinstance(row, list) and len(row) == 3
-                    and all(isinstance(x, bytes) for x in row)):
-                raise RemoteError("ledger.api.entries: malformed entry in the reply")
-            out.append(Entry.from_body(row[0], row[1], row[2]))
-        return out
+        return _entry_rows(result.get("entries"), "ledger.api.entries")
+
+    async def roots(self, before: int) -> list[Entry]:
+        """The entries below tree size `before` that record a trust root (keys.rotated /
+        keys.revoked), oldest first: unverified, prove each one's inclusion."""
+        result = await self.call(VERB_ROOTS, {"before": before})
+        return _entry_rows(result.get("entries"), "ledger.api.roots")
 
     async def submit_cosignature(self, note: bytes) -> dict[str, Any]:
         """Hand a cosigned checkpoint note to the hub, which stores the cosignature."""
