@@ -15,7 +15,7 @@ import blake3
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, ObjectStoreConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from sqlalchemy import Engine
 
@@ -107,18 +107,8 @@ class NatsEdge:
                 await js.key_value(bucket)
             except (BucketNotFoundError, NotFoundError):
                 await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
-        await js.add_stream(
-            StreamConfig(
-                name=REPORTS_STREAM,
-                subjects=["fleet.report.>"],
-                duplicate_window=600.0,
-                max_msg_size=proto.MAX_ENVELOPE_BYTES,
-            )
-        )
-        await js.add_stream(
-            StreamConfig(name=LEDGER_STREAM,
-                         subjects=[LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT])
-        )
+        for wanted in stream_configs(self.config):
+            await ensure_stream(js, wanted)
 
     # ------------------------------------------------------------ the operator API
 
@@ -214,6 +204,59 @@ class NatsEdge:
                 await self.nc.flush(timeout=2)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 5)
+
+
+DAY_S = 86400.0
+# What ensure_stream sets on a stream that exists already (an older hub's, without them).
+LIMIT_FIELDS = ("max_age", "max_bytes", "max_msgs_per_subject", "discard", "max_msg_size")
+
+
+def stream_configs(config: HubConfig) -> list[StreamConfig]:
+    """The hub's two streams, with their retention limits (docs/PROTOCOL.md "Retention").
+    Both discard their oldest messages at a limit: REPORTS is an inbox the hub empties
+    (a report older than the limit, unread because the hub was down that long, is lost;
+    a device flood cannot fill the server's disk), LEDGER a feed whose record is the
+    ledger itself (readers catch up through the ledger API)."""
+    return [
+        StreamConfig(
+            name=REPORTS_STREAM,
+            subjects=["fleet.report.>"],
+            duplicate_window=600.0,
+            max_msg_size=proto.MAX_ENVELOPE_BYTES,
+            max_age=config.reports_max_age_days * DAY_S,
+            max_bytes=config.reports_max_bytes,
+            max_msgs_per_subject=config.reports_max_msgs_per_subject,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=LEDGER_STREAM,
+            subjects=[LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
+            max_age=config.ledger_feed_max_age_days * DAY_S,
+            max_bytes=config.ledger_feed_max_bytes,
+            discard=DiscardPolicy.OLD,
+        ),
+    ]
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> bool:
+    """Create the stream, or bring an existing one's limits to `wanted` in place (a
+    stream update keeps its messages and consumers). True when something changed."""
+    assert wanted.name is not None
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        await js.add_stream(wanted)
+        return True
+    config = info.config
+    stale = [f for f in LIMIT_FIELDS
+             if getattr(wanted, f) is not None and getattr(config, f) != getattr(wanted, f)]
+    if not stale:
+        return False
+    for field in stale:
+        setattr(config, field, getattr(wanted, field))
+    await js.update_stream(config)
+    log.info("stream %s updated: %s", wanted.name, ", ".join(stale))
+    return True
 
 
 async def allow_fleet_consumers(js: JetStreamContext) -> None:
