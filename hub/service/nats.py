@@ -15,7 +15,13 @@ import blake3
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, ObjectStoreConfig, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    StreamConfig,
+    StreamConsumerLimits,
+)
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from sqlalchemy import Engine
 
@@ -54,6 +60,11 @@ MAX_CONCURRENT_REQUESTS = 16
 # per model download; nats-server (2.11+) caps a stream at 1,000 consumers unless the
 # stream says otherwise (err 10026 "maximum consumers limit reached").
 FLEET_MAX_CONSUMERS = 1_000_000
+# The longest a consumer on a device-readable stream outlives its last use (the
+# stream's consumer_limits; nats-server applies it to durables too, and refuses a longer
+# threshold, err 10153): a device may not delete consumers, so what it creates expires.
+# At least the agent's own thresholds (assignment watch 120 s, download 30 s).
+FLEET_CONSUMER_INACTIVE_S = 300.0
 
 
 class NatsEdge:
@@ -260,17 +271,29 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> bool:
 
 
 async def allow_fleet_consumers(js: JetStreamContext) -> None:
-    """Raise max_consumers on the buckets every device reads (idempotent)."""
-    from edge_agent.protocol.names import ROOTS_BUCKET
+    """On the buckets every device reads: raise max_consumers, and cap the inactive
+    threshold of their consumers (idempotent)."""
+    from edge_agent.protocol.names import ROOTS_BUCKET, TRANSPARENCY_BUCKET
 
     buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
-               f"OBJ_{MODELS_BUCKET}")
+               f"KV_{TRANSPARENCY_BUCKET}", f"OBJ_{MODELS_BUCKET}")
     for stream in buckets:
         try:
             info = await js.stream_info(stream)
-            if info.config.max_consumers == FLEET_MAX_CONSUMERS:
-                continue
-            info.config.max_consumers = FLEET_MAX_CONSUMERS
+        except NotFoundError:
+            continue  # not made yet (transparency: at the first witnessed release)
+        except Exception as exc:
+            log.warning("cannot read stream %s: %s", stream, exc)
+            continue
+        limits = info.config.consumer_limits
+        if (info.config.max_consumers == FLEET_MAX_CONSUMERS and limits is not None
+                and limits.inactive_threshold == FLEET_CONSUMER_INACTIVE_S):
+            continue
+        info.config.max_consumers = FLEET_MAX_CONSUMERS
+        info.config.consumer_limits = StreamConsumerLimits(
+            inactive_threshold=FLEET_CONSUMER_INACTIVE_S,
+            max_ack_pending=None if limits is None else limits.max_ack_pending)
+        try:
             await js.update_stream(info.config)
         except Exception as exc:  # a server that refuses: devices beyond 1,000 may not watch
-            log.warning("cannot raise max_consumers on %s: %s", stream, exc)
+            log.warning("cannot set the consumer limits of %s: %s", stream, exc)
