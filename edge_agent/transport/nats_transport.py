@@ -174,6 +174,9 @@ class NatsTransport:
         async for chunk in objects.iter_chunks_from(
             self.js, MODELS_BUCKET, ref, size, received=received, chunks_seen=chunks_seen,
             start_seq=start_seq, batch=batch, timeout=timeout,
+            # A device may not delete consumers (hub/home/nats_config.py): waiting for
+            # the refused request would cost every download its timeout. It expires.
+            delete_consumer=False,
         ):
             yield chunk
 

@@ -71,12 +71,16 @@ async def iter_chunks_from(
     start_seq: int | None = None,
     batch: int = FETCH_BATCH,
     timeout: float = 10.0,
+    delete_consumer: bool = True,
 ) -> AsyncIterator[Chunk]:
     """Yield the object's chunks in order, starting after what the caller already has.
 
     `received` bytes in `chunks_seen` chunks were read before, the last of them just
     before stream sequence `start_seq` (None: from the first chunk). The total never
     exceeds `expected_size`: one byte more is `BlobTooLarge`.
+
+    Without `delete_consumer` (a device: its NATS user may not delete consumers) the
+    ephemeral consumer is left to expire after its inactive threshold.
     """
     subject = OBJ_CHUNKS.format(bucket=bucket, nuid=ref.nuid)
     if start_seq is None:
@@ -134,7 +138,7 @@ async def iter_chunks_from(
         # stream (nats-server caps a stream's consumers, err 10026).
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-        if config.name:  # nats-py names the ephemeral consumer it creates
+        if delete_consumer and config.name:  # nats-py names the ephemeral consumer
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     js.delete_consumer(OBJ_STREAM.format(bucket=bucket), config.name), 2.0)

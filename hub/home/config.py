@@ -83,6 +83,14 @@ class HubConfig:
     kv_write_give_up_seconds: float = 30.0
     # Overrides assignment_ttl_days when set (tests use a few seconds).
     assignment_ttl_seconds: float | None = None
+    # Retention of the JetStream streams (hub/service/nats.py, docs/PROTOCOL.md
+    # "Retention"): a device flood or a long hub outage cannot fill the server's disk.
+    # REPORTS is an inbox the hub empties; LEDGER is a feed (the ledger is the record).
+    reports_max_age_days: float = 7.0
+    reports_max_bytes: int = 1 << 30
+    reports_max_msgs_per_subject: int = 50_000
+    ledger_feed_max_age_days: float = 7.0
+    ledger_feed_max_bytes: int = 1 << 30
 
     @property
     def assignment_ttl_s(self) -> float:
@@ -185,6 +193,13 @@ def init_home(
         "# Signed checkpoints of the ledger: after this many new entries or seconds.\n"
         "checkpoint_every_entries = 100\n"
         "checkpoint_every_seconds = 10.0\n"
+        "# Retention of the REPORTS stream and the LEDGER feed (docs/PROTOCOL.md\n"
+        "# \"Retention\"), applied to the streams at every `hub serve`.\n"
+        "# reports_max_age_days = 7.0\n"
+        "# reports_max_bytes = 1073741824\n"
+        "# reports_max_msgs_per_subject = 50000\n"
+        "# ledger_feed_max_age_days = 7.0\n"
+        "# ledger_feed_max_bytes = 1073741824\n"
     )
     # The log's C2SP verifier key: what witnesses and auditors pass as --log-key.
     log_vkey = Signer.from_signing_key(origin, keys["log"]).vkey()
@@ -224,9 +239,23 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             kv_write_give_up_seconds=float(raw.get("kv_write_give_up_seconds", 30.0)),
             assignment_ttl_seconds=(float(raw["assignment_ttl_seconds"])
                                     if "assignment_ttl_seconds" in raw else None),
+            reports_max_age_days=_positive(raw, "reports_max_age_days", 7.0),
+            reports_max_bytes=int(_positive(raw, "reports_max_bytes", 1 << 30)),
+            reports_max_msgs_per_subject=int(
+                _positive(raw, "reports_max_msgs_per_subject", 50_000)),
+            ledger_feed_max_age_days=_positive(raw, "ledger_feed_max_age_days", 7.0),
+            ledger_feed_max_bytes=int(_positive(raw, "ledger_feed_max_bytes", 1 << 30)),
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc
+
+
+def _positive(raw: dict[str, object], name: str, default: float) -> float:
+    """A retention limit: a number > 0 (there is no "unlimited")."""
+    value = float(str(raw.get(name, default)))
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, not {value}")
+    return value
 
 
 def _metrics_listen(raw: dict[str, object]) -> str | None:

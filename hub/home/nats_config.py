@@ -103,10 +103,15 @@ def device_permissions(device: str) -> dict[str, list[str]]:
     # (nats-server 2.10+), so a consumer on another device's key is refused.
     publish.append(f"$JS.API.CONSUMER.CREATE.{ASG}.*.$KV.{ASSIGNMENTS_BUCKET}.{device}")
     publish.append(f"$JS.FC.{ASG}.>")
+    # No `$JS.API.CONSUMER.DELETE.>` (a device could delete consumers it does not own:
+    # consumer names are one free token, so no subject names only its own) and no
+    # `$JS.API.CONSUMER.DURABLE.CREATE.>`. A consumer a device creates (even a durable,
+    # by name in the body) expires once unused: every device-readable stream caps its
+    # consumers' inactive threshold (hub.service.nats.allow_fleet_consumers).
     for stream in READ_BUCKETS:  # readable by every device: no secrets in them
         publish += [
             f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
-            f"$JS.API.CONSUMER.INFO.{stream}.*", f"$JS.API.CONSUMER.DELETE.{stream}.*",
+            f"$JS.API.CONSUMER.INFO.{stream}.*",
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.API.STREAM.MSG.GET.{stream}",
             f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
             f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",

@@ -15,7 +15,13 @@ import blake3
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    StreamConfig,
+    StreamConsumerLimits,
+)
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from sqlalchemy import Engine
 
@@ -54,6 +60,11 @@ MAX_CONCURRENT_REQUESTS = 16
 # per model download; nats-server (2.11+) caps a stream at 1,000 consumers unless the
 # stream says otherwise (err 10026 "maximum consumers limit reached").
 FLEET_MAX_CONSUMERS = 1_000_000
+# The longest a consumer on a device-readable stream outlives its last use (the
+# stream's consumer_limits; nats-server applies it to durables too, and refuses a longer
+# threshold, err 10153): a device may not delete consumers, so what it creates expires.
+# At least the agent's own thresholds (assignment watch 120 s, download 30 s).
+FLEET_CONSUMER_INACTIVE_S = 300.0
 
 
 class NatsEdge:
@@ -107,18 +118,8 @@ class NatsEdge:
                 await js.key_value(bucket)
             except (BucketNotFoundError, NotFoundError):
                 await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
-        await js.add_stream(
-            StreamConfig(
-                name=REPORTS_STREAM,
-                subjects=["fleet.report.>"],
-                duplicate_window=600.0,
-                max_msg_size=proto.MAX_ENVELOPE_BYTES,
-            )
-        )
-        await js.add_stream(
-            StreamConfig(name=LEDGER_STREAM,
-                         subjects=[LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT])
-        )
+        for wanted in stream_configs(self.config):
+            await ensure_stream(js, wanted)
 
     # ------------------------------------------------------------ the operator API
 
@@ -216,18 +217,83 @@ class NatsEdge:
                 await asyncio.wait_for(self.nc.close(), 5)
 
 
+DAY_S = 86400.0
+# What ensure_stream sets on a stream that exists already (an older hub's, without them).
+LIMIT_FIELDS = ("max_age", "max_bytes", "max_msgs_per_subject", "discard", "max_msg_size")
+
+
+def stream_configs(config: HubConfig) -> list[StreamConfig]:
+    """The hub's two streams, with their retention limits (docs/PROTOCOL.md "Retention").
+    Both discard their oldest messages at a limit: REPORTS is an inbox the hub empties
+    (a report older than the limit, unread because the hub was down that long, is lost;
+    a device flood cannot fill the server's disk), LEDGER a feed whose record is the
+    ledger itself (readers catch up through the ledger API)."""
+    return [
+        StreamConfig(
+            name=REPORTS_STREAM,
+            subjects=["fleet.report.>"],
+            duplicate_window=600.0,
+            max_msg_size=proto.MAX_ENVELOPE_BYTES,
+            max_age=config.reports_max_age_days * DAY_S,
+            max_bytes=config.reports_max_bytes,
+            max_msgs_per_subject=config.reports_max_msgs_per_subject,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=LEDGER_STREAM,
+            subjects=[LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
+            max_age=config.ledger_feed_max_age_days * DAY_S,
+            max_bytes=config.ledger_feed_max_bytes,
+            discard=DiscardPolicy.OLD,
+        ),
+    ]
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> bool:
+    """Create the stream, or bring an existing one's limits to `wanted` in place (a
+    stream update keeps its messages and consumers). True when something changed."""
+    assert wanted.name is not None
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        await js.add_stream(wanted)
+        return True
+    config = info.config
+    stale = [f for f in LIMIT_FIELDS
+             if getattr(wanted, f) is not None and getattr(config, f) != getattr(wanted, f)]
+    if not stale:
+        return False
+    for field in stale:
+        setattr(config, field, getattr(wanted, field))
+    await js.update_stream(config)
+    log.info("stream %s updated: %s", wanted.name, ", ".join(stale))
+    return True
+
+
 async def allow_fleet_consumers(js: JetStreamContext) -> None:
-    """Raise max_consumers on the buckets every device reads (idempotent)."""
-    from edge_agent.protocol.names import ROOTS_BUCKET
+    """On the buckets every device reads: raise max_consumers, and cap the inactive
+    threshold of their consumers (idempotent)."""
+    from edge_agent.protocol.names import ROOTS_BUCKET, TRANSPARENCY_BUCKET
 
     buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
-               f"OBJ_{MODELS_BUCKET}")
+               f"KV_{TRANSPARENCY_BUCKET}", f"OBJ_{MODELS_BUCKET}")
     for stream in buckets:
         try:
             info = await js.stream_info(stream)
-            if info.config.max_consumers == FLEET_MAX_CONSUMERS:
-                continue
-            info.config.max_consumers = FLEET_MAX_CONSUMERS
+        except NotFoundError:
+            continue  # not made yet (transparency: at the first witnessed release)
+        except Exception as exc:
+            log.warning("cannot read stream %s: %s", stream, exc)
+            continue
+        limits = info.config.consumer_limits
+        if (info.config.max_consumers == FLEET_MAX_CONSUMERS and limits is not None
+                and limits.inactive_threshold == FLEET_CONSUMER_INACTIVE_S):
+            continue
+        info.config.max_consumers = FLEET_MAX_CONSUMERS
+        info.config.consumer_limits = StreamConsumerLimits(
+            inactive_threshold=FLEET_CONSUMER_INACTIVE_S,
+            max_ack_pending=None if limits is None else limits.max_ack_pending)
+        try:
             await js.update_stream(info.config)
         except Exception as exc:  # a server that refuses: devices beyond 1,000 may not watch
-            log.warning("cannot raise max_consumers on %s: %s", stream, exc)
+            log.warning("cannot set the consumer limits of %s: %s", stream, exc)
