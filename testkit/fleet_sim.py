@@ -129,6 +129,31 @@ class SimFleet:
             self._stops[device] = stop
             self._tasks[device] = asyncio.create_task(agent.run(stop), name=f"sim-{device}")
 
+    async def restart(self, devices: Iterable[str]) -> None:
+        """Stop these agents (as SIGTERM would) and start them again from their state
+        directories, as a device that reboots does. Their counts carry over."""
+        devices = list(devices)
+        for device in devices:
+            self._stops[device].set()
+        tasks = [self._tasks[d] for d in devices]
+        with contextlib.suppress(Exception):
+            await asyncio.wait(tasks, timeout=15)
+        for device in devices:
+            old = self.agents[device]
+            if not self._tasks[device].done():
+                self._tasks[device].cancel()
+            agent = SimAgent(self.config_for(device))
+            agent.produced, agent.windows = old.produced, old.windows
+            agent.transfers = old.transfers
+            stop = asyncio.Event()
+            self.agents[device] = agent
+            self._stops[device] = stop
+            self._tasks[device] = asyncio.create_task(agent.run(stop), name=f"sim-{device}")
+
+    def dead(self) -> list[str]:
+        """Agents whose run() ended although nobody asked them to stop."""
+        return [d for d, t in self._tasks.items() if t.done() and not self._stops[d].is_set()]
+
     async def wait_watching(self, timeout: float = 120.0) -> None:
         """Until every started agent is connected and watches its assignment: a
         benchmark's clock should not include the fleet's own start-up."""
