@@ -11,9 +11,16 @@ are each a reason to revert to the previous slot (a model that fails to load at 
 is one too; the agent handles that at start). The window's state lives in
 `health.json`, written atomically, so restarts are counted across processes:
 
-    {"digest", "model", "version", "counter", "switched_at" (ns), "window_ns", "boots": [ns]}
+    {"digest", "model", "version", "counter", "window_ns",
+     "boot_id", "base_ns", "elapsed_ns", "boots": [elapsed ns]}
 
-Times are wall-clock nanoseconds (monotonic clocks do not survive a restart).
+Time is the window's own elapsed run time, never the wall clock: a wall clock stepped
+by NTP or a dead RTC battery (hours, either way) would otherwise close a window at once
+or keep it open for good. Within one OS boot the elapsed time is CLOCK_BOOTTIME (it
+survives the agent's restarts, counts suspend, and is never stepped) minus `base_ns`;
+after a reboot (another `boot_id`) the window resumes from the elapsed time it had
+reached when last saved, so time with the device off does not count. Every moment the
+window records (its start, each boot) is stored as elapsed window time.
 `HealthWindow` decides; the agent does the revert.
 """
 
@@ -23,6 +30,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,15 +44,50 @@ MAX_RESTARTS = 3
 MIN_SAMPLES = 20
 
 
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+@dataclass(frozen=True)
+class RunTime:
+    """One reading of the clock the window runs on: which OS boot, and the ns since it."""
+
+    boot_id: str
+    ns: int
+
+
+def run_time() -> RunTime:
+    """The OS boot's id and CLOCK_BOOTTIME (monotonic where there is no such clock)."""
+    try:
+        boot_id = BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        # No /proc: a clock reading below the saved base then marks a reboot (rebase).
+        boot_id = "unknown"
+    clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return RunTime(boot_id or "unknown", time.clock_gettime_ns(clock))
+
+
 @dataclass
 class _WindowState:
     digest: str
     model: str
     version: str
     counter: int
-    switched_at: int
     window_ns: int
-    boots: list[int] = field(default_factory=list)
+    boot_id: str  # the OS boot `base_ns` belongs to
+    base_ns: int  # CLOCK_BOOTTIME at which `elapsed_ns` was reached in this boot
+    elapsed_ns: int  # window time reached at base_ns
+    boots: list[int] = field(default_factory=list)  # elapsed window time of each start
+
+    def elapsed(self, now: RunTime) -> int:
+        """Window time at `now`; a reading from another boot resumes from `elapsed_ns`."""
+        if now.boot_id != self.boot_id or now.ns < self.base_ns:
+            return self.elapsed_ns
+        return self.elapsed_ns + (now.ns - self.base_ns)
+
+    def rebase(self, now: RunTime) -> None:
+        """Carry the window over to `now`'s boot (no-op within the same boot)."""
+        if now.boot_id != self.boot_id or now.ns < self.base_ns:
+            self.boot_id, self.base_ns = now.boot_id, now.ns
 
 
 class HealthWindow:
@@ -55,12 +98,14 @@ class HealthWindow:
         max_error_rate: float,
         max_restarts: int = MAX_RESTARTS,
         min_samples: int = MIN_SAMPLES,
+        clock: Callable[[], RunTime] = run_time,
     ) -> None:
         self.path = state_dir / HEALTH_NAME
         self.window_ns = int(window_seconds * 1e9)
         self.max_error_rate = max_error_rate
         self.max_restarts = max_restarts
         self.min_samples = min_samples
+        self.clock = clock
         self._state = self._load()
         self.count = 0
         self.errors = 0
@@ -69,15 +114,16 @@ class HealthWindow:
     def watching(self) -> _WindowState | None:
         return self._state
 
-    def start(self, meta: dict[str, Any], now: int | None = None) -> None:
+    def start(self, meta: dict[str, Any]) -> None:
         """A new model was just switched in: open its window."""
         if self.window_ns <= 0:
             self.clear()
             return
+        now = self.clock()
         self._state = _WindowState(
             digest=str(meta.get("digest", "")), model=str(meta.get("model", "")),
             version=str(meta.get("version", "")), counter=int(meta.get("counter", 0)),
-            switched_at=time.time_ns() if now is None else now, window_ns=self.window_ns,
+            window_ns=self.window_ns, boot_id=now.boot_id, base_ns=now.ns, elapsed_ns=0,
         )
         self.count = self.errors = 0
         self._save()
@@ -88,20 +134,22 @@ class HealthWindow:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def on_boot(self, active_digest: str | None, now: int | None = None) -> str | None:
+    def on_boot(self, active_digest: str | None) -> str | None:
         """Count this start; return crash-loop evidence if it is one start too many."""
         state = self._state
         if state is None:
             return None
-        now = time.time_ns() if now is None else now
-        if active_digest != state.digest or now - state.switched_at > state.window_ns:
+        now = self.clock()
+        elapsed = state.elapsed(now)
+        if active_digest != state.digest or elapsed > state.window_ns:
             self.clear()  # another model runs, or the window passed while we were down
             return None
-        state.boots = [t for t in state.boots if now - t <= state.window_ns] + [now]
+        state.elapsed_ns = elapsed
+        state.base_ns, state.boot_id = now.ns, now.boot_id
+        state.boots = [t for t in state.boots if elapsed - t <= state.window_ns] + [elapsed]
         self._save()
         if len(state.boots) >= self.max_restarts:
-            span = (now - state.switched_at) / 1e9
-            return (f"crash loop: {len(state.boots)} restarts in {span:.1f} s "
+            return (f"crash loop: {len(state.boots)} restarts in {elapsed / 1e9:.1f} s "
                     f"with {state.model}/{state.version} active")
         return None
 
@@ -117,13 +165,18 @@ class HealthWindow:
                     f"of {self._state.model}/{self._state.version}")
         return None
 
-    def expired(self, now: int | None = None) -> bool:
+    def expired(self) -> bool:
         """True once the window has passed (the model is then considered healthy)."""
         state = self._state
         if state is None:
             return False
-        now = time.time_ns() if now is None else now
-        return now - state.switched_at > state.window_ns
+        now = self.clock()
+        if now.boot_id != state.boot_id:
+            # Rebooted without passing on_boot (it always runs first in the agent):
+            # resume from the saved elapsed time rather than compare two boots' clocks.
+            state.rebase(now)
+            self._save()
+        return state.elapsed(now) > state.window_ns
 
     def _save(self) -> None:
         assert self._state is not None
@@ -135,5 +188,7 @@ class HealthWindow:
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, OSError) as exc:
+            # An older agent's file (wall-clock times) is also refused here: no window
+            # is better than one measured on a clock that may have been stepped.
             log.warning("health state %s unreadable (%s); no window open", self.path, exc)
             return None
