@@ -17,7 +17,9 @@ seconds and at least `give_up_failures` times cannot work at all (its dependency
 gone for good): it is marked failed and `fatal` is set with the reason; the process
 is expected to exit non-zero then (e.g. `hub serve` exits 4) so a service manager
 restarts it, instead of living on silent. A task that returns is "stopped" and is
-not restarted.
+not restarted. An exception of a type in `fatal_errors` (e.g. the witness's
+ForkDetected: evidence that must stop the process, not be retried) is fatal at once:
+the task is marked failed, `fatal_error` keeps it for the caller to report.
 """
 
 from __future__ import annotations
@@ -58,15 +60,18 @@ class TaskState:
 class Supervisor:
     def __init__(self, log: logging.Logger, *, backoff_s: float = 0.5,
                  backoff_max_s: float = 30.0, stable_s: float = 30.0,
-                 give_up_s: float = 600.0, give_up_failures: int = 20) -> None:
+                 give_up_s: float = 600.0, give_up_failures: int = 20,
+                 fatal_errors: tuple[type[BaseException], ...] = ()) -> None:
         self.log = log
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.stable_s = stable_s
         self.give_up_s = give_up_s
         self.give_up_failures = give_up_failures
+        self.fatal_errors = fatal_errors
         self.fatal = asyncio.Event()
         self.fatal_reason = ""
+        self.fatal_error: BaseException | None = None
         self._states: dict[str, TaskState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -117,6 +122,14 @@ class Supervisor:
                     raise
                 # The task was cancelled from inside (not by us): a failure like another.
                 error: BaseException = RuntimeError(f"cancelled from inside {cancelled}")
+            except self.fatal_errors as exc:
+                s.state, s.since = FAILED, time.time()
+                s.last_error, s.last_error_at = f"{type(exc).__name__}: {exc}", time.time()
+                self.fatal_error = exc
+                self.fatal_reason = f"{s.name}: {s.last_error}"
+                self.log.error("%s stopped: %s", s.name, s.last_error)
+                self.fatal.set()
+                return
             except Exception as exc:
                 error = exc
             else:

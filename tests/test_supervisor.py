@@ -76,3 +76,25 @@ async def test_a_task_cancelled_from_inside_is_restarted() -> None:
         await asyncio.sleep(0.01)
     assert sup.state("rollouts").restarts == 1 and sup.state("rollouts").state == RUNNING
     await sup.stop()
+
+
+async def test_a_fatal_error_stops_the_task_at_once_and_is_kept() -> None:
+    class Evidence(Exception):
+        pass
+
+    runs = 0
+
+    async def forked() -> None:
+        nonlocal runs
+        runs += 1
+        raise Evidence("two checkpoints of one size")
+
+    sup = Supervisor(log, backoff_s=0.01, fatal_errors=(Evidence,))
+    sup.start("follow", forked)
+    await asyncio.wait_for(sup.fatal.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert runs == 1  # never retried: evidence is not a transient failure
+    assert isinstance(sup.fatal_error, Evidence)
+    assert sup.state("follow").state == FAILED
+    assert "two checkpoints of one size" in sup.fatal_reason
+    await sup.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -22,12 +23,13 @@ from ledger.cli._common import (
     log_key,
     nats_login,
 )
-from ledger.errors import KeyFileError, LedgerError, NoteError
+from ledger.errors import ForkDetected, KeyFileError, LedgerError, LogKeyLost, NoteError
 from ledger.logs import LOG_FORMAT_HELP, configure_logging
 from ledger.merkle import HASHES
 from ledger.note import CosignatureSigner
 from ledger.retry import Stopped
 from ledger.signing import SigningKey
+from ledger.supervisor import Supervisor
 
 
 def witness_key(
@@ -75,7 +77,6 @@ def witness(
     connecting), retrying NATS for ever with exponential backoff (one log line per
     attempt); or once with --once (exit 0 when cosigned, 1 when refused, 2 when it
     could not run)."""
-    from ledger.errors import ForkDetected
     from ledger.net.remote import LedgerClient
     from ledger.net.witness_runner import WitnessRunner
     from ledger.witness import Witness, WitnessState
@@ -117,17 +118,33 @@ def witness(
         except Stopped:
             return EXIT_OK
         runner = WitnessRunner(w, client, say, HASHES.get(merkle_hash or ""))
+        # Following runs under the supervisor: an unexpected error is logged once and
+        # the follower restarts with backoff (it catches up from the hub's latest
+        # checkpoint); a fork or a lost log key is evidence and stops the witness.
+        supervisor = Supervisor(logging.getLogger("ledger.witness"),
+                                fatal_errors=(ForkDetected, LogKeyLost))
+        announced = False
+
+        def ready() -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                typer.echo(f"witness {name} following {log.name} on {nats_url}", err=True)
+
         try:
-            follow = asyncio.create_task(runner.follow(
-                lambda: typer.echo(f"witness {name} following {log.name} on {nats_url}",
-                                   err=True)))
+            supervisor.start("follow", lambda: runner.follow(ready))
             stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({follow, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if follow.done():
-                follow.result()  # raises ForkDetected (or a bug)
-            follow.cancel()
+            fatal = asyncio.create_task(supervisor.fatal.wait())
+            await asyncio.wait({stopped, fatal}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            fatal.cancel()
+            if supervisor.fatal_error is not None:
+                raise supervisor.fatal_error
+            if supervisor.fatal.is_set():
+                fail(f"witness cannot work: {supervisor.fatal_reason}", EXIT_DAMAGED)
             return EXIT_OK
         finally:
+            await supervisor.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 2)
 

@@ -23,6 +23,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from ledger.encoding import canonical_decode, canonical_encode
@@ -235,9 +236,11 @@ class LedgerClient:
         """Hand a cosigned checkpoint note to the hub, which stores the cosignature."""
         return await self._request(COSIGNATURE_SUBJECT, note, COSIGNATURE_SUBJECT)
 
-    async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> None:
-        await self.nc.subscribe(subject, cb=cb)
+    async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]
+                        ) -> Subscription:
+        sub = await self.nc.subscribe(subject, cb=cb)
         await self.nc.flush(timeout=max(1, int(self.timeout)))
+        return sub
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

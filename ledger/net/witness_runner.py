@@ -20,6 +20,7 @@ it cannot, `LogKeyLost` stops it with the reason: it never falls silent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -150,15 +151,21 @@ class WitnessRunner:
         async def on_checkpoint(msg: Msg) -> None:
             queue.put_nowait(msg.data)
 
-        await self.client.subscribe(CHECKPOINT_SUBJECT, on_checkpoint)
+        # Unsubscribed when this ends, so the supervisor's restart does not add a
+        # second subscription (and cosign every checkpoint twice).
+        sub = await self.client.subscribe(CHECKPOINT_SUBJECT, on_checkpoint)
         try:
-            await self.once()
-        except RemoteError as exc:
-            self.say(f"no checkpoint to catch up on yet: {exc}")
-        ready()
-        while True:
-            note = await queue.get()
             try:
-                await self.handle(note)
+                await self.once()
             except RemoteError as exc:
-                self.say(f"could not check a checkpoint (will take the next one): {exc}")
+                self.say(f"no checkpoint to catch up on yet: {exc}")
+            ready()
+            while True:
+                note = await queue.get()
+                try:
+                    await self.handle(note)
+                except RemoteError as exc:
+                    self.say(f"could not check a checkpoint (will take the next one): {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
