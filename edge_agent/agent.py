@@ -82,8 +82,11 @@ from ledger.durable import atomic_write
 from ledger.errors import KeyFileError
 from ledger.retry import Stopped
 from ledger.signing import SigningKey
+from ledger.supervisor import Supervisor
 
 log = logging.getLogger("edge_agent")
+TASKS_NAME = "tasks.json"  # the running agent's task states, for `edge-agent status`
+TASK_STATES_EVERY_S = 2.0
 
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 STATS_NAME = "stats.json"
@@ -142,6 +145,7 @@ class EdgeAgent:
         self._stats_path = config.state_dir / STATS_NAME
         self.last_counter = self._load_last_counter()
         self.health = HealthWindow(config.state_dir, config.health_window, config.max_error_rate)
+        self.supervisor = Supervisor(log)
         self.faults = Faults.configured(config.faults)
         self.boot = next_boot(config.state_dir)  # signed in reports: ordered across boots
         self.model: LoadedModel | None = None
@@ -353,35 +357,66 @@ class EdgeAgent:
             return
         self._report_status(proto.STATUS_STARTED, reason="")
         await self._start_api()
-        tasks = [
-            asyncio.create_task(
-                self.reporter.send_outbox(self.transport, lambda: self._stopping),
-                name="outbox"),
-            asyncio.create_task(self._watch_assignments(), name="watch"),
-            asyncio.create_task(self._watch_roots(), name="roots"),
-            asyncio.create_task(self._inference_loop(), name="inference"),
-        ]
+        # Every long-running task under the supervisor: a failure is logged once and the
+        # task restarts with backoff; its state is in STATE/tasks.json (`edge-agent
+        # status`). A critical task that cannot work for 10 minutes ends the run with
+        # `fatal` set, and `edge-agent run` exits 4 so a service manager restarts it.
+        sup = self.supervisor
+        sup.start("outbox", lambda: self.reporter.send_outbox(
+            self.transport, lambda: self._stopping))
+        sup.start("watch", self._watch_assignments)
+        sup.start("roots", self._watch_roots)
+        sup.start("inference", self._inference_loop)
+        sup.start("task-states", self._write_task_states, critical=False)
         try:
-            await stop.wait()
+            stopped = asyncio.create_task(stop.wait())
+            fatal = asyncio.create_task(sup.fatal.wait())
+            await asyncio.wait({stopped, fatal}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            fatal.cancel()
         finally:
             log.info("stopping")
             self._stopping = True
-            if self._update_task is not None:
-                tasks.append(self._update_task)
+            tasks = [self._update_task] if self._update_task is not None else []
             for task in tasks:
                 task.cancel()
             # Bounded: a library call that swallows a cancellation (asyncio.wait_for in
             # Python 3.11 can) must not keep the agent from stopping.
-            _, pending = await asyncio.wait(tasks, timeout=3.0)
-            if pending:
-                log.warning("tasks did not stop in time: %s",
-                            ", ".join(t.get_name() for t in pending))
+            await sup.stop(timeout=3.0)
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=3.0)
+                if pending:
+                    log.warning("tasks did not stop in time: %s",
+                                ", ".join(t.get_name() for t in pending))
+            self._save_task_states()
             if self.api is not None:
                 await self.api.stop()
             self.emit_window()  # the calls counted since the last window
             await self.reporter.flush(self.transport, timeout=2.0)
             await close_quietly(self.transport, 2.0)
             log.info("stopped")
+
+    @property
+    def fatal_reason(self) -> str:
+        """Why the agent gave up (a critical task could not work), or ""."""
+        return self.supervisor.fatal_reason
+
+    def _save_task_states(self) -> None:
+        with contextlib.suppress(OSError):
+            atomic_write(self.config.state_dir / TASKS_NAME, json.dumps(
+                {"pid": os.getpid(), "tasks": self.supervisor.states()}).encode())
+
+    async def _write_task_states(self) -> None:
+        """Keep STATE/tasks.json current for `edge-agent status`, writing on change only
+        (a device's flash should not take a write every few seconds)."""
+        last: object = None
+        while True:
+            now = [{k: v for k, v in t.items() if k != "since"}
+                   for t in self.supervisor.states()]
+            if now != last:
+                self._save_task_states()
+                last = now
+            await asyncio.sleep(TASK_STATES_EVERY_S)
 
     async def _start_api(self) -> None:
         """Serve the local inference API; without it the agent still installs and reports."""

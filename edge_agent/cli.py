@@ -18,6 +18,8 @@ from edge_agent.errors import AgentError, DeviceBundleError, TransferError
 from edge_agent.slots import SlotStore
 from ledger.logs import LOG_FORMAT_HELP, configure_logging
 
+# = edge_agent.agent.TASKS_NAME (not imported here: that module loads numpy and TFLite).
+TASKS_NAME = "tasks.json"
 STOP_GRACE_S = 10.0  # after SIGTERM: the agent's own shutdown is bounded well below this
 
 
@@ -130,7 +132,9 @@ def run(
     """Run the agent until SIGTERM or Ctrl-C. While NATS is unreachable or refuses this
     device (unauthorised: not enrolled, or revoked) it keeps trying with exponential
     backoff, one log line per attempt. Exit status: 0 when stopped by SIGTERM or Ctrl-C
-    (at any point, also while connecting), 2 for a set-up error."""
+    (at any point, also while connecting), 2 for a set-up error, 4 when a task of the
+    agent failed for 10 minutes without a stable run (it cannot work: let the service
+    manager restart it)."""
     from edge_agent.agent import AgentConfig, EdgeAgent  # numpy/TFLite only when actually running
     from edge_agent.bundle import DeviceBundle
 
@@ -191,6 +195,9 @@ def run(
             run.cancel()
             return
         run.result()
+        if agent.fatal_reason:
+            err.print(f"[red]error:[/red] the agent cannot work: {escape(agent.fatal_reason)}")
+            raise typer.Exit(4)
 
     try:
         asyncio.run(main())
@@ -207,16 +214,23 @@ def status(
     state_dir: Path = typer.Option(..., "--state-dir", help="The agent's state directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
-    """Show the installed model (active slot) and the one kept for revert."""
+    """Show the installed model (active slot), the one kept for revert, and the state of
+    the agent's tasks as it last wrote them (`agent.running`: its process is alive)."""
     slots = SlotStore(state_dir)
     active, previous = slots.active(), slots.previous()
     counter = None
     with contextlib.suppress(OSError, ValueError, KeyError):
         counter = json.loads((state_dir / "agent.json").read_text())["last_counter"]
+    tasks = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        saved = json.loads((state_dir / TASKS_NAME).read_text())
+        running = Path(f"/proc/{int(saved['pid'])}").exists()
+        tasks = {"pid": saved["pid"], "running": running, "tasks": saved["tasks"]}
     info = {
         "active": None if active is None else {"slot": active.name, **active.metadata},
         "previous": None if previous is None else {"slot": previous.name, **previous.metadata},
         "last_counter": counter,
+        "agent": tasks,
     }
     if as_json:
         print(json.dumps(info))
