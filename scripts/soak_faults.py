@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hub.client import HubClient  # noqa: E402
-from hub.errors import HubError  # noqa: E402
+from hub.errors import HubError, Unreachable  # noqa: E402
 from hub.home.config import init_home, load_config, set_nats_url  # noqa: E402
 from hub.home.nats_config import server_conf_path  # noqa: E402
 from ledger.signing import SigningKey  # noqa: E402
@@ -61,7 +61,7 @@ from testkit.tcp_proxy import TcpProxy  # noqa: E402
 
 FAULTS = ("hub-kill", "hub-stall", "nats-kill", "reset", "partition", "agent-restart")
 VERSIONS = ("1", "2", "3")
-DONE = ("completed", "halted", "aborted")
+DONE = ("completed", "aborted")  # halted is still active: it can be resumed or rolled back
 
 
 class Hub:
@@ -123,7 +123,42 @@ async def until(fn: Any, timeout: float, what: str, every: float = 0.5) -> Any:
                        + (f" (last error: {last})" if last else ""))
 
 
-async def call(client: HubClient, verb: str, body: dict[str, Any] | None = None,
+class Operator:
+    """An operator's CLI session that reconnects: HubClient is one CLI invocation's
+    connection (no reconnect), and nats-server is killed during the soak."""
+
+    def __init__(self, url: str, key: SigningKey, auth: Any) -> None:
+        self.url, self.key, self.auth = url, key, auth
+        self.client: HubClient | None = None
+        self.reconnects = 0
+
+    async def call(self, verb: str, body: dict[str, Any] | None = None) -> Any:
+        if self.client is None:
+            self.client = await HubClient.connect(self.url, self.key, timeout=30,
+                                                  auth=self.auth)
+            self.reconnects += 1
+        try:
+            return await self.client.call(verb, body)
+        except Unreachable:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+            self.client = None
+            raise
+
+    async def register_model(self, path: Path, name: str, version: str) -> None:
+        assert self.client is not None
+        await self.client.register_model(path, name, version)
+
+    async def validate_model(self, name: str, version: str, data: Path) -> None:
+        assert self.client is not None
+        await self.client.validate_model(name, version, data)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+async def call(client: Operator, verb: str, body: dict[str, Any] | None = None,
                timeout: float = 300.0) -> Any:
     """A command retried until the hub acknowledges it (the hub may be down for a while).
     A retried write may already have been applied, so writes here are chosen to be
@@ -139,8 +174,10 @@ class Soak:
         self.faults: Counter[str] = Counter()
         self.fault_log: list[str] = []
         self.acked_rollouts: list[str] = []
+        self.halted: list[str] = []
         self.rollout_ends: Counter[str] = Counter()
         self.command_retries = 0
+        self.reconnects = 0
 
     async def run(self) -> int:
         args = self.args
@@ -161,14 +198,13 @@ class Soak:
         started = time.monotonic()
         code = 1
         try:
-            admin = await HubClient.connect(self.nats.url, admin_key, timeout=60,
-                                            auth=config.operator_auth(admin_key))
+            admin = Operator(self.nats.url, admin_key, config.operator_auth(admin_key))
             await call(admin, "status")
             approver_key = SigningKey.generate()
             await admin.call("operator.add", {"name": "approver", "roles": ["approver"],
                                               "public": approver_key.public.raw})
-            approver = await HubClient.connect(self.nats.url, approver_key, timeout=60,
-                                               auth=config.operator_auth(approver_key))
+            approver = Operator(self.nats.url, approver_key,
+                                config.operator_auth(approver_key))
             for version in VERSIONS:
                 path = self.tmp / f"soak-v{version}.tflite"
                 path.write_bytes(model_for_version(int(version), extra_bytes=256 * 1024))
@@ -177,7 +213,8 @@ class Soak:
                 await admin.validate_model("soak", version, data)
                 await approver.call("model.approve", {"name": "soak", "version": version})
                 await admin.call("model.release", {"name": "soak", "version": version})
-            await fleet.enroll(admin, group="soak")
+            assert admin.client is not None
+            await fleet.enroll(admin.client, group="soak")
             await fleet.start()
             await fleet.wait_watching(180)
             print(f"set-up {time.monotonic() - started:.0f} s: {args.devices} agents "
@@ -246,52 +283,66 @@ class Soak:
 
     # ------------------------------------------------------------ operator
 
-    async def operator(self, admin: HubClient, stop: asyncio.Event) -> None:
-        """Keep a rollout going: when none is active, roll out the next version."""
+    async def operator(self, admin: Operator, stop: asyncio.Event) -> None:
+        """Keep a rollout going: start one that was created (its start may have been lost
+        with a fault), abort one that halted (as an operator would after a look), and
+        when none is active, roll out the next version."""
         index = 0
         while not stop.is_set():
             try:
                 rows = await admin.call("rollouts")
-                active = [r for r in rows if r["state"] not in DONE]
-                if not active:
+                for row in rows:
+                    if row["state"] == "created":
+                        await admin.call("rollout.start", {"rollout": row["rollout"]})
+                    elif row["state"] == "halted":
+                        self.halted.append(f"{row['rollout']}: {row.get('reason')}")
+                        await admin.call("rollout.abort", {"rollout": row["rollout"]})
+                if not [r for r in rows if r["state"] not in DONE]:
                     index += 1
-                    await self.rollout(admin, VERSIONS[index % len(VERSIONS)], "10%,50%,100%",
-                                       wait=False)
+                    await self.rollout(admin, VERSIONS[index % len(VERSIONS)], "10%,50%,100%")
             except (HubError, OSError, TimeoutError):
                 self.command_retries += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5)
 
-    async def rollout(self, admin: HubClient, version: str, waves: str, wait: bool) -> str:
+    async def create(self, admin: Operator, version: str, waves: str) -> str:
         body = {"model": "soak", "version": version, "target": "group=soak",
                 "waves": waves, "min_success": 0.9, "max_failure": 0.1,
                 "deadline": f"{self.args.deadline:.0f}s"}
         rid = str((await admin.call("rollout.create", body))["rollout"])
         self.acked_rollouts.append(rid)
-        await call(admin, "rollout.start", {"rollout": rid})
-        if wait:
-            await until(lambda: self._ended(admin, rid), 600, f"rollout {rid}", every=1.0)
         return rid
 
-    async def _ended(self, admin: HubClient, rid: str) -> bool:
+    async def rollout(self, admin: Operator, version: str, waves: str) -> str:
+        """Create and start (a start lost with a fault is retried by whoever sees the
+        rollout still `created`)."""
+        rid = await self.create(admin, version, waves)
+        await admin.call("rollout.start", {"rollout": rid})
+        return rid
+
+    async def _ended(self, admin: Operator, rid: str) -> bool:
         rows = await admin.call("rollouts")
         row = next(r for r in rows if r["rollout"] == rid)
+        if row["state"] == "created":  # the start was lost with a fault: again
+            await admin.call("rollout.start", {"rollout": rid})
         return bool(row["state"] in DONE)
 
     # ------------------------------------------------------------ invariants
 
-    async def check(self, admin: HubClient, config: Any) -> int:
+    async def check(self, admin: Operator, config: Any) -> int:
         n = self.args.devices
         results: list[tuple[str, bool, str]] = []
         print("faults stopped; healing and checking the invariants", flush=True)
-        # A rollout left active by the soak finishes (or halts) first.
-        await until(lambda: self._none_active(admin), 900, "the last soak rollout to end",
+        self.reconnects = admin.reconnects - 1  # the first connection is not one
+        # A rollout left active by the soak finishes first (a halted one is aborted).
+        await until(lambda: self._settle(admin), 900, "the last soak rollout to end",
                     every=2.0)
         rows = await call(admin, "rollouts")
         for row in rows:
             self.rollout_ends[row["state"]] += 1
         final = "1"
-        rid = await self.rollout(admin, final, "100%", wait=True)
+        rid = await until(lambda: self.create(admin, final, "100%"), 120, "final rollout")
+        await until(lambda: self._ended(admin, rid), 600, f"rollout {rid}", every=1.0)
         row = next(r for r in await call(admin, "rollouts") if r["rollout"] == rid)
         applied = row["counts"].get("applied", 0)
         results.append(("final rollout completes, every device applied",
@@ -338,8 +389,14 @@ class Soak:
         self.report(results)
         return 0 if all(ok for _, ok, _ in results) else 1
 
-    async def _none_active(self, admin: HubClient) -> bool:
+    async def _settle(self, admin: Operator) -> bool:
         rows = await admin.call("rollouts")
+        for row in rows:
+            if row["state"] == "created":
+                await admin.call("rollout.start", {"rollout": row["rollout"]})
+            elif row["state"] == "halted":
+                self.halted.append(f"{row['rollout']}: {row.get('reason')}")
+                await admin.call("rollout.abort", {"rollout": row["rollout"]})
         return not [r for r in rows if r["state"] not in DONE]
 
     def _cli(self, module: str, *argv: str) -> tuple[int, str]:
@@ -363,8 +420,10 @@ class Soak:
             print(f"| {kind} | {self.faults[kind]} |")
         ends = ", ".join(f"{k} {v}" for k, v in sorted(self.rollout_ends.items()))
         print(f"rollouts during the soak: {len(self.acked_rollouts) - 1} acknowledged "
-              f"({ends}); operator reads that failed and were retried: "
-              f"{self.command_retries}")
+              f"({ends}); operator calls that failed and were retried: "
+              f"{self.command_retries}; operator reconnects: {self.reconnects}")
+        for line in self.halted:
+            print(f"halted (then aborted by the operator loop): {line}")
         print("| invariant | holds | detail |")
         print("|---|---|---|")
         for name, ok, detail in results:
@@ -389,6 +448,11 @@ def main() -> int:
                    help="where the simulated devices keep their state (default: tmpfs)")
     args = p.parse_args()
     logging.basicConfig(level=logging.CRITICAL)
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM: run the clean-up (hub, nats-server) as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, interrupted)
     return asyncio.run(Soak(args).run())
 
 
