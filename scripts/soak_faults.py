@@ -419,8 +419,10 @@ class Soak:
         for kind in FAULTS:
             print(f"| {kind} | {self.faults[kind]} |")
         ends = ", ".join(f"{k} {v}" for k, v in sorted(self.rollout_ends.items()))
-        print(f"rollouts during the soak: {len(self.acked_rollouts) - 1} acknowledged "
-              f"({ends}); operator calls that failed and were retried: "
+        print(f"rollouts: {len(self.acked_rollouts) - 1} creations acknowledged during "
+              f"the faults; in the ledger when they stopped: {sum(self.rollout_ends.values())}"
+              f" ({ends}; a creation whose answer was lost to a fault is there "
+              f"unacknowledged); operator calls that failed and were retried: "
               f"{self.command_retries}; operator reconnects: {self.reconnects}")
         for line in self.halted:
             print(f"halted (then aborted by the operator loop): {line}")
