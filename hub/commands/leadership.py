@@ -81,6 +81,9 @@ LEADER_TABLE = Table(
     Column("pid", Integer, nullable=False),
     Column("expires", Float(precision=53), nullable=False),  # database clock, s
     Column("since", Float(precision=53), nullable=False),  # when this epoch began
+    # The ledger's head seq when this epoch began (-1: empty): no append of an older
+    # epoch can have a higher seq (the bump waited for any fenced append in flight).
+    Column("since_seq", BigInteger, nullable=False, default=-1),
 )
 PROCESSES_TABLE = Table(
     "hub_processes", _metadata,
@@ -90,6 +93,8 @@ PROCESSES_TABLE = Table(
     Column("role", String, nullable=False),
     Column("epoch", BigInteger, nullable=False),  # the epoch it leads with, else -1
     Column("seen", Float(precision=53), nullable=False),  # database clock, s
+    Column("last_leader_seq", BigInteger, nullable=False),  # its last leader append, or -1
+    Column("fenced", BigInteger, nullable=False),  # its leader appends refused
 )
 
 
@@ -129,10 +134,12 @@ class LeaderInfo:
     host: str
     pid: int
     expires_in_s: float  # negative: expired (nobody leads until a process takes it)
+    since_seq: int  # the ledger's head when this epoch began (-1: empty)
 
     def to_map(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "holder": self.holder, "host": self.host,
-                "pid": self.pid, "expires_in_s": round(self.expires_in_s, 3)}
+                "pid": self.pid, "expires_in_s": round(self.expires_in_s, 3),
+                "since_seq": self.since_seq}
 
 
 def process_id() -> tuple[str, str, int]:
@@ -164,9 +171,13 @@ class Lease:
             if row is None or float(row.expires) > now:
                 return None
             epoch = int(row.epoch) + 1
+            # After the row lock: an append of the old epoch that was in flight has
+            # committed by now, and this read sees it.
+            head = conn.execute(text("SELECT max(seq) FROM ledger_entries")).scalar()
             conn.execute(LEADER_TABLE.update().where(LEADER_TABLE.c.id == 1).values(
                 epoch=epoch, holder=self.holder, host=self.host, pid=self.pid,
-                expires=now + self.lease_s, since=now))
+                expires=now + self.lease_s, since=now,
+                since_seq=-1 if head is None else int(head)))
         return epoch
 
     def renew(self, epoch: int) -> bool:
@@ -192,13 +203,15 @@ class Lease:
         if row is None or not row.holder:
             return None
         return LeaderInfo(int(row.epoch), str(row.holder), str(row.host), int(row.pid),
-                          float(row.expires) - now)
+                          float(row.expires) - now, int(row.since_seq))
 
-    def heartbeat(self, role: str, epoch: int | None) -> None:
+    def heartbeat(self, role: str, epoch: int | None, last_leader_seq: int = -1,
+                  fenced: int = 0) -> None:
         """Record this process and its role (what `hub status` lists)."""
         with self.engine.begin() as conn:
             values = {"host": self.host, "pid": self.pid, "role": role,
-                      "epoch": -1 if epoch is None else epoch, "seen": db_now(conn)}
+                      "epoch": -1 if epoch is None else epoch, "seen": db_now(conn),
+                      "last_leader_seq": last_leader_seq, "fenced": fenced}
             done = conn.execute(PROCESSES_TABLE.update().where(
                 PROCESSES_TABLE.c.holder == self.holder).values(**values))
             if done.rowcount == 0:
@@ -209,15 +222,20 @@ class Lease:
             conn.execute(PROCESSES_TABLE.delete().where(PROCESSES_TABLE.c.holder == self.holder))
 
     def processes(self) -> list[dict[str, Any]]:
-        """The processes seen within three leases, with how long ago."""
+        """The processes seen within three leases, with how long ago; one that says it
+        leads with an epoch older than the lease's is "deposed" (killed, or paused)."""
         with self.engine.connect() as conn:
             now = db_now(conn)
+            current = conn.execute(select(LEADER_TABLE.c.epoch)).scalar()
             rows = conn.execute(select(PROCESSES_TABLE).where(
                 PROCESSES_TABLE.c.seen > now - 3 * self.lease_s)
                 .order_by(PROCESSES_TABLE.c.holder)).all()
-        return [{"holder": r.holder, "host": r.host, "pid": r.pid, "role": r.role,
+        return [{"holder": r.holder, "host": r.host, "pid": r.pid,
+                 "role": "deposed" if r.role == LEADER and r.epoch != current else r.role,
                  "epoch": None if r.epoch < 0 else r.epoch,
-                 "seen_s_ago": round(max(0.0, now - r.seen), 3)} for r in rows]
+                 "seen_s_ago": round(max(0.0, now - r.seen), 3),
+                 "last_leader_seq": None if r.last_leader_seq < 0 else r.last_leader_seq,
+                 "fenced": r.fenced} for r in rows]
 
 
 def create_tables(engine: Engine) -> None:
@@ -228,7 +246,8 @@ def create_tables(engine: Engine) -> None:
             _metadata.create_all(conn, checkfirst=True)
             if conn.execute(select(LEADER_TABLE.c.id)).first() is None:
                 conn.execute(LEADER_TABLE.insert().values(
-                    id=1, epoch=0, holder="", host="", pid=0, expires=0.0, since=0.0))
+                    id=1, epoch=0, holder="", host="", pid=0, expires=0.0, since=0.0,
+                    since_seq=-1))
     except IntegrityError:
         pass  # another process made the row meanwhile
 
@@ -255,6 +274,7 @@ class Leadership:
         self.on_standby: Callable[[], Awaitable[None]] | None = None
         self.valid_until = 0.0  # monotonic: our own lease surely lasts until then
         self.fenced = 0  # leader-only appends refused
+        self.last_leader_seq = -1  # the seq of this process's last leader append
         self.takeovers = 0
         self._wake = asyncio.Event()
         self._fenced_logged: int | None = None  # the epoch whose refusal was logged
@@ -359,7 +379,8 @@ class Leadership:
             elif self.on_standby is not None:
                 await self.on_standby()
         with contextlib.suppress(SQLAlchemyError, StoreError):
-            await asyncio.to_thread(lease.heartbeat, self.role, self.epoch)
+            await asyncio.to_thread(lease.heartbeat, self.role, self.epoch,
+                                    self.last_leader_seq, self.fenced)
 
     async def _follow(self, why: str) -> None:
         log.warning("no longer the leader (epoch %s): %s; standing by", self.epoch, why)
@@ -394,6 +415,7 @@ class Leadership:
         me = {"role": self.role, "epoch": self.epoch, "holder": "" if lease is None
               else lease.holder, "pid": os.getpid(), "host": socket.gethostname(),
               "fenced": self.fenced, "takeovers": self.takeovers,
+              "last_leader_seq": None if self.last_leader_seq < 0 else self.last_leader_seq,
               "lease_s": None if lease is None else lease.lease_s}
         return {"this": me, "leader": leader, "processes": processes}
 

@@ -70,6 +70,8 @@ class LedgerWriter:
             entries = self.store.append_many(list(new), apply=apply)
         except Fenced as exc:
             raise exc if leadership is None else leadership.refused(exc) from None
+        if leadership is not None and entries:
+            leadership.last_leader_seq = entries[-1].seq
         if self.on_append is not None:
             self.on_append(len(entries), time.perf_counter() - started)
         if self.publish is None:
