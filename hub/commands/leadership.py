@@ -384,8 +384,13 @@ class Leadership:
 
     async def _follow(self, why: str) -> None:
         log.warning("no longer the leader (epoch %s): %s; standing by", self.epoch, why)
-        self.epoch = self._announced = None
+        epoch, self.epoch, self._announced = self.epoch, None, None
         await self.on_follow()
+        if self.lease is not None and epoch is not None:
+            # If the database still has it ours (we stepped down on our own clock), end
+            # it now so that a standby need not wait it out.
+            with contextlib.suppress(SQLAlchemyError, StoreError):
+                await asyncio.to_thread(self.lease.release, epoch)
 
     async def _release(self, lease: Lease) -> None:
         epoch, self.epoch = self.epoch, None
