@@ -7,9 +7,11 @@ processes, SIGKILL and SIGSTOP: tests/test_hub_leader.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,38 @@ def test_a_second_hub_on_one_sqlite_ledger_is_refused(tmp_path: Path) -> None:
         SingleProcessLock.take(ledger)
     first.release()
     SingleProcessLock.take(ledger).release()  # free again once the first stops
+
+
+async def test_the_lease_loop_leads_then_stands_by_when_deposed(fresh_pg_url: str) -> None:
+    with hub_store(fresh_pg_url) as store:
+        seen: list[str] = []
+
+        async def lead(epoch: int) -> None:
+            seen.append(f"lead {epoch}")
+
+        async def follow() -> None:
+            seen.append("follow")
+
+        lease = Lease(store.engine, 0.6, holder=("a:1:x", "a", 1))
+        leadership = Leadership(lease, lead, follow)
+        task = asyncio.create_task(leadership.run())
+        try:
+            await asyncio.wait_for(_until(lambda: seen == ["lead 1"]), 10)
+            assert leadership.leads() and leadership.status()["this"]["role"] == "leader"
+            with store.engine.begin() as conn:  # another process took over
+                conn.execute(text("UPDATE hub_leader SET epoch = 2, holder = 'b:2:y', "
+                                  "expires = 1e12"))
+            await asyncio.wait_for(_until(lambda: seen == ["lead 1", "follow"]), 10)
+            assert not leadership.leads() and leadership.role == "standby"
+            procs = lease.processes()
+            assert [(p["holder"], p["role"]) for p in procs] == [("a:1:x", "standby")]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert lease.processes() == []  # a stopped process leaves the list
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    while not check():
+        await asyncio.sleep(0.02)

@@ -344,9 +344,10 @@ class Leadership:
             await self._release(lease)
 
     async def _announce(self) -> None:
-        if self.epoch is not None and self._announced != self.epoch:
-            self._announced = self.epoch
-            await self.on_lead(self.epoch)
+        epoch = self.epoch
+        if epoch is not None and self._announced != epoch:
+            await self.on_lead(epoch)  # if it fails, the next run of the loop tries again
+            self._announced = epoch
 
     async def _round(self, lease: Lease, announce: bool = True) -> None:
         started = self.monotonic()
@@ -395,10 +396,9 @@ class Leadership:
     async def _release(self, lease: Lease) -> None:
         epoch, self.epoch = self.epoch, None
         if epoch is not None:
+            self._announced = None
             with contextlib.suppress(Exception):
-                if self._announced == epoch:
-                    self._announced = None
-                    await self.on_follow()  # the leader's work stops with the lease
+                await self.on_follow()  # the leader's work (maybe half started) stops
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(lease.release, epoch)
         with contextlib.suppress(Exception):
