@@ -55,6 +55,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    event,
     select,
     text,
 )
@@ -423,6 +424,28 @@ class Leadership:
               "last_leader_seq": None if self.last_leader_seq < 0 else self.last_leader_seq,
               "lease_s": None if lease is None else lease.lease_s}
         return {"this": me, "leader": leader, "processes": processes}
+
+
+STALLED_TRANSACTION_S = 30.0
+
+
+def limit_stalled_transactions(engine: Engine, seconds: float = STALLED_TRANSACTION_S
+                               ) -> None:
+    """PostgreSQL ends a session of this engine that sits in an open transaction for
+    `seconds`: a process paused in the middle of an append (it holds the chain-head lock)
+    then stops the other processes' appends for that long at most, not for ever. The
+    hub never keeps a transaction open that long on purpose. Connections opened
+    before are closed (the pool opens new ones with the setting)."""
+    ms = int(seconds * 1000)
+
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+        cursor.close()
+        dbapi_conn.commit()
+
+    event.listen(engine, "connect", on_connect)
+    engine.dispose()
 
 
 class SingleProcessLock:

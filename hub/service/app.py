@@ -28,7 +28,12 @@ from typing import Any
 from hub import fold
 from hub.clock import Clock, SystemClock, clock_skew
 from hub.commands.envelope import VerifiedCommand
-from hub.commands.leadership import Leadership, Lease, SingleProcessLock
+from hub.commands.leadership import (
+    Leadership,
+    Lease,
+    SingleProcessLock,
+    limit_stalled_transactions,
+)
 from hub.commands.outcome import Effects, Verbs
 from hub.commands.router import Router
 from hub.commands.writer import LedgerWriter
@@ -83,6 +88,8 @@ class HubService:
         # Who leads: a lease in PostgreSQL; on SQLite this process alone, always.
         postgres = self.store.engine.dialect.name == "postgresql"
         lease = Lease(self.store.engine, config.leader_lease_seconds) if postgres else None
+        if postgres:
+            limit_stalled_transactions(self.store.engine)
         self.leadership = Leadership(lease, self._lead, self._follow)
         self.writer.leadership = self.leadership
         self._single: SingleProcessLock | None = None  # SQLite: held while serving
