@@ -85,6 +85,18 @@ class Supervisor:
         self._tasks[name] = asyncio.create_task(self._supervise(state, run), name=name)
         return state
 
+    async def stop_task(self, name: str, timeout: float = 5.0) -> None:
+        """Cancel task `name` (if it runs); wait at most `timeout` for it to end. It
+        may be started again (e.g. work that only a leader process does)."""
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout)
+        state = self._states.get(name)
+        if state is not None:
+            state.state, state.since = STOPPED, time.time()
+
     def states(self) -> list[dict[str, Any]]:
         return [s.to_map() for s in self._states.values()]
 

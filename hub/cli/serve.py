@@ -216,6 +216,14 @@ def status(
             out.print(f"NATS {reachable[bool(nats.get('reachable'))]}, database "
                       f"{reachable[bool(db.get('reachable'))]}"
                       + (f" ({escape(db['error'])})" if db.get("error") else ""))
+        lead = result.get("leadership") or {}
+        if lead:
+            leader, this = lead.get("leader") or {}, lead.get("this") or {}
+            out.print(("leader: " + (f"{escape(str(leader.get('host')))} pid {leader.get('pid')}"
+                                     f" epoch {leader.get('epoch')}" if leader else "none"))
+                      + f"; answered by pid {this.get('pid')} ({this.get('role')})"
+                      + "".join(f"\n  {escape(str(p['host']))} pid {p['pid']}: {p['role']}"
+                                for p in lead.get("processes") or []), highlight=False)
         reasons = result.get("refused_by_reason") or {}
         detail = ", ".join(f"{escape(str(k))} {v}" for k, v in sorted(reasons.items()))
         out.print(f"refused reports since start: {result['refused_reports']}"

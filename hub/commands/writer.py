@@ -6,11 +6,15 @@ judges the state and appends, so state checks and the append see the same state;
 events and their fold into the hub's tables (hub.fold.apply_entries) commit in one
 transaction. After the commit each entry goes to the `ledger.entry` feed, if the hub is
 serving one.
+
+With several hub processes on one PostgreSQL (hub.commands.leadership) the lock is also
+held across processes, and an append of leader-only work (`leader=True`: the rollout
+controller, reconciliation, report intake) is fenced: refused inside its own
+transaction unless this process's epoch is the newest leader's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,9 +24,10 @@ from sqlalchemy import Connection
 
 from edge_agent.protocol.names import LEDGER_ENTRY_SUBJECT
 from hub import fold
+from hub.commands.leadership import Fenced, Leadership, WriteLock
 from ledger.entry import Entry
 from ledger.storage import query
-from ledger.storage.store import LedgerStore, NewEvent
+from ledger.storage.store import ApplyCallback, LedgerStore, NewEvent
 
 T = TypeVar("T")
 
@@ -38,17 +43,35 @@ def entry_headers(entry: Entry) -> dict[str, str]:
 
 
 class LedgerWriter:
-    def __init__(self, store: LedgerStore) -> None:
+    def __init__(self, store: LedgerStore, stalled_after_s: float = 10.0) -> None:
         self.store = store
-        self.lock = asyncio.Lock()
+        # One writer at a time, in this process and (PostgreSQL) across processes.
+        self.lock = WriteLock(store.engine, stalled_after_s)
+        # Who leads; None: this writer is alone (offline use, tests): it always leads.
+        self.leadership: Leadership | None = None
         self.publish: Publish | None = None  # set while the hub serves the feed
         self.on_append: AppendObserver | None = None  # the metrics' latency histogram
 
-    async def append(self, new: Sequence[NewEvent]) -> list[Entry]:
-        """Append `new` with their fold, in one transaction; the caller holds `lock`."""
+    async def append(self, new: Sequence[NewEvent], *, leader: bool = False) -> list[Entry]:
+        """Append `new` with their fold, in one transaction; the caller holds `lock`.
+        `leader`: leader-only work, refused (`Fenced`) unless this process leads."""
         assert self.lock.locked(), "LedgerWriter.append needs the write lock held"
         started = time.perf_counter()
-        entries = self.store.append_many(list(new), apply=fold.apply_entries)
+        apply: ApplyCallback = fold.apply_entries
+        leadership = self.leadership if leader else None
+        if leadership is not None:
+            epoch = leadership.check()
+            fenced = leadership
+
+            def apply(conn: Connection, entries: list[Entry]) -> None:
+                fenced.fence_in(conn, epoch)  # after the insert: under the chain-head lock
+                fold.apply_entries(conn, entries)
+        try:
+            entries = self.store.append_many(list(new), apply=apply)
+        except Fenced as exc:
+            raise exc if leadership is None else leadership.refused(exc) from None
+        if leadership is not None and entries:
+            leadership.last_leader_seq = entries[-1].seq
         if self.on_append is not None:
             self.on_append(len(entries), time.perf_counter() - started)
         if self.publish is None:
@@ -62,10 +85,10 @@ class LedgerWriter:
                 await self.publish(LEDGER_ENTRY_SUBJECT, entry.body, entry_headers(entry))
         return entries
 
-    async def write(self, new: Sequence[NewEvent]) -> list[Entry]:
+    async def write(self, new: Sequence[NewEvent], *, leader: bool = False) -> list[Entry]:
         """`append` under the lock, for a caller that judged no state first."""
         async with self.lock:
-            return await self.append(new)
+            return await self.append(new, leader=leader)
 
     def read(self, fn: Callable[[Connection], T]) -> T:
         with self.store.engine.connect() as conn:

@@ -381,7 +381,7 @@ class ReportIntake:
             return
         async with self.writer.lock:
             try:
-                await self.writer.append(batch.events)
+                await self.writer.append(batch.events, leader=True)  # intake is the leader's
                 return
             except Exception as exc:
                 if storage_failure(exc):
@@ -390,7 +390,7 @@ class ReportIntake:
                             "by one", len(batch.events), exc)
             for event in batch.events:  # so one bad event does not hold up the others
                 try:
-                    await self.writer.append([event])
+                    await self.writer.append([event], leader=True)
                 except Exception as exc:
                     if storage_failure(exc):
                         raise  # those before are in; their redelivery is a duplicate

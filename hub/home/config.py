@@ -81,6 +81,10 @@ class HubConfig:
     # How long a command or the rollout controller retries a KV write itself before
     # leaving it to the reconciler (it never blocks a wave for a whole outage).
     kv_write_give_up_seconds: float = 30.0
+    # Several `hub serve` on one PostgreSQL (hub/commands/leadership.py): the leader's
+    # lease; a standby takes over at most this long (plus a quarter) after the leader
+    # stops renewing it.
+    leader_lease_seconds: float = 10.0
     # Overrides assignment_ttl_days when set (tests use a few seconds).
     assignment_ttl_seconds: float | None = None
     # Retention of the JetStream streams (hub/service/nats.py, docs/PROTOCOL.md
@@ -237,6 +241,7 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             checkpoint_every_seconds=float(raw.get("checkpoint_every_seconds", 10.0)),
             reconcile_every_seconds=float(raw.get("reconcile_every_seconds", 30.0)),
             kv_write_give_up_seconds=float(raw.get("kv_write_give_up_seconds", 30.0)),
+            leader_lease_seconds=_positive(raw, "leader_lease_seconds", 10.0),
             assignment_ttl_seconds=(float(raw["assignment_ttl_seconds"])
                                     if "assignment_ttl_seconds" in raw else None),
             reports_max_age_days=_positive(raw, "reports_max_age_days", 7.0),

@@ -54,6 +54,7 @@ from ledger.storage.store import LedgerStore
 log = logging.getLogger("hub.ledger_api")
 
 MAX_REQUEST_BYTES = 64 * 1024
+API_QUEUE = "hub-ledger-api"  # every hub process's queue group for the public API
 
 
 class ApiRefused(Refused):
@@ -82,8 +83,11 @@ class LedgerApi:
 
     async def start(self, nc: NATS) -> None:
         self._nc = nc
-        self._subs.append(await nc.subscribe(API_PREFIX + ">", cb=self._on_request))
-        self._subs.append(await nc.subscribe(COSIGNATURE_SUBJECT, cb=self._on_cosignature))
+        # Queue groups: with several hub processes one of them answers each request.
+        self._subs.append(await nc.subscribe(API_PREFIX + ">", queue=API_QUEUE,
+                                             cb=self._on_request))
+        self._subs.append(await nc.subscribe(COSIGNATURE_SUBJECT, queue=API_QUEUE,
+                                             cb=self._on_cosignature))
 
     async def stop(self) -> None:
         for sub in self._subs:

@@ -155,6 +155,9 @@ class Checkpointer:
         self._task: asyncio.Task[None] | None = None
         self._due = asyncio.Event()
         self._lock = asyncio.Lock()
+        # Whether this process may sign now: with several hub processes only the leader
+        # signs (hub.commands.leadership), so a deposed leader adds no checkpoint.
+        self.may_sign: Callable[[], bool] = lambda: True
         latest = self.checkpoints.latest()
         self._signed_size = 0 if latest is None else latest.size
 
@@ -218,7 +221,7 @@ class Checkpointer:
         async with self._lock:
             size = self.store.count()
             latest = self.checkpoints.latest()
-            if latest is not None and latest.size >= size:
+            if (latest is not None and latest.size >= size) or not self.may_sign():
                 return latest
             if size == 0:
                 return None

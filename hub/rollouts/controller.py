@@ -131,7 +131,7 @@ class RolloutController:
             if not events:
                 return False
             self._quiet.pop(rid, None)
-            await self.writer.append(events)
+            await self.writer.append(events, leader=True)  # fenced: leaders decide
         left = await write_all(self.put_assignment, writes, give_up_s=self.kv_give_up_s)
         if left:
             self.writes_left += len(left)

@@ -10,6 +10,12 @@ Every handler refuses bad input with a message and keeps serving; a command's ev
 their state updates commit in one transaction, and side effects that devices act on
 (manifests and assignments in KV) are written only after the ledger has them, so a
 device never runs something the ledger does not show.
+
+Several `hub serve` processes may share one PostgreSQL (and one NATS): every process
+serves operator commands, reads and the public ledger API; one of them, the leader
+(hub.commands.leadership), also runs report intake, the rollout controller,
+reconciliation and the checkpointer. On SQLite one process serves: a second one is
+refused at start.
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from typing import Any
 from hub import fold
 from hub.clock import Clock, SystemClock, clock_skew
 from hub.commands.envelope import VerifiedCommand
+from hub.commands.leadership import (
+    Leadership,
+    Lease,
+    SingleProcessLock,
+    limit_stalled_transactions,
+)
 from hub.commands.outcome import Effects, Verbs
 from hub.commands.router import Router
 from hub.commands.writer import LedgerWriter
@@ -72,12 +84,27 @@ class HubService:
         self.store = LedgerStore.open(config.database_url(), tree_hash=config.tree_hash)
         with self.store.engine.begin() as conn:
             fold.create_tables(conn)
-        self.writer = LedgerWriter(self.store)
+        self.writer = LedgerWriter(self.store, config.leader_lease_seconds)
+        # Who leads: a lease in PostgreSQL; on SQLite this process alone, always.
+        postgres = self.store.engine.dialect.name == "postgresql"
+        lease = Lease(self.store.engine, config.leader_lease_seconds) if postgres else None
+        if postgres:
+            limit_stalled_transactions(self.store.engine)
+        self.leadership = Leadership(lease, self._lead, self._follow)
+        self.writer.leadership = self.leadership
+        self._single: SingleProcessLock | None = None  # SQLite: held while serving
+        self._first_lead = True  # the lead taken at start reconciles before serving
         self.edge = NatsEdge(config, self.store.engine)
         self.effects: Effects = effects if effects is not None else self.edge
         # Signing keys come from the keyring: after `hub keys rotate` the new key signs.
         self.keyring = Keyring(config)
         self.telemetry = TelemetryIngest(self.store.engine)
+        leadership = self.leadership
+        # Only the leader counts telemetry: a deposed leader's flush is refused.
+        self.telemetry.fence = lambda conn: leadership.fence_in(conn, leadership.check())
+        # A standby's reads of telemetry show what the leader has committed.
+        telemetry = self.telemetry
+        leadership.on_standby = lambda: asyncio.to_thread(telemetry.reload)
         self.reports = ReportIntake(self.writer, self.telemetry)
         issuer = AssignmentIssuer(lambda: self.keyring.signers("director"),
                                   config.assignment_ttl_s, self.clock.wall_ns)
@@ -150,6 +177,10 @@ class HubService:
                     connect_for: float | None = CONNECT_FOR_S) -> None:
         """Connect (for `connect_for` seconds at most, `Stopped` if `stop` is set while
         connecting) and serve."""
+        if self.store.url is not None and self.leadership.lease is None:
+            # SQLite: one `hub serve` per ledger (its lock would serialise several
+            # anyway, and nothing else would fence them); PostgreSQL runs several.
+            self._single = SingleProcessLock.take(self.store.location)
         self.check_clock()
         await self.bootstrap_admin()
         edge = self.edge
@@ -162,25 +193,22 @@ class HubService:
         await edge.ensure_layout()
         await publish_roots(edge.js, self.keyring, self.store)
         await allow_fleet_consumers(edge.js)
-        # Before serving: a stop between a ledger commit and its KV write left devices
-        # without an assignment the ledger says they have (hub.devices.assignment_sync).
-        try:
-            self.assignment_sync = await reconcile_assignments(edge.js, self.store.engine)
-        except Exception:  # serve anyway; the next start tries again
-            log.exception("could not compare KV assignments with the ledger")
+        # The lease, if it is free (a standby keeps trying under the supervisor below).
+        if await self.leadership.begin():
+            # Before serving: a stop between a ledger commit and its KV write left devices
+            # without an assignment the ledger says they have (hub.devices.assignment_sync).
+            await self._sync_assignments()
         await edge.serve_api(self.router)
         assert edge.nc is not None
         self.ledger_publishing = await start_ledger_publishing(
             self.config, self.store, edge.nc, edge.js, edge.replies)
+        checkpointer = self.ledger_publishing.checkpointer
+        checkpointer.may_sign = self.leadership.leads
         # Model transparency: proof bundles of witnessed releases (hub.log.transparency).
         self.transparency = TransparencyPublisher(
-            self.store, self.ledger_publishing.checkpointer.checkpoints,
-            lambda: self.keyring.root, edge.js)
+            self.store, checkpointer.checkpoints, lambda: self.keyring.root, edge.js)
         self.ledger_publishing.api.on_cosigned = self.transparency.sync
         await self.transparency.start()
-        js = edge.js
-        self.supervisor.start("reports", lambda: self.reports.consume(js))
-        self.supervisor.start("rollouts", self.controller.run)
         transparency = self.transparency
 
         async def bundles(republish: bool) -> int:
@@ -189,16 +217,49 @@ class HubService:
             return await transparency.sync()
 
         self.reconciler.transparency = bundles
-        self.supervisor.start("reconcile", self.reconciler.run)
-        checkpointer = self.ledger_publishing.checkpointer
         await checkpointer.hand_over()
-        self.supervisor.start("checkpointer", checkpointer.run)
+        # The leader's work (intake, rollouts, reconcile, checkpoints) starts and stops
+        # with the lease: `_lead` and `_follow`.
+        self.supervisor.start("leadership", self.leadership.run)
         if self.config.metrics_listen is not None:
             host, port = parse_listen(self.config.metrics_listen)
             self.metrics_server = MetricsServer(self.metrics.registry, host, port)
             await self.metrics_server.start()  # a port in use fails the start, not later
             self.supervisor.start("metrics", self.metrics_server.run, critical=False)
-        log.info("hub serving on %s, ledger %s", self.config.nats_url, self.config.database_url())
+        log.info("hub serving on %s, ledger %s (%s)", self.config.nats_url,
+                 self.config.database_url(), self.leadership.role)
+
+    async def _sync_assignments(self) -> None:
+        try:
+            self.assignment_sync = await reconcile_assignments(self.edge.js, self.store.engine)
+        except Exception:  # serve anyway; the next start (or leader) tries again
+            log.exception("could not compare KV assignments with the ledger")
+
+    async def _lead(self, epoch: int) -> None:
+        """This process became the leader: start the work only a leader does."""
+        if self._first_lead:
+            self._first_lead = False
+        else:  # taken over: the previous leader may have stopped between ledger and KV
+            await self._sync_assignments()
+        # Count from what the previous leader committed, not from what this process
+        # read when it started.
+        await asyncio.to_thread(self.telemetry.reload)
+        js = self.edge.js
+        publishing = self.ledger_publishing
+        assert publishing is not None
+        for name, run in (("reports", lambda: self.reports.consume(js)),
+                          ("rollouts", self.controller.run),
+                          ("reconcile", self.reconciler.run),
+                          ("checkpointer", publishing.checkpointer.run)):
+            await self.supervisor.stop_task(name)  # a second lead (restarted loop)
+            self.supervisor.start(name, run)
+
+    async def _follow(self) -> None:
+        """This process stopped leading: stop the leader's work. Reports fetched and
+        not stored stay unacknowledged and go to the leader after their ack wait."""
+        for name in ("reports", "rollouts", "reconcile", "checkpointer"):
+            await self.supervisor.stop_task(name)
+        self.telemetry.rollback()
 
     async def stop(self) -> None:
         await self.edge.drain_api()
@@ -212,7 +273,11 @@ class HubService:
             self.telemetry.flush()
         self.writer.publish = None
         await self.edge.close()
+        self.writer.lock.close()
         self.store.close()
+        if self._single is not None:
+            self._single.release()
+            self._single = None
 
     def _reconnects(self) -> int:
         nc = self.edge.nc
@@ -236,4 +301,6 @@ class HubService:
             # Requests dropped because of their reply subject (hub/home/replies.py).
             "refused_replies": dict(self.edge.replies.counts),
             "clock_behind_s": self.clock_behind_ns / 1e9,
+            # Which process leads (host, pid, epoch), this one's role, every process.
+            "leadership": self.leadership.status(),
         }

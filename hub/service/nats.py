@@ -49,6 +49,7 @@ from ledger.encoding import canonical_encode
 from ledger.retry import Stopped, describe, failure_reason
 
 log = logging.getLogger("hub")
+API_QUEUE = "hub"  # the queue group of every hub process's `hub.api.*` subscription
 CONNECT_FOR_S = 10.0  # how long `start` tries to reach NATS by default (`hub serve --wait-nats`)
 
 MAX_REQUEST_BYTES = 256 * 1024
@@ -145,7 +146,9 @@ class NatsEdge:
 
             task.add_done_callback(done)
 
-        await self.nc.subscribe(API_PREFIX + ">", cb=on_request)
+        # A queue group: with several hub processes each command is answered (and
+        # appended) by one of them, not by all.
+        await self.nc.subscribe(API_PREFIX + ">", queue=API_QUEUE, cb=on_request)
 
     async def _answer(self, router: Router, msg: Msg) -> None:
         verb = msg.subject[len(API_PREFIX):]

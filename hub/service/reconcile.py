@@ -197,7 +197,7 @@ class Reconciler:
                 issued = self.issuer.reissue(conn, ev.HUB_ACTOR, self.issuer.signers(), {},
                                              "renewed before expiry", only=set(due))
             if issued.events:
-                await self.writer.append(issued.events)
+                await self.writer.append(issued.events, leader=True)
         devices = [device for device, _ in issued.writes]
         if devices:
             log.info("renewed %d assignment(s) before expiry: %s", len(devices),

@@ -15,13 +15,19 @@ window is counted exactly once across hub and NATS restarts.
 
 Telemetry is not a lifecycle fact: these tables are not rebuilt from the ledger. What
 the rollout controller concludes from them is, with the numbers, in the ledger.
+
+With several hub processes (hub.commands.leadership) only the leader counts: the
+aggregates and the per-boot dedupe are held here and written as totals, so two
+counters would overwrite each other. `fence` (set by the hub) runs in the flush's
+transaction and refuses a deposed leader's flush; a new leader `reload`s what the
+previous one committed before it counts, and a standby reloads to answer reads.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +152,9 @@ def _add(into: list[int], more: Iterable[int]) -> list[int]:
 class TelemetryIngest:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Raises inside the flush's transaction if this process may not count (it is
+        # not the leader); None: it always may (one process).
+        self.fence: Callable[[Connection], None] | None = None
         with engine.begin() as conn:
             for table in (AGG, DEVS, device_state.TELEMETRY):
                 table.create(conn, checkfirst=True)
@@ -263,6 +272,11 @@ class TelemetryIngest:
             self._load()
             raise
 
+    def reload(self) -> None:
+        """Read the counts as committed, dropping what was counted and not flushed (a
+        new leader before it counts; a standby, whose reads would be stale)."""
+        self._load()
+
     def rollback(self) -> None:
         """Forget what was counted since the last flush (its reports are redelivered)."""
         if self._dirty_aggs or self._dirty_devs:
@@ -273,6 +287,8 @@ class TelemetryIngest:
         # Rows are grouped into one executemany per table and statement: a flush after a
         # fetched batch of 256 windows is a handful of statements, not ~800.
         with self.engine.begin() as conn:
+            if self.fence is not None:
+                self.fence(conn)
             inserts: list[dict[str, Any]] = []
             updates: list[dict[str, Any]] = []
             for key in sorted(self._dirty_aggs):
