@@ -237,8 +237,10 @@ async def test_the_lease_loop_leads_then_stands_by_when_deposed(fresh_pg_url: st
                                   "expires = 1e12"))
             await asyncio.wait_for(_until(lambda: seen == ["lead 1", "follow"]), 10)
             assert not leadership.leads() and leadership.role == "standby"
-            procs = lease.processes()
-            assert [(p["holder"], p["role"]) for p in procs] == [("a:1:x", "standby")]
+            # Its heartbeat says so at its next beat (written after `follow` ran).
+            await asyncio.wait_for(_until(lambda: [
+                (p["holder"], p["role"]) for p in lease.processes()] == [("a:1:x", "standby")]),
+                10)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
