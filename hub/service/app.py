@@ -235,5 +235,7 @@ class HubService:
             "tasks": self.supervisor.states(),
             # Requests dropped because of their reply subject (hub/home/replies.py).
             "refused_replies": dict(self.edge.replies.counts),
+            # Operator uploads refused, by reason (hub/uploads.py).
+            "refused_uploads": dict(self.edge.uploads.refused),
             "clock_behind_s": self.clock_behind_ns / 1e9,
         }
