@@ -18,7 +18,8 @@ On a real nats-server with the configuration `hub init` writes and a real hub:
 
 Each attack asserts that it failed AND that nothing changed (message counts and last
 sequences of OBJ_models, OBJ_releases and UPLOADS, the ledger head, `store.verify()`).
-One hub and one server serve the module; the happy path with a real agent has its own.
+One hub and one server serve the module; its last tests run the happy path to a real
+agent and the reconciler's restore of a released blob.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from edge_agent.protocol.names import (
     UPLOADS_STREAM,
     upload_subject,
 )
+from edge_agent.slots import SlotStore
 from edge_agent.transport import objects
 from edge_agent.transport.connect import NatsAuth
 from hub.client import HubClient
@@ -54,6 +56,7 @@ from hub.uploads import copy_blob
 from ledger.signing import SigningKey
 from testkit.modelgen import model_for_version
 from testkit.nats_server import EmbeddedNats
+from tests.device_kit import deploy_and_wait
 from tests.fleet import Fleet, ledger_state
 from tests.test_nats_permissions import Conn
 
@@ -448,3 +451,16 @@ async def test_the_reconciler_restores_a_released_blob_missing_from_releases(
     assert not await copy_blob(setting.js, MODELS_BUCKET, RELEASES_BUCKET, setting.released,
                                int(info.size or 0))
     assert (await hub.reconciler.round()).blobs == []
+
+
+async def test_a_real_agent_installs_the_released_model_from_releases(setting: Setting) -> None:
+    """The happy path end to end: register -> validate -> approve -> release (the
+    fixture) -> deploy -> a real agent, whose NATS user can read no other bucket,
+    installs kws/1 from `releases`."""
+    fleet = setting.fleet
+    agent = fleet.agent(DEVICE).start()
+    async with await setting.client("admin") as admin:
+        await deploy_and_wait(fleet, admin, "1", [DEVICE])
+    active = SlotStore(agent.state_dir).active()
+    assert active is not None
+    assert blake3.blake3(active.path.read_bytes()).hexdigest() == setting.released
