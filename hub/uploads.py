@@ -99,7 +99,13 @@ class UploadIntake:
         `digest` and `size` (at most `max_bytes`); UploadRefused if it is not exactly
         that. The upload is purged either way."""
         try:
-            await self._take(js, keyid, upload_id, digest, size, max_bytes, dest, what)
+            try:
+                await self._take(js, keyid, upload_id, digest, size, max_bytes, dest, what)
+            except UploadRefused:
+                raise
+            except Exception as exc:  # NATS trouble mid-read: one line, not "internal error"
+                raise UploadRefused("unreadable", f"cannot read upload {upload_id[:80]} "
+                                    f"({type(exc).__name__}: {exc}); upload again") from exc
         except UploadRefused as exc:
             self.refused[exc.reason] += 1
             log.warning("upload refused (%s) from operator %s: %s", exc.reason, keyid, exc)

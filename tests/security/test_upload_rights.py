@@ -58,6 +58,7 @@ from testkit.modelgen import model_for_version
 from testkit.nats_server import EmbeddedNats
 from tests.device_kit import deploy_and_wait
 from tests.fleet import Fleet, ledger_state
+from tests.test_end_to_end import run_ledger_cli
 from tests.test_nats_permissions import Conn
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
@@ -371,6 +372,12 @@ async def test_a_tampered_upload_is_refused_and_lands_nowhere(
     async with await setting.client("auditor") as auditor:
         status = await auditor.call("status")
     assert status["refused_uploads"][reason] == counted + 1
+
+
+async def test_ledger_verify_passes_after_the_refused_uploads(setting: Setting) -> None:
+    """`ledger verify` (the CLI, another process) on the ledger the attacks above left."""
+    cli = run_ledger_cli("verify", "--db", setting.fleet.config.database_url())
+    assert cli.returncode == 0, cli.stdout + cli.stderr
 
 
 async def test_a_validation_set_over_its_limit_is_refused_unread(setting: Setting) -> None:
