@@ -7,8 +7,9 @@ when the hub answered with an error (or with something unreadable).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import replace
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,10 +19,17 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import Error as JsError
+from nats.js.errors import NoStreamResponseError
 
 from edge_agent.protocol import ProtocolError, decode_map
-from edge_agent.protocol.names import API_PREFIX, MODELS_BUCKET
+from edge_agent.protocol.names import (
+    API_PREFIX,
+    UPLOAD_CHUNK_BYTES,
+    UPLOAD_CHUNK_HEADER,
+    UPLOADS_STREAM,
+    upload_subject,
+)
 from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub.commands.envelope import AUDIENCE_VERB, sign_command
@@ -38,6 +46,18 @@ def file_digest(path: Path) -> tuple[str, int]:
             hasher.update(chunk)
             size += len(chunk)
     return hasher.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file staged for the hub: what a command names (`upload`, `digest`, `size`)."""
+
+    upload_id: str
+    digest: str
+    size: int
+
+
+Progress = Callable[[int, int], None]  # (bytes sent, total)
 
 
 async def _quiet(exc: Exception) -> None:
@@ -162,17 +182,41 @@ class HubClient:
         rows: list[dict[str, Any]] = (await self.all_pages("devices", body))["devices"]
         return rows
 
-    async def upload_model(self, path: Path) -> tuple[str, int]:
-        """Put a file (model or data set) into the Object Store under its BLAKE3 digest."""
+    async def upload(self, path: Path, progress: Progress | None = None) -> Upload:
+        """Stage a file (model or data set) for the hub: its chunks go, each acknowledged
+        by JetStream, to `upload.<this key id>.<new upload id>` in the hub's UPLOADS
+        stream (hub/uploads.py); a command then names the upload. Operators have no
+        Object Store rights: the hub checks the upload and stores it itself."""
         digest, size = file_digest(path)
-        js = self.nc.jetstream()
-        try:
-            obs = await js.object_store(MODELS_BUCKET)
-        except (BucketNotFoundError, NotFoundError) as exc:
-            raise Refused("the models bucket does not exist yet; start `hub serve` first") from exc
+        upload_id = secrets.token_hex(16)
+        subject = upload_subject(self.key.keyid, upload_id)
+        js = self.nc.jetstream(timeout=self.timeout)
+        sent = 0
         with open(path, "rb") as fh:
-            await obs.put(digest, fh)
-        return digest, size
+            index = 0
+            while chunk := fh.read(UPLOAD_CHUNK_BYTES):
+                # The message id makes a resent chunk a no-op (JetStream's duplicate
+                # window), should an ack be lost.
+                headers = {UPLOAD_CHUNK_HEADER: str(index),
+                           "Nats-Msg-Id": f"{upload_id}.{index}"}
+                try:
+                    await js.publish(subject, chunk, stream=UPLOADS_STREAM, headers=headers)
+                except NoStreamResponseError as exc:
+                    raise Unreachable("the hub's upload stream is not there; start `hub "
+                                      "serve` first") from exc
+                except NatsTimeout as exc:
+                    raise Unreachable(f"uploading {path.name}: chunk {index} was not "
+                                      f"acknowledged within {self.timeout:.0f} s") from exc
+                except JsError as exc:  # the stream refused it (full, too big)
+                    raise Refused(f"uploading {path.name}: chunk {index} refused: "
+                                  f"{exc}") from exc
+                except NatsError as exc:
+                    raise Unreachable(f"uploading {path.name}: {exc}") from exc
+                index += 1
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, size)
+        return Upload(upload_id, digest, size)
 
     async def register_model(
         self, path: Path, name: str, version: str,
@@ -181,16 +225,18 @@ class HubClient:
     ) -> Any:
         """Upload and register a model; `input_shapes` declares the run shape of dynamic
         inputs (input name -> shape), checked by the hub's preflight and recorded."""
-        digest, size = await self.upload_model(path)
+        staged = await self.upload(path)
         return await self.call("model.register", {
-            "name": name, "version": version, "digest": digest, "size": size,
+            "name": name, "version": version, "upload": staged.upload_id,
+            "digest": staged.digest, "size": staged.size,
             "lineage": lineage or {}, "card": card or {},
             **({"input_shapes": input_shapes} if input_shapes else {}),
         })
 
     async def validate_model(self, name: str, version: str, data: Path) -> Any:
-        """Upload the validation set (.npz) as a blob and ask the hub to run the gate."""
-        digest, size = await self.upload_model(data)
+        """Upload the validation set (.npz) and ask the hub to run the gate."""
+        staged = await self.upload(data)
         return await self.call("model.validate", {
-            "name": name, "version": version, "data_digest": digest, "data_size": size,
+            "name": name, "version": version, "data_upload": staged.upload_id,
+            "data_digest": staged.digest, "data_size": staged.size,
         })

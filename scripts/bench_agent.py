@@ -34,7 +34,7 @@ import blake3  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edge_agent.protocol.names import MODELS_BUCKET  # noqa: E402
+from edge_agent.protocol.names import RELEASES_BUCKET  # noqa: E402
 from edge_agent.transport.objects import iter_object_chunks  # noqa: E402
 from hub import events as ev  # noqa: E402
 from testkit.modelgen import model_for_version  # noqa: E402
@@ -73,11 +73,11 @@ async def sample_idle(pid: int, seconds: float) -> dict[str, float]:
 
 
 async def raw_read(fleet: Fleet, digest: str, size: int) -> float:
-    async with await fleet.client() as client:
+    async with await fleet.client(role="hub") as client:  # operators have no bucket rights
         js = client.nc.jetstream()
         t = time.perf_counter()
         hasher = blake3.blake3()
-        async for chunk in iter_object_chunks(js, MODELS_BUCKET, digest, size):
+        async for chunk in iter_object_chunks(js, RELEASES_BUCKET, digest, size):
             hasher.update(chunk)
         elapsed = time.perf_counter() - t
     assert hasher.hexdigest() == digest

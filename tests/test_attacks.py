@@ -22,7 +22,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from edge_agent import protocol as proto
-from edge_agent.protocol.names import MODELS_BUCKET
+from edge_agent.protocol.names import RELEASES_BUCKET
 from edge_agent.update import EXPIRY_SKEW_NS
 from hub import events as ev
 from hub.client import HubClient
@@ -83,9 +83,11 @@ class Target:
         return reason
 
     async def upload(self, data: bytes) -> tuple[str, int]:
-        path = self.fleet.root / f"upload-{blake3.blake3(data).hexdigest()[:8]}.tflite"
-        path.write_bytes(data)
-        return await self.client.upload_model(path)
+        """Put a blob straight into the bucket devices read (the attacker holds the hub's
+        NATS rights here)."""
+        digest = blake3.blake3(data).hexdigest()
+        await (await self.js.object_store(RELEASES_BUCKET)).put(digest, data)
+        return digest, len(data)
 
 
 @pytest.fixture
@@ -217,7 +219,7 @@ async def test_digest_mismatch_between_manifest_and_blob(target: Target) -> None
     digest = blake3.blake3(honest).hexdigest()
     forged = bytearray(honest)
     forged[len(forged) // 2] ^= 0xFF
-    obs = await target.js.object_store(MODELS_BUCKET)
+    obs = await target.js.object_store(RELEASES_BUCKET)
     await obs.put(digest, bytes(forged))  # other bytes under the signed digest's name
     manifest = forge_manifest(release(target), digest, len(honest))
     await put_manifest(target.js, manifest)
@@ -230,14 +232,14 @@ async def test_endless_data_blob_longer_than_the_manifest_states(target: Target)
     manifest = await staged_v3(target)
     digest = blake3.blake3(target.model_files["3"].read_bytes()).hexdigest()
     # The attacker appends chunks behind metadata that still states the honest size.
-    obs = await target.js.object_store(MODELS_BUCKET)
+    obs = await target.js.object_store(RELEASES_BUCKET)
     info = await obs.get_info(digest)
     for _ in range(4):
-        await target.js.publish(f"$O.{MODELS_BUCKET}.C.{info.nuid}", os.urandom(128 * 1024))
+        await target.js.publish(f"$O.{RELEASES_BUCKET}.C.{info.nuid}", os.urandom(128 * 1024))
     meta = info.as_dict()
     meta["chunks"] = (info.chunks or 0) + 4
     name = base64.urlsafe_b64encode(digest.encode()).decode()
-    await target.js.publish(f"$O.{MODELS_BUCKET}.M.{name}", json.dumps(meta).encode(),
+    await target.js.publish(f"$O.{RELEASES_BUCKET}.M.{name}", json.dumps(meta).encode(),
                             headers={"Nats-Rollup": "sub"})
     await put_assignment(target.js, DEVICE,
                          forge_assignment(director(target), DEVICE, manifest, counter=2))

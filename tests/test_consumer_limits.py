@@ -29,18 +29,18 @@ async def test_hub_lifts_the_consumer_cap_and_downloads_clean_up(
     try:
         for bucket in ("assignments", "manifests", "roots"):
             await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
-        obs = await js.create_object_store("models", config=ObjectStoreConfig())
+        obs = await js.create_object_store("releases", config=ObjectStoreConfig())
         await obs.put("blob", b"x" * 300_000)
         await allow_fleet_consumers(js)
-        for stream in ("KV_assignments", "KV_manifests", "KV_roots", "OBJ_models"):
+        for stream in ("KV_assignments", "KV_manifests", "KV_roots", "OBJ_releases"):
             info = await js.stream_info(stream)
             assert info.config.max_consumers == FLEET_MAX_CONSUMERS
         await allow_fleet_consumers(js)  # idempotent
 
         for _ in range(3):
-            data = b"".join([c async for c in iter_object_chunks(js, "models", "blob", 300_000)])
+            data = b"".join([c async for c in iter_object_chunks(js, "releases", "blob", 300_000)])
             assert len(data) == 300_000
-        assert (await js.stream_info("OBJ_models")).state.consumer_count == 0
+        assert (await js.stream_info("OBJ_releases")).state.consumer_count == 0
     finally:
         await nc.close()
 

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from edge_agent import protocol as proto
-from edge_agent.protocol.names import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, MODELS_BUCKET
+from edge_agent.protocol.names import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, RELEASES_BUCKET
 from edge_agent.runtime import LoadedModel
 from edge_agent.slots import SlotStore
 from hub import events as ev
-from hub.client import HubClient
+from hub.client import HubClient, file_digest
 from ledger.signing import SigningKey
 from ledger.storage.store import LedgerStore
 from tests.fleet import REPO_ROOT, Fleet
@@ -144,10 +144,10 @@ async def test_blob_with_a_flipped_byte_is_refused_and_old_model_keeps_running(
         await deploy_and_wait(fleet, client, "1", ["dev-0"])
         v2 = await fleet.release_model(model_files["2"], "kws", "2")
 
-        # The attacker rewrites the stored blob, keeping its name (the digest).
+        # The attacker rewrites the released blob devices read, keeping its name.
         data = bytearray(model_files["2"].read_bytes())
         data[len(data) // 2] ^= 0xFF
-        obs = await client.nc.jetstream().object_store(MODELS_BUCKET)
+        obs = await client.nc.jetstream().object_store(RELEASES_BUCKET)
         await obs.put(v2["digest"], bytes(data))
 
         await client.call("deploy", {"model": "kws", "version": "2", "devices": ["dev-0"]})
@@ -179,7 +179,9 @@ async def test_manifest_signed_by_a_key_outside_the_trust_root_is_refused(
 
         # A rogue release key signs a manifest for an uploaded blob; the assignment
         # itself is validly signed, so only the manifest check stands in the way.
-        digest, size = await client.upload_model(model_files["3"])
+        digest, size = file_digest(model_files["3"])
+        await (await client.nc.jetstream().object_store(RELEASES_BUCKET)).put(
+            digest, model_files["3"].read_bytes())
         now = time.time_ns()
         manifest = proto.ReleaseManifest(
             name="kws", version="3", digest=digest, size=size, format="tflite",

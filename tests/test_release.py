@@ -89,10 +89,10 @@ async def test_too_many_output_values_are_refused_at_validation_not_at_release(
     async with await fleet.client() as admin:
         await admin.register_model(wide, "wide", "1")
         data = write_validation_set(wide, fleet.root / "wide.npz")
-        digest, size = await admin.upload_model(data)
+        staged = await admin.upload(data)
         await refused(fleet, admin, "model.validate",
-                      {"name": "wide", "version": "1", "data_digest": digest,
-                       "data_size": size},
+                      {"name": "wide", "version": "1", "data_upload": staged.upload_id,
+                       "data_digest": staged.digest, "data_size": staged.size},
                       "has 4,000 values", f"at most {proto.MAX_OUTPUTS}", "drift_values")
         assert release_state(fleet, "wide", "1") == "registered"
     assert released_events(fleet) == []

@@ -20,9 +20,11 @@ from edge_agent.protocol.names import (
     MANIFESTS_BUCKET,
     REPORTS_STREAM,
     ROOTS_BUCKET,
+    UPLOADS_STREAM,
 )
 from hub.home.config import HomeError, HubConfig, load_config
 from hub.service.nats import DAY_S, ensure_stream, stream_configs
+from hub.uploads import MAX_UPLOAD_MESSAGE
 from testkit.nats_server import EmbeddedNats
 from tests.fleet import Fleet
 
@@ -58,8 +60,12 @@ async def test_an_older_hubs_stream_is_updated_in_place(
         assert old.max_age in (0, None) and old.max_bytes in (-1, None)
 
         wanted = stream_configs(config)
-        assert [await ensure_stream(js, w) for w in wanted] == [True, True]
-        assert [await ensure_stream(js, w) for w in wanted] == [False, False]  # idempotent
+        # REPORTS updated, LEDGER and UPLOADS (hub.uploads) created.
+        assert [await ensure_stream(js, w) for w in wanted] == [True, True, True]
+        assert [await ensure_stream(js, w) for w in wanted] == [False] * 3  # idempotent
+        uploads = (await js.stream_info(UPLOADS_STREAM)).config
+        assert (uploads.max_age, uploads.max_bytes) == (3600.0, 1 << 30)
+        assert uploads.max_msg_size == MAX_UPLOAD_MESSAGE
         info = await js.stream_info(REPORTS_STREAM)
         assert info.config.max_age == 2 * DAY_S
         assert info.config.max_bytes == 10_000_000

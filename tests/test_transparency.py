@@ -21,7 +21,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from edge_agent import protocol as proto
-from edge_agent.protocol.names import ROOT_LATEST_KEY, ROOTS_BUCKET, TRANSPARENCY_BUCKET
+from edge_agent.protocol.names import (
+    RELEASES_BUCKET,
+    ROOT_LATEST_KEY,
+    ROOTS_BUCKET,
+    TRANSPARENCY_BUCKET,
+)
 from edge_agent.trust.inclusion import verify_release_inclusion
 from edge_agent.trust.root import TrustRoot
 from hub import events as ev
@@ -198,7 +203,7 @@ async def test_a_release_outside_the_ledger_is_never_installed_with_stolen_keys(
         # The attacker holds the release and director keys and can write to NATS: a
         # validly signed kws/3 that was never released through the hub, so never logged.
         js = attacker.nc.jetstream()
-        digest, size = await upload(admin, model_files["3"])
+        digest, size = await upload(attacker, model_files["3"])
         manifest = forge_manifest(fleet.config.load_key("release"), digest, size, version="3")
         await put_manifest(js, manifest)
         plain_reports = await ReportWatch.start(fleet.url_as(), "dev-plain")
@@ -224,7 +229,12 @@ async def test_a_release_outside_the_ledger_is_never_installed_with_stolen_keys(
 
 
 async def upload(client: HubClient, path: Path) -> tuple[str, int]:
-    return await client.upload_model(path)
+    """Put a blob straight into the bucket devices read (`client` has the hub's NATS
+    rights: the attacker's, in these tests)."""
+    data = path.read_bytes()
+    store = await client.nc.jetstream().object_store(RELEASES_BUCKET)
+    await store.put(blake3.blake3(data).hexdigest(), data)
+    return blake3.blake3(data).hexdigest(), len(data)
 
 
 def _tampered_proof(data: bytes) -> bytes:

@@ -13,7 +13,12 @@ from edge_agent.protocol.documents import check_device_id, check_model_ref
 
 # ---------------------------------------------------------------- buckets
 
-MODELS_BUCKET: Final = "models"  # Object Store: model blobs, named by BLAKE3 digest
+# Object Store of every blob the hub accepted (models, validation sets, validation
+# details), named by BLAKE3 digest. Only the hub reads or writes it.
+MODELS_BUCKET: Final = "models"
+# Object Store of released model blobs only (copied from MODELS_BUCKET at release): the
+# one bucket devices may read.
+RELEASES_BUCKET: Final = "releases"
 MANIFESTS_BUCKET: Final = "manifests"  # KV: signed release manifests, manifest_key()
 ASSIGNMENTS_BUCKET: Final = "assignments"  # KV: one signed assignment per device id
 ROOTS_BUCKET: Final = "roots"  # KV: trust roots, root_key() and ROOT_LATEST_KEY
@@ -50,6 +55,12 @@ def assignment_key(device: str) -> str:
 REPORTS_STREAM: Final = "REPORTS"
 REPORTS_DURABLE: Final = "hub-reports"  # the hub's durable consumer on REPORTS
 LEDGER_STREAM: Final = "LEDGER"
+# Staging of operator uploads: the hub reads an upload's chunks, checks them, stores the
+# blob in MODELS_BUCKET itself and purges the upload (hub.uploads).
+UPLOADS_STREAM: Final = "UPLOADS"
+UPLOAD_SUBJECTS: Final = "upload.>"
+UPLOAD_CHUNK_BYTES: Final = 128 * 1024  # the payload of one upload message
+UPLOAD_CHUNK_HEADER: Final = "Fleet-Upload-Chunk"  # 0-based index of the chunk
 
 # ---------------------------------------------------------------- subjects
 
@@ -69,6 +80,17 @@ def report_subject(device: str, kind: str) -> str:
 def device_report_subjects(device: str) -> str:
     """Every report subject of one device (its only publish permission for reports)."""
     return f"fleet.report.{device}.>"
+
+
+def upload_subject(keyid: str, upload_id: str) -> str:
+    """Where the operator with key id `keyid` publishes the chunks of one upload (its only
+    publish permission for uploads is `upload_subjects(keyid)`)."""
+    return f"upload.{keyid}.{upload_id}"
+
+
+def upload_subjects(keyid: str) -> str:
+    """Every upload subject of one operator."""
+    return f"upload.{keyid}.>"
 
 
 def report_msg_id(device: str, boot: str, seq: int) -> str:

@@ -22,7 +22,7 @@ from edge_agent.errors import FetchError, NotPublished
 from edge_agent.protocol.names import (
     ASSIGNMENTS_BUCKET,
     MANIFESTS_BUCKET,
-    MODELS_BUCKET,
+    RELEASES_BUCKET,
     ROOT_LATEST_KEY,
     ROOTS_BUCKET,
     TRANSPARENCY_BUCKET,
@@ -165,14 +165,14 @@ class NatsTransport:
         return _KvUpdates(watcher)
 
     async def blob_ref(self, digest: str, size: int) -> ObjectRef:
-        return await objects.object_ref(self.js, MODELS_BUCKET, digest, size)
+        return await objects.object_ref(self.js, RELEASES_BUCKET, digest, size)
 
     async def blob_chunks(
         self, ref: ObjectRef, size: int, *, received: int, chunks_seen: int,
         start_seq: int | None, batch: int, timeout: float,
     ) -> AsyncIterator[Chunk]:
         async for chunk in objects.iter_chunks_from(
-            self.js, MODELS_BUCKET, ref, size, received=received, chunks_seen=chunks_seen,
+            self.js, RELEASES_BUCKET, ref, size, received=received, chunks_seen=chunks_seen,
             start_seq=start_seq, batch=batch, timeout=timeout,
             # A device may not delete consumers (hub/home/nats_config.py): waiting for
             # the refused request would cost every download its timeout. It expires.

@@ -241,6 +241,10 @@ def status(
         if replies:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(replies.items()))
             out.print(f"requests dropped for their reply subject since start: {kinds}")
+        uploads = result.get("refused_uploads") or {}
+        if uploads:
+            kinds = ", ".join(f"{escape(str(k))} {v}" for k, v in sorted(uploads.items()))
+            out.print(f"uploads refused since start: {kinds}", highlight=False)
 
     config = hub_config(home, nats_url)
     deadline = time.monotonic() + wait

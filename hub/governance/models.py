@@ -1,9 +1,9 @@
 """Model lifecycle commands: register, validate, approve, reject, release, deprecate,
 revoke (the rules are in hub.governance.rules; the state in hub.governance.state).
 
-`model.register` and `model.validate` are slow writes: their slow part (reading the
-uploaded blobs, running the model) runs without the write lock, and the commit re-checks
-the state under it (hub.commands.router).
+`model.register` and `model.validate` are slow writes: their slow part (taking the
+operator's staged upload, hub.uploads; running the model) runs without the write lock,
+and the commit re-checks the state under it (hub.commands.router).
 """
 
 from __future__ import annotations
@@ -106,23 +106,51 @@ class ModelCommands:
         return {"source": f"{self.config.policy_path.name} {where}", **policy_record(policy)}
 
     def register(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
+        try:
+            return self._register(conn, cmd)
+        except Exception:
+            self._discard(cmd, "upload")
+            raise
+
+    def validate(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
+        try:
+            return self._validate(conn, cmd)
+        except Exception:
+            self._discard(cmd, "data_upload")
+            raise
+
+    def _discard(self, cmd: VerifiedCommand, field: str) -> None:
+        """A command refused before its upload was read: drop the upload now rather than
+        leave it to the staging stream's max age."""
+        upload = cmd.body.get(field)
+        if isinstance(upload, str):
+            self.effects.discard_upload(cmd.operator.keyid, upload)
+
+    def _register(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
         name, version = model_ref(cmd.body)
         body = Body(cmd.body)
         digest, size = body.text("digest"), body.integer("size")
+        upload = body.text("upload")
         lineage, card = body.map("lineage"), body.map("card")
         input_shapes = _input_shapes(cmd.body.get("input_shapes"))
         _check_unregistered(conn, name, version)
+        keyid = cmd.operator.keyid
 
         async def inspect() -> Handler:
             with tempfile.TemporaryDirectory(prefix="hub-register-") as tmp:
                 path = Path(tmp) / "model.tflite"
-                await self._fetch_checked(digest, size, path, "model")
+                # The operator's staged upload, checked and purged (hub/uploads.py).
+                await self.effects.take_upload(keyid, upload, digest, size,
+                                               self.config.uploads_max_bytes, path, "model")
                 try:
                     # In a child process: a corrupt model can crash the TFLite runtime.
                     signature = (await asyncio.to_thread(
                         preflight, path, 120.0, input_shapes or None)).signature
                 except ModelRuntimeError as exc:
                     raise CommandError(f"not a loadable TFLite model: {exc}") from exc
+                # Only a model that loads reaches the (hub-only) models bucket; before the
+                # entry that names it, so the ledger never names a blob the hub lacks.
+                await self._store(digest, path, "model")
 
             def commit(conn: Connection, cmd: VerifiedCommand) -> Outcome:
                 _check_unregistered(conn, name, version)  # a concurrent twin won
@@ -150,6 +178,13 @@ class ModelCommands:
 
         return inspect
 
+    async def _store(self, digest: str, path: Path, what: str) -> None:
+        try:
+            await self.effects.store_blob(digest, path)
+        except Exception as exc:
+            raise CommandError(f"cannot store the {what} ({exc}); nothing was recorded: "
+                               "try again once NATS is reachable") from exc
+
     async def _fetch_checked(self, digest: str, size: int, dest: Path, what: str) -> None:
         try:
             got = await self.effects.read_blob(digest, size, dest)
@@ -160,7 +195,7 @@ class ModelCommands:
                 f"the stored {what} does not match digest {digest[:16]}…; upload it again"
             )
 
-    def validate(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
+    def _validate(self, conn: Connection, cmd: VerifiedCommand) -> SlowWork:
         from hub import validation  # numpy-heavy; only when validating
 
         name, version = model_ref(cmd.body)
@@ -168,8 +203,8 @@ class ModelCommands:
         require_transition("validate", row)
         body = Body(cmd.body)
         data_digest, data_size = body.text("data_digest"), body.integer("data_size")
-        if data_size > MAX_DATASET_BYTES:
-            raise CommandError(f"validation data is over {MAX_DATASET_BYTES >> 20} MiB")
+        data_upload = body.text("data_upload")
+        keyid = cmd.operator.keyid
         try:
             policy = validation.load_policy(self.config.policy_path, name)
         except validation.ValidationError as exc:
@@ -178,8 +213,11 @@ class ModelCommands:
         async def evaluate() -> Handler:
             with tempfile.TemporaryDirectory(prefix="hub-validate-") as tmp:
                 model_path, data_path = Path(tmp) / "model.tflite", Path(tmp) / "data.npz"
+                # The staged data set (purged either way; over MAX_DATASET_BYTES is
+                # refused unread), then the registered model from `models`.
+                await self.effects.take_upload(keyid, data_upload, data_digest, data_size,
+                                               MAX_DATASET_BYTES, data_path, "validation data")
                 await self._fetch_checked(row["digest"], row["size"], model_path, "model")
-                await self._fetch_checked(data_digest, data_size, data_path, "validation data")
                 try:
                     dataset = validation.load_dataset(data_path)
                     report = await asyncio.to_thread(
@@ -187,6 +225,8 @@ class ModelCommands:
                         _run_shapes(row["inputs"]))
                 except validation.ValidationError as exc:
                     raise CommandError(f"validation could not run: {exc}") from exc
+                # Kept (hub-only bucket) for audit: the entry names it by digest.
+                await self._store(data_digest, data_path, "validation data")
 
             results = self._bounded_results({
                 "name": name, "version": version, **report.to_payload(),
@@ -316,6 +356,14 @@ class ModelCommands:
         payload = {"name": name, "version": version, "digest": row["digest"],
                    "manifest_hash": manifest_hash, "manifest": envelope,
                    "expires": manifest.expires, **change}
+        try:
+            # Devices read only the `releases` bucket: the blob goes there first (nothing
+            # when it is there already), so a manifest never names a blob devices lack.
+            await self.effects.release_blob(row["digest"], row["size"])
+        except Exception as exc:
+            raise CommandError(
+                f"cannot publish the blob of {name}/{version} ({exc}); nothing was "
+                "released: try again once NATS is reachable") from exc
         try:
             await self.effects.put_manifest(proto.manifest_key(name, version), envelope)
         except Exception as exc:

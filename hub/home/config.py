@@ -95,6 +95,10 @@ class HubConfig:
     reports_max_msgs_per_subject: int = 50_000
     ledger_feed_max_age_days: float = 7.0
     ledger_feed_max_bytes: int = 1 << 30
+    # The UPLOADS staging stream (hub/uploads.py): its size, and so the largest blob one
+    # upload may carry; an upload is dropped after `uploads_max_age_seconds` unclaimed.
+    uploads_max_bytes: int = 1 << 30
+    uploads_max_age_seconds: float = 3600.0
 
     @property
     def assignment_ttl_s(self) -> float:
@@ -204,6 +208,9 @@ def init_home(
         "# reports_max_msgs_per_subject = 50000\n"
         "# ledger_feed_max_age_days = 7.0\n"
         "# ledger_feed_max_bytes = 1073741824\n"
+        "# The upload staging stream: the largest upload, and how long one is kept.\n"
+        "# uploads_max_bytes = 1073741824\n"
+        "# uploads_max_age_seconds = 3600.0\n"
     )
     # The log's C2SP verifier key: what witnesses and auditors pass as --log-key.
     log_vkey = Signer.from_signing_key(origin, keys["log"]).vkey()
@@ -250,6 +257,8 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
                 _positive(raw, "reports_max_msgs_per_subject", 50_000)),
             ledger_feed_max_age_days=_positive(raw, "ledger_feed_max_age_days", 7.0),
             ledger_feed_max_bytes=int(_positive(raw, "ledger_feed_max_bytes", 1 << 30)),
+            uploads_max_bytes=int(_positive(raw, "uploads_max_bytes", 1 << 30)),
+            uploads_max_age_seconds=_positive(raw, "uploads_max_age_seconds", 3600.0),
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc

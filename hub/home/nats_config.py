@@ -18,12 +18,14 @@ Identities (docs/PROTOCOL.md, "Permissions", lists the exact subjects):
 
 - hub: everything (it owns the streams, buckets and the API);
 - one user per operator, identified by its nkey (= the operator's own Ed25519 key, the
-  one that signs its commands): the hub's signed-command API, the ledger API, uploading
-  blobs; replies only under its own inbox prefix. Revoking the operator removes it, so
+  one that signs its commands): the hub's signed-command API, the ledger API, staging
+  uploads on its own `upload.<keyid>.>` subjects (no Object Store rights); replies only
+  under its own inbox prefix. Revoking the operator removes it, so
   a revoked key cannot even reach the hub;
 - witness: the ledger API, the ledger feed, and cosignatures;
 - one user per device, identified by its nkey (= its Ed25519 device key): its own
-  assignment, the roots and manifests buckets and model blobs to read, its own report
+  assignment, the roots and manifests buckets and released model blobs (the
+  `releases` bucket, not `models`) to read, its own report
   subjects to publish; replies only under its own inbox prefix.
 """
 
@@ -49,10 +51,11 @@ from edge_agent.protocol.names import (
     LEDGER_CHECKPOINT_SUBJECT,
     LEDGER_ENTRY_SUBJECT,
     MANIFESTS_BUCKET,
-    MODELS_BUCKET,
+    RELEASES_BUCKET,
     ROOTS_BUCKET,
     TRANSPARENCY_BUCKET,
     device_report_subjects,
+    upload_subjects,
 )
 from edge_agent.transport.connect import NatsAuth, device_inbox_prefix, nkey_public, nkey_seed
 from hub.home.nats_check import check_users_text, new_probe, without_probe
@@ -74,7 +77,9 @@ ROLES = ("hub", "witness")
 RELOAD_SETTLE_SECONDS = 0.2
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
-OBJ = f"OBJ_{MODELS_BUCKET}"
+# Devices read released blobs only: `releases`, never `models` (validation sets,
+# unreleased and refused models; hub/uploads.py).
+OBJ = f"OBJ_{RELEASES_BUCKET}"
 READ_BUCKETS = (f"KV_{ROOTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{TRANSPARENCY_BUCKET}",
                 OBJ)
 
@@ -129,19 +134,17 @@ def operator_inbox_prefix(keyid: str) -> str:
 
 def operator_permissions(keyid: str) -> dict[str, list[str]]:
     """What one operator may publish and subscribe to."""
-    return {"publish": list(OPERATOR_PERMISSIONS["publish"]),
+    return {"publish": [*OPERATOR_PERMISSIONS["publish"], upload_subjects(keyid)],
             "subscribe": [operator_inbox_prefix(keyid) + ".>", LEDGER_ENTRY_SUBJECT,
                           LEDGER_CHECKPOINT_SUBJECT]}
 
 
 OPERATOR_PERMISSIONS = {
     "publish": [
+        # No Object Store rights at all: an operator stages an upload on its own
+        # `upload.<keyid>.>` subjects (operator_permissions adds them), and the hub
+        # checks it and stores it (hub/uploads.py).
         API_PREFIX + ">", "ledger.api.>",
-        # Uploading blobs (models, validation sets) into the Object Store.
-        f"$JS.API.STREAM.INFO.{OBJ}", f"$JS.API.STREAM.MSG.GET.{OBJ}",
-        f"$JS.API.DIRECT.GET.{OBJ}", f"$JS.API.DIRECT.GET.{OBJ}.>",
-        f"$JS.API.STREAM.PURGE.{OBJ}",
-        f"$O.{MODELS_BUCKET}.C.>", f"$O.{MODELS_BUCKET}.M.>",
     ],
     "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
 }

@@ -300,6 +300,8 @@ class HubService:
             "tasks": self.supervisor.states(),
             # Requests dropped because of their reply subject (hub/home/replies.py).
             "refused_replies": dict(self.edge.replies.counts),
+            # Operator uploads refused, by reason (hub/uploads.py).
+            "refused_uploads": dict(self.edge.uploads.refused),
             "clock_behind_s": self.clock_behind_ns / 1e9,
             # Which process leads (host, pid, epoch), this one's role, every process.
             "leadership": self.leadership.status(),

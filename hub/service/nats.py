@@ -34,6 +34,7 @@ from edge_agent.protocol.names import (
     LEDGER_STREAM,
     MANIFESTS_BUCKET,
     MODELS_BUCKET,
+    RELEASES_BUCKET,
     REPORTS_STREAM,
 )
 from edge_agent.transport.connect import connect_retrying
@@ -45,6 +46,7 @@ from hub.home.config import HubConfig
 from hub.home.nats_users import NatsUsersSync
 from hub.home.replies import HUB_INBOX_PREFIX, ReplyGuard
 from hub.keys.roots import put_root
+from hub.uploads import UploadIntake, copy_blob, store_blob, uploads_stream
 from ledger.encoding import canonical_encode
 from ledger.retry import Stopped, describe, failure_reason
 
@@ -80,6 +82,9 @@ class NatsEdge:
         self._api_tasks: set[asyncio.Task[None]] = set()
         # Every responder of this hub checks its reply subject here (hub/home/replies.py).
         self.replies = ReplyGuard()
+        # Operator uploads staged in UPLOADS (hub/uploads.py); counts refusals by reason.
+        self.uploads = UploadIntake()
+        self._api_tasks_aside: set[asyncio.Task[None]] = set()  # upload purges under way
 
     @property
     def js(self) -> JetStreamContext:
@@ -110,10 +115,13 @@ class NatsEdge:
 
     async def ensure_layout(self) -> None:
         js = self.js
-        try:
-            await js.object_store(MODELS_BUCKET)
-        except (BucketNotFoundError, NotFoundError):
-            await js.create_object_store(MODELS_BUCKET, config=ObjectStoreConfig())
+        # `models`: every blob the hub accepted (only the hub reads it); `releases`: the
+        # released model blobs, the one bucket devices may read.
+        for bucket in (MODELS_BUCKET, RELEASES_BUCKET):
+            try:
+                await js.object_store(bucket)
+            except (BucketNotFoundError, NotFoundError):
+                await js.create_object_store(bucket, config=ObjectStoreConfig())
         for bucket in (MANIFESTS_BUCKET, ASSIGNMENTS_BUCKET):
             try:
                 await js.key_value(bucket)
@@ -188,6 +196,28 @@ class NatsEdge:
         """Store `data` in the Object Store under `digest` (its BLAKE3, the caller's)."""
         await (await self.js.object_store(MODELS_BUCKET)).put(digest, data)
 
+    async def take_upload(self, keyid: str, upload_id: str, digest: str, size: int,
+                          max_bytes: int, dest: Path, what: str) -> None:
+        """An operator's staged upload into `dest`, checked, then purged (hub.uploads)."""
+        await self.uploads.take(self.js, keyid, upload_id, digest, size, max_bytes, dest,
+                                what)
+
+    def discard_upload(self, keyid: str, upload_id: str) -> None:
+        """Purge an upload whose command was refused before it was read (in the
+        background: the refusal does not wait for it)."""
+        task = asyncio.create_task(self.uploads.discard(self.js, keyid, upload_id))
+        self._api_tasks_aside.add(task)
+        task.add_done_callback(self._api_tasks_aside.discard)
+
+    async def store_blob(self, digest: str, path: Path) -> None:
+        """Store a checked file in `models` under its digest (idempotent)."""
+        await store_blob(self.js, MODELS_BUCKET, digest, path)
+
+    async def release_blob(self, digest: str, size: int) -> None:
+        """Copy a blob from `models` into `releases`, where devices read it (nothing if
+        it is there already)."""
+        await copy_blob(self.js, MODELS_BUCKET, RELEASES_BUCKET, digest, size)
+
     async def put_manifest(self, key: str, envelope: bytes) -> None:
         await (await self.js.key_value(MANIFESTS_BUCKET)).put(key, envelope)
 
@@ -226,8 +256,9 @@ LIMIT_FIELDS = ("max_age", "max_bytes", "max_msgs_per_subject", "discard", "max_
 
 
 def stream_configs(config: HubConfig) -> list[StreamConfig]:
-    """The hub's two streams, with their retention limits (docs/PROTOCOL.md "Retention").
-    Both discard their oldest messages at a limit: REPORTS is an inbox the hub empties
+    """The hub's streams, with their retention limits (docs/PROTOCOL.md "Retention").
+    UPLOADS is the operators' staging area (hub.uploads.uploads_stream). All discard
+    their oldest messages at a limit: REPORTS is an inbox the hub empties
     (a report older than the limit, unread because the hub was down that long, is lost;
     a device flood cannot fill the server's disk), LEDGER a feed whose record is the
     ledger itself (readers catch up through the ledger API)."""
@@ -249,6 +280,7 @@ def stream_configs(config: HubConfig) -> list[StreamConfig]:
             max_bytes=config.ledger_feed_max_bytes,
             discard=DiscardPolicy.OLD,
         ),
+        uploads_stream(config.uploads_max_bytes, config.uploads_max_age_seconds),
     ]
 
 
@@ -279,7 +311,7 @@ async def allow_fleet_consumers(js: JetStreamContext) -> None:
     from edge_agent.protocol.names import ROOTS_BUCKET, TRANSPARENCY_BUCKET
 
     buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
-               f"KV_{TRANSPARENCY_BUCKET}", f"OBJ_{MODELS_BUCKET}")
+               f"KV_{TRANSPARENCY_BUCKET}", f"OBJ_{RELEASES_BUCKET}")
     for stream in buckets:
         try:
             info = await js.stream_info(stream)

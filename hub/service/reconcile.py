@@ -13,7 +13,9 @@ reconciler:
 2. puts into KV what the ledger says where KV differs: each device's newest assignment
    (the ledger's own signed bytes, compared by counter: hub.devices.assignment_sync),
    each live release's newest manifest, every trust root and `root.latest`;
-3. retries the model-transparency bundles not yet published, and republishes them all
+3. copies into the Object Store bucket `releases` (what devices read) each live
+   release's blob that it lacks, from the hub's own `models` bucket (hub.uploads);
+4. retries the model-transparency bundles not yet published, and republishes them all
    if their bucket changed behind the hub's back.
 
 Cheap at 1,000+ devices: a round first reads the ledger head and each bucket's last
@@ -40,7 +42,13 @@ from nats.js.kv import KeyValue
 from sqlalchemy import Connection, select
 
 from edge_agent import protocol as proto
-from edge_agent.protocol.names import ASSIGNMENTS_BUCKET, MANIFESTS_BUCKET, ROOTS_BUCKET
+from edge_agent.protocol.names import (
+    ASSIGNMENTS_BUCKET,
+    MANIFESTS_BUCKET,
+    MODELS_BUCKET,
+    RELEASES_BUCKET,
+    ROOTS_BUCKET,
+)
 from hub import events as ev
 from hub.clock import Clock
 from hub.commands.writer import LedgerWriter
@@ -48,9 +56,11 @@ from hub.devices import state as device_state
 from hub.devices.assignment_sync import READ_TIMEOUT_S, reconcile_assignments
 from hub.devices.assignments import AssignmentIssuer, PutAssignment, write_all
 from hub.devices.state import REVOKED
+from hub.governance import state as governance
 from hub.keys.commands import live_manifests
 from hub.keys.keyring import Keyring
 from hub.keys.roots import wanted_roots
+from hub.uploads import copy_blob
 from ledger.storage import query
 
 log = logging.getLogger("hub.reconcile")
@@ -66,13 +76,14 @@ class RoundResult:
     assignments: list[str] = field(default_factory=list)  # devices whose KV entry was put
     manifests: list[str] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)
+    blobs: list[str] = field(default_factory=list)  # digests copied into `releases`
     bundles: int = 0
     skipped: bool = False  # nothing changed since the last clean round: nothing read
 
     @property
     def wrote(self) -> bool:
         return bool(self.renewed or self.assignments or self.manifests or self.roots
-                    or self.bundles)
+                    or self.blobs or self.bundles)
 
 
 @dataclass
@@ -93,6 +104,7 @@ class Reconciler:
     _expiry: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     _expiry_seq: int = -1  # device.assigned entries up to this seq are in _expiry
     _nudged: asyncio.Event = field(default_factory=asyncio.Event)
+    _blob_failures: set[str] = field(default_factory=set)  # logged once each
 
     def nudge(self) -> None:
         """Run a round now (a KV write was left undone)."""
@@ -148,18 +160,26 @@ class Reconciler:
             engine = self.writer.store.engine
             result.assignments = (await reconcile_assignments(js, engine)).restored
             with engine.connect() as conn:
+                live = live_manifests(conn)
                 manifests = {proto.manifest_key(name, version): envelope
-                             for name, version, envelope in live_manifests(conn)}
+                             for name, version, envelope in live}
+                blobs = {}
+                for name, version, _ in live:
+                    row = governance.get_release(conn, name, version)
+                    if row is not None:
+                        blobs[str(row["digest"])] = int(row["size"])
+            result.blobs = await self._sync_blobs(js, blobs)
             result.manifests = await _sync_bucket(js, MANIFESTS_BUCKET, manifests)
             roots = wanted_roots(self.keyring, self.writer.store)
             result.roots = await _sync_bucket(js, ROOTS_BUCKET, roots)
-            for what, keys in (("manifest", result.manifests), ("trust root", result.roots)):
+            for what, keys in (("released blob", result.blobs), ("manifest", result.manifests),
+                               ("trust root", result.roots)):
                 if keys:
                     log.warning("restored %d %s key(s) KV lacked or held otherwise: %s",
                                 len(keys), what, ", ".join(keys[:10]))
             # Clean only if nothing had to be written: the state the gate describes
             # is then the one checked (a write of ours moves it; the next round checks).
-            self._clean = None if result.wrote else gate
+            self._clean = None if result.wrote or self._blob_failures else gate
         if self.transparency is not None:
             result.bundles = await self._sync_bundles(js)
         return result
@@ -167,7 +187,25 @@ class Reconciler:
     async def _gate(self, js: JetStreamContext) -> tuple[int, ...]:
         head = self.writer.head_seq()
         seqs = [(await js.stream_info(f"KV_{bucket}")).state.last_seq for bucket in BUCKETS]
+        seqs.append((await js.stream_info(f"OBJ_{RELEASES_BUCKET}")).state.last_seq)
         return (-1 if head is None else head, *seqs)
+
+    async def _sync_blobs(self, js: JetStreamContext, wanted: dict[str, int]) -> list[str]:
+        """Copy into `releases` each wanted blob (digest -> size) it lacks. A blob that
+        cannot be copied (gone from `models` too) is logged once and skipped: the rest
+        of the round goes on, and the next round (the gate stays unclean) tries again."""
+        copied = []
+        for digest, size in wanted.items():
+            try:
+                if await copy_blob(js, MODELS_BUCKET, RELEASES_BUCKET, digest, size):
+                    copied.append(digest)
+                self._blob_failures.discard(digest)
+            except Exception as exc:
+                if digest not in self._blob_failures:
+                    self._blob_failures.add(digest)
+                    log.warning("cannot restore released blob %s in %s: %s", digest[:16],
+                                RELEASES_BUCKET, exc)
+        return copied
 
     async def _sync_bundles(self, js: JetStreamContext) -> int:
         from edge_agent.protocol.names import TRANSPARENCY_BUCKET

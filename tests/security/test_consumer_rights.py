@@ -17,7 +17,7 @@ import pytest
 
 from edge_agent.protocol.names import (
     ASSIGNMENTS_BUCKET,
-    MODELS_BUCKET,
+    RELEASES_BUCKET,
     REPORTS_DURABLE,
     REPORTS_STREAM,
     ROOTS_BUCKET,
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
 ROOTS = f"KV_{ROOTS_BUCKET}"
-OBJ = f"OBJ_{MODELS_BUCKET}"
+OBJ = f"OBJ_{RELEASES_BUCKET}"
 STREAMS = (REPORTS_STREAM, ASG, ROOTS, OBJ)
 BLOB = b"m" * 200_000
 BLOB_NAME = "b" * 64
@@ -62,14 +62,14 @@ def b_watch_name(setting: Setting) -> str:
 @pytest.fixture
 async def setting(fleet: Fleet) -> AsyncIterator[Setting]:
     """dev-a and dev-b enrolled and connected with their bundles; dev-b watches its
-    assignment; the hub's report consumer runs; a blob in the object store."""
+    assignment; the hub's report consumer runs; a blob in the releases bucket."""
     async with await fleet.client() as admin:
         for name in ("dev-a", "dev-b"):
             await admin.call("device.enroll", {"device": name})
     js = fleet.hub.edge.js
     for device in ("dev-a", "dev-b"):
         await (await js.key_value(ASSIGNMENTS_BUCKET)).put(device, f"for {device}".encode())
-    await fleet.hub.edge.put_blob(BLOB_NAME, BLOB)
+    await (await js.object_store(RELEASES_BUCKET)).put(BLOB_NAME, BLOB)  # what devices read
     conns = []
     for name in ("dev-a", "dev-b"):
         key = SigningKey.load(fleet.bundle(name) / "device.key")
@@ -149,9 +149,9 @@ async def test_the_devices_own_watch_and_download_work(setting: Setting) -> None
         assert (await watch.updates(5)).value == b"for dev-a"
     finally:
         await watch.stop()
-    ref = await objects.object_ref(js, MODELS_BUCKET, BLOB_NAME, len(BLOB))
+    ref = await objects.object_ref(js, RELEASES_BUCKET, BLOB_NAME, len(BLOB))
     data = b"".join([c.data async for c in objects.iter_chunks_from(
-        js, MODELS_BUCKET, ref, len(BLOB), delete_consumer=False)])
+        js, RELEASES_BUCKET, ref, len(BLOB), delete_consumer=False)])
     assert data == BLOB
     assert not any("permissions violation" in e.lower() for e in setting.a.errors), \
         setting.a.errors

@@ -210,8 +210,7 @@ async def setting(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Set
                 await admin.call("device.enroll", {"device": device})
             blob = root / "blob.bin"
             blob.write_bytes(BLOB)
-            obs = await admin.nc.jetstream().object_store(MODELS_BUCKET)
-            await obs.put(BLOB_NAME, BLOB)
+            await fleet.hub.edge.put_blob(BLOB_NAME, BLOB)  # operators may not write it
         js = fleet.hub.edge.js
         # What there is to destroy: an assignment, a manifest, a report, ledger entries.
         await (await js.key_value(ASSIGNMENTS_BUCKET)).put(OTHER_DEVICE, b"assignment")
