@@ -144,8 +144,9 @@ class EdgeAgent:
         self.health = HealthWindow(config.state_dir, config.health_window, config.max_error_rate)
         self.faults = Faults.configured(config.faults)
         self.boot = next_boot(config.state_dir)  # signed in reports: ordered across boots
-        self.model: LoadedModel | None = None
-        self.model_meta: dict[str, Any] = {}
+        # The running model and its metadata, one tuple: the API's connection threads
+        # read it in one load (`serving`), so a switch stored as one tuple is atomic.
+        self._running: tuple[LoadedModel | None, dict[str, Any]] = (None, {})
         self._transport: NatsTransport | None = None
         # Reports wait on disk until JetStream acknowledges them (edge_agent/spool.py).
         self.spool = Spool(config.state_dir / "spool", max_bytes=config.spool_max_bytes,
@@ -167,6 +168,22 @@ class EdgeAgent:
         self._stopping = False
         self._reinstall = False  # no usable slot at boot: install the assignment again
         self.api: InferenceServer | None = None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._running[0]
+
+    @model.setter
+    def model(self, model: LoadedModel | None) -> None:
+        self._running = (model, self._running[1])
+
+    @property
+    def model_meta(self) -> dict[str, Any]:
+        return self._running[1]
+
+    @model_meta.setter
+    def model_meta(self, meta: dict[str, Any]) -> None:
+        self._running = (self._running[0], meta)
 
     @property
     def api_socket(self) -> Path:
@@ -397,9 +414,11 @@ class EdgeAgent:
         self.api = server
 
     def serving(self) -> Serving | None:
-        """The model that answers calls now. `model` and `model_meta` change together in
-        one statement on the event loop, so a call sees one model, never half a switch."""
-        return None if self.model is None else Serving(self.model, self.model_meta)
+        """The model that answers calls now (from the API's connection threads). A
+        switch stores the model and its metadata as one tuple, so a call sees one
+        model, never half a switch."""
+        model, meta = self._running
+        return None if model is None else Serving(model, meta)
 
     def nats_auth(self) -> NatsAuth:
         """The device key is the device's NATS identity (an nkey); TLS with the bundle's CA."""
@@ -612,7 +631,7 @@ class EdgeAgent:
         meta.update(with_quantization(meta, loaded))
         self.health.start(meta)
         self.slots.activate(slot, meta)
-        self.model, self.model_meta = loaded, dict(meta)
+        self._running = (loaded, dict(meta))  # one store: the switch is atomic
 
     def _check_room(self, manifest: proto.ReleaseManifest, meta: dict[str, Any]) -> None:
         """Refuse (for now: DiskFull is retried later) a download that cannot fit: the
@@ -665,7 +684,7 @@ class EdgeAgent:
             return False
         self.slots.revert()
         self.health.clear()
-        self.model, self.model_meta = loaded, with_quantization(previous.metadata, loaded)
+        self._running = (loaded, with_quantization(previous.metadata, loaded))  # atomic
         reason = (f"{evidence}; reverted {bad.get('model')}/{bad.get('version')} "
                   f"(counter {bad.get('counter')}) to {previous.metadata.get('model')}/"
                   f"{previous.metadata.get('version')}")
@@ -747,7 +766,10 @@ class EdgeAgent:
                 self._revert(evidence)
 
     def emit_window(self) -> None:
-        """Close the open telemetry window now and spool it."""
+        """Close the open telemetry window now and spool it (with the API calls the
+        server still holds queued for counting)."""
+        if self.api is not None:
+            self.api.count_pending()
         self.reporter.emit_window()
 
     def _report_status(

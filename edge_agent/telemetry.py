@@ -30,11 +30,68 @@ from edge_agent.protocol.bins import (
 MAX_SAMPLES = 4096
 
 
+# Calls whose outputs are held before they are binned together (BatchBinner).
+BIN_BATCH = 256
+
+
+class BatchBinner:
+    """Histograms of K values per call, each on its own edges, by bins.bin_of's rule,
+    binned in batches: a call only copies its K values into a buffer, and every
+    BIN_BATCH calls (or when the counts are read) numpy bins them all at once. Binning
+    each value as it came (bin_of) cost ~0.5 us a value, 40 us a call for 64 outputs,
+    on the event loop that also serves the agent's NATS work."""
+
+    def __init__(self, edges: Sequence[NDArray[np.float64]]) -> None:
+        self.width = len(edges)
+        widest = max((e.size for e in edges), default=2)
+        # Shorter edge lists padded with +inf: a finite value is below the padding, so
+        # it counts only the row's own edges; +inf and NaN count the padding too and
+        # are capped into the row's last bin below, as bin_of puts them.
+        self._edges = np.full((self.width, widest), np.inf)
+        for k, e in enumerate(edges):
+            self._edges[k, : e.size] = e
+        self._last = np.asarray([e.size - 2 for e in edges], dtype=np.intp)
+        self._sizes = [e.size - 1 for e in edges]
+        self._offsets = np.arange(self.width, dtype=np.intp) * (widest - 1)
+        self._counts = np.zeros(self.width * (widest - 1), dtype=np.int64)
+        self._buffer = np.empty((BIN_BATCH, self.width), dtype=np.float64)
+        self._held = 0
+
+    def add(self, values: NDArray[np.float64]) -> None:
+        """One call's K values (value k on edges k)."""
+        self._buffer[self._held] = values
+        self._held += 1
+        if self._held == BIN_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._held:
+            return
+        held = self._buffer[: self._held]
+        # bisect_right(edges, v) is the count of edges <= v; `not v < e` also holds for
+        # NaN, which so passes every edge and lands in the last bin, as with bin_of.
+        passed = np.logical_not(held[:, :, None] < self._edges[None, :, :]).sum(axis=2)
+        index = np.minimum(np.maximum(passed - 1, 0), self._last)
+        self._counts += np.bincount((index + self._offsets).ravel(),
+                                    minlength=self._counts.size)
+        self._held = 0
+
+    def counts(self) -> list[list[int]]:
+        self._flush()
+        rows = self._counts.reshape(self.width, -1).tolist()
+        return [row[:size] for row, size in zip(rows, self._sizes, strict=True)]
+
+    def reset(self) -> None:
+        self._counts[:] = 0
+        self._held = 0
+
+
 class TelemetryWindowBuilder:
     def __init__(self) -> None:
         self._edges: list[NDArray[np.float64]] = []
         self._edge_lists: list[list[float]] = []
         self._quantization: tuple[float, int] = (0.0, 0)
+        self._binner: BatchBinner | None = None
         self._reset(time.time_ns())
 
     def set_drift_bins(self, drift_bins: Sequence[Sequence[float]],
@@ -57,6 +114,7 @@ class TelemetryWindowBuilder:
         self._edges = edges
         self._edge_lists = [[float(v) for v in e] for e in edges]  # for bins.bin_of
         self._hist = [[0] * (e.size - 1) for e in self._edges]
+        self._binner = BatchBinner(edges) if edges else None
 
     def _reset(self, start: int) -> None:
         self.start = start
@@ -65,6 +123,8 @@ class TelemetryWindowBuilder:
         self._latencies: list[float] = []
         self._buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self._hist = [[0] * (e.size - 1) for e in self._edges]
+        if self._binner is not None:
+            self._binner.reset()
 
     def record(self, latency_ms: float, ok: bool, output: NDArray[Any] | None = None) -> None:
         self.count += 1
@@ -78,9 +138,21 @@ class TelemetryWindowBuilder:
         if output is not None and ok and self._edges:
             # Output k of a [1, n] (or [n]) tensor goes into histogram k, as a real
             # value: integers dequantized (bins.dequantize; floats pass as they are).
-            flat = dequantize(output, *self._quantization).tolist()
-            for k, edges in enumerate(self._edge_lists[: len(flat)]):
-                self._hist[k][bin_of(flat[k], edges)] += 1
+            head = np.asarray(output).ravel()[: len(self._edges)]
+            values = dequantize(head, *self._quantization)
+            if self._binner is not None and values.size == self._binner.width:
+                self._binner.add(values)
+                return
+            # An output with fewer values than the manifest has edges for (not a model
+            # the hub released): its values one by one.
+            for k, value in enumerate(values.tolist()):
+                self._hist[k][bin_of(value, self._edge_lists[k])] += 1
+
+    def _histograms(self) -> list[list[int]]:
+        if self._binner is None:
+            return [list(h) for h in self._hist]
+        return [[a + b for a, b in zip(batched, single, strict=True)]
+                for batched, single in zip(self._binner.counts(), self._hist, strict=True)]
 
     def take(self) -> dict[str, Any] | None:
         """Close the window and return its summary, or None if nothing ran in it."""
@@ -98,7 +170,7 @@ class TelemetryWindowBuilder:
             "latency_ms_p95": percentile(lat, 95),
             "latency_ms_max": lat[-1],
             "latency_buckets": list(self._buckets),
-            "output_hist": [list(h) for h in self._hist],
+            "output_hist": self._histograms(),
         }
         self._reset(end)
         return summary
