@@ -305,7 +305,7 @@ class EdgeAgent:
                     f"model's {recorded[:16]}... (corrupted on disk)")
         if self.config.isolate_preflight:
             try:
-                preflight(slot.path)
+                preflight(slot.path, input_shapes=run_shapes(slot.metadata))
             except ModelRuntimeError as exc:
                 return f"{name}: does not load: {exc}"
         return None
@@ -341,7 +341,8 @@ class EdgeAgent:
         try:
             if self.faults.load_error and self.faults.applies(self.model_meta):
                 raise ModelRuntimeError(f"{active.path}: load failure injected by {FAULTS_ENV}")
-            self.model = LoadedModel.load(active.path, mapped=True)
+            self.model = LoadedModel.load(active.path, mapped=True,
+                                          input_shapes=run_shapes(self.model_meta))
             self.model_meta = with_quantization(self.model_meta, self.model)
             log.info("running %s/%s from slot %s", self.model_meta.get("model"),
                      self.model_meta.get("version"), active.name)
@@ -567,6 +568,8 @@ class EdgeAgent:
             "model": manifest.name, "version": manifest.version, "digest": manifest.digest,
             "counter": assignment.counter, "manifest_hash": assignment.manifest_hash,
             "drift_bins": manifest.drift_bins,  # telemetry bins outputs on these edges
+            # Dynamic inputs run at these shapes (preflight, load, every later load).
+            "input_shapes": manifest.run_shapes(),
         }
         quantization = manifest.tensor_quantization("outputs")
         if quantization:  # (scale, zero_point) of the output the histograms count
@@ -588,7 +591,10 @@ class EdgeAgent:
         log.info("installed %s/%s (counter %d)", manifest.name, manifest.version,
                  assignment.counter)
         self._report_status(proto.STATUS_APPLIED, reason="", assignment=assignment,
-                            probe_output=[float(v) for v in probe.ravel()])
+                            # A prefix tells versions apart; a 14,336-value output
+                            # (BlazeFace) made the report oversized and refused.
+                            probe_output=[float(v) for v in
+                                          probe.ravel()[: proto.MAX_PROBE_VALUES]])
 
     async def _download_and_switch(
         self, manifest: proto.ReleaseManifest, meta: dict[str, Any]
@@ -617,14 +623,15 @@ class EdgeAgent:
         try:
             # In a child process first: a crashing runtime must not take the agent down.
             if self.config.isolate_preflight:
-                await asyncio.to_thread(preflight, path)
+                await asyncio.to_thread(preflight, path, 120.0, run_shapes(meta))
         except ModelRuntimeError as exc:
             download.discard()
             raise UpdateRefused(f"model does not load: {exc}") from exc
         # From here to the switch nothing awaits, so no other update or revert interleaves.
         slot = self.slots.install_inactive(path)
         try:
-            loaded = LoadedModel.load(self.slots.slot_path(slot), mapped=True)
+            loaded = LoadedModel.load(self.slots.slot_path(slot), mapped=True,
+                                      input_shapes=run_shapes(meta))
             loaded.smoke_test()
         except ModelRuntimeError as exc:
             raise UpdateRefused(f"model does not load: {exc}") from exc
@@ -676,7 +683,8 @@ class EdgeAgent:
             digest = _file_digest(previous.path)
             if digest != previous.metadata.get("digest"):
                 raise ModelRuntimeError(f"{previous.path} does not match its recorded digest")
-            loaded = LoadedModel.load(previous.path, mapped=True)
+            loaded = LoadedModel.load(previous.path, mapped=True,
+                                      input_shapes=run_shapes(previous.metadata))
             loaded.smoke_test()
         except (ModelRuntimeError, OSError) as exc:
             log.error("cannot revert (%s): the previous model is unusable: %s", evidence, exc)
@@ -782,6 +790,13 @@ class EdgeAgent:
     ) -> None:
         self.reporter.status(event, reason, self.model_meta, assignment=assignment,
                              probe_output=probe_output, counter=counter)
+
+
+def run_shapes(meta: Mapping[str, Any]) -> dict[str, list[int]] | None:
+    """The run shapes of the model's inputs recorded from its manifest (None: the
+    manifest gave none, an older hub; a static model needs none)."""
+    shapes = meta.get("input_shapes")
+    return {str(k): [int(d) for d in v] for k, v in shapes.items()} if shapes else None
 
 
 def with_quantization(meta: Mapping[str, Any], model: LoadedModel) -> dict[str, Any]:

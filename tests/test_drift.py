@@ -169,6 +169,21 @@ def test_manifest_carries_quantization_optionally(tmp_path: Path) -> None:
             proto.ReleaseManifest.from_map(doc | {"quantization": bad})
 
 
+def test_manifest_carries_run_shapes_optionally() -> None:
+    manifest = proto.ReleaseManifest(
+        name="mel", version="1", digest="ab" * 32, size=1, format="tflite",
+        inputs=[], outputs=[], created=1, expires=2, drift_bins=[],
+        input_shapes={"audio": [1, 1280]})
+    doc = canonical_decode(canonical_encode(manifest.to_map()))
+    assert proto.ReleaseManifest.from_map(doc).run_shapes() == {"audio": [1, 1280]}
+    old = {k: v for k, v in doc.items() if k != "input_shapes"}  # an older hub's
+    assert proto.ReleaseManifest.from_map(old).run_shapes() == {}
+    for bad in ({"audio": [1, -1]}, {"audio": []}, {"audio": [1] * 9}, {"audio": "1x1280"},
+                {"audio": [1, True]}, {"audio": [1, 0]}):
+        with pytest.raises(ProtocolError, match="input_shapes"):
+            proto.ReleaseManifest.from_map(doc | {"input_shapes": bad})
+
+
 # ---------------------------------------------------------------- a real agent
 
 

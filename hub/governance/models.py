@@ -306,6 +306,8 @@ class ModelCommands:
             expires=now + self.config.manifest_ttl_days * DAY_NS,
             drift_bins=[h.get("edges", []) for h in histograms if isinstance(h, dict)],
             quantization=manifest_quantization(row["inputs"], row["outputs"]),
+            # The shapes the hub validated at: devices resize dynamic inputs to them.
+            input_shapes=_run_shapes(row["inputs"]),
         )
         envelope = proto.SignedEnvelope.sign(
             manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
