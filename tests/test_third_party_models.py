@@ -225,6 +225,7 @@ async def test_third_party_models_serve_through_a_real_agent(
     import shutil
     import tempfile
 
+    from edge_agent import protocol as proto
     from edge_agent.serving.client import InferenceClient
     from hub import events as ev
     from tests.device_kit import configured_agent
@@ -256,6 +257,21 @@ async def test_third_party_models_serve_through_a_real_agent(
                 assert result["passed"], (name, result["failures"])
                 await appr.call("model.approve", {"name": name, "version": "1"})
                 await admin.call("model.release", {"name": name, "version": "1"})
+                # What the agent installs from: run shapes and every tensor's quantization.
+                def released_now(_: object, n: str = name) -> bool:
+                    return any(e.payload["name"] == n
+                               for e in fleet.feed.of_kind(ev.MODEL_RELEASED))
+
+                await fleet.feed.wait_for(released_now, what=f"model.released of {name}")
+                released = [e for e in fleet.feed.of_kind(ev.MODEL_RELEASED)
+                            if e.payload["name"] == name][-1]
+                manifest = proto.ReleaseManifest.from_map(proto.SignedEnvelope.decode(
+                    released.payload["manifest"]).document("manifest"))
+                assert manifest.run_shapes() == {
+                    str(t["name"]): t["shape"] for t in manifest.inputs}
+                assert all(manifest.run_shapes()[k] == v for k, v in shapes.items())
+                assert len(manifest.tensor_quantization("inputs")) == len(manifest.inputs)
+                assert len(manifest.tensor_quantization("outputs")) == len(manifest.outputs)
                 await admin.call("deploy", {"model": name, "version": "1",
                                             "devices": [device]})
                 await fleet.feed.wait_for(
