@@ -572,8 +572,12 @@ class EdgeAgent:
             "input_shapes": manifest.run_shapes(),
         }
         quantization = manifest.tensor_quantization("outputs")
-        if quantization:  # (scale, zero_point) of the output the histograms count
+        if quantization:  # (scale, zero_point) of each output the histograms count
             meta["output_quantization"] = [quantization[0][1], quantization[0][2]]
+            meta["outputs_quantization"] = [[scale, zp] for _, scale, zp in quantization]
+        layout = manifest.drift_layout()
+        if len(layout) > 1:  # drift bins of several output tensors
+            meta["drift_tensors"] = layout
         if self.faults.install_error and self.faults.applies(meta):
             raise UpdateRefused(f"install failure injected by {FAULTS_ENV}")
         active = self.slots.active()
@@ -727,10 +731,13 @@ class EdgeAgent:
         meta = self.model_meta
         started = time.perf_counter()
         ok = True
-        output = None
+        output: NDArray[Any] | list[NDArray[Any]] | None = None
         try:
             self._inject_fault(meta)
-            output = model.run(model.generated_input(self._rng))
+            x = model.generated_input(self._rng)  # fits the first input
+            # Every output tensor when the model has one input (telemetry histograms
+            # each), else the first output of a run on the first input.
+            output = model.run_all([x]) if len(model.inputs) == 1 else model.run(x)
         except ModelRuntimeError as exc:
             ok = False
             log.debug("inference failed: %s", exc)
@@ -748,12 +755,12 @@ class EdgeAgent:
 
     def _count_inference(self, serving: Serving, latency_ms: float, ok: bool,
                          outputs: list[NDArray[Any]] | None) -> None:
-        """An API call that ran the model: counted like a synthetic inference (the
-        first output goes into the output histograms)."""
-        self._record_inference(serving.meta, latency_ms, ok, outputs[0] if outputs else None)
+        """An API call that ran the model: counted like a synthetic inference (every
+        output tensor goes into the output histograms)."""
+        self._record_inference(serving.meta, latency_ms, ok, outputs)
 
     def _record_inference(self, meta: Mapping[str, Any], latency_ms: float, ok: bool,
-                          output: NDArray[Any] | None) -> None:
+                          output: NDArray[Any] | list[NDArray[Any]] | None) -> None:
         """Count one inference of the model `meta` describes in the telemetry window and,
         while that model is being watched, in its health window."""
         meta = dict(meta)
@@ -762,8 +769,12 @@ class EdgeAgent:
         if output is not None and faults.output_shift and faults.applies(meta):
             # A shift of the real output: a quantized one is dequantized first (floats
             # are then binned as they are).
-            scale, zero_point = meta.get("output_quantization") or (0.0, 0)
-            output = bins.dequantize(output, scale, zero_point) + faults.output_shift
+            outputs = [output] if isinstance(output, np.ndarray) else output
+            quantization = meta.get("outputs_quantization") or [
+                meta.get("output_quantization") or (0.0, 0)]
+            output = [bins.dequantize(o, *(quantization[t] if t < len(quantization)
+                                           else (0.0, 0))) + faults.output_shift
+                      for t, o in enumerate(outputs)]
         self.reporter.record(latency_ms, ok, output)
         watching = self.health.watching
         if (watching is not None and watching.digest == meta.get("digest")
@@ -800,13 +811,15 @@ def run_shapes(meta: Mapping[str, Any]) -> dict[str, list[int]] | None:
 
 
 def with_quantization(meta: Mapping[str, Any], model: LoadedModel) -> dict[str, Any]:
-    """`meta` with the (scale, zero_point) of the model's first output, the one telemetry
-    dequantizes before binning, when the manifest did not give it (an older hub: the
+    """`meta` with the (scale, zero_point) of the model's outputs, which telemetry
+    dequantizes before binning, when the manifest did not give them (an older hub: the
     file is the one the manifest names by digest, so its own parameters are the same)."""
     out = dict(meta)
     if "output_quantization" not in out:
         scale, zero_point = model.outputs[0].quantization
         out["output_quantization"] = [scale, zero_point]
+    if "outputs_quantization" not in out:
+        out["outputs_quantization"] = [list(o.quantization) for o in model.outputs]
     return out
 
 

@@ -2,10 +2,11 @@
 
 A window has the count, errors, latency percentiles, a latency histogram on the fixed
 buckets of edge_agent.bins, and, once the running model's release manifest gives
-reference bin edges (`drift_bins`, one list per output), a histogram per output on
-exactly those edges, with the same binning rule the hub used for the reference, over the
-same values: a quantized (integer) output is dequantized with its (scale, zero_point)
-first (edge_agent.protocol.bins.dequantize), as the hub did.
+reference bin edges (`drift_bins`, one list per watched output value: the first values
+of each output tensor, `drift_tensors` saying how many of each), a histogram per watched
+value on exactly those edges, with the same binning rule the hub used for the reference,
+over the same values: a quantized (integer) output is dequantized with its tensor's
+(scale, zero_point) first (edge_agent.protocol.bins.dequantize), as the hub did.
 """
 
 from __future__ import annotations
@@ -90,27 +91,37 @@ class TelemetryWindowBuilder:
     def __init__(self) -> None:
         self._edges: list[NDArray[np.float64]] = []
         self._edge_lists: list[list[float]] = []
-        self._quantization: tuple[float, int] = (0.0, 0)
+        self._layout: list[int] = []
+        self._quantizations: list[tuple[float, int]] = []
         self._binner: BatchBinner | None = None
         self._reset(time.time_ns())
 
     def set_drift_bins(self, drift_bins: Sequence[Sequence[float]],
-                       quantization: Sequence[float] | None = None) -> None:
-        """Bin edges per output (from the manifest) of the model that runs from now on,
-        and the (scale, zero_point) of its output tensor (an integer output is
-        dequantized with them before binning); outputs with unusable edges get no
-        histogram."""
-        self._quantization = (0.0, 0)
-        if quantization is not None and len(quantization) == 2:
-            scale, zero_point = float(quantization[0]), int(quantization[1])
-            if np.isfinite(scale) and scale > 0:
-                self._quantization = (scale, zero_point)
+                       quantization: Sequence[float] | None = None,
+                       tensors: Sequence[int] | None = None,
+                       tensor_quantization: Sequence[Sequence[float] | None] | None = None,
+                       ) -> None:
+        """Bin edges per watched output value (from the manifest) of the model that runs
+        from now on. `tensors`: how many of them each output tensor has, in order (the
+        manifest's drift_tensors; None: all of the first tensor). An integer output is
+        dequantized before binning with its tensor's (scale, zero_point):
+        `tensor_quantization[t]`, else `quantization` for the first tensor. Outputs with
+        unusable edges get no histogram."""
         edges = []
         for e in drift_bins:
             try:
                 edges.append(check_edges(e))
             except ValueError:
                 break  # keep output indexes aligned: stop at the first bad one
+        layout = [len(drift_bins)] if tensors is None else [int(n) for n in tensors]
+        kept, self._layout = len(edges), []
+        for n in layout:  # the tensors' counts, cut where the usable edges end
+            self._layout.append(max(0, min(n, kept)))
+            kept -= self._layout[-1]
+        per_tensor = list(tensor_quantization or [quantization])
+        self._quantizations = [
+            _usable_quantization(per_tensor[t] if t < len(per_tensor) else None)
+            for t in range(len(self._layout))]
         self._edges = edges
         self._edge_lists = [[float(v) for v in e] for e in edges]  # for bins.bin_of
         self._hist = [[0] * (e.size - 1) for e in self._edges]
@@ -126,7 +137,10 @@ class TelemetryWindowBuilder:
         if self._binner is not None:
             self._binner.reset()
 
-    def record(self, latency_ms: float, ok: bool, output: NDArray[Any] | None = None) -> None:
+    def record(self, latency_ms: float, ok: bool,
+               output: NDArray[Any] | Sequence[NDArray[Any]] | None = None) -> None:
+        """Count one inference; `output`: its output tensors in order (one array: the
+        first tensor only)."""
         self.count += 1
         if not ok:
             self.errors += 1
@@ -135,18 +149,32 @@ class TelemetryWindowBuilder:
             self._latencies.append(latency_ms)
         else:
             self._latencies[self.count % MAX_SAMPLES] = latency_ms
-        if output is not None and ok and self._edges:
-            # Output k of a [1, n] (or [n]) tensor goes into histogram k, as a real
-            # value: integers dequantized (bins.dequantize; floats pass as they are).
-            head = np.asarray(output).ravel()[: len(self._edges)]
-            values = dequantize(head, *self._quantization)
-            if self._binner is not None and values.size == self._binner.width:
-                self._binner.add(values)
-                return
-            # An output with fewer values than the manifest has edges for (not a model
-            # the hub released): its values one by one.
-            for k, value in enumerate(values.tolist()):
-                self._hist[k][bin_of(value, self._edge_lists[k])] += 1
+        if output is None or not ok or not self._edges:
+            return
+        outputs = [output] if isinstance(output, np.ndarray) else list(output)
+        # The first N values of each output tensor ([1, n] or [n] or any shape, in C
+        # order), as real values: integers dequantized with their tensor's parameters
+        # (bins.dequantize; floats pass as they are); histogram k is value k of them all.
+        parts = []
+        for t, n in enumerate(self._layout):
+            if n == 0:
+                continue
+            if t >= len(outputs):
+                break
+            head = np.asarray(outputs[t]).ravel()[:n]
+            parts.append(dequantize(head, *self._quantizations[t]))
+            if head.size < n:
+                break  # later values would land in the wrong histograms
+        values = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else None
+        if values is None:
+            return
+        if self._binner is not None and values.size == self._binner.width:
+            self._binner.add(values)
+            return
+        # Fewer values than the manifest has edges for (not a model the hub released,
+        # or the synthetic load's first output only): the ones there, one by one.
+        for k, value in enumerate(values.tolist()):
+            self._hist[k][bin_of(value, self._edge_lists[k])] += 1
 
     def _histograms(self) -> list[list[int]]:
         if self._binner is None:
@@ -174,6 +202,16 @@ class TelemetryWindowBuilder:
         }
         self._reset(end)
         return summary
+
+
+def _usable_quantization(q: Sequence[float] | None) -> tuple[float, int]:
+    """(scale, zero_point) when `q` is a usable pair (positive finite scale), else
+    (0.0, 0): the values are binned as they are."""
+    if q is not None and len(q) == 2:
+        scale, zero_point = float(q[0]), int(q[1])
+        if np.isfinite(scale) and scale > 0:
+            return scale, zero_point
+    return 0.0, 0
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

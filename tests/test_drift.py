@@ -27,6 +27,7 @@ from edge_agent.serving.client import InferenceClient
 from edge_agent.telemetry import TelemetryWindowBuilder
 from hub import events as ev
 from hub.cli.models import tensor_text
+from hub.governance.manifests import drift_tensors
 from hub.governance.models import manifest_quantization
 from hub.telemetry.drift import psi, quantile_edges, reference_histogram
 from hub.validation import Dataset, Policy, validate
@@ -167,6 +168,56 @@ def test_manifest_carries_quantization_optionally(tmp_path: Path) -> None:
                 {"outputs": "int8"}):
         with pytest.raises(ProtocolError, match="quantization"):
             proto.ReleaseManifest.from_map(doc | {"quantization": bad})
+
+
+def test_every_output_tensor_is_binned_with_its_own_quantization() -> None:
+    """Two output tensors (an int8 one with its own scale and zero point, a float one),
+    the first 3 and 2 values watched: the device's histograms are, value by value, the
+    hub's reference counts of the same real values, and the hub's layout of them is the
+    manifest's drift_tensors."""
+    rng = np.random.default_rng(5)
+    q0 = (0.05, -3)
+    raw0 = rng.integers(-128, 128, (300, 1, 6)).astype(np.int8)
+    real0 = (raw0.astype(np.float64) - q0[1]) * q0[0]
+    out1 = rng.normal(0, 1, (300, 2, 2)).astype(np.float32)
+    columns = [real0[:, 0, k] for k in range(3)] + [
+        out1.reshape(300, -1)[:, k].astype(np.float64) for k in range(2)]
+    reference = [reference_histogram(k, v, 8, tensor=0 if k < 3 else 1)
+                 for k, v in enumerate(columns)]
+    payload = [h.to_payload() for h in reference]
+    assert drift_tensors(payload) == [3, 2]
+    assert drift_tensors([h for h in payload if "tensor" not in h]) == []  # first only
+    window = TelemetryWindowBuilder()
+    window.set_drift_bins([h.edges for h in reference], tensors=[3, 2],
+                          tensor_quantization=[q0, (0.0, 0)])
+    for i in range(300):
+        window.record(0.1, True, [raw0[i], out1[i]])
+    summary = window.take()
+    assert summary is not None
+    assert summary["output_hist"] == [h.counts for h in reference]
+    assert max(psi(h.counts, o) for h, o in zip(reference, summary["output_hist"],
+                                                  strict=True)) == 0.0
+    # Only the first tensor (the synthetic load's single output): its values, no others.
+    window.set_drift_bins([h.edges for h in reference], tensors=[3, 2],
+                          tensor_quantization=[q0, (0.0, 0)])
+    window.record(0.1, True, raw0[0])
+    only_first = window.take()
+    assert only_first is not None
+    assert [sum(h) for h in only_first["output_hist"]] == [1, 1, 1, 0, 0]
+
+
+def test_manifest_drift_tensors_must_add_up() -> None:
+    manifest = proto.ReleaseManifest(
+        name="faces", version="1", digest="ab" * 32, size=1, format="tflite",
+        inputs=[], outputs=[], created=1, expires=2, drift_bins=[[0.0, 1.0]] * 5,
+        drift_tensors=[3, 2])
+    doc = canonical_decode(canonical_encode(manifest.to_map()))
+    assert proto.ReleaseManifest.from_map(doc).drift_layout() == [3, 2]
+    old = {k: v for k, v in doc.items() if k != "drift_tensors"}  # all of the first
+    assert proto.ReleaseManifest.from_map(old).drift_layout() == [5]
+    for bad in ([3, 3], [-1, 6], [True, 4], ["3", 2]):
+        with pytest.raises(ProtocolError, match="drift_tensors"):
+            proto.ReleaseManifest.from_map(doc | {"drift_tensors": bad})
 
 
 def test_manifest_carries_run_shapes_optionally() -> None:

@@ -74,8 +74,12 @@ def test_face_detector_128x128x3_validates_under_a_minute(third_party: Fetch) ->
     assert [t["name"] for t in m["output_tensors"]] == ["regressors", "classificators"]
     assert m["importance_grouping"] == "last_axis:3"
     assert len(m["permutation_importance"]) == 3
-    assert m["drift_values"] == {"watched": 16, "of": 14336}
-    assert len(report.reference_histograms) == 16
+    # The first 16 values of each output tensor, in tensor order (devices bin them so).
+    assert m["drift_values"] == {"watched": 32, "of": 14336 + 896, "tensors": [
+        {"name": "regressors", "watched": 16, "of": 14336},
+        {"name": "classificators", "watched": 16, "of": 896}]}
+    assert [h.tensor for h in report.reference_histograms] == [0] * 16 + [1] * 16
+    assert [h.output_index for h in report.reference_histograms] == list(range(32))
     assert m["mode"] == "metrics_only"
 
 
@@ -228,15 +232,20 @@ async def test_third_party_models_serve_through_a_real_agent(
     from edge_agent import protocol as proto
     from edge_agent.serving.client import InferenceClient
     from hub import events as ev
+    from hub.telemetry.drift import MIN_PER_BIN, psi_per_output
     from tests.device_kit import configured_agent
 
     fleet.config.policy_path.write_text(POLICY)
     rng = np.random.default_rng(7)
-    cases: list[tuple[str, str, np.ndarray[Any, Any], dict[str, list[int]]]] = [
-        ("faces", "face_detection", images(12, seed=5), {}),
+    cases: list[tuple[str, str, np.ndarray[Any, Any], dict[str, list[int]], list[int]]] = [
+        ("faces", "face_detection", images(12, seed=5), {}, [16, 16]),
         ("mel", "melspectrogram",
-         rng.uniform(-3000, 3000, (12, 1, 1280)).astype(np.float32), {MEL_INPUT: [1, 1280]}),
+         rng.uniform(-3000, 3000, (12, 1, 1280)).astype(np.float32), {MEL_INPUT: [1, 1280]},
+         [8]),
     ]
+    # The application sends the validation rows themselves, this many times over: enough
+    # samples for the hub to judge PSI (MIN_PER_BIN per bin), which must then be ~0.
+    passes = -(-MIN_PER_BIN * 10 // 12)
     device = "tp-0"
     sock_dir = Path(tempfile.mkdtemp(prefix="fl-tp-", dir="/tmp"))  # short: <= 107 bytes
     socket_path = sock_dir / "agent.sock"
@@ -248,7 +257,7 @@ async def test_third_party_models_serve_through_a_real_agent(
                     await fleet.client(fleet.approver_key) as appr):
             await admin.call("device.enroll", {"device": device})
             agent.start()
-            for name, key, rows, shapes in cases:
+            for name, key, rows, shapes, watched in cases:
                 path = third_party(key)
                 data = tmp_path / f"{name}.npz"
                 np.savez(data, inputs=rows[:, 0] if name == "mel" else rows)
@@ -272,6 +281,8 @@ async def test_third_party_models_serve_through_a_real_agent(
                 assert all(manifest.run_shapes()[k] == v for k, v in shapes.items())
                 assert len(manifest.tensor_quantization("inputs")) == len(manifest.inputs)
                 assert len(manifest.tensor_quantization("outputs")) == len(manifest.outputs)
+                # Drift bins of every output tensor: BlazeFace's first 16 values of each.
+                assert manifest.drift_layout() == watched
                 await admin.call("deploy", {"model": name, "version": "1",
                                             "devices": [device]})
                 await fleet.feed.wait_for(
@@ -287,15 +298,18 @@ async def test_third_party_models_serve_through_a_real_agent(
                         info = api.info()
                         assert (info["model"], info["version"]) == (name, "1")
                         spec = info["inputs"][0]
-                        for row in rows:
-                            x = row[None] if name == "faces" else row
-                            assert list(x.shape) == spec["shape"], (x.shape, spec)
-                            out = api.predict({spec["name"]: x})
-                            want = direct_run(path, [x], shapes)
-                            assert [o["name"] for o in info["outputs"]] == list(out)
-                            for got, expected in zip(out.values(), want, strict=True):
-                                np.testing.assert_array_equal(got, expected)
-                    return len(rows)
+                        for n in range(passes):
+                            for row in rows:
+                                x = row[None] if name == "faces" else row
+                                assert list(x.shape) == spec["shape"], (x.shape, spec)
+                                out = api.predict({spec["name"]: x})
+                                if n:
+                                    continue
+                                want = direct_run(path, [x], shapes)
+                                assert [o["name"] for o in info["outputs"]] == list(out)
+                                for got, expected in zip(out.values(), want, strict=True):
+                                    np.testing.assert_array_equal(got, expected)
+                    return passes * len(rows)
 
                 calls = await loop.run_in_executor(None, application)
 
@@ -313,7 +327,13 @@ async def test_third_party_models_serve_through_a_real_agent(
                 assert sum(int(r["inferences"]) for r in mine) == calls
                 assert sum(int(r["errors"]) for r in mine) == 0
                 hist = mine[0]["output_hist"]
-                assert hist and all(sum(h) == calls for h in hist), hist
+                assert len(hist) == sum(watched)
+                assert all(sum(h) == calls for h in hist), hist
+                validated = [e for e in fleet.feed.of_kind(ev.MODEL_VALIDATED)
+                             if e.payload["name"] == name][-1]
+                drift = psi_per_output(validated.payload["reference_histograms"], hist)
+                assert len(drift) == sum(watched)  # every watched value is judged
+                assert max(drift) < 0.01, drift
     finally:
         agent.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)

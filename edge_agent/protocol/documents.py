@@ -235,13 +235,18 @@ class ReleaseManifest(_Document):
     # dimension in the model) needs it: devices resize it to this shape before they
     # allocate the interpreter; a static input's run shape is its own shape.
     input_shapes: dict[str, Any] = field(default_factory=dict)
+    # Optional (absent or empty: every drift_bins entry is of the first output tensor):
+    # how many drift_bins entries each output tensor has, in tensor order; the entries
+    # are the first N values of tensor 0, then of tensor 1, ... (sums to len(drift_bins)).
+    drift_tensors: list[Any] = field(default_factory=list)
 
     _FIELDS: ClassVar[FieldSpec] = {
         "name": str, "version": str, "digest": str, "size": int, "format": str,
         "inputs": list, "outputs": list, "created": int, "expires": int, "drift_bins": list,
-        "quantization": dict, "input_shapes": dict,
+        "quantization": dict, "input_shapes": dict, "drift_tensors": list,
     }
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"quantization", "input_shapes"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"quantization", "input_shapes", "drift_tensors"})
 
     @classmethod
     def from_map(cls, doc: Mapping[str, Any]) -> ReleaseManifest:
@@ -249,7 +254,24 @@ class ReleaseManifest(_Document):
         for side in ("inputs", "outputs"):
             manifest.tensor_quantization(side)  # ProtocolError unless well formed
         manifest.run_shapes()
+        manifest.drift_layout()
         return manifest
+
+    def drift_layout(self) -> list[int]:
+        """Values watched per output tensor (`drift_tensors`, checked: non-negative,
+        at most MAX_TENSORS, summing to the drift_bins); [len(drift_bins)] (all of the
+        first tensor) when the manifest does not say."""
+        what = f"{self.TYPE}: drift_tensors"
+        if not self.drift_tensors:
+            return [len(self.drift_bins)] if self.drift_bins else []
+        if (len(self.drift_tensors) > MAX_TENSORS
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                           for n in self.drift_tensors)):
+            raise ProtocolError(f"{what} must be at most {MAX_TENSORS} non-negative integers")
+        if sum(self.drift_tensors) != len(self.drift_bins):
+            raise ProtocolError(f"{what} adds up to {sum(self.drift_tensors)}, but there are "
+                                f"{len(self.drift_bins)} drift_bins")
+        return [int(n) for n in self.drift_tensors]
 
     def run_shapes(self) -> dict[str, list[int]]:
         """`input_shapes`, checked: at most MAX_TENSORS inputs, each shape 1 to
