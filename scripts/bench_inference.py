@@ -59,7 +59,7 @@ def serve(model_path: Path, socket_path: Path) -> None:
     window.set_drift_bins([[float(e) for e in np.linspace(-4.0, 4.0, 11)]] * min(values, 64))
 
     def count(_: Serving, latency_ms: float, ok: bool, outputs: list[Any] | None) -> None:
-        window.record(latency_ms, ok, outputs[0] if outputs else None)
+        window.record(latency_ms, ok, outputs)
         if window.count >= 10_000:
             window.take()
 
