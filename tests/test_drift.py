@@ -29,11 +29,11 @@ from hub import events as ev
 from hub.cli.models import tensor_text
 from hub.governance.manifests import drift_tensors
 from hub.governance.models import manifest_quantization
-from hub.telemetry.drift import psi, quantile_edges, reference_histogram
-from hub.validation import Dataset, Policy, validate
+from hub.telemetry.drift import psi, psi_per_output, quantile_edges, reference_histogram
+from hub.validation import Dataset, ModelError, Policy, validate
 from hub.validation.runner import Runner
 from ledger.encoding import canonical_decode, canonical_encode
-from testkit.modelgen import make_dense_model, make_int8_dense_model
+from testkit.modelgen import make_dense_model, make_int8_dense_model, make_two_head_model
 from tests.device_kit import configured_agent
 from tests.fleet import Fleet, refused
 
@@ -204,6 +204,41 @@ def test_every_output_tensor_is_binned_with_its_own_quantization() -> None:
     only_first = window.take()
     assert only_first is not None
     assert [sum(h) for h in only_first["output_hist"]] == [1, 1, 1, 0, 0]
+
+
+def test_the_gate_references_every_output_tensor_and_a_device_matches_it(
+        tmp_path: Path) -> None:
+    """A two-output model through the gate: references for each output tensor's values,
+    in tensor order; the layout is what the manifest carries; a device counting the
+    validation inputs' outputs on it gets PSI 0 for every value of both tensors.
+    Too many values in all is refused at validation, naming the policy key."""
+    rng = np.random.default_rng(4)
+    path = tmp_path / "two.tflite"
+    path.write_bytes(make_two_head_model([(rng.normal(size=(3, 6)), rng.normal(size=3)),
+                                          (rng.normal(size=(70, 6)), rng.normal(size=70))],
+                                         shared_input=True))
+    x = rng.uniform(-1, 1, (400, 6)).astype(np.float32)
+    with pytest.raises(ModelError, match=r"'out_b' has 70 values \(3 \+ 70 over 2 output "
+                                         r"tensors\).*drift_values = N \(1..32\)"):
+        validate(path, Dataset(x), Policy("two", "none"))
+    with pytest.raises(ModelError, match=r"drift_values = 62 watches 65 values.*at most 32"):
+        validate(path, Dataset(x), Policy("two", "none", drift_values=62))
+    report = validate(path, Dataset(x), Policy("two", "none", drift_values=8,
+                                               max_flip_rate=1.0))
+    assert report.metrics["drift_values"]["tensors"] == [
+        {"name": "out_a", "watched": 3, "of": 3}, {"name": "out_b", "watched": 8, "of": 70}]
+    payload = [h.to_payload() for h in report.reference_histograms]
+    assert drift_tensors(payload) == [3, 8]
+    window = TelemetryWindowBuilder()
+    window.set_drift_bins([h["edges"] for h in payload], tensors=drift_tensors(payload),
+                          tensor_quantization=[(0.0, 0), (0.0, 0)])
+    model = LoadedModel.load(path)
+    for row in x:
+        window.record(0.1, True, model.run_all([row[None]]))
+    summary = window.take()
+    assert summary is not None
+    assert summary["output_hist"] == [h["counts"] for h in payload]
+    assert psi_per_output(payload, summary["output_hist"]) == [0.0] * 11
 
 
 def test_manifest_drift_tensors_must_add_up() -> None:

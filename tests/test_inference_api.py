@@ -34,7 +34,7 @@ from edge_agent.runtime import LoadedModel
 from edge_agent.serving import wire
 from edge_agent.serving.client import InferenceClient
 from edge_agent.serving.server import SOCKET_MODE, InferenceServer, Serving
-from testkit.modelgen import model_for_version
+from testkit.modelgen import make_two_head_model, model_for_version
 from tests.device_kit import ReportWatch, configured_agent, deploy_and_wait
 from tests.fleet import REPO_ROOT, Fleet
 
@@ -185,6 +185,42 @@ def test_predict_returns_what_the_interpreter_returns(api: ServerThread) -> None
                 np.testing.assert_array_equal(out["output"], expected)
         assert client.served_by == ("kws", "1")
     assert api.counted() == [("1", True)] * 60
+
+
+def test_every_input_and_every_output_of_a_two_input_model(sock_dir: Path) -> None:
+    """All inputs are read (by name, index or order), all outputs answered and all
+    handed to telemetry; a missing or misshapen second input is refused by name."""
+    rng = np.random.default_rng(9)
+    data = make_two_head_model([(rng.normal(size=(3, 5)), rng.normal(size=3)),
+                                (rng.normal(size=(2, 4)), rng.normal(size=2))],
+                               shared_input=False)
+    direct = LoadedModel.from_bytes(data)
+    two = Serving(LoadedModel.from_bytes(data), {"model": "two", "version": "1"})
+    seen: list[list[tuple[int, ...]]] = []
+    api = ServerThread(sock_dir / "agent.sock", two, wire.MAX_FRAME_BYTES)
+    api.server._on_call = lambda s, ms, ok, outs: seen.append(  # type: ignore[method-assign]
+        [o.shape for o in outs or []])
+    try:
+        with client_of(api) as client:
+            assert [i["name"] for i in client.info()["inputs"]] == ["in_a", "in_b"]
+            for seed in range(5):
+                r = np.random.default_rng(seed)
+                a = r.normal(size=(1, 5)).astype(np.float32)
+                b = r.normal(size=(1, 4)).astype(np.float32)
+                expected = direct.run_all([a, b])
+                for inputs in ({"in_a": a, "in_b": b}, {1: b, 0: a}, [a, b]):
+                    out = client.predict(inputs)  # type: ignore[arg-type]
+                    assert list(out) == ["out_a", "out_b"]
+                    for got, want in zip(out.values(), expected, strict=True):
+                        np.testing.assert_array_equal(got, want)
+            with pytest.raises(InputRejected, match="missing input 'in_b'"):
+                client.predict({"in_a": a})
+            with pytest.raises(InputRejected, match=r"input 'in_b' expects shape \[1, 4\]"):
+                client.predict([a, a])
+        api.counted()
+        assert seen == [[(1, 3), (1, 2)]] * 15  # both outputs of every call that ran
+    finally:
+        api.stop()
 
 
 def test_info_and_health_describe_the_model(api: ServerThread) -> None:
