@@ -282,19 +282,30 @@ def sock_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: float
-                                      ) -> tuple[str, dict[str, Any]]:
-    """Release the int8 model (validated on x), deploy it to one real agent by a rollout
-    with a PSI gate, and have an application call the agent's API with x + offset.
-    Returns how the rollout ended (`completed` or `halted`) and that event's payload."""
+async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: float,
+                                      two_heads: bool = False) -> tuple[str, dict[str, Any]]:
+    """Release the int8 model (or, `two_heads`, a float model with two output tensors;
+    validated on x), deploy it to one real agent by a rollout with a PSI gate, and have
+    an application call the agent's API with x + offset. Returns how the rollout ended
+    (`completed` or `halted`) and that event's payload."""
     policy = fleet.config.policy_path
     policy.write_text('[default]\ntask = "classification"\nhistogram_bins = 5\n'
-                      "approvals_required = 1\n")
-    path, x = _int8_model(fleet.root)
-    model = LoadedModel.load(path)
-    labels = Runner(model, (N_IN,)).run_rows(x.astype(np.float64)).argmax(axis=1)
+                      'approvals_required = 1\n[models.kws]\n'
+                      + ('task = "none"\nmax_flip_rate = 1.0\n' if two_heads else ""))
     data = fleet.root / "validation.npz"
-    np.savez(data, inputs=x, labels=labels)
+    if two_heads:
+        rng = np.random.default_rng(12)
+        path = fleet.root / "two.tflite"
+        path.write_bytes(make_two_head_model(
+            [(rng.normal(size=(3, N_IN)), rng.normal(size=3)),
+             (rng.normal(size=(4, N_IN)), rng.normal(size=4))], shared_input=True))
+        x = rng.uniform(-1, 1, (ROWS, N_IN)).astype(np.float32)
+        np.savez(data, inputs=x)
+    else:
+        path, x = _int8_model(fleet.root)
+        model = LoadedModel.load(path)
+        labels = Runner(model, (N_IN,)).run_rows(x.astype(np.float64)).argmax(axis=1)
+        np.savez(data, inputs=x, labels=labels)
     device, socket_path = "app-0", sock_dir / "agent.sock"
     agent = configured_agent(fleet, device, ["--api-socket", str(socket_path)])
     agent.synthetic_load = False  # only the application's calls run the model
@@ -321,7 +332,10 @@ async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: floa
                 info = api.info()["inputs"][0]["quantization"]
                 scale, zero_point = float(info["scale"]), int(info["zero_point"])
                 for row in x + np.float32(offset):
-                    api.predict({"input": _quantize(row[None, :], scale, zero_point)})
+                    if two_heads:  # float32 input, as it is
+                        assert len(api.predict({"input": row[None, :]})) == 2
+                    else:
+                        api.predict({"input": _quantize(row[None, :], scale, zero_point)})
             return len(x)
 
         assert await asyncio.get_running_loop().run_in_executor(None, application) == ROWS
@@ -353,6 +367,31 @@ async def test_shifted_application_inputs_halt_the_rollout_on_drift(
     assert kind == ev.ROLLOUT_HALTED, payload
     assert "output drift PSI" in payload["reason"]
     assert payload["evidence"]["psi"] > PSI_NEAR_ZERO
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("offset", [0.0, 0.6], ids=["validation inputs", "shifted"])
+async def test_a_two_output_model_is_gated_on_the_worst_psi_of_both_tensors(
+    fleet: Fleet, sock_dir: Path, offset: float,
+) -> None:
+    """Both output tensors are watched (3 + 4 values): fed its validation inputs the
+    rollout completes with PSI ~0 over all 7; shifted inputs halt it on drift."""
+    kind, payload = await _rollout_fed_by_application(fleet, sock_dir, offset,
+                                                      two_heads=True)
+    [released] = [e for e in fleet.feed.of_kind(ev.MODEL_RELEASED)]
+    manifest = proto.ReleaseManifest.from_map(proto.SignedEnvelope.decode(
+        released.payload["manifest"]).document("manifest"))
+    assert manifest.drift_layout() == [3, 4]
+    evidence = payload["evidence"]
+    [row] = fleet.hub.telemetry.device_rows("app-0")  # what the hub aggregated
+    assert [sum(h) for h in row["output_hist"]] == [ROWS] * 7
+    if offset == 0.0:
+        assert kind == ev.ROLLOUT_COMPLETED, payload
+        assert evidence["inferences"] == ROWS and evidence["psi"] < PSI_NEAR_ZERO, evidence
+    else:
+        assert kind == ev.ROLLOUT_HALTED, payload
+        assert "output drift PSI" in payload["reason"]
+        assert evidence["psi"] > PSI_NEAR_ZERO
 
 
 async def test_a_psi_gate_on_a_flagged_model_is_refused_as_blind(fleet: Fleet) -> None:
