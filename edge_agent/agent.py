@@ -148,8 +148,9 @@ class EdgeAgent:
         self.supervisor = Supervisor(log)
         self.faults = Faults.configured(config.faults)
         self.boot = next_boot(config.state_dir)  # signed in reports: ordered across boots
-        self.model: LoadedModel | None = None
-        self.model_meta: dict[str, Any] = {}
+        # The running model and its metadata, one tuple: the API's connection threads
+        # read it in one load (`serving`), so a switch stored as one tuple is atomic.
+        self._running: tuple[LoadedModel | None, dict[str, Any]] = (None, {})
         self._transport: NatsTransport | None = None
         # Reports wait on disk until JetStream acknowledges them (edge_agent/spool.py).
         self.spool = Spool(config.state_dir / "spool", max_bytes=config.spool_max_bytes,
@@ -171,6 +172,22 @@ class EdgeAgent:
         self._stopping = False
         self._reinstall = False  # no usable slot at boot: install the assignment again
         self.api: InferenceServer | None = None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._running[0]
+
+    @model.setter
+    def model(self, model: LoadedModel | None) -> None:
+        self._running = (model, self._running[1])
+
+    @property
+    def model_meta(self) -> dict[str, Any]:
+        return self._running[1]
+
+    @model_meta.setter
+    def model_meta(self, meta: dict[str, Any]) -> None:
+        self._running = (self._running[0], meta)
 
     @property
     def api_socket(self) -> Path:
@@ -292,7 +309,7 @@ class EdgeAgent:
                     f"model's {recorded[:16]}... (corrupted on disk)")
         if self.config.isolate_preflight:
             try:
-                preflight(slot.path)
+                preflight(slot.path, input_shapes=run_shapes(slot.metadata))
             except ModelRuntimeError as exc:
                 return f"{name}: does not load: {exc}"
         return None
@@ -328,7 +345,8 @@ class EdgeAgent:
         try:
             if self.faults.load_error and self.faults.applies(self.model_meta):
                 raise ModelRuntimeError(f"{active.path}: load failure injected by {FAULTS_ENV}")
-            self.model = LoadedModel.load(active.path, mapped=True)
+            self.model = LoadedModel.load(active.path, mapped=True,
+                                          input_shapes=run_shapes(self.model_meta))
             self.model_meta = with_quantization(self.model_meta, self.model)
             log.info("running %s/%s from slot %s", self.model_meta.get("model"),
                      self.model_meta.get("version"), active.name)
@@ -432,9 +450,11 @@ class EdgeAgent:
         self.api = server
 
     def serving(self) -> Serving | None:
-        """The model that answers calls now. `model` and `model_meta` change together in
-        one statement on the event loop, so a call sees one model, never half a switch."""
-        return None if self.model is None else Serving(self.model, self.model_meta)
+        """The model that answers calls now (from the API's connection threads). A
+        switch stores the model and its metadata as one tuple, so a call sees one
+        model, never half a switch."""
+        model, meta = self._running
+        return None if model is None else Serving(model, meta)
 
     def nats_auth(self) -> NatsAuth:
         """The device key is the device's NATS identity (an nkey); TLS with the bundle's CA."""
@@ -583,10 +603,16 @@ class EdgeAgent:
             "model": manifest.name, "version": manifest.version, "digest": manifest.digest,
             "counter": assignment.counter, "manifest_hash": assignment.manifest_hash,
             "drift_bins": manifest.drift_bins,  # telemetry bins outputs on these edges
+            # Dynamic inputs run at these shapes (preflight, load, every later load).
+            "input_shapes": manifest.run_shapes(),
         }
         quantization = manifest.tensor_quantization("outputs")
-        if quantization:  # (scale, zero_point) of the output the histograms count
+        if quantization:  # (scale, zero_point) of each output the histograms count
             meta["output_quantization"] = [quantization[0][1], quantization[0][2]]
+            meta["outputs_quantization"] = [[scale, zp] for _, scale, zp in quantization]
+        layout = manifest.drift_layout()
+        if len(layout) > 1:  # drift bins of several output tensors
+            meta["drift_tensors"] = layout
         if self.faults.install_error and self.faults.applies(meta):
             raise UpdateRefused(f"install failure injected by {FAULTS_ENV}")
         active = self.slots.active()
@@ -604,7 +630,10 @@ class EdgeAgent:
         log.info("installed %s/%s (counter %d)", manifest.name, manifest.version,
                  assignment.counter)
         self._report_status(proto.STATUS_APPLIED, reason="", assignment=assignment,
-                            probe_output=[float(v) for v in probe.ravel()])
+                            # A prefix tells versions apart; a 14,336-value output
+                            # (BlazeFace) made the report oversized and refused.
+                            probe_output=[float(v) for v in
+                                          probe.ravel()[: proto.MAX_PROBE_VALUES]])
 
     async def _download_and_switch(
         self, manifest: proto.ReleaseManifest, meta: dict[str, Any]
@@ -633,21 +662,22 @@ class EdgeAgent:
         try:
             # In a child process first: a crashing runtime must not take the agent down.
             if self.config.isolate_preflight:
-                await asyncio.to_thread(preflight, path)
+                await asyncio.to_thread(preflight, path, 120.0, run_shapes(meta))
         except ModelRuntimeError as exc:
             download.discard()
             raise UpdateRefused(f"model does not load: {exc}") from exc
         # From here to the switch nothing awaits, so no other update or revert interleaves.
         slot = self.slots.install_inactive(path)
         try:
-            loaded = LoadedModel.load(self.slots.slot_path(slot), mapped=True)
+            loaded = LoadedModel.load(self.slots.slot_path(slot), mapped=True,
+                                      input_shapes=run_shapes(meta))
             loaded.smoke_test()
         except ModelRuntimeError as exc:
             raise UpdateRefused(f"model does not load: {exc}") from exc
         meta.update(with_quantization(meta, loaded))
         self.health.start(meta)
         self.slots.activate(slot, meta)
-        self.model, self.model_meta = loaded, dict(meta)
+        self._running = (loaded, dict(meta))  # one store: the switch is atomic
 
     def _check_room(self, manifest: proto.ReleaseManifest, meta: dict[str, Any]) -> None:
         """Refuse (for now: DiskFull is retried later) a download that cannot fit: the
@@ -692,7 +722,8 @@ class EdgeAgent:
             digest = _file_digest(previous.path)
             if digest != previous.metadata.get("digest"):
                 raise ModelRuntimeError(f"{previous.path} does not match its recorded digest")
-            loaded = LoadedModel.load(previous.path, mapped=True)
+            loaded = LoadedModel.load(previous.path, mapped=True,
+                                      input_shapes=run_shapes(previous.metadata))
             loaded.smoke_test()
         except (ModelRuntimeError, OSError) as exc:
             log.error("cannot revert (%s): the previous model is unusable: %s", evidence, exc)
@@ -700,7 +731,7 @@ class EdgeAgent:
             return False
         self.slots.revert()
         self.health.clear()
-        self.model, self.model_meta = loaded, with_quantization(previous.metadata, loaded)
+        self._running = (loaded, with_quantization(previous.metadata, loaded))  # atomic
         reason = (f"{evidence}; reverted {bad.get('model')}/{bad.get('version')} "
                   f"(counter {bad.get('counter')}) to {previous.metadata.get('model')}/"
                   f"{previous.metadata.get('version')}")
@@ -735,10 +766,13 @@ class EdgeAgent:
         meta = self.model_meta
         started = time.perf_counter()
         ok = True
-        output = None
+        output: NDArray[Any] | list[NDArray[Any]] | None = None
         try:
             self._inject_fault(meta)
-            output = model.run(model.generated_input(self._rng))
+            x = model.generated_input(self._rng)  # fits the first input
+            # Every output tensor when the model has one input (telemetry histograms
+            # each), else the first output of a run on the first input.
+            output = model.run_all([x]) if len(model.inputs) == 1 else model.run(x)
         except ModelRuntimeError as exc:
             ok = False
             log.debug("inference failed: %s", exc)
@@ -756,12 +790,12 @@ class EdgeAgent:
 
     def _count_inference(self, serving: Serving, latency_ms: float, ok: bool,
                          outputs: list[NDArray[Any]] | None) -> None:
-        """An API call that ran the model: counted like a synthetic inference (the
-        first output goes into the output histograms)."""
-        self._record_inference(serving.meta, latency_ms, ok, outputs[0] if outputs else None)
+        """An API call that ran the model: counted like a synthetic inference (every
+        output tensor goes into the output histograms)."""
+        self._record_inference(serving.meta, latency_ms, ok, outputs)
 
     def _record_inference(self, meta: Mapping[str, Any], latency_ms: float, ok: bool,
-                          output: NDArray[Any] | None) -> None:
+                          output: NDArray[Any] | list[NDArray[Any]] | None) -> None:
         """Count one inference of the model `meta` describes in the telemetry window and,
         while that model is being watched, in its health window."""
         meta = dict(meta)
@@ -770,8 +804,12 @@ class EdgeAgent:
         if output is not None and faults.output_shift and faults.applies(meta):
             # A shift of the real output: a quantized one is dequantized first (floats
             # are then binned as they are).
-            scale, zero_point = meta.get("output_quantization") or (0.0, 0)
-            output = bins.dequantize(output, scale, zero_point) + faults.output_shift
+            outputs = [output] if isinstance(output, np.ndarray) else output
+            quantization = meta.get("outputs_quantization") or [
+                meta.get("output_quantization") or (0.0, 0)]
+            output = [bins.dequantize(o, *(quantization[t] if t < len(quantization)
+                                           else (0.0, 0))) + faults.output_shift
+                      for t, o in enumerate(outputs)]
         self.reporter.record(latency_ms, ok, output)
         watching = self.health.watching
         if (watching is not None and watching.digest == meta.get("digest")
@@ -782,7 +820,10 @@ class EdgeAgent:
                 self._revert(evidence)
 
     def emit_window(self) -> None:
-        """Close the open telemetry window now and spool it."""
+        """Close the open telemetry window now and spool it (with the API calls the
+        server still holds queued for counting)."""
+        if self.api is not None:
+            self.api.count_pending()
         self.reporter.emit_window()
 
     def _report_status(
@@ -797,14 +838,23 @@ class EdgeAgent:
                              probe_output=probe_output, counter=counter)
 
 
+def run_shapes(meta: Mapping[str, Any]) -> dict[str, list[int]] | None:
+    """The run shapes of the model's inputs recorded from its manifest (None: the
+    manifest gave none, an older hub; a static model needs none)."""
+    shapes = meta.get("input_shapes")
+    return {str(k): [int(d) for d in v] for k, v in shapes.items()} if shapes else None
+
+
 def with_quantization(meta: Mapping[str, Any], model: LoadedModel) -> dict[str, Any]:
-    """`meta` with the (scale, zero_point) of the model's first output, the one telemetry
-    dequantizes before binning, when the manifest did not give it (an older hub: the
+    """`meta` with the (scale, zero_point) of the model's outputs, which telemetry
+    dequantizes before binning, when the manifest did not give them (an older hub: the
     file is the one the manifest names by digest, so its own parameters are the same)."""
     out = dict(meta)
     if "output_quantization" not in out:
         scale, zero_point = model.outputs[0].quantization
         out["output_quantization"] = [scale, zero_point]
+    if "outputs_quantization" not in out:
+        out["outputs_quantization"] = [list(o.quantization) for o in model.outputs]
     return out
 
 

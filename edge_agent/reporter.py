@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from numpy.typing import NDArray
@@ -68,9 +68,12 @@ class Reporter:
             self.emit_window()  # the previous model's last window
             self._window_meta = dict(meta)
             self._window.set_drift_bins(meta.get("drift_bins") or [],
-                                        meta.get("output_quantization"))
+                                        meta.get("output_quantization"),
+                                        tensors=meta.get("drift_tensors") or None,
+                                        tensor_quantization=meta.get("outputs_quantization"))
 
-    def record(self, latency_ms: float, ok: bool, output: NDArray[Any] | None) -> None:
+    def record(self, latency_ms: float, ok: bool,
+               output: NDArray[Any] | Sequence[NDArray[Any]] | None) -> None:
         """Count one inference in the open window."""
         self._window.record(latency_ms, ok, output)
 

@@ -5,7 +5,9 @@ InferenceServer (edge_agent.serving.server) on a model from testkit/modelgen, an
 process is the application. It times, in alternating blocks so both see the same
 machine, (a) `LoadedModel.run_all` on its own interpreter of the same model, in this
 process, and (b) `InferenceClient.predict` through the socket. Latency is per call,
-wall clock at the caller; the rate is calls per second of one caller in a loop.
+wall clock at the caller; the rate is calls per second of one caller in a loop. The
+server counts every call as the agent does (a TelemetryWindowBuilder on its event loop,
+with drift bins for up to 64 output values), so telemetry's cost is in the API numbers.
 
 Models: `dense` is one FULLY_CONNECTED layer of 512x512 float32 weights (1 MiB of
 weights that every call multiplies), `padded` the 8x4 test model padded to 1 MiB
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,6 +41,7 @@ from rich.table import Table  # noqa: E402
 from edge_agent.runtime import LoadedModel  # noqa: E402
 from edge_agent.serving.client import InferenceClient  # noqa: E402
 from edge_agent.serving.server import InferenceServer, Serving  # noqa: E402
+from edge_agent.telemetry import TelemetryWindowBuilder  # noqa: E402
 from testkit.modelgen import model_for_version  # noqa: E402
 
 MODELS = {
@@ -50,11 +54,19 @@ def serve(model_path: Path, socket_path: Path) -> None:
     """The server process: serve until SIGTERM; print READY once listening."""
     model = LoadedModel.load(model_path, mapped=True)
     current = Serving(model, {"model": "bench", "version": "1"})
+    window = TelemetryWindowBuilder()
+    values = int(np.prod(model.outputs[0].shape))
+    window.set_drift_bins([[float(e) for e in np.linspace(-4.0, 4.0, 11)]] * min(values, 64))
+
+    def count(_: Serving, latency_ms: float, ok: bool, outputs: list[Any] | None) -> None:
+        window.record(latency_ms, ok, outputs)
+        if window.count >= 10_000:
+            window.take()
 
     async def main() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        server = InferenceServer(socket_path, lambda: current, lambda *_: None)
+        server = InferenceServer(socket_path, lambda: current, count)
         await server.start()
         print("READY", flush=True)
         await stop.wait()

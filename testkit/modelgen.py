@@ -100,6 +100,78 @@ def _fully_connected_op(builder: flatbuffers.Builder, activation: int) -> int:
     return int(tflite.OperatorEnd(builder))
 
 
+def _fc_op_at(builder: flatbuffers.Builder, x: int, w: int, b: int, out: int) -> int:
+    """A FULLY_CONNECTED op (no activation) on the tensors at these indexes."""
+    tflite.FullyConnectedOptionsStart(builder)
+    tflite.FullyConnectedOptionsAddFusedActivationFunction(builder, _ACTIVATIONS["none"])
+    options = tflite.FullyConnectedOptionsEnd(builder)
+    inputs = _int32_vector(builder, [x, w, b])
+    outputs = _int32_vector(builder, [out])
+    tflite.OperatorStart(builder)
+    tflite.OperatorAddOpcodeIndex(builder, 0)
+    tflite.OperatorAddInputs(builder, inputs)
+    tflite.OperatorAddOutputs(builder, outputs)
+    tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.FullyConnectedOptions)
+    tflite.OperatorAddBuiltinOptions(builder, options)
+    return int(tflite.OperatorEnd(builder))
+
+
+def make_two_head_model(heads: list[tuple[NDArray[Any], NDArray[Any]]], *,
+                        shared_input: bool) -> bytes:
+    """Two FULLY_CONNECTED heads, float32: "out_a" [1, a] and "out_b" [1, b] (two output
+    tensors). `shared_input`: both read one "input" [1, n]; else head k reads its own
+    input ("in_a" [1, n_a], "in_b" [1, n_b]): a two-input model."""
+    if len(heads) != 2:
+        raise ValueError("two heads: [(weights_a, bias_a), (weights_b, bias_b)]")
+    ws = [np.ascontiguousarray(w, dtype=np.float32) for w, _ in heads]
+    bs = [np.ascontiguousarray(b, dtype=np.float32) for _, b in heads]
+    for w, b in zip(ws, bs, strict=True):
+        if w.ndim != 2 or b.shape != (w.shape[0],):
+            raise ValueError(f"weights must be (out, in) and bias (out,); got {w.shape}, "
+                             f"{b.shape}")
+    if shared_input and ws[0].shape[1] != ws[1].shape[1]:
+        raise ValueError("a shared input needs both heads to take the same width")
+    builder = flatbuffers.Builder(4096 + sum(w.nbytes for w in ws))
+    blobs: list[bytes | None] = [None, ws[0].tobytes(), bs[0].tobytes(), ws[1].tobytes(),
+                                 bs[1].tobytes()]
+    buffers = _table_vector(builder, [_buffer(builder, blob) for blob in blobs])
+    specs: list[tuple[str, list[int], int]] = [
+        ("weights_a", list(ws[0].shape), 1), ("bias_a", list(bs[0].shape), 2),
+        ("weights_b", list(ws[1].shape), 3), ("bias_b", list(bs[1].shape), 4),
+        ("out_a", [1, int(ws[0].shape[0])], 0), ("out_b", [1, int(ws[1].shape[0])], 0)]
+    if shared_input:
+        specs.append(("input", [1, int(ws[0].shape[1])], 0))
+        x_a = x_b = 6
+        graph_inputs = [6]
+    else:
+        specs += [("in_a", [1, int(ws[0].shape[1])], 0), ("in_b", [1, int(ws[1].shape[1])], 0)]
+        x_a, x_b = 6, 7
+        graph_inputs = [6, 7]
+    tensors = _table_vector(builder, [_tensor(builder, n, sh, buf) for n, sh, buf in specs])
+    operators = _table_vector(builder, [_fc_op_at(builder, x_a, 0, 1, 4),
+                                        _fc_op_at(builder, x_b, 2, 3, 5)])
+    sg_inputs = _int32_vector(builder, graph_inputs)
+    sg_outputs = _int32_vector(builder, [4, 5])
+    sg_name = builder.CreateString("main")
+    tflite.SubGraphStart(builder)
+    tflite.SubGraphAddTensors(builder, tensors)
+    tflite.SubGraphAddInputs(builder, sg_inputs)
+    tflite.SubGraphAddOutputs(builder, sg_outputs)
+    tflite.SubGraphAddOperators(builder, operators)
+    tflite.SubGraphAddName(builder, sg_name)
+    subgraphs = _table_vector(builder, [tflite.SubGraphEnd(builder)])
+    opcodes = _table_vector(builder, [_fully_connected_opcode(builder)])
+    desc = builder.CreateString("two heads")
+    tflite.ModelStart(builder)
+    tflite.ModelAddVersion(builder, _SCHEMA_VERSION)
+    tflite.ModelAddOperatorCodes(builder, opcodes)
+    tflite.ModelAddSubgraphs(builder, subgraphs)
+    tflite.ModelAddDescription(builder, desc)
+    tflite.ModelAddBuffers(builder, buffers)
+    builder.Finish(tflite.ModelEnd(builder), file_identifier=_FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
 def _padding_metadata(builder: flatbuffers.Builder, buffer: int) -> int:
     name = builder.CreateString(_PADDING_METADATA_NAME)
     tflite.MetadataStart(builder)

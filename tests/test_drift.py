@@ -27,12 +27,13 @@ from edge_agent.serving.client import InferenceClient
 from edge_agent.telemetry import TelemetryWindowBuilder
 from hub import events as ev
 from hub.cli.models import tensor_text
+from hub.governance.manifests import drift_tensors
 from hub.governance.models import manifest_quantization
-from hub.telemetry.drift import psi, quantile_edges, reference_histogram
-from hub.validation import Dataset, Policy, validate
+from hub.telemetry.drift import psi, psi_per_output, quantile_edges, reference_histogram
+from hub.validation import Dataset, ModelError, Policy, validate
 from hub.validation.runner import Runner
 from ledger.encoding import canonical_decode, canonical_encode
-from testkit.modelgen import make_dense_model, make_int8_dense_model
+from testkit.modelgen import make_dense_model, make_int8_dense_model, make_two_head_model
 from tests.device_kit import configured_agent
 from tests.fleet import Fleet, refused
 
@@ -169,6 +170,106 @@ def test_manifest_carries_quantization_optionally(tmp_path: Path) -> None:
             proto.ReleaseManifest.from_map(doc | {"quantization": bad})
 
 
+def test_every_output_tensor_is_binned_with_its_own_quantization() -> None:
+    """Two output tensors (an int8 one with its own scale and zero point, a float one),
+    the first 3 and 2 values watched: the device's histograms are, value by value, the
+    hub's reference counts of the same real values, and the hub's layout of them is the
+    manifest's drift_tensors."""
+    rng = np.random.default_rng(5)
+    q0 = (0.05, -3)
+    raw0 = rng.integers(-128, 128, (300, 1, 6)).astype(np.int8)
+    real0 = (raw0.astype(np.float64) - q0[1]) * q0[0]
+    out1 = rng.normal(0, 1, (300, 2, 2)).astype(np.float32)
+    columns = [real0[:, 0, k] for k in range(3)] + [
+        out1.reshape(300, -1)[:, k].astype(np.float64) for k in range(2)]
+    reference = [reference_histogram(k, v, 8, tensor=0 if k < 3 else 1)
+                 for k, v in enumerate(columns)]
+    payload = [h.to_payload() for h in reference]
+    assert drift_tensors(payload) == [3, 2]
+    assert drift_tensors([h for h in payload if "tensor" not in h]) == []  # first only
+    window = TelemetryWindowBuilder()
+    window.set_drift_bins([h.edges for h in reference], tensors=[3, 2],
+                          tensor_quantization=[q0, (0.0, 0)])
+    for i in range(300):
+        window.record(0.1, True, [raw0[i], out1[i]])
+    summary = window.take()
+    assert summary is not None
+    assert summary["output_hist"] == [h.counts for h in reference]
+    assert max(psi(h.counts, o) for h, o in zip(reference, summary["output_hist"],
+                                                  strict=True)) == 0.0
+    # Only the first tensor (the synthetic load's single output): its values, no others.
+    window.set_drift_bins([h.edges for h in reference], tensors=[3, 2],
+                          tensor_quantization=[q0, (0.0, 0)])
+    window.record(0.1, True, raw0[0])
+    only_first = window.take()
+    assert only_first is not None
+    assert [sum(h) for h in only_first["output_hist"]] == [1, 1, 1, 0, 0]
+
+
+def test_the_gate_references_every_output_tensor_and_a_device_matches_it(
+        tmp_path: Path) -> None:
+    """A two-output model through the gate: references for each output tensor's values,
+    in tensor order; the layout is what the manifest carries; a device counting the
+    validation inputs' outputs on it gets PSI 0 for every value of both tensors.
+    Too many values in all is refused at validation, naming the policy key."""
+    rng = np.random.default_rng(4)
+    path = tmp_path / "two.tflite"
+    path.write_bytes(make_two_head_model([(rng.normal(size=(3, 6)), rng.normal(size=3)),
+                                          (rng.normal(size=(70, 6)), rng.normal(size=70))],
+                                         shared_input=True))
+    x = rng.uniform(-1, 1, (400, 6)).astype(np.float32)
+    with pytest.raises(ModelError, match=r"'out_b' has 70 values \(3 \+ 70 over 2 output "
+                                         r"tensors\).*drift_values = N \(1..32\)"):
+        validate(path, Dataset(x), Policy("two", "none"))
+    with pytest.raises(ModelError, match=r"drift_values = 62 watches 65 values.*at most 32"):
+        validate(path, Dataset(x), Policy("two", "none", drift_values=62))
+    report = validate(path, Dataset(x), Policy("two", "none", drift_values=8,
+                                               max_flip_rate=1.0))
+    assert report.metrics["drift_values"]["tensors"] == [
+        {"name": "out_a", "watched": 3, "of": 3}, {"name": "out_b", "watched": 8, "of": 70}]
+    payload = [h.to_payload() for h in report.reference_histograms]
+    assert drift_tensors(payload) == [3, 8]
+    window = TelemetryWindowBuilder()
+    window.set_drift_bins([h["edges"] for h in payload], tensors=drift_tensors(payload),
+                          tensor_quantization=[(0.0, 0), (0.0, 0)])
+    model = LoadedModel.load(path)
+    for row in x:
+        window.record(0.1, True, model.run_all([row[None]]))
+    summary = window.take()
+    assert summary is not None
+    assert summary["output_hist"] == [h["counts"] for h in payload]
+    assert psi_per_output(payload, summary["output_hist"]) == [0.0] * 11
+
+
+def test_manifest_drift_tensors_must_add_up() -> None:
+    manifest = proto.ReleaseManifest(
+        name="faces", version="1", digest="ab" * 32, size=1, format="tflite",
+        inputs=[], outputs=[], created=1, expires=2, drift_bins=[[0.0, 1.0]] * 5,
+        drift_tensors=[3, 2])
+    doc = canonical_decode(canonical_encode(manifest.to_map()))
+    assert proto.ReleaseManifest.from_map(doc).drift_layout() == [3, 2]
+    old = {k: v for k, v in doc.items() if k != "drift_tensors"}  # all of the first
+    assert proto.ReleaseManifest.from_map(old).drift_layout() == [5]
+    for bad in ([3, 3], [-1, 6], [True, 4], ["3", 2]):
+        with pytest.raises(ProtocolError, match="drift_tensors"):
+            proto.ReleaseManifest.from_map(doc | {"drift_tensors": bad})
+
+
+def test_manifest_carries_run_shapes_optionally() -> None:
+    manifest = proto.ReleaseManifest(
+        name="mel", version="1", digest="ab" * 32, size=1, format="tflite",
+        inputs=[], outputs=[], created=1, expires=2, drift_bins=[],
+        input_shapes={"audio": [1, 1280]})
+    doc = canonical_decode(canonical_encode(manifest.to_map()))
+    assert proto.ReleaseManifest.from_map(doc).run_shapes() == {"audio": [1, 1280]}
+    old = {k: v for k, v in doc.items() if k != "input_shapes"}  # an older hub's
+    assert proto.ReleaseManifest.from_map(old).run_shapes() == {}
+    for bad in ({"audio": [1, -1]}, {"audio": []}, {"audio": [1] * 9}, {"audio": "1x1280"},
+                {"audio": [1, True]}, {"audio": [1, 0]}):
+        with pytest.raises(ProtocolError, match="input_shapes"):
+            proto.ReleaseManifest.from_map(doc | {"input_shapes": bad})
+
+
 # ---------------------------------------------------------------- a real agent
 
 
@@ -181,19 +282,30 @@ def sock_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: float
-                                      ) -> tuple[str, dict[str, Any]]:
-    """Release the int8 model (validated on x), deploy it to one real agent by a rollout
-    with a PSI gate, and have an application call the agent's API with x + offset.
-    Returns how the rollout ended (`completed` or `halted`) and that event's payload."""
+async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: float,
+                                      two_heads: bool = False) -> tuple[str, dict[str, Any]]:
+    """Release the int8 model (or, `two_heads`, a float model with two output tensors;
+    validated on x), deploy it to one real agent by a rollout with a PSI gate, and have
+    an application call the agent's API with x + offset. Returns how the rollout ended
+    (`completed` or `halted`) and that event's payload."""
     policy = fleet.config.policy_path
     policy.write_text('[default]\ntask = "classification"\nhistogram_bins = 5\n'
-                      "approvals_required = 1\n")
-    path, x = _int8_model(fleet.root)
-    model = LoadedModel.load(path)
-    labels = Runner(model, (N_IN,)).run_rows(x.astype(np.float64)).argmax(axis=1)
+                      'approvals_required = 1\n[models.kws]\n'
+                      + ('task = "none"\nmax_flip_rate = 1.0\n' if two_heads else ""))
     data = fleet.root / "validation.npz"
-    np.savez(data, inputs=x, labels=labels)
+    if two_heads:
+        rng = np.random.default_rng(12)
+        path = fleet.root / "two.tflite"
+        path.write_bytes(make_two_head_model(
+            [(rng.normal(size=(3, N_IN)), rng.normal(size=3)),
+             (rng.normal(size=(4, N_IN)), rng.normal(size=4))], shared_input=True))
+        x = rng.uniform(-1, 1, (ROWS, N_IN)).astype(np.float32)
+        np.savez(data, inputs=x)
+    else:
+        path, x = _int8_model(fleet.root)
+        model = LoadedModel.load(path)
+        labels = Runner(model, (N_IN,)).run_rows(x.astype(np.float64)).argmax(axis=1)
+        np.savez(data, inputs=x, labels=labels)
     device, socket_path = "app-0", sock_dir / "agent.sock"
     agent = configured_agent(fleet, device, ["--api-socket", str(socket_path)])
     agent.synthetic_load = False  # only the application's calls run the model
@@ -220,7 +332,10 @@ async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: floa
                 info = api.info()["inputs"][0]["quantization"]
                 scale, zero_point = float(info["scale"]), int(info["zero_point"])
                 for row in x + np.float32(offset):
-                    api.predict({"input": _quantize(row[None, :], scale, zero_point)})
+                    if two_heads:  # float32 input, as it is
+                        assert len(api.predict({"input": row[None, :]})) == 2
+                    else:
+                        api.predict({"input": _quantize(row[None, :], scale, zero_point)})
             return len(x)
 
         assert await asyncio.get_running_loop().run_in_executor(None, application) == ROWS
@@ -252,6 +367,31 @@ async def test_shifted_application_inputs_halt_the_rollout_on_drift(
     assert kind == ev.ROLLOUT_HALTED, payload
     assert "output drift PSI" in payload["reason"]
     assert payload["evidence"]["psi"] > PSI_NEAR_ZERO
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("offset", [0.0, 0.6], ids=["validation inputs", "shifted"])
+async def test_a_two_output_model_is_gated_on_the_worst_psi_of_both_tensors(
+    fleet: Fleet, sock_dir: Path, offset: float,
+) -> None:
+    """Both output tensors are watched (3 + 4 values): fed its validation inputs the
+    rollout completes with PSI ~0 over all 7; shifted inputs halt it on drift."""
+    kind, payload = await _rollout_fed_by_application(fleet, sock_dir, offset,
+                                                      two_heads=True)
+    [released] = [e for e in fleet.feed.of_kind(ev.MODEL_RELEASED)]
+    manifest = proto.ReleaseManifest.from_map(proto.SignedEnvelope.decode(
+        released.payload["manifest"]).document("manifest"))
+    assert manifest.drift_layout() == [3, 4]
+    evidence = payload["evidence"]
+    [row] = fleet.hub.telemetry.device_rows("app-0")  # what the hub aggregated
+    assert [sum(h) for h in row["output_hist"]] == [ROWS] * 7
+    if offset == 0.0:
+        assert kind == ev.ROLLOUT_COMPLETED, payload
+        assert evidence["inferences"] == ROWS and evidence["psi"] < PSI_NEAR_ZERO, evidence
+    else:
+        assert kind == ev.ROLLOUT_HALTED, payload
+        assert "output drift PSI" in payload["reason"]
+        assert evidence["psi"] > PSI_NEAR_ZERO
 
 
 async def test_a_psi_gate_on_a_flagged_model_is_refused_as_blind(fleet: Fleet) -> None:

@@ -34,7 +34,7 @@ from edge_agent.runtime import LoadedModel
 from edge_agent.serving import wire
 from edge_agent.serving.client import InferenceClient
 from edge_agent.serving.server import SOCKET_MODE, InferenceServer, Serving
-from testkit.modelgen import model_for_version
+from testkit.modelgen import make_two_head_model, model_for_version
 from tests.device_kit import ReportWatch, configured_agent, deploy_and_wait
 from tests.fleet import REPO_ROOT, Fleet
 
@@ -59,12 +59,13 @@ def row(seed: int) -> NDArray[np.float32]:
 class ServerThread:
     """An InferenceServer on its own event loop in a thread, as inside the agent."""
 
-    def __init__(self, path: Path, current: Serving | None, max_frame: int) -> None:
+    def __init__(self, path: Path, current: Serving | None, max_frame: int,
+                 max_connections: int = 64) -> None:
         self.current = current
         self.calls: list[tuple[str, bool]] = []  # (version, ok), recorded on the loop
         self.loop = asyncio.new_event_loop()
         self.server = InferenceServer(path, lambda: self.current, self._on_call,
-                                      max_frame=max_frame)
+                                      max_frame=max_frame, max_connections=max_connections)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self._run(self.server.start())
@@ -72,6 +73,20 @@ class ServerThread:
     def _on_call(self, s: Serving, latency_ms: float, ok: bool, outputs: Any) -> None:
         assert threading.current_thread() is self._thread  # telemetry stays on the loop
         self.calls.append((str(s.meta["version"]), ok))
+
+    def counted(self) -> list[tuple[str, bool]]:
+        """The calls counted once the server counted what it has queued (on the loop,
+        as the agent does before closing a window): a call is queued before its reply
+        is sent, so every call answered by now is in."""
+        done: Future[None] = Future()
+
+        def count() -> None:
+            self.server.count_pending()
+            done.set_result(None)
+
+        self.loop.call_soon_threadsafe(count)
+        done.result(5)
+        return list(self.calls)
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
@@ -169,7 +184,43 @@ def test_predict_returns_what_the_interpreter_returns(api: ServerThread) -> None
                 assert out["output"].dtype == np.float32
                 np.testing.assert_array_equal(out["output"], expected)
         assert client.served_by == ("kws", "1")
-    assert api.calls == [("1", True)] * 60
+    assert api.counted() == [("1", True)] * 60
+
+
+def test_every_input_and_every_output_of_a_two_input_model(sock_dir: Path) -> None:
+    """All inputs are read (by name, index or order), all outputs answered and all
+    handed to telemetry; a missing or misshapen second input is refused by name."""
+    rng = np.random.default_rng(9)
+    data = make_two_head_model([(rng.normal(size=(3, 5)), rng.normal(size=3)),
+                                (rng.normal(size=(2, 4)), rng.normal(size=2))],
+                               shared_input=False)
+    direct = LoadedModel.from_bytes(data)
+    two = Serving(LoadedModel.from_bytes(data), {"model": "two", "version": "1"})
+    seen: list[list[tuple[int, ...]]] = []
+    api = ServerThread(sock_dir / "agent.sock", two, wire.MAX_FRAME_BYTES)
+    api.server._on_call = lambda s, ms, ok, outs: seen.append(  # type: ignore[method-assign]
+        [o.shape for o in outs or []])
+    try:
+        with client_of(api) as client:
+            assert [i["name"] for i in client.info()["inputs"]] == ["in_a", "in_b"]
+            for seed in range(5):
+                r = np.random.default_rng(seed)
+                a = r.normal(size=(1, 5)).astype(np.float32)
+                b = r.normal(size=(1, 4)).astype(np.float32)
+                expected = direct.run_all([a, b])
+                for inputs in ({"in_a": a, "in_b": b}, {1: b, 0: a}, [a, b]):
+                    out = client.predict(inputs)  # type: ignore[arg-type]
+                    assert list(out) == ["out_a", "out_b"]
+                    for got, want in zip(out.values(), expected, strict=True):
+                        np.testing.assert_array_equal(got, want)
+            with pytest.raises(InputRejected, match="missing input 'in_b'"):
+                client.predict({"in_a": a})
+            with pytest.raises(InputRejected, match=r"input 'in_b' expects shape \[1, 4\]"):
+                client.predict([a, a])
+        api.counted()
+        assert seen == [[(1, 3), (1, 2)]] * 15  # both outputs of every call that ran
+    finally:
+        api.stop()
 
 
 def test_info_and_health_describe_the_model(api: ServerThread) -> None:
@@ -246,7 +297,7 @@ def test_a_bad_request_gets_a_clear_error_and_the_connection_stays_usable(
     finally:
         conn.close()
     assert api.server.stats.refused[code] == 1
-    assert api.calls == [("1", True)]  # refused requests never reach the model
+    assert api.counted() == [("1", True)]  # refused requests never reach the model
 
 
 def test_garbage_body_is_refused_and_the_connection_stays_usable(api: ServerThread) -> None:
@@ -330,7 +381,35 @@ def test_concurrent_clients_all_get_their_own_answers(api: ServerThread) -> None
 
     with ThreadPoolExecutor(8) as pool:
         assert sum(pool.map(one_client, range(0, 200, 25))) == 200
-    assert len(api.calls) == 200 and all(ok for _, ok in api.calls)
+    calls = api.counted()
+    assert len(calls) == 200 and all(ok for _, ok in calls)
+
+
+def test_connections_over_the_limit_are_answered_busy_and_closed(sock_dir: Path) -> None:
+    api = ServerThread(sock_dir / "agent.sock", serving(1), wire.MAX_FRAME_BYTES,
+                       max_connections=2)
+    try:
+        first, second = client_of(api), client_of(api)
+        first.predict([row(1)])
+        second.predict([row(2)])  # two connections, each with its own thread
+        third = RawConnection(api.server.path)
+        reply = third.reply()  # answered without asking: there is no thread for it
+        assert (reply["ok"], reply["code"]) == (False, wire.BUSY)
+        assert "at most 2 connections" in reply["error"]
+        assert third.closed()
+        third.close()
+        with pytest.raises(AgentUnreachable, match="at most 2"):
+            client_of(api).health()
+        first.close()  # a thread is free again once a caller hangs up
+        _wait_until(lambda: api.server.stats.connections == 1)
+        with client_of(api) as again:
+            np.testing.assert_array_equal(again.predict([row(3)])["output"],
+                                          load(1).run(row(3)))
+        second.close()
+        assert api.server.stats.refused[wire.BUSY] == 2
+        assert api.counted() == [("1", True)] * 3
+    finally:
+        api.stop()
 
 
 def test_model_switch_during_calls_is_atomic(api: ServerThread) -> None:
@@ -364,7 +443,8 @@ def test_model_switch_during_calls_is_atomic(api: ServerThread) -> None:
         stop.set()
         total = sum(f.result(30) for f in futures)
     assert {"1", "2"} <= set(seen)
-    assert len(api.calls) == total and all(ok for _, ok in api.calls)
+    calls = api.counted()
+    assert len(calls) == total and all(ok for _, ok in calls)
 
 
 def _wait_until(predicate: Any, timeout: float = 20.0) -> None:

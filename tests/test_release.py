@@ -18,11 +18,11 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 
 from edge_agent import protocol as proto
-from edge_agent.protocol.names import MANIFESTS_BUCKET
+from edge_agent.protocol.names import MANIFESTS_BUCKET, MODELS_BUCKET
 from hub import events as ev
 from hub.client import HubClient
 from hub.governance import state as governance
-from hub.governance.results import MAX_VALIDATED_BYTES
+from hub.governance.results import MAX_VALIDATED_BYTES, read_detail
 from ledger.encoding import canonical_decode, canonical_encode
 from testkit.modelgen import model_for_version, write_validation_set
 from tests.fleet import REPO_ROOT, Fleet, ledger_state, refused
@@ -242,3 +242,117 @@ async def test_a_new_input_shape_is_refused_at_release_unless_allowed_and_record
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, stderr.decode()
     assert "input input [1, 16] float32 not quantized" in stdout.decode()
+
+
+# ------------------------------------------------------------ detail by digest, manifest size
+# The gate now refuses (or, with drift_values, trims) a reference over MAX_OUTPUTS values,
+# so no real model reaches these paths any more; a validation with N reference histograms
+# is crafted from a real one (the same histogram, N outputs), as an older hub's ledger or
+# a future gate could hold.
+
+
+def many_histograms(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Make the hub's gate report `count` reference histograms (copies of its first)."""
+    import dataclasses
+
+    from hub import validation
+
+    real = validation.validate
+
+    def crafted(*args: Any, **kwargs: Any) -> Any:
+        report = real(*args, **kwargs)
+        first = report.reference_histograms[0]
+        return dataclasses.replace(report, reference_histograms=[
+            dataclasses.replace(first, output_index=k) for k in range(count)])
+
+    monkeypatch.setattr(validation, "validate", crafted)
+
+
+async def stored_blob(fleet: Fleet, digest: str) -> bytes:
+    nc = await fleet.connect()
+    try:
+        store = await nc.jetstream().object_store(MODELS_BUCKET)
+        data = (await store.get(digest)).data
+        assert data is not None
+        return bytes(data)
+    finally:
+        await nc.close()
+
+
+async def test_reference_histograms_go_to_the_detail_and_release_reads_them_by_digest(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 reference histograms are over the entry's inline budget: model.validated keeps
+    a summary and names the detail document by digest; the blob under that digest hashes
+    to it and holds them all; release fetches it, checks it, and the manifest carries
+    every histogram's edges."""
+    fleet.config.policy_path.write_text(LENIENT_POLICY)
+    many_histograms(monkeypatch, 600)
+    model = write_model(fleet.root, "kws", 1)
+    async with await fleet.client() as admin:
+        ref = await approved(fleet, admin, model, "kws", "1")
+        [event] = validated_events(fleet, "kws")
+        payload = {k: v for k, v in event.payload.items() if k != "command"}
+        assert len(canonical_encode(payload)) <= MAX_VALIDATED_BYTES
+        assert payload["reference_histograms"] == []
+        assert payload["reference_histograms_summary"]["outputs"] == 600
+        detail = payload["detail"]
+        assert "reference_histograms" in detail["parts"]
+        blob = await stored_blob(fleet, detail["digest"])
+        assert len(blob) == detail["size"]
+        assert blake3.blake3(blob).hexdigest() == detail["digest"]
+        histograms = read_detail(blob)["reference_histograms"]
+        assert [h["output_index"] for h in histograms] == list(range(600))
+        await admin.call("model.release", ref)
+    stored = await kv_manifest(fleet, "kws", "1")
+    assert stored is not None
+    manifest = proto.ReleaseManifest.from_map(
+        canonical_decode(proto.SignedEnvelope.decode(stored).signed))
+    assert manifest.drift_bins == [h["edges"] for h in histograms]
+
+
+async def test_a_detail_that_does_not_match_its_digest_releases_nothing(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The detail's blob replaced under its digest (storage corrupted or tampered with):
+    release refuses, saying so, and records nothing."""
+    fleet.config.policy_path.write_text(LENIENT_POLICY)
+    many_histograms(monkeypatch, 600)
+    model = write_model(fleet.root, "kws", 1)
+    async with await fleet.client() as admin:
+        ref = await approved(fleet, admin, model, "kws", "1")
+        [event] = validated_events(fleet, "kws")
+        digest = event.payload["detail"]["digest"]
+        nc = await fleet.connect()
+        try:
+            store = await nc.jetstream().object_store(MODELS_BUCKET)
+            await store.put(digest, b"\0" * event.payload["detail"]["size"])
+        finally:
+            await nc.close()
+        await refused(fleet, admin, "model.release", ref,
+                      "validation detail does not match digest", digest[:16])
+        assert release_state(fleet, "kws", "1") == "approved"
+    assert released_events(fleet) == []
+    assert await kv_manifest(fleet, "kws", "1") is None
+
+
+async def test_an_oversized_manifest_is_refused_at_release_naming_its_biggest_part(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """14,336 reference histograms (BlazeFace's first output, before the gate bounded
+    it) make a manifest over the 256 KiB devices accept: release refuses before any put,
+    naming the drift bins, and the ledger, KV and state say nothing was released."""
+    fleet.config.policy_path.write_text(LENIENT_POLICY)
+    many_histograms(monkeypatch, 14_336)
+    model = write_model(fleet.root, "kws", 1)
+    async with await fleet.client() as admin:
+        ref = await approved(fleet, admin, model, "kws", "1")
+        [event] = validated_events(fleet, "kws")
+        assert event.payload["reference_histograms_summary"]["outputs"] == 14_336
+        await refused(fleet, admin, "model.release", ref,
+                      "cannot release kws/1", "drift bins for 14,336 outputs",
+                      f"the limit is {proto.MAX_ENVELOPE_BYTES // 1024} KiB",
+                      "Nothing was released")
+        assert release_state(fleet, "kws", "1") == "approved"
+    assert released_events(fleet) == []
+    assert await kv_manifest(fleet, "kws", "1") is None

@@ -74,8 +74,12 @@ def test_face_detector_128x128x3_validates_under_a_minute(third_party: Fetch) ->
     assert [t["name"] for t in m["output_tensors"]] == ["regressors", "classificators"]
     assert m["importance_grouping"] == "last_axis:3"
     assert len(m["permutation_importance"]) == 3
-    assert m["drift_values"] == {"watched": 16, "of": 14336}
-    assert len(report.reference_histograms) == 16
+    # The first 16 values of each output tensor, in tensor order (devices bin them so).
+    assert m["drift_values"] == {"watched": 32, "of": 14336 + 896, "tensors": [
+        {"name": "regressors", "watched": 16, "of": 14336},
+        {"name": "classificators", "watched": 16, "of": 896}]}
+    assert [h.tensor for h in report.reference_histograms] == [0] * 16 + [1] * 16
+    assert [h.output_index for h in report.reference_histograms] == list(range(32))
     assert m["mode"] == "metrics_only"
 
 
@@ -193,3 +197,143 @@ async def test_lifecycle_of_every_third_party_model(third_party: Fetch, fleet: F
             await appr.call("model.approve", {"name": name, "version": "1"})
             released = await admin.call("model.release", {"name": name, "version": "1"})
             assert released["state"] == "released", name
+
+
+def direct_run(path: Path, inputs: list[np.ndarray[Any, Any]],
+               run_shapes: dict[str, list[int]]) -> list[np.ndarray[Any, Any]]:
+    """The model's outputs from tflite_runtime's Interpreter itself (not the agent's
+    wrapper): the reference the agent's API answers are compared with."""
+    from tflite_runtime.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    details = interpreter.get_input_details()
+    for d in details:
+        if str(d["name"]) in run_shapes:
+            interpreter.resize_tensor_input(int(d["index"]), run_shapes[str(d["name"])])
+    interpreter.allocate_tensors()
+    for d, x in zip(details, inputs, strict=True):
+        interpreter.set_tensor(int(d["index"]), x)
+    interpreter.invoke()
+    return [np.array(interpreter.get_tensor(int(d["index"])))
+            for d in interpreter.get_output_details()]
+
+
+@pytest.mark.timeout(300)
+async def test_third_party_models_serve_through_a_real_agent(
+        third_party: Fetch, fleet: Fleet, tmp_path: Path) -> None:
+    """register -> validate -> approve -> release -> deploy to a real agent, then an
+    application calls the agent's local inference API with real-looking inputs: the
+    two-output BlazeFace (both outputs answered) and the dynamic-shape mel extractor
+    (run at its registered run shape). Every answer equals tflite_runtime's own run of
+    the same file; the hub counts every call in the device's telemetry."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    from edge_agent import protocol as proto
+    from edge_agent.serving.client import InferenceClient
+    from hub import events as ev
+    from hub.telemetry.drift import MIN_PER_BIN, psi_per_output
+    from tests.device_kit import configured_agent
+
+    fleet.config.policy_path.write_text(POLICY)
+    rng = np.random.default_rng(7)
+    cases: list[tuple[str, str, np.ndarray[Any, Any], dict[str, list[int]], list[int]]] = [
+        ("faces", "face_detection", images(12, seed=5), {}, [16, 16]),
+        ("mel", "melspectrogram",
+         rng.uniform(-3000, 3000, (12, 1, 1280)).astype(np.float32), {MEL_INPUT: [1, 1280]},
+         [8]),
+    ]
+    # The application sends the validation rows themselves, this many times over: enough
+    # samples for the hub to judge PSI (MIN_PER_BIN per bin), which must then be ~0.
+    passes = -(-MIN_PER_BIN * 10 // 12)
+    device = "tp-0"
+    sock_dir = Path(tempfile.mkdtemp(prefix="fl-tp-", dir="/tmp"))  # short: <= 107 bytes
+    socket_path = sock_dir / "agent.sock"
+    agent = configured_agent(fleet, device, ["--api-socket", str(socket_path)])
+    agent.synthetic_load = False  # only the application's calls run the model
+    loop = asyncio.get_running_loop()
+    try:
+        async with (await fleet.client() as admin,
+                    await fleet.client(fleet.approver_key) as appr):
+            await admin.call("device.enroll", {"device": device})
+            agent.start()
+            for name, key, rows, shapes, watched in cases:
+                path = third_party(key)
+                data = tmp_path / f"{name}.npz"
+                np.savez(data, inputs=rows[:, 0] if name == "mel" else rows)
+                await admin.register_model(path, name, "1", input_shapes=shapes or None)
+                result = await admin.validate_model(name, "1", data)
+                assert result["passed"], (name, result["failures"])
+                await appr.call("model.approve", {"name": name, "version": "1"})
+                await admin.call("model.release", {"name": name, "version": "1"})
+                # What the agent installs from: run shapes and every tensor's quantization.
+                def released_now(_: object, n: str = name) -> bool:
+                    return any(e.payload["name"] == n
+                               for e in fleet.feed.of_kind(ev.MODEL_RELEASED))
+
+                await fleet.feed.wait_for(released_now, what=f"model.released of {name}")
+                released = [e for e in fleet.feed.of_kind(ev.MODEL_RELEASED)
+                            if e.payload["name"] == name][-1]
+                manifest = proto.ReleaseManifest.from_map(proto.SignedEnvelope.decode(
+                    released.payload["manifest"]).document("manifest"))
+                assert manifest.run_shapes() == {
+                    str(t["name"]): t["shape"] for t in manifest.inputs}
+                assert all(manifest.run_shapes()[k] == v for k, v in shapes.items())
+                assert len(manifest.tensor_quantization("inputs")) == len(manifest.inputs)
+                assert len(manifest.tensor_quantization("outputs")) == len(manifest.outputs)
+                # Drift bins of every output tensor: BlazeFace's first 16 values of each.
+                assert manifest.drift_layout() == watched
+                await admin.call("deploy", {"model": name, "version": "1",
+                                            "devices": [device]})
+                await fleet.feed.wait_for(
+                    lambda _, n=name: any(  # type: ignore[misc]
+                        e.payload.get("model") == n
+                        for e in fleet.feed.of_kind(ev.DEVICE_UPDATE_APPLIED, device)),
+                    timeout=90, what=f"{device} to apply {name}/1\n{agent.log()}")
+
+                def application(rows: np.ndarray[Any, Any] = rows, name: str = name,
+                                path: Path = path, shapes: dict[str, list[int]] = shapes,
+                                ) -> int:
+                    with InferenceClient(socket_path, timeout=30) as api:
+                        info = api.info()
+                        assert (info["model"], info["version"]) == (name, "1")
+                        spec = info["inputs"][0]
+                        for n in range(passes):
+                            for row in rows:
+                                x = row[None] if name == "faces" else row
+                                assert list(x.shape) == spec["shape"], (x.shape, spec)
+                                out = api.predict({spec["name"]: x})
+                                if n:
+                                    continue
+                                want = direct_run(path, [x], shapes)
+                                assert [o["name"] for o in info["outputs"]] == list(out)
+                                for got, expected in zip(out.values(), want, strict=True):
+                                    np.testing.assert_array_equal(got, expected)
+                    return passes * len(rows)
+
+                calls = await loop.run_in_executor(None, application)
+
+                async def counted(n: str = name, calls: int = calls) -> bool:
+                    rows_ = (await admin.call("telemetry", {"device": device}))["devices"]
+                    mine = [r for r in rows_ if r["model"] == n]
+                    return bool(mine) and sum(int(r["inferences"]) for r in mine) >= calls
+
+                deadline = loop.time() + 60
+                while not await counted():
+                    assert loop.time() < deadline, f"no telemetry of {name} at the hub"
+                    await asyncio.sleep(0.2)
+                rows_ = (await admin.call("telemetry", {"device": device}))["devices"]
+                mine = [r for r in rows_ if r["model"] == name]
+                assert sum(int(r["inferences"]) for r in mine) == calls
+                assert sum(int(r["errors"]) for r in mine) == 0
+                hist = mine[0]["output_hist"]
+                assert len(hist) == sum(watched)
+                assert all(sum(h) == calls for h in hist), hist
+                validated = [e for e in fleet.feed.of_kind(ev.MODEL_VALIDATED)
+                             if e.payload["name"] == name][-1]
+                drift = psi_per_output(validated.payload["reference_histograms"], hist)
+                assert len(drift) == sum(watched)  # every watched value is judged
+                assert max(drift) < 0.01, drift
+    finally:
+        agent.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -25,6 +25,7 @@ MAX_ENVELOPE_BYTES = 256 * 1024
 MAX_SIGNATURES = 16
 MAX_INT64 = 2**63 - 1
 MAX_TENSORS = 1024  # per side in a manifest's quantization
+MAX_RUN_DIMS = 8  # dimensions of an input's run shape in a manifest
 
 # Bounds on what a device sends (docs/PROTOCOL.md "Bounds"), checked at decode.
 # A telemetry window counts at most MAX_INFERENCES_PER_SECOND per second of its length
@@ -229,20 +230,66 @@ class ReleaseManifest(_Document):
     # Devices dequantize an output with it before binning it on drift_bins
     # (edge_agent.protocol.bins: the values binned are real outputs on both sides).
     quantization: dict[str, Any] = field(default_factory=dict)
+    # Optional (manifests before it have none): the shape each input runs at, by input
+    # name, as registered and validated ({"audio": [1, 1280]}). A dynamic input (a -1
+    # dimension in the model) needs it: devices resize it to this shape before they
+    # allocate the interpreter; a static input's run shape is its own shape.
+    input_shapes: dict[str, Any] = field(default_factory=dict)
+    # Optional (absent or empty: every drift_bins entry is of the first output tensor):
+    # how many drift_bins entries each output tensor has, in tensor order; the entries
+    # are the first N values of tensor 0, then of tensor 1, ... (sums to len(drift_bins)).
+    drift_tensors: list[Any] = field(default_factory=list)
 
     _FIELDS: ClassVar[FieldSpec] = {
         "name": str, "version": str, "digest": str, "size": int, "format": str,
         "inputs": list, "outputs": list, "created": int, "expires": int, "drift_bins": list,
-        "quantization": dict,
+        "quantization": dict, "input_shapes": dict, "drift_tensors": list,
     }
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"quantization"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"quantization", "input_shapes", "drift_tensors"})
 
     @classmethod
     def from_map(cls, doc: Mapping[str, Any]) -> ReleaseManifest:
         manifest = super().from_map(doc)
         for side in ("inputs", "outputs"):
             manifest.tensor_quantization(side)  # ProtocolError unless well formed
+        manifest.run_shapes()
+        manifest.drift_layout()
         return manifest
+
+    def drift_layout(self) -> list[int]:
+        """Values watched per output tensor (`drift_tensors`, checked: non-negative,
+        at most MAX_TENSORS, summing to the drift_bins); [len(drift_bins)] (all of the
+        first tensor) when the manifest does not say."""
+        what = f"{self.TYPE}: drift_tensors"
+        if not self.drift_tensors:
+            return [len(self.drift_bins)] if self.drift_bins else []
+        if (len(self.drift_tensors) > MAX_TENSORS
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                           for n in self.drift_tensors)):
+            raise ProtocolError(f"{what} must be at most {MAX_TENSORS} non-negative integers")
+        if sum(self.drift_tensors) != len(self.drift_bins):
+            raise ProtocolError(f"{what} adds up to {sum(self.drift_tensors)}, but there are "
+                                f"{len(self.drift_bins)} drift_bins")
+        return [int(n) for n in self.drift_tensors]
+
+    def run_shapes(self) -> dict[str, list[int]]:
+        """`input_shapes`, checked: at most MAX_TENSORS inputs, each shape 1 to
+        MAX_RUN_DIMS positive integers; empty when the manifest does not say."""
+        what = f"{self.TYPE}: input_shapes"
+        if len(self.input_shapes) > MAX_TENSORS:
+            raise ProtocolError(f"{what} names more than {MAX_TENSORS} inputs")
+        out = {}
+        for name, shape in self.input_shapes.items():
+            if (not isinstance(name, str) or not isinstance(shape, list)
+                    or not 1 <= len(shape) <= MAX_RUN_DIMS
+                    or not all(isinstance(d, int) and not isinstance(d, bool)
+                               and 1 <= d <= 2**31 for d in shape)):
+                raise ProtocolError(
+                    f"{what} must map input names to shapes of 1 to {MAX_RUN_DIMS} "
+                    f"positive integers, got {name!r}: {shape!r}")
+            out[name] = [int(d) for d in shape]
+        return out
 
     def tensor_quantization(self, side: str = "outputs") -> list[tuple[str, float, int]]:
         """(dtype, scale, zero_point) of each input or output tensor, in order; empty

@@ -15,6 +15,7 @@ connects again). One client keeps one connection; it may be shared between threa
 
 from __future__ import annotations
 
+import io
 import itertools
 import socket
 import threading
@@ -41,6 +42,7 @@ _ERRORS: dict[str, type[InferenceError]] = {
     wire.NO_MODEL: NoModelLoaded,
     wire.MODEL_ERROR: ModelFailed,
     wire.INTERNAL: InferenceError,
+    wire.BUSY: AgentUnreachable,  # no connection to be had now; a later call may get one
 }
 
 Inputs = Mapping[str | int, NDArray[Any]] | Sequence[NDArray[Any]]
@@ -53,6 +55,7 @@ class InferenceClient:
         self.timeout = timeout
         self.max_frame = max_frame
         self._sock: socket.socket | None = None
+        self._reader: io.BufferedReader | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         # (model, version) that answered the last predict call on this client.
@@ -66,6 +69,9 @@ class InferenceClient:
         self.close()
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -107,11 +113,11 @@ class InferenceClient:
             rid = next(self._ids)
             request = wire.encode_frame({"op": op, "id": rid, **fields}, self.max_frame)
             try:
-                sock = self._connected()
+                sock, reader = self._connected()
                 sock.sendall(request)
-                length = wire.frame_length(_recv_exactly(sock, wire.HEADER.size),
+                length = wire.frame_length(_read_exactly(reader, wire.HEADER.size),
                                            self.max_frame)
-                reply = wire.decode_body(_recv_exactly(sock, length))
+                reply = wire.decode_body(_read_exactly(reader, length))
             except wire.WireError as exc:
                 self.close()
                 raise InferenceError(f"the agent's reply is malformed: {exc}",
@@ -124,12 +130,12 @@ class InferenceClient:
             return reply
         code = str(reply.get("code", ""))
         message = str(reply.get("error", "the agent refused the request"))
-        if code == wire.FRAME_TOO_LARGE:
+        if code in (wire.FRAME_TOO_LARGE, wire.BUSY):
             self.close()  # the agent closes a connection whose framing it gave up on
         raise _ERRORS.get(code, InputRejected)(message, code)
 
-    def _connected(self) -> socket.socket:
-        if self._sock is None:
+    def _connected(self) -> tuple[socket.socket, io.BufferedReader]:
+        if self._sock is None or self._reader is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             try:
@@ -138,16 +144,13 @@ class InferenceClient:
                 sock.close()
                 raise
             self._sock = sock
-        return self._sock
+            # Buffered: a reply's header and body usually come in one recv().
+            self._reader = io.BufferedReader(socket.SocketIO(sock, "rb"), 64 * 1024)
+        return self._sock, self._reader
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionResetError("the agent closed the connection")
-        got += k
-    return bytes(buf)
+def _read_exactly(reader: io.BufferedReader, n: int) -> bytes:
+    data = reader.read(n)
+    if len(data) < n:
+        raise ConnectionResetError("the agent closed the connection")
+    return data

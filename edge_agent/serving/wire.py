@@ -9,7 +9,9 @@ is the specification; the server (edge_agent.serving.server) and the client
 
 from __future__ import annotations
 
+import math
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ from numpy.typing import NDArray
 from edge_agent.runtime import TensorSpec
 
 HEADER = struct.Struct(">I")
+_LITTLE_ENDIAN = sys.byteorder == "little"
 # The hard limit on one frame's body, both ways; a larger one is refused before it is read.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_RANK = 8
@@ -37,6 +40,7 @@ BAD_INPUT = "bad_input"  # wrong dtype or shape, missing/unknown input, non-fini
 NO_MODEL = "no_model"  # nothing installed yet
 MODEL_ERROR = "model_error"  # the runtime failed on valid inputs
 INTERNAL = "internal"  # a bug in the agent; the message says what
+BUSY = "busy"  # the agent serves as many connections as it will; it then closes
 
 # numpy dtype names a tensor may carry (what TFLite models take and give).
 DTYPES = frozenset({
@@ -87,9 +91,11 @@ def encode_tensor(array: NDArray[Any]) -> dict[str, Any]:
     if a.dtype.name not in DTYPES:
         raise WireError(BAD_INPUT, f"dtype {a.dtype.name} cannot be sent; one of "
                         f"{', '.join(sorted(DTYPES))}")
-    little = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    return {"dtype": a.dtype.name, "shape": [int(d) for d in a.shape],
-            "data": np.ascontiguousarray(little).tobytes()}
+    order = a.dtype.byteorder
+    if order == ">" or (order == "=" and not _LITTLE_ENDIAN):
+        a = a.astype(a.dtype.newbyteorder("<"))
+    # tobytes() writes C order whatever the array's layout: no separate copy first.
+    return {"dtype": a.dtype.name, "shape": [int(d) for d in a.shape], "data": a.tobytes()}
 
 
 def decode_tensor(value: Any, what: str) -> NDArray[Any]:
@@ -108,7 +114,7 @@ def decode_tensor(value: Any, what: str) -> NDArray[Any]:
     if not isinstance(data, bytes):
         raise WireError(BAD_INPUT, f"{what}: data must be bytes (msgpack bin)")
     wire_dtype = np.dtype(dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * wire_dtype.itemsize
+    expected = math.prod(shape) * wire_dtype.itemsize  # exact: Python integers
     if len(data) != expected:
         raise WireError(BAD_INPUT, f"{what}: shape {shape} of {dtype} needs {expected} bytes "
                         f"of data, got {len(data)}")

@@ -33,6 +33,18 @@ def manifest_quantization(inputs: list[Any], outputs: list[Any]) -> dict[str, An
     return out
 
 
+def drift_tensors(reference: list[dict[str, Any]]) -> list[int]:
+    """How many reference histograms each output tensor has, in tensor order (the
+    manifest's `drift_tensors`), from a validation payload's histograms; [] when they
+    are all of the first tensor (so a manifest reads as before)."""
+    tensors = [int(h.get("tensor", 0)) if isinstance(h, dict) else 0 for h in reference]
+    if not any(tensors):
+        return []
+    if tensors != sorted(tensors):
+        raise ValueError("reference histograms must be in output tensor order")
+    return [tensors.count(t) for t in range(max(tensors) + 1)]
+
+
 def human_size(n: int) -> str:
     """Bytes as a person reads them: 5.2 MB, 300.1 KB, 900 bytes."""
     if n >= 1_000_000:

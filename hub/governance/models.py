@@ -35,7 +35,11 @@ from hub.commands.outcome import (
 from hub.governance import rules as lc
 from hub.governance import signatures
 from hub.governance import state as governance
-from hub.governance.manifests import check_manifest_size, manifest_quantization
+from hub.governance.manifests import (
+    check_manifest_size,
+    drift_tensors,
+    manifest_quantization,
+)
 from hub.governance.results import Bounded, bound_payload, payload_too_big, read_detail
 from hub.governance.state import require_release, require_transition
 from hub.home.config import HubConfig
@@ -345,7 +349,10 @@ class ModelCommands:
             format="tflite", inputs=row["inputs"], outputs=row["outputs"], created=now,
             expires=now + self.config.manifest_ttl_days * DAY_NS,
             drift_bins=[h.get("edges", []) for h in histograms if isinstance(h, dict)],
+            drift_tensors=_drift_tensors(histograms),
             quantization=manifest_quantization(row["inputs"], row["outputs"]),
+            # The shapes the hub validated at: devices resize dynamic inputs to them.
+            input_shapes=_run_shapes(row["inputs"]),
         )
         envelope = proto.SignedEnvelope.sign(
             manifest.to_map(), proto.DOMAIN_MANIFEST, self.keyring.signers("release")
@@ -438,6 +445,13 @@ def _input_shapes(value: Any) -> dict[str, list[int]]:
                                f"positive dimensions, got {shape!r}")
         out[key] = [int(d) for d in shape]
     return out
+
+
+def _drift_tensors(histograms: list[Any]) -> list[int]:
+    try:
+        return drift_tensors([h for h in histograms if isinstance(h, dict)])
+    except ValueError as exc:
+        raise CommandError(f"the validation's reference histograms are unusable: {exc}") from exc
 
 
 def _run_shapes(inputs: list[Any]) -> dict[str, list[int]]:

@@ -30,12 +30,18 @@ class ReferenceHistogram:
     edges: list[float]
     counts: list[int]
     degenerate: bool = False
+    # The output tensor the value is of (0: the first). `output_index` counts across
+    # tensors, as devices' output histograms do: tensor 0's watched values first, then
+    # tensor 1's, and so on (the manifest's `drift_tensors` says how many of each).
+    tensor: int = 0
 
     def to_payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {"output_index": self.output_index, "edges": self.edges,
                                "counts": self.counts}
         if self.degenerate:
             out["degenerate"] = True
+        if self.tensor:  # absent for the first tensor: entries from before it read alike
+            out["tensor"] = self.tensor
         return out
 
 
@@ -129,11 +135,11 @@ def is_degenerate(values: NDArray[Any]) -> bool:
 
 
 def reference_histogram(output_index: int, values: NDArray[Any],
-                        n_bins: int) -> ReferenceHistogram:
+                        n_bins: int, tensor: int = 0) -> ReferenceHistogram:
     """The reference histogram of one output's validation values (`quantile_edges`)."""
     edges = quantile_edges(values, n_bins)
     return ReferenceHistogram(output_index, edges, histogram_counts(values, edges),
-                              degenerate=is_degenerate(values))
+                              degenerate=is_degenerate(values), tensor=tensor)
 
 
 def blind_outputs(reference: list[dict[str, Any]]) -> list[int]:

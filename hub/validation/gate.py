@@ -266,19 +266,28 @@ def _importance_sample(resets: NDArray[np.bool_], limit: int,
     return np.sort(np.asarray(chosen, dtype=np.intp))
 
 
-def _drift_count(policy: Policy, first_output: str, values: int) -> int:
-    """How many values of the first output get a drift reference: devices histogram at
-    most MAX_OUTPUTS per telemetry window, so a bigger output is refused here, at
-    validation, unless the policy's `drift_values` picks how many to watch."""
-    if policy.drift_values is not None:
-        return min(policy.drift_values, values)
-    if values > MAX_OUTPUTS:
+def _drift_counts(policy: Policy, names: Sequence[str], sizes: Sequence[int]) -> list[int]:
+    """How many values of each output tensor get a drift reference (its first N): all,
+    or the policy's `drift_values` of each. Devices histogram at most MAX_OUTPUTS values
+    per telemetry window in all, so more is refused here, at validation."""
+    counts = [v if policy.drift_values is None else min(policy.drift_values, v)
+              for v in sizes]
+    if sum(counts) <= MAX_OUTPUTS:
+        return counts
+    where = f"[models.{policy.model_name}] of the policy"
+    if policy.drift_values is None:
+        big = max(range(len(sizes)), key=lambda k: sizes[k])
+        every = (f" ({' + '.join(f'{v:,}' for v in sizes)} over {len(sizes)} output tensors)"
+                 if len(sizes) > 1 else "")
         raise ModelError(
-            f"output {first_output!r} has {values:,} values, but devices histogram at most "
-            f"{MAX_OUTPUTS} output values per telemetry window (the drift reference covers "
-            f"the first output tensor): set drift_values = N (1..{MAX_OUTPUTS}) in "
-            f"[models.{policy.model_name}] of the policy to watch its first N values")
-    return values
+            f"output {names[big]!r} has {sizes[big]:,} values{every}, but devices histogram "
+            f"at most {MAX_OUTPUTS} output values per telemetry window (the drift reference "
+            f"covers every output tensor): set drift_values = N (1..{MAX_OUTPUTS // len(sizes)})"
+            f" in {where} to watch the first N values of each")
+    raise ModelError(
+        f"drift_values = {policy.drift_values} watches {sum(counts)} values over "
+        f"{len(sizes)} output tensors, but devices histogram at most {MAX_OUTPUTS} per "
+        f"telemetry window: set drift_values to at most {MAX_OUTPUTS // len(sizes)} in {where}")
 
 
 def validate(
@@ -335,13 +344,21 @@ def validate(
             f"the validation data has no labels: quality checks of task {policy.task!r} "
             "skipped (metrics only)")
 
-    # Reference histograms first (of the first output, which devices histogram).
-    first = all_outputs[0]
-    drift_count = _drift_count(policy, out_specs[0].name, int(first.shape[1]))
-    if drift_count < first.shape[1]:
-        metrics["drift_values"] = {"watched": drift_count, "of": int(first.shape[1])}
-    histograms = [reference_histogram(k, first[:, k], policy.histogram_bins)
-                  for k in range(drift_count)]
+    # Reference histograms first: the first values of every output tensor, in tensor
+    # order, as devices histogram them.
+    sizes = [int(values.shape[1]) for values in all_outputs]
+    drift_counts = _drift_counts(policy, [o.name for o in out_specs], sizes)
+    if drift_counts != sizes:
+        metrics["drift_values"] = {"watched": sum(drift_counts), "of": sum(sizes)}
+        if len(sizes) > 1:
+            metrics["drift_values"]["tensors"] = [
+                {"name": o.name, "watched": n, "of": v}
+                for o, n, v in zip(out_specs, drift_counts, sizes, strict=True)]
+    histograms: list[ReferenceHistogram] = []
+    for t, count in enumerate(drift_counts):
+        for k in range(count):
+            histograms.append(reference_histogram(len(histograms), all_outputs[t][:, k],
+                                                  policy.histogram_bins, tensor=t))
     flip_edges = (histograms[0].edges if runner.scored == 0 and histograms
                   else quantile_edges(outputs[:, 0], policy.histogram_bins))
 

@@ -44,8 +44,9 @@ class Policy:
     # The output tensor (by name) that quality, flip rate and importance read; the first
     # output when unset.
     output: str | None = None
-    # Values of the first output that get a drift reference (devices histogram at most
-    # edge_agent.protocol.MAX_OUTPUTS): unset = all of them, refused if too many.
+    # Values of each output tensor (its first N) that get a drift reference (devices
+    # histogram at most edge_agent.protocol.MAX_OUTPUTS in all): unset = every value of
+    # every output tensor, refused if too many.
     drift_values: int | None = None
     # Permutation importance: rows sampled, and a time budget for the whole measurement.
     importance_rows: int = 256
