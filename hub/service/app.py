@@ -205,8 +205,9 @@ class HubService:
             self.supervisor.start("metrics", self.metrics_server.run, critical=False)
         if self.config.web_listen is not None:
             host, port = parse_listen(self.config.web_listen)
+            token = self.config.web_token
             self.dashboard = DashboardServer(
-                create_app(self.dashboard_sources(), self.config.web_token), host, port)
+                create_app(self.dashboard_sources(), token), host, port, token)
             await self.dashboard.start()  # a port in use fails the start, not later
             # Not critical: the hub serves devices and operators without its pictures.
             self.supervisor.start("dashboard", self.dashboard.run, critical=False)

@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hub.web import charts, data
-from hub.web.access import TokenGate, check_exposure
+from hub.web.access import ASGIApp, TokenGate, check_exposure
 from hub.web.data import BadQuery, DashboardSources, NotFound
 
 log = logging.getLogger("hub.web")
@@ -67,7 +67,7 @@ def _int(request: Request, name: str, default: int | None = None) -> int | None:
     return int(raw)
 
 
-def create_app(src: DashboardSources, token: str | None = None) -> TokenGate:
+def create_app(src: DashboardSources, token: str | None = None) -> ASGIApp:
     """The dashboard over `src`; with `token`, every request but /healthz needs it."""
     env = _environment()
     home = str(src.home)
@@ -165,8 +165,8 @@ class DashboardServer:
     serves until cancelled, under the supervisor; uvicorn's own signal handling is not
     used (the hub's SIGTERM handler stays in charge)."""
 
-    def __init__(self, app: TokenGate, host: str, port: int) -> None:
-        check_exposure(host, app.token)
+    def __init__(self, app: ASGIApp, host: str, port: int, token: str | None) -> None:
+        check_exposure(host, token)  # `app` must be create_app(..., token)
         self.app = app
         self.host = host
         self.port = port
@@ -188,8 +188,11 @@ class DashboardServer:
                                 access_log=False, server_header=False,
                                 timeout_graceful_shutdown=2)
         config.load()
-        self._server = uvicorn.Server(config)
-        await self._server.startup(sockets=[sock])
+        server = uvicorn.Server(config)
+        # What uvicorn's own serve() does before startup(), minus its signal handlers.
+        server.lifespan = config.lifespan_class(config)
+        self._server = server
+        await server.startup(sockets=[sock])
         log.info("dashboard on %s", self.url)
         return self.port
 
