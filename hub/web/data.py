@@ -199,13 +199,16 @@ def rollout(src: DashboardSources, rid: str, before: int | None,
         row = rs.get_rollout(conn, rid)
         if row is None:
             raise NotFound(f"no rollout {rid}")
-        members = rs.member_rows(conn, rid)
-        progress = _progress(conn, row, members)
-        telemetry = rs.telemetry_view(conn, src.telemetry, row, members).evidence()
+        progress = _progress(conn, row)
+        # Telemetry is keyed by assignment: only members that were assigned have any.
+        t = rs.ROLLOUT_DEVICES
+        assigned = [rs.Member(*r) for r in conn.execute(
+            select(t.c.wave, t.c.device, t.c.state, t.c.counter)
+            .where(t.c.rollout == rid, t.c.counter != 0))]
+        telemetry = rs.telemetry_view(conn, src.telemetry, row, assigned).evidence()
         decisions = query.select_entries(
             conn, query.EntryFilter(subject=ev.rollout_subject(rid), before_seq=before),
             limit=PAGE + 1, newest=True)
-        t = rs.ROLLOUT_DEVICES
         page = [dict(r) for r in conn.execute(
             select(t.c.device, t.c.wave, t.c.state, t.c.reason, t.c.updated_ts)
             .where(t.c.rollout == rid).order_by(t.c.wave, t.c.device)
@@ -230,20 +233,19 @@ def progress(src: DashboardSources, rid: str) -> dict[str, Any]:
         row = rs.get_rollout(conn, rid)
         if row is None:
             raise NotFound(f"no rollout {rid}")
-        return _progress(conn, row, rs.member_rows(conn, rid))
+        return _progress(conn, row)
 
 
-def _progress(conn: Connection, row: dict[str, Any],
-              members: list[rs.Member]) -> dict[str, Any]:
-    """State and per-wave counts, the counts `hub rollout status --json` shows."""
-    views = {w.index: w for w in rs.wave_views(conn, row["rollout"], members)}
+def _progress(conn: Connection, row: dict[str, Any]) -> dict[str, Any]:
+    """State and per-wave counts: the tally `hub rollout status --json` shows
+    (rules.wave_tally), of states counted by the database, not of 10,000 rows."""
+    states = rs.wave_state_counts(conn, row["rollout"])
     waves = []
     for w in rs.list_waves(conn, row["rollout"]):
-        view = views.get(w["wave"])
         waves.append({"wave": w["wave"], "state": w["state"], "size": w["size"],
                       "started": utc(w["started_ts"]), "ended": utc(w["ended_ts"]),
                       "evidence": shown(w["evidence"]),
-                      "counts": view.counts() if view is not None else {}})
+                      "counts": ro.wave_tally(states.get(w["wave"], {}))})
     return {"rollout": row["rollout"], "state": row["state"],
             "current_wave": row["current_wave"], "reason": row["reason"],
             "updated": utc(row["updated_ts"]), "waves": waves}
