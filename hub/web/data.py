@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from sqlalchemy import Connection, func, select
 
 from hub import events as ev
@@ -31,6 +32,7 @@ from ledger.errors import ProofError
 from ledger.merkle import verify_inclusion
 from ledger.storage import query
 from ledger.storage.checkpoint_store import CheckpointStore
+from ledger.storage.schema import ENTRIES
 from ledger.storage.store import LedgerStore
 
 PAGE = 50  # rows per page, on every page
@@ -190,6 +192,27 @@ def _summary(payload: dict[str, Any]) -> str:
     return ", ".join(parts)[:300]
 
 
+def _listed(conn: Connection, flt: query.EntryFilter) -> list[dict[str, Any]]:
+    """The newest PAGE + 1 entries matching `flt`, newest first, for a list: the indexed
+    columns and the payload decoded with plain msgpack. Display only: the entry page
+    reads an entry strictly (Entry.from_body). A strict decode re-checks every map
+    and re-encodes the payload; a `rollout.created` for 10,000 devices takes ~5 ms that
+    way, a page of them a quarter of a second."""
+    c = ENTRIES.c
+    rows = conn.execute(select(c.seq, c.ts, c.kind, c.actor, c.subject, c.body)
+                        .where(*flt.where()).order_by(c.seq.desc()).limit(PAGE + 1))
+    out = []
+    for seq, ts, kind, actor, subject, body in rows:
+        try:
+            payload = msgpack.unpackb(bytes(body), raw=False, strict_map_key=False)[5]
+        except Exception:  # shown as such; the entry page says what is wrong
+            payload = {}
+        out.append({"seq": int(seq), "ts": int(ts), "kind": kind, "actor": actor,
+                    "subject": subject,
+                    "payload": payload if isinstance(payload, dict) else {}})
+    return out
+
+
 # ---------------------------------------------------------------- rollouts
 
 
@@ -206,21 +229,20 @@ def rollout(src: DashboardSources, rid: str, before: int | None,
             select(t.c.wave, t.c.device, t.c.state, t.c.counter)
             .where(t.c.rollout == rid, t.c.counter != 0))]
         telemetry = rs.telemetry_view(conn, src.telemetry, row, assigned).evidence()
-        decisions = query.select_entries(
-            conn, query.EntryFilter(subject=ev.rollout_subject(rid), before_seq=before),
-            limit=PAGE + 1, newest=True)
+        decisions = _listed(conn, query.EntryFilter(subject=ev.rollout_subject(rid),
+                                                    before_seq=before))
         page = [dict(r) for r in conn.execute(
             select(t.c.device, t.c.wave, t.c.state, t.c.reason, t.c.updated_ts)
             .where(t.c.rollout == rid).order_by(t.c.wave, t.c.device)
             .offset(offset).limit(PAGE + 1)).mappings()]
     more = len(decisions) > PAGE
-    shown_decisions = [{"seq": e.seq, "ts": e.ts, "kind": e.kind, "actor": e.actor,
-                        "reason": shown(e.payload.get("reason", "")),
-                        "evidence": shown(e.payload.get("evidence") or {})}
-                       for e in reversed(decisions[1:] if more else decisions)]
+    shown_decisions = [{"seq": e["seq"], "ts": e["ts"], "kind": e["kind"], "actor": e["actor"],
+                        "reason": shown(e["payload"].get("reason", "")),
+                        "evidence": shown(e["payload"].get("evidence") or {})}
+                       for e in decisions[:PAGE]]
     actions = [a for a in TRANSITIONS if row["state"] in ro.ALLOWED_FROM[a]]
     return {"rollout": row, "progress": progress, "telemetry": telemetry,
-            "decisions": shown_decisions, "older": decisions[1].seq if more else None,
+            "decisions": shown_decisions, "older": decisions[PAGE - 1]["seq"] if more else None,
             "devices": page[:PAGE], "offset": offset,
             "next_offset": offset + PAGE if len(page) > PAGE else None, "actions": actions,
             "gates": {k: row["policy"].get(k) for k in
@@ -325,13 +347,13 @@ class LedgerFilter:
 
 def ledger(src: DashboardSources, flt: LedgerFilter, before: int | None) -> dict[str, Any]:
     with src.store.engine.connect() as conn:
-        entries = query.select_entries(conn, flt.entry_filter(before), PAGE + 1, newest=True)
+        entries = _listed(conn, flt.entry_filter(before))
         head = query.head_seq(conn)
-    more = len(entries) > PAGE
-    page = list(reversed(entries[1:] if more else entries))
-    return {"entries": [{"seq": e.seq, "ts": e.ts, "kind": e.kind, "actor": e.actor,
-                         "subject": e.subject, "summary": _summary(e.payload)} for e in page],
-            "older": page[-1].seq if more else None, "head": head}
+    page = entries[:PAGE]
+    for e in page:
+        e["summary"] = _summary(e.pop("payload"))
+    return {"entries": page, "older": page[-1]["seq"] if len(entries) > PAGE else None,
+            "head": head}
 
 
 def entry(src: DashboardSources, seq: int) -> dict[str, Any]:
