@@ -383,6 +383,23 @@ async def test_a_token_is_needed_off_loopback_and_checked_on_every_request(
         hub.store.close()
 
 
+async def test_without_a_token_only_loopback_host_names_are_answered(tmp_path: Path) -> None:
+    """DNS rebinding: a page on evil.example that rebinds its name to 127.0.0.1 sends
+    `Host: evil.example`; a loopback dashboard without a token does not answer it."""
+    app, hub = hub_app(tmp_path, None)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://127.0.0.1:8080") as client:
+            assert (await client.get("/")).status_code == 200
+            assert (await client.get("/", headers={"Host": "localhost:8080"})).status_code \
+                == 200
+            evil = await client.get("/", headers={"Host": "evil.example:8080"})
+            assert evil.status_code == 400
+            assert "evil" not in evil.text
+    finally:
+        hub.store.close()
+
+
 def test_hub_serve_refuses_an_open_address_without_a_token(tmp_path: Path) -> None:
     init_home(tmp_path / "home", "nats://127.0.0.1:1", "ledger.db", False, nats_auth=False)
     runner = CliRunner()

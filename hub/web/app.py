@@ -22,6 +22,8 @@ import jinja2
 import uvicorn
 from sqlalchemy import text
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -65,6 +67,12 @@ def _int(request: Request, name: str, default: int | None = None) -> int | None:
     if not raw.isdigit() or len(raw) > 18:
         raise BadQuery(f"{name} must be a whole number")
     return int(raw)
+
+
+# Without a token the dashboard answers only requests addressed to loopback by name: a
+# web page elsewhere cannot rebind its own host name to 127.0.0.1 and read the fleet
+# through the visitor's browser (DNS rebinding). With a token, the token decides.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def create_app(src: DashboardSources, token: str | None = None) -> ASGIApp:
@@ -155,7 +163,9 @@ def create_app(src: DashboardSources, token: str | None = None) -> ASGIApp:
         Route("/models", models), Route("/model", model), Route("/ledger", ledger),
         Route("/entry", entry), Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
-    ], exception_handlers={NotFound: not_found, 404: not_found, BadQuery: bad_query})
+    ], exception_handlers={NotFound: not_found, 404: not_found, BadQuery: bad_query},
+       middleware=[] if token is not None else [
+           Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS))])
     return TokenGate(app, token)
 
 
