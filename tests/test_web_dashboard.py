@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -31,6 +32,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tests.fleet
+from edge_agent import protocol as proto
 from hub import cli as hub_cli
 from hub import events as ev
 from hub.home.config import HubConfig, init_home
@@ -130,6 +132,22 @@ async def append(fleet: Fleet, events: list[NewEvent]) -> int:
         return (await fleet.hub.writer.append(events))[-1].seq
 
 
+async def signed_reports(fleet: Fleet, key: SigningKey) -> None:
+    """dev-0's reports as the hub records them: one signed by the device's key, and one
+    whose recorded version is not the one the device signed."""
+    events = []
+    for seq, claimed in ((1, "1"), (2, "2")):
+        report = proto.StatusReport(
+            device="dev-0", boot="boot-1", seq=seq, ts=time.time_ns(),
+            event=proto.STATUS_APPLIED, model="kws", version="1", digest="ab" * 32,
+            counter=seq, reason="")
+        events.append(NewEvent(ev.DEVICE_UPDATE_APPLIED, "dev-0", ev.device_subject("dev-0"), {
+            "device": "dev-0", "model": "kws", "version": claimed, "digest": "ab" * 32,
+            "counter": seq, "boot": "boot-1", "report_seq": seq,
+            "report": proto.encode_signed_report(report, key)}))
+    await append(fleet, events)
+
+
 async def hostile_events(fleet: Fleet) -> int:
     """Devices, a model, its validation and a rollout with hostile strings everywhere,
     through the hub's writer (the operator API refuses such names; the ledger and the
@@ -183,7 +201,8 @@ async def world(tmp_path: Path, nats_server: EmbeddedNats, model_files: dict[str
     monkeypatch.setattr(tests.fleet, "HubService", with_web)
     fleet = await Fleet(tmp_path, nats_server.url).start()
     try:
-        public = SigningKey.generate().public.raw
+        device_key = SigningKey.generate()
+        public = device_key.public.raw
         devices = [f"dev-{i}" for i in range(6)]
         await append(fleet, [NewEvent(ev.DEVICE_ENROLLED, "test", ev.device_subject(d),
                                       {"device": d, "public": public}) for d in devices]
@@ -194,6 +213,7 @@ async def world(tmp_path: Path, nats_server: EmbeddedNats, model_files: dict[str
             created = await admin.call("rollout.create", {
                 "model": "kws", "version": "1", "target": "group=lab", "waves": "50%,100%",
                 "min_success": 1.0, "max_failure": 0.0, "deadline": "60s"})
+        await signed_reports(fleet, device_key)
         seq = await hostile_events(fleet)
         yield World(fleet, str(created["rollout"]), seq)
     finally:
@@ -232,6 +252,10 @@ async def test_every_page_renders_hostile_strings_inert(world: World) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in device
     assert "&lt;/svg&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in device
     assert Page(device).by_id["device-id"] == SCRIPT
+    # Signed reports: checked against the enrolled key, as `hub device history` does.
+    signatures = [a.get("class") for a in Page(await world.page("/device", id="dev-0"))
+                  .attrs_of("span") if "sig" in str(a.get("class"))]
+    assert signatures == ["sig sig-invalid", "sig sig-valid"]  # newest first
     model = await world.page("/model", name=IMG, version=SCRIPT)
     assert Page(model).by_id["model-name"] == f"{IMG}/{SCRIPT}"
     assert "{{7*7}}" in Page(model).html.replace("&#34;", '"').replace("&#39;", "'") \
