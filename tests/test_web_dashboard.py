@@ -18,11 +18,13 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from html import unescape as html_unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -316,6 +318,27 @@ async def test_numbers_equal_the_cli_json(world: World) -> None:
         assert row is not None
         for field in ("devices", "applied", "failed", "pending"):
             assert f'data-field="{field}">{wave["counts"][field]}<' in row.group(1)
+
+
+async def test_every_suggested_command_is_one_the_cli_accepts(world: World) -> None:
+    """Each line a page offers to copy parses as a real `hub` or `ledger` command with
+    real options (`--help` after them: click refuses an unknown option before it)."""
+    from ledger.cli import app as ledger_app
+
+    apps = {"hub": hub_cli.app, "ledger": ledger_app}
+    lines = []
+    for path, params in (("/", {}), ("/device", {"id": "dev-0"}), ("/models", {}),
+                         ("/model", {"name": "kws", "version": "1"}),
+                         ("/rollout", {"id": world.rollout}), ("/entry", {"seq": "3"})):
+        html = await world.page(path, **params)
+        for block in re.findall(r'<pre class="cmd"><code>(.*?)</code></pre>', html, re.S):
+            lines += html_unescape(block).splitlines()
+    assert len(lines) >= 9
+    runner = CliRunner()
+    for line in lines:
+        tool, *words = shlex.split(line)
+        result = runner.invoke(apps[tool], [*words, "--help"], prog_name=tool)
+        assert result.exit_code == 0, (line, result.output)
 
 
 async def test_the_ledger_explorer_filters_pages_and_proves_inclusion(
