@@ -353,6 +353,11 @@ async def test_the_ledger_explorer_filters_pages_and_proves_inclusion(
     page = Page(await world.page("/ledger", kind="device.enrolled"))
     seqs = [int(s) for s in re.findall(r'<a href="/entry\?seq=(\d+)">', page.html)]
     assert len(seqs) == 8 and seqs == sorted(seqs, reverse=True)
+    # A time range: everything is from today, nothing from before 2001 or after 2100.
+    assert "no entry matches" in await world.page("/ledger", to="2001-01-01")
+    assert "no entry matches" in await world.page("/ledger", **{"from": "2100-01-01T00:00"})
+    assert "no entry matches" not in await world.page(
+        "/ledger", **{"from": "2001-01-01", "to": "2100-01-01 00:00:00"})
     by_prefix = await world.page("/ledger", kind="device.*", subject="device:dev-*")
     assert "device:dev-0" in by_prefix and "device:&lt;script" not in by_prefix
     first = await world.page("/ledger")
