@@ -194,8 +194,10 @@ class DashboardServer:
         sock.setblocking(False)
         self._socket = sock
         self.port = int(sock.getsockname()[1])
-        config = uvicorn.Config(self.app, lifespan="off", log_level="warning",
-                                access_log=False, server_header=False,
+        # log_config=None: uvicorn's records go through the hub's own handlers (its
+        # --log-format), not a dictConfig of uvicorn's own.
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None,
+                                log_level="warning", access_log=False, server_header=False,
                                 timeout_graceful_shutdown=2)
         config.load()
         server = uvicorn.Server(config)
