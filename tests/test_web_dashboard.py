@@ -21,6 +21,8 @@ import re
 import shlex
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -544,3 +546,60 @@ async def test_chromium_shows_live_progress_the_page_did_not_have(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await server.stop()
+
+
+# ---------------------------------------------------------------- `hub serve --web`
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_hub_serve_web_serves_the_dashboard_as_a_supervised_task(
+    tmp_path: Path, bare_nats_server: EmbeddedNats,
+) -> None:
+    """`hub serve --web ADDR --web-token-file F` as a process: pages answer with the
+    token, the overview lists the `dashboard` task as running, SIGTERM stops it all (exit
+    0), and the token appears in no log line."""
+    home = tmp_path / "home"
+    init_home(home, bare_nats_server.url, "ledger.db", False, nats_auth=False)
+    (tmp_path / "web.token").write_text(TOKEN + "\n")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("FLEET_HUB_HOME", None)
+    with open(tmp_path / "hub.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hub.cli", "serve", "--home", str(home),
+             "--web", f"127.0.0.1:{port}", "--web-token-file", str(tmp_path / "web.token")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the dashboard did not answer within 30 s"
+            time.sleep(0.2)
+        assert httpx.get(url, timeout=10).status_code == 401
+        page = httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert page.status_code == 200
+        tasks = re.search(r'<section id="tasks">(.*?)</section>', page.text, re.S)
+        assert tasks is not None and re.search(
+            r"<td>dashboard</td><td><span class=\"state s-running\">", tasks.group(1))
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            raise
+    text = (tmp_path / "hub.log").read_text()
+    assert code == 0, text
+    assert f"dashboard on http://127.0.0.1:{port}/" in text
+    assert TOKEN not in text
