@@ -603,3 +603,40 @@ def test_hub_serve_web_serves_the_dashboard_as_a_supervised_task(
     assert code == 0, text
     assert f"dashboard on http://127.0.0.1:{port}/" in text
     assert TOKEN not in text
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_shown_values_hide_secrets_and_cut_bytes() -> None:
+    assert web_data.redact("cannot connect to postgresql+psycopg://fleet:hunter2@db/x") == \
+        "cannot connect to postgresql+psycopg://***@db/x"
+    shown = web_data.shown({"device": "d", "password": "hunter2", "nested": {
+        "private_key": b"k" * 32, "seed": "s"}, "blob": b"\x01" * 100, "short": b"\x02",
+        "url": "nats://hub:pw@host:4222"})
+    assert shown["password"] == "[hidden]"
+    assert shown["nested"] == {"private_key": "[hidden]", "seed": "[hidden]"}
+    assert shown["blob"].endswith("(100 bytes)") and shown["short"] == "02"
+    assert shown["url"] == "nats://***@host:4222"
+
+
+def test_telemetry_and_gate_charts_from_real_shaped_rows() -> None:
+    from hub.web import charts
+
+    rows = [{"device": "d", "model": "kws", "version": v, "digest": "ab", "counter": c,
+             "windows": 3, "inferences": n, "errors": e, "p95_ms": p, "last_ts": c,
+             "output_hist": [[1, 5, 9, 2], [3, 3]], "dropped": 0, "duplicates": 0}
+            for v, c, n, e, p in (("1", 1, 400, 2, 3.5), (SCRIPT, 2, 0, 0, None))]
+    drawn = charts.device_telemetry(rows)
+    assert [c.title for c in drawn] == [
+        "Inferences per release", "Error rate per release", "p95 latency per release",
+        f"Output histogram of kws/{SCRIPT} (output 0)"]
+    assert len(drawn[-1].rects) == 4
+    waves = [{"wave": 0, "state": "done", "size": 2, "counts": {"devices": 2, "applied": 2},
+              "evidence": {"error_rate": 0.01, "psi": 0.3}},
+             {"wave": 1, "state": "pending", "size": 3, "counts": {}, "evidence": {}}]
+    gates = charts.gates(waves, {"max_error_rate": 0.05, "max_psi": 0.25})
+    assert [c.title for c in gates] == ["Gate evidence: error rate per wave",
+                                        "Gate evidence: PSI per wave"]
+    assert [r.css for r in gates[1].rects] == ["bad"]  # over its limit
+    assert len(charts.wave_progress(waves).rects) == 2
