@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub import fold
 from hub.clock import Clock, SystemClock, clock_skew
@@ -52,11 +52,13 @@ from hub.service.reconcile import Reconciler
 from hub.service.status import fleet_status
 from hub.telemetry.ingest import TelemetryIngest
 from hub.telemetry.metrics import HubMetrics, MetricSources, MetricsServer
-from hub.web.app import DashboardServer, create_app
 from hub.web.data import DashboardSources
 from ledger.storage.checkpoint_store import CheckpointStore
 from ledger.storage.store import LedgerStore
 from ledger.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from hub.web.app import DashboardServer
 
 log = logging.getLogger("hub")
 
@@ -204,6 +206,9 @@ class HubService:
             await self.metrics_server.start()  # a port in use fails the start, not later
             self.supervisor.start("metrics", self.metrics_server.run, critical=False)
         if self.config.web_listen is not None:
+            # Here, not at the top: a hub without --web loads no Starlette or uvicorn.
+            from hub.web.app import DashboardServer, create_app
+
             host, port = parse_listen(self.config.web_listen)
             token = self.config.web_token
             self.dashboard = DashboardServer(
