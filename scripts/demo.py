@@ -5,7 +5,9 @@ identity: hub, operator, and one nkey per enrolled device, each confined by its
 permissions; `--tls` adds TLS with the home's own CA), `hub serve` (SQLite ledger
 under the data dir) and five `edge-agent` processes; registers v1, deploys it to all,
 waits until every device reports it applied; then the same for v2; prints the fleet
-and the ledger check.
+and the ledger check. The hub serves its read-only dashboard (`hub serve --web`) on a
+free loopback port, whose URL is printed first; `--keep` leaves everything running
+afterwards (until Ctrl-C) to look around in it.
 Every process it started is stopped on the way out, also on Ctrl-C.
 
 Run it with `scripts/demo` (which sets up the virtual environment first).
@@ -20,6 +22,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -178,6 +181,13 @@ async def release(admin: HubClient, alice: HubClient, model: Path, version: str,
     console.print(f"alice approved, admin released kws/{version}; deploying to all devices")
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (the hub binds it next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "demo-data",
@@ -187,6 +197,12 @@ def main() -> int:
     parser.add_argument("--tls", action="store_true", help="NATS over TLS (the home's CA)")
     parser.add_argument("--no-auth", action="store_true",
                         help="a NATS server without users (authentication is on by default)")
+    parser.add_argument("--web", metavar="ADDR:PORT", default=None,
+                        help="where the hub serves its dashboard (default: a free port on "
+                        "127.0.0.1)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the hub, the agents and the dashboard running after the "
+                        "demo, until Ctrl-C")
     args = parser.parse_args()
     data: Path = args.data.resolve()
     if data.exists() and any(data.iterdir()):
@@ -220,7 +236,9 @@ def main() -> int:
         security = "no authentication" if args.no_auth else (
             "users and per-device nkeys" + (", TLS" if args.tls else ""))
         console.print(f"nats-server {nats_server.url} (pid {nats_server.pid}; {security})")
-        procs.start("hub", [str(BIN / "hub"), "serve", "--home", str(home)])
+        web = args.web or f"127.0.0.1:{free_port()}"
+        procs.start("hub", [str(BIN / "hub"), "serve", "--home", str(home), "--web", web])
+        console.print(f"dashboard (read-only): http://{web}/")
         asyncio.run(drive(load_config(home), models, devices, procs, data))
         env = dict(os.environ, COLUMNS="110")
         subprocess.run([str(BIN / "hub"), "devices", "--home", str(home)], env=env, check=True)
@@ -230,6 +248,11 @@ def main() -> int:
         code = verify.returncode
         console.print(f"demo finished in {time.monotonic() - started:.1f} s; "
                       f"logs and ledger in {data}")
+        if args.keep:
+            console.print(f"still serving: dashboard http://{web}/ ; Ctrl-C stops everything")
+            while True:
+                procs.check_alive()
+                time.sleep(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; stopping everything[/yellow]")
         code = 130

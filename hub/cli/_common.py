@@ -131,7 +131,8 @@ def fail(message: str, code: int) -> typer.Exit:
 
 # What the `hub` extra adds to a device install (pyproject.toml): `hub serve`, `init`
 # and `rebuild` need it, the operator commands do not.
-HUB_EXTRA_MODULES = frozenset({"sqlalchemy", "sqlmodel", "psycopg"})
+HUB_EXTRA_MODULES = frozenset({"sqlalchemy", "sqlmodel", "psycopg", "prometheus_client", "jinja2",
+                               "starlette", "uvicorn"})
 
 
 class HubGroup(TyperGroup):

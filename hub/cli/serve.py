@@ -94,6 +94,8 @@ def init(
     'hub serve --home hub-home --metrics 0.0.0.0:9464 --log-level DEBUG',
     'hub serve --home hub-home --metrics-port 9464    (= --metrics 127.0.0.1:9464)',
     'hub serve --home hub-home --log-format json --wait-nats 60',
+    'hub serve --home hub-home --web 127.0.0.1:8080    (the dashboard: http://127.0.0.1:8080/)',
+    'hub serve --home hub-home --web 0.0.0.0:8080 --web-token-file hub-home/web.token',
 ))
 def serve(
     home: Path = HOME,
@@ -111,6 +113,18 @@ def serve(
         "(exponential backoff, one log line per attempt) before giving up (exit 3); handy "
         "right after starting it."),
     log_format: str = typer.Option("auto", "--log-format", help=LOG_FORMAT_HELP),
+    web: str | None = typer.Option(
+        None, "--web", metavar="ADDR:PORT",
+        help="Serve the read-only dashboard on http://ADDR:PORT/ (default off). An address "
+             "other than loopback needs --web-token-file (or --web-token)."),
+    web_token: str | None = typer.Option(
+        None, "--web-token", metavar="TOKEN", help="The dashboard's access token (16+ "
+        "characters); every request then needs it (Authorization: Bearer, or open "
+        "/?token=TOKEN once for a cookie). Prefer --web-token-file: a command line is "
+        "visible to other users of the machine."),
+    web_token_file: Path | None = typer.Option(
+        None, "--web-token-file", metavar="FILE",
+        help="Read the dashboard's token from FILE (its first line)."),
 ) -> None:
     """Run the hub: create the NATS buckets and streams, answer signed operator commands,
     record device reports in the ledger, and drive rollouts. Stops cleanly on SIGTERM or
@@ -134,6 +148,8 @@ def serve(
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         config = dataclasses.replace(config, metrics_listen=listen)
+    if web is not None or web_token is not None or web_token_file is not None:
+        config = dataclasses.replace(config, **web_options(web, web_token, web_token_file))
 
     async def main() -> str:
         stop = asyncio.Event()
@@ -172,6 +188,30 @@ def serve(
     if fatal:  # a critical task cannot work: exit so a service manager restarts the hub
         err.print(f"[red]error:[/red] {escape(fatal)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_TASK_FAILED)
+
+
+def web_options(web: str | None, token: str | None, token_file: Path | None
+                ) -> dict[str, Any]:
+    """`--web`, `--web-token`, `--web-token-file` checked: UsageError for a bad address,
+    a missing or short token, or a non-loopback address without a token."""
+    from hub.web.access import check_exposure
+
+    if web is None:
+        raise UsageError("--web-token and --web-token-file go with --web ADDR:PORT")
+    if token is not None and token_file is not None:
+        raise UsageError("--web-token and --web-token-file both give the token; use one")
+    if token_file is not None:
+        try:
+            token = token_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise UsageError(f"cannot read a token from {token_file}: "
+                             f"{getattr(exc, 'strerror', None) or 'empty file'}") from exc
+    try:
+        host, _ = parse_listen(web)
+        check_exposure(host, token)
+    except ValueError as exc:
+        raise UsageError(f"--web: {exc}") from exc
+    return {"web_listen": web, "web_token": token}
 
 
 @commands.command(epilog=examples(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.transport.connect import NatsAuth
@@ -72,6 +72,10 @@ class HubConfig:
     # Prometheus /metrics on "ADDR:PORT" (hub/telemetry/metrics.py); None = off, port 0 =
     # any free port. config.toml `metrics_listen`, or `metrics_port = P` = 127.0.0.1:P.
     metrics_listen: str | None = None
+    # The read-only dashboard (hub/web/): `hub serve --web ADDR`, off by default. A
+    # non-loopback address needs the token (never printed: repr=False).
+    web_listen: str | None = None
+    web_token: str | None = field(default=None, repr=False)
     # Checkpoints (hub/log/checkpointer.py): sign after this many new entries or seconds.
     checkpoint_every_entries: int = 100
     checkpoint_every_seconds: float = 10.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
@@ -310,13 +311,18 @@ class WaveView:
         return tuple(sorted(d for d, s in self.devices.items() if s != DEV_REVOKED))
 
     def counts(self) -> dict[str, int]:
-        states = [s for s in self.devices.values() if s != DEV_REVOKED]
-        applied = states.count(DEV_APPLIED)
-        failed = sum(states.count(s) for s in FAILED_STATES)
-        pending = states.count(DEV_ASSIGNED) + states.count(DEV_PLANNED)
-        return {"devices": len(states), "applied": applied, "failed": failed,
-                "pending": pending, "timed_out": states.count(DEV_TIMED_OUT),
-                "reverted": states.count(DEV_REVERTED)}
+        return wave_tally(Counter(self.devices.values()))
+
+
+def wave_tally(states: Mapping[str, int]) -> dict[str, int]:
+    """A wave's tally from how many of its devices are in each DEV_* state (revoked ones
+    do not count): what `rollout status` and the dashboard show."""
+    def n(*names: str) -> int:
+        return sum(states.get(s, 0) for s in names)
+
+    return {"devices": sum(states.values()) - n(DEV_REVOKED), "applied": n(DEV_APPLIED),
+            "failed": n(*FAILED_STATES), "pending": n(DEV_ASSIGNED, DEV_PLANNED),
+            "timed_out": n(DEV_TIMED_OUT), "reverted": n(DEV_REVERTED)}
 
 
 @dataclass(frozen=True)

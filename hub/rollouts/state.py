@@ -310,6 +310,18 @@ def device_state_counts(conn: Connection) -> dict[str, dict[str, int]]:
     return out
 
 
+def wave_state_counts(conn: Connection, rollout: str) -> dict[int, dict[str, int]]:
+    """wave -> {device state: how many} of one rollout, counted by the database (the
+    dashboard polls it; rules.wave_tally makes the tally of it)."""
+    t = ROLLOUT_DEVICES
+    out: dict[int, dict[str, int]] = {}
+    for wave, state, n in conn.execute(
+            select(t.c.wave, t.c.state, func.count()).where(t.c.rollout == rollout)
+            .group_by(t.c.wave, t.c.state)):
+        out.setdefault(int(wave), {})[state] = int(n)
+    return out
+
+
 def wave_counts(conn: Connection) -> dict[str, int]:
     """rollout -> number of waves."""
     rows = conn.execute(select(WAVES.c.rollout, func.count()).group_by(WAVES.c.rollout))

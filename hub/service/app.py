@@ -4,7 +4,8 @@ It builds the parts and starts them in order: the ledger store and the hub's sta
 tables (hub.fold), the single writer (hub.commands.writer), every capability's verbs
 behind one router (hub.commands.router), the NATS edge that serves them and carries out
 their side effects (hub.service.nats), report intake (hub.devices.reports), the rollout
-controller, the public ledger API and checkpoints (hub.log), and the metrics page.
+controller, the public ledger API and checkpoints (hub.log), the metrics page and the
+read-only dashboard (hub.web).
 
 Every handler refuses bad input with a message and keeps serving; a command's events and
 their state updates commit in one transaction, and side effects that devices act on
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub import fold
 from hub.clock import Clock, SystemClock, clock_skew
@@ -63,8 +64,13 @@ from hub.service.reconcile import Reconciler
 from hub.service.status import fleet_status
 from hub.telemetry.ingest import TelemetryIngest
 from hub.telemetry.metrics import HubMetrics, MetricSources, MetricsServer
+from hub.web.data import DashboardSources
+from ledger.storage.checkpoint_store import CheckpointStore
 from ledger.storage.store import LedgerStore
 from ledger.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from hub.web.app import DashboardServer
 
 log = logging.getLogger("hub")
 
@@ -150,6 +156,7 @@ class HubService:
             reply_reasons=REPLY_REFUSAL_REASONS, tasks=self.supervisor.states))
         self.writer.on_append = self.metrics.observe_append
         self.metrics_server: MetricsServer | None = None  # serving while started
+        self.dashboard: DashboardServer | None = None  # `--web`: serving while started
         self.assignment_sync = SyncResult()  # what start() found missing from KV
         self.clock_behind_ns = 0  # see check_clock
 
@@ -226,6 +233,17 @@ class HubService:
             self.metrics_server = MetricsServer(self.metrics.registry, host, port)
             await self.metrics_server.start()  # a port in use fails the start, not later
             self.supervisor.start("metrics", self.metrics_server.run, critical=False)
+        if self.config.web_listen is not None:
+            # Here, not at the top: a hub without --web loads no Starlette or uvicorn.
+            from hub.web.app import DashboardServer, create_app
+
+            host, port = parse_listen(self.config.web_listen)
+            token = self.config.web_token
+            self.dashboard = DashboardServer(
+                create_app(self.dashboard_sources(), token), host, port, token)
+            await self.dashboard.start()  # a port in use fails the start, not later
+            # Not critical: the hub serves devices and operators without its pictures.
+            self.supervisor.start("dashboard", self.dashboard.run, critical=False)
         log.info("hub serving on %s, ledger %s (%s)", self.config.nats_url,
                  self.config.database_url(), self.leadership.role)
 
@@ -269,6 +287,8 @@ class HubService:
         await self.supervisor.stop(timeout=5)
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         with contextlib.suppress(Exception):  # counted again when redelivered
             self.telemetry.flush()
         self.writer.publish = None
@@ -283,7 +303,21 @@ class HubService:
         nc = self.edge.nc
         return 0 if nc is None else int(nc.stats.get("reconnects", 0))
 
+    def dashboard_sources(self) -> DashboardSources:
+        """What the dashboard reads: this hub's store, telemetry and status."""
+        def checkpoints() -> CheckpointStore | None:
+            publishing = self.ledger_publishing
+            return publishing.checkpointer.checkpoints if publishing is not None else None
+
+        return DashboardSources(store=self.store, telemetry=self.telemetry,
+                                status=self.status_map, checkpoints=checkpoints,
+                                home=self.config.home)
+
     def _status(self, cmd: VerifiedCommand) -> Any:
+        return self.status_map()
+
+    def status_map(self) -> dict[str, Any]:
+        """The `status` read verb's answer (`hub status`; the dashboard's overview)."""
         head = self.store.head()
         publishing = self.ledger_publishing
         fleet = fleet_status(
