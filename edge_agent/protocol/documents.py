@@ -51,6 +51,7 @@ DOMAIN_ROOT = "root"
 DOMAIN_MANIFEST = "release-manifest"
 DOMAIN_ASSIGNMENT = "assignment"
 DOMAIN_DEVICE_REPORT = "device-report"  # a device's own key over its status report
+DOMAIN_TIMESTAMP = "timestamp"  # the timestamp role over the freshness document
 
 # Device ids become NATS subject tokens and KV keys, so keep them to a safe alphabet.
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -285,6 +286,26 @@ class Assignment(_Document):
     _FIELDS: ClassVar[FieldSpec] = {
         "device": str, "model": str, "version": str, "digest": str, "manifest_hash": str,
         "counter": int, "rollout": str, "issued_at": int, "expires": int,
+    }
+
+
+@dataclass(frozen=True)
+class Timestamp(_Document):
+    """The hub's short-lived word that `root_version` (whose envelope hashes to
+    `root_digest`, BLAKE3 hex) is the newest trust root, signed by the timestamp role
+    (TUF's timestamp role). `version` grows with every timestamp the hub signs; a device
+    never goes back to a lower one."""
+
+    TYPE: ClassVar[str] = "timestamp"
+    version: int
+    root_version: int
+    root_digest: str
+    issued: int  # ns
+    expires: int  # ns
+
+    _FIELDS: ClassVar[FieldSpec] = {
+        "version": int, "root_version": int, "root_digest": str, "issued": int,
+        "expires": int,
     }
 
 

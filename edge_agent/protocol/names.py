@@ -22,6 +22,9 @@ TRANSPARENCY_BUCKET: Final = "transparency"  # KV: proof bundles, transparency_k
 # ---------------------------------------------------------------- KV keys
 
 ROOT_LATEST_KEY: Final = "root.latest"
+# The signed timestamp (short-lived; names the newest root), in the `roots` bucket: every
+# device may already read that bucket, and a device's one extra read is one KV get.
+TIMESTAMP_KEY: Final = "timestamp"
 
 
 def root_key(version: int) -> str:

@@ -39,6 +39,7 @@ from hub.home.replies import REASONS as REPLY_REFUSAL_REASONS
 from hub.keys.commands import KeyCommands, RootChanges
 from hub.keys.keyring import Keyring
 from hub.keys.roots import publish_roots
+from hub.keys.timestamps import TimestampPublisher
 from hub.keys.witnesses import WitnessCommands
 from hub.log.api import LedgerPublishing, start_ledger_publishing
 from hub.log.checkpointer import WITNESSES_NAME
@@ -82,6 +83,13 @@ class HubService:
         issuer = AssignmentIssuer(lambda: self.keyring.signers("director"),
                                   config.assignment_ttl_s, self.clock.wall_ns)
         roots = RootChanges(config, self.keyring, self.effects)
+        # The short-lived signed timestamp devices need before installing anything new
+        # (hub/keys/timestamps.py): re-signed at once when a new root is published.
+        self.timestamps = TimestampPublisher(
+            self.keyring, lambda: self.edge.js, self.clock, config.timestamp_ttl_seconds,
+            config.home)
+        if effects is None:  # a hub without NATS publishes no timestamp
+            roots.after_publish = self.timestamps.root_changed
         engine = self.store.engine
         self.router = Router(self.writer, [
             OperatorCommands(self.effects).handlers(),
@@ -101,7 +109,7 @@ class HubService:
         self.reconciler = Reconciler(
             self.writer, issuer, self.keyring, lambda: self.edge.js,
             self.effects.put_assignment, self.clock, config.reconcile_every_seconds,
-            reconnects=self._reconnects)
+            reconnects=self._reconnects, timestamp=self.timestamps.restore)
         self.controller = RolloutController(
             self.writer, self.telemetry, issuer, self.effects.put_assignment,
             kv_give_up_s=config.kv_write_give_up_seconds,
@@ -161,6 +169,7 @@ class HubService:
         await edge.sync_nats_users()
         await edge.ensure_layout()
         await publish_roots(edge.js, self.keyring, self.store)
+        await self.timestamps.restore()  # signed now if due, else put back if KV differs
         await allow_fleet_consumers(edge.js)
         # Before serving: a stop between a ledger commit and its KV write left devices
         # without an assignment the ledger says they have (hub.devices.assignment_sync).
@@ -181,6 +190,7 @@ class HubService:
         js = edge.js
         self.supervisor.start("reports", lambda: self.reports.consume(js))
         self.supervisor.start("rollouts", self.controller.run)
+        self.supervisor.start("timestamp", self.timestamps.run)
         transparency = self.transparency
 
         async def bundles(republish: bool) -> int:
