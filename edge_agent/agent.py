@@ -179,6 +179,9 @@ class EdgeAgent:
         self._held: bytes | None = None
         self._held_wake = asyncio.Event()
         self._stale_reported = ""
+        # The watch and the held-back retry both hand assignments in: one at a time, so
+        # the same assignment is not judged new twice while the first is still awaiting.
+        self._handling = asyncio.Lock()
         self.api: InferenceServer | None = None
 
     @property
@@ -477,6 +480,10 @@ class EdgeAgent:
 
     async def handle_assignment(self, data: bytes) -> None:
         """Check an assignment; start installing it if it is new (cancelling an older one)."""
+        async with self._handling:
+            await self._handle_assignment(data)
+
+    async def _handle_assignment(self, data: bytes) -> None:
         await self.refresh_roots()  # an assignment may be signed by a newly rotated key
         try:
             assignment = self._verify_assignment(data)

@@ -33,10 +33,13 @@ from edge_agent.protocol.names import (
 )
 from edge_agent.slots import SlotStore
 from edge_agent.transport.connect import connect as nats_connect
+from edge_agent.trust.chain import verify_next_root
 from edge_agent.trust.root import TrustRoot
-from edge_agent.update import Counters, check_assignment
+from edge_agent.update import Counters, check_assignment, check_timestamp
 from hub import events as ev
+from hub.keys.keyring import KeyChangeRefused, plan_next_root
 from hub.keys.timestamps import read_timestamp
+from ledger.signing import SigningKey
 from testkit.nats_server import EmbeddedNats
 from tests.device_kit import (
     ReportWatch,
@@ -197,3 +200,37 @@ async def test_a_deleted_timestamp_is_put_back(fleet: Fleet) -> None:
     assert fleet.hub.supervisor.states()  # the timestamp task runs supervised
     assert any(s["name"] == "timestamp" and s["state"] == "running"
                for s in fleet.hub.supervisor.states())
+
+
+async def test_the_timestamp_key_rotates_and_revokes_through_the_root_chain(
+    fleet: Fleet) -> None:
+    first = await wait_timestamp(fleet, 1)
+    old = fleet.config.load_key("timestamp")
+    async with await fleet.client() as admin:
+        rotated = await admin.call("keys.rotate", {"role": "timestamp"})
+        after_rotation = await wait_timestamp(fleet, 2)
+        await admin.call("keys.revoke", {"keyid": old.keyid})
+    revoked = await wait_timestamp(fleet, 3)
+    assert first.version < after_rotation.version < revoked.version
+    data = await kv_get(fleet, ROOTS_BUCKET, TIMESTAMP_KEY)
+    assert data is not None
+    signers = {s.keyid for s in proto.SignedEnvelope.decode(data).signatures}
+    assert signers == {rotated["keyid"]}  # the new key only, never the revoked one
+    # What a device walking to root 3 checks: it verifies against that root.
+    root3 = TrustRoot.from_envelope(proto.SignedEnvelope.decode(
+        (fleet.config.home / "roots" / "root.3.bin").read_bytes()))
+    assert check_timestamp(root3, data, first.version) is not None
+
+
+def test_a_root_without_the_timestamp_role_gets_it_by_rotation() -> None:
+    """Homes made before the role: `hub keys rotate timestamp` adds it (root N+1, signed
+    by the old and new root keys like any rotation)."""
+    keys = {role: SigningKey.generate() for role in ("root", "release", "director", "log")}
+    old = TrustRoot.from_envelope(TrustRoot.build({r: [k] for r, k in keys.items()}))
+    assert "timestamp" not in old.roles
+    new_key = SigningKey.generate()
+    change = plan_next_root(old, list(keys.values()), "timestamp", add=new_key)
+    new = verify_next_root(old, change.root.encode())
+    assert new.roles["timestamp"].keyids == (new_key.keyid,)
+    with pytest.raises(KeyChangeRefused, match="no role 'nonsense'"):
+        plan_next_root(old, list(keys.values()), "nonsense", add=new_key)
