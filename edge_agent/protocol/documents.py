@@ -52,6 +52,8 @@ DOMAIN_MANIFEST = "release-manifest"
 DOMAIN_ASSIGNMENT = "assignment"
 DOMAIN_DEVICE_REPORT = "device-report"  # a device's own key over its status report
 DOMAIN_TIMESTAMP = "timestamp"  # the timestamp role over the freshness document
+DOMAIN_ENROLMENT = "device-enrolment"  # a device's new key over its enrolment request
+MAX_ENROLMENT_REQUEST_BYTES = 4096
 
 # Device ids become NATS subject tokens and KV keys, so keep them to a safe alphabet.
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -307,6 +309,21 @@ class Timestamp(_Document):
         "version": int, "root_version": int, "root_digest": str, "issued": int,
         "expires": int,
     }
+
+
+@dataclass(frozen=True)
+class EnrolmentRequest(_Document):
+    """A device that made its own key asks to be enrolled with it: signed by that key
+    (domain `device-enrolment`), carrying the one-time enrolment token the operator
+    gave it (`hub device token create`)."""
+
+    TYPE: ClassVar[str] = "enrolment"
+    device: str
+    public: bytes  # the device's new Ed25519 public key (32 bytes)
+    token: str
+    ts: int  # ns, when the device signed it
+
+    _FIELDS: ClassVar[FieldSpec] = {"device": str, "public": bytes, "token": str, "ts": int}
 
 
 # Status events a device reports.

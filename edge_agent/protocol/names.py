@@ -57,6 +57,10 @@ LEDGER_STREAM: Final = "LEDGER"
 # ---------------------------------------------------------------- subjects
 
 API_PREFIX: Final = "hub.api."  # operator commands: hub.api.<verb>
+# Enrolment requests of devices that made their own key (the `enrol` NATS user may
+# publish here and nothing else); answered only under ENROL_INBOX_ROOT.
+ENROL_SUBJECT: Final = "hub.enrol"
+ENROL_INBOX_ROOT: Final = "_INBOX_ENROL"
 REPORT_SUBJECTS: Final = "fleet.report.>"
 # The ledger's own feed (ledger.net.remote.ENTRY_SUBJECT / CHECKPOINT_SUBJECT; a test
 # checks they agree: the ledger cannot import this package).

@@ -31,6 +31,7 @@ from hub.devices.deploy import DeployCommands
 from hub.devices.enrolment import EnrolmentCommands
 from hub.devices.reads import DeviceReads
 from hub.devices.reports import REFUSAL_REASONS, ReportIntake
+from hub.devices.tokens import TokenCommands, TokenEnrolment
 from hub.governance.models import ModelCommands
 from hub.governance.operators import OperatorCommands, bootstrap_admin
 from hub.governance.reads import GovernanceReads
@@ -96,6 +97,7 @@ class HubService:
             ModelCommands(config, self.keyring, self.effects, engine).handlers(),
             GovernanceReads(engine).handlers(),
             EnrolmentCommands(config, self.effects).handlers(),
+            TokenCommands(config, self.clock.wall_ns).handlers(),
             DeployCommands(issuer, self.effects).handlers(),
             DeviceReads(engine).handlers(),
             KeyCommands(roots, issuer).handlers(),
@@ -104,6 +106,9 @@ class HubService:
             RolloutReads(engine, self.telemetry).handlers(),
             Verbs(reads={"status": self._status}),
         ], audience=config.origin)
+        # Devices that made their own key enrol with a one-time token (`hub.enrol`).
+        self.enrolment = TokenEnrolment(config, self.writer, self.effects,
+                                        lambda: self.clock.wall_ns())
         # KV follows the ledger continuously: writes left undone are retried until they
         # land, deleted keys are put back, assignments renewed before they expire.
         self.reconciler = Reconciler(
@@ -178,6 +183,7 @@ class HubService:
         except Exception:  # serve anyway; the next start tries again
             log.exception("could not compare KV assignments with the ledger")
         await edge.serve_api(self.router)
+        await edge.serve_enrolment(self.enrolment.handle)
         assert edge.nc is not None
         self.ledger_publishing = await start_ledger_publishing(
             self.config, self.store, edge.nc, edge.js, edge.replies)
@@ -245,5 +251,7 @@ class HubService:
             "tasks": self.supervisor.states(),
             # Requests dropped because of their reply subject (hub/home/replies.py).
             "refused_replies": dict(self.edge.replies.counts),
+            # Enrolment requests refused (bad, expired, used tokens, ...), per reason.
+            "refused_enrolments": dict(self.enrolment.refused),
             "clock_behind_s": self.clock_behind_ns / 1e9,
         }
