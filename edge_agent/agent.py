@@ -5,6 +5,10 @@ current model keeps serving):
 
 1. the assignment envelope is signed by the director role and names this device;
 2. its counter is above the last one seen (anti-rollback / replay);
+   and a fresh timestamp (signed by the timestamp role, unexpired, not older than the
+   last one accepted) names the trust root the device holds: otherwise the assignment is
+   held back (reported once per reason, nothing recorded) and tried again with backoff
+   until fresh authority comes, while the installed model keeps serving;
 3. the release manifest it names (by hash) is signed by the release role;
 4. the blob is streamed from the Object Store to a partial file that survives a lost
    connection or a restart (edge_agent.download), never past the size the manifest
@@ -60,6 +64,7 @@ from edge_agent.errors import (
     InferenceError,
     ModelRuntimeError,
     NotPublished,
+    StaleAuthority,
     TransferError,
     UpdateRefused,
 )
@@ -90,6 +95,7 @@ TASK_STATES_EVERY_S = 2.0
 
 DEFAULT_SPOOL_BYTES = 8 * 1024 * 1024
 STATS_NAME = "stats.json"
+TIMESTAMP_NAME = "timestamp.bin"  # the newest timestamp accepted (its version only grows)
 API_SOCKET_NAME = "agent.sock"
 DISK_MARGIN = 4 * 1024 * 1024  # free space a download leaves (at least; 10% of the blob)
 
@@ -171,6 +177,16 @@ class EdgeAgent:
         self._assignment_watch: KeyUpdates | None = None  # woken on reconnect
         self._stopping = False
         self._reinstall = False  # no usable slot at boot: install the assignment again
+        # Freshness (edge_agent.update.check_timestamp): the newest timestamp accepted,
+        # an assignment held back for stale authority, the kind of staleness reported.
+        self._timestamp_path = config.state_dir / TIMESTAMP_NAME
+        self.timestamp_version = self._load_timestamp_version()
+        self._held: bytes | None = None
+        self._held_wake = asyncio.Event()
+        self._stale_reported = ""
+        # The watch and the held-back retry both hand assignments in: one at a time, so
+        # the same assignment is not judged new twice while the first is still awaiting.
+        self._handling = asyncio.Lock()
         self.api: InferenceServer | None = None
 
     @property
@@ -229,6 +245,7 @@ class EdgeAgent:
                         with contextlib.suppress(TimeoutError):
                             if await watcher.updates(timeout=30.0):
                                 await self.refresh_roots()
+                                self._held_wake.set()  # a held assignment may go now
                 finally:
                     with contextlib.suppress(Exception):
                         await watcher.stop()
@@ -251,6 +268,20 @@ class EdgeAgent:
                         self._state_path, exc)
             active = self.slots.active()
             return int(active.metadata.get("counter", 0)) if active else 0
+
+    def _load_timestamp_version(self) -> int:
+        """The version of the newest timestamp accepted (it verified when stored)."""
+        try:
+            data = self._timestamp_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        try:
+            envelope = proto.SignedEnvelope.decode(data, "timestamp")
+            return proto.Timestamp.from_map(envelope.document(proto.DOMAIN_TIMESTAMP)).version
+        except proto.ProtocolError as exc:
+            log.warning("stored timestamp %s unreadable (%s); accepting any version",
+                        self._timestamp_path, exc)
+            return 0
 
     def _save_last_counter(self, counter: int) -> None:
         self.last_counter = counter
@@ -384,6 +415,7 @@ class EdgeAgent:
             self.transport, lambda: self._stopping))
         sup.start("watch", self._watch_assignments)
         sup.start("roots", self._watch_roots)
+        sup.start("held", self._retry_held)
         sup.start("inference", self._inference_loop)
         sup.start("task-states", self._write_task_states, critical=False)
         try:
@@ -503,6 +535,10 @@ class EdgeAgent:
 
     async def handle_assignment(self, data: bytes) -> None:
         """Check an assignment; start installing it if it is new (cancelling an older one)."""
+        async with self._handling:
+            await self._handle_assignment(data)
+
+    async def _handle_assignment(self, data: bytes) -> None:
         await self.refresh_roots()  # an assignment may be signed by a newly rotated key
         try:
             assignment = self._verify_assignment(data)
@@ -511,6 +547,8 @@ class EdgeAgent:
             self._report_status(proto.STATUS_FAILED, reason=str(exc), assignment=exc.assignment)
             return
         if assignment is None:
+            return
+        if not await self._fresh_authority(data, assignment):
             return
         task = self._update_task
         if task is not None and not task.done():
@@ -524,6 +562,57 @@ class EdgeAgent:
         self._update_task = asyncio.create_task(
             self._apply(assignment), name=f"update-{assignment.counter}"
         )
+
+    async def _fresh_authority(self, data: bytes, assignment: proto.Assignment) -> bool:
+        """True if a fresh timestamp names the root this device holds; otherwise hold
+        `data` back (tried again by _retry_held) and report why, once per kind."""
+        try:
+            raw = await self.transport.timestamp()
+            stamp = update.check_timestamp(self.trust, raw, self.timestamp_version)
+        except (StaleAuthority, TransferError) as exc:
+            self._held = data
+            self._held_wake.set()
+            kind = exc.kind if isinstance(exc, StaleAuthority) else "unreachable"
+            reason = (f"assignment {assignment.counter} held back: {exc}; the installed "
+                      "model keeps running until fresh authority comes")
+            if kind == self._stale_reported or not isinstance(exc, StaleAuthority):
+                log.debug("%s", reason)  # said already (or only unreachable): retried
+                return False
+            log.error("%s", reason)
+            self._stale_reported = kind
+            self._report_status(proto.STATUS_FAILED, reason=reason, assignment=assignment)
+            return False
+        if stamp is not None and stamp.version > self.timestamp_version:
+            assert raw is not None
+            atomic_write(self._timestamp_path, raw)
+            self.timestamp_version = stamp.version
+        if self._held is not None or self._stale_reported:
+            log.info("fresh authority again (timestamp %s); going on with assignment %d",
+                     stamp.version if stamp is not None else "not required",
+                     assignment.counter)
+        self._held = None
+        self._stale_reported = ""
+        return True
+
+    async def _retry_held(self) -> None:
+        """An assignment held back for stale authority is tried again with capped
+        backoff (sooner when a new root arrives) until fresh authority comes or a newer
+        assignment replaces it."""
+        attempt = 0
+        while not self._stopping:
+            if self._held is None:
+                attempt = 0
+                self._held_wake.clear()
+                await self._held_wake.wait()
+                continue
+            attempt += 1
+            self._held_wake.clear()
+            delay = backoff_delay(attempt, self.config.retry_base, self.config.retry_cap)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._held_wake.wait(), delay)
+            held, self._held = self._held, None
+            if held is not None:
+                await self.handle_assignment(held)
 
     def _verify_assignment(self, data: bytes) -> proto.Assignment | None:
         """The assignment if it is authentic, for us and new; None if already handled."""

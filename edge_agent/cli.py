@@ -39,6 +39,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=examples(
         "edge-agent run --bundle hub-home/devices/dev-1 --state-dir state/dev-1",
+        "edge-agent keygen --bundle device-bundle",
         "edge-agent status --state-dir state/dev-1",
         "edge-agent predict input.npy --socket state/dev-1/agent.sock",
         "edge-agent --install-completion    (tab completion for your shell)",
@@ -204,6 +205,101 @@ def run(
     except (OSError, TransferError) as exc:  # unreachable, or refused (no/revoked identity)
         err.print(f"[red]error:[/red] cannot reach NATS at {escape(nats_url)}: {escape(str(exc))}")
         raise typer.Exit(3) from exc
+
+
+@app.command(epilog=examples(
+    "edge-agent keygen --bundle device-bundle",
+    "edge-agent keygen --bundle device-bundle --json",
+))
+def keygen(
+    bundle: Path = typer.Option(
+        ..., "--bundle", help="Directory for this device's bundle; the key is written to "
+        "BUNDLE/device.key (0600)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Make this device's own Ed25519 key (it signs its reports and is its NATS
+    identity) and print its public half; the private key never leaves the device. Then
+    enrol with `edge-agent enroll` and a token from `hub device token create`.
+
+    Exit status: 0 ok, 2 a key is there already (without --force) or cannot be written.
+    """
+    from edge_agent.enrol import keygen as make_key
+
+    try:
+        key = make_key(bundle, force)
+    except (DeviceBundleError, OSError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    info = {"key": str(bundle / "device.key"), "keyid": key.keyid,
+            "public": key.public.raw.hex()}
+    if as_json:
+        print(json.dumps(info))
+        return
+    print(f"device key {info['keyid']} written to {info['key']}")
+    print(f"public key: {info['public']}")
+
+
+@app.command(epilog=examples(
+    "edge-agent enroll --bundle device-bundle --device-id dev-7 --token TOKEN "
+    "--hub nats://enrol:PASSWORD@127.0.0.1:4222",
+    "edge-agent enroll --bundle device-bundle --device-id dev-7 --token TOKEN "
+    "--hub tls://enrol:PASSWORD@hub.example:4222 --ca ca.pem --json",
+))
+def enroll(
+    bundle: Path = typer.Option(
+        ..., "--bundle", help="The directory `edge-agent keygen` wrote the key to; the "
+        "bundle (device.toml, trust-root.bin, ca.pem) is written next to it."),
+    device_id: str = typer.Option(..., "--device-id", help="The id the token was made for."),
+    token: str = typer.Option(
+        ..., "--token", envvar="FLEET_ENROL_TOKEN",
+        help="The one-time token from `hub device token create` (or FLEET_ENROL_TOKEN)."),
+    hub_url: str = typer.Option(
+        ..., "--hub", help="The hub's NATS URL with the `enrol` user's password in it "
+        "(`hub device token create` prints it)."),
+    ca: Path | None = typer.Option(
+        None, "--ca", help="The NATS server's CA certificate (servers with TLS)."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the hub."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Enrol this device with its own key (from `edge-agent keygen`) and a one-time
+    token: the hub checks the token (for this device id, unexpired, unused), records the
+    public key, and answers what the device needs to connect; it is written as a device
+    bundle for `edge-agent run --bundle`.
+
+    Exit status: 0 enrolled, 1 refused by the hub (bad, expired or used token, key in
+    use, already enrolled), 2 usage (no key, bad device id), 3 the hub did not answer.
+    """
+    from edge_agent.enrol import (
+        EnrolmentRefused,
+        enrolment_request,
+        load_key,
+        send_request,
+        write_bundle,
+    )
+
+    try:
+        key = load_key(bundle)
+        data = enrolment_request(device_id, key, token)
+    except (DeviceBundleError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    try:
+        result = asyncio.run(send_request(hub_url, data, ca, timeout))
+        write_bundle(bundle, device_id, result)
+    except EnrolmentRefused as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    except TransferError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(3) from exc
+    info = {"device": device_id, "keyid": key.keyid, "bundle": str(bundle),
+            "nats_url": result.get("nats_url")}
+    if as_json:
+        print(json.dumps(info))
+        return
+    print(f"enrolled {device_id} with its own key {key.keyid}; bundle in {bundle}; "
+          f"start it with:\n  edge-agent run --bundle {bundle}")
 
 
 @app.command(epilog=examples(

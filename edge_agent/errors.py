@@ -68,6 +68,19 @@ class TrustError(UpdateRefused, ValueError):
     """A document is not trusted: bad/missing signatures, below threshold, expired."""
 
 
+class StaleAuthority(TrustError):
+    """No unexpired timestamp names the trust root this device holds (a freeze, a
+    withheld rotation, a replayed or forged timestamp): nothing new is installed until
+    fresh authority comes; the installed model keeps running and nothing is recorded
+    (the assignment is tried again later, not remembered as handled). `kind` names the
+    reason without its numbers (`missing`, `refused`, `replayed`, `expired`, `future`,
+    `root_newer`, `root_older`, `root_digest`): the agent reports each kind once."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class DigestMismatch(UpdateRefused):
     """The complete blob's BLAKE3 digest is not the one the signed manifest states."""
 

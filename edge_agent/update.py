@@ -25,6 +25,23 @@ EXPIRY_SKEW_NS of tolerance, since device and hub clocks disagree):
 * a new assignment that has expired is refused (the hub re-signs and sends another);
 * an assignment issued more than EXPIRY_SKEW_NS in the device's future says the
   device's clock is behind: logged as a warning (`clock_behind_ns`).
+
+Freshness rules (TUF's timestamp role; `check_timestamp`): a new assignment is
+installed only with a timestamp that
+
+* a threshold of the trusted root's `timestamp` role signed;
+* is not older (by `version`) than the last one this device accepted (a replayed
+  older timestamp is refused even while unexpired);
+* has not expired and was not issued in the device's future, each with EXPIRY_SKEW_NS
+  of tolerance;
+* names the trust root this device holds (version and BLAKE3 digest): a timestamp that
+  names a newer root says a rotation is withheld (or not fetched yet), one that names an
+  older root is stale.
+
+Otherwise `StaleAuthority`: nothing new is installed, nothing is recorded, the model
+that runs keeps running, and the agent asks again later. A root without a `timestamp`
+role (made by a hub that predates it) asks for no timestamp: `check_timestamp` returns
+None.
 """
 
 from __future__ import annotations
@@ -36,7 +53,7 @@ from dataclasses import dataclass
 import blake3
 
 from edge_agent import protocol as proto
-from edge_agent.errors import TrustError, UpdateRefused
+from edge_agent.errors import ProtocolError, StaleAuthority, TrustError, UpdateRefused
 from edge_agent.trust.root import TrustRoot
 
 log = logging.getLogger("edge_agent")
@@ -92,6 +109,58 @@ def check_assignment(
         raise TrustError(f"assignment expired (counter {assignment.counter}); the hub must "
                          "re-sign it", assignment)
     return news
+
+
+TIMESTAMP_ROLE = "timestamp"
+
+
+def root_digest(trust: TrustRoot) -> str:
+    """BLAKE3 hex of the trusted root's envelope, as a timestamp names it."""
+    return blake3.blake3(trust.envelope.encode()).hexdigest()
+
+
+def check_timestamp(
+    trust: TrustRoot, data: bytes | None, last_version: int, now_ns: int | None = None,
+) -> proto.Timestamp | None:
+    """The timestamp `data` if it shows `trust` is the newest root, now (see the module
+    docstring); None if `trust` has no timestamp role. Raises StaleAuthority.
+    `last_version` is the version of the newest timestamp accepted before (0: none)."""
+    if TIMESTAMP_ROLE not in trust.roles:
+        return None
+    now = time.time_ns() if now_ns is None else now_ns
+    if data is None:
+        raise StaleAuthority("no timestamp published: cannot tell that trust root "
+                             f"{trust.version} is still the newest", "missing")
+    try:
+        envelope = proto.SignedEnvelope.decode(data, "timestamp")
+        trust.check_signatures(envelope, TIMESTAMP_ROLE, proto.DOMAIN_TIMESTAMP)
+        stamp = proto.Timestamp.from_map(envelope.document(proto.DOMAIN_TIMESTAMP))
+    except (ProtocolError, TrustError) as exc:
+        raise StaleAuthority(f"timestamp refused: {exc}", "refused") from exc
+    if stamp.version < last_version:
+        raise StaleAuthority(f"timestamp version {stamp.version} is older than the last "
+                             f"accepted {last_version}: replay refused", "replayed")
+    if now > stamp.expires + EXPIRY_SKEW_NS:
+        raise StaleAuthority(
+            f"timestamp {stamp.version} expired {(now - stamp.expires) / 1e9:.0f} s ago: "
+            "the hub's authority cannot be shown fresh (frozen or withheld)", "expired")
+    if stamp.issued > now + EXPIRY_SKEW_NS:
+        raise StaleAuthority(
+            f"timestamp {stamp.version} was issued {(stamp.issued - now) / 1e9:.0f} s in "
+            "this device's future, beyond the clock skew tolerance", "future")
+    if stamp.root_version > trust.version:
+        raise StaleAuthority(
+            f"timestamp names trust root {stamp.root_version} but this device holds "
+            f"{trust.version}: a newer root is withheld or not fetched yet", "root_newer")
+    if stamp.root_version < trust.version:
+        raise StaleAuthority(
+            f"timestamp names trust root {stamp.root_version}, older than the "
+            f"{trust.version} this device holds: stale timestamp", "root_older")
+    if stamp.root_digest != root_digest(trust):
+        raise StaleAuthority(
+            f"timestamp names another trust root {stamp.root_version} than the one this "
+            "device holds (digest differs)", "root_digest")
+    return stamp
 
 
 def _news(assignment: proto.Assignment, counters: Counters) -> proto.Assignment | None:

@@ -23,6 +23,7 @@ MODEL_DEPRECATED: Final = "model.deprecated"
 MODEL_REVOKED: Final = "model.revoked"
 DEVICE_ENROLLED: Final = "device.enrolled"
 DEVICE_REVOKED: Final = "device.revoked"
+DEVICE_TOKEN_CREATED: Final = "device.token_created"
 DEPLOYMENT_CREATED: Final = "deployment.created"
 DEVICE_ASSIGNED: Final = "device.assigned"
 DEVICE_UPDATE_APPLIED: Final = "device.update_applied"
@@ -69,6 +70,8 @@ CATALOG: Final[dict[str, tuple[str, ...]]] = {
     MODEL_REVOKED: ("name", "version", "reason"),
     DEVICE_ENROLLED: ("device", "public"),
     DEVICE_REVOKED: ("device", "reason"),
+    # Only the token's BLAKE3 hash: the secret itself is in the operator's answer alone.
+    DEVICE_TOKEN_CREATED: ("device", "token_id", "token_hash", "expires"),
     DEPLOYMENT_CREATED: ("deployment", "model", "version", "devices"),
     DEVICE_ASSIGNED: (
         "device", "deployment", "model", "version", "digest", "counter", "manifest_hash",

@@ -196,6 +196,10 @@ def test_the_fold_never_turns_revoked_back_into_something_else() -> None:
             ev.DEVICE_UPDATE_REVERTED: {"device": "d1", "counter": 2, "model": "m",
                                         "version": "1", "digest": "ef", "reason": "y",
                                         "boot": "b", "report_seq": 3},
+            # A token made for the id after its revocation (it cannot be used: the id
+            # is enrolled); it touches the token table only.
+            ev.DEVICE_TOKEN_CREATED: {"device": "d1", "token_id": "ab" * 8,
+                                      "token_hash": "ab" * 32, "expires": 1},
         }
         assert set(later) | {ev.DEVICE_ENROLLED, ev.DEVICE_REVOKED} >= {
             k for k, handlers in fold.HANDLERS.items()
@@ -204,7 +208,7 @@ def test_the_fold_never_turns_revoked_back_into_something_else() -> None:
                  (ev.DEVICE_REVOKED, {"device": "d1", "reason": "lost"}), *later.items()]
         for seq, (kind, payload) in enumerate(steps):
             entry = cast(Entry, SimpleNamespace(seq=seq, ts=seq + 1, kind=kind,
-                                                payload=payload))
+                                                actor="k", payload=payload))
             for handler in fold.HANDLERS.get(kind, ()):
                 handler(conn, entry, payload)
             row = device_state.get_device(conn, "d1")

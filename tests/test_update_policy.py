@@ -28,6 +28,7 @@ from edge_agent.errors import (
     ModelRuntimeError,
     NotPublished,
     ProtocolError,
+    StaleAuthority,
     TransferError,
     TrustError,
     UpdateRefused,
@@ -39,7 +40,9 @@ from edge_agent.update import (
     Counters,
     check_assignment,
     check_manifest,
+    check_timestamp,
     clock_behind_ns,
+    root_digest,
 )
 from ledger.signing import SigningKey
 
@@ -269,12 +272,116 @@ def test_the_named_manifest_is_accepted() -> None:
         "kws", "2", DIGEST, 1000)
 
 
+# ---------------------------------------------------------------- freshness (timestamps)
+
+TIMESTAMP_KEY = SigningKey.generate()
+
+
+def root_with_timestamp(version: int, expires: int) -> TrustRoot:
+    return TrustRoot.from_envelope(TrustRoot.build({
+        "root": [KEYS.root], "release": [KEYS.release], "director": [KEYS.director],
+        "log": [KEYS.log], "timestamp": [TIMESTAMP_KEY],
+    }, version=version, expires=expires))
+
+
+TS_ROOT = root_with_timestamp(3, time.time_ns() + 100 * HOUR)  # the root the device holds
+# The same version with other bytes (another `expires`): a fork the timestamp must pin.
+OTHER_ROOT_3 = root_with_timestamp(3, TS_ROOT.expires + HOUR)
+
+
+def stamp(key: SigningKey = TIMESTAMP_KEY, domain: str = proto.DOMAIN_TIMESTAMP,
+          root: TrustRoot = TS_ROOT, **changes: Any) -> bytes:
+    now = time.time_ns()
+    doc = proto.Timestamp(version=7, root_version=root.version, root_digest=root_digest(root),
+                          issued=now - 60 * 10**9, expires=now + HOUR)
+    return sign(replace(doc, **changes).to_map(), key, domain)
+
+
+# name -> (timestamp bytes or None, last accepted version, kind, words in the message)
+TIMESTAMP_REFUSALS: dict[str, tuple[Callable[[], bytes | None], int, str, str]] = {
+    "freeze: no timestamp published (withheld)": (lambda: None, 0, "missing", "no timestamp"),
+    "freeze: expired timestamp": (
+        lambda: stamp(issued=time.time_ns() - 3 * HOUR,
+                      expires=time.time_ns() - EXPIRY_SKEW_NS - HOUR),
+        0, "expired", "expired"),
+    "future-dated beyond the skew tolerance": (
+        lambda: stamp(issued=time.time_ns() + EXPIRY_SKEW_NS + HOUR,
+                      expires=time.time_ns() + 3 * HOUR),
+        0, "future", "in this device's future"),
+    "withheld rotation: names a newer root": (
+        lambda: stamp(root_version=4), 0, "root_newer",
+        "names trust root 4 but this device holds 3"),
+    "stale: names an older root": (
+        lambda: stamp(root_version=2), 0, "root_older", "older than the 3 this device holds"),
+    "names another root of the same version (digest)": (
+        lambda: stamp(root=OTHER_ROOT_3), 0, "root_digest", "digest differs"),
+    "bad signature (tampered)": (lambda: tampered(stamp()), 0, "refused", "0 valid signature"),
+    "signed by the director key, not the timestamp role": (
+        lambda: stamp(KEYS.director), 0, "refused", "from the timestamp role"),
+    "signature replayed from another domain": (
+        lambda: stamp(domain=proto.DOMAIN_ASSIGNMENT), 0, "refused", "valid signature"),
+    "an assignment signed by the timestamp key as a timestamp": (
+        lambda: sign(assignment().to_map(), TIMESTAMP_KEY, proto.DOMAIN_TIMESTAMP), 0,
+        "refused", "expected a 'timestamp' document"),
+    "malformed bytes": (lambda: b"\xc1\x00", 0, "refused", "timestamp"),
+    "replay: an older timestamp, still unexpired": (
+        lambda: stamp(version=6), 7, "replayed", "older than the last accepted 7"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMESTAMP_REFUSALS))
+def test_timestamp_refused(case: str) -> None:
+    make, last, kind, words = TIMESTAMP_REFUSALS[case]
+    with pytest.raises(StaleAuthority, match=words.replace("(", r"\(").replace(")", r"\)")
+                       ) as info:
+        check_timestamp(TS_ROOT, make(), last)
+    assert info.value.kind == kind
+    assert isinstance(info.value, UpdateRefused) and isinstance(info.value, TrustError)
+
+
+# name -> (timestamp changes, given the time now; last accepted version): accepted
+TIMESTAMP_ACCEPTED: dict[str, tuple[Callable[[int], dict[str, int]], int]] = {
+    "fresh, first one ever": (lambda now: {}, 0),
+    "monotonic: newer than the last accepted": (lambda now: {"version": 8}, 7),
+    "monotonic: the same one again": (lambda now: {"version": 7}, 7),
+    "expired within the skew tolerance": (
+        lambda now: {"expires": now - EXPIRY_SKEW_NS // 2}, 0),
+    "issued in the future within the skew tolerance": (
+        lambda now: {"issued": now + EXPIRY_SKEW_NS // 2}, 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMESTAMP_ACCEPTED))
+def test_timestamp_accepted(case: str) -> None:
+    make, last = TIMESTAMP_ACCEPTED[case]
+    now = time.time_ns()
+    changes = make(now)
+    accepted = check_timestamp(TS_ROOT, stamp(**changes), last, now_ns=now)
+    assert accepted is not None and accepted.root_version == TS_ROOT.version
+    assert accepted.version == changes.get("version", 7)
+
+
+def test_monotonic_never_back_to_an_older_timestamp() -> None:
+    """A device that accepted timestamp 9 refuses every lower version, however fresh."""
+    assert check_timestamp(TS_ROOT, stamp(version=9), 0) is not None
+    for older in (1, 8):
+        with pytest.raises(StaleAuthority, match="replay refused"):
+            check_timestamp(TS_ROOT, stamp(version=older), 9)
+
+
+def test_a_root_without_a_timestamp_role_asks_for_none() -> None:
+    # Roots from a hub made before the timestamp role: nothing to check against.
+    assert "timestamp" not in ROOT.roles
+    assert check_timestamp(ROOT, None, 0) is None
+
+
 # ---------------------------------------------------------------- the error hierarchy
 
 # name -> (error, what it must be: refused (not retried) or a transfer error (retried))
 HIERARCHY: dict[str, tuple[type[Exception], type[Exception]]] = {
     "ProtocolError": (ProtocolError, UpdateRefused),
     "TrustError": (TrustError, UpdateRefused),
+    "StaleAuthority": (StaleAuthority, TrustError),
     "RootRotationError": (RootRotationError, UpdateRefused),
     "DigestMismatch": (DigestMismatch, UpdateRefused),
     "BlobTooLarge": (BlobTooLarge, UpdateRefused),

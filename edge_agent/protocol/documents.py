@@ -52,6 +52,9 @@ DOMAIN_ROOT = "root"
 DOMAIN_MANIFEST = "release-manifest"
 DOMAIN_ASSIGNMENT = "assignment"
 DOMAIN_DEVICE_REPORT = "device-report"  # a device's own key over its status report
+DOMAIN_TIMESTAMP = "timestamp"  # the timestamp role over the freshness document
+DOMAIN_ENROLMENT = "device-enrolment"  # a device's new key over its enrolment request
+MAX_ENROLMENT_REQUEST_BYTES = 4096
 
 # Device ids become NATS subject tokens and KV keys, so keep them to a safe alphabet.
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -333,6 +336,41 @@ class Assignment(_Document):
         "device": str, "model": str, "version": str, "digest": str, "manifest_hash": str,
         "counter": int, "rollout": str, "issued_at": int, "expires": int,
     }
+
+
+@dataclass(frozen=True)
+class Timestamp(_Document):
+    """The hub's short-lived word that `root_version` (whose envelope hashes to
+    `root_digest`, BLAKE3 hex) is the newest trust root, signed by the timestamp role
+    (TUF's timestamp role). `version` grows with every timestamp the hub signs; a device
+    never goes back to a lower one."""
+
+    TYPE: ClassVar[str] = "timestamp"
+    version: int
+    root_version: int
+    root_digest: str
+    issued: int  # ns
+    expires: int  # ns
+
+    _FIELDS: ClassVar[FieldSpec] = {
+        "version": int, "root_version": int, "root_digest": str, "issued": int,
+        "expires": int,
+    }
+
+
+@dataclass(frozen=True)
+class EnrolmentRequest(_Document):
+    """A device that made its own key asks to be enrolled with it: signed by that key
+    (domain `device-enrolment`), carrying the one-time enrolment token the operator
+    gave it (`hub device token create`)."""
+
+    TYPE: ClassVar[str] = "enrolment"
+    device: str
+    public: bytes  # the device's new Ed25519 public key (32 bytes)
+    token: str
+    ts: int  # ns, when the device signed it
+
+    _FIELDS: ClassVar[FieldSpec] = {"device": str, "public": bytes, "token": str, "ts": int}
 
 
 # Status events a device reports.

@@ -27,6 +27,9 @@ TRANSPARENCY_BUCKET: Final = "transparency"  # KV: proof bundles, transparency_k
 # ---------------------------------------------------------------- KV keys
 
 ROOT_LATEST_KEY: Final = "root.latest"
+# The signed timestamp (short-lived; names the newest root), in the `roots` bucket: every
+# device may already read that bucket, and a device's one extra read is one KV get.
+TIMESTAMP_KEY: Final = "timestamp"
 
 
 def root_key(version: int) -> str:
@@ -65,6 +68,10 @@ UPLOAD_CHUNK_HEADER: Final = "Fleet-Upload-Chunk"  # 0-based index of the chunk
 # ---------------------------------------------------------------- subjects
 
 API_PREFIX: Final = "hub.api."  # operator commands: hub.api.<verb>
+# Enrolment requests of devices that made their own key (the `enrol` NATS user may
+# publish here and nothing else); answered only under ENROL_INBOX_ROOT.
+ENROL_SUBJECT: Final = "hub.enrol"
+ENROL_INBOX_ROOT: Final = "_INBOX_ENROL"
 REPORT_SUBJECTS: Final = "fleet.report.>"
 # The ledger's own feed (ledger.net.remote.ENTRY_SUBJECT / CHECKPOINT_SUBJECT; a test
 # checks they agree: the ledger cannot import this package).

@@ -67,6 +67,10 @@ class UpdateSource(Protocol):
         """Trust root `version`; None if it is not published."""
         ...
 
+    async def timestamp(self) -> bytes | None:
+        """The signed timestamp (names the newest root); None if none is published."""
+        ...
+
     async def watch_assignment(self, device: str) -> KeyUpdates:
         """Watch `device`'s assignment (NotPublished: no assignments bucket yet)."""
         ...

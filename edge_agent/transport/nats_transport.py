@@ -25,6 +25,7 @@ from edge_agent.protocol.names import (
     RELEASES_BUCKET,
     ROOT_LATEST_KEY,
     ROOTS_BUCKET,
+    TIMESTAMP_KEY,
     TRANSPARENCY_BUCKET,
     assignment_key,
     root_key,
@@ -139,6 +140,17 @@ class NatsTransport:
             raise
         except Exception as exc:
             raise FetchError(f"cannot read trust root {version}: {exc!r}") from exc
+
+    async def timestamp(self) -> bytes | None:
+        try:
+            kv = await buckets.key_value(self.js, ROOTS_BUCKET)
+            return (await kv.get(TIMESTAMP_KEY)).value or None
+        except _MISSING:
+            return None  # withheld, deleted, or a hub that signs none
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise FetchError(f"cannot read the timestamp: {exc!r}") from exc
 
     async def watch_assignment(self, device: str) -> KeyUpdates:
         # Not kv.watch(): its consumer-create subject does not name the key, so the

@@ -19,7 +19,7 @@ from ledger.signing import PublicKey, SigningKey
 
 __all__ = ["ROLES", "Role", "TrustError", "TrustRoot"]
 
-ROLES = ("root", "release", "director", "log")
+ROLES = ("root", "release", "director", "log", "timestamp")
 
 
 @dataclass(frozen=True)

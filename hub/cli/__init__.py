@@ -50,9 +50,11 @@ device_app = typer.Typer(
                     "hub device show dev-1 --home hub-home",
                     "hub device history dev-1 --home hub-home",
                     "hub device tag dev-1 --group lab --tag site=a --home hub-home",
-                    "hub device revoke dev-1 --reason lost --home hub-home"))
+                    "hub device revoke dev-1 --reason lost --home hub-home",
+                    "hub device token create dev-7 --home hub-home"))
 device_app.add_typer(devices.device_commands)  # enroll, revoke, show, history
 device_app.add_typer(rollouts.device_commands)  # tag
+device_app.add_typer(devices.token_commands, name="token")  # token create
 
 # In the order `hub --help` lists them; a Typer added without a name adds its commands.
 app.add_typer(serve.commands)  # init, serve, status, whoami, rebuild

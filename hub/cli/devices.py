@@ -81,6 +81,60 @@ def device_revoke(
               {"device": device_id, "reason": reason}), as_json, render)
 
 
+token_commands = typer.Typer(  # `hub device token` (hub/cli/__init__.py)
+    no_args_is_help=True,
+    help="One-time enrolment tokens: a device makes its own key and enrols with one "
+    "(`edge-agent keygen`, `edge-agent enroll`); the private key never leaves it.",
+    epilog=examples("hub device token create dev-7 --ttl 1h --home hub-home"))
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> int:
+    """Seconds from `90`, `90s`, `15m`, `1h` or `2d`."""
+    unit = text[-1:] if text[-1:] in _TTL_UNITS else "s"
+    number = text[:-1] if text[-1:] in _TTL_UNITS else text
+    try:
+        seconds = int(number) * _TTL_UNITS[unit]
+    except ValueError:
+        raise UsageError(f"--ttl {text!r}: expected a whole number with s, m, h or d "
+                         "(e.g. 1h)") from None
+    if seconds < 1:
+        raise UsageError(f"--ttl {text!r}: must be at least 1 s")
+    return seconds
+
+
+@token_commands.command("create", epilog=examples(
+    "hub device token create dev-7 --home hub-home",
+    "hub device token create dev-7 --ttl 15m --json --home hub-home",
+))
+def token_create(
+    device_id: str = typer.Argument(..., help="The device id the token enrols (once)."),
+    ttl: str = typer.Option("1h", "--ttl", help="How long the token is valid: 90s, 15m, 1h, "
+                            "2d (at most 30d)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Make a one-time enrolment token for a device that makes its own key. The hub
+    records `device.token_created` with the token's hash only; the token itself is
+    printed here once: hand it to the device (with the command below), which runs
+    `edge-agent keygen` and `edge-agent enroll`. Refused if the device is enrolled."""
+    seconds = parse_ttl(ttl)
+
+    def render(result: dict[str, Any]) -> None:
+        out.print(f"token for {device_id} (id {result['token_id']}, ledger seq "
+                  f"{result['seq'][0]}), valid until {rfc3339(result['expires'])}, once:")
+        out.print(f"  {result['token']}", soft_wrap=True)
+        out.print("on the device:", soft_wrap=True)
+        out.print("  edge-agent keygen --bundle BUNDLE", soft_wrap=True)
+        out.print(f"  edge-agent enroll --bundle BUNDLE --device-id {device_id} --token "
+                  f"{result['token']} --hub {result['enrol_url']}", soft_wrap=True,
+                  markup=False)
+
+    show(call(hub_config(home, nats_url), key, timeout, "device.token",
+              {"device": device_id, "ttl_s": seconds}), as_json, render)
+
+
 def device_view(result: dict[str, Any]) -> dict[str, Any]:
     """The `hub device show --json` document (docs/CLI-JSON.md): full digests, RFC 3339
     times, null for what is not known."""

@@ -42,6 +42,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "model.revoke": ("operator", "admin"),
     "device.enroll": ("operator", "admin"),
     "device.revoke": ("admin",),
+    "device.token": ("operator", "admin"),
     "deploy": ("operator",),
     "device.tag": ("operator", "admin"),
     "rollout.create": ("operator",),

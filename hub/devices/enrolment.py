@@ -15,7 +15,8 @@ enrolment adds the device's user to the NATS server's users file, revocation rem
 `edge-agent run --bundle DIR` reads it (edge_agent/bundle.py). The format is a flat TOML
 table; readers ignore keys they do not know, so more files (NATS credentials) can be
 added later. A device that keeps its key elsewhere (a secure element) enrolls with
-`--public HEX` and gets a bundle without device.key.
+`--public HEX` and gets a bundle without device.key; a device that makes its own key
+enrols itself with a one-time token (hub/devices/tokens.py).
 """
 
 from __future__ import annotations

@@ -35,6 +35,20 @@ class DeviceRow(SQLModel, table=True):
     updated_ts: int = 0
 
 
+class EnrolTokenRow(SQLModel, table=True):
+    """One-time enrolment tokens (`device.token_created`); `used_seq` is set by the
+    `device.enrolled` event that used it (its `token` field)."""
+
+    __tablename__ = "proj_enrol_tokens"
+    token_id: str = Field(primary_key=True)  # the first 16 hex digits of token_hash
+    device: str
+    token_hash: str  # BLAKE3 hex of the token; the token itself is nowhere in the hub
+    expires: int
+    created_by: str  # the operator key id that made it
+    created_seq: int
+    used_seq: int | None = None
+
+
 class DeviceTelemetryRow(SQLModel, table=True):
     """Counters from telemetry windows; not derived from the ledger."""
 
@@ -50,9 +64,10 @@ class DeviceTelemetryRow(SQLModel, table=True):
 
 DEVICES: Table = SQLModel.metadata.tables[DeviceRow.__tablename__]
 TELEMETRY: Table = SQLModel.metadata.tables[DeviceTelemetryRow.__tablename__]
-int64_columns(DEVICES, TELEMETRY)
+TOKENS: Table = SQLModel.metadata.tables[EnrolTokenRow.__tablename__]
+int64_columns(DEVICES, TELEMETRY, TOKENS)
 
-TABLES: tuple[Table, ...] = (DEVICES,)  # folded from the ledger (TELEMETRY is not)
+TABLES: tuple[Table, ...] = (DEVICES, TOKENS)  # folded from the ledger (TELEMETRY is not)
 
 
 # ---------------------------------------------------------------- fold
@@ -64,6 +79,16 @@ def _enrolled(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
         device=p["device"], enrolled_seq=entry.seq, updated_ts=entry.ts,
         public=public if isinstance(public, bytes) else None,
     ))
+    token = p.get("token")
+    if isinstance(token, str):  # enrolled by the device itself, with a one-time token
+        conn.execute(update(TOKENS).where(TOKENS.c.token_id == token).values(
+            used_seq=entry.seq))
+
+
+def _token_created(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    conn.execute(insert(TOKENS).values(
+        token_id=p["token_id"], device=p["device"], token_hash=p["token_hash"],
+        expires=p["expires"], created_by=entry.actor, created_seq=entry.seq))
 
 
 def _device_update(conn: Connection, device: str, **values: Any) -> None:
@@ -116,6 +141,7 @@ Handler = Callable[[Connection, Entry, dict[str, Any]], None]
 HANDLERS: dict[str, Handler] = {
     ev.DEVICE_ENROLLED: _enrolled,
     ev.DEVICE_REVOKED: _revoked,
+    ev.DEVICE_TOKEN_CREATED: _token_created,
     ev.DEVICE_ASSIGNED: _assigned,
     ev.DEVICE_UPDATE_APPLIED: _applied,
     ev.DEVICE_UPDATE_FAILED: _failed,
@@ -124,6 +150,11 @@ HANDLERS: dict[str, Handler] = {
 
 
 # ---------------------------------------------------------------- reads
+
+
+def get_token(conn: Connection, token_id: str) -> dict[str, Any] | None:
+    row = conn.execute(select(TOKENS).where(TOKENS.c.token_id == token_id)).mappings().first()
+    return None if row is None else dict(row)
 
 
 def get_device(conn: Connection, device: str) -> dict[str, Any] | None:

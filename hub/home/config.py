@@ -91,6 +91,9 @@ class HubConfig:
     leader_lease_seconds: float = 10.0
     # Overrides assignment_ttl_days when set (tests use a few seconds).
     assignment_ttl_seconds: float | None = None
+    # The signed timestamp's lifetime (hub/keys/timestamps.py): a device refuses new
+    # authority without an unexpired one; the hub signs a new one when half is left.
+    timestamp_ttl_seconds: float = 3600.0
     # Retention of the JetStream streams (hub/service/nats.py, docs/PROTOCOL.md
     # "Retention"): a device flood or a long hub outage cannot fill the server's disk.
     # REPORTS is an inbox the hub empties; LEDGER is a feed (the ledger is the record).
@@ -253,6 +256,7 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             reconcile_every_seconds=float(raw.get("reconcile_every_seconds", 30.0)),
             kv_write_give_up_seconds=float(raw.get("kv_write_give_up_seconds", 30.0)),
             leader_lease_seconds=_positive(raw, "leader_lease_seconds", 10.0),
+            timestamp_ttl_seconds=float(raw.get("timestamp_ttl_seconds", 3600.0)),
             assignment_ttl_seconds=(float(raw["assignment_ttl_seconds"])
                                     if "assignment_ttl_seconds" in raw else None),
             reports_max_age_days=_positive(raw, "reports_max_age_days", 7.0),

@@ -48,6 +48,8 @@ from urllib.parse import urlsplit
 from edge_agent.protocol.names import (
     API_PREFIX,
     ASSIGNMENTS_BUCKET,
+    ENROL_INBOX_ROOT,
+    ENROL_SUBJECT,
     LEDGER_CHECKPOINT_SUBJECT,
     LEDGER_ENTRY_SUBJECT,
     MANIFESTS_BUCKET,
@@ -73,7 +75,9 @@ PROBE_SEED = "reload-probe.seed"  # the users file's reload probe (hub.home.nats
 TLS_DIR = "tls"
 CA_CERT = "ca.pem"
 # Password users. Operators are nkey users (one per operator key), not a shared password.
-ROLES = ("hub", "witness")
+# `enrol` is what a device that made its own key connects as before it is enrolled
+# (homes made before it have no such user: the device-made-key path is then off).
+ROLES = ("hub", "witness", "enrol")
 RELOAD_SETTLE_SECONDS = 0.2
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
@@ -147,6 +151,13 @@ OPERATOR_PERMISSIONS = {
         API_PREFIX + ">", "ledger.api.>",
     ],
     "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
+}
+# One request subject and its own inbox root: no JetStream API, no other subject. Its
+# password is shared by every device not yet enrolled, so it is treated as public; what
+# it can do is ask the hub to enrol a key with a one-time token (docs/SECURITY.md).
+ENROL_PERMISSIONS = {
+    "publish": [ENROL_SUBJECT],
+    "subscribe": [ENROL_INBOX_ROOT + ".>"],
 }
 WITNESS_PERMISSIONS = {
     "publish": ["ledger.api.>", "ledger.cosignature"],
@@ -263,7 +274,7 @@ def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
     passwords = load_credentials(home)
     if not passwords:
         return False  # this home has no NATS identities (created without them)
-    perms = {"hub": None, "witness": WITNESS_PERMISSIONS}
+    perms = {"hub": None, "witness": WITNESS_PERMISSIONS, "enrol": ENROL_PERMISSIONS}
     blocks = [_user_block(f"user: {json.dumps(role)}, password: {json.dumps(passwords[role])}",
                           perms[role]) for role in ROLES if role in passwords]
     for keyid, public in sorted(operators):

@@ -14,6 +14,8 @@ the hub runs asks `ReplyGuard` first, and sends nothing to a subject it refuses:
   read is answered only under some operator's inbox prefix, and its command is not run;
 - an unsigned request (the public ledger API, cosignatures from witnesses) is answered
   only under `_INBOX.` or `_INBOX_OPERATOR.`;
+- an enrolment request (`hub.enrol`, hub/devices/tokens.py) is answered, and run, only
+  under `_INBOX_ENROL.` (the only inbox root the `enrol` user may subscribe to);
 - in both cases the subject has at least one token after the prefix, no empty token, no
   wildcard (`*`, `>`), no space or control character, and at most MAX_REPLY_BYTES; it
   never starts with `$` (JetStream, KV, Object Store, system subjects) and never lies
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from edge_agent.protocol.names import ENROL_INBOX_ROOT
 from hub.home.nats_config import OPERATOR_INBOX_ROOT, operator_inbox_prefix
 
 log = logging.getLogger("hub.replies")
@@ -104,6 +107,15 @@ def public_reply_refusal(reply: str) -> str | None:
     return NOT_AN_INBOX
 
 
+def enrol_reply_refusal(reply: str) -> str | None:
+    """Why the hub must not answer an enrolment request at `reply` (None: it may): only
+    under `_INBOX_ENROL.`, the one inbox root the `enrol` user may subscribe to."""
+    bad = _shape(reply)
+    if bad is not None:
+        return bad
+    return None if _under(reply, ENROL_INBOX_ROOT) else NOT_AN_INBOX
+
+
 class ReplyGuard:
     """Counts and logs the replies the hub's responders refuse (one guard per hub)."""
 
@@ -126,6 +138,10 @@ class ReplyGuard:
     def operator_reply(self, reply: str, actor: str | None, where: str) -> bool:
         """True when the hub may answer the `hub.api` command at `reply`."""
         return self._verdict(operator_reply_refusal(reply, actor), reply, where)
+
+    def enrol_reply(self, reply: str, where: str) -> bool:
+        """True when the hub may answer the enrolment request at `reply`."""
+        return self._verdict(enrol_reply_refusal(reply), reply, where)
 
     def public_reply(self, reply: str, where: str) -> bool:
         """True when the hub may answer the unsigned request at `reply`."""

@@ -16,6 +16,7 @@ download) and keep working. Keys of the root and log roles sign nothing devices 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import blake3
@@ -56,6 +57,9 @@ class RootChanges:
         self.config = config
         self.keyring = keyring
         self.effects = effects
+        # Called once a new root is published: the timestamp must name it before the
+        # assignments re-signed by a revocation reach the devices (hub/keys/timestamps.py).
+        self.after_publish: Callable[[], Awaitable[object]] | None = None
 
     def event(self, cmd: VerifiedCommand, kind: str, change: KeyChange,
               extra: dict[str, Any]) -> NewEvent:
@@ -75,6 +79,8 @@ class RootChanges:
                 # What witnesses and auditors are told to use: the newest log key.
                 write_log_vkey(self.config)
             await self.effects.publish_root(data)
+            if self.after_publish is not None:
+                await self.after_publish()
             log.info("trust root version %d published (%s %s)", change.version, change.role,
                      change.keyid)
 

@@ -141,6 +141,7 @@ def _role_publics(root: TrustRoot) -> dict[str, list[PublicKey]]:
 
 
 WITNESS_ROLE = "witness"
+TIMESTAMP_ROLE = "timestamp"
 
 
 def plan_next_root(
@@ -158,11 +159,14 @@ def plan_next_root(
     with the same chain rule the devices use before it is returned.
     """
     now = now if now is not None else time.time_ns()
-    if role not in current.roles:
-        raise KeyChangeRefused(
-            f"no role {role!r} in the trust root; roles: {', '.join(current.roles)}")
     publics = _role_publics(current)
     thresholds = {r: spec.threshold for r, spec in current.roles.items()}
+    if role not in current.roles:
+        if role != TIMESTAMP_ROLE or add is None:
+            raise KeyChangeRefused(
+                f"no role {role!r} in the trust root; roles: {', '.join(current.roles)}")
+        # A root made before the timestamp role existed gets it by a rotation.
+        publics[role], thresholds[role] = [], 1
     if add is not None:
         publics[role].append(add.public)
         changed = add.keyid

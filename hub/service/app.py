@@ -44,6 +44,7 @@ from hub.devices.deploy import DeployCommands
 from hub.devices.enrolment import EnrolmentCommands
 from hub.devices.reads import DeviceReads
 from hub.devices.reports import REFUSAL_REASONS, ReportIntake
+from hub.devices.tokens import TokenCommands, TokenEnrolment
 from hub.governance.models import ModelCommands
 from hub.governance.operators import OperatorCommands, bootstrap_admin
 from hub.governance.reads import GovernanceReads
@@ -52,6 +53,7 @@ from hub.home.replies import REASONS as REPLY_REFUSAL_REASONS
 from hub.keys.commands import KeyCommands, RootChanges
 from hub.keys.keyring import Keyring
 from hub.keys.roots import publish_roots
+from hub.keys.timestamps import TimestampPublisher
 from hub.keys.witnesses import WitnessCommands
 from hub.log.api import LedgerPublishing, start_ledger_publishing
 from hub.log.checkpointer import WITNESSES_NAME
@@ -115,12 +117,20 @@ class HubService:
         issuer = AssignmentIssuer(lambda: self.keyring.signers("director"),
                                   config.assignment_ttl_s, self.clock.wall_ns)
         roots = RootChanges(config, self.keyring, self.effects)
+        # The short-lived signed timestamp devices need before installing anything new
+        # (hub/keys/timestamps.py): re-signed at once when a new root is published.
+        self.timestamps = TimestampPublisher(
+            self.keyring, lambda: self.edge.js, self.clock, config.timestamp_ttl_seconds,
+            config.home)
+        if effects is None:  # a hub without NATS publishes no timestamp
+            roots.after_publish = self.timestamps.root_changed
         engine = self.store.engine
         self.router = Router(self.writer, [
             OperatorCommands(self.effects).handlers(),
             ModelCommands(config, self.keyring, self.effects, engine).handlers(),
             GovernanceReads(engine).handlers(),
             EnrolmentCommands(config, self.effects).handlers(),
+            TokenCommands(config, self.clock.wall_ns).handlers(),
             DeployCommands(issuer, self.effects).handlers(),
             DeviceReads(engine).handlers(),
             KeyCommands(roots, issuer).handlers(),
@@ -129,12 +139,15 @@ class HubService:
             RolloutReads(engine, self.telemetry).handlers(),
             Verbs(reads={"status": self._status}),
         ], audience=config.origin)
+        # Devices that made their own key enrol with a one-time token (`hub.enrol`).
+        self.enrolment = TokenEnrolment(config, self.writer, self.effects,
+                                        lambda: self.clock.wall_ns())
         # KV follows the ledger continuously: writes left undone are retried until they
         # land, deleted keys are put back, assignments renewed before they expire.
         self.reconciler = Reconciler(
             self.writer, issuer, self.keyring, lambda: self.edge.js,
             self.effects.put_assignment, self.clock, config.reconcile_every_seconds,
-            reconnects=self._reconnects)
+            reconnects=self._reconnects, timestamp=self.timestamps.restore)
         self.controller = RolloutController(
             self.writer, self.telemetry, issuer, self.effects.put_assignment,
             kv_give_up_s=config.kv_write_give_up_seconds,
@@ -199,6 +212,7 @@ class HubService:
         await edge.sync_nats_users()
         await edge.ensure_layout()
         await publish_roots(edge.js, self.keyring, self.store)
+        await self.timestamps.restore()  # signed now if due, else put back if KV differs
         await allow_fleet_consumers(edge.js)
         # The lease, if it is free (a standby keeps trying under the supervisor below).
         if await self.leadership.begin():
@@ -206,6 +220,7 @@ class HubService:
             # without an assignment the ledger says they have (hub.devices.assignment_sync).
             await self._sync_assignments()
         await edge.serve_api(self.router)
+        await edge.serve_enrolment(self.enrolment.handle)
         assert edge.nc is not None
         self.ledger_publishing = await start_ledger_publishing(
             self.config, self.store, edge.nc, edge.js, edge.replies)
@@ -268,14 +283,15 @@ class HubService:
         for name, run in (("reports", lambda: self.reports.consume(js)),
                           ("rollouts", self.controller.run),
                           ("reconcile", self.reconciler.run),
-                          ("checkpointer", publishing.checkpointer.run)):
+                          ("checkpointer", publishing.checkpointer.run),
+                          ("timestamp", self.timestamps.run)):
             await self.supervisor.stop_task(name)  # a second lead (restarted loop)
             self.supervisor.start(name, run)
 
     async def _follow(self) -> None:
         """This process stopped leading: stop the leader's work. Reports fetched and
         not stored stay unacknowledged and go to the leader after their ack wait."""
-        for name in ("reports", "rollouts", "reconcile", "checkpointer"):
+        for name in ("reports", "rollouts", "reconcile", "checkpointer", "timestamp"):
             await self.supervisor.stop_task(name)
         self.telemetry.rollback()
 
@@ -336,6 +352,8 @@ class HubService:
             "refused_replies": dict(self.edge.replies.counts),
             # Operator uploads refused, by reason (hub/uploads.py).
             "refused_uploads": dict(self.edge.uploads.refused),
+            # Enrolment requests refused (bad, expired, used tokens, ...), per reason.
+            "refused_enrolments": dict(self.enrolment.refused),
             "clock_behind_s": self.clock_behind_ns / 1e9,
             # Which process leads (host, pid, epoch), this one's role, every process.
             "leadership": self.leadership.status(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from edge_agent import protocol as proto
 from edge_agent.protocol.names import (
     API_PREFIX,
     ASSIGNMENTS_BUCKET,
+    ENROL_SUBJECT,
     LEDGER_CHECKPOINT_SUBJECT,
     LEDGER_ENTRY_SUBJECT,
     LEDGER_STREAM,
@@ -174,6 +176,28 @@ class NatsEdge:
             # request's headers (Nats-Msg-Id, KV-Operation, ...) chosen by the requester.
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, canonical_encode(reply))
+
+    async def serve_enrolment(
+        self, handle: Callable[[bytes], Awaitable[dict[str, Any]]]
+    ) -> None:
+        """Answer enrolment requests of devices that made their own key
+        (hub.devices.tokens), one at a time (enrolments are rare; a flood waits in line
+        instead of taking the hub's API slots), only under `_INBOX_ENROL.`."""
+        assert self.nc is not None, "NatsEdge.connect() was not called"
+
+        async def on_request(msg: Msg) -> None:
+            if not msg.reply or not self.replies.enrol_reply(msg.reply, ENROL_SUBJECT):
+                return
+            try:
+                reply = await handle(msg.data)
+            except Exception as exc:  # keep serving; the device gets one line
+                log.exception("enrolment request failed")
+                reply = {"ok": False, "error": f"internal error in enrolment: {exc}"}
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(msg.reply, canonical_encode(reply))
+
+        await self.nc.subscribe(ENROL_SUBJECT, cb=on_request)
 
     async def drain_api(self, timeout: float = 10) -> None:
         """Let commands in progress answer (bounded), then cancel what is left."""

@@ -16,7 +16,9 @@ reconciler:
 3. copies into the Object Store bucket `releases` (what devices read) each live
    release's blob that it lacks, from the hub's own `models` bucket (hub.uploads);
 4. retries the model-transparency bundles not yet published, and republishes them all
-   if their bucket changed behind the hub's back.
+   if their bucket changed behind the hub's back;
+5. puts the signed timestamp back if the `roots` bucket lacks it or holds another
+   (hub/keys/timestamps.py; devices install nothing new without a fresh one).
 
 Cheap at 1,000+ devices: a round first reads the ledger head and each bucket's last
 stream sequence (one request per bucket; a put, a delete or a purge all move it). While
@@ -78,12 +80,13 @@ class RoundResult:
     roots: list[str] = field(default_factory=list)
     blobs: list[str] = field(default_factory=list)  # digests copied into `releases`
     bundles: int = 0
+    timestamp: bool = False  # the signed timestamp was put back
     skipped: bool = False  # nothing changed since the last clean round: nothing read
 
     @property
     def wrote(self) -> bool:
         return bool(self.renewed or self.assignments or self.manifests or self.roots
-                    or self.blobs or self.bundles)
+                    or self.blobs or self.bundles or self.timestamp)
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Reconciler:
     every_s: float = 30.0
     reconnects: Callable[[], int] = lambda: 0  # the NATS client's reconnect count
     transparency: Callable[[bool], Awaitable[int]] | None = None  # (republish all) -> written
+    timestamp: Callable[[], Awaitable[bool]] | None = None  # restore it -> written
     rounds: int = 0
     last: RoundResult = field(default_factory=RoundResult)
     _clean: tuple[int, ...] | None = None  # ledger head + bucket seqs of the last clean round
@@ -172,6 +176,8 @@ class Reconciler:
             result.manifests = await _sync_bucket(js, MANIFESTS_BUCKET, manifests)
             roots = wanted_roots(self.keyring, self.writer.store)
             result.roots = await _sync_bucket(js, ROOTS_BUCKET, roots)
+            if self.timestamp is not None:
+                result.timestamp = await self.timestamp()
             for what, keys in (("released blob", result.blobs), ("manifest", result.manifests),
                                ("trust root", result.roots)):
                 if keys:
