@@ -58,9 +58,24 @@ def report(
     value from the ledger is HTML-escaped. Exit 0 when it is written and the ledger
     verified; 1 when it is written but verification found damage or a signature check
     failed (the report says so at the top); 2 on usage errors."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     from ledger.report import gather, render_report
     from ledger.report.data import Verification
     from ledger.storage.at import ExportSource, Source, StoreSource
+
+    # Three steps a person waits for on a large ledger (about a minute at 1,000,000
+    # entries: docs/BENCHMARKS.md): shown on stderr when it is a terminal, else silent.
+    err = Console(stderr=True)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+                        TimeElapsedColumn(), console=err, transient=True,
+                        disable=not err.is_terminal)
+    steps = progress.add_task("verifying the ledger", total=3)
+
+    def step(description: str) -> None:
+        progress.update(steps, advance=1, description=description)
 
     rules = rules_of(log_vkey, witness, None, allow_no_checkpoint)
     now = time.time_ns()
@@ -69,19 +84,25 @@ def report(
     if end < start:
         fail("--to is before --from", EXIT_USAGE)
     store: Any = None
+    found = None
     if export is not None:
         if db is not None or home is not None:
             fail("give --export or --db/--home, not both", EXIT_USAGE)
-        verdict = verify_export_file(export, log_vkey, [], None, rules)
-        where = str(export)
     else:
         found = ledger_db(db, home)
         if found is None:
             fail("which ledger? give --db PATH, --home DIR or --export FILE (or set "
                  "LEDGER_DB)", EXIT_USAGE)
+    progress.start()  # after the usage checks: a usage error leaves no display behind
+    if export is not None:
+        verdict = verify_export_file(export, log_vkey, [], None, rules)
+        where = str(export)
+    else:
+        assert found is not None
         verdict = verify_db(found, [], log_vkey, rules, None)
         where = found
     verification = Verification(verdict.ok, verdict.lines, verdict.doc)
+    step("gathering models, rollouts and device history")
     try:
         source: Source
         if export is not None:
@@ -98,10 +119,13 @@ def report(
     finally:
         if store is not None:
             store.close()
+    step("writing the HTML")
     try:
         out.write_text(render_report(data), encoding="utf-8")
     except OSError as exc:
+        progress.stop()
         fail(f"cannot write {out}: {exc}", EXIT_USAGE)
+    progress.stop()
     damaged = not verdict.ok or bool(data.failed_checks) or bool(data.problem)
     first = verdict.lines[0] if verdict.lines else ""
     typer.echo(f"wrote {out}: {'FAIL' if damaged else 'PASS'}: {first}")
