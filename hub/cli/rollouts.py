@@ -233,10 +233,16 @@ def rollout_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path |
     show(list_json(rows) if as_json else rows, as_json, render)
 
 
+def _wave(index: int) -> int | None:
+    """The hub's 0-based current wave index as --json shows it: 1-based, null before the
+    rollout starts (the hub's -1)."""
+    return None if index < 0 else index + 1
+
+
 def list_json(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`hub rollout list --json`: waves 1-based as in the tables (the hub counts from 0),
     RFC 3339 times."""
-    return [{**r, "current_wave": r["current_wave"] + 1, "reason": r.get("reason") or None,
+    return [{**r, "current_wave": _wave(r["current_wave"]), "reason": r.get("reason") or None,
              "updated": rfc3339(r.get("updated_ts"))} for r in rows]
 
 
@@ -245,7 +251,7 @@ def status_json(status: dict[str, Any]) -> dict[str, Any]:
     counts from 0), RFC 3339 times beside the ledger's nanoseconds."""
     r = status["rollout"]
     doc = {**status,
-           "rollout": {**r, "current_wave": r["current_wave"] + 1,
+           "rollout": {**r, "current_wave": _wave(r["current_wave"]),
                        "reason": r.get("reason") or None},
            "waves": [{**w, "wave": w["wave"] + 1} for w in status["waves"]],
            "events": [{**e, "time": rfc3339(e["ts"]),
@@ -253,8 +259,11 @@ def status_json(status: dict[str, Any]) -> dict[str, Any]:
                        if isinstance(e["payload"].get("wave"), int) else e["payload"]}
                       for e in status["events"]]}
     if "devices" in status:
-        doc["devices"] = [{**d, "wave": d["wave"] + 1, "reason": d.get("reason") or None,
-                           "rollback_state": d.get("rollback_state") or None}
+        # "" is the hub's "none" for these: null in --json.
+        doc["devices"] = [{**d, "wave": d["wave"] + 1,
+                           **{k: d.get(k) or None for k in ("reason", "rollback_state",
+                                                            "previous_model",
+                                                            "previous_version")}}
                           for d in status["devices"]]
     return doc
 

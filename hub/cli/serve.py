@@ -198,7 +198,7 @@ def status(
         rollouts = result.get("rollouts") or []
         out.print(f"active rollouts: {len(rollouts)}"
                   + "".join(f"\n  {r['rollout']} {escape(r['model'])}/{escape(r['version'])}"
-                            f" {r['state']} (wave {r['wave'] + 1}, target {escape(r['target'])})"
+                            f" {r['state']} (wave {r['wave']}, target {escape(r['target'])})"
                             for r in rollouts), highlight=False)
         out.print(f"ledger: {result['entries']} entries, head {result['head'] or '-'}")
         cp = result.get("checkpoint")
@@ -258,8 +258,8 @@ def status(
 
 
 def status_document(result: dict[str, Any]) -> dict[str, Any]:
-    """`hub status --json` (docs/CLI-JSON.md): RFC 3339 times, waves 1-based as in the
-    tables, null (not "") for no error and no holder; the rest as the hub said."""
+    """`hub status --json` (docs/CLI-JSON.md): RFC 3339 times, null (not "" or 0) for no
+    error, no holder and a rollout not started; the rest as the hub said."""
     cp = result.get("checkpoint")
     tasks = [{**t, "since": rfc3339(int(t["since"] * 1e9)),
               "last_error": t.get("last_error") or None,
@@ -270,7 +270,8 @@ def status_document(result: dict[str, Any]) -> dict[str, Any]:
         lead = {**lead, **{k: {**lead[k], "holder": lead[k].get("holder") or None}
                            for k in ("leader", "this") if isinstance(lead.get(k), dict)}}
     return {**result, "tasks": tasks, "leadership": lead,
-            "rollouts": [{**r, "wave": r["wave"] + 1} for r in result.get("rollouts") or []],
+            # The hub counts waves from 1 here already, 0 for "not started": null.
+            "rollouts": [{**r, "wave": r["wave"] or None} for r in result.get("rollouts") or []],
             "checkpoint": None if cp is None else {
                 "size": cp["size"], "time": rfc3339(cp["ts"]), "age_s": cp["age_s"],
                 "witnesses": cp["witnesses"]}}
