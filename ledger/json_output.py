@@ -30,6 +30,7 @@ __all__ = [
     "EXIT_SCHEMA",
     "LOG_ENV",
     "SCHEMA_DIR",
+    "check",
     "checking",
     "command_words",
     "emit",
@@ -86,7 +87,7 @@ def emit(tool: str, document: Any, *, indent: int | None = None,
     text = json.dumps(document, indent=indent, default=default)
     if checking():
         # The check reads back what is printed: `default` (bytes as hex, say) is applied.
-        _check(tool, command_words(), json.loads(text))
+        check(tool, command_words(), json.loads(text))
     print(text, flush=True)
 
 
@@ -95,7 +96,9 @@ def _fail(message: str) -> None:
     raise SystemExit(EXIT_SCHEMA)
 
 
-def _check(tool: str, words: tuple[str, ...], document: Any) -> None:
+def check(tool: str, words: tuple[str, ...], document: Any) -> None:
+    """Validate `document` against the schema of `tool words...`; print the error and
+    exit EXIT_SCHEMA if it does not match or there is no schema."""
     path = schema_path(tool, words)
     command = " ".join((tool, *words))
     if not path.is_file():

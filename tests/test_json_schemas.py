@@ -105,6 +105,53 @@ def test_the_docs_link_every_schema() -> None:
     assert linked - want == set(), f"docs/CLI-JSON.md links missing files: {linked - want}"
 
 
+# ---------------------------------------------------------------- the check itself
+
+
+@pytest.mark.timeout(60)
+def test_a_document_that_breaks_its_schema_exits_70_naming_the_field(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        json_output.check("hub", ("whoami",), {"name": "admin", "keyid": "not hex",
+                                               "roles": ["admin"]})
+    assert done.value.code == json_output.EXIT_SCHEMA == 70
+    message = capsys.readouterr().err
+    assert message.startswith("error: `hub whoami --json` does not match "
+                              "docs/schemas/hub/whoami.schema.json")
+    assert "at keyid:" in message and "'not hex' does not match" in message
+
+
+@pytest.mark.timeout(60)
+def test_a_command_without_a_schema_exits_70_naming_the_file_to_write(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        json_output.check("hub", ("device", "token", "create"), {"token": "x"})
+    assert done.value.code == 70
+    message = capsys.readouterr().err
+    assert "`hub device token create --json` has no schema" in message
+    assert str(SCHEMAS / "hub" / "device-token-create.schema.json") in message
+
+
+@pytest.mark.timeout(60)
+def test_without_the_variable_nothing_is_checked_and_jsonschema_is_not_imported() -> None:
+    """Production: a document is printed as it is, and jsonschema (a dev dependency)
+    is never imported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from ledger.json_output import emit; "
+             "emit('hub', {'no': 'schema'}); "
+             "print('jsonschema' in sys.modules, 'referencing' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != json_output.CHECK_ENV}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['{"no": "schema"}', "False False"]
+
+
 # ---------------------------------------------------------------- every schema exercised
 
 # Schemas exercised by other tests (with FLEET_CHECK_JSON_SCHEMAS=1 from conftest): the
