@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "CHECK_ENV",
@@ -91,7 +91,7 @@ def emit(tool: str, document: Any, *, indent: int | None = None,
     print(text, flush=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_SCHEMA)
 
@@ -105,7 +105,9 @@ def check(tool: str, words: tuple[str, ...], document: Any) -> None:
         _fail(f"`{command} --json` has no schema: write {path} "
               f"(docs/CLI-JSON.md; {CHECK_ENV}=1 is set)")
     validator = _validator(str(path))
-    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    # Sorted by path as text: a path mixes list indexes and keys, which do not compare.
+    errors = sorted(validator.iter_errors(document),
+                    key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         shown = "; ".join(
             f"at {'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
