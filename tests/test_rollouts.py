@@ -308,7 +308,8 @@ async def test_an_operator_drives_a_rollout_from_the_cli(world: World) -> None:
     assert detail.returncode == 0, detail.stderr
     rows = json.loads(detail.stdout)["devices"]
     assert sorted(r["device"] for r in rows) == sorted(world.sim.ids)
-    assert {r["wave"] for r in rows} == {0, 1} and {r["state"] for r in rows} == {"applied"}
+    # 1-based in --json as in the tables (the hub's own API counts from 0).
+    assert {r["wave"] for r in rows} == {1, 2} and {r["state"] for r in rows} == {"applied"}
 
     # Halting by hand: pause (nothing new is assigned), resume, abort.
     second = await hub("rollout", "create", "--model", "kws", "--version", "1", "--target",

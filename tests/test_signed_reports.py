@@ -119,7 +119,8 @@ async def test_device_history_shows_valid_signatures_of_a_real_agent(
     rows = json.loads(text)
     applied = [r for r in rows if r["event"] == ev.DEVICE_UPDATE_APPLIED]
     assert len(applied) == 1 and applied[0]["signature"] == "valid"
-    assert applied[0]["model"] == "kws/1"
+    assert (applied[0]["model"], applied[0]["version"]) == ("kws", "1")
+    assert len(applied[0]["digest"]) == 64  # full, not the table's 16 digits
     assert [r["event"] for r in rows][:2] == [ev.DEVICE_ENROLLED, ev.DEVICE_ASSIGNED]
     code, text = await hub_cli(fleet, "device", "history", "dev-0")
     assert code == 0 and "valid" in text and "kws/1" in text, text

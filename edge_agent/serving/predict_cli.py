@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from rich.table import Table
 
 from edge_agent.errors import AgentUnreachable, InferenceError
 from edge_agent.serving.client import InferenceClient
+from ledger.json_output import emit
 
 EXIT_OK, EXIT_REFUSED, EXIT_BAD_FILE, EXIT_UNREACHABLE = 0, 1, 2, 3
 _SHOWN_VALUES = 8
@@ -52,9 +52,10 @@ def run_predict(path: Path, socket_path: Path, as_json: bool, timeout: float) ->
         err.print(f"[red]refused:[/red] {escape(str(exc))}")
         return EXIT_REFUSED
     if as_json:
-        print(json.dumps({name: {"dtype": a.dtype.name, "shape": list(a.shape),
-                                 "values": a.ravel().tolist()}
-                          for name, a in outputs.items()}))
+        # Checked against docs/schemas/edge-agent/predict.schema.json in tests.
+        emit("edge-agent", {name: {"dtype": a.dtype.name, "shape": list(a.shape),
+                                   "values": a.ravel().tolist()}
+                            for name, a in outputs.items()})
         return EXIT_OK
     table = Table(title=f"{model}/{version}")
     table.add_column("output")

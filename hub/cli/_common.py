@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from hub.client import HubClient
 from hub.errors import EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, HubError, UsageError
 from hub.home.config import DEFAULT_HOME_ENV, HubConfig, load_config
 from ledger.errors import KeyFileError
+from ledger.json_output import emit
 from ledger.signing import SigningKey
 
 __all__ = [
@@ -201,7 +201,9 @@ def call(config: HubConfig, key: Path | None, timeout: float, verb: str,
 
 
 def print_json(value: Any) -> None:
-    print(json.dumps(value, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)))
+    """Every `hub ... --json` document is printed here (through `show`), checked against
+    its schema under FLEET_CHECK_JSON_SCHEMAS=1 (ledger/json_output.py)."""
+    emit("hub", value, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
 
 
 def show(result: T, as_json: bool, render: Callable[[T], object]) -> T:

@@ -151,8 +151,10 @@ def device_view(result: dict[str, Any]) -> dict[str, Any]:
         "trust_root_version": None,  # status reports do not carry it (yet)
         "rollout": result["rollout"],
         "telemetry": None if telemetry is None else {
-            "last_seen": rfc3339(telemetry["last_seen"]), "boot": telemetry["boot"],
-            "window_seq": telemetry["window_seq"], "inferences": telemetry["inferences"],
+            "last_seen": rfc3339(telemetry["last_seen"]), "boot": telemetry["boot"] or None,
+            # The hub keeps -1 for "no window seq yet"; --json says null.
+            "window_seq": telemetry["window_seq"] if telemetry["window_seq"] >= 0 else None,
+            "inferences": telemetry["inferences"],
             "errors": telemetry["errors"], "latency_ms_p95": telemetry["latency_ms_p95"]},
         "reports": [{"seq": r["seq"], "time": rfc3339(r["ts"]), "event": r["kind"],
                      "model": r["model"], "version": r["version"], "digest": r["digest"],
@@ -251,9 +253,12 @@ def device_history(
                 report = None
             if isinstance(report, StatusReport):
                 when = report.ts
-        ref = f"{p.get('model')}/{p.get('version')}" if p.get("model") else "-"
-        rows.append({"seq": e["seq"], "time": utc_time(when), "event": e["kind"],
-                     "model": ref, "digest": str(p.get("digest", ""))[:16],
+        # --json: RFC 3339, model and version apart, the full digest, null when absent.
+        digest = p.get("digest")
+        rows.append({"seq": e["seq"], "ts": when, "time": rfc3339(when), "event": e["kind"],
+                     "model": p.get("model") or None,
+                     "version": str(p["version"]) if p.get("model") else None,
+                     "digest": digest.hex() if isinstance(digest, bytes) else digest or None,
                      "counter": p.get("counter"), "signature": signature})
 
     def render(rows: list[dict[str, Any]]) -> None:
@@ -262,7 +267,9 @@ def device_history(
                       title=f"history of {device_id} (times of device events: as signed)")
         for r in rows:
             style = "red" if r["signature"] in ("INVALID", "unsigned") else None
-            table.add_row(str(r["seq"]), r["time"], r["event"], r["model"], r["digest"],
+            table.add_row(str(r["seq"]), utc_time(r["ts"]), r["event"],
+                          f"{r['model']}/{r['version']}" if r["model"] else "-",
+                          (r["digest"] or "")[:16],
                           "-" if r["counter"] is None else str(r["counter"]), r["signature"],
                           style=style)
         out.print(table)
@@ -327,7 +334,16 @@ def devices(
         if result["next_offset"] is not None and not every:
             out.print(f"more: --offset {result['next_offset']} (or --all)")
 
-    show(run(hub_config(home, nats_url), key, timeout, fetch), as_json, render)
+    result = run(hub_config(home, nats_url), key, timeout, fetch)
+    show(devices_json(result) if as_json else result, as_json, render)
+
+
+def devices_json(result: dict[str, Any]) -> dict[str, Any]:
+    """`hub devices --json`: `last_seen` in RFC 3339 (the hub keeps nanoseconds), an RFC
+    3339 `updated` beside the ledger's `updated_ts`."""
+    return {**result, "devices": [
+        {**r, "last_seen": rfc3339(r["last_seen"]), "updated": rfc3339(r["updated_ts"])}
+        for r in result["devices"]]}
 
 
 # `hub deploy --wait` exit codes (also in its help).

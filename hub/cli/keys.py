@@ -19,6 +19,7 @@ from hub.cli._common import (
     hub_config,
     key_column,
     out,
+    rfc3339,
     show,
     utc_time,
 )
@@ -69,7 +70,10 @@ def keys_show(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | No
             out.print(kept)
 
     # The signed root itself (bytes) stays out of the JSON.
-    show({k: v for k, v in result.items() if k != "root"}, as_json, render)
+    doc = {k: v for k, v in result.items() if k != "root"}
+    if as_json:  # RFC 3339, with the nanoseconds kept as expires_ts
+        doc = {**doc, "expires": rfc3339(result["expires"]), "expires_ts": result["expires"]}
+    show(doc, as_json, render)
 
 
 @keys_app.command("rotate", epilog=examples(
@@ -115,8 +119,9 @@ def keys_revoke(
     key the hub re-signs every live release manifest and every device's current assignment
     with the remaining keys, so devices keep working and refuse anything the revoked key
     signs."""
-    show(call(hub_config(home, nats_url), key, timeout, "keys.revoke", {"keyid": keyid}),
-         as_json, lambda r: out.print(
+    result = call(hub_config(home, nats_url), key, timeout, "keys.revoke", {"keyid": keyid})
+    # --json: null, not "", when no key file went with the key (HOME/keys/<file>).
+    show({**result, "key_file": result.get("key_file") or None}, as_json, lambda r: out.print(
              f"trust root version {r['version']}: {r['role']} key {keyid} revoked; "
              f"re-signed {r['resigned_manifests']} manifest(s) and "
              f"{r['resigned_assignments']} assignment(s)"))

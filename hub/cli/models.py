@@ -25,6 +25,7 @@ from hub.cli._common import (
     model_ref,
     out,
     resolve_ref,
+    rfc3339,
     run,
     show,
     utc_time,
@@ -275,7 +276,8 @@ def model_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | N
                           f"{r['size']:,}", r["digest"][:16])
         out.print(table)
 
-    show(call(hub_config(home, nats_url), key, timeout, "models"), as_json, render)
+    rows = call(hub_config(home, nats_url), key, timeout, "models")
+    show([version_json(r) for r in rows] if as_json else rows, as_json, render)
 
 
 @model_app.command("show", epilog=examples(
@@ -326,7 +328,16 @@ def model_show(
                               f"({detail.get('size', 0):,} bytes)")
             out.print(f"approvals: {len(r['approvals'])}/{r['approvals_required']}")
 
-    show(call(hub_config(home, nats_url), key, timeout, "model.show", body), as_json, render)
+    rows = call(hub_config(home, nats_url), key, timeout, "model.show", body)
+    show([version_json(r) for r in rows] if as_json else rows, as_json, render)
+
+
+def version_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A model version for --json: null, not "", for no manifest (not released) and no
+    reason; an RFC 3339 `registered` beside the ledger's `registered_ts`."""
+    return {**row, "manifest_hash": row.get("manifest_hash") or None,
+            "reason": row.get("reason") or None,
+            "registered": rfc3339(row.get("registered_ts"))}
 
 
 def tensor_text(t: Any) -> str:
@@ -372,18 +383,25 @@ def model_history(
     operator's signature checks (verified here, with the operators' public keys)."""
     result = call(hub_config(home, nats_url), key, timeout, "model.history", {"name": name})
     keys = {o["keyid"]: o for o in result["operators"]}
-    rows = [{"seq": e["seq"], "time": utc_time(e["ts"]), "event": e["kind"],
-             "model": e["subject"].removeprefix("model:"),
-             "actor": keys.get(e["actor"], {}).get("name", e["actor"]),
-             "signature": _signature(e, keys)} for e in result["events"]]
+    # --json: RFC 3339 times, model and version apart (version null for a model-wide
+    # event such as a policy change), the actor's key id beside its name.
+    rows = []
+    for e in result["events"]:
+        model, _, version = e["subject"].removeprefix("model:").partition("/")
+        rows.append({"seq": e["seq"], "ts": e["ts"], "time": rfc3339(e["ts"]),
+                     "event": e["kind"], "model": model, "version": version or None,
+                     "actor": keys.get(e["actor"], {}).get("name", e["actor"]),
+                     "keyid": e["actor"] if e["actor"] in keys else None,
+                     "signature": _signature(e, keys)})
 
     def render(rows: list[dict[str, Any]]) -> None:
         table = Table(key_column("seq", 4), "time (UTC)", "event", "model", "actor", "signature",
                       title=f"history of {name}")
         for r in rows:
             style = "red" if r["signature"] == "INVALID" else None
-            table.add_row(str(r["seq"]), r["time"], r["event"], r["model"], r["actor"],
-                          r["signature"], style=style)
+            table.add_row(str(r["seq"]), utc_time(r["ts"]), r["event"],
+                          r["model"] + (f"/{r['version']}" if r["version"] else ""),
+                          r["actor"], r["signature"], style=style)
         out.print(table)
 
     show(rows, as_json, render)

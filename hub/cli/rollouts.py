@@ -28,6 +28,7 @@ from hub.cli._common import (
     key_column,
     out,
     resolve_ref,
+    rfc3339,
     run,
     show,
     utc_time,
@@ -228,7 +229,43 @@ def rollout_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path |
                           ago(r["updated_ts"]))
         out.print(table)
 
-    show(call(hub_config(home, nats_url), key, timeout, "rollouts"), as_json, render)
+    rows = call(hub_config(home, nats_url), key, timeout, "rollouts")
+    show(list_json(rows) if as_json else rows, as_json, render)
+
+
+def _wave(index: int) -> int | None:
+    """The hub's 0-based current wave index as --json shows it: 1-based, null before the
+    rollout starts (the hub's -1)."""
+    return None if index < 0 else index + 1
+
+
+def list_json(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`hub rollout list --json`: waves 1-based as in the tables (the hub counts from 0),
+    RFC 3339 times."""
+    return [{**r, "current_wave": _wave(r["current_wave"]), "reason": r.get("reason") or None,
+             "updated": rfc3339(r.get("updated_ts"))} for r in rows]
+
+
+def status_json(status: dict[str, Any]) -> dict[str, Any]:
+    """`hub rollout status --json`: every wave number 1-based as in the tables (the hub
+    counts from 0), RFC 3339 times beside the ledger's nanoseconds."""
+    r = status["rollout"]
+    doc = {**status,
+           "rollout": {**r, "current_wave": _wave(r["current_wave"]),
+                       "reason": r.get("reason") or None},
+           "waves": [{**w, "wave": w["wave"] + 1} for w in status["waves"]],
+           "events": [{**e, "time": rfc3339(e["ts"]),
+                       "payload": {**e["payload"], "wave": e["payload"]["wave"] + 1}
+                       if isinstance(e["payload"].get("wave"), int) else e["payload"]}
+                      for e in status["events"]]}
+    if "devices" in status:
+        # "" is the hub's "none" for these: null in --json.
+        doc["devices"] = [{**d, "wave": d["wave"] + 1,
+                           **{k: d.get(k) or None for k in ("reason", "rollback_state",
+                                                            "previous_model",
+                                                            "previous_version")}}
+                          for d in status["devices"]]
+    return doc
 
 
 def render_status(status: dict[str, Any]) -> Group:
@@ -312,7 +349,8 @@ def rollout_status(
                                   d["rollback_state"] or "-", (d["reason"] or "")[:60])
                 out.print(table)
 
-        show(run(config, key, timeout, fetch), as_json, render)
+        status = run(config, key, timeout, fetch)
+        show(status_json(status) if as_json else status, as_json, render)
         return
 
     async def follow(client: HubClient) -> str:

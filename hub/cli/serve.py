@@ -302,10 +302,20 @@ def status(
 
 
 def status_document(result: dict[str, Any]) -> dict[str, Any]:
-    """`hub status --json` (docs/CLI-JSON.md): RFC 3339 times, the rest as the hub said."""
+    """`hub status --json` (docs/CLI-JSON.md): RFC 3339 times, null (not "" or 0) for no
+    error, no holder and a rollout not started; the rest as the hub said."""
     cp = result.get("checkpoint")
-    tasks = [{**t, "since": rfc3339(int(t["since"] * 1e9))} for t in result.get("tasks") or []]
-    return {**result, "tasks": tasks,
+    tasks = [{**t, "since": rfc3339(int(t["since"] * 1e9)),
+              "last_error": t.get("last_error") or None,
+              "last_error_at": rfc3339(int(t.get("last_error_at", 0) * 1e9))}
+             for t in result.get("tasks") or []]
+    lead = result.get("leadership")
+    if isinstance(lead, dict):
+        lead = {**lead, **{k: {**lead[k], "holder": lead[k].get("holder") or None}
+                           for k in ("leader", "this") if isinstance(lead.get(k), dict)}}
+    return {**result, "tasks": tasks, "leadership": lead,
+            # The hub counts waves from 1 here already, 0 for "not started": null.
+            "rollouts": [{**r, "wave": r["wave"] or None} for r in result.get("rollouts") or []],
             "checkpoint": None if cp is None else {
                 "size": cp["size"], "time": rfc3339(cp["ts"]), "age_s": cp["age_s"],
                 "witnesses": cp["witnesses"]}}

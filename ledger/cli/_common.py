@@ -20,6 +20,7 @@ from rich.table import Table
 
 from ledger.entry import Entry
 from ledger.errors import LedgerError, LedgerNotFoundError, NoteError
+from ledger.json_output import emit
 from ledger.note import CosignatureVerifier, Verifier, parse_vkey
 
 # Exit codes: scripts tell "the ledger is damaged" from "the check could not run".
@@ -219,6 +220,17 @@ def iso(ts_ns: int) -> str:
     return f"{stamp}Z"
 
 
+def print_json(document: Any, indent: int | None = None) -> None:
+    """Every `ledger ... --json` document is printed here, checked against its schema
+    under FLEET_CHECK_JSON_SCHEMAS=1 (ledger/json_output.py)."""
+    emit("ledger", document, indent=indent)
+
+
+def rfc3339(ts_ns: int) -> str:
+    """RFC 3339 UTC with microseconds, as every --json time (docs/CLI-JSON.md)."""
+    return f"{iso(ts_ns)[:-1]}.{ts_ns % 1_000_000_000 // 1000:06d}Z"
+
+
 def _jsonable(value: Any) -> Any:
     # JSON has no bytes; binary payload fields are shown as hex strings.
     if isinstance(value, bytes):
@@ -230,15 +242,51 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# Payload fields that hold a signed envelope (msgpack): an operator's signed command, a
+# device's signed status report (hub/events.py).
+ENVELOPE_FIELDS = ("command", "report")
+
+
+def decoded_envelope(raw: bytes) -> dict[str, Any] | None:
+    """A signed envelope as --json shows it: the signed document decoded (bytes in it as
+    hex), the signatures, and the envelope's exact bytes as hex (to check the signature
+    again); None when `raw` is not one."""
+    from ledger.encoding import canonical_decode
+    from ledger.errors import EncodingError
+
+    try:
+        outer = canonical_decode(raw)
+        if not isinstance(outer, dict) or not isinstance(outer.get("signed"), bytes):
+            return None
+        document = canonical_decode(outer["signed"])
+    except EncodingError:
+        return None
+    signatures = outer.get("signatures")
+    return {"document": _jsonable(document),
+            "signatures": _jsonable(signatures if isinstance(signatures, list) else []),
+            "hex": raw.hex()}
+
+
+def payload_json(payload: dict[str, Any]) -> dict[str, Any]:
+    """An entry's payload for --json: signed envelopes decoded (`ENVELOPE_FIELDS`), other
+    bytes as hex."""
+    shown = {}
+    for key, value in payload.items():
+        envelope = (decoded_envelope(value) if key in ENVELOPE_FIELDS
+                    and isinstance(value, bytes) else None)
+        shown[key] = envelope if envelope is not None else _jsonable(value)
+    return shown
+
+
 def entry_json(entry: Entry) -> dict[str, Any]:
     return {
         "seq": entry.seq,
         "ts": entry.ts,
-        "time": iso(entry.ts),
+        "time": rfc3339(entry.ts),  # with microseconds, like every --json time
         "kind": entry.kind,
         "actor": entry.actor,
         "subject": entry.subject,
-        "payload": _jsonable(entry.payload),
+        "payload": payload_json(entry.payload),
         "prev": entry.prev.hex(),
         "hash": entry.hash.hex(),
     }

@@ -15,11 +15,12 @@ from ledger.cli._common import (
     HOME,
     LOG_KEY_HELP,
     fail,
-    iso,
     ledger_db,
     log_key,
     open_store,
     parse_time,
+    print_json,
+    rfc3339,
 )
 from ledger.entry import Entry
 from ledger.errors import LedgerError
@@ -81,7 +82,7 @@ def at(
             store.close()
     doc = _json(answer, bundles)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        print_json(doc, indent=2)
     else:
         _print(doc)
     if answer.applied is None or answer.failed:
@@ -124,9 +125,7 @@ def _write_bundles(source: Any, entries: list[Entry], out: Path, log: Any) -> li
     return written
 
 
-def _time(ts_ns: int) -> str:
-    """RFC 3339 UTC with microseconds, as every --json time (docs/CLI-JSON.md)."""
-    return f"{iso(ts_ns)[:-1]}.{ts_ns % 1_000_000_000 // 1000:06d}Z"
+_time = rfc3339
 
 
 def _when(e: Entry | None) -> dict[str, Any] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -29,6 +28,7 @@ from ledger.cli._common import (
     log_keys,
     need_db,
     open_store,
+    print_json,
     witness_keys,
 )
 from ledger.errors import LedgerError, NoteError
@@ -211,7 +211,7 @@ def _checkpoint_doc(where: str, cp: SignedCheckpoint, tree_hash: str) -> dict[st
 
 def _emit(verdict: Verdict, as_json: bool) -> NoReturn:
     if as_json:
-        typer.echo(json.dumps(verdict.doc))
+        print_json(verdict.doc)
     else:
         typer.echo("\n".join(verdict.lines))
     raise typer.Exit(EXIT_OK if verdict.ok else EXIT_DAMAGED)
@@ -476,17 +476,17 @@ def verify_bundle_cmd(
         report = _verify_bundle_any(data, logs, witnesses, min_witnesses)
     except LedgerError as exc:
         if as_json:
-            typer.echo(json.dumps({"ok": False, "problem": str(exc)}))
+            print_json({"ok": False, "problem": str(exc)})
         else:
             typer.echo(f"FAIL: {exc}")
         raise typer.Exit(EXIT_DAMAGED) from None
     e, cp = report.entry, report.checkpoint.checkpoint
     if as_json:
-        typer.echo(json.dumps({
+        print_json({
             "ok": True, "seq": e.seq, "kind": e.kind, "actor": e.actor, "subject": e.subject,
             "hash": e.hash.hex(), "tree_size": cp.size, "root": cp.root.hex(),
             "origin": cp.origin, "witnesses": report.witnesses,
-            "merkle_hash": report.merkle_hash}))
+            "merkle_hash": report.merkle_hash})
         return
     typer.echo(f"OK: entry seq {e.seq} ({e.kind}, actor {e.actor}, subject {e.subject}) is in "
                f"{cp.origin} at tree size {cp.size}, root {b64encode(cp.root)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import time
@@ -30,6 +29,7 @@ from ledger.cli._common import (
     need_db,
     open_store,
     parse_time,
+    print_json,
 )
 from ledger.entry import Entry
 from ledger.errors import EntryError, LedgerError
@@ -67,7 +67,7 @@ def query(
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps([entry_json(e) for e in entries], indent=2))
+        print_json([entry_json(e) for e in entries], indent=2)
         return
     Console().print(entries_table(entries, f"{store.location}: {len(entries)} matching entries"))
 
@@ -103,7 +103,10 @@ def tail(
         fail("--nats needs --follow (it only carries new entries)", EXIT_USAGE)
 
     def emit(e: Entry) -> None:
-        typer.echo(json.dumps(entry_json(e)) if as_json else _line(e))
+        if as_json:
+            print_json(entry_json(e))  # one document a line, each checked
+        else:
+            typer.echo(_line(e))
         sys.stdout.flush()
 
     after = -1

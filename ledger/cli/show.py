@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from ledger.cli._common import (
     iso,
     need_db,
     open_store,
+    print_json,
 )
 from ledger.errors import LedgerError, ProofError
 from ledger.merkle import verify_inclusion
@@ -51,7 +51,7 @@ def show(
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps([entry_json(e) for e in entries], indent=2))
+        print_json([entry_json(e) for e in entries], indent=2)
         return
     Console().print(entries_table(entries, f"{store.location}: last {len(entries)} entries"))
 
@@ -79,7 +79,7 @@ def root(
         store.close()
     name = store.tree_hash.name
     if as_json:
-        typer.echo(json.dumps({"size": tree_size, "root": root_hash.hex(), "merkle_hash": name}))
+        print_json({"size": tree_size, "root": root_hash.hex(), "merkle_hash": name})
     else:
         typer.echo(f"{tree_size} {root_hash.hex()} {name}")
 
@@ -142,7 +142,7 @@ def prove(
             "root": root_hash.hex(),
             "inclusion_proof": [h.hex() for h in proof],
         }
-        typer.echo(json.dumps(doc, indent=2))
+        print_json(doc, indent=2)
         return
     lines = [
         f"entry      seq {entry.seq}, {entry.kind}, actor {entry.actor}, subject {entry.subject}, "
