@@ -237,7 +237,7 @@ def keygen(
     info = {"key": str(bundle / "device.key"), "keyid": key.keyid,
             "public": key.public.raw.hex()}
     if as_json:
-        print(json.dumps(info))
+        emit("edge-agent", info)  # checked against its schema in tests
         return
     print(f"device key {info['keyid']} written to {info['key']}")
     print(f"public key: {info['public']}")
@@ -299,7 +299,7 @@ def enroll(
     info = {"device": device_id, "keyid": key.keyid, "bundle": str(bundle),
             "nats_url": result.get("nats_url")}
     if as_json:
-        print(json.dumps(info))
+        emit("edge-agent", info)  # checked against its schema in tests
         return
     print(f"enrolled {device_id} with its own key {key.keyid}; bundle in {bundle}; "
           f"start it with:\n  edge-agent run --bundle {bundle}")

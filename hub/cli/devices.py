@@ -131,8 +131,11 @@ def token_create(
                   f"{result['token']} --hub {result['enrol_url']}", soft_wrap=True,
                   markup=False)
 
-    show(call(hub_config(home, nats_url), key, timeout, "device.token",
-              {"device": device_id, "ttl_s": seconds}), as_json, render)
+    result = call(hub_config(home, nats_url), key, timeout, "device.token",
+                  {"device": device_id, "ttl_s": seconds})
+    # --json: RFC 3339 `expires` beside the hub's ns (docs/schemas/hub/device-token-create).
+    view = {**result, "expires": rfc3339(result["expires"]), "expires_ts": result["expires"]}
+    show(view, as_json, lambda _: render(result))
 
 
 def device_view(result: dict[str, Any]) -> dict[str, Any]:
