@@ -256,6 +256,67 @@ def model_release(
     show(call(hub_config(home, nats_url), key, timeout, "model.release", body), as_json, render)
 
 
+def _since_ns(text: str) -> int:
+    """--since: an ISO 8601 time (UTC unless it says otherwise) or integer nanoseconds."""
+    from datetime import UTC, datetime
+
+    if text.isdigit():
+        return int(text)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not an ISO 8601 time (e.g. "
+                         "2026-05-01T12:00:00Z) or integer nanoseconds") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
+
+
+@model_app.command("rebase", epilog=examples(
+    'hub model rebase kws/1 --rollout r-1 --home hub-home',
+    'hub model rebase kws/1 --since 2026-05-01T00:00:00Z --min-inferences 5000 --home hub-home',
+    'hub model rebase kws/1 --json --home hub-home',
+))
+def model_rebase(
+    ref: str = typer.Argument(..., help="NAME/VERSION (released)"),
+    rollout: str | None = typer.Option(None, "--rollout",
+                                       help="Only the traffic of this rollout's devices."),
+    since: str | None = typer.Option(
+        None, "--since", help="Only assignments whose first telemetry window started at or "
+        "after this time (ISO 8601 or integer nanoseconds)."),
+    min_inferences: int = typer.Option(1000, "--min-inferences", min=1,
+                                       help="Refuse with fewer inferences than this."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Re-base the drift reference of a released version on the output histograms its
+    fleet reported (operator role): after a baking period, PSI is computed against what
+    devices really produced rather than against the validation set. The bins stay the
+    manifest's; the new counts, their source and the previous reference's digest are
+    recorded in the ledger (model.reference_rebased). Refused with too little traffic or
+    an output that fell in fewer than 2 bins."""
+    name, version = model_ref(ref)
+    if rollout is not None and since is not None:
+        raise UsageError("give --rollout or --since, not both")
+    body: dict[str, Any] = {"name": name, "version": version, "min_inferences": min_inferences}
+    if rollout is not None:
+        body["rollout"] = rollout
+    if since is not None:
+        body["since_ns"] = _since_ns(since)
+
+    def render(result: dict[str, Any]) -> None:
+        src = result["source"]
+        where = (f"rollout {src['rollout']}" if "rollout" in src else
+                 f"assignments since {utc_time(src['since'])}" if "since" in src else
+                 "the whole fleet")
+        out.print(f"{ref}: drift reference re-based on {src['inferences']:,} inferences from "
+                  f"{src['devices']} device(s) ({where}); {result['outputs']} output value(s); "
+                  f"reference {result['reference_digest'][:16]}… (was "
+                  f"{result['previous_digest'][:16]}…)")
+
+    show(call(hub_config(home, nats_url), key, timeout, "model.rebase", body), as_json, render)
+
+
 _transition_command("deprecate", "Mark a released version deprecated (operator role).")
 _transition_command("revoke", "Revoke a version; it can no longer be deployed (--reason).")
 

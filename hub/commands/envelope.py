@@ -40,6 +40,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "model.release": ("operator",),
     "model.deprecate": ("operator", "admin"),
     "model.revoke": ("operator", "admin"),
+    "model.rebase": ("operator",),
     "device.enroll": ("operator", "admin"),
     "device.revoke": ("admin",),
     "device.token": ("operator", "admin"),

@@ -61,6 +61,7 @@ from hub.log.transparency import TransparencyPublisher
 from hub.rollouts.commands import RolloutCommands
 from hub.rollouts.controller import RolloutController
 from hub.rollouts.reads import RolloutReads
+from hub.rollouts.rebase import RebaseCommands
 from hub.service.nats import CONNECT_FOR_S, NatsEdge, allow_fleet_consumers
 from hub.service.reconcile import Reconciler
 from hub.service.status import fleet_status
@@ -137,6 +138,7 @@ class HubService:
             WitnessCommands(roots).handlers(),
             RolloutCommands(issuer, self.effects).handlers(),
             RolloutReads(engine, self.telemetry).handlers(),
+            RebaseCommands(self.telemetry).handlers(),
             Verbs(reads={"status": self._status}),
         ], audience=config.origin)
         # Devices that made their own key enrol with a one-time token (`hub.enrol`).
