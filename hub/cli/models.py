@@ -136,7 +136,9 @@ def model_register(
 def model_validate(
     ref: str = typer.Argument(..., help="NAME/VERSION"),
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False,
-                              help=".npz with inputs, optional labels and groups."),
+                              help=".npz with `inputs` (or `inputs/<tensor name>` per input "
+                                   "of a multi-input model), optional labels, groups, "
+                                   "sequences."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
     as_json: bool = JSON, timeout: float = typer.Option(300.0, "--timeout"),
 ) -> None:

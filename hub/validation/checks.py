@@ -169,6 +169,24 @@ def feature_groups(row_shape: tuple[int, ...],
     return list(np.array_split(np.arange(n, dtype=np.intp), max_groups)), f"blocks:{max_groups}"
 
 
+def input_feature_groups(inputs: list[tuple[str, tuple[int, ...], int]],
+                         max_groups: int = MAX_IMPORTANCE_GROUPS,
+                         ) -> tuple[list[NDArray[np.intp]], str]:
+    """`feature_groups` for several inputs, each (name, row shape, first column in the
+    flattened row): every input is grouped on its own (a group never mixes inputs), with
+    an equal share of `max_groups` (at least one group each); the groups are in input
+    order and the grouping says each input's, e.g. "in_a=feature:8;in_b=last_axis:3"."""
+    share = max(1, max_groups // max(1, len(inputs)))
+    groups: list[NDArray[np.intp]] = []
+    how: list[str] = []
+    for name, row_shape, start in inputs:
+        mine, grouping = feature_groups(row_shape, share)
+        groups.extend(g + start for g in mine)
+        how.append(f"{name}={grouping}:{len(mine)}" if grouping == "feature" else
+                   f"{name}={grouping}")
+    return groups, ";".join(how)
+
+
 def permutation_importance(
     run_rows: RunRows,
     x: NDArray[np.float64],

@@ -309,7 +309,7 @@ def validate(
     model = load_model(model_bytes, model_path, input_shapes)
     native = dataset.input_dtype == model.inputs[0].dtype and model.inputs[0].dtype[0] in "iu"
     runner = Runner(model, tuple(dataset.inputs.shape[1:]), native=native,
-                    output=policy.output)
+                    output=policy.output, parts=dataset.parts)
     rng = np.random.default_rng(rng_seed)
     order, resets = _in_sequences(dataset)
     x = dataset.inputs[order]
@@ -331,8 +331,9 @@ def validate(
         "output": out_specs[runner.scored].name,
         "output_tensors": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype}
                            for o in out_specs],
-        "input_encoding": ("native" if runner.native else "quantized"
-                           if model.inputs[0].dtype[0] in "iu" else "float"),
+        # One input: its encoding as text (as before); several: per input name.
+        "input_encoding": (runner.encodings() if dataset.parts else
+                           next(iter(runner.encodings().values()))),
         "sequences": int(resets.sum()) if dataset.sequences is not None else None,
     }
     if metrics["sequences"] is None:
@@ -384,7 +385,11 @@ def validate(
     sample_resets = resets[sample].copy()
     sample_resets[0] = True
     sample_resets[1:] |= np.diff(sample) != 1  # a gap in the rows starts a new sequence
-    feature_groups, grouping = checks.feature_groups(tuple(x.shape[1:]))
+    if dataset.parts:  # grouped within each input, the group budget shared among them
+        feature_groups, grouping = checks.input_feature_groups(
+            [(p.name, p.row_shape, p.start) for p in dataset.parts])
+    else:
+        feature_groups, grouping = checks.feature_groups(tuple(x.shape[1:]))
     started = time.monotonic()
     importance = checks.permutation_importance(
         lambda rows: runner.run_rows(rows, sample_resets), x[sample], outputs[sample],
