@@ -19,6 +19,7 @@ from hub.cli._common import (
     NATS_URL,
     TIMEOUT,
     call,
+    err,
     examples,
     hub_config,
     key_column,
@@ -29,7 +30,7 @@ from hub.cli._common import (
     show,
     utc_time,
 )
-from hub.client import file_digest
+from hub.client import HubClient, file_digest
 from hub.commands.envelope import command_actor_and_signature, command_signature_valid
 from hub.errors import UsageError
 
@@ -132,6 +133,7 @@ def model_register(
 @model_app.command("validate", epilog=examples(
     '.venv/bin/python scripts/make_validation_data.py models/kws-v1.npz --version 1',
     'hub model validate kws/1 --data models/kws-v1.npz --home hub-home',
+    'hub model validate kws/1 --data models/kws-v1.npz --no-wait --home hub-home',
 ))
 def model_validate(
     ref: str = typer.Argument(..., help="NAME/VERSION"),
@@ -139,12 +141,19 @@ def model_validate(
                               help=".npz with `inputs` (or `inputs/<tensor name>` per input "
                                    "of a multi-input model), optional labels, groups, "
                                    "sequences."),
+    no_wait: bool = typer.Option(False, "--no-wait",
+                                 help="Print the job id and return; follow it with "
+                                      "`hub model validation JOB`."),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="A progress bar on stderr while waiting."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
-    as_json: bool = JSON, timeout: float = typer.Option(300.0, "--timeout"),
+    as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
     """Run the validation gate: the hub runs the model with the TFLite runtime on the data
     and checks quality, fairness gap, robustness, latency against HOME/policy.toml. The
-    result is recorded either way; exit 1 if it failed."""
+    hub runs it as a job; this waits for it with a progress bar (Ctrl-C leaves the job
+    running; --no-wait prints its id). The result is recorded either way; exit 1 if it
+    failed, was refused or cancelled."""
     name, version = model_ref(ref)
     config = hub_config(home, nats_url)
 
@@ -160,9 +169,69 @@ def model_validate(
         for warning in result.get("warnings") or []:
             out.print(f"[yellow]warning[/yellow]: {warning}")
 
-    result = show(run(config, key, timeout, lambda c: c.validate_model(name, version, data)),
-                  as_json, render)
+    if no_wait:
+        show(run(config, key, timeout,
+                 lambda c: c.validate_model(name, version, data, wait=False)),
+             as_json, lambda r: out.print(
+                 f"validation of {ref} started: job {r['job']}; follow it with "
+                 f"hub model validation {r['job']}"))
+        return
+
+    async def wait(client: HubClient) -> Any:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                      TextColumn("{task.fields[detail]}"), console=err,
+                      disable=not progress or as_json) as bar:
+            task = bar.add_task(f"validate {ref}", total=1.0, detail="uploading")
+
+            def on_status(status: dict[str, Any]) -> None:
+                bar.update(task, completed=float(status.get("progress", 0.0)),
+                           detail=f"{status.get('state')} {status.get('elapsed_s', 0):.1f} s "
+                                  f"({status.get('job')})")
+
+            return await client.validate_model(name, version, data, on_status=on_status)
+
+    result = show(run(config, key, timeout, wait), as_json, render)
     if not result["passed"]:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@model_app.command("validation", epilog=examples(
+    'hub model validation job-0123456789abcdef --home hub-home',
+    'hub model validation job-0123456789abcdef --json --home hub-home',
+    'hub model validation job-0123456789abcdef --cancel --home hub-home',
+))
+def model_validation(
+    job: str = typer.Argument(..., help="The job id `hub model validate` printed."),
+    cancel: bool = typer.Option(False, "--cancel",
+                                help="Stop the job at its next step; it records nothing "
+                                     "(registrant or operator role)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """A validation job's status: queued, running, done, failed or cancelled, with its
+    progress and elapsed time (the result once done). A job that was running when the
+    hub stopped is failed ("hub restarted"). Exit 1 for a failed or cancelled job."""
+    verb = "model.validation.cancel" if cancel else "model.validation"
+
+    def render(status: dict[str, Any]) -> None:
+        state = status["state"]
+        color = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(state, "cyan")
+        out.print(f"{status['job']} ({escape(status['subject'])}): [{color}]{state}[/{color}]"
+                  f" {100 * float(status['progress']):.0f}% after {status['elapsed_s']:.1f} s")
+        if status.get("cancel_requested"):
+            out.print("cancel requested: the job stops at its next step and records nothing")
+        if status.get("error"):
+            out.print(f"  {escape(str(status['error']))}")
+        result = status.get("result")
+        if isinstance(result, dict) and "passed" in result:
+            out.print("  validation " + ("passed" if result["passed"] else "failed: "
+                                         + "; ".join(result.get("failures", []))))
+
+    status = show(call(hub_config(home, nats_url), key, timeout, verb, {"job": job}),
+                  as_json, render)
+    if status["state"] in ("failed", "cancelled"):
         raise typer.Exit(EXIT_REFUSED)
 
 

@@ -35,6 +35,7 @@ ROLES: Final = ("registrant", "approver", "operator", "auditor", "admin")
 VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "model.register": ("registrant",),
     "model.validate": ("registrant", "operator"),
+    "model.validation.cancel": ("registrant", "operator"),
     "model.approve": ("approver",),
     "model.reject": ("approver",),
     "model.release": ("operator",),
@@ -62,7 +63,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
 READ_VERBS: Final = frozenset(
     {"status", "models", "model.show", "model.history", "devices", "operators", "whoami",
      "keys", "device.history", "device.show", "rollouts", "rollout.status", "telemetry",
-     "policy.show"}
+     "policy.show", "model.validation"}
 )
 
 

@@ -197,6 +197,7 @@ def permutation_importance(
     groups: list[NDArray[np.intp]] | None = None,
     deadline: float | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    after_group: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Per feature group (`feature_groups`; one per flattened feature by default): the
     mean, over IMPORTANCE_REPEATS shuffles of the group's columns across rows (the
@@ -204,7 +205,8 @@ def permutation_importance(
     without labels, of the mean absolute change of the outputs.
 
     With a `deadline` (time.monotonic()), groups not started by then are left out: the
-    list is shorter than the groups."""
+    list is shorter than the groups. `after_group(groups done)` is called after each
+    group (progress; it may raise to stop)."""
     n = x.shape[0]
     flat = x.reshape(n, -1)
     if groups is None:
@@ -226,6 +228,8 @@ def permutation_importance(
             else:
                 changes.append(baseline - score(out, labels, task, threshold))
         importance.append(float(np.mean(changes)))
+        if after_group is not None:
+            after_group(len(importance))
     return importance
 
 
