@@ -394,6 +394,9 @@ async def test_a_reference_rebased_on_fleet_traffic_makes_that_traffic_stable(
                       f"reported {ROWS} inferences", f"at least {ROWS + 1:,} are needed")
         await refused(fleet, admin, "model.rebase", body | {"rollout": "r-nope"},
                       "no rollout r-nope")
+        async with await fleet.client(fleet.approver_key) as approver:
+            await refused(fleet, approver, "model.rebase", body | {"min_inferences": ROWS},
+                          "model.rebase needs operator")
         answer = await admin.call("model.rebase", body | {"min_inferences": ROWS})
         assert answer["source"] == {"rollout": rid, "devices": 1, "assignments": 1,
                                     "inferences": ROWS, "first_ts": answer["source"]["first_ts"],

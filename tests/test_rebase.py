@@ -87,3 +87,29 @@ def test_too_little_or_malformed_traffic_is_refused_in_one_line(
 @pytest.mark.timeout(10)
 def test_only_operators_rebase() -> None:
     assert VERB_ROLES["model.rebase"] == ("operator",)
+
+
+@pytest.mark.timeout(10)
+def test_the_fleet_histograms_of_a_release_by_rollout_keys_or_start_time(tmp_path: Any) -> None:
+    from sqlalchemy import create_engine
+
+    from edge_agent import protocol as proto
+    from hub.telemetry.ingest import TelemetryIngest
+
+    def window(device: str, counter: int, start: int, hist: list[list[int]],
+               digest: str = "d") -> proto.TelemetryWindow:
+        return proto.TelemetryWindow(
+            device=device, boot="b", seq=counter, model="kws", version="1", digest=digest,
+            start=start, end=start + 1, count=sum(hist[0]), errors=0, latency_ms_p50=0.1,
+            latency_ms_p95=0.2, latency_ms_max=0.3, counter=counter, output_hist=hist)
+
+    ingest = TelemetryIngest(create_engine(f"sqlite:///{tmp_path / 't.db'}"))
+    for w in (window("a", 1, 10, [[1, 2, 3]]), window("b", 2, 20, [[4, 5, 6]]),
+              window("c", 3, 30, [[7, 8, 9]], digest="other")):  # another build: left out
+        ingest.check(w)
+        assert ingest.offer(w)
+    assert ingest.release_histograms("kws", "1", "d") == ([[5, 7, 9]], 21, 2, 2, 10, 21)
+    assert ingest.release_histograms("kws", "1", "d", {("b", "d", 2)}) == (
+        [[4, 5, 6]], 15, 1, 1, 20, 21)
+    assert ingest.release_histograms("kws", "1", "d", since_ns=15)[0] == [[4, 5, 6]]
+    assert ingest.release_histograms("kws", "2", "d") == ([], 0, 0, 0, 0, 0)
