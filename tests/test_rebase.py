@@ -113,3 +113,12 @@ def test_the_fleet_histograms_of_a_release_by_rollout_keys_or_start_time(tmp_pat
         [[4, 5, 6]], 15, 1, 1, 20, 21)
     assert ingest.release_histograms("kws", "1", "d", since_ns=15)[0] == [[4, 5, 6]]
     assert ingest.release_histograms("kws", "2", "d") == ([], 0, 0, 0, 0, 0)
+
+
+@pytest.mark.timeout(10)
+def test_model_show_says_what_the_reference_was_rebased_on() -> None:
+    from hub.cli.models import rebased_text
+
+    folded = rebased_validation(VALIDATION, payload([[20, 30, 50], [40, 60]]))
+    assert rebased_text(folded["rebased"]).startswith(
+        "drift reference re-based on 100 inferences from 2 device(s) (rollout r-1); reference ")

@@ -456,9 +456,25 @@ def model_show(
                     out.print(f"full results ({', '.join(detail.get('parts', []))}): "
                               f"Object Store blob {detail.get('digest')} "
                               f"({detail.get('size', 0):,} bytes)")
+                rebased = validation.get("rebased")
+                if isinstance(rebased, dict):
+                    out.print(rebased_text(rebased))
             out.print(f"approvals: {len(r['approvals'])}/{r['approvals_required']}")
 
     show(call(hub_config(home, nats_url), key, timeout, "model.show", body), as_json, render)
+
+
+def rebased_text(rebased: dict[str, Any]) -> str:
+    """The line `hub model show` prints for a drift reference re-based on fleet traffic."""
+    src = rebased.get("source")
+    if not isinstance(src, dict):
+        src = {}
+    where = (f"rollout {src['rollout']}" if "rollout" in src else
+             f"assignments since {utc_time(int(src['since']))}" if "since" in src else
+             "the whole fleet")
+    return (f"drift reference re-based on {int(src.get('inferences', 0)):,} inferences from "
+            f"{src.get('devices', 0)} device(s) ({escape(where)}); reference "
+            f"{str(rebased.get('reference_digest', ''))[:16]}…")
 
 
 def tensor_text(t: Any) -> str:
