@@ -204,3 +204,29 @@ async def test_the_cli_waits_for_the_job_or_prints_its_id(fleet: Fleet) -> None:
     assert unknown.returncode == 1 and "no job 'job-nope'" in unknown.stderr + unknown.stdout
     assert len([e for e in fleet.hub.store.iter_entries()
                 if e.kind == ev.MODEL_VALIDATED]) == 2
+
+
+async def test_ended_jobs_leave_memory_and_are_still_answered_from_their_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy import create_engine
+
+    from hub.commands import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "MAX_ENDED_IN_MEMORY", 1)
+    jobs = Jobs(create_engine(f"sqlite:///{tmp_path / 'j.db'}"))
+
+    async def quick(job: Job) -> Any:
+        job.step(0.5)
+        return {"answer": job.job}
+
+    first = jobs.start("model.validate", "kws/1", "k", quick)
+    others = [jobs.start("model.validate", "kws/1", "k", quick) for _ in range(2)]
+    for job in (first, *others):
+        while jobs.status(job.job)["state"] not in ENDED:
+            await asyncio.sleep(0.01)  # yield to the jobs' tasks
+    jobs.start("model.validate", "kws/1", "k", quick)
+    assert first.job not in jobs.held() and others[-1].job in jobs.held()
+    status = jobs.status(first.job)  # from its row
+    assert status["state"] == "done" and status["result"] == {"answer": first.job}
+    await jobs.stop()

@@ -50,6 +50,8 @@ CANCELLED: Final = "cancelled"
 STATES: Final = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 ENDED: Final = frozenset({DONE, FAILED, CANCELLED})
 RESTARTED: Final = "hub restarted"
+# Ended jobs kept in memory beyond this are dropped (oldest first); their rows stay.
+MAX_ENDED_IN_MEMORY: Final = 256
 
 _METADATA = MetaData()
 JOBS: Final = Table(
@@ -143,6 +145,9 @@ class Jobs:
               run: Callable[[Job], Awaitable[Any]]) -> Job:
         """Record a queued job and run `run(job)` in a task; answers at once."""
         job = Job("job-" + secrets.token_hex(8), verb, subject, actor, self.clock())
+        ended = [j for j, known in self._jobs.items() if known.state in ENDED]
+        for old in ended[: max(0, len(ended) - MAX_ENDED_IN_MEMORY)]:  # insertion order
+            del self._jobs[old]  # status still answered from its row
         self._jobs[job.job] = job
         with self.engine.begin() as conn:
             conn.execute(insert(JOBS).values(
@@ -183,6 +188,10 @@ class Jobs:
                     error=job.error, result=json.dumps(job.result, default=str)))
         except Exception:  # the in-memory status stays right; the row is a copy
             pass
+
+    def held(self) -> list[str]:
+        """The ids of the jobs this process keeps in memory (the rest: rows only)."""
+        return list(self._jobs)
 
     def status(self, job_id: str) -> dict[str, Any]:
         job = self._jobs.get(job_id)
