@@ -7,6 +7,7 @@ when the hub answered with an error (or with something unreadable).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -66,6 +67,9 @@ async def _quiet(exc: Exception) -> None:
 
 async def _quiet_event() -> None:
     pass
+
+
+VALIDATION_POLL_S = 0.25  # how often a waiting client asks a validation job's status
 
 
 class HubClient:
@@ -233,10 +237,37 @@ class HubClient:
             **({"input_shapes": input_shapes} if input_shapes else {}),
         })
 
-    async def validate_model(self, name: str, version: str, data: Path) -> Any:
-        """Upload the validation set (.npz) and ask the hub to run the gate."""
+    async def validate_model(self, name: str, version: str, data: Path, *, wait: bool = True,
+                             on_status: Callable[[dict[str, Any]], None] | None = None,
+                             poll_s: float = VALIDATION_POLL_S) -> Any:
+        """Upload the validation set (.npz) and ask the hub to run the gate. The hub
+        answers at once with a job; with `wait` (the default) this polls the job and
+        returns the validation's result as the hub recorded it (`wait_validation`),
+        else the job's first answer ({job, state, ...})."""
         staged = await self.upload(data)
-        return await self.call("model.validate", {
+        started = await self.call("model.validate", {
             "name": name, "version": version, "data_upload": staged.upload_id,
             "data_digest": staged.digest, "data_size": staged.size,
         })
+        if not wait or not isinstance(started, dict) or "job" not in started:
+            return started  # an older hub answers with the result itself
+        return await self.wait_validation(str(started["job"]), on_status, poll_s)
+
+    async def wait_validation(self, job: str,
+                              on_status: Callable[[dict[str, Any]], None] | None = None,
+                              poll_s: float = VALIDATION_POLL_S) -> Any:
+        """Poll `model.validation` until the job ends: its result when done; Refused
+        with the job's error when it failed or was cancelled. `on_status` sees every
+        status (a progress bar)."""
+        while True:
+            status = await self.call("model.validation", {"job": job})
+            if on_status is not None:
+                on_status(status)
+            state = status.get("state")
+            if state == "done":
+                return status.get("result")
+            if state == "failed":
+                raise Refused(str(status.get("error") or f"validation job {job} failed"))
+            if state == "cancelled":
+                raise Refused(f"validation job {job} was cancelled; nothing was recorded")
+            await asyncio.sleep(poll_s)

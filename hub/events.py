@@ -32,6 +32,7 @@ DEVICE_UPDATE_REVERTED: Final = "device.update_reverted"
 KEYS_ROTATED: Final = "keys.rotated"
 KEYS_REVOKED: Final = "keys.revoked"
 MODEL_RESIGNED: Final = "model.resigned"
+MODEL_REFERENCE_REBASED: Final = "model.reference_rebased"
 DEVICE_TAGGED: Final = "device.tagged"
 ROLLOUT_CREATED: Final = "rollout.created"
 ROLLOUT_STARTED: Final = "rollout.started"
@@ -64,6 +65,11 @@ CATALOG: Final[dict[str, tuple[str, ...]]] = {
         "dataset_digest", "policy", "approvals_required",
     ),
     MODEL_APPROVED: ("name", "version", "approvals", "required"),
+    # The drift reference's counts from the fleet's traffic (hub/governance/rebase.py).
+    MODEL_REFERENCE_REBASED: (
+        "name", "version", "histograms", "reference_digest", "previous_digest", "source",
+        "min_inferences",
+    ),
     MODEL_REJECTED: ("name", "version", "reason"),
     MODEL_RELEASED: ("name", "version", "digest", "manifest_hash", "manifest", "expires"),
     MODEL_DEPRECATED: ("name", "version", "reason"),

@@ -239,7 +239,9 @@ async def refused(fleet: Fleet, client: HubClient, verb: str, body: dict[str, An
     the chain verifying."""
     before = ledger_state(fleet)
     with pytest.raises(HubError) as info:
-        await client.call(verb, body)
+        answer = await client.call(verb, body)
+        if isinstance(answer, dict) and "job" in answer:  # refused when the job ends
+            await client.wait_validation(str(answer["job"]))
     message = str(info.value)
     for word in words:
         assert word in message, message

@@ -29,6 +29,7 @@ from hub import events as ev
 from hub.cli.models import tensor_text
 from hub.governance.manifests import drift_tensors
 from hub.governance.models import manifest_quantization
+from hub.rebuild import live_digest, rebuild_digest
 from hub.telemetry.drift import psi, psi_per_output, quantile_edges, reference_histogram
 from hub.validation import Dataset, ModelError, Policy, validate
 from hub.validation.runner import Runner
@@ -283,11 +284,14 @@ def sock_dir() -> Iterator[Path]:
 
 
 async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: float,
-                                      two_heads: bool = False) -> tuple[str, dict[str, Any]]:
+                                      two_heads: bool = False, max_psi: float = PSI_NEAR_ZERO,
+                                      device: str = "app-0", release: bool = True,
+                                      ) -> tuple[str, dict[str, Any]]:
     """Release the int8 model (or, `two_heads`, a float model with two output tensors;
     validated on x), deploy it to one real agent by a rollout with a PSI gate, and have
     an application call the agent's API with x + offset. Returns how the rollout ended
-    (`completed` or `halted`) and that event's payload."""
+    (`completed` or `halted`) and that event's payload. `release=False`: kws/1 is
+    released already (by an earlier call); only the rollout to `device` is new."""
     policy = fleet.config.policy_path
     policy.write_text('[default]\ntask = "classification"\nhistogram_bins = 5\n'
                       'approvals_required = 1\n[models.kws]\n'
@@ -306,23 +310,24 @@ async def _rollout_fed_by_application(fleet: Fleet, sock_dir: Path, offset: floa
         model = LoadedModel.load(path)
         labels = Runner(model, (N_IN,)).run_rows(x.astype(np.float64)).argmax(axis=1)
         np.savez(data, inputs=x, labels=labels)
-    device, socket_path = "app-0", sock_dir / "agent.sock"
+    socket_path = sock_dir / f"{device}.sock"
     agent = configured_agent(fleet, device, ["--api-socket", str(socket_path)])
     agent.synthetic_load = False  # only the application's calls run the model
     async with await fleet.client() as admin, \
             await fleet.client(fleet.approver_key) as approver:
-        await admin.register_model(path, "kws", "1")
-        validated = await admin.validate_model("kws", "1", data)
-        assert validated["passed"] and validated["warnings"] == [], validated
-        await approver.call("model.approve", {"name": "kws", "version": "1"})
-        await admin.call("model.release", {"name": "kws", "version": "1"})
+        if release:
+            await admin.register_model(path, "kws", "1")
+            validated = await admin.validate_model("kws", "1", data)
+            assert validated["passed"] and validated["warnings"] == [], validated
+            await approver.call("model.approve", {"name": "kws", "version": "1"})
+            await admin.call("model.release", {"name": "kws", "version": "1"})
         await admin.call("device.enroll", {"device": device})
         agent.start()
         # The gate judges once every call is counted (min_inferences = ROWS).
         rid = (await admin.call("rollout.create", {
             "model": "kws", "version": "1", "target": f"device={device}", "waves": "100%",
             "min_success": 1.0, "max_failure": 0.0, "deadline": "90s", "bake": "1s",
-            "max_psi": PSI_NEAR_ZERO, "min_inferences": ROWS}))["rollout"]
+            "max_psi": max_psi, "min_inferences": ROWS}))["rollout"]
         await admin.call("rollout.start", {"rollout": rid})
         await fleet.feed.wait_for(lambda _: bool(fleet.feed.of_kind(
             ev.DEVICE_UPDATE_APPLIED, device)), timeout=60, what="the install")
@@ -366,6 +371,49 @@ async def test_shifted_application_inputs_halt_the_rollout_on_drift(
     kind, payload = await _rollout_fed_by_application(fleet, sock_dir, offset=0.6)
     assert kind == ev.ROLLOUT_HALTED, payload
     assert "output drift PSI" in payload["reason"]
+    assert payload["evidence"]["psi"] > PSI_NEAR_ZERO
+
+
+@pytest.mark.timeout(300)
+async def test_a_reference_rebased_on_fleet_traffic_makes_that_traffic_stable(
+    fleet: Fleet, sock_dir: Path,
+) -> None:
+    """The fleet's inputs moved (+0.6) and the operator accepts it: a rollout without a
+    tight PSI gate bakes on that traffic (PSI high against the validation reference),
+    `model.rebase --rollout` takes its histograms as the reference, PSI of that same
+    traffic is then ~0, the ledger replays to the same state, and a further shift
+    (-0.4, on another device) still halts a rollout with a PSI gate."""
+    kind, payload = await _rollout_fed_by_application(fleet, sock_dir, offset=0.6,
+                                                      max_psi=1e6)
+    assert kind == ev.ROLLOUT_COMPLETED, payload
+    rid, before = payload["rollout"], payload["evidence"]["psi"]
+    assert before > PSI_NEAR_ZERO, payload
+    async with await fleet.client() as admin:
+        body = {"name": "kws", "version": "1", "rollout": rid}
+        await refused(fleet, admin, "model.rebase", body | {"min_inferences": ROWS + 1},
+                      f"reported {ROWS} inferences", f"at least {ROWS + 1:,} are needed")
+        await refused(fleet, admin, "model.rebase", body | {"rollout": "r-nope"},
+                      "no rollout r-nope")
+        async with await fleet.client(fleet.approver_key) as approver:
+            await refused(fleet, approver, "model.rebase", body | {"min_inferences": ROWS},
+                          "model.rebase needs operator")
+        answer = await admin.call("model.rebase", body | {"min_inferences": ROWS})
+        assert answer["source"] == {"rollout": rid, "devices": 1, "assignments": 1,
+                                    "inferences": ROWS, "first_ts": answer["source"]["first_ts"],
+                                    "last_ts": answer["source"]["last_ts"]}
+        after = (await admin.call("rollout.status", {"rollout": rid}))["telemetry"]["psi"]
+        assert after < 0.01 < before, (after, before)
+        shown = (await admin.call("model.show", {"name": "kws", "version": "1"}))[0]
+    [event] = fleet.feed.of_kind(ev.MODEL_REFERENCE_REBASED)
+    assert event.payload["previous_digest"] == answer["previous_digest"]
+    assert shown["validation"]["rebased"]["reference_digest"] == answer["reference_digest"]
+    assert [sum(h["counts"]) for h in shown["validation"]["reference_histograms"]] == \
+        [ROWS] * N_OUT
+    rebuilt, _ = rebuild_digest(fleet.hub.store)
+    assert rebuilt == live_digest(fleet.hub.store)
+    kind, payload = await _rollout_fed_by_application(fleet, sock_dir, offset=-0.4,
+                                                      device="app-1", release=False)
+    assert kind == ev.ROLLOUT_HALTED, payload
     assert payload["evidence"]["psi"] > PSI_NEAR_ZERO
 
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from edge_agent import protocol as proto
 from hub.commands.envelope import sign_command as sign_for_hub
+from hub.commands.jobs import ENDED
 from hub.errors import Refused
 from hub.home.config import init_home
 from hub.rebuild import live_digest, rebuild_digest
@@ -137,9 +138,11 @@ async def _run(tmp: Path, assets: dict[str, Path], ops: list[tuple[str, str]]) -
                     "size": len(data)}))
             elif op == "validate":
                 data = assets[f"data{arg}"].read_bytes()
-                await handle("model.validate", sign_command(admin, "model.validate", {
+                started = await handle("model.validate", sign_command(admin, "model.validate", {
                     **ref, "data_upload": "0" * 32, "data_digest": blake3.blake3(data).hexdigest(),
                     "data_size": len(data)}))
+                while hub.jobs.status(started["job"])["state"] not in ENDED:  # a job
+                    await asyncio.sleep(0.02)
             elif op in ("approve", "self_approve"):
                 signer = approver if op == "approve" else admin
                 await handle("model.approve", sign_command(signer, "model.approve", ref))

@@ -19,6 +19,7 @@ from hub.cli._common import (
     NATS_URL,
     TIMEOUT,
     call,
+    err,
     examples,
     hub_config,
     key_column,
@@ -30,7 +31,7 @@ from hub.cli._common import (
     show,
     utc_time,
 )
-from hub.client import file_digest
+from hub.client import HubClient, file_digest
 from hub.commands.envelope import command_actor_and_signature, command_signature_valid
 from hub.errors import UsageError
 
@@ -133,17 +134,27 @@ def model_register(
 @model_app.command("validate", epilog=examples(
     '.venv/bin/python scripts/make_validation_data.py models/kws-v1.npz --version 1',
     'hub model validate kws/1 --data models/kws-v1.npz --home hub-home',
+    'hub model validate kws/1 --data models/kws-v1.npz --no-wait --home hub-home',
 ))
 def model_validate(
     ref: str = typer.Argument(..., help="NAME/VERSION"),
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False,
-                              help=".npz with inputs, optional labels and groups."),
+                              help=".npz with `inputs` (or `inputs/<tensor name>` per input "
+                                   "of a multi-input model), optional labels, groups, "
+                                   "sequences."),
+    no_wait: bool = typer.Option(False, "--no-wait",
+                                 help="Print the job id and return; follow it with "
+                                      "`hub model validation JOB`."),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="A progress bar on stderr while waiting."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
-    as_json: bool = JSON, timeout: float = typer.Option(300.0, "--timeout"),
+    as_json: bool = JSON, timeout: float = TIMEOUT,
 ) -> None:
     """Run the validation gate: the hub runs the model with the TFLite runtime on the data
     and checks quality, fairness gap, robustness, latency against HOME/policy.toml. The
-    result is recorded either way; exit 1 if it failed."""
+    hub runs it as a job; this waits for it with a progress bar (Ctrl-C leaves the job
+    running; --no-wait prints its id). The result is recorded either way; exit 1 if it
+    failed, was refused or cancelled."""
     name, version = model_ref(ref)
     config = hub_config(home, nats_url)
 
@@ -159,9 +170,69 @@ def model_validate(
         for warning in result.get("warnings") or []:
             out.print(f"[yellow]warning[/yellow]: {warning}")
 
-    result = show(run(config, key, timeout, lambda c: c.validate_model(name, version, data)),
-                  as_json, render)
+    if no_wait:
+        show(run(config, key, timeout,
+                 lambda c: c.validate_model(name, version, data, wait=False)),
+             as_json, lambda r: out.print(
+                 f"validation of {ref} started: job {r['job']}; follow it with "
+                 f"hub model validation {r['job']}"))
+        return
+
+    async def wait(client: HubClient) -> Any:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                      TextColumn("{task.fields[detail]}"), console=err,
+                      disable=not progress or as_json) as bar:
+            task = bar.add_task(f"validate {ref}", total=1.0, detail="uploading")
+
+            def on_status(status: dict[str, Any]) -> None:
+                bar.update(task, completed=float(status.get("progress", 0.0)),
+                           detail=f"{status.get('state')} {status.get('elapsed_s', 0):.1f} s "
+                                  f"({status.get('job')})")
+
+            return await client.validate_model(name, version, data, on_status=on_status)
+
+    result = show(run(config, key, timeout, wait), as_json, render)
     if not result["passed"]:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@model_app.command("validation", epilog=examples(
+    'hub model validation job-0123456789abcdef --home hub-home',
+    'hub model validation job-0123456789abcdef --json --home hub-home',
+    'hub model validation job-0123456789abcdef --cancel --home hub-home',
+))
+def model_validation(
+    job: str = typer.Argument(..., help="The job id `hub model validate` printed."),
+    cancel: bool = typer.Option(False, "--cancel",
+                                help="Stop the job at its next step; it records nothing "
+                                     "(registrant or operator role)."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """A validation job's status: queued, running, done, failed or cancelled, with its
+    progress and elapsed time (the result once done). A job that was running when the
+    hub stopped is failed ("hub restarted"). Exit 1 for a failed or cancelled job."""
+    verb = "model.validation.cancel" if cancel else "model.validation"
+
+    def render(status: dict[str, Any]) -> None:
+        state = status["state"]
+        color = {"done": "green", "failed": "red", "cancelled": "yellow"}.get(state, "cyan")
+        out.print(f"{status['job']} ({escape(status['subject'])}): [{color}]{state}[/{color}]"
+                  f" {100 * float(status['progress']):.0f}% after {status['elapsed_s']:.1f} s")
+        if status.get("cancel_requested"):
+            out.print("cancel requested: the job stops at its next step and records nothing")
+        if status.get("error"):
+            out.print(f"  {escape(str(status['error']))}")
+        result = status.get("result")
+        if isinstance(result, dict) and "passed" in result:
+            out.print("  validation " + ("passed" if result["passed"] else "failed: "
+                                         + "; ".join(result.get("failures", []))))
+
+    status = show(call(hub_config(home, nats_url), key, timeout, verb, {"job": job}),
+                  as_json, render)
+    if status["state"] in ("failed", "cancelled"):
         raise typer.Exit(EXIT_REFUSED)
 
 
@@ -257,6 +328,67 @@ def model_release(
     show(call(hub_config(home, nats_url), key, timeout, "model.release", body), as_json, render)
 
 
+def _since_ns(text: str) -> int:
+    """--since: an ISO 8601 time (UTC unless it says otherwise) or integer nanoseconds."""
+    from datetime import UTC, datetime
+
+    if text.isdigit():
+        return int(text)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not an ISO 8601 time (e.g. "
+                         "2026-05-01T12:00:00Z) or integer nanoseconds") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
+
+
+@model_app.command("rebase", epilog=examples(
+    'hub model rebase kws/1 --rollout r-1 --home hub-home',
+    'hub model rebase kws/1 --since 2026-05-01T00:00:00Z --min-inferences 5000 --home hub-home',
+    'hub model rebase kws/1 --json --home hub-home',
+))
+def model_rebase(
+    ref: str = typer.Argument(..., help="NAME/VERSION (released)"),
+    rollout: str | None = typer.Option(None, "--rollout",
+                                       help="Only the traffic of this rollout's devices."),
+    since: str | None = typer.Option(
+        None, "--since", help="Only assignments whose first telemetry window started at or "
+        "after this time (ISO 8601 or integer nanoseconds)."),
+    min_inferences: int = typer.Option(1000, "--min-inferences", min=1,
+                                       help="Refuse with fewer inferences than this."),
+    home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
+    as_json: bool = JSON, timeout: float = TIMEOUT,
+) -> None:
+    """Re-base the drift reference of a released version on the output histograms its
+    fleet reported (operator role): after a baking period, PSI is computed against what
+    devices really produced rather than against the validation set. The bins stay the
+    manifest's; the new counts, their source and the previous reference's digest are
+    recorded in the ledger (model.reference_rebased). Refused with too little traffic or
+    an output that fell in fewer than 2 bins."""
+    name, version = model_ref(ref)
+    if rollout is not None and since is not None:
+        raise UsageError("give --rollout or --since, not both")
+    body: dict[str, Any] = {"name": name, "version": version, "min_inferences": min_inferences}
+    if rollout is not None:
+        body["rollout"] = rollout
+    if since is not None:
+        body["since_ns"] = _since_ns(since)
+
+    def render(result: dict[str, Any]) -> None:
+        src = result["source"]
+        where = (f"rollout {src['rollout']}" if "rollout" in src else
+                 f"assignments since {utc_time(src['since'])}" if "since" in src else
+                 "the whole fleet")
+        out.print(f"{ref}: drift reference re-based on {src['inferences']:,} inferences from "
+                  f"{src['devices']} device(s) ({where}); {result['outputs']} output value(s); "
+                  f"reference {result['reference_digest'][:16]}… (was "
+                  f"{result['previous_digest'][:16]}…)")
+
+    show(call(hub_config(home, nats_url), key, timeout, "model.rebase", body), as_json, render)
+
+
 _transition_command("deprecate", "Mark a released version deprecated (operator role).")
 _transition_command("revoke", "Revoke a version; it can no longer be deployed (--reason).")
 
@@ -326,6 +458,9 @@ def model_show(
                     out.print(f"full results ({', '.join(detail.get('parts', []))}): "
                               f"Object Store blob {detail.get('digest')} "
                               f"({detail.get('size', 0):,} bytes)")
+                rebased = validation.get("rebased")
+                if isinstance(rebased, dict):
+                    out.print(rebased_text(rebased))
             out.print(f"approvals: {len(r['approvals'])}/{r['approvals_required']}")
 
     rows = call(hub_config(home, nats_url), key, timeout, "model.show", body)
@@ -338,6 +473,19 @@ def version_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "manifest_hash": row.get("manifest_hash") or None,
             "reason": row.get("reason") or None,
             "registered": rfc3339(row.get("registered_ts"))}
+
+
+def rebased_text(rebased: dict[str, Any]) -> str:
+    """The line `hub model show` prints for a drift reference re-based on fleet traffic."""
+    src = rebased.get("source")
+    if not isinstance(src, dict):
+        src = {}
+    where = (f"rollout {src['rollout']}" if "rollout" in src else
+             f"assignments since {utc_time(int(src['since']))}" if "since" in src else
+             "the whole fleet")
+    return (f"drift reference re-based on {int(src.get('inferences', 0)):,} inferences from "
+            f"{src.get('devices', 0)} device(s) ({escape(where)}); reference "
+            f"{str(rebased.get('reference_digest', ''))[:16]}…")
 
 
 def tensor_text(t: Any) -> str:

@@ -35,11 +35,13 @@ ROLES: Final = ("registrant", "approver", "operator", "auditor", "admin")
 VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "model.register": ("registrant",),
     "model.validate": ("registrant", "operator"),
+    "model.validation.cancel": ("registrant", "operator"),
     "model.approve": ("approver",),
     "model.reject": ("approver",),
     "model.release": ("operator",),
     "model.deprecate": ("operator", "admin"),
     "model.revoke": ("operator", "admin"),
+    "model.rebase": ("operator",),
     "device.enroll": ("operator", "admin"),
     "device.revoke": ("admin",),
     "device.token": ("operator", "admin"),
@@ -61,7 +63,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
 READ_VERBS: Final = frozenset(
     {"status", "models", "model.show", "model.history", "devices", "operators", "whoami",
      "keys", "device.history", "device.show", "rollouts", "rollout.status", "telemetry",
-     "policy.show"}
+     "policy.show", "model.validation"}
 )
 
 

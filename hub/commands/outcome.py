@@ -57,6 +57,9 @@ class Verbs:
     writes: dict[str, Handler] = field(default_factory=dict)
     slow_writes: dict[str, SlowHandler] = field(default_factory=dict)
     reads: dict[str, Read] = field(default_factory=dict)
+    # Slow writes the router runs as jobs (hub.commands.jobs): answered at once with a
+    # job id, committed when the slow part ends.
+    jobs: frozenset[str] = frozenset()
 
 
 class Effects(Protocol):

@@ -8,7 +8,10 @@ The one unsigned verb, `audience`, answers the hub's origin so a client can lear
 to sign for. A read answers from the state. A write runs its handler
 under the writer's lock and appends its events; the side effects it asks for run after
 the commit. A slow write (model register / validate) does its slow part first with no
-lock held, then re-checks and appends under the lock.
+lock held, then re-checks and appends under the lock. A slow write named in
+`Verbs.jobs` (model validate) is answered at once with a job id once its checks pass;
+its slow part and commit run in a task (hub.commands.jobs), so a long run never meets a
+request timeout.
 
 Every capability hands its verbs in as `Verbs` (its `handlers()`); the router refuses a
 verb nobody answers. Refusals are `hub.errors.Refused` (and `ProtocolError` from a
@@ -32,8 +35,17 @@ from hub.commands.envelope import (
     VerifiedCommand,
     open_command,
 )
+from hub.commands.jobs import Job, Jobs
 from hub.commands.nonces import SeenNonces
-from hub.commands.outcome import CommandError, Handler, Outcome, Read, SlowHandler, Verbs
+from hub.commands.outcome import (
+    CommandError,
+    Handler,
+    Outcome,
+    Read,
+    SlowHandler,
+    SlowWork,
+    Verbs,
+)
 from hub.commands.writer import LedgerWriter
 from hub.governance import state as governance
 
@@ -55,8 +67,11 @@ class _NonceLookup:
 
 class Router:
     def __init__(self, writer: LedgerWriter, verbs: Iterable[Verbs], *, audience: str,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, jobs: Jobs | None = None) -> None:
         self.writer = writer
+        self.jobs = jobs  # None: job verbs run as ordinary slow writes (answer at the end)
+        self.job_verbs: set[str] = set()
+        self._job_nonces: set[str] = set()  # of jobs still running: a replay is refused
         self.audience = audience  # the hub's origin: commands must be signed for it
         self.clock = clock
         self.writes: dict[str, Handler] = {}
@@ -67,6 +82,7 @@ class Router:
             assert not twice, f"verbs registered twice: {sorted(twice)}"
             self.writes.update(group.writes)
             self.slow_writes.update(group.slow_writes)
+            self.job_verbs.update(group.jobs)
             self.reads.update(group.reads)
         # Reads append nothing, so their nonces are not in the ledger: they are kept in
         # the hub's database (across restarts), each until its command would be stale.
@@ -139,12 +155,42 @@ class Router:
                 except Exception:
                     self._claim_refused(cmd)
                     raise
+            if self.jobs is not None and verb in self.job_verbs:
+                return self._start_job(verb, data, received, cmd, work)
             try:
                 handler = await work()
             except Exception:
                 self._claim_refused(cmd)
                 raise
         assert handler is not None
+        return await self._commit(verb, data, received, handler)
+
+    def _start_job(self, verb: str, data: bytes, received: int, cmd: VerifiedCommand,
+                   work: SlowWork) -> dict[str, Any]:
+        """Start the slow part and its commit in a job; answer with its id."""
+        assert self.jobs is not None
+        if cmd.nonce in self._job_nonces:
+            raise CommandRefused("replayed command: this nonce was already used")
+        self._job_nonces.add(cmd.nonce)
+        body = cmd.body
+        subject = f"{body.get('name', '')}/{body.get('version', '')}"
+
+        async def run(job: Job) -> Any:
+            try:
+                try:
+                    handler = await work()
+                    job.step(job.progress)  # cancelled meanwhile: nothing is recorded
+                except Exception:
+                    self._claim_refused(cmd)
+                    raise
+                return await self._commit(verb, data, received, handler)
+            finally:
+                self._job_nonces.discard(cmd.nonce)
+
+        job = self.jobs.start(verb, subject, cmd.operator.keyid, run)
+        return {"job": job.job, "state": job.state, "verb": verb, "subject": subject}
+
+    async def _commit(self, verb: str, data: bytes, received: int, handler: Handler) -> Any:
         # One writer at a time: state checks and the append see the same state.
         async with self.writer.lock:
             with self.writer.store.engine.connect() as conn:

@@ -20,7 +20,9 @@ from sqlalchemy import Connection, Engine
 from edge_agent import protocol as proto
 from edge_agent.runtime import ModelRuntimeError, preflight
 from hub import events as ev
+from hub.commands import jobs
 from hub.commands.envelope import VerifiedCommand
+from hub.commands.jobs import JobRefused, Jobs
 from hub.commands.outcome import (
     DAY_NS,
     Body,
@@ -60,8 +62,9 @@ def model_ref(body: dict[str, Any]) -> tuple[str, str]:
 
 class ModelCommands:
     def __init__(self, config: HubConfig, keyring: Keyring, effects: Effects,
-                 engine: Engine) -> None:
+                 engine: Engine, jobs: Jobs | None = None) -> None:
         self.config = config
+        self.jobs = jobs  # validation jobs: status and cancel (the router starts them)
         self.engine = engine  # for reads (policy.show)
         self.keyring = keyring
         self.effects = effects
@@ -74,11 +77,37 @@ class ModelCommands:
                 "model.release": self.release,
                 "model.deprecate": self.deprecate,
                 "model.revoke": self.revoke,
+                "model.validation.cancel": self.validation_cancel,
             },
             # Their slow part runs outside the write lock (see outcome.SlowWork).
             slow_writes={"model.register": self.register, "model.validate": self.validate},
-            reads={"policy.show": self.policy_show},
+            reads={"policy.show": self.policy_show, "model.validation": self.validation_status},
+            jobs=frozenset({"model.validate"}),  # answered with a job id (commands.jobs)
         )
+
+    def _job(self, cmd: VerifiedCommand) -> tuple[Jobs, str]:
+        job = cmd.body.get("job")
+        if not isinstance(job, str) or not job:
+            raise CommandError("invalid 'job': expected a job id (from hub model validate)")
+        if self.jobs is None:
+            raise CommandError("this hub runs validation without jobs")
+        return self.jobs, job
+
+    def validation_status(self, cmd: VerifiedCommand) -> Any:
+        """A validation job's state, progress and elapsed time; its result once done."""
+        jobs, job = self._job(cmd)
+        try:
+            return jobs.status(job)
+        except JobRefused as exc:
+            raise CommandError(str(exc)) from None
+
+    def validation_cancel(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        """Ask a running validation to stop at its next step; it records nothing."""
+        jobs, job = self._job(cmd)
+        try:
+            return Outcome([], jobs.cancel(job))
+        except JobRefused as exc:
+            raise CommandError(str(exc)) from None
 
     def policy_show(self, cmd: VerifiedCommand) -> Any:
         """The effective policy: of a model name (or `[default]` alone) from the policy
@@ -222,11 +251,12 @@ class ModelCommands:
                 await self.effects.take_upload(keyid, data_upload, data_digest, data_size,
                                                MAX_DATASET_BYTES, data_path, "validation data")
                 await self._fetch_checked(row["digest"], row["size"], model_path, "model")
+                jobs.step(0.02)  # in a job: progress, and a cancel stops here
                 try:
                     dataset = validation.load_dataset(data_path)
                     report = await asyncio.to_thread(
                         validation.validate, model_path, dataset, policy, 0,
-                        _run_shapes(row["inputs"]))
+                        _run_shapes(row["inputs"]), jobs.step)
                 except validation.ValidationError as exc:
                     raise CommandError(f"validation could not run: {exc}") from exc
                 # Kept (hub-only bucket) for audit: the entry names it by digest.

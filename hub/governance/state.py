@@ -17,6 +17,7 @@ from hub import events as ev
 from hub.columns import int64_columns, json_text, row_dict
 from hub.commands.outcome import CommandError
 from hub.governance import rules as lc
+from hub.governance.rebase import rebased_validation
 from ledger.encoding import canonical_decode
 from ledger.entry import Entry
 
@@ -129,6 +130,14 @@ def _validated(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     )
 
 
+def _reference_rebased(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
+    row = get_release(conn, p["name"], p["version"])
+    if row is None:
+        return
+    _release_update(conn, entry, p,
+                    validation=json_text(rebased_validation(row["validation"], p)))
+
+
 def _approved(conn: Connection, entry: Entry, p: dict[str, Any]) -> None:
     row = get_release(conn, p["name"], p["version"])
     if row is None:
@@ -161,6 +170,7 @@ HANDLERS: dict[str, Handler] = {
     ev.MODEL_RELEASED: _state_change(lc.RELEASED),
     ev.MODEL_DEPRECATED: _state_change(lc.DEPRECATED),
     ev.MODEL_REVOKED: _state_change(lc.REVOKED),
+    ev.MODEL_REFERENCE_REBASED: _reference_rebased,
     ev.MODEL_RESIGNED: lambda conn, entry, p: _release_update(
         conn, entry, p, manifest_hash=p["manifest_hash"]),
 }

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from hub import fold
 from hub.clock import Clock, SystemClock, clock_skew
 from hub.commands.envelope import VerifiedCommand
+from hub.commands.jobs import Jobs
 from hub.commands.leadership import (
     Leadership,
     Lease,
@@ -61,6 +62,7 @@ from hub.log.transparency import TransparencyPublisher
 from hub.rollouts.commands import RolloutCommands
 from hub.rollouts.controller import RolloutController
 from hub.rollouts.reads import RolloutReads
+from hub.rollouts.rebase import RebaseCommands
 from hub.service.nats import CONNECT_FOR_S, NatsEdge, allow_fleet_consumers
 from hub.service.reconcile import Reconciler
 from hub.service.status import fleet_status
@@ -125,9 +127,13 @@ class HubService:
         if effects is None:  # a hub without NATS publishes no timestamp
             roots.after_publish = self.timestamps.root_changed
         engine = self.store.engine
+        # Validation jobs (hub/commands/jobs.py); the ones a previous run left running
+        # are marked failed ("hub restarted") now.
+        self.jobs = Jobs(engine)
         self.router = Router(self.writer, [
             OperatorCommands(self.effects).handlers(),
-            ModelCommands(config, self.keyring, self.effects, engine).handlers(),
+            ModelCommands(config, self.keyring, self.effects, engine,
+                          self.jobs).handlers(),
             GovernanceReads(engine).handlers(),
             EnrolmentCommands(config, self.effects).handlers(),
             TokenCommands(config, self.clock.wall_ns).handlers(),
@@ -137,8 +143,9 @@ class HubService:
             WitnessCommands(roots).handlers(),
             RolloutCommands(issuer, self.effects).handlers(),
             RolloutReads(engine, self.telemetry).handlers(),
+            RebaseCommands(self.telemetry).handlers(),
             Verbs(reads={"status": self._status}),
-        ], audience=config.origin)
+        ], audience=config.origin, jobs=self.jobs)
         # Devices that made their own key enrol with a one-time token (`hub.enrol`).
         self.enrolment = TokenEnrolment(config, self.writer, self.effects,
                                         lambda: self.clock.wall_ns())
@@ -297,6 +304,7 @@ class HubService:
 
     async def stop(self) -> None:
         await self.edge.drain_api()
+        await self.jobs.stop()  # running validations fail ("the hub stopped while it ran")
         if self.ledger_publishing is not None:
             await self.ledger_publishing.stop()  # signs a last checkpoint of what was added
         # Bounded: a stuck NATS call must not keep the hub from stopping.

@@ -385,6 +385,33 @@ class TelemetryIngest:
                                 max(per_output) if per_output else None, tuple(per_output),
                                 observed)
 
+    def release_histograms(self, model: str, version: str, digest: str,
+                           keys: set[tuple[str, str, int]] | None = None, since_ns: int = 0,
+                           ) -> tuple[list[list[int]], int, int, int, int, int]:
+        """The output histograms devices reported for one release (its digest), summed
+        over every assignment of it, or only `keys`, and only assignments whose first
+        window started at or after `since_ns`: (outputs, inferences, devices,
+        assignments, first_ts, last_ts). For re-basing the drift reference."""
+        outputs: list[list[int]] = []
+        inferences = assignments = 0
+        devices: set[str] = set()
+        first_ts = last_ts = 0
+        for key, a in sorted(self._aggs.items()):
+            if (a.model, a.version, key[1]) != (model, version, digest):
+                continue
+            if (keys is not None and key not in keys) or a.first_ts < since_ns:
+                continue
+            assignments += 1
+            devices.add(key[0])
+            inferences += a.inferences
+            first_ts = a.first_ts if not first_ts else min(first_ts, a.first_ts)
+            last_ts = max(last_ts, a.last_ts)
+            for k, hist in enumerate(a.outputs):
+                if len(outputs) <= k:
+                    outputs.append([])
+                _add(outputs[k], hist)
+        return outputs, inferences, len(devices), assignments, first_ts, last_ts
+
     def totals_by_model(self) -> dict[tuple[str, str], tuple[int, int]]:
         out: dict[tuple[str, str], tuple[int, int]] = {}
         for a in self._aggs.values():

@@ -36,6 +36,10 @@ Policy file (TOML); `[models.<name>]` overrides `[default]` key by key:
     task = "regression"
     max_mae = 0.3                  # regression only
 
+The validation data (.npz) holds `inputs` (one-input models) or one `inputs/<tensor
+name>` array per input (several), optional `labels`, `groups`, `sequences`; the format
+is in docs/PROTOCOL.md ("Validation data set").
+
 A threshold that does not apply to the model's task is refused in the model's own
 table and ignored when inherited from `[default]`.
 """

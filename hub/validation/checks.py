@@ -169,6 +169,24 @@ def feature_groups(row_shape: tuple[int, ...],
     return list(np.array_split(np.arange(n, dtype=np.intp), max_groups)), f"blocks:{max_groups}"
 
 
+def input_feature_groups(inputs: list[tuple[str, tuple[int, ...], int]],
+                         max_groups: int = MAX_IMPORTANCE_GROUPS,
+                         ) -> tuple[list[NDArray[np.intp]], str]:
+    """`feature_groups` for several inputs, each (name, row shape, first column in the
+    flattened row): every input is grouped on its own (a group never mixes inputs), with
+    an equal share of `max_groups` (at least one group each); the groups are in input
+    order and the grouping says each input's, e.g. "in_a=feature:8;in_b=last_axis:3"."""
+    share = max(1, max_groups // max(1, len(inputs)))
+    groups: list[NDArray[np.intp]] = []
+    how: list[str] = []
+    for name, row_shape, start in inputs:
+        mine, grouping = feature_groups(row_shape, share)
+        groups.extend(g + start for g in mine)
+        how.append(f"{name}={grouping}:{len(mine)}" if grouping == "feature" else
+                   f"{name}={grouping}")
+    return groups, ";".join(how)
+
+
 def permutation_importance(
     run_rows: RunRows,
     x: NDArray[np.float64],
@@ -179,6 +197,7 @@ def permutation_importance(
     groups: list[NDArray[np.intp]] | None = None,
     deadline: float | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    after_group: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Per feature group (`feature_groups`; one per flattened feature by default): the
     mean, over IMPORTANCE_REPEATS shuffles of the group's columns across rows (the
@@ -186,7 +205,8 @@ def permutation_importance(
     without labels, of the mean absolute change of the outputs.
 
     With a `deadline` (time.monotonic()), groups not started by then are left out: the
-    list is shorter than the groups."""
+    list is shorter than the groups. `after_group(groups done)` is called after each
+    group (progress; it may raise to stop)."""
     n = x.shape[0]
     flat = x.reshape(n, -1)
     if groups is None:
@@ -208,6 +228,8 @@ def permutation_importance(
             else:
                 changes.append(baseline - score(out, labels, task, threshold))
         importance.append(float(np.mean(changes)))
+        if after_group is not None:
+            after_group(len(importance))
     return importance
 
 

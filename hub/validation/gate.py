@@ -293,23 +293,28 @@ def _drift_counts(policy: Policy, names: Sequence[str], sizes: Sequence[int]) ->
 def validate(
     model_path: Path, dataset: Dataset, policy: Policy, rng_seed: int = 0,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> ValidationReport:
     """Run the model over `dataset`, measure, and check the numbers against `policy`.
 
     Cost: 2 N single-row inferences (baseline, noisy copy) plus IMPORTANCE_REPEATS x
     groups x min(N, importance_rows) for permutation importance, which stops at
     `importance_budget_s`; plus a child-process preflight of the model. `input_shapes`
-    are the run shapes of dynamic inputs (as registered).
+    are the run shapes of dynamic inputs (as registered). `progress(fraction)` is called
+    between steps (the model loaded, the baseline run, the noisy run, each importance
+    group, the end); it may raise to stop the run there (a cancelled job).
     """
+    step = progress if progress is not None else (lambda fraction: None)
     model_path = Path(model_path)
     try:
         model_bytes = model_path.read_bytes()
     except OSError as exc:
         raise ModelError(f"cannot read model file {model_path}: {exc}") from exc
     model = load_model(model_bytes, model_path, input_shapes)
+    step(0.05)
     native = dataset.input_dtype == model.inputs[0].dtype and model.inputs[0].dtype[0] in "iu"
     runner = Runner(model, tuple(dataset.inputs.shape[1:]), native=native,
-                    output=policy.output)
+                    output=policy.output, parts=dataset.parts)
     rng = np.random.default_rng(rng_seed)
     order, resets = _in_sequences(dataset)
     x = dataset.inputs[order]
@@ -319,6 +324,7 @@ def validate(
         runner.run_all_rows(x[:1])
     latencies: list[float] = []
     all_outputs = runner.run_all_rows(x, resets, latencies)
+    step(0.3)
     outputs = all_outputs[runner.scored]
     n_outputs = int(outputs.shape[1])
     labels = _checked_labels(dataset, policy.task, n_outputs)
@@ -331,8 +337,9 @@ def validate(
         "output": out_specs[runner.scored].name,
         "output_tensors": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype}
                            for o in out_specs],
-        "input_encoding": ("native" if runner.native else "quantized"
-                           if model.inputs[0].dtype[0] in "iu" else "float"),
+        # One input: its encoding as text (as before); several: per input name.
+        "input_encoding": (runner.encodings() if dataset.parts else
+                           next(iter(runner.encodings().values()))),
         "sequences": int(resets.sum()) if dataset.sequences is not None else None,
     }
     if metrics["sequences"] is None:
@@ -380,16 +387,22 @@ def validate(
     metrics["noise_std"] = policy.noise_std
     metrics["flip_rate"] = checks.flip_rate(run_rows, x, outputs, flip_edges, task,
                                             policy.noise_std, rng, threshold)
+    step(0.5)
     sample = _importance_sample(resets, policy.importance_rows, rng)
     sample_resets = resets[sample].copy()
     sample_resets[0] = True
     sample_resets[1:] |= np.diff(sample) != 1  # a gap in the rows starts a new sequence
-    feature_groups, grouping = checks.feature_groups(tuple(x.shape[1:]))
+    if dataset.parts:  # grouped within each input, the group budget shared among them
+        feature_groups, grouping = checks.input_feature_groups(
+            [(p.name, p.row_shape, p.start) for p in dataset.parts])
+    else:
+        feature_groups, grouping = checks.feature_groups(tuple(x.shape[1:]))
     started = time.monotonic()
     importance = checks.permutation_importance(
         lambda rows: runner.run_rows(rows, sample_resets), x[sample], outputs[sample],
         None if labels is None else labels[sample], task, rng, feature_groups,
-        started + policy.importance_budget_s, threshold)
+        started + policy.importance_budget_s, threshold,
+        lambda done: step(0.5 + 0.45 * done / max(1, len(feature_groups))))
     metrics["permutation_importance"] = importance
     metrics["importance_basis"] = checks.importance_basis(task, labels is not None)
     metrics["importance_repeats"] = checks.IMPORTANCE_REPEATS
@@ -406,6 +419,7 @@ def validate(
     # Latency, as measured on the hub (not the device): a sanity bound.
     metrics["latency_ms"] = checks.percentiles(latencies)
 
+    step(1.0)
     found = failures(_Measured(metrics, worst, best), policy)
     blind = drift_blind_warning([h.output_index for h in histograms if h.degenerate])
     return ValidationReport(

@@ -13,7 +13,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edge_agent.protocol import bins
-from edge_agent.runtime import LoadedModel, ModelRuntimeError, preflight
+from edge_agent.runtime import LoadedModel, ModelRuntimeError, TensorSpec, preflight
+from hub.validation.dataset import InputPart
 from hub.validation.errors import DatasetError, ModelError
 
 # Outputs a model may have for validation (each is run and checked finite).
@@ -31,49 +32,91 @@ class Runner:
     not depend on the order of the sequences."""
 
     def __init__(self, model: LoadedModel, row_shape: tuple[int, ...], *,
-                 native: bool = False, output: str | None = None) -> None:
+                 native: bool = False, output: str | None = None,
+                 parts: Sequence[InputPart] = ()) -> None:
+        """`row_shape`: the shape of one row of a one-input data set (`native`: given in
+        the input tensor's dtype). `parts`: a multi-input set's named inputs (each
+        with its own row shape and dtype); rows are then the flattened concatenation
+        the data set holds, split here into one tensor per model input."""
         self.model = model
-        if len(model.inputs) != 1:
-            raise ModelError(
-                f"validation feeds one input tensor from the .npz 'inputs' array; the model "
-                f"has {len(model.inputs)} ({[s.name for s in model.inputs]})")
+        names = [s.name for s in model.inputs]
+        if not parts:
+            if len(model.inputs) != 1:
+                raise ModelError(
+                    f"the model has {len(model.inputs)} inputs ({names}); give one array "
+                    f"per input in the .npz, named 'inputs/<tensor name>', instead of "
+                    f"'inputs'")
+            parts = [InputPart(names[0], row_shape,
+                               model.inputs[0].dtype if native else "float64", 0)]
+        else:
+            given = [p.name for p in parts]
+            missing = sorted(set(names) - set(given))
+            unknown = sorted(set(given) - set(names))
+            if missing or unknown:
+                raise DatasetError(
+                    "the validation inputs do not match the model's inputs "
+                    f"{names}: " + "; ".join(
+                        ([f"missing inputs/{n}" for n in missing]) +
+                        ([f"inputs/{n} is not an input of the model" for n in unknown])))
+        by_name = {p.name: p for p in parts}
         self.input = model.inputs[0]
+        # One feed per model input, in the model's order: (tensor, part, fed natively).
+        self.feeds: list[tuple[TensorSpec, InputPart, bool]] = []
+        for spec in model.inputs:
+            part = by_name[spec.name]
+            if not spec.shape or spec.shape[0] != 1:
+                raise ModelError(
+                    f"validation runs one row at a time and needs a batch size of 1; input "
+                    f"{spec.name!r} has shape {list(spec.shape)}")
+            if part.row_shape != spec.shape[1:]:
+                which = "each input row" if len(parts) == 1 else f"inputs/{spec.name}'s rows"
+                raise DatasetError(
+                    f"{which} has shape {list(part.row_shape)}, but the model's input "
+                    f"{spec.name!r} expects {list(spec.shape[1:])} per row "
+                    f"(tensor shape {list(spec.shape)})")
+            fed_native = part.dtype == spec.dtype and spec.numpy_dtype.kind in "iu"
+            self.feeds.append((spec, part, fed_native))
         outputs = model.outputs
         if len(outputs) > MAX_MODEL_OUTPUTS:
             raise ModelError(f"the model has {len(outputs)} output tensors; validation takes "
                              f"at most {MAX_MODEL_OUTPUTS}")
-        names = [o.name for o in outputs]
-        if output is not None and output not in names:
+        out_names = [o.name for o in outputs]
+        if output is not None and output not in out_names:
             raise ModelError(f"the policy's output {output!r} is not an output of the model; "
-                             f"its outputs are {names}")
-        self.scored = names.index(output) if output is not None else 0
-        if not self.input.shape or self.input.shape[0] != 1:
-            raise ModelError(
-                f"validation runs one row at a time and needs a batch size of 1; input "
-                f"{self.input.name!r} has shape {list(self.input.shape)}"
-            )
-        if row_shape != self.input.shape[1:]:
-            raise DatasetError(
-                f"each input row has shape {list(row_shape)}, but the model's input "
-                f"{self.input.name!r} expects {list(self.input.shape[1:])} per row "
-                f"(tensor shape {list(self.input.shape)})"
-            )
-        bad = [f"{t.name!r} {t.dtype}" for t in [self.input, *outputs]
+                             f"its outputs are {out_names}")
+        self.scored = out_names.index(output) if output is not None else 0
+        bad = [f"{t.name!r} {t.dtype}" for t in [*model.inputs, *outputs]
                if t.numpy_dtype.kind not in "iuf"]
         if bad:
             raise ModelError(f"unsupported tensor types: {', '.join(bad)}")
-        self.native = native and self.input.numpy_dtype.kind in "iu"
+        self.native = all(native for _, _, native in self.feeds) and \
+            self.input.numpy_dtype.kind in "iu"
 
-    def encode(self, rows: NDArray[np.float64]) -> NDArray[Any]:
-        dtype = self.input.numpy_dtype
+    def encodings(self) -> dict[str, str]:
+        """Per input: "float", "quantized" (float rows quantized with its parameters) or
+        "native" (given in its own integer dtype, fed as is)."""
+        return {spec.name: "native" if fed_native else
+                "quantized" if spec.numpy_dtype.kind in "iu" else "float"
+                for spec, _, fed_native in self.feeds}
+
+    @staticmethod
+    def _encode(spec: TensorSpec, rows: NDArray[np.float64], native: bool) -> NDArray[Any]:
+        dtype = spec.numpy_dtype
         if dtype.kind == "f":
             return rows.astype(dtype)
         info = np.iinfo(dtype)
-        if self.native:  # already the tensor's integers: not re-quantized
+        if native:  # already the tensor's integers: not re-quantized
             return np.clip(np.round(rows), info.min, info.max).astype(dtype)
-        scale, zero_point = self.input.quantization
+        scale, zero_point = spec.quantization
         values = np.round(rows / scale) + zero_point if scale > 0 else np.round(rows)
         return np.clip(values, info.min, info.max).astype(dtype)
+
+    def encode(self, rows: NDArray[np.float64]) -> list[NDArray[Any]]:
+        """Per model input, its (N, *tensor shape[1:]) rows in the tensor's dtype."""
+        flat = rows.reshape(rows.shape[0], -1)
+        return [self._encode(spec, flat[:, part.start:part.start + part.size], fed_native)
+                .reshape(rows.shape[0], *spec.shape)
+                for spec, part, fed_native in self.feeds]
 
     def decode(self, out: NDArray[Any], k: int = 0) -> NDArray[np.float64]:
         """The real values of output `k`: dequantized by the rule devices apply before
@@ -85,15 +128,14 @@ class Runner:
                      latencies: list[float] | None = None) -> list[NDArray[np.float64]]:
         """Every output, one (N, values) array per output tensor."""
         encoded = self.encode(rows)
-        batch_shape = self.input.shape
         per_output: list[list[NDArray[np.float64]]] = [[] for _ in self.model.outputs]
         try:
-            for i, row in enumerate(encoded):
+            for i in range(rows.shape[0]):
                 if resets is None or resets[i]:
                     self.model.reset_state()
-                x = row.reshape(batch_shape)
+                xs = [tensor[i] for tensor in encoded]
                 start = time.perf_counter_ns()
-                outs = self.model.run_all([x])
+                outs = self.model.run_all(xs)
                 if latencies is not None:
                     latencies.append((time.perf_counter_ns() - start) / 1e6)
                 for k, out in enumerate(outs):

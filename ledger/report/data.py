@@ -28,7 +28,8 @@ from ledger.storage.at import (
 )
 
 MODEL_KINDS = ("model.registered", "model.validated", "model.approved", "model.rejected",
-               "model.released", "model.deprecated", "model.revoked", "model.resigned")
+               "model.released", "model.deprecated", "model.revoked", "model.resigned",
+               "model.reference_rebased")
 ROLLOUT_KINDS = ("rollout.created", "rollout.started", "rollout.resumed", "rollout.paused",
                  "rollout.aborted", "rollout.wave_started", "rollout.devices_timed_out",
                  "rollout.wave_baking", "rollout.wave_completed", "rollout.halted",
@@ -40,7 +41,8 @@ DEVICE_KINDS = ("device.enrolled", "device.revoked", "device.assigned",
 VERB_OF = {"model.registered": "model.register", "model.validated": "model.validate",
            "model.approved": "model.approve", "model.rejected": "model.reject",
            "model.released": "model.release", "model.deprecated": "model.deprecate",
-           "model.revoked": "model.revoke", "rollout.created": "rollout.create",
+           "model.revoked": "model.revoke", "model.reference_rebased": "model.rebase",
+           "rollout.created": "rollout.create",
            "rollout.started": "rollout.start", "rollout.resumed": "rollout.resume",
            "rollout.paused": "rollout.pause", "rollout.aborted": "rollout.abort"}
 GATES = (("error_rate", "max_error_rate", "error rate"), ("p95_ms", "max_p95_ms", "p95 (ms)"),
