@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,7 +37,9 @@ async def cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", module, *args], capture_output=True,
         text=True, timeout=60, cwd=REPO_ROOT,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+        # The environment passes on: FLEET_CHECK_JSON_SCHEMAS (tests/conftest.py) makes
+        # every --json document here checked against its schema.
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), COLUMNS="200"))
 
 
 async def new_token(fleet: Fleet, device: str, ttl_s: int = 3600) -> str:

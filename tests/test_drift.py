@@ -9,7 +9,11 @@ rollout with a PSI gate (tests/fleet.py), an application calling the agent's API
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -397,7 +401,15 @@ async def test_a_reference_rebased_on_fleet_traffic_makes_that_traffic_stable(
         async with await fleet.client(fleet.approver_key) as approver:
             await refused(fleet, approver, "model.rebase", body | {"min_inferences": ROWS},
                           "model.rebase needs operator")
-        answer = await admin.call("model.rebase", body | {"min_inferences": ROWS})
+        # Through the CLI, so its --json document is checked against its schema too.
+        done = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "hub.cli", "model", "rebase", "kws/1", "--rollout", rid,
+            "--min-inferences", str(ROWS), "--json", "--home", str(fleet.config.home),
+            "--key", str(fleet.config.operator_key_path("admin"))],
+            capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
         assert answer["source"] == {"rollout": rid, "devices": 1, "assignments": 1,
                                     "inferences": ROWS, "first_ts": answer["source"]["first_ts"],
                                     "last_ts": answer["source"]["last_ts"]}

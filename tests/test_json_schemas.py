@@ -176,6 +176,8 @@ EXERCISED_ELSEWHERE = {
     "edge-agent keygen": "tests/test_device_tokens.py",
     "edge-agent enroll": "tests/test_device_tokens.py",
     "hub device token create": "tests/test_device_tokens.py",
+    "hub model rebase": "tests/test_drift.py",
+    "hub model validation": "tests/test_validation_jobs.py",
 }
 
 
