@@ -65,7 +65,6 @@ async def device(fleet: Fleet) -> AsyncIterator[tuple[Fleet, Conn]]:
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=RESIDUAL)
 async def test_a_device_cannot_overwrite_another_devices_assignment_with_an_api_response(
     device: tuple[Fleet, Conn],
 ) -> None:
@@ -87,7 +86,6 @@ async def test_a_device_cannot_overwrite_another_devices_assignment_with_an_api_
     await unchanged_for(value, before, SETTLE)
 
 
-@pytest.mark.xfail(strict=True, reason=RESIDUAL)
 async def test_a_device_cannot_write_into_the_ledger_feed_with_a_push_consumer(
     device: tuple[Fleet, Conn],
 ) -> None:
