@@ -26,7 +26,7 @@ from edge_agent.transport.connect import NO_AUTH, NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub.commands.envelope import AUDIENCE_VERB, sign_command
 from hub.errors import Refused, Unreachable
-from hub.home.nats_config import operator_inbox_prefix
+from hub.home.nats_config import OPERATOR_JS_PREFIX, operator_inbox_prefix
 from ledger.signing import SigningKey
 
 
@@ -54,11 +54,12 @@ class HubClient:
     the unsigned `audience` verb before the first command)."""
 
     def __init__(self, nc: NATS, key: SigningKey, timeout: float,
-                 audience: str | None = None) -> None:
+                 audience: str | None = None, js_prefix: str | None = None) -> None:
         self.nc = nc
         self.key = key
         self.timeout = timeout
         self.audience = audience
+        self.js_prefix = js_prefix  # where its JetStream API imports are (None: $JS.API)
 
     @classmethod
     async def connect(cls, url: str, key: SigningKey, timeout: float = 30.0,
@@ -77,7 +78,10 @@ class HubClient:
                                     error_cb=_quiet, disconnected_cb=_quiet_event)
         except Exception as exc:
             raise Unreachable(f"cannot connect to NATS at {url}: {exc}") from exc
-        return cls(nc, key, timeout, audience)
+        # Signed in with an operator's nkey: in the OPERATORS account, whose JetStream
+        # API imports have a prefix of their own (hub.home.nats_config.OPERATOR_JS_PREFIX).
+        prefix = OPERATOR_JS_PREFIX if auth.nkey_seed is not None else None
+        return cls(nc, key, timeout, audience, prefix)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -165,7 +169,8 @@ class HubClient:
     async def upload_model(self, path: Path) -> tuple[str, int]:
         """Put a file (model or data set) into the Object Store under its BLAKE3 digest."""
         digest, size = file_digest(path)
-        js = self.nc.jetstream()
+        js = (self.nc.jetstream() if self.js_prefix is None
+              else self.nc.jetstream(prefix=self.js_prefix))
         try:
             obs = await js.object_store(MODELS_BUCKET)
         except (BucketNotFoundError, NotFoundError) as exc:

@@ -124,14 +124,28 @@ def direct_get_last(stream: str, subject: str) -> str:
 
 # What the operators' Object Store upload (nats-py's ObjectStore.put) sends, as service
 # imports so every response lands in OPERATORS. Raw Object Store rights (issue 12,
-# class 3): to go once uploads take the hub-controlled staging path; delete this list
-# and its uses then.
+# class 3): to go once uploads take the hub-controlled staging path; delete this list,
+# OPERATOR_JS_PREFIX and their uses then.
 OPERATOR_UPLOAD_SERVICES = (
     f"$JS.API.STREAM.INFO.{OBJ}", f"$JS.API.STREAM.MSG.GET.{OBJ}",
-    f"{DIRECT_GET}{OBJ}", f"{DIRECT_GET}{OBJ}.>",
     f"$JS.API.STREAM.PURGE.{OBJ}",
     f"$O.{MODELS_BUCKET}.C.>", f"$O.{MODELS_BUCKET}.M.>",
 )
+# In an account without JetStream the server itself answers every `$JS.API.>` request
+# (503 "JetStream not enabled for account"), racing the import's answer; direct gets
+# excepted (they have no such responder). So the other JetStream API imports take a
+# prefix of their own in the importing account, and the operator's client asks there
+# (nc.jetstream(prefix=OPERATOR_JS_PREFIX), hub/client.py).
+OPERATOR_JS_PREFIX = "$JS.hub.API"
+
+
+def import_subject(subject: str) -> str:
+    """Where an exported service subject is imported (see OPERATOR_JS_PREFIX)."""
+    if subject.startswith("$JS.API.") and not subject.startswith(DIRECT_GET):
+        return OPERATOR_JS_PREFIX + subject[len("$JS.API"):]
+    return subject
+
+
 # Read-only direct gets every device may send (a device's own publish permission
 # narrows the assignments bucket to its own key). No STREAM.*, CONSUMER.* or MSG.*:
 # nothing that changes a stream, makes a consumer or lets the caller pick where the
@@ -201,7 +215,8 @@ def operator_permissions(keyid: str) -> dict[str, list[str]]:
 
 
 OPERATOR_PERMISSIONS = {
-    "publish": [API_PREFIX + ">", LEDGER_API_PREFIX + ">", *OPERATOR_UPLOAD_SERVICES],
+    "publish": [API_PREFIX + ">", LEDGER_API_PREFIX + ">",
+                *(import_subject(s) for s in OPERATOR_UPLOAD_SERVICES)],
     "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
 }
 WITNESS_PERMISSIONS = {
@@ -233,8 +248,11 @@ def _exports_and_imports() -> tuple[list[str], dict[str, list[str]]]:
         names = ", ".join(accounts)
         exports.append(f"      {{ {kind}: {json.dumps(subject)}, accounts: [{names}] }}")
         for account in accounts:
+            local = import_subject(subject) if kind == "service" else subject
+            to = f", to: {json.dumps(local)}" if local != subject else ""
             imports.setdefault(account, []).append(
-                f"      {{ {kind}: {{ account: {HUB_ACCOUNT}, subject: {json.dumps(subject)} }} }}")
+                f"      {{ {kind}: {{ account: {HUB_ACCOUNT}, subject: {json.dumps(subject)} }}"
+                f"{to} }}")
     return exports, imports
 
 
