@@ -305,3 +305,25 @@ async def test_ledger_cli_signs_in_over_tls_with_the_hubs_ca(tmp_path: Path) -> 
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
+
+
+@pytest.mark.timeout(60)
+async def test_an_operator_uploads_through_its_imports_twice(fleet: Fleet,
+                                                             tmp_path: Path) -> None:
+    """The operator's upload (nats-py's ObjectStore.put, hub.home.nats_config.
+    OPERATOR_UPLOAD_SERVICES) works from the OPERATORS account: stream info, the
+    metadata read, the chunk and metadata publishes, and on a second upload of the same
+    name the purge of the old chunks, all through service imports."""
+    from edge_agent.protocol.names import MODELS_BUCKET
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"a model " * 40_000)
+    async with await fleet.client() as admin:
+        assert admin.js_prefix is not None  # signed in with its nkey: OPERATORS
+        first = await admin.upload_model(blob)
+        second = await admin.upload_model(blob)
+    assert first == second
+    obs = await fleet.hub.edge.js.object_store(MODELS_BUCKET)
+    assert (await obs.get(first[0])).data == blob.read_bytes()
+    info = await fleet.hub.edge.js.stream_info(f"OBJ_{MODELS_BUCKET}")
+    assert info.state.messages == 1 + (first[1] + 128 * 1024 - 1) // (128 * 1024)

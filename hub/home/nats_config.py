@@ -4,7 +4,8 @@
 
     HOME/nats/nats-server.conf    pid_file, `listen` (from --nats), JetStream's store_dir
                                   (HOME/nats/jetstream), `include users.conf`, TLS (--tls)
-    HOME/nats/users.conf          one user per identity with its permissions (0600)
+    HOME/nats/users.conf          the accounts, one user per identity with its
+                                  permissions (0600)
     HOME/nats/credentials.toml    passwords of the hub and witness users (0600)
     HOME/nats/tls/                ca.pem, ca.key, server.pem, server.key (with --tls)
 
@@ -14,16 +15,18 @@ reload it: SIGHUP to the PID in HOME/nats/nats-server.pid (the server writes tha
 itself, from `pid_file`).
 A server on another machine is reloaded by its operator (`nats-server --signal reload`).
 
-Identities (docs/PROTOCOL.md, "Permissions", lists the exact subjects):
+Identities (docs/PROTOCOL.md, "Permissions", lists the exact subjects), each in a NATS
+account of its kind; only HUB has JetStream (see "accounts" below):
 
-- hub: everything (it owns the streams, buckets and the API);
-- one user per operator, identified by its nkey (= the operator's own Ed25519 key, the
-  one that signs its commands): the hub's signed-command API, the ledger API, uploading
-  blobs; replies only under its own inbox prefix. Revoking the operator removes it, so
-  a revoked key cannot even reach the hub;
-- witness: the ledger API, the ledger feed, and cosignatures;
-- one user per device, identified by its nkey (= its Ed25519 device key): its own
-  assignment, the roots and manifests buckets and model blobs to read, its own report
+- hub (account HUB): everything (it owns the streams, buckets and the API);
+- one user per operator (OPERATORS), identified by its nkey (= the operator's own
+  Ed25519 key, the one that signs its commands): the hub's signed-command API, the
+  ledger API, uploading blobs; replies only under its own inbox prefix. Revoking the
+  operator removes it, so a revoked key cannot even reach the hub;
+- witness (WITNESS): the ledger API, the ledger feed, and cosignatures;
+- one user per device (DEVICES), identified by its nkey (= its Ed25519 device key):
+  direct gets of its own assignment and of the roots, manifests, transparency and
+  model buckets, hints on its own assignment key and `root.latest`, its own report
   subjects to publish; replies only under its own inbox prefix.
 """
 
