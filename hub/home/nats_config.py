@@ -114,8 +114,6 @@ ASG = f"KV_{ASSIGNMENTS_BUCKET}"
 OBJ = f"OBJ_{MODELS_BUCKET}"
 READ_BUCKETS = (f"KV_{ROOTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{TRANSPARENCY_BUCKET}",
                 OBJ)
-# Streams devices read with direct gets: the hub creates them with allow_direct.
-DIRECT_STREAMS = (ASG, *READ_BUCKETS)
 DIRECT_GET = "$JS.API.DIRECT.GET."
 ROOT_LATEST_SUBJECT = f"$KV.{ROOTS_BUCKET}.{ROOT_LATEST_KEY}"
 
@@ -238,7 +236,7 @@ def _user_block(head: str, perms: dict[str, list[str]] | None) -> str:
 
 
 def _account_block(name: str, users: list[str], extra: list[str]) -> str:
-    """One account of the `accounts {}` block: its users, then `extra` lines."""
+    """One account of the `accounts {}` block: `extra` lines, then its users."""
     lines = [f"  {name} {{", *extra, "    users: ["]
     return "\n".join(lines) + "\n" + ",\n".join(users) + "\n    ]\n  }\n"
 
