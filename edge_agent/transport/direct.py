@@ -13,9 +13,13 @@ read. The value comes from a direct get, at start, on each hint, after a reconne
 (`kick()`) and on a slow poll (a lost hint costs at most POLL_SECONDS). Why: another
 device, in the same account, can make the server deliver a service response onto
 `$KV.assignments.<this device>` inside the devices' account (a reply-subject trick on
-a request of its own); so a hint may be forged, and it must cost at most one fetch,
-never a wrong value. Fetches are coalesced: one in flight and one pending, whatever
-the number of hints.
+a request of its own); so a hint may be forged, and it must cost a bounded number of
+fetches, never a wrong value. Fetches are coalesced: one in flight and one pending,
+whatever the number of hints. A hint can overtake the stream's own write of the value
+it announces (the server hands the message to subscribers and to the stream's store
+independently), so a hint whose fetch finds nothing new is checked again RECHECKS
+later (a burst of hints, forged or not, costs at most 1 + len(RECHECKS) fetches); a
+fetch that fails is tried again with backoff up to RETRY_CAP_SECONDS.
 
 The same code works on a server without auth (one global account): the subjects are
 the same there.
@@ -42,6 +46,9 @@ log = logging.getLogger("edge_agent.nats")
 DIRECT_GET = "$JS.API.DIRECT.GET."
 KV_OPERATION = "KV-Operation"
 POLL_SECONDS = 60.0  # the safety net under the hints
+RECHECKS = (0.1, 0.5, 2.0)  # seconds after a hint that showed nothing new
+RETRY_SECONDS = 0.25  # after a failed fetch, doubling ...
+RETRY_CAP_SECONDS = 5.0  # ... up to this
 FETCH_TIMEOUT = 10.0
 
 
@@ -141,39 +148,57 @@ class KeyHints:
         """Read the value again soon (a reconnect: hints may have been lost)."""
         self._kick.set()
 
-    async def _fetch(self) -> None:
+    async def _fetch(self) -> bool:
+        """Read the key; True if it handed on a new revision."""
         self.fetches += 1
         stored = await direct_get(self._nc, self._stream, subject=self._subject)
         if stored is None:
             if self._seq is not None:  # it was there and is gone: a purge
                 self._seq = None
                 self._values.put_nowait(None)
-            return
+                return True
+            return False
         if stored.subject != self._subject:
             raise FetchError(f"asked for {self._subject}, the server answers with "
                              f"{stored.subject[:80]}")
         if stored.seq == self._seq:
-            return  # nothing new (a forged hint, a poll)
+            return False  # nothing new (a forged hint, a poll, or not stored yet)
         self._seq = stored.seq
         self._values.put_nowait(None if stored.deleted else stored.data)
+        return True
 
     async def _run(self) -> None:
+        delay = self._poll
+        rechecks: list[float] = []
+        failures = 0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._poll)
+            try:
+                await asyncio.wait_for(self._kick.wait(), delay)
+                hinted = True
+            except TimeoutError:
+                hinted = False
             # Hints that come during the fetch set the event again: one more fetch
             # after this one, however many they were.
             self._kick.clear()
             try:
-                await self._fetch()
+                changed = await self._fetch()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # NotPublished, FetchError: the next kick or poll
+            except Exception as exc:  # NotPublished, FetchError: again, with backoff
                 self.errors += 1
+                failures += 1
+                delay = min(RETRY_CAP_SECONDS, RETRY_SECONDS * 2 ** (failures - 1))
                 if str(exc) != self._said:
                     self._said = str(exc)
-                    log.warning("cannot read %s (trying again at the next update or in "
-                                "%g s): %s", self._subject, self._poll, exc)
+                    log.warning("cannot read %s (trying again, at most every %g s): %s",
+                                self._subject, RETRY_CAP_SECONDS, exc)
+                continue
+            failures = 0
+            if changed:
+                rechecks = []
+            elif hinted:
+                rechecks = list(RECHECKS)  # the store may not have the value yet
+            delay = rechecks.pop(0) if rechecks else self._poll
 
     async def updates(self, timeout: float) -> bytes | None:
         """The next revision's value (None: deleted); TimeoutError if none comes within
