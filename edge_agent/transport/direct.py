@@ -9,7 +9,7 @@ message on a subject) and, for model chunks, `$JS.API.DIRECT.GET.OBJ_models` wit
 A watched key (its assignment, `root.latest`) is a core subscription on
 `$KV.<bucket>.<key>`, which the hub's account exports as a stream: a KV put is a
 message on that subject. The message is used only as a **hint**: its bytes are never
-read. The value comes from a direct get, at start, on each hint, after a reconnect
+used as the value. The value comes from a direct get, at start, on each hint, after a reconnect
 (`kick()`) and on a slow poll (a lost hint costs at most POLL_SECONDS). Why: another
 device, in the same account, can make the server deliver a service response onto
 `$KV.assignments.<this device>` inside the devices' account (a reply-subject trick on
@@ -17,9 +17,11 @@ a request of its own); so a hint may be forged, and it must cost a bounded numbe
 fetches, never a wrong value. Fetches are coalesced: one in flight and one pending,
 whatever the number of hints. A hint can overtake the stream's own write of the value
 it announces (the server hands the message to subscribers and to the stream's store
-independently), so a hint whose fetch finds nothing new is checked again RECHECKS
-later (a burst of hints, forged or not, costs at most 1 + len(RECHECKS) fetches); a
-fetch that fails is tried again with backoff up to RETRY_CAP_SECONDS.
+independently; a server busy recovering its streams after a restart stores late), so
+while the value read differs from the last hint's bytes (compared, never used) the key
+is read again after each of RECHECKS: a burst of hints, forged or not, costs at most
+1 + len(RECHECKS) fetches over about 30 s. A fetch that fails is tried again with
+backoff up to RETRY_CAP_SECONDS.
 
 The same code works on a server without auth (one global account): the subjects are
 the same there.
@@ -46,7 +48,8 @@ log = logging.getLogger("edge_agent.nats")
 DIRECT_GET = "$JS.API.DIRECT.GET."
 KV_OPERATION = "KV-Operation"
 POLL_SECONDS = 60.0  # the safety net under the hints
-RECHECKS = (0.1, 0.5, 2.0)  # seconds after a hint that showed nothing new
+# Seconds between re-reads while the value differs from the last hint (~31 s in all).
+RECHECKS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 RETRY_SECONDS = 0.25  # after a failed fetch, doubling ...
 RETRY_CAP_SECONDS = 5.0  # ... up to this
 FETCH_TIMEOUT = 10.0
@@ -120,6 +123,7 @@ class KeyHints:
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._seq: int | None = None  # the revision handed on last (None: none yet)
+        self._hinted: bytes | None = None  # the last hint's bytes, until the value matches
         self.hints = 0  # hint messages seen (forged ones included)
         self.fetches = 0
         self.errors = 0  # fetches that failed (the next hint or poll tries again)
@@ -141,31 +145,30 @@ class KeyHints:
         return hints
 
     async def _on_hint(self, msg: Msg) -> None:
-        self.hints += 1  # what it says is never read
+        self.hints += 1
+        self._hinted = msg.data  # compared with what the direct get says, never used
         self._kick.set()
 
     def kick(self) -> None:
         """Read the value again soon (a reconnect: hints may have been lost)."""
         self._kick.set()
 
-    async def _fetch(self) -> bool:
-        """Read the key; True if it handed on a new revision."""
+    async def _fetch(self) -> bytes | None:
+        """Read the key, hand on a new revision; the bytes stored (None: no message)."""
         self.fetches += 1
         stored = await direct_get(self._nc, self._stream, subject=self._subject)
         if stored is None:
             if self._seq is not None:  # it was there and is gone: a purge
                 self._seq = None
                 self._values.put_nowait(None)
-                return True
-            return False
+            return None
         if stored.subject != self._subject:
             raise FetchError(f"asked for {self._subject}, the server answers with "
                              f"{stored.subject[:80]}")
-        if stored.seq == self._seq:
-            return False  # nothing new (a forged hint, a poll, or not stored yet)
-        self._seq = stored.seq
-        self._values.put_nowait(None if stored.deleted else stored.data)
-        return True
+        if stored.seq != self._seq:  # else nothing new (a forged hint, a poll, not yet)
+            self._seq = stored.seq
+            self._values.put_nowait(None if stored.deleted else stored.data)
+        return stored.data
 
     async def _run(self) -> None:
         delay = self._poll
@@ -181,7 +184,7 @@ class KeyHints:
             # after this one, however many they were.
             self._kick.clear()
             try:
-                changed = await self._fetch()
+                seen = await self._fetch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NotPublished, FetchError: again, with backoff
@@ -194,11 +197,14 @@ class KeyHints:
                                 self._subject, RETRY_CAP_SECONDS, exc)
                 continue
             failures = 0
-            if changed:
-                rechecks = []
+            if self._hinted is None or seen == self._hinted:
+                self._hinted, rechecks = None, []  # caught up with the last hint
             elif hinted:
                 rechecks = list(RECHECKS)  # the store may not have the value yet
-            delay = rechecks.pop(0) if rechecks else self._poll
+            if rechecks:
+                delay = rechecks.pop(0)
+            else:
+                self._hinted, delay = None, self._poll
 
     async def updates(self, timeout: float) -> bytes | None:
         """The next revision's value (None: deleted); TimeoutError if none comes within
