@@ -87,7 +87,10 @@ class NatsTransport:
         try:
             value = await _kv_get(self.nc, MANIFESTS_BUCKET, key)
         except NotPublished as exc:
-            raise NotPublished(f"release manifest {key} not found ({exc})") from exc
+            # No responder for the bucket: not there, or not yet again (a server that
+            # is recovering its streams after a restart). Worth trying again; only a
+            # missing key refuses the update.
+            raise FetchError(f"cannot read release manifest {key}: {exc}") from exc
         except FetchError as exc:
             raise FetchError(f"cannot read release manifest {key}: {exc}") from exc
         if value is None:
@@ -116,8 +119,8 @@ class NatsTransport:
     async def root(self, version: int) -> bytes | None:
         try:
             return await _kv_get(self.nc, ROOTS_BUCKET, root_key(version))
-        except NotPublished:
-            return None
+        except NotPublished as exc:  # no bucket (yet again): not "no such root"
+            raise FetchError(f"cannot read trust root {version}: {exc}") from exc
         except FetchError as exc:
             raise FetchError(f"cannot read trust root {version}: {exc}") from exc
 
