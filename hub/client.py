@@ -101,6 +101,9 @@ class HubClient:
                                     error_cb=_quiet, disconnected_cb=_quiet_event)
         except Exception as exc:
             raise Unreachable(f"cannot connect to NATS at {url}: {exc}") from exc
+        # Signed in with an operator's nkey, the connection is in the OPERATORS account:
+        # no JetStream API there at all; uploads are plain publishes to the hub's UPLOADS
+        # stream through a service import (hub.home.nats_config.UPLOAD_SERVICE).
         return cls(nc, key, timeout, audience)
 
     async def close(self) -> None:

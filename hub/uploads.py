@@ -46,7 +46,6 @@ from edge_agent.protocol.names import (
     UPLOADS_STREAM,
     upload_subject,
 )
-from edge_agent.transport.objects import iter_object_chunks
 from hub.errors import Refused
 
 log = logging.getLogger("hub.uploads")
@@ -239,11 +238,14 @@ async def copy_blob(js: JetStreamContext, source: str, target: str, digest: str,
     with tempfile.TemporaryDirectory(prefix="hub-blob-") as tmp:
         path = Path(tmp) / "blob"
         hasher = blake3.blake3()
+        # The hub's own Object Store read (it holds every right in HUB), streamed to a
+        # file rather than held in memory; the digest is checked before it is stored.
         with open(path, "wb") as fh:
-            async for chunk in iter_object_chunks(js, source, digest, size):
-                hasher.update(chunk)
-                fh.write(chunk)
-        if hasher.hexdigest() != digest:
+            await (await js.object_store(source)).get(digest, writeinto=fh)
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                hasher.update(block)
+        if path.stat().st_size != size or hasher.hexdigest() != digest:
             raise ValueError(f"blob {digest[:16]}… in bucket {source} does not match its "
                              "digest")
         await store_blob(js, target, digest, path)

@@ -47,7 +47,7 @@ async def bench(url: str, sizes: list[int], repeat: int) -> Table:
             ok &= result.data == data
             t = time.perf_counter()
             hasher = blake3.blake3()
-            async for chunk in iter_object_chunks(js, "bench", name, size):
+            async for chunk in iter_object_chunks(nc, "bench", name, size):
                 hasher.update(chunk)
             fast.append(size / (time.perf_counter() - t) / 1e6)
             ok &= hasher.hexdigest() == name

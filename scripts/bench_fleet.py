@@ -105,11 +105,10 @@ async def release(admin: HubClient, approver: HubClient, path: Path, version: st
 
 async def raw_fetch(url: str, digest: str, size: int, readers: int, rounds: int = 5) -> float:
     nc = await nats.connect(url)
-    js = nc.jetstream()
 
     async def one() -> int:
         n = 0
-        async for chunk in iter_object_chunks(js, "models", digest, size):
+        async for chunk in iter_object_chunks(nc, "models", digest, size):
             n += len(chunk)
         return n
 

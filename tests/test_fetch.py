@@ -23,7 +23,7 @@ async def test_reads_a_multi_chunk_object_exactly(bare_nats_server: EmbeddedNats
     data = os.urandom(3 * 1024 * 1024 + 17)  # many 128 KiB chunks plus a partial one
     await obs.put("blob", data)
     got = bytearray()
-    async for chunk in iter_object_chunks(js, "models", "blob", len(data)):
+    async for chunk in iter_object_chunks(nc, "models", "blob", len(data)):
         got += chunk
     assert bytes(got) == data
     await nc.close()
@@ -39,7 +39,7 @@ async def test_stops_at_the_stated_size_when_the_object_is_longer(
     await obs.put("blob", data)
     received = 0
     with pytest.raises(BlobTooLarge, match="manifest says 1000"):
-        async for chunk in iter_object_chunks(js, "models", "blob", 1000):
+        async for chunk in iter_object_chunks(nc, "models", "blob", 1000):
             received += len(chunk)
     assert received == 0
     await nc.close()
@@ -50,7 +50,7 @@ async def test_missing_object_is_a_transfer_error(bare_nats_server: EmbeddedNats
     js = nc.jetstream()
     await js.create_object_store("models")
     with pytest.raises(FetchError, match="not in the object store"):
-        async for _ in iter_object_chunks(js, "models", blake3.blake3(b"x").hexdigest(), 1):
+        async for _ in iter_object_chunks(nc, "models", blake3.blake3(b"x").hexdigest(), 1):
             pass
     await nc.close()
 
@@ -90,7 +90,7 @@ async def test_endless_data_behind_lying_metadata_is_cut_off_at_the_stated_size(
 
     received = 0
     with pytest.raises(BlobTooLarge, match="longer than"):
-        async for chunk in iter_object_chunks(js, "models", "blob", len(data)):
+        async for chunk in iter_object_chunks(nc, "models", "blob", len(data)):
             received += len(chunk)
     assert received == len(data)  # everything up to the stated size, and not a byte more
     await nc.close()

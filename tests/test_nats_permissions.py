@@ -22,7 +22,7 @@ from nats.errors import Error as NatsError
 
 from edge_agent.protocol.names import API_PREFIX, ASSIGNMENTS_BUCKET
 from edge_agent.transport.connect import NatsAuth, nkey_public, nkey_seed
-from edge_agent.transport.kv_watch import KeyWatch
+from edge_agent.transport.direct import KeyHints
 from hub.home.config import init_home, set_nats_url
 from hub.home.nats_config import server_conf_path
 from ledger.signing import SigningKey
@@ -125,22 +125,26 @@ async def test_a_device_reads_its_own_assignment_and_not_anothers(
     two_devices: tuple[Fleet, Conn],
 ) -> None:
     _, a = two_devices
-    js = a.nc.jetstream(timeout=2)
-    own = await KeyWatch.start(js, ASSIGNMENTS_BUCKET, "dev-a")
+    own = await KeyHints.start(a.nc, ASSIGNMENTS_BUCKET, "dev-a")
     try:
-        assert (await own.updates(WAIT)).value == b"assignment of dev-a"
+        assert await own.updates(WAIT) == b"assignment of dev-a"
     finally:
         await own.stop()
-    # Every way to read dev-b's key: a filtered consumer, an unfiltered one (what
-    # nats-py's kv.watch sends), a stream message get, a direct get.
-    await a.refused("CONSUMER.CREATE.KV_assignments",
-                    KeyWatch.start(js, ASSIGNMENTS_BUCKET, "dev-b"))
-    kv = await js.key_value(ASSIGNMENTS_BUCKET)
-    await a.refused("CONSUMER.CREATE.KV_assignments", kv.watch("dev-b"))
-    await a.refused("STREAM.MSG.GET.KV_assignments", kv.get("dev-b"))
+    # Every way to read dev-b's key: a direct get, its hints, a stream message get, a
+    # consumer (filtered, or unfiltered as nats-py's kv.watch sends it).
     await a.refused("DIRECT.GET.KV_assignments",
                     a.nc.request("$JS.API.DIRECT.GET.KV_assignments.$KV.assignments.dev-b",
                                  b"", timeout=2))
+    await a.refused("DIRECT.GET.KV_assignments",  # the form with a body names any key
+                    a.nc.request("$JS.API.DIRECT.GET.KV_assignments",
+                                 b'{"last_by_subj": "$KV.assignments.dev-b"}', timeout=2))
+    await a.refused("$KV.assignments.dev-b", a.nc.subscribe("$KV.assignments.dev-b"))
+    await a.refused("$KV.assignments.*", a.nc.subscribe("$KV.assignments.*"))
+    await a.refused("STREAM.MSG.GET.KV_assignments",
+                    a.nc.request("$JS.API.STREAM.MSG.GET.KV_assignments", b"", timeout=2))
+    await a.refused("CONSUMER.CREATE.KV_assignments",
+                    a.nc.request("$JS.API.CONSUMER.CREATE.KV_assignments.w.$KV.assignments."
+                                 "dev-b", b"{}", timeout=2))
     # Nor can it listen to replies meant for others (its inbox is _INBOX.dev-a.>).
     await a.refused("_INBOX.>", a.nc.subscribe("_INBOX.>"))
 
@@ -301,3 +305,25 @@ async def test_ledger_cli_signs_in_over_tls_with_the_hubs_ca(tmp_path: Path) -> 
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
+
+
+@pytest.mark.timeout(60)
+async def test_an_operator_uploads_through_its_imports_twice(fleet: Fleet,
+                                                             tmp_path: Path) -> None:
+    """The operator's upload (nats-py's ObjectStore.put, hub.home.nats_config.
+    OPERATOR_UPLOAD_SERVICES) works from the OPERATORS account: stream info, the
+    metadata read, the chunk and metadata publishes, and on a second upload of the same
+    name the purge of the old chunks, all through service imports."""
+    from edge_agent.protocol.names import MODELS_BUCKET
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"a model " * 40_000)
+    async with await fleet.client() as admin:
+        assert admin.js_prefix is not None  # signed in with its nkey: OPERATORS
+        first = await admin.upload_model(blob)
+        second = await admin.upload_model(blob)
+    assert first == second
+    obs = await fleet.hub.edge.js.object_store(MODELS_BUCKET)
+    assert (await obs.get(first[0])).data == blob.read_bytes()
+    info = await fleet.hub.edge.js.stream_info(f"OBJ_{MODELS_BUCKET}")
+    assert info.state.messages == 1 + (first[1] + 128 * 1024 - 1) // (128 * 1024)

@@ -4,7 +4,8 @@
 
     HOME/nats/nats-server.conf    pid_file, `listen` (from --nats), JetStream's store_dir
                                   (HOME/nats/jetstream), `include users.conf`, TLS (--tls)
-    HOME/nats/users.conf          one user per identity with its permissions (0600)
+    HOME/nats/users.conf          the accounts, one user per identity with its
+                                  permissions (0600)
     HOME/nats/credentials.toml    passwords of the hub and witness users (0600)
     HOME/nats/tls/                ca.pem, ca.key, server.pem, server.key (with --tls)
 
@@ -14,19 +15,24 @@ reload it: SIGHUP to the PID in HOME/nats/nats-server.pid (the server writes tha
 itself, from `pid_file`).
 A server on another machine is reloaded by its operator (`nats-server --signal reload`).
 
-Identities (docs/PROTOCOL.md, "Permissions", lists the exact subjects):
+Identities (docs/PROTOCOL.md, "Permissions", lists the exact subjects), each in a NATS
+account of its kind; only HUB has JetStream (see "accounts" below):
 
-- hub: everything (it owns the streams, buckets and the API);
-- one user per operator, identified by its nkey (= the operator's own Ed25519 key, the
-  one that signs its commands): the hub's signed-command API, the ledger API, staging
-  uploads on its own `upload.<keyid>.>` subjects (no Object Store rights); replies only
-  under its own inbox prefix. Revoking the operator removes it, so
-  a revoked key cannot even reach the hub;
-- witness: the ledger API, the ledger feed, and cosignatures;
-- one user per device, identified by its nkey (= its Ed25519 device key): its own
-  assignment, the roots and manifests buckets and released model blobs (the
-  `releases` bucket, not `models`) to read, its own report
-  subjects to publish; replies only under its own inbox prefix.
+- hub (account HUB): everything (it owns the streams, buckets and the API);
+- one user per operator (OPERATORS), identified by its nkey (= the operator's own
+  Ed25519 key, the one that signs its commands): the hub's signed-command API, the
+  ledger API, staging uploads on its own `upload.<keyid>.>` subjects (no Object Store
+  rights at all; hub/uploads.py checks and stores them); replies only under its own
+  inbox prefix. Revoking the operator removes it, so a revoked key cannot even reach
+  the hub;
+- witness (WITNESS): the ledger API, the ledger feed, and cosignatures;
+- one user per device (DEVICES), identified by its nkey (= its Ed25519 device key):
+  direct gets of its own assignment and of the roots, manifests and transparency
+  buckets and of released model blobs (the `releases` bucket, never `models`), hints
+  on its own assignment key and `root.latest`, its own report subjects to publish;
+  replies only under its own inbox prefix;
+- enrol (ENROL): a device that made its own key, before it is enrolled: one request
+  subject (`hub.enrol`) and its own inbox root, nothing else.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ from edge_agent.protocol.names import (
     LEDGER_ENTRY_SUBJECT,
     MANIFESTS_BUCKET,
     RELEASES_BUCKET,
+    REPORT_SUBJECTS,
+    ROOT_LATEST_KEY,
     ROOTS_BUCKET,
     TRANSPARENCY_BUCKET,
     device_report_subjects,
@@ -62,6 +70,8 @@ from edge_agent.protocol.names import (
 from edge_agent.transport.connect import NatsAuth, device_inbox_prefix, nkey_public, nkey_seed
 from hub.home.nats_check import check_users_text, new_probe, without_probe
 from ledger.durable import atomic_write
+from ledger.net.remote import API_PREFIX as LEDGER_API_PREFIX
+from ledger.net.remote import COSIGNATURE_SUBJECT
 from ledger.signing import SigningKey
 
 log = logging.getLogger(__name__)
@@ -80,13 +90,6 @@ CA_CERT = "ca.pem"
 ROLES = ("hub", "witness", "enrol")
 RELOAD_SETTLE_SECONDS = 0.2
 
-ASG = f"KV_{ASSIGNMENTS_BUCKET}"
-# Devices read released blobs only: `releases`, never `models` (validation sets,
-# unreleased and refused models; hub/uploads.py).
-OBJ = f"OBJ_{RELEASES_BUCKET}"
-READ_BUCKETS = (f"KV_{ROOTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{TRANSPARENCY_BUCKET}",
-                OBJ)
-
 
 def nats_dir(home: Path) -> Path:
     return home / NATS_DIR
@@ -101,31 +104,97 @@ def ca_path(home: Path) -> Path | None:
     return path if path.exists() else None
 
 
+# ---------------------------------------------------------------- accounts
+
+# Every identity lives in a NATS account of its kind (docs/PROTOCOL.md "Permissions").
+# Only HUB has JetStream: the streams, buckets and the Object Store are in it, and only
+# the hub's own user is. Nobody else can call the JetStream API there, so nobody can
+# make the server write an API response, a direct-get copy or a push delivery into a
+# hub subject (issue 12, class 2). What the others may reach comes in through HUB's
+# exports: services (a request goes into HUB, its response comes back to the
+# requester's reply subject in the requester's own account, by the server's `_R_.`
+# mapping) and streams (core messages published in HUB copied out to the importer).
+HUB_ACCOUNT = "HUB"
+DEVICES_ACCOUNT = "DEVICES"
+OPERATORS_ACCOUNT = "OPERATORS"
+WITNESS_ACCOUNT = "WITNESS"
+ENROL_ACCOUNT = "ENROL"  # devices not enrolled yet: one request subject
+PROBE_ACCOUNT = "PROBE"  # the reload probe alone (hub.home.nats_check): no imports
+
+ASG = f"KV_{ASSIGNMENTS_BUCKET}"
+# Devices read released blobs only: `releases`, never `models` (validation sets,
+# unreleased and refused models; hub/uploads.py).
+OBJ = f"OBJ_{RELEASES_BUCKET}"
+READ_BUCKETS = (f"KV_{ROOTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{TRANSPARENCY_BUCKET}",
+                OBJ)
+DIRECT_GET = "$JS.API.DIRECT.GET."
+ROOT_LATEST_SUBJECT = f"$KV.{ROOTS_BUCKET}.{ROOT_LATEST_KEY}"
+
+
+def direct_get_last(stream: str, subject: str) -> str:
+    """The direct-get subject for the last message on `subject` (no request body)."""
+    return f"{DIRECT_GET}{stream}.{subject}"
+
+
+# Operators stage uploads with plain JetStream publishes on their own
+# `upload.<keyid>.<id>` subjects (a service import: the UPLOADS stream's PubAck is the
+# response) and have no Object Store or other JetStream API rights at all; the hub
+# checks an upload and stores it itself (hub/uploads.py, issue 12 class 3).
+UPLOAD_SERVICE = "upload.*.>"
+
+
+# Read-only direct gets every device may send (a device's own publish permission
+# narrows the assignments bucket to its own key). No STREAM.*, CONSUMER.* or MSG.*:
+# nothing that changes a stream, makes a consumer or lets the caller pick where the
+# server delivers.
+DEVICE_DIRECT_GET_SERVICES = (
+    f"{DIRECT_GET}{ASG}.$KV.{ASSIGNMENTS_BUCKET}.>",
+    *(f"{DIRECT_GET}{s}.>" for s in READ_BUCKETS),
+    f"{DIRECT_GET}{OBJ}",  # by sequence: one model chunk at a time
+)
+
+
+def hub_exports() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(kind, subject, importing accounts) of everything HUB exports."""
+    services: list[tuple[str, tuple[str, ...]]] = [
+        (API_PREFIX + ">", (OPERATORS_ACCOUNT,)),
+        (LEDGER_API_PREFIX + ">", (OPERATORS_ACCOUNT, WITNESS_ACCOUNT)),
+        (COSIGNATURE_SUBJECT, (WITNESS_ACCOUNT,)),
+        # A JetStream publish: the REPORTS stream's PubAck is the service's response.
+        (REPORT_SUBJECTS, (DEVICES_ACCOUNT,)),
+        *((s, (DEVICES_ACCOUNT,)) for s in DEVICE_DIRECT_GET_SERVICES),
+        (UPLOAD_SERVICE, (OPERATORS_ACCOUNT,)),
+        (ENROL_SUBJECT, (ENROL_ACCOUNT,)),
+    ]
+    # A KV put is a message on `$KV.<bucket>.<key>`: delivered to core subscribers in
+    # the importing account, which take it as a hint to direct-get the value.
+    streams: list[tuple[str, tuple[str, ...]]] = [
+        (f"$KV.{ASSIGNMENTS_BUCKET}.*", (DEVICES_ACCOUNT,)),
+        (ROOT_LATEST_SUBJECT, (DEVICES_ACCOUNT,)),
+        (LEDGER_ENTRY_SUBJECT, (OPERATORS_ACCOUNT, WITNESS_ACCOUNT)),
+        (LEDGER_CHECKPOINT_SUBJECT, (OPERATORS_ACCOUNT, WITNESS_ACCOUNT)),
+    ]
+    merged: dict[tuple[str, str], tuple[str, ...]] = {}
+    for kind, rows in (("service", services), ("stream", streams)):
+        for subject, accounts in rows:  # one export per subject: a second would replace it
+            held = merged.get((kind, subject), ())
+            merged[kind, subject] = held + tuple(a for a in accounts if a not in held)
+    return [(kind, subject, accounts) for (kind, subject), accounts in merged.items()]
+
+
 # ---------------------------------------------------------------- permissions
+# Inside each account, every user keeps its own subject permissions (defence in depth:
+# a device may send only its own report subjects and direct-get only its own assignment).
 
 
 def device_permissions(device: str) -> dict[str, list[str]]:
     """What one device may publish and subscribe to (and nothing else)."""
-    publish = [device_report_subjects(device)]
-    publish += [f"$JS.API.STREAM.INFO.{s}" for s in (ASG, *READ_BUCKETS)]
-    # Its own assignment only: the consumer's filter subject is part of the API subject
-    # (nats-server 2.10+), so a consumer on another device's key is refused.
-    publish.append(f"$JS.API.CONSUMER.CREATE.{ASG}.*.$KV.{ASSIGNMENTS_BUCKET}.{device}")
-    publish.append(f"$JS.FC.{ASG}.>")
-    # No `$JS.API.CONSUMER.DELETE.>` (a device could delete consumers it does not own:
-    # consumer names are one free token, so no subject names only its own) and no
-    # `$JS.API.CONSUMER.DURABLE.CREATE.>`. A consumer a device creates (even a durable,
-    # by name in the body) expires once unused: every device-readable stream caps its
-    # consumers' inactive threshold (hub.service.nats.allow_fleet_consumers).
-    for stream in READ_BUCKETS:  # readable by every device: no secrets in them
-        publish += [
-            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
-            f"$JS.API.CONSUMER.INFO.{stream}.*",
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.API.STREAM.MSG.GET.{stream}",
-            f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
-            f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
-        ]
-    return {"publish": publish, "subscribe": [device_inbox_prefix(device) + ".>"]}
+    publish = [device_report_subjects(device),
+               direct_get_last(ASG, f"$KV.{ASSIGNMENTS_BUCKET}.{device}"),
+               *(f"{DIRECT_GET}{s}.>" for s in READ_BUCKETS), f"{DIRECT_GET}{OBJ}"]
+    subscribe = [device_inbox_prefix(device) + ".>", f"$KV.{ASSIGNMENTS_BUCKET}.{device}",
+                 ROOT_LATEST_SUBJECT]
+    return {"publish": publish, "subscribe": subscribe}
 
 
 OPERATOR_INBOX_ROOT = "_INBOX_OPERATOR"
@@ -144,12 +213,9 @@ def operator_permissions(keyid: str) -> dict[str, list[str]]:
 
 
 OPERATOR_PERMISSIONS = {
-    "publish": [
-        # No Object Store rights at all: an operator stages an upload on its own
-        # `upload.<keyid>.>` subjects (operator_permissions adds them), and the hub
-        # checks it and stores it (hub/uploads.py).
-        API_PREFIX + ">", "ledger.api.>",
-    ],
+    # No Object Store rights: uploads are staged on `upload.<keyid>.>`, which
+    # operator_permissions adds per operator.
+    "publish": [API_PREFIX + ">", LEDGER_API_PREFIX + ">"],
     "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
 }
 # One request subject and its own inbox root: no JetStream API, no other subject. Its
@@ -160,7 +226,7 @@ ENROL_PERMISSIONS = {
     "subscribe": [ENROL_INBOX_ROOT + ".>"],
 }
 WITNESS_PERMISSIONS = {
-    "publish": ["ledger.api.>", "ledger.cosignature"],
+    "publish": [LEDGER_API_PREFIX + ">", COSIGNATURE_SUBJECT],
     "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
 }
 
@@ -172,6 +238,49 @@ def _user_block(head: str, perms: dict[str, list[str]] | None) -> str:
     sub = ", ".join(json.dumps(s) for s in perms["subscribe"])
     return (f"    {{ {head},\n      permissions: {{\n        publish: {{ allow: [{pub}] }},\n"
             f"        subscribe: {{ allow: [{sub}] }} }} }}")
+
+
+def _account_block(name: str, users: list[str], extra: list[str]) -> str:
+    """One account of the `accounts {}` block: `extra` lines, then its users."""
+    lines = [f"  {name} {{", *extra, "    users: ["]
+    return "\n".join(lines) + "\n" + ",\n".join(users) + "\n    ]\n  }\n"
+
+
+def _exports_and_imports() -> tuple[list[str], dict[str, list[str]]]:
+    """HUB's `exports` lines and every other account's `imports` lines."""
+    exports: list[str] = []
+    imports: dict[str, list[str]] = {}
+    for kind, subject, accounts in hub_exports():
+        names = ", ".join(accounts)
+        exports.append(f"      {{ {kind}: {json.dumps(subject)}, accounts: [{names}] }}")
+        for account in accounts:
+            imports.setdefault(account, []).append(
+                f"      {{ {kind}: {{ account: {HUB_ACCOUNT}, subject: {json.dumps(subject)} }}"
+                " }")
+    return exports, imports
+
+
+def accounts_text(hub: str, witness: str | None, operators: list[str], devices: list[str],
+                  probe: str, enrol: str | None = None) -> str:
+    """The users file: an `accounts {}` block with these user blocks in their accounts."""
+    exports, imports = _exports_and_imports()
+
+    def io(account: str) -> list[str]:
+        return ["    imports: [", *imports.get(account, []), "    ]"]
+
+    blocks = [
+        _account_block(HUB_ACCOUNT, [hub],
+                       ["    jetstream: enabled", "    exports: [", *exports, "    ]"]),
+        _account_block(OPERATORS_ACCOUNT, operators, io(OPERATORS_ACCOUNT)),
+        _account_block(DEVICES_ACCOUNT, devices, io(DEVICES_ACCOUNT)),
+    ]
+    if witness is not None:
+        blocks.append(_account_block(WITNESS_ACCOUNT, [witness], io(WITNESS_ACCOUNT)))
+    if enrol is not None:
+        blocks.append(_account_block(ENROL_ACCOUNT, [enrol], io(ENROL_ACCOUNT)))
+    blocks.append(_account_block(PROBE_ACCOUNT, [probe], []))
+    return ("# NATS accounts and users (rewritten by the hub when devices or operators "
+            "change)\naccounts {\n" + "".join(blocks) + "}\n")
 
 
 # ---------------------------------------------------------------- files
@@ -274,19 +383,23 @@ def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
     passwords = load_credentials(home)
     if not passwords:
         return False  # this home has no NATS identities (created without them)
-    perms = {"hub": None, "witness": WITNESS_PERMISSIONS, "enrol": ENROL_PERMISSIONS}
-    blocks = [_user_block(f"user: {json.dumps(role)}, password: {json.dumps(passwords[role])}",
-                          perms[role]) for role in ROLES if role in passwords]
-    for keyid, public in sorted(operators):
-        blocks.append(f"    # operator key {keyid}\n" + _user_block(
-            f"nkey: {json.dumps(nkey_public(public))}", operator_permissions(keyid)))
-    for device, public in sorted(devices):
-        blocks.append(f"    # device {device}\n" + _user_block(
-            f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device)))
+
+    def password_user(role: str, perms: dict[str, list[str]] | None) -> str:
+        return _user_block(f"user: {json.dumps(role)}, password: "
+                           f"{json.dumps(passwords[role])}", perms)
+
+    operator_users = [f"    # operator key {keyid}\n" + _user_block(
+        f"nkey: {json.dumps(nkey_public(public))}", operator_permissions(keyid))
+        for keyid, public in sorted(operators)]
+    device_users = [f"    # device {device}\n" + _user_block(
+        f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device))
+        for device, public in sorted(devices)]
     seed, probe = new_probe()  # proves, once the server lets it in, that it runs this file
-    blocks.append(probe)
-    text = ("# NATS users (rewritten by the hub when devices or operators change)\n"
-            "authorization {\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n")
+    text = accounts_text(
+        password_user("hub", None),
+        password_user("witness", WITNESS_PERMISSIONS) if "witness" in passwords else None,
+        operator_users, device_users, probe,
+        password_user("enrol", ENROL_PERMISSIONS) if "enrol" in passwords else None)
     path = nats_dir(home) / USERS_CONF
     with contextlib.suppress(OSError):
         if without_probe(path.read_text()) == without_probe(text):

@@ -1,12 +1,33 @@
 """The one rule for which reply subjects the hub answers (docs/PROTOCOL.md "Permissions").
 
-The hub's NATS user may publish anywhere: it owns the streams and the buckets. A
-request's reply subject is chosen by whoever sent it, and NATS subject permissions do
-not restrict it. Answering blindly would make the hub a confused deputy: an answer
-aimed at `$JS.API.STREAM.PURGE.<stream>` purges the stream, one aimed at
+The hub's NATS user may publish anywhere in its account (HUB): it owns the streams and
+the buckets. A request's reply subject is chosen by whoever sent it, and NATS subject
+permissions do not restrict it. Answering blindly would make the hub a confused deputy:
+an answer aimed at `$JS.API.STREAM.PURGE.<stream>` purges the stream, one aimed at
 `$KV.assignments.<device>` overwrites that device's assignment, one aimed at
 `fleet.report.<device>.status` or `ledger.entry` lands in a stream. So every responder
-the hub runs asks `ReplyGuard` first, and sends nothing to a subject it refuses:
+the hub runs asks `ReplyGuard` first, and sends nothing to a subject it refuses.
+
+With the hub's NATS configuration (auth on, hub/home/nats_config.py) nobody but the hub
+is in HUB: operators and witnesses reach `hub.api.>`, `ledger.api.>` and
+`ledger.cosignature` through service imports, and nats-server replaces the reply
+subject of every such request with a fresh `_R_.<token>.<token>` mapping of its own.
+An answer published there is delivered to the requester's reply subject *in the
+requester's account* (OPERATORS, WITNESS), once, and nowhere else: it cannot reach a
+stream, a KV key or the ledger feed of HUB. So the hub answers `_R_.` replies:
+
+- their true destination is invisible to the hub, so the signer-inbox check below
+  cannot apply: at worst an operator aims the answer to its command at another
+  operator's inbox inside OPERATORS (or a witness at another auditor's `_INBOX.` in
+  WITNESS); the answer is a plain reply map, and nats-py drops a reply that matches
+  no request it is waiting for. Nothing there is a stream: OPERATORS and WITNESS have
+  no JetStream;
+- nobody outside HUB can name an `_R_.` reply that reaches the hub unmapped (the
+  server maps every reply crossing a service import).
+
+Without auth (`hub init --no-auth`, one global account, everyone with every right) the
+rule is the same; `_R_.` replies do not occur there unless a client picks one, and such a
+client may write to any subject itself. Every other reply subject:
 
 - a signed operator command (`hub.api.<verb>`) is answered only under the inbox
   prefix of the operator that the command names (`_INBOX_OPERATOR.<keyid>.`, the only
@@ -15,8 +36,9 @@ the hub runs asks `ReplyGuard` first, and sends nothing to a subject it refuses:
 - an unsigned request (the public ledger API, cosignatures from witnesses) is answered
   only under `_INBOX.` or `_INBOX_OPERATOR.`;
 - an enrolment request (`hub.enrol`, hub/devices/tokens.py) is answered, and run, only
-  under `_INBOX_ENROL.` (the only inbox root the `enrol` user may subscribe to);
-- in both cases the subject has at least one token after the prefix, no empty token, no
+  under `_INBOX_ENROL.` (the only inbox root the `enrol` user may subscribe to) or a
+  `_R_.` mapping (it came through the ENROL account's import);
+- in all cases the subject has at least one token after the prefix, no empty token, no
   wildcard (`*`, `>`), no space or control character, and at most MAX_REPLY_BYTES; it
   never starts with `$` (JetStream, KV, Object Store, system subjects) and never lies
   under the hub's own inbox prefix (HUB_INBOX_PREFIX), where the hub's own requests
@@ -42,6 +64,8 @@ HUB_INBOX_PREFIX = "_INBOX_HUB"
 # Inbox roots of identities that send unsigned requests: witnesses and auditors (nats-py's
 # default `_INBOX.`) and operators (their own `_INBOX_OPERATOR.<keyid>.`).
 PUBLIC_INBOX_ROOTS = ("_INBOX", OPERATOR_INBOX_ROOT)
+# nats-server's reply mapping for a request that came through a service import.
+SERVICE_REPLY_ROOT = "_R_"
 MAX_REPLY_BYTES = 256
 
 # Reasons (the keys of ReplyGuard.counts).
@@ -77,12 +101,19 @@ def _under(reply: str, prefix: str) -> bool:
     return reply.startswith(prefix + ".") and len(reply) > len(prefix) + 1
 
 
+def _service_reply(reply: str) -> bool:
+    """A reply subject nats-server made for a request through a service import."""
+    return _under(reply, SERVICE_REPLY_ROOT)
+
+
 def operator_reply_refusal(reply: str, actor: str | None) -> str | None:
     """Why the hub must not answer a `hub.api` command at `reply` (None: it may).
     `actor` is the operator key id the command names (None: unreadable)."""
     bad = _shape(reply)
     if bad is not None:
         return bad
+    if _service_reply(reply):
+        return None  # delivered only inside the requester's account (module docstring)
     if actor is not None:
         if _shape(actor) is not None or "." in actor:
             return NOT_THE_SIGNERS_INBOX
@@ -99,6 +130,8 @@ def public_reply_refusal(reply: str) -> str | None:
     bad = _shape(reply)
     if bad is not None:
         return bad
+    if _service_reply(reply):
+        return None
     tokens = reply.split(".")
     if tokens[0] == OPERATOR_INBOX_ROOT:
         return None if len(tokens) >= 3 else NOT_AN_INBOX
@@ -113,6 +146,8 @@ def enrol_reply_refusal(reply: str) -> str | None:
     bad = _shape(reply)
     if bad is not None:
         return bad
+    if _service_reply(reply):
+        return None  # through the ENROL account's import: the answer goes back there
     return None if _under(reply, ENROL_INBOX_ROOT) else NOT_AN_INBOX
 
 

@@ -46,7 +46,7 @@ async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerSto
     try:
         kv = await js.key_value(ROOTS_BUCKET)
     except (BucketNotFoundError, NotFoundError):
-        kv = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1))
+        kv = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1, direct=True))
     for key, data in wanted_roots(keyring, store).items():
         await kv.put(key, data)
 

@@ -86,7 +86,7 @@ class TransparencyPublisher:
             return await self.js.key_value(TRANSPARENCY_BUCKET)
         except (BucketNotFoundError, NotFoundError):
             return await self.js.create_key_value(
-                KeyValueConfig(bucket=TRANSPARENCY_BUCKET, history=1))
+                KeyValueConfig(bucket=TRANSPARENCY_BUCKET, history=1, direct=True))
 
     async def start(self) -> None:
         await self._bucket()

@@ -128,7 +128,9 @@ class NatsEdge:
             try:
                 await js.key_value(bucket)
             except (BucketNotFoundError, NotFoundError):
-                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+                # direct=True: devices read it with direct gets only (allow_fleet_consumers)
+                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
+                                                         direct=True))
         for wanted in stream_configs(self.config):
             await ensure_stream(js, wanted)
 
@@ -211,7 +213,8 @@ class NatsEdge:
     async def read_blob(self, digest: str, size: int, dest: Path) -> str:
         hasher = blake3.blake3()
         with open(dest, "wb") as fh:
-            async for chunk in iter_object_chunks(self.js, MODELS_BUCKET, digest, size):
+            assert self.nc is not None
+            async for chunk in iter_object_chunks(self.nc, MODELS_BUCKET, digest, size):
                 hasher.update(chunk)
                 fh.write(chunk)
         return hasher.hexdigest()
@@ -330,8 +333,11 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> bool:
 
 
 async def allow_fleet_consumers(js: JetStreamContext) -> None:
-    """On the buckets every device reads: raise max_consumers, and cap the inactive
-    threshold of their consumers (idempotent)."""
+    """On the buckets every device reads: allow direct gets (the only way a device reads
+    them: it runs no JetStream call in the hub's account, docs/PROTOCOL.md
+    "Permissions"; a bucket an older hub made has none), raise max_consumers, and cap
+    the inactive threshold of consumers (idempotent; devices make none any more, the
+    caps stay as a second line)."""
     from edge_agent.protocol.names import ROOTS_BUCKET, TRANSPARENCY_BUCKET
 
     buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
@@ -346,8 +352,10 @@ async def allow_fleet_consumers(js: JetStreamContext) -> None:
             continue
         limits = info.config.consumer_limits
         if (info.config.max_consumers == FLEET_MAX_CONSUMERS and limits is not None
-                and limits.inactive_threshold == FLEET_CONSUMER_INACTIVE_S):
+                and limits.inactive_threshold == FLEET_CONSUMER_INACTIVE_S
+                and info.config.allow_direct):
             continue
+        info.config.allow_direct = True
         info.config.max_consumers = FLEET_MAX_CONSUMERS
         info.config.consumer_limits = StreamConsumerLimits(
             inactive_threshold=FLEET_CONSUMER_INACTIVE_S,

@@ -1,15 +1,11 @@
-"""Class 2 of issue 12, what is left: the JetStream API as a write primitive.
+"""Class 2 of issue 12: the JetStream API as a write primitive (the two first findings).
 
-The hub no longer answers at a subject it owns (test_reply_subjects.py), but
-nats-server itself still does: a JetStream API response goes to the reply subject the
-caller names, written with the account's rights, and a push consumer delivers to the
-`deliver_subject` its creator names. A device's NATS user may call a few JetStream API
-subjects on the buckets it reads (hub/home/nats_config.device_permissions), in the same
-account as the hub's streams, so a stolen device bundle can still write server-made
-bytes (a JSON API response, a copy of a roots entry) to subjects it does not own.
-Subject permissions cannot stop it; NATS accounts can (docs/SECURITY.md, "Out of
-scope"). These tests are strict xfails: they pass, and so fail the suite, the day the
-hub's streams move to an account no device runs JetStream calls in.
+nats-server writes a JetStream API response to the reply subject the caller names, and
+a push consumer delivers to the `deliver_subject` its creator names, with the rights of
+the account the call runs in. These two attacks from a stolen device bundle succeeded
+while devices ran JetStream calls in the account that owns the hub's streams (they were
+strict xfails); with NATS accounts (docs/PROTOCOL.md "Permissions") a device has no
+JetStream there, and both fail. tests/security/test_accounts.py has every verb.
 """
 
 from __future__ import annotations
@@ -34,9 +30,6 @@ from tests.test_nats_permissions import Conn
 
 pytestmark = pytest.mark.timeout(60)
 
-RESIDUAL = ("class 2 of issue 12: nats-server writes JetStream API responses and push "
-            "deliveries to a subject the caller names, in the account that owns the "
-            "hub's streams; closed only by NATS accounts (docs/SECURITY.md)")
 SETTLE = 3.0
 
 
@@ -65,7 +58,6 @@ async def device(fleet: Fleet) -> AsyncIterator[tuple[Fleet, Conn]]:
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=RESIDUAL)
 async def test_a_device_cannot_overwrite_another_devices_assignment_with_an_api_response(
     device: tuple[Fleet, Conn],
 ) -> None:
@@ -87,7 +79,6 @@ async def test_a_device_cannot_overwrite_another_devices_assignment_with_an_api_
     await unchanged_for(value, before, SETTLE)
 
 
-@pytest.mark.xfail(strict=True, reason=RESIDUAL)
 async def test_a_device_cannot_write_into_the_ledger_feed_with_a_push_consumer(
     device: tuple[Fleet, Conn],
 ) -> None:

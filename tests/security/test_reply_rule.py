@@ -45,6 +45,11 @@ REFUSED_FOR_EVERYONE = [
     ("_INBOX.a\tb", BAD_CHARACTER),
     ("_INBOX.\u00e9", BAD_CHARACTER),
     ("_INBOX." + "x" * 300, TOO_LONG),
+    ("_R_", None),
+    ("_R_.*", WILDCARD),
+    ("_R_.>", WILDCARD),
+    ("_R_..x", EMPTY_TOKEN),
+    ("$_R_.a.b", SYSTEM_SUBJECT),
 ]
 
 
@@ -93,3 +98,13 @@ def test_the_guard_counts_each_refusal_and_logs_once_per_reason(
     assert guard.counts == {SYSTEM_SUBJECT: 5, NOT_THE_SIGNERS_INBOX: 5}
     assert guard.refused == 10
     assert len([r for r in caplog.records if r.name == "hub.replies"]) == 2
+
+
+def test_a_reply_the_server_mapped_for_a_service_import_is_answered() -> None:
+    """`_R_.<token>...`: nats-server's reply for a request that came through a service
+    import; the answer reaches only the requester's own account (hub/home/replies.py),
+    so neither the signer-inbox rule nor the inbox rule applies to it."""
+    for reply in ("_R_.qy4h3s.YIFIBA", "_R_.x"):
+        assert public_reply_refusal(reply) is None, reply
+        assert operator_reply_refusal(reply, KEY) is None, reply
+        assert operator_reply_refusal(reply, None) is None, reply
