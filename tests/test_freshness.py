@@ -26,6 +26,7 @@ from edge_agent.protocol.names import (
     ASSIGNMENTS_BUCKET,
     MANIFESTS_BUCKET,
     MODELS_BUCKET,
+    RELEASES_BUCKET,
     ROOT_LATEST_KEY,
     ROOTS_BUCKET,
     TIMESTAMP_KEY,
@@ -128,15 +129,21 @@ async def test_a_device_behind_a_stale_mirror_refuses_the_revoked_key_then_catch
     assert check_assignment(trust1, DEVICE, Counters(last=1), forged) is not None
     mirror_nc = await nats_connect(mirror_url, name="test-mirror")
     js = mirror_nc.jetstream()
-    roots = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1))
+    # As the hub makes them: devices read with direct gets (allow_direct).
+    roots = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1,
+                                                     direct=True))
     await roots.put(root_key(1), root1)
     await roots.put(ROOT_LATEST_KEY, root1)
-    manifests = await js.create_key_value(KeyValueConfig(bucket=MANIFESTS_BUCKET, history=1))
+    manifests = await js.create_key_value(KeyValueConfig(bucket=MANIFESTS_BUCKET, history=1,
+                                                         direct=True))
     await manifests.put("kws.2", manifest)
     assert isinstance(blob, bytes) and blake3.blake3(blob).hexdigest() == digest
-    await (await js.create_object_store(MODELS_BUCKET)).put(digest, blob)
+    await (await js.create_object_store(RELEASES_BUCKET)).put(digest, blob)
+    objects_stream = (await js.stream_info(f"OBJ_{RELEASES_BUCKET}")).config
+    objects_stream.allow_direct = True
+    await js.update_stream(objects_stream)
     assignments = await js.create_key_value(
-        KeyValueConfig(bucket=ASSIGNMENTS_BUCKET, history=1))
+        KeyValueConfig(bucket=ASSIGNMENTS_BUCKET, history=1, direct=True))
     await assignments.put(DEVICE, forged)
     # The mirror acknowledges reports (else the spool would wait on the first one), so
     # what the device says reaches the test here.

@@ -308,22 +308,25 @@ async def test_ledger_cli_signs_in_over_tls_with_the_hubs_ca(tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(60)
-async def test_an_operator_uploads_through_its_imports_twice(fleet: Fleet,
-                                                             tmp_path: Path) -> None:
-    """The operator's upload (nats-py's ObjectStore.put, hub.home.nats_config.
-    OPERATOR_UPLOAD_SERVICES) works from the OPERATORS account: stream info, the
-    metadata read, the chunk and metadata publishes, and on a second upload of the same
-    name the purge of the old chunks, all through service imports."""
-    from edge_agent.protocol.names import MODELS_BUCKET
+async def test_an_operator_stages_uploads_through_its_import_twice(fleet: Fleet,
+                                                                  tmp_path: Path) -> None:
+    """The operator's upload (hub.client.HubClient.upload: plain JetStream publishes to
+    its own `upload.<keyid>.<id>`, the UPLOADS stream's PubAck coming back through the
+    service import, hub.home.nats_config.UPLOAD_SERVICE) works from the OPERATORS
+    account, with no JetStream API import at all; two uploads of one file are two
+    staged uploads, each whole."""
+    from edge_agent.protocol.names import UPLOAD_CHUNK_BYTES, UPLOADS_STREAM, upload_subject
 
     blob = tmp_path / "blob.bin"
     blob.write_bytes(b"a model " * 40_000)
     async with await fleet.client() as admin:
-        assert admin.js_prefix is not None  # signed in with its nkey: OPERATORS
-        first = await admin.upload_model(blob)
-        second = await admin.upload_model(blob)
-    assert first == second
-    obs = await fleet.hub.edge.js.object_store(MODELS_BUCKET)
-    assert (await obs.get(first[0])).data == blob.read_bytes()
-    info = await fleet.hub.edge.js.stream_info(f"OBJ_{MODELS_BUCKET}")
-    assert info.state.messages == 1 + (first[1] + 128 * 1024 - 1) // (128 * 1024)
+        first = await admin.upload(blob)
+        second = await admin.upload(blob)
+        keyid = admin.key.keyid
+    assert (first.digest, first.size) == (second.digest, second.size)
+    assert first.upload_id != second.upload_id
+    chunks = (first.size + UPLOAD_CHUNK_BYTES - 1) // UPLOAD_CHUNK_BYTES
+    for staged in (first, second):
+        info = await fleet.hub.edge.js.stream_info(
+            UPLOADS_STREAM, subjects_filter=upload_subject(keyid, staged.upload_id))
+        assert info.state.subjects == {upload_subject(keyid, staged.upload_id): chunks}

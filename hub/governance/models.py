@@ -238,6 +238,9 @@ class ModelCommands:
         data_digest, data_size = body.text("data_digest"), body.integer("data_size")
         data_upload = body.text("data_upload")
         keyid = cmd.operator.keyid
+        if data_size > MAX_DATASET_BYTES:  # refused now, not in a job that reads nothing
+            raise CommandError(f"the validation data is {data_size} bytes, over the "
+                               f"{MAX_DATASET_BYTES}-byte limit for uploads")
         try:
             policy = validation.load_policy(self.config.policy_path, name)
         except validation.ValidationError as exc:

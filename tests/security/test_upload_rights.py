@@ -237,24 +237,24 @@ async def test_a_device_cannot_read_a_validation_set_or_an_unreleased_model(
         assert await setting.snapshot() == before, case
     for subject in (f"$O.{MODELS_BUCKET}.>", f"$O.{MODELS_BUCKET}.C.>", "upload.>"):
         await conn.refused(subject, conn.nc.subscribe(subject))
-    # Through the agent's own reader: the models bucket is not there for it ...
-    js = conn.nc.jetstream()
+    # Through the agent's own reader (direct gets): the models bucket is not there for
+    # it ...
     for digest in (setting.dataset, setting.unreleased):
         with pytest.raises(FetchError):
-            await objects.object_ref(js, MODELS_BUCKET, digest, 1 << 30)
+            await objects.object_ref(conn.nc, MODELS_BUCKET, digest, 1 << 30)
         # ... and neither is in the releases bucket.
         with pytest.raises(FetchError, match="not in the object store"):
-            await objects.object_ref(js, RELEASES_BUCKET, digest, 1 << 30)
+            await objects.object_ref(conn.nc, RELEASES_BUCKET, digest, 1 << 30)
     assert await setting.snapshot() == before
 
 
 async def test_a_device_reads_the_released_blob_from_releases(setting: Setting) -> None:
-    js = setting.conns["device"].nc.jetstream()
+    nc = setting.conns["device"].nc
     info = await setting.js.stream_info(OBJ_RELEASES)
-    ref = await objects.object_ref(js, RELEASES_BUCKET, setting.released, 1 << 30)
+    ref = await objects.object_ref(nc, RELEASES_BUCKET, setting.released, 1 << 30)
     assert ref.size is not None
     data = b"".join([c.data async for c in objects.iter_chunks_from(
-        js, RELEASES_BUCKET, ref, ref.size, delete_consumer=False)])
+        nc, RELEASES_BUCKET, ref, ref.size)])
     assert blake3.blake3(data).hexdigest() == setting.released
     assert (await setting.js.stream_info(OBJ_RELEASES)).state.messages == info.state.messages
 
