@@ -126,8 +126,11 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
         "kws/1: released",
         "│ dev-1 │ kws/1 │ applied",
         "cosigned by: witness.example/w1",
-        "OK: 1 checkpoint(s) agree with the entries",
         "revoked dev-1",
     ):
         assert expected in out, f"{expected!r} not in the output:\n{done.stdout[-6000:]}"
+    # How many checkpoints the export holds depends on when the checkpointer signed
+    # (every N entries and on a timer): at least one, all agreeing.
+    assert re.search(r"OK: [1-9]\d* checkpoint\(s\) agree with the entries", out), \
+        done.stdout[-6000:]
     assert len(pids) == 5, pids  # nats-server, hub, agent, witness, tail
