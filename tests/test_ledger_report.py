@@ -271,8 +271,10 @@ def test_chromium_renders_the_report_and_runs_nothing_from_the_ledger(
     assert not [t for t, _ in page.tags if t in ("script", "img", "iframe")]
     assert "onerror" not in {k for _, attrs in page.tags for k in attrs}
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
-    assert SCRIPT in page.all_text and JINJA in page.all_text and "49" not in page.section(
-        "devices")
+    # The template expression is shown as written, never evaluated (not "49": a time of
+    # day such as 04:44:49 may contain that).
+    assert SCRIPT in page.all_text and JINJA in page.all_text
+    assert JINJA in page.section("devices")
     assert "PASS: the ledger verified" in page.all_text
     assert f"seq-{seqs['applied']}" in page.ids
 
