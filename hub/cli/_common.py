@@ -9,7 +9,9 @@ chooses an exit code for an error; nothing reads a message to pick one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -89,6 +91,10 @@ KEY = typer.Option(
 )
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 TIMEOUT = typer.Option(60.0, "--timeout", help="Seconds to wait for the hub to answer.")
+WATCH = typer.Option(
+    None, "--watch", "-w", min=0.5, metavar="SECONDS",
+    help="Ask again every SECONDS and redraw until Ctrl-C (exit 0); with --json, one "
+         "document per line each time.")
 
 # `-h` is `--help` everywhere: click passes these settings down to every subcommand.
 HELP_OPTIONS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
@@ -192,6 +198,38 @@ def run(config: HubConfig, key: Path | None, timeout: float,
             return await fn(client)
 
     return asyncio.run(go())
+
+
+def watch(config: HubConfig, key: Path | None, timeout: float, every: float,
+          fetch: Callable[[HubClient], Awaitable[T]], draw: Callable[[T], object],
+          as_json: bool) -> None:
+    """`--watch`: one connection, `fetch` every `every` seconds, each answer drawn as
+    `show` would (a terminal is cleared first, so it shows the latest; --json prints one
+    document per line). Ends on Ctrl-C or SIGTERM with exit 0; a hub that stops
+    answering ends it like any command (exit 3)."""
+    signing_key = operator_key(config, key)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with await HubClient.connect(config.nats_url, signing_key, timeout,
+                                           config.operator_auth(signing_key),
+                                           audience=config.origin) as client:
+            while not stop.is_set():
+                result = await fetch(client)
+                if as_json:
+                    draw(result)
+                else:
+                    out.clear()
+                    out.print(f"[dim]every {every:g} s, Ctrl-C stops; "
+                              f"{dt.datetime.now(dt.UTC):%H:%M:%S}Z[/dim]")
+                    draw(result)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every)
+
+    asyncio.run(go())
 
 
 def call(config: HubConfig, key: Path | None, timeout: float, verb: str,

@@ -18,6 +18,7 @@ from hub.cli._common import (
     KEY,
     NATS_URL,
     TIMEOUT,
+    WATCH,
     ago,
     call,
     err,
@@ -30,6 +31,7 @@ from hub.cli._common import (
     run,
     show,
     utc_time,
+    watch,
 )
 from hub.client import HubClient
 from hub.errors import UsageError
@@ -287,6 +289,7 @@ def device_history(
     'hub devices --state failed --home hub-home',
     'hub devices --all --json --home hub-home',
     'hub devices -l group=prod,site=a --home hub-home',
+    'hub devices --state assigned --watch 2 --home hub-home',
 ))
 def devices(
     state: str | None = typer.Option(None, "--state", help="Only devices in this state "
@@ -299,11 +302,11 @@ def devices(
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many devices first."),
     every: bool = typer.Option(False, "--all", help="Every device, page after page."),
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
-    as_json: bool = JSON, timeout: float = TIMEOUT,
+    as_json: bool = JSON, timeout: float = TIMEOUT, watch_s: float | None = WATCH,
 ) -> None:
     """The fleet: each device's model and version (as the device reported it), state,
     last seen, and inference counts from its telemetry; a page at a time (--all for
-    all), with how many devices are in each state."""
+    all), with how many devices are in each state; --watch redraws it until Ctrl-C."""
     body: dict[str, Any] = {"limit": limit, "offset": offset}
     if state is not None:
         body["state"] = state
@@ -337,6 +340,10 @@ def devices(
         if result["next_offset"] is not None and not every:
             out.print(f"more: --offset {result['next_offset']} (or --all)")
 
+    if watch_s is not None:
+        watch(hub_config(home, nats_url), key, timeout, watch_s, fetch,
+              lambda r: show(devices_json(r) if as_json else r, as_json, render), as_json)
+        return
     result = run(hub_config(home, nats_url), key, timeout, fetch)
     show(devices_json(result) if as_json else result, as_json, render)
 

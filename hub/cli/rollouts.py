@@ -21,6 +21,7 @@ from hub.cli._common import (
     KEY,
     NATS_URL,
     TIMEOUT,
+    WATCH,
     ago,
     call,
     examples,
@@ -32,6 +33,7 @@ from hub.cli._common import (
     run,
     show,
     utc_time,
+    watch,
 )
 from hub.client import HubClient
 from hub.errors import UsageError
@@ -213,10 +215,12 @@ _transition("rollback", "Roll back: devices that took the new release get the on
 @rollout_app.command("list", epilog=examples(
     'hub rollout list --home hub-home',
     'hub rollout list --json --home hub-home',
+    'hub rollout list --watch 2 --home hub-home',
 ))
 def rollout_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
-                 as_json: bool = JSON, timeout: float = TIMEOUT) -> None:
-    """Every rollout with its state and device counts."""
+                 as_json: bool = JSON, timeout: float = TIMEOUT,
+                 watch_s: float | None = WATCH) -> None:
+    """Every rollout with its state and device counts; --watch redraws it until Ctrl-C."""
     def render(rows: list[dict[str, Any]]) -> None:
         table = Table(key_column("rollout"), "model/version", "target", "state", "wave", "devices",
                       "applied", "failed", "updated", title=f"{len(rows)} rollout(s)")
@@ -229,6 +233,11 @@ def rollout_list(home: Path = HOME, nats_url: str | None = NATS_URL, key: Path |
                           ago(r["updated_ts"]))
         out.print(table)
 
+    if watch_s is not None:
+        watch(hub_config(home, nats_url), key, timeout, watch_s,
+              lambda c: c.call("rollouts", {}),
+              lambda r: show(list_json(r) if as_json else r, as_json, render), as_json)
+        return
     rows = call(hub_config(home, nats_url), key, timeout, "rollouts")
     show(list_json(rows) if as_json else rows, as_json, render)
 

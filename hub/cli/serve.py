@@ -25,6 +25,7 @@ from hub.cli._common import (
     KEY,
     NATS_URL,
     TIMEOUT,
+    WATCH,
     call,
     err,
     examples,
@@ -33,6 +34,7 @@ from hub.cli._common import (
     rfc3339,
     run,
     show,
+    watch,
 )
 from hub.errors import EXIT_TASK_FAILED, Unreachable, UsageError
 from hub.home.config import init_home, parse_listen
@@ -218,6 +220,7 @@ def web_options(web: str | None, token: str | None, token_file: Path | None
     'hub status --home hub-home',
     'hub status --home hub-home --wait 30    (until the hub answers)',
     'hub status --home hub-home --json',
+    'hub status --home hub-home --watch 5',
 ))
 def status(
     home: Path = HOME, nats_url: str | None = NATS_URL, key: Path | None = KEY,
@@ -225,6 +228,7 @@ def status(
     wait: float = typer.Option(
         0.0, "--wait", min=0, help="Retry for up to this many seconds while NATS or the hub "
         "is not up yet (exit 3 if it never answers); for scripts that just started them."),
+    watch_s: float | None = WATCH,
 ) -> None:
     """The fleet at a glance, as the running hub sees it: devices by state, active
     rollouts, the ledger head, the last checkpoint's age and the witnesses that cosigned
@@ -287,6 +291,10 @@ def status(
             out.print(f"uploads refused since start: {kinds}", highlight=False)
 
     config = hub_config(home, nats_url)
+    if watch_s is not None:
+        watch(config, key, timeout, watch_s, lambda c: c.call("status", {}),
+              lambda r: show(status_document(r) if as_json else r, as_json, render), as_json)
+        return
     deadline = time.monotonic() + wait
     while True:
         try:
