@@ -81,6 +81,17 @@ class TrustRoot:
         `allow_expired` is for intermediate roots of a rotation chain (and a stored root
         that expired while the device was off): the chain walk judges the final one.
         """
+        root = cls.parse_unverified(envelope)
+        # A root vouches for itself: it must meet its own root threshold.
+        root.check_signatures(envelope, "root", DOMAIN_ROOT)
+        if not allow_expired and root.expired(now):
+            raise TrustError("trust root has expired; fetch a newer root from the hub")
+        return root
+
+    @classmethod
+    def parse_unverified(cls, envelope: SignedEnvelope) -> TrustRoot:
+        """The root's fields, checked for form but not for signatures: only to show a
+        root that is still being signed (`hub keys root sign`), never to trust one."""
         try:
             doc = envelope.document("trust root")
         except ProtocolError as exc:
@@ -116,12 +127,7 @@ class TrustRoot:
                 raise TrustError(f"trust root: role {name} has threshold below 1")
         if not 1 <= version <= 2**63 - 1:
             raise TrustError(f"trust root: version {version} is not a positive integer")
-        root = cls(version, expires, keys, roles, envelope, names)
-        # A root vouches for itself: it must meet its own root threshold.
-        root.check_signatures(envelope, "root", DOMAIN_ROOT)
-        if not allow_expired and root.expired(now):
-            raise TrustError("trust root has expired; fetch a newer root from the hub")
-        return root
+        return cls(version, expires, keys, roles, envelope, names)
 
     @classmethod
     def load(cls, path: Path) -> TrustRoot:

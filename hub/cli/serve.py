@@ -50,6 +50,7 @@ commands = typer.Typer()
     'hub init hub-home --tls',
     'hub init hub-home --database postgresql+psycopg://fleet@127.0.0.1/fleet',
     'hub init hub-home --origin example.com/fleet-log --tree-hash blake3',
+    'hub init hub-home --offline-root /media/usb/root',
 ))
 def init(
     home: Path = typer.Argument(..., help="Directory to create (keys, trust root, config)."),
@@ -71,16 +72,30 @@ def init(
         "sha256", "--tree-hash", help="The ledger's Merkle tree hash: sha256 (RFC 6962, "
         "checked by standard C2SP/tlog tooling) or blake3. The chain hash and blob "
         "digests are BLAKE3 either way."),
+    offline_root: Path | None = typer.Option(
+        None, "--offline-root", metavar="DIR", help="Write the root key to DIR (not inside "
+        "the home) instead of DIR/keys: the hub runs without it and trust root changes go "
+        "through `hub keys root prepare`, `sign` (offline) and `import`."),
 ) -> None:
     """Create a hub home: Ed25519 keys for the root, release, director and log roles, the
     signed trust root that devices pin (DIR/trust-root.bin), the first operator's key
     (DIR/operators/admin.key), a validation policy (DIR/policy.toml) and DIR/config.toml."""
+    if offline_root is not None:
+        from hub.keys.keyring import check_outside_home
+
+        check_outside_home(home, offline_root)  # before any key is written
     config = init_home(home, nats_url, database, force, nats_auth=not no_auth, tls=tls,
                        origin=origin, tree_hash=tree_hash)
     out.print(f"hub home ready in [bold]{home}[/bold]")
     out.print(f"  trust root for devices: {config.trust_root_path}")
     out.print(f"  log verifier key (for `ledger witness` / `ledger verify --log-key`): "
               f"{config.home / 'log.vkey'}")
+    if offline_root is not None:
+        from hub.keys.keyring import Keyring
+
+        for path in Keyring(config).move_root_keys(offline_root):
+            out.print(f"  root key, OFFLINE (not in the home; keep it off the network): "
+                      f"{path}, with a copy of trust root 1 beside it")
     out.print(f"  first operator key (admin): {config.operator_key_path('admin')}")
     out.print(f"  validation policy: {config.policy_path}")
     out.print(f"  ledger: {config.database_url()} (Merkle tree hash {tree_hash}, log "

@@ -57,6 +57,7 @@ VERB_ROLES: Final[dict[str, tuple[str, ...]]] = {
     "operator.revoke": ("admin",),
     "keys.rotate": ("admin",),
     "keys.revoke": ("admin",),
+    "keys.import_root": ("admin",),
     "witness.add": ("admin",),
     "witness.remove": ("admin",),
 }

@@ -1,6 +1,9 @@
-"""Operator commands on the trust root: `keys` (show), `keys.rotate`, `keys.revoke`.
+"""Operator commands on the trust root: `keys` (show), `keys.rotate`, `keys.revoke`,
+`keys.import_root`.
 
-Both writes make root N+1 (hub.keys.keyring.plan_next_root), append it to the ledger
+The first two writes make root N+1 (hub.keys.keyring.plan_next_root); `keys.import_root`
+takes root N+1 signed with the offline root key (`hub keys root prepare|sign|import`,
+hub/keys/offline.py) and checks it with the devices' chain rule. All three append it to the ledger
 (`keys.rotated` / `keys.revoked`, the signed root in `root`), and only after the commit
 store it in HOME and publish it in the KV bucket `roots` (`root.<N>` and `root.latest`),
 where agents walk the chain. A new key file is written *before* the commit: the ledger
@@ -37,7 +40,8 @@ from hub.devices.assignments import AssignmentIssuer, write_all
 from hub.governance import rules as lc
 from hub.governance import state as governance
 from hub.home.config import HubConfig
-from hub.keys.keyring import KeyChange, Keyring, plan_next_root
+from hub.keys.keyring import KeyChange, KeyChangeRefused, Keyring, plan_next_root
+from hub.keys.offline import OFFLINE_HINT, read_signed_root
 from hub.log.checkpointer import saved_log_vkeys, write_log_vkey
 from ledger.signing import SigningKey
 from ledger.storage import query
@@ -95,7 +99,8 @@ class KeyCommands:
         self.issuer = issuer
 
     def handlers(self) -> Verbs:
-        return Verbs(writes={"keys.rotate": self.rotate, "keys.revoke": self.revoke},
+        return Verbs(writes={"keys.rotate": self.rotate, "keys.revoke": self.revoke,
+                             "keys.import_root": self.import_root},
                      reads={"keys": self.show})
 
     # ------------------------------------------------------------ reads
@@ -115,9 +120,21 @@ class KeyCommands:
 
     # ------------------------------------------------------------ writes
 
+    def _root_key_held(self, args: str) -> None:
+        """Refuse an online root change when the hub holds none of the root keys: say
+        which commands make the change with the offline key instead."""
+        # HOME/keys is read again: `hub keys root export-offline` may have moved the root
+        # key out, and `hub keys root prepare` may have added a role key, since the start.
+        self.keyring.reload()
+        root = self.keyring.root
+        if not root.role_signers("root", self.keyring.held):
+            raise KeyChangeRefused(OFFLINE_HINT.format(version=root.version + 1, args=args))
+
     def rotate(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         body = Body(cmd.body)
         role, threshold = body.text("role"), body.positive("threshold")
+        self._root_key_held(f"--rotate {role}"
+                            + (f" --threshold {threshold}" if threshold else ""))
         new_key = SigningKey.generate()
         change = plan_next_root(self.keyring.root, self.keyring.held, role, add=new_key,
                                 threshold=threshold)
@@ -127,6 +144,34 @@ class KeyCommands:
 
     def revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         keyid = Body(cmd.body).text("keyid")
+        role = self._role_of(keyid)
+        self._root_key_held(f"--revoke {keyid}")
+        held = [k for k in self.keyring.held if k.keyid != keyid]
+        revoked = [k for k in self.keyring.held if k.keyid == keyid]
+        # The revoked key still counts for root N (it is listed there).
+        change = plan_next_root(self.keyring.root, [*held, *revoked], role, remove=keyid)
+        return self._revocation(conn, cmd, change, {})
+
+    def import_root(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        """Root N+1 signed with the offline root key(s) (`hub keys root import`): checked
+        with the devices' chain rule, then recorded, stored and published exactly as
+        `rotate` / `revoke` record theirs (a revocation re-signs what the key signed)."""
+        data = cmd.body.get("root")
+        if not isinstance(data, bytes):
+            raise CommandError("keys.import_root needs 'root' (the signed root, bytes)")
+        self.keyring.reload()  # the key `hub keys root prepare` wrote for a rotated role
+        planned, change = read_signed_root(self.keyring.root, data, self.keyring.held)
+        extra = {"offline": True}
+        if not planned.added:
+            self._role_of(change.keyid)  # a witness key: refused, pointing at `hub witness`
+            return self._revocation(conn, cmd, change, extra)
+        held = [k for k in self.keyring.held if k.keyid == change.keyid]
+        key_file = self.keyring.new_key_path(change.role, held[0]).name if held else ""
+        event = self.roots.event(cmd, ev.KEYS_ROTATED, change, {"key_file": key_file, **extra})
+        return Outcome([event], {**_result(change, key_file), **extra},
+                       [self.roots.commit(change)])
+
+    def _role_of(self, keyid: str) -> str:
         roles = [r for r, spec in self.keyring.root.roles.items() if keyid in spec.keyids]
         if not roles:
             raise CommandError(f"key {keyid} is in no role of trust root version "
@@ -138,11 +183,15 @@ class KeyCommands:
             name = self.keyring.root.names.get(keyid, "NAME")
             raise CommandError(f"{keyid} is a witness key: remove it with "
                                f"`hub witness remove {name}`")
+        return role
+
+    def _revocation(self, conn: Connection, cmd: VerifiedCommand, change: KeyChange,
+                    extra: dict[str, Any]) -> Outcome:
+        """The events and effects of root N+1 without key `change.keyid`: for a release
+        or director key, every live manifest and current assignment re-signed with the
+        keys that remain."""
+        keyid, role, new_root = change.keyid, change.role, change.root
         held = [k for k in self.keyring.held if k.keyid != keyid]
-        revoked = [k for k in self.keyring.held if k.keyid == keyid]
-        # The revoked key still counts for root N (it is listed there).
-        change = plan_next_root(self.keyring.root, [*held, *revoked], role, remove=keyid)
-        new_root = change.root
         remaining = [k for k in held
                      if k.keyid in _role_keyids(new_root, role)]
         events: list[NewEvent] = []
@@ -176,9 +225,9 @@ class KeyCommands:
 
             effects.append(deliver)
         first = self.roots.event(cmd, ev.KEYS_REVOKED, change, {
-            "resigned_manifests": manifests, "resigned_assignments": assignments})
+            "resigned_manifests": manifests, "resigned_assignments": assignments, **extra})
         result = {**_result(change, ""), "resigned_manifests": manifests,
-                  "resigned_assignments": assignments}
+                  "resigned_assignments": assignments, **extra}
         return Outcome([first, *events], result, effects)
 
     def _put_manifest(self, key: str, envelope: bytes) -> AfterCommit:

@@ -9,8 +9,11 @@
 The hub signs a document of a role with every key it holds that the newest root lists
 for that role, so after a rotation it signs with the new key (and the old one, while
 that is still listed), and after a revocation never with the revoked one.
-`plan_next_root` (pure) makes root N+1 for a change and signs it with the held keys of
-root N's and root N+1's root role; it refuses changes the hub could not sign for.
+`plan_next_root` (pure) makes root N+1 for a change in three steps: `build_next_root`
+(the unsigned document), `root_key_signers` + `sign_root` (the held keys of root N's and
+root N+1's root role), `verify_change` (the devices' chain rule). The offline path
+(`hub keys root prepare|sign|import`, hub/keys/offline.py) uses the same build and
+verify with the root keys elsewhere. Changes the hub could not sign for are refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_agent.protocol import SignedEnvelope
 from edge_agent.trust.chain import root_document, sign_root, verify_next_root
@@ -28,11 +32,15 @@ from edge_agent.trust.root import Role, TrustError, TrustRoot
 from hub.errors import Refused
 from hub.home.config import HomeError, HubConfig
 from ledger.durable import atomic_write
+from ledger.encoding import canonical_encode
 from ledger.errors import KeyFileError
 from ledger.signing import PublicKey, SigningKey
 
 ROOT_TTL_NS = 365 * 24 * 3600 * 10**9
 REVOKED_SUFFIX = ".revoked"
+ROOT_ROLE = "root"
+WITNESS_ROLE = "witness"
+TIMESTAMP_ROLE = "timestamp"
 
 
 class KeyChangeRefused(Refused):
@@ -48,6 +56,14 @@ class KeyChange:
     root: SignedEnvelope
     version: int
     threshold: int
+
+
+def check_outside_home(home: Path, dest: Path) -> None:
+    """Refuse a directory for the offline root key inside the hub's home."""
+    home, dest = home.resolve(), dest.resolve()
+    if dest == home or home in dest.parents:
+        raise HomeError(f"{dest} is inside the hub's home: choose a directory on the "
+                        "medium the root key goes to (a USB stick, the offline machine)")
 
 
 class Keyring:
@@ -124,6 +140,43 @@ class Keyring:
         os.chmod(path, 0o600)
         return path
 
+    def move_root_keys(self, dest: Path) -> list[Path]:
+        """Move the held keys of the current root role out of HOME/keys into `dest`
+        (0600 files, written and read back before the originals go), with a copy of the
+        current root (`dest`/trust-root.N.bin): the hub then runs without the root key
+        (`hub keys root export-offline`, `hub init --offline-root`)."""
+        check_outside_home(self.config.home, dest)
+        dest = dest.resolve()
+        listed = set(self.root.roles[ROOT_ROLE].keyids) if ROOT_ROLE in self.root.roles \
+            else set()
+        moving = []
+        for path in sorted(self.keys_dir.glob("*.key")):
+            with contextlib.suppress(KeyFileError):
+                key = SigningKey.load(path)
+                if key.keyid in listed:
+                    moving.append((path, key))
+        if not moving:
+            raise HomeError(f"{self.keys_dir} holds no key of the root role of trust root "
+                            f"version {self.root.version}: is it offline already?")
+        dest.mkdir(parents=True, exist_ok=True)
+        moved = []
+        # A copy of the root they sign from: `hub keys root sign --root` pins it.
+        atomic_write(dest / f"trust-root.{self.root.version}.bin", self.root.envelope.encode(),
+                     0o644)
+        for _, key in moving:
+            target = dest / f"root-{key.keyid}.key"
+            if target.exists():
+                raise HomeError(f"{target} exists already; not overwriting a key file")
+            key.save(target)
+            os.chmod(target, 0o600)
+            if SigningKey.load(target).keyid != key.keyid:  # read back before deleting
+                raise HomeError(f"{target} does not read back as key {key.keyid}")
+            moved.append(target)
+        for path, _ in moving:
+            path.unlink()
+        self.reload()
+        return moved
+
     def retire_key_file(self, keyid: str) -> Path | None:
         """Rename the held key file of `keyid` to *.key.revoked; None if not held here."""
         for path in sorted(self.keys_dir.glob("*.key")):
@@ -140,24 +193,36 @@ def _role_publics(root: TrustRoot) -> dict[str, list[PublicKey]]:
             for role, spec in root.roles.items()}
 
 
-WITNESS_ROLE = "witness"
-TIMESTAMP_ROLE = "timestamp"
 
 
-def plan_next_root(
+@dataclass(frozen=True)
+class NextRoot:
+    """Root N+1 before anyone signed it: the document and the one change it makes."""
+
+    role: str
+    keyid: str  # the key added (rotate) or removed (revoke)
+    added: bool
+    document: dict[str, Any]
+    version: int
+    threshold: int  # the role's threshold in root N+1
+
+    @property
+    def signed(self) -> bytes:
+        """The canonical bytes the root keys sign (domain `root`)."""
+        return canonical_encode(self.document)
+
+
+def build_next_root(
     current: TrustRoot,
-    held: Sequence[SigningKey],
     role: str,
-    add: SigningKey | None = None,
+    add: PublicKey | None = None,
     remove: str | None = None,
     threshold: int | None = None,
     now: int | None = None,
-) -> KeyChange:
-    """Root `current.version + 1` with `add` put into `role` or key `remove` taken out.
-
-    Signed by the held keys of the current root role and of the new root role; checked
-    with the same chain rule the devices use before it is returned.
-    """
+) -> NextRoot:
+    """The unsigned root `current.version + 1` with `add` put into `role` or key `remove`
+    taken out; refuses a change that leaves a role without keys or a threshold above its
+    key count."""
     now = now if now is not None else time.time_ns()
     publics = _role_publics(current)
     thresholds = {r: spec.threshold for r, spec in current.roles.items()}
@@ -168,7 +233,9 @@ def plan_next_root(
         # A root made before the timestamp role existed gets it by a rotation.
         publics[role], thresholds[role] = [], 1
     if add is not None:
-        publics[role].append(add.public)
+        if add.keyid in current.keys:
+            raise KeyChangeRefused(f"key {add.keyid} is already in the trust root")
+        publics[role].append(add)
         changed = add.keyid
     elif remove is not None:
         if remove not in current.roles[role].keyids:
@@ -196,27 +263,72 @@ def plan_next_root(
     kept = {p.keyid for ps in publics.values() for p in ps}
     names = {k: v for k, v in names.items() if k in kept}
     doc = root_document(publics, thresholds, version, now + ROOT_TTL_NS, names)
-    candidates = [*held, *([add] if add is not None else [])]
-    listed_new = {p.keyid for p in publics["root"]}
-    old_signers = current.role_signers("root", candidates)
+    return NextRoot(role, changed, add is not None, doc, version, thresholds[role])
+
+
+def root_key_signers(current: TrustRoot, document: dict[str, Any],
+                     candidates: Sequence[SigningKey]) -> list[SigningKey]:
+    """Those of `candidates` that sign root N+1 (`document`): root N's root keys and
+    N+1's; refuses when either threshold cannot be met."""
+    listed_new = set(document["roles"]["root"]["keyids"])
+    old_signers = current.role_signers("root", list(candidates))
     new_signers = [k for k in candidates if k.keyid in listed_new]
+    version = document["version"]
     for label, have, need in (
         (f"root {current.version}", old_signers, current.roles["root"].threshold),
-        (f"root {version}", new_signers, thresholds["root"]),
+        (f"root {version}", new_signers, document["roles"]["root"]["threshold"]),
     ):
         if len(have) < need:
             raise KeyChangeRefused(
                 f"the hub holds {len(have)} of the {need} root keys of {label} needed to "
                 "sign the new root")
-    held_in_role = [k for k in candidates if k.keyid in {p.keyid for p in publics[role]}]
-    # Witnesses hold their own keys: the hub signs nothing in that role.
-    if role != WITNESS_ROLE and len(held_in_role) < thresholds[role]:
+    return [*old_signers, *new_signers]
+
+
+def check_hub_can_sign(document: dict[str, Any], held: Sequence[SigningKey], role: str) -> None:
+    """Refuse root N+1 (`document`) if the hub would hold fewer keys of `role` than its
+    threshold: it could no longer sign that role's documents. The root role is signed
+    wherever its keys are (possibly offline); witnesses hold their own keys."""
+    if role in (ROOT_ROLE, WITNESS_ROLE):
+        return
+    spec = document["roles"][role]
+    have = {k.keyid for k in held}
+    count = len([k for k in spec["keyids"] if k in have])
+    if count < spec["threshold"]:
         raise KeyChangeRefused(
-            f"the hub would hold {len(held_in_role)} {role} key(s) but the threshold is "
-            f"{thresholds[role]}: it could no longer sign {role} documents")
-    envelope = sign_root(doc, [*old_signers, *new_signers])
+            f"the hub would hold {count} {role} key(s) but the threshold is "
+            f"{spec['threshold']}: it could no longer sign {role} documents")
+
+
+def verify_change(current: TrustRoot, planned: NextRoot, envelope: SignedEnvelope,
+                  now: int | None = None) -> KeyChange:
+    """The signed root N+1 checked with the chain rule devices use (both root key
+    thresholds, version N+1)."""
     try:
         verify_next_root(current, envelope.encode(), now)
-    except TrustError as exc:  # a bug here, never a device's problem
+    except TrustError as exc:
         raise KeyChangeRefused(f"the new root does not verify: {exc}") from exc
-    return KeyChange(role, changed, envelope, version, thresholds[role])
+    return KeyChange(planned.role, planned.keyid, envelope, planned.version, planned.threshold)
+
+
+def plan_next_root(
+    current: TrustRoot,
+    held: Sequence[SigningKey],
+    role: str,
+    add: SigningKey | None = None,
+    remove: str | None = None,
+    threshold: int | None = None,
+    now: int | None = None,
+) -> KeyChange:
+    """Root `current.version + 1` with `add` put into `role` or key `remove` taken out,
+    made online: build, sign with the held keys of the current and the new root role,
+    verify with the same chain rule the devices use. The offline path
+    (hub/keys/offline.py) builds the same document and signs it elsewhere."""
+    planned = build_next_root(current, role, add.public if add is not None else None,
+                              remove, threshold, now)
+    candidates = [*held, *([add] if add is not None else [])]
+    signers = root_key_signers(current, planned.document, candidates)
+    # The role's own keys: never without, if the hub is to sign for it. Witnesses hold
+    # their own keys: the hub signs nothing in that role.
+    check_hub_can_sign(planned.document, candidates, role)
+    return verify_change(current, planned, sign_root(planned.document, signers), now)
