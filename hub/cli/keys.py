@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import typer
@@ -29,17 +29,15 @@ from hub.cli._common import (
     utc_time,
 )
 from hub.errors import UsageError
-from hub.keys.keyring import Keyring
-from hub.keys.offline import (
-    RootRequest,
-    prepare_request,
-    review,
-    sign_request,
-    threshold_status,
-)
 from ledger.durable import atomic_write
 from ledger.errors import KeyFileError
 from ledger.signing import PublicKey, SigningKey
+
+if TYPE_CHECKING:
+    from hub.keys.offline import RootRequest
+
+# hub.keys (the trust root's rules) is imported by the `keys root` commands when they run:
+# the rest of the CLI loads no hub module beyond the client side (tests/test_cli.py).
 
 keys_app = typer.Typer(
     help="The trust root devices pin: its keys per role, rotation and revocation. Devices "
@@ -255,6 +253,8 @@ keys_app.add_typer(root_app, name="root")
 
 
 def _read_request(path: Path) -> RootRequest:
+    from hub.keys.offline import RootRequest
+
     try:
         text = path.read_text()
     except OSError as exc:
@@ -271,6 +271,8 @@ def _write_request(path: Path, request: RootRequest) -> None:
 
 def _review_doc(request: RootRequest) -> dict[str, Any]:
     """The review of a request as --json prints it (times in RFC 3339)."""
+    from hub.keys.offline import review, threshold_status
+
     previous, new = request.previous_root(), request.next_root()
     changes = review(previous, new)
     status = threshold_status(previous, new, request.signatures, request.signed)
@@ -331,6 +333,9 @@ def root_prepare(
     (reads HOME, needs no running hub): the same document `hub keys rotate` or `revoke`
     would make. Carry the file to the offline machine for `hub keys root sign`, then
     bring it back for `hub keys root import`. Nothing changes until the import."""
+    from hub.keys.keyring import Keyring
+    from hub.keys.offline import prepare_request
+
     config = hub_config(home, None, server=True)
     keyring = Keyring(config)
     public = None
@@ -386,6 +391,8 @@ def root_sign(
     not parse, a root that is not version N+1 or has expired, a signature that no longer
     verifies (the root changed after it was signed) and a key that signed already.
     With several root keys, each signs in turn until both thresholds are met."""
+    from hub.keys.offline import sign_request
+
     request = _read_request(request_file)
     try:
         key = SigningKey.load(key_file)
@@ -471,6 +478,8 @@ def root_export_offline(
     (DIR/trust-root.N.bin, for `hub keys root sign --root`). The hub keeps running
     without them; from then on trust root changes go through `hub keys root prepare`,
     `sign` (offline) and `import`. Keep DIR off every networked machine."""
+    from hub.keys.keyring import Keyring
+
     config = hub_config(home, None, server=True)
     keyring = Keyring(config)
     version = keyring.root.version

@@ -204,8 +204,6 @@ def sign_request(request: RootRequest, key: SigningKey, now: int | None = None,
         raise RootRequestError(
             f"key {key.keyid} is not a root key of root {previous.version} or root "
             f"{new.version} (their root keys: {', '.join(sorted(root_ids))})")
-    if any(s.keyid == key.keyid for s in request.signatures):
-        raise RootRequestError(f"key {key.keyid} has already signed root {new.version}")
     publics = {**previous.keys, **new.keys}
     for sig in request.signatures:
         public = publics.get(sig.keyid) if sig.keyid in root_ids else None
@@ -214,6 +212,8 @@ def sign_request(request: RootRequest, key: SigningKey, now: int | None = None,
                 f"the signature of key {sig.keyid} does not verify: the root was changed "
                 "after it was signed (or the signature is not a root key's); prepare it "
                 "again")
+    if any(s.keyid == key.keyid for s in request.signatures):
+        raise RootRequestError(f"key {key.keyid} has already signed root {new.version}")
     signature = Signature(key.keyid, key.sign(DOMAIN_ROOT, request.signed))
     return RootRequest(request.previous, request.signed, (*request.signatures, signature),
                        request.change)
