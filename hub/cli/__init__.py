@@ -12,7 +12,17 @@ import sys
 
 import typer
 
-from hub.cli import contexts, devices, keys, models, operators, rollouts, serve, telemetry
+from hub.cli import (
+    contexts,
+    devices,
+    keys,
+    models,
+    offline_root,
+    operators,
+    rollouts,
+    serve,
+    telemetry,
+)
 from hub.cli._common import HELP_OPTIONS, HubGroup, examples, version_option
 
 __all__ = ["app", "main"]
@@ -64,6 +74,7 @@ app.add_typer(models.model_app, name="model")
 app.add_typer(models.policy_app, name="policy")
 app.add_typer(device_app, name="device")
 app.add_typer(operators.operator_app, name="operator")
+keys.keys_app.add_typer(offline_root.root_app, name="root")  # hub keys root ...
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(keys.witness_app, name="witness")
 app.add_typer(rollouts.rollout_app, name="rollout")

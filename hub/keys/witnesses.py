@@ -107,7 +107,9 @@ def plan_witness_root(
     signers = current.role_signers("root", list(held))
     if len(signers) < current.roles["root"].threshold:
         raise KeyChangeRefused(f"the hub holds {len(signers)} of the "
-                               f"{current.roles['root'].threshold} root keys needed")
+                               f"{current.roles['root'].threshold} root keys needed"
+                               + ("; with the root key offline, witness changes are not "
+                                  "supported yet" if not signers else ""))
     envelope = sign_root(doc, signers)
     try:
         verify_next_root(current, envelope.encode(), now)
