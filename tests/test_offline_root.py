@@ -385,3 +385,21 @@ async def test_export_offline_then_online_rotation_points_to_prepare(
     rc, _out, err = await hub("keys", "root", "prepare", "--rotate", "log", "--revoke",
                              root_id, "--out", str(tmp_path / "x.json"), "--home", str(home))
     assert rc == 1 and "give one change" in err, err
+
+
+def test_import_refuses_a_role_key_this_hub_does_not_hold() -> None:
+    """A root prepared on another hub (its new log key is not in this hub's HOME/keys)
+    is refused even though the root keys signed it: the hub could not sign with it."""
+    from hub.keys.keyring import KeyChangeRefused
+    from hub.keys.offline import prepare_request, read_signed_root, sign_request
+
+    keys = {role: SigningKey.generate() for role in ("root", "release", "director", "log")}
+    current = TrustRoot.from_envelope(TrustRoot.build({r: [k] for r, k in keys.items()}))
+    online = [k for r, k in keys.items() if r != "root"]
+    request, new_key = prepare_request(current, online, rotate="log")
+    assert new_key is not None
+    data = sign_request(request, keys["root"]).envelope().encode()
+    with pytest.raises(KeyChangeRefused, match="which this hub does not hold"):
+        read_signed_root(current, data, online)
+    planned, change = read_signed_root(current, data, [*online, new_key])
+    assert planned.added and change.keyid == new_key.keyid and change.version == 2

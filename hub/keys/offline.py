@@ -305,6 +305,10 @@ def read_signed_root(current: TrustRoot, data: bytes, held: Sequence[SigningKey]
                                "add|remove`")
     added = bool(entry["added"])
     keyid = str(entry["added"][0] if added else entry["removed"][0])
+    if added and role != ROOT_ROLE and keyid not in {k.keyid for k in held}:
+        raise KeyChangeRefused(
+            f"root refused: it adds {role} key {keyid}, which this hub does not hold "
+            "(HOME/keys): prepare the root on this hub (`hub keys root prepare`)")
     document = new.envelope.document("trust root")
     check_hub_can_sign(document, [k for k in held if added or k.keyid != keyid], role)
     planned = NextRoot(role, keyid, added, document, new.version, new.roles[role].threshold)
