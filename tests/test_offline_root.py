@@ -48,18 +48,20 @@ def _can_unshare() -> bool:
 NO_NETWORK = ["unshare", "--net"] if _can_unshare() else []
 
 
-async def hub(*args: str, env: dict[str, str] | None = None,
-              cwd: Path | None = None, isolated: bool = False) -> tuple[int, str, str]:
+async def hub(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              isolated: bool = False, answer: str | None = None) -> tuple[int, str, str]:
     """`python -m hub.cli ARGS` as a separate process (the in-process hub keeps
     running). `isolated`: the offline machine, no network where possible."""
     env = env if env is not None else dict(os.environ, PYTHONPATH=str(REPO_ROOT),
                                            COLUMNS="200")
     prefix = NO_NETWORK if isolated else []
     proc = await asyncio.create_subprocess_exec(
-        *prefix, sys.executable, "-m", "hub.cli", *args, stdin=asyncio.subprocess.DEVNULL,
+        *prefix, sys.executable, "-m", "hub.cli", *args,
+        stdin=asyncio.subprocess.DEVNULL if answer is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd or REPO_ROOT.parent)
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    out, err = await asyncio.wait_for(
+        proc.communicate(None if answer is None else answer.encode()), 90)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -167,7 +169,6 @@ async def test_offline_root_story(fleet: Fleet, model_files: dict[str, Path],
     assert signed["signatures"]["complete"] is True
     log_role = next(r for r in signed["roles"] if r["role"] == "log")
     assert log_role["added"] == [new_log] and log_role["removed"] == []
-    # The human review says what changes.
     rc, out, err = await hub("keys", "root", "sign", str(request), "--key", str(key))
     assert rc == 1 and "has already signed root 2" in err, (out, err)
 
@@ -244,6 +245,17 @@ async def test_refusals_leave_root_and_ledger_unchanged(fleet: Fleet, tmp_path: 
     rc, out, err = await hub("keys", "root", "prepare", "--rotate", "director", "--out",
                              str(request), *home_args(fleet))
     assert rc == 0 and "unsigned" in out, (out, err)
+
+    # The review a person reads before signing, and a "no": nothing is signed.
+    text = request.read_text()
+    rc, out, err = await hub("keys", "root", "sign", str(request), "--key", str(key_a),
+                             answer="n\n")
+    assert rc == 2 and "not signed" in err, (rc, out, err)
+    new_director = json.loads(text)["change"]["keyid"]
+    for line in ("trust root 1 -> 2", "director: threshold 1 -> 1", f"+ {new_director}",
+                 "unchanged: log, release, root, timestamp", "root keys of root 1: 0 of 1"):
+        assert line in out + err, out + err
+    assert request.read_text() == text
 
     # Below threshold: nobody signed yet.
     await import_refused(request, "signed by neither the old nor its own root keys")
@@ -340,6 +352,20 @@ async def test_a_second_root_key_and_a_threshold_of_two(fleet: Fleet, tmp_path: 
     rc, out, err = await hub("keys", "root", "import", str(request), *home_args(fleet))
     assert rc == 0, (out, err)
     assert current_root(fleet) == 3
+
+    # Root 4 retires the first root key: root 3's two keys sign, and root 4's own (B).
+    request = tmp_path / "root-4.json"
+    id_a = SigningKey.load(key_a).keyid
+    rc, out, err = await hub("keys", "root", "prepare", "--revoke", id_a, "--threshold", "1",
+                             "--out", str(request), *home_args(fleet))
+    assert rc == 0, (out, err)
+    await offline_sign(tmp_path, request, key_a)
+    await offline_sign(tmp_path, request, key_b)
+    rc, out, err = await hub("keys", "root", "import", str(request), *home_args(fleet))
+    assert rc == 0 and "removed from the root role" in out, (out, err)
+    root = TrustRoot.load(fleet.config.trust_root_path)
+    assert root.roles["root"].keyids == (made["keyid"],) and root.roles["root"].threshold == 1
+    assert fleet.feed.of_kind(ev.KEYS_REVOKED)[-1].payload["offline"] is True
 
 
 async def offline_keygen(tmp_path: Path, path: Path) -> tuple[str, str]:
