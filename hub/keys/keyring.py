@@ -167,8 +167,9 @@ class Keyring:
             target = dest / f"root-{key.keyid}.key"
             if target.exists():
                 raise HomeError(f"{target} exists already; not overwriting a key file")
-            key.save(target)
-            os.chmod(target, 0o600)
+            # On disk (fsync) before the original is deleted: the same hex seed format
+            # as SigningKey.save.
+            atomic_write(target, (key.private_raw().hex() + "\n").encode(), 0o600)
             if SigningKey.load(target).keyid != key.keyid:  # read back before deleting
                 raise HomeError(f"{target} does not read back as key {key.keyid}")
             moved.append(target)
