@@ -41,6 +41,7 @@ import signal
 import time
 import tomllib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -79,6 +80,8 @@ CA_CERT = "ca.pem"
 # (homes made before it have no such user: the device-made-key path is then off).
 ROLES = ("hub", "witness", "enrol")
 RELOAD_SETTLE_SECONDS = 0.2
+SITES_DIR = "sites"  # HOME/sites/NAME/: an edge site's leaf node (hub/home/sites.py)
+LEAF_PID = "leaf.pid"
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
 # Devices read released blobs only: `releases`, never `models` (validation sets,
@@ -266,6 +269,118 @@ def write_server_config(home: Path, tls: bool = False,
     return directory / SERVER_CONF
 
 
+# ---------------------------------------------------------------- a cluster
+
+CLUSTER_NAME = "fleetledger"
+CLUSTER_PORT = 6222  # nats-server's usual route port
+LEAF_PORT = 7422  # nats-server's usual leaf node port
+ROUTE_USER = "route"
+NODE_CONF = "node-{}.conf"
+NODE_PID = "node-{}.pid"
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One nats-server of the cluster: where its clients, routes and leaf nodes connect."""
+
+    index: int  # 1..N
+    host: str
+    client_port: int
+    cluster_port: int
+    leaf_port: int
+
+    @property
+    def name(self) -> str:
+        return f"fleet-{self.index}"
+
+    def url(self, scheme: str = "nats") -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.client_port}"
+
+    def hostport(self, port: int) -> str:
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
+
+def cluster_nodes(nats_url: str, size: int, hosts: list[str] | None = None,
+                  cluster_port: int = CLUSTER_PORT, leaf_port: int = LEAF_PORT,
+                  ) -> list[ClusterNode]:
+    """`size` nodes. On one host (loopback, or the host of `nats_url`) their ports count
+    up from the client port of `nats_url`, `cluster_port` and `leaf_port`; on as many
+    distinct `hosts` as nodes every node uses those ports on its own host."""
+    if size < 1:
+        raise ValueError("a cluster has at least one node")
+    first = listen_address(nats_url)
+    host, _, port = first.rpartition(":")
+    host = host.strip("[]")
+    if hosts:
+        if len(hosts) != size:
+            raise ValueError(f"{len(hosts)} hosts for {size} nodes: give one host per node")
+        spread = len(set(hosts)) == size
+    else:
+        hosts, spread = [host] * size, False
+    return [ClusterNode(i + 1, h, int(port) + (0 if spread else i),
+                        cluster_port + (0 if spread else i), leaf_port + (0 if spread else i))
+            for i, h in enumerate(hosts)]
+
+
+def cluster_url(nodes: list[ClusterNode], tls: bool = False) -> str:
+    """The comma-separated client URL list of the cluster (config.toml `nats_url`)."""
+    return ",".join(node.url("tls" if tls else "nats") for node in nodes)
+
+
+def node_conf_path(home: Path, index: int) -> Path:
+    return nats_dir(home) / NODE_CONF.format(index)
+
+
+def write_cluster_configs(home: Path, nodes: list[ClusterNode], tls: bool = False) -> list[Path]:
+    """One nats-server configuration per node, beside users.conf (so every node includes
+    the same identities, and the same `accounts {}` when users.conf has them: static
+    accounts are not carried by routes, each node reads them from its own file):
+    server_name, listen, its own JetStream store_dir, `cluster { name, listen, routes }`
+    with a route password, and `leafnodes { listen }` for edge sites (hub site add)."""
+    directory = nats_dir(home)
+    route_password = secrets.token_urlsafe(24)
+    paths = []
+    for node in nodes:
+        routes = ", ".join(
+            json.dumps(f"nats-route://{ROUTE_USER}:{route_password}@"
+                       f"{other.hostport(other.cluster_port)}")
+            for other in nodes if other.index != node.index)
+        lines = [
+            f"# nats-server configuration of cluster node {node.index} of {len(nodes)}, "
+            "written by `hub init --cluster`.",
+            "# Start every node with `nats-server -c` and its file; they find each other "
+            "through the routes.",
+            f"server_name: {json.dumps(node.name)}",
+            f"pid_file: {json.dumps(str((directory / NODE_PID.format(node.index)).resolve()))}",
+            f"listen: {json.dumps(node.hostport(node.client_port))}",
+            "jetstream { store_dir: "
+            f"{json.dumps(str((directory / node.name).resolve()))} }}",
+            "cluster {",
+            f"  name: {json.dumps(CLUSTER_NAME)}",
+            f"  listen: {json.dumps(node.hostport(node.cluster_port))}",
+            "  # Routes authenticate: a server that does not know this password cannot join.",
+            f"  authorization {{ user: {json.dumps(ROUTE_USER)}, "
+            f"password: {json.dumps(route_password)} }}",
+            f"  routes: [{routes}]",
+            "}",
+            "# Edge sites' leaf nodes connect here (hub site add); each signs in as its own",
+            "# site link user of users.conf, which may connect only as a leaf node.",
+            f"leafnodes {{ listen: {json.dumps(node.hostport(node.leaf_port))} }}",
+            "include users.conf",
+        ]
+        if tls:
+            tls_dir = directory / TLS_DIR
+            lines += ["tls {",
+                      f"  cert_file: {json.dumps(str((tls_dir / 'server.pem').resolve()))}",
+                      f"  key_file: {json.dumps(str((tls_dir / 'server.key').resolve()))}",
+                      "  timeout: 2", "}"]
+        path = node_conf_path(home, node.index)
+        _write_private(path, "\n".join(lines) + "\n")
+        paths.append(path)
+    return paths
+
+
 def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
                 operators: Iterable[tuple[str, bytes]] = ()) -> bool:
     """Rewrite users.conf: the password users, one nkey user per (device, public) and one
@@ -307,25 +422,38 @@ def probe_seed(home: Path) -> str | None:
         return None
 
 
+def pid_files(home: Path) -> list[Path]:
+    """The PID files of the servers that read this home's users files: the single
+    server, every cluster node, every edge site's leaf node (those that run here)."""
+    directory = nats_dir(home)
+    return [directory / PID_FILE, *sorted(directory.glob(NODE_PID.format("*"))),
+            *sorted((home / SITES_DIR).glob(f"*/{LEAF_PID}"))]
+
+
 def reload_server(home: Path) -> bool:
-    """SIGHUP the nats-server whose PID file is in HOME/nats, if it runs here."""
-    try:
-        pid = int((nats_dir(home) / PID_FILE).read_text().strip())
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except (OSError, ValueError):
+    """SIGHUP every nats-server whose PID file is in this home and that runs here (the
+    single server, or each cluster node and edge site leaf node on this machine)."""
+    reloaded = False
+    for pid_file in pid_files(home):
+        try:
+            pid = int(pid_file.read_text().strip())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if not comm.startswith("nats-server"):
+            log.warning("PID %d is %s, not nats-server; not reloading", pid, comm)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
+            reloaded = True
+    if not reloaded:
         log.warning("no local nats-server for %s: reload it to apply users.conf", home)
         return False
-    if not comm.startswith("nats-server"):
-        log.warning("PID %d is %s, not nats-server; not reloading", pid, comm)
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGHUP)
-        # The server reloads on its own time (~5 ms here) and says so only in its log. A
-        # client whose handshake overlaps the reload can be let in and then dropped, so
-        # callers (an enrolment, an operator change) answer only once it has settled.
-        time.sleep(RELOAD_SETTLE_SECONDS)
-        return True
-    return False
+    # The server reloads on its own time (~5 ms here) and says so only in its log. A
+    # client whose handshake overlaps the reload can be let in and then dropped, so
+    # callers (an enrolment, an operator change) answer only once it has settled.
+    time.sleep(RELOAD_SETTLE_SECONDS)
+    return True
 
 
 # ---------------------------------------------------------------- TLS

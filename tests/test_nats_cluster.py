@@ -1,0 +1,299 @@
+"""A 3-node nats-server cluster from the configurations `hub init --cluster 3` writes,
+with a real `hub serve` and simulated devices (docs/OPERATIONS.md "A NATS cluster").
+
+- every stream and bucket the hub makes is at 3 replicas;
+- one node is SIGKILLed in the middle of a rollout (the leader of the REPORTS stream,
+  so the stream must elect another): the rollout completes, every inference the
+  devices reported is counted (sent == counted) and the ledger verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.js.api import StreamConfig
+from sqlalchemy import Engine, create_engine, func, select
+
+from edge_agent.protocol.names import (
+    ASSIGNMENTS_BUCKET,
+    LEDGER_STREAM,
+    MANIFESTS_BUCKET,
+    MODELS_BUCKET,
+    RELEASES_BUCKET,
+    REPORTS_STREAM,
+    ROOTS_BUCKET,
+)
+from edge_agent.transport.connect import NatsAuth
+from edge_agent.transport.connect import connect as nats_connect
+from hub import events as ev
+from hub.client import HubClient
+from hub.home.config import HubConfig, init_home
+from hub.home.nats_config import node_conf_path
+from hub.telemetry.ingest import AGG
+from hub.uploads import UPLOADS_STREAM
+from ledger.retry import nats_servers
+from ledger.signing import SigningKey
+from ledger.storage.store import LedgerStore
+from testkit.fleet_sim import SimFleet
+from testkit.modelgen import write_validation_set
+from testkit.nats_cluster import NatsCluster, free_port_run, wait_jetstream
+from testkit.nats_server import find_nats_server
+from tests.fleet import REPO_ROOT
+
+pytestmark = [pytest.mark.nats, pytest.mark.timeout(150)]
+N = 6
+
+
+@dataclass
+class ClusterHub:
+    """A cluster of three nodes and one `hub serve` process (SQLite ledger)."""
+
+    config: HubConfig
+    cluster: NatsCluster
+    tmp: Path
+    proc: subprocess.Popen[bytes] | None = None
+    engine: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.engine = create_engine(f"sqlite:///{self.config.database_url()}")
+
+    def start_hub(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        with open(self.tmp / "hub.log", "ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hub.cli", "serve", "--home", str(self.config.home),
+                 "--wait-nats", "60"],
+                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+    async def client(self, key: SigningKey | None = None) -> HubClient:
+        key = key or SigningKey.load(self.config.operator_key_path("admin"))
+        return await HubClient.connect(self.config.nats_url, key, timeout=10,
+                                       auth=self.config.operator_auth(key))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.engine.dispose()
+
+
+def cluster_home(tmp_path: Path, size: int = 3) -> tuple[HubConfig, NatsCluster]:
+    """A hub home for a `size`-node cluster on free loopback ports, and its servers."""
+    base = free_port_run(size * 3)
+    config = init_home(tmp_path / "hub", f"nats://127.0.0.1:{base}", cluster=size,
+                       cluster_port=base + size, leaf_port=base + 2 * size)
+    cluster = NatsCluster([node_conf_path(config.home, i) for i in range(1, size + 1)],
+                          tmp_path / "nats-logs", config.nats_url.split(","))
+    return config, cluster
+
+
+@contextlib.contextmanager
+def running(cluster: NatsCluster) -> Iterator[NatsCluster]:
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    async def poll() -> None:
+        while not check():
+            await asyncio.sleep(0.1)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest.fixture
+async def cluster_hub(tmp_path: Path) -> AsyncIterator[ClusterHub]:
+    config, cluster = cluster_home(tmp_path)
+    assert config.nats_replicas == 3
+    with running(cluster):
+        await wait_jetstream(cluster.url, **config.nats_auth("hub").options())
+        hub = ClusterHub(config, cluster, tmp_path)
+        hub.start_hub()
+        try:
+            await hub_ready(hub)
+            yield hub
+        finally:
+            hub.stop()
+
+
+async def hub_ready(hub: ClusterHub, timeout: float = 60) -> None:
+    async def ask() -> None:
+        while True:
+            assert hub.proc is not None and hub.proc.poll() is None, \
+                (hub.tmp / "hub.log").read_text()[-3000:]
+            with contextlib.suppress(Exception):
+                async with await hub.client() as admin:
+                    await admin.call("status")
+                    return
+            await asyncio.sleep(0.3)
+
+    await asyncio.wait_for(ask(), timeout)
+
+
+async def stream_replicas(config: HubConfig) -> dict[str, Any]:
+    """stream name -> (replicas, the node that leads it) for the hub's streams."""
+    nc = await nats_connect(config.nats_url, config.nats_auth("hub"))
+    try:
+        js = nc.jetstream()
+        out = {}
+        for name in (REPORTS_STREAM, LEDGER_STREAM, UPLOADS_STREAM, f"KV_{ASSIGNMENTS_BUCKET}",
+                     f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}", f"OBJ_{MODELS_BUCKET}",
+                     f"OBJ_{RELEASES_BUCKET}"):
+            info = await js.stream_info(name)
+            out[name] = (info.config.num_replicas,
+                         info.cluster.leader if info.cluster is not None else None)
+        return out
+    finally:
+        await nc.close()
+
+
+async def release_model(hub: ClusterHub, path: Path, version: str) -> None:
+    approver = SigningKey.generate()
+    async with await hub.client() as admin:
+        if version == "1":
+            await admin.call("operator.add", {"name": "approver", "roles": ["approver"],
+                                              "public": approver.public.raw})
+        await admin.register_model(path, "kws", version)
+        data = write_validation_set(path, hub.tmp / f"kws-{version}-validation.npz")
+        assert (await admin.validate_model("kws", version, data))["passed"]
+    async with await hub.client(approver) as appr:
+        await appr.call("model.approve", {"name": "kws", "version": version})
+    async with await hub.client() as admin:
+        await admin.call("model.release", {"name": "kws", "version": version})
+
+
+def entries(config: HubConfig) -> list[Any]:
+    with LedgerStore.open(config.database_url(), create=False) as store:
+        return list(store.iter_entries())
+
+
+def of_kind(config: HubConfig, kind: str, rollout: str) -> list[Any]:
+    return [e for e in entries(config)
+            if e.kind == kind and e.payload.get("rollout") == rollout]
+
+
+def counted(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.coalesce(func.sum(AGG.c.inferences), 0)))
+                   .scalar_one())
+
+
+def verify_ledger(config: HubConfig) -> None:
+    """What `ledger verify` checks: the chain, every entry's signature, the tree."""
+    with LedgerStore.open(config.database_url(), create=False) as store:
+        result = store.verify()
+        assert result.ok, result.problem
+    done = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "verify", "--home", str(config.home),
+         "--log-key", (config.home / "log.vkey").read_text().strip()],
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True,
+        timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_init_writes_one_config_per_node(tmp_path: Path) -> None:
+    config, cluster = cluster_home(tmp_path)
+    assert config.nats_url.count(",") == 2 and config.nats_replicas == 3
+    assert nats_servers(config.nats_url) == cluster.urls
+    texts = [conf.read_text() for conf in cluster.configs]
+    for key in ("server_name", "listen", "store_dir", "pid_file"):
+        values = [next(ln for ln in t.splitlines() if key in ln) for t in texts]
+        assert len(set(values)) == 3, (key, values)  # distinct per node
+    for conf in cluster.configs:  # nats-server's own check of the file
+        done = subprocess.run([find_nats_server(), "-t", "-c", str(conf)],
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+    one = init_home(tmp_path / "one", "nats://127.0.0.1:4222", cluster=1)
+    assert one.nats_replicas == 1 and "," not in one.nats_url
+
+
+async def test_a_users_file_with_accounts_works_on_the_cluster(tmp_path: Path) -> None:
+    """The identities moving into NATS accounts (static `accounts {}` in users.conf):
+    every node reads the same file, so each knows the account and its JetStream; a
+    replicated stream made in it through one node is served through another."""
+    config, cluster = cluster_home(tmp_path)
+    (config.home / "nats" / "users.conf").write_text(
+        "accounts {\n  FLEET {\n    jetstream: enabled\n"
+        '    users: [ { user: "hub", password: "pw" } ]\n  }\n}\n')
+    with running(cluster):
+        await wait_jetstream(cluster.url, user="hub", password="pw")
+        first = await nats_connect(cluster.urls[0], NatsAuth(user="hub", password="pw"))
+        last = await nats_connect(cluster.urls[2], NatsAuth(user="hub", password="pw"))
+        try:
+            await first.jetstream().add_stream(StreamConfig(
+                name="ACC", subjects=["acc.>"], num_replicas=3))
+            await last.jetstream().publish("acc.x", b"1")
+            info = await first.jetstream().stream_info("ACC")
+            assert info.config.num_replicas == 3 and info.state.messages == 1
+        finally:
+            await first.close()
+            await last.close()
+
+
+async def test_streams_at_r3_and_a_node_killed_mid_rollout(
+    cluster_hub: ClusterHub, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    hub = cluster_hub
+    config = hub.config
+    streams = await stream_replicas(config)
+    assert {name: r for name, (r, _) in streams.items()} == dict.fromkeys(streams, 3)
+
+    await release_model(hub, model_files["1"], "1")
+    sim = SimFleet(config.nats_url, tmp_path / "sim", config.trust_root_path, N,
+                   rate=4.0, window=0.5)
+    try:
+        async with await hub.client() as admin:
+            await sim.enroll(admin, group="lab")
+            await sim.start()
+            await sim.wait_watching(60)
+            rid = str((await admin.call("rollout.create", {
+                "model": "kws", "version": "1", "target": "group=lab",
+                "waves": "34%,100%", "bake": "2s", "min_success": 1.0,
+                "max_failure": 0.0, "deadline": "90s"}))["rollout"])
+            await admin.call("rollout.start", {"rollout": rid})
+        await until(lambda: bool(of_kind(config, ev.ROLLOUT_WAVE_COMPLETED, rid)), 60,
+                    "the first wave to complete")
+        # The node that leads REPORTS: the stream must elect a new leader for the
+        # devices' reports and the hub's intake to go on.
+        leader = (await stream_replicas(config))[REPORTS_STREAM][1]
+        victim = next(n for n in hub.cluster.nodes if n.config_file.stem ==
+                      f"node-{leader.rsplit('-', 1)[1]}")
+        victim.kill()
+        print(f"\nSIGKILLed {leader} (led {REPORTS_STREAM}) in the middle of rollout {rid}")
+        await until(lambda: bool(of_kind(config, ev.ROLLOUT_COMPLETED, rid)), 90,
+                    "the rollout to complete on two nodes")
+        applied = {e.subject for e in entries(config) if e.kind == ev.DEVICE_UPDATE_APPLIED}
+        assert applied == {f"device:{d}" for d in sim.ids}
+        await sim.quiesce(timeout=60)
+        produced = sim.produced()
+        assert produced > 0
+        await until(lambda: counted(hub.engine) >= produced, 60,
+                    f"telemetry counted == sent ({produced})")
+        assert counted(hub.engine) == produced
+        assert not sim.dead()
+        # Two of three nodes still hold every stream: each has a leader again.
+        after = await stream_replicas(config)
+        assert all(leader_now not in (None, leader) for _, leader_now in after.values())
+    finally:
+        await sim.stop()
+    hub.stop()
+    verify_ledger(config)
