@@ -124,6 +124,9 @@ class AgentConfig:
     faults: str | None = None  # None: read FLEET_AGENT_FAULTS (edge_agent.faults)
     device_key: Path | None = None  # signs status reports; without it the hub refuses them
     nats_ca: Path | None = None  # the NATS server's CA certificate (TLS); from the bundle
+    # The cluster's JetStream domain, for a device behind an edge site's leaf node
+    # (edge_agent.protocol.names.CLUSTER_JS_DOMAIN); None: the server's own JetStream.
+    js_domain: str | None = None
     spool_max_bytes: int = DEFAULT_SPOOL_BYTES  # reports kept on disk until acked
     spool_fsync: bool = True
     isolate_preflight: bool = True  # smoke-test a new model in a child process first
@@ -399,6 +402,7 @@ class EdgeAgent:
         try:  # until connected, or stopped while still connecting (SIGTERM)
             self._transport = await NatsTransport.connect(
                 self.config.nats_url, self.nats_auth(), name=f"edge-agent:{self.device_id}",
+                js_domain=self.config.js_domain,
                 on_reconnect=on_reconnect, stop=stop,
             )
         except Stopped:

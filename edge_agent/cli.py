@@ -70,6 +70,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_show_versio
     "edge-agent run --bundle hub-home/devices/dev-1 --state-dir state/dev-1",
     "edge-agent run --bundle hub-home/devices/dev-1 --synthetic-load --rate 20",
     "edge-agent run --bundle hub-home/devices/dev-1 --require-inclusion",
+    "edge-agent run --bundle hub-home/devices/dev-1 --nats nats://10.1.0.5:4222 --js-domain fleet",
     "edge-agent run --bundle hub-home/devices/dev-1 --log-format json",
 ))
 def run(
@@ -120,6 +121,9 @@ def run(
         0.5, "--max-error-rate",
         help="Inference error rate (0-1) in the health window above which the agent reverts.",
     ),
+    js_domain: str | None = typer.Option(
+        None, "--js-domain", help="The hub cluster's JetStream domain, for a device that "
+        "connects to an edge site's leaf node (`hub site add` prints it: fleet)."),
     require_inclusion: bool = typer.Option(
         False, "--require-inclusion",
         help="Model transparency: install a release only with a proof that its ledger entry "
@@ -174,6 +178,7 @@ def run(
                 serve_api=not no_api, api_socket=api_socket, window_seconds=window,
                 health_window=health_window, max_error_rate=max_error_rate,
                 device_key=device_key, nats_ca=nats_ca, require_inclusion=require_inclusion,
+                js_domain=js_domain,
             )
         )
     except (AgentError, OSError, ValueError) as exc:

@@ -69,6 +69,7 @@ class SimFleet:
     window: float = 1.0  # telemetry window (s)
     health_window: float = 0.0  # the agent's own revert window; 0 = off
     spool_fsync: bool = False  # tests and benchmarks: no fsync per report
+    js_domain: str | None = None  # behind an edge site's leaf node: the cluster's domain
     agents: dict[str, SimAgent] = field(default_factory=dict)
     _stops: dict[str, asyncio.Event] = field(default_factory=dict)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -117,7 +118,7 @@ class SimFleet:
             trust_root=self.trust_root, inference_hz=self.rate, synthetic_load=True,
             serve_api=False, window_seconds=self.window,
             health_window=self.health_window, faults="", device_key=self.key_path(device),
-            spool_fsync=self.spool_fsync, isolate_preflight=False,
+            spool_fsync=self.spool_fsync, isolate_preflight=False, js_domain=self.js_domain,
         )
 
     async def start(self, devices: Iterable[str] | None = None) -> None:

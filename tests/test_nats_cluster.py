@@ -1,10 +1,13 @@
 """A 3-node nats-server cluster from the configurations `hub init --cluster 3` writes,
-with a real `hub serve` and simulated devices (docs/OPERATIONS.md "A NATS cluster").
+with a real `hub serve` and simulated devices (docs/OPERATIONS.md "A NATS cluster"), and
+an edge site's leaf node from `hub site add` ("Adding an edge site").
 
 - every stream and bucket the hub makes is at 3 replicas;
 - one node is SIGKILLed in the middle of a rollout (the leader of the REPORTS stream,
   so the stream must elect another): the rollout completes, every inference the
-  devices reported is counted (sent == counted) and the ledger verifies.
+  devices reported is counted (sent == counted) and the ledger verifies;
+- a site's uplink is cut for longer than any device timeout while a deployment is made:
+  restored, every site device installs it and its spooled telemetry is counted.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from sqlalchemy import Engine, create_engine, func, select
 
 from edge_agent.protocol.names import (
     ASSIGNMENTS_BUCKET,
+    CLUSTER_JS_DOMAIN,
     LEDGER_STREAM,
     MANIFESTS_BUCKET,
     MODELS_BUCKET,
@@ -33,12 +38,14 @@ from edge_agent.protocol.names import (
     REPORTS_STREAM,
     ROOTS_BUCKET,
 )
+from edge_agent.transport import kv_watch
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.transport.connect import connect as nats_connect
 from hub import events as ev
 from hub.client import HubClient
 from hub.home.config import HubConfig, init_home
 from hub.home.nats_config import node_conf_path
+from hub.home.sites import add_site, cluster_leaf_urls
 from hub.telemetry.ingest import AGG
 from hub.uploads import UPLOADS_STREAM
 from ledger.retry import nats_servers
@@ -46,8 +53,9 @@ from ledger.signing import SigningKey
 from ledger.storage.store import LedgerStore
 from testkit.fleet_sim import SimFleet
 from testkit.modelgen import write_validation_set
-from testkit.nats_cluster import NatsCluster, free_port_run, wait_jetstream
+from testkit.nats_cluster import ConfiguredNats, NatsCluster, free_port_run, wait_jetstream
 from testkit.nats_server import find_nats_server
+from testkit.tcp_proxy import TcpProxy
 from tests.fleet import REPO_ROOT
 
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(150)]
@@ -169,9 +177,8 @@ async def stream_replicas(config: HubConfig) -> dict[str, Any]:
 async def release_model(hub: ClusterHub, path: Path, version: str) -> None:
     approver = SigningKey.generate()
     async with await hub.client() as admin:
-        if version == "1":
-            await admin.call("operator.add", {"name": "approver", "roles": ["approver"],
-                                              "public": approver.public.raw})
+        await admin.call("operator.add", {"name": f"approver-{version}",
+                                          "roles": ["approver"], "public": approver.public.raw})
         await admin.register_model(path, "kws", version)
         data = write_validation_set(path, hub.tmp / f"kws-{version}-validation.npz")
         assert (await admin.validate_model("kws", version, data))["passed"]
@@ -297,3 +304,89 @@ async def test_streams_at_r3_and_a_node_killed_mid_rollout(
         await sim.stop()
     hub.stop()
     verify_ledger(config)
+
+
+CUT_S = 20.0  # the uplink cut: longer than every device-side timeout (see below)
+
+
+async def test_a_site_cut_off_catches_up(
+    cluster_hub: ClusterHub, model_files: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Devices at an edge site (connected to its leaf node) while the site's uplink is
+    partitioned for CUT_S: longer than the JetStream request timeouts, the ordered
+    consumers' heartbeats and, lowered here to 5 s, the inactive threshold of the
+    devices' assignment watch consumers (so the cluster drops them during the cut and
+    they must be made again). A deployment made during the cut reaches every site
+    device once the link is back, and the telemetry they spooled meanwhile is counted."""
+    monkeypatch.setattr(kv_watch, "INACTIVE_THRESHOLD", 5.0)
+    hub = cluster_hub
+    config = hub.config
+    await release_model(hub, model_files["1"], "1")
+    await release_model(hub, model_files["2"], "2")
+    # A proxy in front of every node's leaf port: the site's uplink, to cut at once.
+    uplinks = [await TcpProxy.start("127.0.0.1", int(url.rsplit(":", 1)[1]))
+               for url in cluster_leaf_urls(config.home)]
+    site_port = free_port_run(1)
+    site = add_site(config.home, "lab", f"127.0.0.1:{site_port}",
+                    uplinks=[proxy.url("nats-leaf") for proxy in uplinks])
+    # The link password is for a leaf node only, not a client login.
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await nats_connect(config.nats_url, NatsAuth(
+            user="site-lab", password=site_password(site.directory)), retry_for=0,
+            max_reconnect_attempts=0, allow_reconnect=False)
+    sim = SimFleet(f"nats://127.0.0.1:{site_port}", tmp_path / "sim",
+                   config.trust_root_path, N, rate=4.0, window=0.5,
+                   js_domain=CLUSTER_JS_DOMAIN)
+    leaf = ConfiguredNats(site.leaf_conf, tmp_path / "leaf.log")
+    try:
+        async with await hub.client() as admin:
+            await sim.enroll(admin)  # the hub writes the site's users file too
+        leaf.start()
+        await until(lambda: "Leafnode connection created" in leaf.log_path.read_text(), 30,
+                    "the leaf to link to the cluster")
+        await sim.start()
+        await sim.wait_watching(60)
+        async with await hub.client() as admin:
+            await admin.call("deploy", {"model": "kws", "version": "1", "all": True})
+
+        def applied(version: str) -> set[str]:
+            return {e.subject for e in entries(config) if e.kind == ev.DEVICE_UPDATE_APPLIED
+                    and e.payload.get("version") == version}
+
+        every = {f"device:{d}" for d in sim.ids}
+        await until(lambda: applied("1") == every, 60, "the site's devices to install kws/1")
+        await until(lambda: counted(hub.engine) > 0, 30, "site telemetry to be counted")
+
+        for proxy in uplinks:
+            proxy.partition()
+            proxy.reset_all()
+        async with await hub.client() as admin:
+            await admin.call("deploy", {"model": "kws", "version": "2", "all": True})
+        await until(lambda: sim.spooled() > 0, 30, "the site's devices to spool reports")
+        await asyncio.sleep(CUT_S)
+        assert not applied("2")
+        assert {a.model_meta.get("version") for a in sim.agents.values()} == {"1"}
+        spooled = sim.spooled()
+        print(f"\nuplink cut for {CUT_S:g} s: {spooled} reports spooled at the site")
+        for proxy in uplinks:
+            proxy.heal()
+        await until(lambda: applied("2") == every, 90,
+                    "every site device to install the deployment made during the cut")
+        await sim.quiesce(timeout=60)
+        produced = sim.produced()
+        await until(lambda: counted(hub.engine) >= produced, 60,
+                    f"telemetry counted == sent ({produced})")
+        assert counted(hub.engine) == produced
+        assert not sim.dead()
+    finally:
+        await sim.stop()
+        leaf.stop()
+        for proxy in uplinks:
+            await proxy.close()
+    hub.stop()
+    verify_ledger(config)
+
+
+def site_password(directory: Path) -> str:
+    return str(tomllib.loads((directory / "link.toml").read_text())["password"])

@@ -56,6 +56,10 @@ def assignment_key(device: str) -> str:
 # ---------------------------------------------------------------- streams
 
 REPORTS_STREAM: Final = "REPORTS"
+# The JetStream domain of a hub's NATS cluster (`hub init --cluster`). Devices at an edge
+# site reach the cluster's JetStream through their leaf node under `$JS.<domain>.API.>`
+# (`edge-agent run --js-domain`), as nats-server disambiguates JetStreams across leaf links.
+CLUSTER_JS_DOMAIN: Final = "fleet"
 REPORTS_DURABLE: Final = "hub-reports"  # the hub's durable consumer on REPORTS
 LEDGER_STREAM: Final = "LEDGER"
 # Staging of operator uploads: the hub reads an upload's chunks, checks them, stores the

@@ -74,22 +74,22 @@ log = logging.getLogger("edge_agent.nats")
 class NatsTransport:
     """One NATS connection; `UpdateSource` and `ReportSink` over its JetStream."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, js_domain: str | None = None) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream()
+        self.js: JetStreamContext = nc.jetstream(domain=js_domain)
 
     @classmethod
     async def connect(
         cls, url: str, auth: NatsAuth, *, name: str,
         on_reconnect: Callable[[], Awaitable[None]],
-        stop: asyncio.Event | None = None,
+        stop: asyncio.Event | None = None, js_domain: str | None = None,
     ) -> NatsTransport:
         """Connect for good: retry (one log line per failure, with its reason and
         backoff) until connected or `stop` is set (ledger.retry.Stopped); reconnect
         for ever afterwards."""
         nc = await connect_retrying(url, auth, name=name, log=log, stop=stop,
                                     reconnected_cb=on_reconnect)
-        return cls(nc)
+        return cls(nc, js_domain)
 
     async def close(self) -> None:
         await self.nc.close()

@@ -49,12 +49,14 @@ from urllib.parse import urlsplit
 from edge_agent.protocol.names import (
     API_PREFIX,
     ASSIGNMENTS_BUCKET,
+    CLUSTER_JS_DOMAIN,
     ENROL_INBOX_ROOT,
     ENROL_SUBJECT,
     LEDGER_CHECKPOINT_SUBJECT,
     LEDGER_ENTRY_SUBJECT,
     MANIFESTS_BUCKET,
     RELEASES_BUCKET,
+    REPORT_SUBJECTS,
     ROOTS_BUCKET,
     TRANSPARENCY_BUCKET,
     device_report_subjects,
@@ -82,6 +84,10 @@ ROLES = ("hub", "witness", "enrol")
 RELOAD_SETTLE_SECONDS = 0.2
 SITES_DIR = "sites"  # HOME/sites/NAME/: an edge site's leaf node (hub/home/sites.py)
 LEAF_PID = "leaf.pid"
+LINK = "link.toml"  # HOME/sites/NAME/link.toml: the site's leaf link password
+# The identities users.conf was written from last (public keys only), so that `hub site
+# add` can write it again without the hub's database.
+IDENTITIES = "identities.json"
 
 ASG = f"KV_{ASSIGNMENTS_BUCKET}"
 # Devices read released blobs only: `releases`, never `models` (validation sets,
@@ -128,6 +134,10 @@ def device_permissions(device: str) -> dict[str, list[str]]:
             f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
             f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>",
         ]
+    # The same JetStream API calls through a leaf node of an edge site, under the
+    # cluster's domain (`$JS.<domain>.API.>`; the server maps them to `$JS.API.>`).
+    domain_prefix = f"$JS.{CLUSTER_JS_DOMAIN}.API."
+    publish += [domain_prefix + s[len("$JS.API."):] for s in publish if s.startswith("$JS.API.")]
     return {"publish": publish, "subscribe": [device_inbox_prefix(device) + ".>"]}
 
 
@@ -166,6 +176,43 @@ WITNESS_PERMISSIONS = {
     "publish": ["ledger.api.>", "ledger.cosignature"],
     "subscribe": ["_INBOX.>", LEDGER_ENTRY_SUBJECT, LEDGER_CHECKPOINT_SUBJECT],
 }
+
+
+def site_user(name: str) -> str:
+    """The NATS user an edge site's leaf node links to the cluster as."""
+    return f"site-{name}"
+
+
+def site_link_permissions() -> dict[str, list[str]]:
+    """What a site's leaf link may carry (nats-server exports to the cluster the subjects
+    the link user may publish, and imports those it may subscribe to): the union of every
+    device's rights (report subjects, the JetStream API calls on the device-readable
+    streams and the own-key assignment consumer, enrolment requests) toward the
+    cluster, and device reply inboxes and enrolment answers back. The leaf itself holds
+    each device to its own permissions; a compromised leaf can do what any device may do
+    (not sign as one: reports and enrolments carry the device's own signature)."""
+    device = device_permissions("*")
+    # Reports: the REPORTS stream's own subject, not `fleet.report.*.>`. The cluster
+    # tells the leaf of its interest in a subject (the stream's `fleet.report.>`) only
+    # when the link may publish to that very subject; each device is still held to its
+    # own report subjects by the leaf.
+    publish = [REPORT_SUBJECTS if s == device_report_subjects("*") else s
+               for s in device["publish"]]
+    return {"publish": [*publish, ENROL_SUBJECT],
+            "subscribe": [*device["subscribe"], ENROL_INBOX_ROOT + ".>"]}
+
+
+def site_links(home: Path) -> list[tuple[str, str]]:
+    """(site name, link password) of every edge site of this home."""
+    root = home / SITES_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for directory in sorted(root.iterdir()):
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError, KeyError):
+            raw = tomllib.loads((directory / LINK).read_text())
+            out.append((directory.name, str(raw["password"])))
+    return out
 
 
 def _user_block(head: str, perms: dict[str, list[str]] | None) -> str:
@@ -354,8 +401,11 @@ def write_cluster_configs(home: Path, nodes: list[ClusterNode], tls: bool = Fals
             f"server_name: {json.dumps(node.name)}",
             f"pid_file: {json.dumps(str((directory / NODE_PID.format(node.index)).resolve()))}",
             f"listen: {json.dumps(node.hostport(node.client_port))}",
+            # The domain: devices behind an edge site's leaf node reach this JetStream
+            # as `$JS.<domain>.API` (nats-server keeps JetStreams apart across leaf links).
             "jetstream { store_dir: "
-            f"{json.dumps(str((directory / node.name).resolve()))} }}",
+            f"{json.dumps(str((directory / node.name).resolve()))}, "
+            f"domain: {json.dumps(CLUSTER_JS_DOMAIN)} }}",
             "cluster {",
             f"  name: {json.dumps(CLUSTER_NAME)}",
             f"  listen: {json.dumps(node.hostport(node.cluster_port))}",
@@ -365,8 +415,11 @@ def write_cluster_configs(home: Path, nodes: list[ClusterNode], tls: bool = Fals
             f"  routes: [{routes}]",
             "}",
             "# Edge sites' leaf nodes connect here (hub site add); each signs in as its own",
-            "# site link user of users.conf, which may connect only as a leaf node.",
-            f"leafnodes {{ listen: {json.dumps(node.hostport(node.leaf_port))} }}",
+            "# site link user of users.conf, which may connect only as a leaf node. Not",
+            "# advertised: a site links through the addresses its leaf.conf lists (every",
+            "# node, or the --uplink a site reaches them by), not the cluster's own.",
+            f"leafnodes {{ listen: {json.dumps(node.hostport(node.leaf_port))}, "
+            "no_advertise: true }",
             "include users.conf",
         ]
         if tls:
@@ -384,20 +437,33 @@ def write_cluster_configs(home: Path, nodes: list[ClusterNode], tls: bool = Fals
 def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
                 operators: Iterable[tuple[str, bytes]] = ()) -> bool:
     """Rewrite users.conf: the password users, one nkey user per (device, public) and one
-    per (operator key id, public). False (and nothing written) when it already says that,
-    so the server need not reload."""
+    per (operator key id, public), one leaf link user per edge site; and each edge site's
+    own users file (its devices). False (and users.conf not written) when it already
+    says that, so the server need not reload."""
     passwords = load_credentials(home)
     if not passwords:
         return False  # this home has no NATS identities (created without them)
+    devices, operators = sorted(devices), sorted(operators)
     perms = {"hub": None, "witness": WITNESS_PERMISSIONS, "enrol": ENROL_PERMISSIONS}
     blocks = [_user_block(f"user: {json.dumps(role)}, password: {json.dumps(passwords[role])}",
                           perms[role]) for role in ROLES if role in passwords]
-    for keyid, public in sorted(operators):
+    for keyid, public in operators:
         blocks.append(f"    # operator key {keyid}\n" + _user_block(
             f"nkey: {json.dumps(nkey_public(public))}", operator_permissions(keyid)))
-    for device, public in sorted(devices):
-        blocks.append(f"    # device {device}\n" + _user_block(
-            f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device)))
+    device_blocks = [f"    # device {device}\n" + _user_block(
+        f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device))
+        for device, public in devices]
+    blocks += device_blocks
+    links = site_links(home)
+    for name, password in links:
+        # Only as a leaf node: the link password is no client login.
+        blocks.append(f"    # the leaf link of edge site {name} (hub site add)\n" + _user_block(
+            f"user: {json.dumps(site_user(name))}, password: {json.dumps(password)}, "
+            'allowed_connection_types: ["LEAFNODE"]', site_link_permissions()))
+    _write_site_users(home, [name for name, _ in links], passwords, device_blocks)
+    _write_private(nats_dir(home) / IDENTITIES, json.dumps({
+        "devices": [[d, p.hex()] for d, p in devices],
+        "operators": [[k, p.hex()] for k, p in operators]}) + "\n")
     seed, probe = new_probe()  # proves, once the server lets it in, that it runs this file
     blocks.append(probe)
     text = ("# NATS users (rewritten by the hub when devices or operators change)\n"
@@ -412,6 +478,47 @@ def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
     _write_private(path, text)
     _write_private(nats_dir(home) / PROBE_SEED, seed + "\n")
     return True
+
+
+def _write_site_users(home: Path, names: list[str], passwords: dict[str, str],
+                      device_blocks: list[str]) -> None:
+    """Each edge site's leaf authenticates devices itself: the devices' users (the same
+    permissions as on the cluster) and the shared `enrol` user; no hub, witness or
+    operator identity (none of them connects at a site, and a site box is less guarded)."""
+    blocks = []
+    if "enrol" in passwords:
+        blocks.append(_user_block(f'user: "enrol", password: {json.dumps(passwords["enrol"])}',
+                                  ENROL_PERMISSIONS))
+    blocks += device_blocks
+    text = ("# NATS users of an edge site's leaf node (rewritten by the hub when devices\n"
+            "# change; copy it to a leaf on another machine and reload it)\n"
+            "authorization {\n  users: [\n" + ",\n".join(blocks) + "\n  ]\n}\n")
+    for name in names:
+        path = home / SITES_DIR / name / USERS_CONF
+        with contextlib.suppress(OSError):
+            if path.read_text() == text:
+                continue
+        _write_private(path, text)
+
+
+def rewrite_users(home: Path) -> bool:
+    """Write users.conf (and the sites' users files) again from the identities it was
+    last written with, then reload the servers that run here (`hub site add`; the hub
+    itself writes from its database)."""
+    try:
+        raw = json.loads((nats_dir(home) / IDENTITIES).read_text())
+    except (OSError, ValueError):
+        # A home older than that file: the hub writes it at its next start (never a
+        # users.conf without the devices and operators it has).
+        log.warning("%s: no %s yet; `hub serve` adds the change when it starts", home,
+                    IDENTITIES)
+        return False
+    devices = [(d, bytes.fromhex(p)) for d, p in raw["devices"]]
+    operators = [(k, bytes.fromhex(p)) for k, p in raw["operators"]]
+    changed = write_users(home, devices, operators)
+    if changed:
+        reload_server(home)
+    return changed
 
 
 def probe_seed(home: Path) -> str | None:
