@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from hub.client import HubClient
 from hub.home.config import HubConfig, init_home
 from hub.home.nats_config import node_conf_path
 from hub.home.sites import add_site, cluster_leaf_urls
+from hub.service.nats import NatsEdge
 from hub.telemetry.ingest import AGG
 from hub.uploads import UPLOADS_STREAM
 from ledger.retry import nats_servers
@@ -157,15 +158,19 @@ async def hub_ready(hub: ClusterHub, timeout: float = 60) -> None:
     await asyncio.wait_for(ask(), timeout)
 
 
-async def stream_replicas(config: HubConfig) -> dict[str, Any]:
+LAYOUT = (REPORTS_STREAM, LEDGER_STREAM, UPLOADS_STREAM, f"KV_{ASSIGNMENTS_BUCKET}",
+          f"KV_{MANIFESTS_BUCKET}", f"OBJ_{MODELS_BUCKET}", f"OBJ_{RELEASES_BUCKET}")
+
+
+async def stream_replicas(config: HubConfig,
+                          names: tuple[str, ...] = (*LAYOUT, f"KV_{ROOTS_BUCKET}"),
+                          ) -> dict[str, Any]:
     """stream name -> (replicas, the node that leads it) for the hub's streams."""
     nc = await nats_connect(config.nats_url, config.nats_auth("hub"))
     try:
         js = nc.jetstream()
         out = {}
-        for name in (REPORTS_STREAM, LEDGER_STREAM, UPLOADS_STREAM, f"KV_{ASSIGNMENTS_BUCKET}",
-                     f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}", f"OBJ_{MODELS_BUCKET}",
-                     f"OBJ_{RELEASES_BUCKET}"):
+        for name in names:
             info = await js.stream_info(name)
             out[name] = (info.config.num_replicas,
                          info.cluster.leader if info.cluster is not None else None)
@@ -231,6 +236,53 @@ def test_init_writes_one_config_per_node(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
     one = init_home(tmp_path / "one", "nats://127.0.0.1:4222", cluster=1)
     assert one.nats_replicas == 1 and "," not in one.nats_url
+
+
+def test_a_site_link_is_leaf_only_and_device_wide(tmp_path: Path) -> None:
+    config, _ = cluster_home(tmp_path)
+    site = add_site(config.home, "plant-a", "127.0.0.1:14222")
+    users = (config.home / "nats" / "users.conf").read_text()
+    link = users.split("edge site plant-a")[1].split("# reload probe")[0]
+    assert 'allowed_connection_types: ["LEAFNODE"]' in link
+    assert '"fleet.report.>"' in link and '"$JS.fleet.API.STREAM.INFO.KV_assignments"' in link
+    for never in ("hub.api.", "ledger.api.", "upload.", "$JS.API.STREAM.CREATE",
+                  "$JS.API.STREAM.DELETE", '"$JS.API.>"', '">"'):
+        assert never not in link, never
+    site_users = site.users_conf.read_text()
+    assert '"enrol"' in site_users
+    assert '"hub"' not in site_users and '"witness"' not in site_users
+    leaf = site.leaf_conf.read_text()
+    assert leaf.count("nats-leaf://site-plant-a:") == 3  # every node's leaf port
+    done = subprocess.run([find_nats_server(), "-t", "-c", str(site.leaf_conf)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+async def test_existing_streams_are_scaled_in_place(tmp_path: Path) -> None:
+    """A home that moves from one replica to three: the hub's streams and buckets made
+    at R1 are brought to R3 at the next start, keeping what they hold."""
+    config, cluster = cluster_home(tmp_path)
+    engine = create_engine(f"sqlite:///{tmp_path / 'scratch.db'}")
+    with running(cluster):
+        await wait_jetstream(cluster.url, **config.nats_auth("hub").options())
+        for replicas in (1, 3):
+            edge = NatsEdge(replace(config, nats_replicas=replicas), engine)
+            await edge.connect()
+            try:
+                await edge.ensure_layout()
+                if replicas == 1:
+                    await edge.put_assignment("dev-1", b"kept")
+            finally:
+                await edge.close()
+            streams = await stream_replicas(config, LAYOUT)  # ensure_layout's own
+            assert {r for r, _ in streams.values()} == {replicas}
+        nc = await nats_connect(config.nats_url, config.nats_auth("hub"))
+        try:
+            kv = await nc.jetstream().key_value(ASSIGNMENTS_BUCKET)
+            assert (await kv.get("dev-1")).value == b"kept"
+        finally:
+            await nc.close()
+    engine.dispose()
 
 
 async def test_a_users_file_with_accounts_works_on_the_cluster(tmp_path: Path) -> None:
