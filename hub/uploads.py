@@ -46,7 +46,7 @@ from edge_agent.protocol.names import (
     UPLOADS_STREAM,
     upload_subject,
 )
-from edge_agent.transport.objects import iter_object_chunks
+from edge_agent.transport.objects import fetch, iter_object_chunks
 from hub.errors import Refused
 
 log = logging.getLogger("hub.uploads")
@@ -174,8 +174,8 @@ async def _read(js: JetStreamContext, subject: str, upload_id: str, want: int, s
         with open(dest, "wb") as fh:
             while index < want:
                 try:
-                    msgs = await sub.fetch(min(FETCH_BATCH, want - index),
-                                           timeout=READ_TIMEOUT_S)
+                    msgs = await fetch(sub, min(FETCH_BATCH, want - index),
+                                       READ_TIMEOUT_S)
                 except Exception as exc:  # expired under us (max age), timeout
                     raise UploadRefused(
                         "missing chunk", f"upload {upload_id} stopped after {received} of "

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError, ObjectNotFoundError, ServiceUnavailableError
 
 from edge_agent.errors import BlobTooLarge, FetchError
 from edge_agent.transport import Chunk, ObjectRef, buckets
@@ -58,6 +60,25 @@ async def object_ref(
             f"object store says the blob has {info.size} bytes; the manifest says {expected_size}"
         )
     return ObjectRef(name=name, nuid=info.nuid, chunks=info.chunks or 0, size=info.size)
+
+
+NO_RESPONDERS_RETRY_S = 5.0
+
+
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: float,
+                ) -> list[Msg]:
+    """`sub.fetch`, tried again for a few seconds on "no responders". On a cluster, a
+    consumer made a moment ago may not be known yet to the server this client talks
+    to (its leader's subscription travels over the routes), so the first pull reaches
+    nobody; such a request delivered nothing, so asking again loses nothing."""
+    deadline = time.monotonic() + NO_RESPONDERS_RETRY_S
+    while True:
+        try:
+            return await sub.fetch(batch, timeout=timeout)
+        except ServiceUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def iter_chunks_from(
@@ -105,7 +126,7 @@ async def iter_chunks_from(
     try:
         while chunks_left > 0:
             try:
-                msgs = await sub.fetch(min(batch, chunks_left), timeout=timeout)
+                msgs = await fetch(sub, min(batch, chunks_left), timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # timeout, lost connection, consumer gone
