@@ -12,7 +12,17 @@ import sys
 
 import typer
 
-from hub.cli import contexts, devices, keys, models, operators, rollouts, serve, telemetry
+from hub.cli import (
+    contexts,
+    devices,
+    keys,
+    models,
+    operators,
+    rollouts,
+    serve,
+    sites,
+    telemetry,
+)
 from hub.cli._common import HELP_OPTIONS, HubGroup, examples, version_option
 
 __all__ = ["app", "main"]
@@ -68,6 +78,7 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(keys.witness_app, name="witness")
 app.add_typer(rollouts.rollout_app, name="rollout")
 app.add_typer(contexts.context_app, name="context")
+app.add_typer(sites.site_app, name="site")
 
 
 def main() -> None:
