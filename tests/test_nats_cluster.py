@@ -360,7 +360,7 @@ async def test_a_site_links_into_devices_and_enrol_only(world: World) -> None:
         assert never not in block, never
     assert 'allowed_connection_types: ["LEAFNODE"]' in users.split(enrol_link)[1][:120]
     site_users = world.site.users_conf.read_text()
-    assert '"enrol"' in site_users and "site-" not in site_users
+    assert '"enrol"' in site_users and f'"site-{SITE}' not in site_users
     assert '"hub"' not in site_users and '"witness"' not in site_users
     assert "jetstream" not in site_users and "imports" not in site_users
     assert site_users.count("# device site-") == N
@@ -535,6 +535,7 @@ async def test_attacks_through_the_site_change_nothing(world: World) -> None:
         # What the rogue leaf heard beyond its own publishes (and answers to them in its
         # own account, which test_accounts allows): only what a device may subscribe to.
         ours = {s for s, _ in api_requests("$JS.API")} | set(DIRECT_WRITES) | set(TARGETS)
+        ours.add(f"$JS.API.DIRECT.GET.KV_{ROOTS_BUCKET}.$KV.{ROOTS_BUCKET}.{ROOT_LATEST_KEY}")
         link = site_link_permissions()["subscribe"]
         strays = sorted({m.subject for m in heard
                          if m.subject not in ours and not allowed(m.subject, link)})
