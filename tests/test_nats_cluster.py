@@ -67,7 +67,7 @@ from hub.home.nats_config import (
     auth_for,
     site_link_permissions,
 )
-from hub.home.sites import Site, add_site, cluster_leaf_urls
+from hub.home.sites import Site, cluster_leaf_urls
 from hub.service.nats import NatsEdge
 from hub.telemetry.ingest import AGG
 from hub.uploads import UPLOADS_STREAM
@@ -255,8 +255,19 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
             uplinks = [await TcpProxy.start("127.0.0.1", int(url.rsplit(":", 1)[1]))
                        for url in cluster_leaf_urls(config.home)]
             site_port = free_port_run(1)
-            site = add_site(config.home, SITE, f"127.0.0.1:{site_port}",
-                            uplinks=[proxy.url("nats-leaf") for proxy in uplinks])
+            # The CLI, --json (checked against its schema: tests/conftest.py).
+            done = subprocess.run(
+                [sys.executable, "-m", "hub.cli", "site", "add", SITE, "--listen",
+                 f"127.0.0.1:{site_port}", "--uplink",
+                 ",".join(proxy.url("nats-leaf") for proxy in uplinks),
+                 "--home", str(config.home), "--json"],
+                env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
+                text=True, timeout=60, check=False)
+            assert done.returncode == 0, done.stderr
+            made_site = json.loads(done.stdout)
+            site = Site(SITE, Path(made_site["leaf_conf"]).parent, made_site["uplinks"])
+            assert [link["account"] for link in made_site["links"]] == [
+                DEVICES_ACCOUNT, ENROL_ACCOUNT]
             leaf = ConfiguredNats(site.leaf_conf, tmp / "leaf.log").start()
             site_url = f"nats://127.0.0.1:{site_port}"
             sim = SimFleet(site_url, tmp / "site-sim", config.trust_root_path, N,

@@ -34,23 +34,36 @@ def site_add(
     """Write HOME/sites/NAME/: leaf.conf (run it with `nats-server -c` at the site),
     users.conf (the devices' users, kept current by the hub) and link.toml (the links'
     passwords); add the site's two leaf-only link users to HOME/nats/users.conf and
-    reload the servers that run on this machine. Devices at the site run with `edge-agent run --nats
-    nats://HOST:PORT` (nothing else changes for them: they land in the cluster's DEVICES
-    account with a direct device's rights). Exit 2 on a bad name, address or home."""
+    reload the servers that run on this machine. Devices at the site run with
+    `edge-agent run --nats nats://HOST:PORT` (nothing else changes for them: they land in
+    the cluster's DEVICES account with a direct device's rights). Exit 2 on a bad name,
+    address or home."""
     from hub.home.config import load_config
+    from hub.home.nats_config import (
+        DEVICES_ACCOUNT,
+        ENROL_ACCOUNT,
+        site_enrol_user,
+        site_user,
+    )
     from hub.home.sites import add_site
 
     load_config(home)  # a hub home, or exit 2
     uplinks = [u.strip() for u in uplink.split(",") if u.strip()] if uplink else None
     site = add_site(home, name, listen, uplinks)
-    result = {"site": name, "leaf_conf": str(site.leaf_conf),
-              "users_conf": str(site.users_conf), "devices_url": f"nats://{listen}"}
+    result: dict[str, object] = {
+        "site": name, "leaf_conf": str(site.leaf_conf), "users_conf": str(site.users_conf),
+        "devices_url": f"nats://{listen}", "uplinks": site.uplinks,
+        "links": [{"user": site_user(name), "account": DEVICES_ACCOUNT},
+                  {"user": site_enrol_user(name), "account": ENROL_ACCOUNT}]}
 
-    def render(r: dict[str, str]) -> None:
+    def render(r: dict[str, object]) -> None:
         out.print(f"site {name}: leaf node configuration {r['leaf_conf']}")
         out.print(f"  run at the site: nats-server -c {r['leaf_conf']} (with {r['users_conf']} "
                   "beside it; copy it again when devices change)", soft_wrap=True)
         out.print(f"  devices there: edge-agent run --nats {r['devices_url']} ...",
                   soft_wrap=True)
+        out.print(f"  linked to {', '.join(site.uplinks)} as leaf-only users {site_user(name)} "
+                  f"(account {DEVICES_ACCOUNT}) and {site_enrol_user(name)} "
+                  f"({ENROL_ACCOUNT})", soft_wrap=True)
 
     show(result, as_json, render)

@@ -61,6 +61,7 @@ _LEAF_LISTEN = re.compile(r'^leafnodes\s*\{\s*listen:\s*"([^"]+)"', re.M)
 class Site:
     name: str
     directory: Path
+    uplinks: list[str]  # the cluster's leaf node URLs the leaf links to (no password)
 
     @property
     def leaf_conf(self) -> Path:
@@ -96,7 +97,7 @@ def add_site(home: Path, name: str, listen: str, uplinks: list[str] | None = Non
     if not remotes:
         raise UsageError(f"{home} has no cluster configuration to link to: make the home "
                          "with `hub init --cluster N`, or give --uplink URL")
-    site = Site(name, home / SITES_DIR / name)
+    site = Site(name, home / SITES_DIR / name, remotes)
     if site.leaf_conf.exists():
         raise UsageError(f"site {name} exists already ({site.directory})")
     site.directory.mkdir(parents=True, exist_ok=True)
