@@ -32,7 +32,15 @@ account of its kind; only HUB has JetStream (see "accounts" below):
   on its own assignment key and `root.latest`, its own report subjects to publish;
   replies only under its own inbox prefix;
 - enrol (ENROL): a device that made its own key, before it is enrolled: one request
-  subject (`hub.enrol`) and its own inbox root, nothing else.
+  subject (`hub.enrol`) and its own inbox root, nothing else;
+- site-NAME (DEVICES) and site-NAME-enrol (ENROL): an edge site's leaf node
+  (`hub site add`, hub/home/sites.py), leaf-only, carrying what devices (enrolling
+  devices) may send one way and their answers and hints the other.
+
+A cluster (`hub init --cluster`, hub/home/nats_cluster.py) has one configuration per
+node, each including the same users.conf; the hub reloads every node and every site
+leaf whose PID file is in the home. Each site's own users file (its DEVICES and ENROL
+accounts) is rewritten with users.conf.
 """
 
 from __future__ import annotations
