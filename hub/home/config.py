@@ -21,7 +21,6 @@ from pathlib import Path
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.trust.root import ROLES, TrustRoot
 from hub.errors import UsageError
-from hub.home.nats_cluster import cluster_nodes, cluster_url, write_cluster_configs
 from hub.home.nats_config import auth_for, listen_address, operator_auth, write_server_config
 from ledger.errors import KeyFileError
 from ledger.merkle import DEFAULT_TREE_HASH, HASHES
@@ -182,6 +181,8 @@ def init_home(
     if cluster and not nats_auth:
         raise HomeError("--cluster writes nats-server configurations: drop --no-auth")
     if nats_auth or tls:
+        from hub.home.nats_cluster import cluster_nodes, cluster_url, write_cluster_configs
+
         try:
             listen_address(nats_url)  # the server's `listen` line comes from it
             nodes = (cluster_nodes(nats_url, cluster, cluster_hosts, cluster_port, leaf_port)
