@@ -59,14 +59,17 @@ from edge_agent.transport.connect import connect as nats_connect
 from edge_agent.transport.direct import POLL_SECONDS, direct_get
 from hub import events as ev
 from hub.client import HubClient
+from hub.home import nats_config
 from hub.home.config import HubConfig, init_home
 from hub.home.nats_cluster import NO_LEAF_JS_DENY, node_conf_path
 from hub.home.nats_config import (
     DEVICES_ACCOUNT,
     ENROL_ACCOUNT,
     auth_for,
+    rewrite_users,
     site_link_permissions,
 )
+from hub.home.replies import HUB_INBOX_PREFIX
 from hub.home.sites import Site, cluster_leaf_urls
 from hub.service.nats import NatsEdge
 from hub.telemetry.ingest import AGG
@@ -426,7 +429,12 @@ async def hub_account(world: World, js: JetStreamContext) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for stream in (*LAYOUT, f"KV_{ROOTS_BUCKET}"):
         info = await js.stream_info(stream)
-        names = sorted(c.name for c in await js.consumers_info(stream))
+        # Every consumer but the hub's own short-lived reads (ordered consumers that
+        # deliver to its inbox, made and dropped by its reconciler as it runs).
+        names = sorted((c.name, c.config.deliver_subject)
+                       for c in await js.consumers_info(stream)
+                       if not (c.config.durable_name is None and
+                               (c.config.deliver_subject or "").startswith(HUB_INBOX_PREFIX)))
         state[stream] = (info.state.messages, info.state.last_seq, names,
                          info.config.subjects)
     state["streams"] = sorted(s.config.name for s in await js.streams_info())
@@ -503,33 +511,22 @@ def rogue_leaf_conf(world: World, port: int) -> Path:
     return path
 
 
-async def test_attacks_through_the_site_change_nothing(world: World) -> None:
-    """A device at the site, and a rogue leaf with the site's link passwords and no
-    local limits at all, send every JetStream API verb with replies aimed at the hub's
-    subjects and publish onto KV keys, the Object Store, the hub's and the ledger's APIs:
-    the hub's account is unchanged, and the rogue leaf hears nothing a device may not."""
-    hub = await nats_connect(world.config.nats_url, world.config.nats_auth("hub"))
+async def rogue_leaf_attacks(world: World) -> list[Msg]:
+    """Start a rogue leaf around the site's link passwords, attack through it as both of
+    its users; what they heard. The link works (a direct get is answered), so the
+    attacks did cross it."""
     rogue_port = free_port_run(1)
     rogue = ConfiguredNats(rogue_leaf_conf(world, rogue_port), world.tmp / "rogue.log")
     conns: list[Any] = []
+    heard: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        heard.append(msg)
+
     try:
-        js = hub.jetstream()
-        before = await hub_account(world, js)
-        device = "site-0000"
-        key = SigningKey.load(world.site_sim.key_path(device))
-        nc = await nats_connect(world.site_url, NatsAuth.for_device(device, key.private_raw()),
-                                retry_for=10, allow_reconnect=False)
-        conns.append(nc)
-        sent = await attack(nc)
-        assert sent > 1000
         rogue.start()
         await until(lambda: rogue.log_path.read_text().count("Leafnode connection created")
                     >= 2, 30, "the rogue leaf to link")
-        heard: list[Msg] = []
-
-        async def keep(msg: Msg) -> None:
-            heard.append(msg)
-
         for user in ("evil", "evil-enrol"):
             evil = await nats_connect(f"nats://127.0.0.1:{rogue_port}",
                                       NatsAuth(user=user, password="evil"), retry_for=5)
@@ -537,11 +534,35 @@ async def test_attacks_through_the_site_change_nothing(world: World) -> None:
             await evil.subscribe(">", cb=keep)
             await evil.flush()
             await attack(evil)
-            # What a device may ask: it still works through the rogue link (it is no
-            # more than a device), which shows the attacks above crossed the link.
-        reply = await direct_get(conns[-2], f"KV_{ROOTS_BUCKET}",
+        reply = await direct_get(conns[0], f"KV_{ROOTS_BUCKET}",
                                  subject=f"$KV.{ROOTS_BUCKET}.{ROOT_LATEST_KEY}")
         assert reply is not None
+        return heard
+    finally:
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        rogue.stop()
+
+
+async def test_attacks_through_the_site_change_nothing(world: World) -> None:
+    """A device at the site, and a rogue leaf with the site's link passwords and no
+    local limits at all, send every JetStream API verb with replies aimed at the hub's
+    subjects and publish onto KV keys, the Object Store, the hub's and the ledger's APIs:
+    the hub's account is unchanged, and the rogue leaf hears nothing a device may not."""
+    hub = await nats_connect(world.config.nats_url, world.config.nats_auth("hub"))
+    try:
+        js = hub.jetstream()
+        before = await hub_account(world, js)
+        device = "site-0000"
+        key = SigningKey.load(world.site_sim.key_path(device))
+        nc = await nats_connect(world.site_url, NatsAuth.for_device(device, key.private_raw()),
+                                retry_for=10, allow_reconnect=False)
+        try:
+            assert await attack(nc) > 1000
+        finally:
+            await nc.close()
+        heard = await rogue_leaf_attacks(world)
         await unchanged(world, js, before)
         # What the rogue leaf heard beyond its own publishes (and answers to them in its
         # own account, which test_accounts allows): only what a device may subscribe to.
@@ -560,10 +581,31 @@ async def test_attacks_through_the_site_change_nothing(world: World) -> None:
                                    retry_for=0, max_reconnect_attempts=0,
                                    allow_reconnect=False)
     finally:
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                await conn.close()
-        rogue.stop()
+        await hub.close()
+
+
+async def test_the_account_boundary_alone_holds_through_the_link(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same rogue leaf with the link users' permissions widened to everything
+    (publish and subscribe `>`): the links still land in DEVICES and ENROL, which import
+    nothing that changes the hub's account, so it is unchanged (the permissions are the
+    second line, as in tests/security/test_accounts.py)."""
+    everything = {"publish": [">"], "subscribe": [">"]}
+    monkeypatch.setattr(nats_config, "site_link_permissions", lambda: everything)
+    monkeypatch.setattr(nats_config, "ENROL_LINK_PERMISSIONS", everything)
+    hub = await nats_connect(world.config.nats_url, world.config.nats_auth("hub"))
+    try:
+        assert rewrite_users(world.config.home)  # and the nodes reloaded
+        users = (world.config.home / "nats" / "users.conf").read_text()
+        assert 'publish: { allow: [">"] }' in users.split(f'user: "site-{SITE}"')[1][:400]
+        js = hub.jetstream()
+        before = await hub_account(world, js)
+        await rogue_leaf_attacks(world)
+        await unchanged(world, js, before)
+    finally:
+        monkeypatch.undo()
+        rewrite_users(world.config.home)
         await hub.close()
 
 

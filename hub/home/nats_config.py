@@ -281,6 +281,11 @@ def site_link_permissions() -> dict[str, list[str]]:
                           ROOT_LATEST_SUBJECT]}
 
 
+# The ENROL link carries what the `enrol` user may do: requests to `hub.enrol` toward
+# the cluster, their answers back.
+ENROL_LINK_PERMISSIONS = ENROL_PERMISSIONS
+
+
 def site_links(home: Path) -> list[tuple[str, str, str]]:
     """(site name, DEVICES link password, ENROL link password) of every edge site."""
     root = home / SITES_DIR
@@ -304,7 +309,7 @@ def _link_users(home: Path) -> tuple[list[str], list[str]]:
         enrol.append(f"    # the enrolment link of edge site {name}\n" + _user_block(
             f"user: {json.dumps(site_enrol_user(name))}, password: "
             f"{json.dumps(enrol_password)}, allowed_connection_types: [\"LEAFNODE\"]",
-            ENROL_PERMISSIONS))
+            ENROL_LINK_PERMISSIONS))
     return devices, enrol
 
 
