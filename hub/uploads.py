@@ -31,13 +31,15 @@ import contextlib
 import logging
 import re
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import blake3
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError, ObjectNotFoundError, ServiceUnavailableError
 
 from edge_agent.protocol.names import (
     UPLOAD_CHUNK_BYTES,
@@ -61,6 +63,25 @@ MAX_UPLOAD_MESSAGE = UPLOAD_CHUNK_BYTES + HEADER_ROOM
 # Why uploads were refused (the `status` counts; docs/PROTOCOL.md "Uploads").
 REASONS = ("invalid", "too large", "unknown upload", "size", "missing chunk", "digest",
            "unreadable")
+
+
+NO_RESPONDERS_RETRY_S = 5.0
+
+
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: float,
+                ) -> list[Msg]:
+    """`sub.fetch`, tried again for a few seconds on "no responders". On a cluster, a
+    consumer made a moment ago may not be known yet to the server this client talks
+    to (its leader's subscription travels over the routes), so the first pull reaches
+    nobody; such a request delivered nothing, so asking again loses nothing."""
+    deadline = time.monotonic() + NO_RESPONDERS_RETRY_S
+    while True:
+        try:
+            return await sub.fetch(batch, timeout=timeout)
+        except ServiceUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 class UploadRefused(Refused):
@@ -173,8 +194,8 @@ async def _read(js: JetStreamContext, subject: str, upload_id: str, want: int, s
         with open(dest, "wb") as fh:
             while index < want:
                 try:
-                    msgs = await sub.fetch(min(FETCH_BATCH, want - index),
-                                           timeout=READ_TIMEOUT_S)
+                    msgs = await fetch(sub, min(FETCH_BATCH, want - index),
+                                       READ_TIMEOUT_S)
                 except Exception as exc:  # expired under us (max age), timeout
                     raise UploadRefused(
                         "missing chunk", f"upload {upload_id} stopped after {received} of "

@@ -59,6 +59,15 @@ def redact(url: str) -> str:
     return re.sub(r"://[^@/]*@", "://", url)
 
 
+def nats_servers(url: str) -> list[str]:
+    """The server URLs of a comma-separated list (`nats://a:4222,nats://b:4222`): what
+    nats-py takes as `servers=[...]` (it does not split a string itself). Once
+    connected, nats-py also learns the other cluster members from the server (its
+    INFO `connect_urls`), so one reachable URL is enough to fail over later."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    return servers or [url]
+
+
 def backoff_delay(attempt: int, first: float = 0.25, cap: float = 5.0,
                   jitter: float = 0.2) -> float:
     """Seconds to wait after failed attempt number `attempt` (1 = the first)."""
@@ -138,16 +147,19 @@ async def connect_for_good(connect: Callable[..., Awaitable[Any]], url: str, *,
                     reason, extra={"reason": reason, "error": describe(exc)})
 
     def next_server(servers: list[Any], _: dict[str, Any]) -> tuple[Any, float]:
-        server = servers[0]
+        # The server that failed least often (nats-py shuffled the list): with a cluster,
+        # a dead node is left for a live one at once instead of being retried for ever;
+        # the backoff grows only once every server has failed.
+        server = min(servers, key=lambda s: s.reconnects)
         return server, backoff_delay(server.reconnects, cap=cap) if server.reconnects else 0.0
 
     async def attempt() -> Any:
         errors.clear()
         try:
             # Two quick tries (nats-py's least), then back to `retry` and its backoff.
-            return await connect(url, **options, error_cb=on_error, allow_reconnect=True,
-                                 max_reconnect_attempts=1, reconnect_time_wait=0,
-                                 reconnect_to_server_handler=next_server)
+            return await connect(nats_servers(url), **options, error_cb=on_error,
+                                 allow_reconnect=True, max_reconnect_attempts=1,
+                                 reconnect_time_wait=0, reconnect_to_server_handler=next_server)
         except Exception as exc:
             # The most telling of the tries' errors: a refusal says more than the reset
             # that follows it on the same attempt.

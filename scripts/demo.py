@@ -70,6 +70,10 @@ class Processes:
         self.started.append((name, proc))
         return proc
 
+    def forget(self, name: str) -> None:
+        """No longer watch `name` (a process the demo is about to kill on purpose)."""
+        self.started = [(n, p) for n, p in self.started if n != name]
+
     def check_alive(self) -> None:
         for name, proc in self.started:
             if proc.poll() is not None:
@@ -193,13 +197,18 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "demo-data",
                         help="working directory for this run (wiped at start if an earlier demo "
                         "made it; any other non-empty directory is refused)")
-    parser.add_argument("--devices", type=int, default=5, help="number of agents")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="number of agents (default 5; 4 with --cluster)")
     parser.add_argument("--tls", action="store_true", help="NATS over TLS (the home's CA)")
     parser.add_argument("--no-auth", action="store_true",
                         help="a NATS server without users (authentication is on by default)")
     parser.add_argument("--web", metavar="ADDR:PORT", default=None,
                         help="where the hub serves its dashboard (default: a free port on "
                         "127.0.0.1)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the scale-out story instead: three NATS nodes, PostgreSQL, two "
+                        "hubs; the leading hub is SIGKILLed mid-rollout and the other "
+                        "completes it (scripts/demo_cluster.py; --devices 4 by default)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the hub, the agents and the dashboard running after the "
                         "demo, until Ctrl-C")
@@ -213,7 +222,18 @@ def main() -> int:
         shutil.rmtree(data)
     (data / "logs").mkdir(parents=True)
     (data / MARKER).write_text("made by scripts/demo; the next run may wipe this directory\n")
-    devices = [f"dev-{i:02d}" for i in range(1, args.devices + 1)]
+    if args.cluster:
+        import demo_cluster  # scripts/ is on sys.path: this file's own directory
+
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        procs = Processes(data / "logs")
+        try:
+            return demo_cluster.run(data, procs, args.devices or 4)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted; stopping everything[/yellow]")
+            procs.stop_all()
+            return 130
+    devices = [f"dev-{i:02d}" for i in range(1, (args.devices or 5) + 1)]
     models = {}
     for version in ("1", "2"):
         models[version] = data / "models" / f"kws-v{version}.tflite"

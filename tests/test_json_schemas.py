@@ -182,6 +182,7 @@ EXERCISED_ELSEWHERE = {
     "hub device token create": "tests/test_device_tokens.py",
     "hub model rebase": "tests/test_drift.py",
     "hub model validation": "tests/test_validation_jobs.py",
+    "hub site add": "tests/test_nats_cluster.py",
 }
 
 

@@ -33,7 +33,7 @@ import nats
 import nkeys
 from nats.aio.client import Client as NATS
 
-from ledger.retry import connect_for_good
+from ledger.retry import connect_for_good, nats_servers
 
 USER_PREFIX = nkeys.PREFIX_BYTE_USER
 
@@ -106,16 +106,16 @@ def _transient(exc: Exception) -> bool:
 
 async def connect(url: str, auth: NatsAuth = NO_AUTH,
                   retry_for: float = RELOAD_RETRY_SECONDS, **options: Any) -> NATS:
-    """nats.connect() with `auth`, retrying transient refusals for `retry_for` seconds."""
+    """nats.connect() with `auth`, retrying transient refusals for `retry_for` seconds.
+    `url` may be a comma-separated list of servers (a cluster): nats-py tries each."""
     deadline = time.monotonic() + retry_for
     while True:
         try:
-            return await nats.connect(url, **options, **auth.options())
+            return await nats.connect(nats_servers(url), **options, **auth.options())
         except Exception as exc:
             if not _transient(exc) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
-
 
 
 async def connect_retrying(url: str, auth: NatsAuth = NO_AUTH, *, name: str,
@@ -125,7 +125,8 @@ async def connect_retrying(url: str, auth: NatsAuth = NO_AUTH, *, name: str,
     """A connection for good, retried quietly (`ledger.retry.connect_for_good`: one log
     line per failed attempt with its reason, exponential backoff up to `cap` seconds,
     `Stopped` when `stop` is set, the last error after `give_up_after` seconds); nats-py
-    reconnects for ever afterwards with the same backoff."""
+    reconnects for ever afterwards with the same backoff. `url` may list several servers,
+    comma-separated: it fails over to the others (and to those the cluster announces)."""
     nc: NATS = await connect_for_good(
         nats.connect, url, log=log, stop=stop, give_up_after=give_up_after, cap=cap,
         name=name, **options, **auth.options())

@@ -52,6 +52,7 @@ class NatsTransport:
         self.nc = nc
         self.js = nc.jetstream()  # publish only: the PubAck of a report
         self._watches: weakref.WeakSet[KeyHints] = weakref.WeakSet()
+        self._publish_failed = False  # the last report publish failed
 
     @classmethod
     async def connect(
@@ -170,7 +171,14 @@ class NatsTransport:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # disconnected or stream not there yet
+            self._publish_failed = True
             raise FetchError(f"{exc}") from exc
+        if self._publish_failed:
+            # The hub answers again after it did not: the path to it was broken, maybe
+            # with this connection up all along (an edge site's leaf node whose uplink
+            # was cut), so hints published meanwhile were lost: read the keys again.
+            self._publish_failed = False
+            self.kick_watches()
 
 
 async def close_quietly(transport: NatsTransport, timeout: float) -> None:

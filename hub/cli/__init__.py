@@ -21,6 +21,7 @@ from hub.cli import (
     operators,
     rollouts,
     serve,
+    sites,
     telemetry,
 )
 from hub.cli._common import HELP_OPTIONS, HubGroup, examples, version_option
@@ -79,6 +80,7 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(keys.witness_app, name="witness")
 app.add_typer(rollouts.rollout_app, name="rollout")
 app.add_typer(contexts.context_app, name="context")
+app.add_typer(sites.site_app, name="site")
 
 
 def main() -> None:

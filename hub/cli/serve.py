@@ -51,6 +51,8 @@ commands = typer.Typer()
     'hub init hub-home --database postgresql+psycopg://fleet@127.0.0.1/fleet',
     'hub init hub-home --origin example.com/fleet-log --tree-hash blake3',
     'hub init hub-home --offline-root /media/usb/root',
+    'hub init hub-home --cluster 3    (nodes on 127.0.0.1:4222-4224, routes 6222-6224)',
+    'hub init hub-home --cluster 3 --cluster-hosts 10.0.0.1,10.0.0.2,10.0.0.3',
 ))
 def init(
     home: Path = typer.Argument(..., help="Directory to create (keys, trust root, config)."),
@@ -76,6 +78,19 @@ def init(
         None, "--offline-root", metavar="DIR", help="Write the root key to DIR (not inside "
         "the home) instead of DIR/keys: the hub runs without it and trust root changes go "
         "through `hub keys root prepare`, `sign` (offline) and `import`."),
+    cluster: int = typer.Option(
+        0, "--cluster", min=0, metavar="N", help="Also write one nats-server configuration "
+        "per node of an N-node cluster with JetStream (DIR/nats/node-1.conf ...); "
+        "config.toml then lists every node's URL, and the hub's streams and buckets get "
+        "3 replicas when N >= 3. On one host the ports count up from --nats, "
+        "--cluster-port and --leaf-port."),
+    cluster_hosts: str | None = typer.Option(
+        None, "--cluster-hosts", metavar="H1,H2,...", help="One host per node (default: "
+        "the host of --nats for all); on distinct hosts every node uses the same ports."),
+    cluster_port: int = typer.Option(6222, "--cluster-port", help="The first node's "
+                                     "route port (--cluster)."),
+    leaf_port: int = typer.Option(7422, "--leaf-port", help="The first node's port for edge "
+                                  "sites' leaf nodes (--cluster; `hub site add`)."),
 ) -> None:
     """Create a hub home: Ed25519 keys for the root, release, director and log roles, the
     signed trust root that devices pin (DIR/trust-root.bin), the first operator's key
@@ -84,8 +99,12 @@ def init(
         from hub.keys.keyring import check_outside_home
 
         check_outside_home(home, offline_root)  # before any key is written
+    hosts = [h.strip() for h in cluster_hosts.split(",")] if cluster_hosts else None
+    if hosts is not None and not cluster:
+        raise UsageError("--cluster-hosts needs --cluster N")
     config = init_home(home, nats_url, database, force, nats_auth=not no_auth, tls=tls,
-                       origin=origin, tree_hash=tree_hash)
+                       origin=origin, tree_hash=tree_hash, cluster=cluster,
+                       cluster_hosts=hosts, cluster_port=cluster_port, leaf_port=leaf_port)
     out.print(f"hub home ready in [bold]{home}[/bold]")
     out.print(f"  trust root for devices: {config.trust_root_path}")
     out.print(f"  log verifier key (for `ledger witness` / `ledger verify --log-key`): "
@@ -103,6 +122,10 @@ def init(
     if not no_auth:
         out.print(f"  nats-server config (users, permissions{', TLS' if tls else ''}): "
                   f"{home / 'nats' / 'nats-server.conf'}; run nats-server -js -c with it")
+    if cluster:
+        out.print(f"  cluster of {cluster}: {home / 'nats'}/node-1.conf ... node-{cluster}.conf "
+                  f"(run one nats-server -c per node instead); nats_url {config.nats_url}; "
+                  f"stream replicas {config.nats_replicas}")
     out.print(f"next: hub serve --home {home}")
 
 

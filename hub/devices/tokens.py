@@ -181,9 +181,11 @@ def enrol_url(config: HubConfig) -> str:
     auth = auth_for(config.home, ENROL_ROLE)
     if auth.user is None:
         return config.nats_url
-    first = config.nats_url.split(",")[0].strip()
-    scheme, rest = first.split("://", 1) if "://" in first else ("nats", first)
-    return f"{scheme}://{auth.user}:{auth.password}@{rest}"
+    urls = []
+    for url in config.nats_url.split(","):  # every node of a cluster: it fails over
+        scheme, rest = url.strip().split("://", 1) if "://" in url else ("nats", url.strip())
+        urls.append(f"{scheme}://{auth.user}:{auth.password}@{rest}")
+    return ",".join(urls)
 
 
 def _decode(data: bytes) -> proto.EnrolmentRequest:

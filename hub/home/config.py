@@ -21,12 +21,7 @@ from pathlib import Path
 from edge_agent.transport.connect import NatsAuth
 from edge_agent.trust.root import ROLES, TrustRoot
 from hub.errors import UsageError
-from hub.home.nats_config import (
-    auth_for,
-    listen_address,
-    operator_auth,
-    write_server_config,
-)
+from hub.home.nats_config import auth_for, listen_address, operator_auth, write_server_config
 from ledger.errors import KeyFileError
 from ledger.merkle import DEFAULT_TREE_HASH, HASHES
 from ledger.note import Signer, valid_key_name
@@ -106,6 +101,10 @@ class HubConfig:
     # upload may carry; an upload is dropped after `uploads_max_age_seconds` unclaimed.
     uploads_max_bytes: int = 1 << 30
     uploads_max_age_seconds: float = 3600.0
+    # Replicas of every stream and bucket the hub creates (hub/service/nats.py): 3 on a
+    # cluster of 3+ nodes (`hub init --cluster`), else 1. Raised or lowered in place on
+    # the streams that exist already, at every `hub serve`.
+    nats_replicas: int = 1
 
     @property
     def assignment_ttl_s(self) -> float:
@@ -160,13 +159,16 @@ def default_origin() -> str:
 def init_home(
     home: Path, nats_url: str, database: str = "ledger.db", force: bool = False,
     nats_auth: bool = True, tls: bool = False, origin: str | None = None,
-    tree_hash: str = DEFAULT_TREE_HASH,
+    tree_hash: str = DEFAULT_TREE_HASH, cluster: int = 0,
+    cluster_hosts: list[str] | None = None, cluster_port: int = 6222, leaf_port: int = 7422,
 ) -> HubConfig:
     """Create keys for every role, the signed trust root and the config file; with
     `nats_auth`, the NATS server's configuration and identities (hub/home/nats_config.py),
     with `tls` also a CA and a server certificate. `origin` names the log (default: a
     new `fleetledger.local/<random id>`); `tree_hash` is the new ledger's Merkle tree
-    hash (default SHA-256, RFC 6962)."""
+    hash (default SHA-256, RFC 6962). `cluster` = N > 0: also one configuration per node
+    of an N-node nats-server cluster (hub/home/nats_cluster.py), `nats_url` then lists
+    every node and the streams get 3 replicas when N >= 3."""
     if origin is not None and not valid_key_name(origin):
         raise HomeError(f"origin {origin!r} must be non-empty, with no spaces, no '+' and "
                         "no control characters (e.g. example.com/fleet-log)")
@@ -175,11 +177,21 @@ def init_home(
     config_path = home / CONFIG_NAME
     if config_path.exists() and not force:
         raise HomeError(f"{home} is already a hub home (use --force to overwrite its keys)")
+    nodes = []
+    if cluster and not nats_auth:
+        raise HomeError("--cluster writes nats-server configurations: drop --no-auth")
     if nats_auth or tls:
+        from hub.home.nats_cluster import cluster_nodes, cluster_url, write_cluster_configs
+
         try:
             listen_address(nats_url)  # the server's `listen` line comes from it
+            nodes = (cluster_nodes(nats_url, cluster, cluster_hosts, cluster_port, leaf_port)
+                     if cluster else [])
         except ValueError as exc:
             raise HomeError(str(exc)) from exc
+        if nodes:
+            nats_url = cluster_url(nodes, tls)
+    replicas = 3 if cluster >= 3 else 1
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
     keys = {role: SigningKey.generate() for role in ROLES}
@@ -205,6 +217,8 @@ def init_home(
         "# The Merkle tree hash of a new ledger (sha256: RFC 6962, or blake3); a ledger\n"
         "# keeps the one it was created with.\n"
         f"tree_hash = {toml_str(tree_hash)}\n"
+        "# Replicas of the hub's JetStream streams and buckets (3 on a cluster of 3+).\n"
+        f"nats_replicas = {replicas}\n"
         "# Signed checkpoints of the ledger: after this many new entries or seconds.\n"
         "checkpoint_every_entries = 100\n"
         "checkpoint_every_seconds = 10.0\n"
@@ -227,6 +241,8 @@ def init_home(
     if nats_auth or tls:
         write_server_config(home, tls=tls, operators=[(admin.keyid, admin.public.raw)],
                             nats_url=nats_url)
+        if nodes:
+            write_cluster_configs(home, nodes, tls)
     return load_config(home)
 
 
@@ -267,6 +283,7 @@ def load_config(home: Path, nats_url: str | None = None) -> HubConfig:
             ledger_feed_max_bytes=int(_positive(raw, "ledger_feed_max_bytes", 1 << 30)),
             uploads_max_bytes=int(_positive(raw, "uploads_max_bytes", 1 << 30)),
             uploads_max_age_seconds=_positive(raw, "uploads_max_age_seconds", 3600.0),
+            nats_replicas=_replicas(raw),
         )
     except (KeyError, ValueError) as exc:
         raise HomeError(f"{config_path}: missing or invalid setting {exc}") from exc
@@ -277,6 +294,14 @@ def _positive(raw: dict[str, object], name: str, default: float) -> float:
     value = float(str(raw.get(name, default)))
     if not value > 0:
         raise ValueError(f"{name} must be > 0, not {value}")
+    return value
+
+
+def _replicas(raw: dict[str, object]) -> int:
+    """JetStream takes 1 to 5 replicas (an odd number is what survives a node loss)."""
+    value = int(str(raw.get("nats_replicas", 1)))
+    if not 1 <= value <= 5:
+        raise ValueError(f"nats_replicas must be 1 to 5, not {value}")
     return value
 
 

@@ -32,7 +32,15 @@ account of its kind; only HUB has JetStream (see "accounts" below):
   on its own assignment key and `root.latest`, its own report subjects to publish;
   replies only under its own inbox prefix;
 - enrol (ENROL): a device that made its own key, before it is enrolled: one request
-  subject (`hub.enrol`) and its own inbox root, nothing else.
+  subject (`hub.enrol`) and its own inbox root, nothing else;
+- site-NAME (DEVICES) and site-NAME-enrol (ENROL): an edge site's leaf node
+  (`hub site add`, hub/home/sites.py), leaf-only, carrying what devices (enrolling
+  devices) may send one way and their answers and hints the other.
+
+A cluster (`hub init --cluster`, hub/home/nats_cluster.py) has one configuration per
+node, each including the same users.conf; the hub reloads every node and every site
+leaf whose PID file is in the home. Each site's own users file (its DEVICES and ENROL
+accounts) is rewritten with users.conf.
 """
 
 from __future__ import annotations
@@ -89,6 +97,18 @@ CA_CERT = "ca.pem"
 # (homes made before it have no such user: the device-made-key path is then off).
 ROLES = ("hub", "witness", "enrol")
 RELOAD_SETTLE_SECONDS = 0.2
+# A cluster (`hub init --cluster`, hub/home/nats_cluster.py): one configuration and PID
+# file per node beside users.conf, which every node includes.
+NODE_CONF = "node-{}.conf"
+NODE_PID = "node-{}.pid"
+# Edge sites (`hub site add`, hub/home/sites.py): HOME/sites/NAME/ holds the leaf
+# node's configuration, its own users file, its PID file and the link passwords.
+SITES_DIR = "sites"
+LEAF_PID = "leaf.pid"
+LINK = "link.toml"
+# The identities users.conf was written from last (public keys only), so that `hub site
+# add` can write it again without the hub's database.
+IDENTITIES = "identities.json"
 
 
 def nats_dir(home: Path) -> Path:
@@ -231,6 +251,68 @@ WITNESS_PERMISSIONS = {
 }
 
 
+# ---------------------------------------------------------------- edge sites' leaf links
+# A site's leaf node links to the cluster as two users, one per account its devices use:
+# `site-NAME` in DEVICES and `site-NAME-enrol` in ENROL, each allowed to connect only as
+# a leaf node. A leaf link user's permissions are what crosses the link (the cluster
+# takes from the leaf what the user may publish and sends it what the user may
+# subscribe to): here exactly DEVICES' (ENROL's) imports one way and device (enrolling
+# device) reply inboxes and hints the other. So the link can do what any device of the
+# fleet may do and nothing else: no other account, no JetStream (DEVICES has none).
+
+
+def site_user(name: str) -> str:
+    """The NATS user (account DEVICES) an edge site's leaf node links as."""
+    return f"site-{name}"
+
+
+def site_enrol_user(name: str) -> str:
+    """The NATS user (account ENROL) the site's leaf links its enrolments through."""
+    return f"site-{name}-enrol"
+
+
+def site_link_permissions() -> dict[str, list[str]]:
+    """The DEVICES link: the account's import subjects toward the cluster (the leaf
+    holds each device to its own ones; the cluster propagates its interest in an import
+    to the leaf only when the link may publish to that very subject), device reply
+    inboxes and the assignment and root hints back."""
+    return {"publish": [REPORT_SUBJECTS, *DEVICE_DIRECT_GET_SERVICES],
+            "subscribe": [device_inbox_prefix("*") + ".>", f"$KV.{ASSIGNMENTS_BUCKET}.*",
+                          ROOT_LATEST_SUBJECT]}
+
+
+# The ENROL link carries what the `enrol` user may do: requests to `hub.enrol` toward
+# the cluster, their answers back.
+ENROL_LINK_PERMISSIONS = ENROL_PERMISSIONS
+
+
+def site_links(home: Path) -> list[tuple[str, str, str]]:
+    """(site name, DEVICES link password, ENROL link password) of every edge site."""
+    root = home / SITES_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for directory in sorted(root.iterdir()):
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError, KeyError):
+            raw = tomllib.loads((directory / LINK).read_text())
+            out.append((directory.name, str(raw["password"]), str(raw["enrol_password"])))
+    return out
+
+
+def _link_users(home: Path) -> tuple[list[str], list[str]]:
+    """The sites' link user blocks: (those in DEVICES, those in ENROL)."""
+    devices, enrol = [], []
+    for name, password, enrol_password in site_links(home):
+        devices.append(f"    # the leaf link of edge site {name} (hub site add)\n" + _user_block(
+            f"user: {json.dumps(site_user(name))}, password: {json.dumps(password)}, "
+            'allowed_connection_types: ["LEAFNODE"]', site_link_permissions()))
+        enrol.append(f"    # the enrolment link of edge site {name}\n" + _user_block(
+            f"user: {json.dumps(site_enrol_user(name))}, password: "
+            f"{json.dumps(enrol_password)}, allowed_connection_types: [\"LEAFNODE\"]",
+            ENROL_LINK_PERMISSIONS))
+    return devices, enrol
+
+
 def _user_block(head: str, perms: dict[str, list[str]] | None) -> str:
     if perms is None:
         return f"    {{ {head} }}"
@@ -261,8 +343,10 @@ def _exports_and_imports() -> tuple[list[str], dict[str, list[str]]]:
 
 
 def accounts_text(hub: str, witness: str | None, operators: list[str], devices: list[str],
-                  probe: str, enrol: str | None = None) -> str:
-    """The users file: an `accounts {}` block with these user blocks in their accounts."""
+                  probe: str, enrol: str | None = None,
+                  enrol_links: list[str] | None = None) -> str:
+    """The users file: an `accounts {}` block with these user blocks in their accounts
+    (`devices` and `enrol_links`: edge sites' leaf link users too)."""
     exports, imports = _exports_and_imports()
 
     def io(account: str) -> list[str]:
@@ -277,7 +361,8 @@ def accounts_text(hub: str, witness: str | None, operators: list[str], devices: 
     if witness is not None:
         blocks.append(_account_block(WITNESS_ACCOUNT, [witness], io(WITNESS_ACCOUNT)))
     if enrol is not None:
-        blocks.append(_account_block(ENROL_ACCOUNT, [enrol], io(ENROL_ACCOUNT)))
+        blocks.append(_account_block(ENROL_ACCOUNT, [enrol, *(enrol_links or [])],
+                                     io(ENROL_ACCOUNT)))
     blocks.append(_account_block(PROBE_ACCOUNT, [probe], []))
     return ("# NATS accounts and users (rewritten by the hub when devices or operators "
             "change)\naccounts {\n" + "".join(blocks) + "}\n")
@@ -378,8 +463,9 @@ def write_server_config(home: Path, tls: bool = False,
 def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
                 operators: Iterable[tuple[str, bytes]] = ()) -> bool:
     """Rewrite users.conf: the password users, one nkey user per (device, public) and one
-    per (operator key id, public). False (and nothing written) when it already says that,
-    so the server need not reload."""
+    per (operator key id, public), two leaf link users per edge site; and each edge
+    site's own users file (its devices). False (and users.conf not written) when it
+    already says that, so the server need not reload."""
     passwords = load_credentials(home)
     if not passwords:
         return False  # this home has no NATS identities (created without them)
@@ -394,12 +480,17 @@ def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
     device_users = [f"    # device {device}\n" + _user_block(
         f"nkey: {json.dumps(nkey_public(public))}", device_permissions(device))
         for device, public in sorted(devices)]
+    enrol_user = password_user("enrol", ENROL_PERMISSIONS) if "enrol" in passwords else None
+    device_links, enrol_links = _link_users(home)
+    _write_site_users(home, device_users, enrol_user)
+    _write_private(nats_dir(home) / IDENTITIES, json.dumps({
+        "devices": [[d, p.hex()] for d, p in sorted(devices)],
+        "operators": [[k, p.hex()] for k, p in sorted(operators)]}) + "\n")
     seed, probe = new_probe()  # proves, once the server lets it in, that it runs this file
     text = accounts_text(
         password_user("hub", None),
         password_user("witness", WITNESS_PERMISSIONS) if "witness" in passwords else None,
-        operator_users, device_users, probe,
-        password_user("enrol", ENROL_PERMISSIONS) if "enrol" in passwords else None)
+        operator_users, device_users + device_links, probe, enrol_user, enrol_links)
     path = nats_dir(home) / USERS_CONF
     with contextlib.suppress(OSError):
         if without_probe(path.read_text()) == without_probe(text):
@@ -412,6 +503,54 @@ def write_users(home: Path, devices: Iterable[tuple[str, bytes]],
     return True
 
 
+def site_users_text(device_users: list[str], enrol_user: str | None) -> str:
+    """An edge site's leaf authenticates its devices itself, in accounts of the same
+    names as the cluster's that its links bind to: DEVICES (every device, with the same
+    per-device permissions as on the cluster) and ENROL (the shared `enrol` user). No
+    hub, witness or operator identity (none of them connects at a site, and a site box
+    is less guarded), no JetStream, no imports: what a device there may reach is what
+    crosses the link into the cluster's account of the same name."""
+    blocks = [_account_block(DEVICES_ACCOUNT, device_users, [])]
+    if enrol_user is not None:
+        blocks.append(_account_block(ENROL_ACCOUNT, [enrol_user], []))
+    return ("# NATS accounts and users of an edge site's leaf node (rewritten by the hub "
+            "when devices change;\n# copy it to a leaf on another machine and reload it)\n"
+            "accounts {\n" + "".join(blocks) + "}\n")
+
+
+def _write_site_users(home: Path, device_users: list[str], enrol_user: str | None) -> None:
+    root = home / SITES_DIR
+    if not root.is_dir():
+        return
+    text = site_users_text(device_users, enrol_user)
+    for directory in sorted(root.iterdir()):
+        path = directory / USERS_CONF
+        if not (directory / LINK).exists():
+            continue
+        with contextlib.suppress(OSError):
+            if path.read_text() == text:
+                continue
+        _write_private(path, text)
+
+
+def rewrite_users(home: Path) -> bool:
+    """Write users.conf (and the sites' users files) again from the identities it was
+    last written with, then reload the servers that run here (`hub site add`; the hub
+    itself writes from its database)."""
+    try:
+        raw = json.loads((nats_dir(home) / IDENTITIES).read_text())
+    except (OSError, ValueError):
+        raw = {"devices": [], "operators": []}  # a home older than that file
+        log.warning("%s: no %s yet: users.conf written with no devices or operators "
+                    "until `hub serve` starts", home, IDENTITIES)
+    devices = [(d, bytes.fromhex(p)) for d, p in raw["devices"]]
+    operators = [(k, bytes.fromhex(p)) for k, p in raw["operators"]]
+    changed = write_users(home, devices, operators)
+    if changed:
+        reload_server(home)
+    return changed
+
+
 def probe_seed(home: Path) -> str | None:
     """The nkey seed of the reload probe in the users file written last (None: none)."""
     try:
@@ -420,25 +559,38 @@ def probe_seed(home: Path) -> str | None:
         return None
 
 
+def pid_files(home: Path) -> list[Path]:
+    """The PID files of the servers that read this home's users files: the single
+    server, every cluster node, every edge site's leaf node (those that run here)."""
+    directory = nats_dir(home)
+    return [directory / PID_FILE, *sorted(directory.glob(NODE_PID.format("*"))),
+            *sorted((home / SITES_DIR).glob(f"*/{LEAF_PID}"))]
+
+
 def reload_server(home: Path) -> bool:
-    """SIGHUP the nats-server whose PID file is in HOME/nats, if it runs here."""
-    try:
-        pid = int((nats_dir(home) / PID_FILE).read_text().strip())
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except (OSError, ValueError):
+    """SIGHUP every nats-server whose PID file is in this home and that runs here (the
+    single server, or each cluster node and edge site leaf node on this machine)."""
+    reloaded = False
+    for pid_file in pid_files(home):
+        try:
+            pid = int(pid_file.read_text().strip())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if not comm.startswith("nats-server"):
+            log.warning("PID %d is %s, not nats-server; not reloading", pid, comm)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
+            reloaded = True
+    if not reloaded:
         log.warning("no local nats-server for %s: reload it to apply users.conf", home)
         return False
-    if not comm.startswith("nats-server"):
-        log.warning("PID %d is %s, not nats-server; not reloading", pid, comm)
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGHUP)
-        # The server reloads on its own time (~5 ms here) and says so only in its log. A
-        # client whose handshake overlaps the reload can be let in and then dropped, so
-        # callers (an enrolment, an operator change) answer only once it has settled.
-        time.sleep(RELOAD_SETTLE_SECONDS)
-        return True
-    return False
+    # The server reloads on its own time (~5 ms here) and says so only in its log. A
+    # client whose handshake overlaps the reload can be let in and then dropped, so
+    # callers (an enrolment, an operator change) answer only once it has settled.
+    time.sleep(RELOAD_SETTLE_SECONDS)
+    return True
 
 
 # ---------------------------------------------------------------- TLS

@@ -41,12 +41,16 @@ def wanted_roots(keyring: Keyring, store: LedgerStore) -> dict[str, bytes]:
     return out
 
 
-async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerStore) -> None:
-    """Bring HOME and the KV bucket `roots` up to date with the ledger, at hub start."""
+async def publish_roots(js: JetStreamContext, keyring: Keyring, store: LedgerStore,
+                        replicas: int = 1) -> None:
+    """Bring HOME and the KV bucket `roots` up to date with the ledger, at hub start
+    (a new bucket gets `replicas`; an existing one is scaled by
+    hub.service.nats.allow_fleet_consumers)."""
     try:
         kv = await js.key_value(ROOTS_BUCKET)
     except (BucketNotFoundError, NotFoundError):
-        kv = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1, direct=True))
+        kv = await js.create_key_value(KeyValueConfig(bucket=ROOTS_BUCKET, history=1,
+                                                      direct=True, replicas=replicas))
     for key, data in wanted_roots(keyring, store).items():
         await kv.put(key, data)
 

@@ -57,8 +57,10 @@ def witnessed_enough(root: TrustRoot, checkpoint: StoredCheckpoint) -> bool:
 
 class TransparencyPublisher:
     def __init__(self, store: LedgerStore, checkpoints: CheckpointStore,
-                 root: Callable[[], TrustRoot], js: JetStreamContext) -> None:
+                 root: Callable[[], TrustRoot], js: JetStreamContext,
+                 replicas: int = 1) -> None:
         self.store = store
+        self.replicas = replicas  # of the bucket, when this makes it
         self.checkpoints = checkpoints
         self.root = root
         self.js = js
@@ -86,7 +88,8 @@ class TransparencyPublisher:
             return await self.js.key_value(TRANSPARENCY_BUCKET)
         except (BucketNotFoundError, NotFoundError):
             return await self.js.create_key_value(
-                KeyValueConfig(bucket=TRANSPARENCY_BUCKET, history=1, direct=True))
+                KeyValueConfig(bucket=TRANSPARENCY_BUCKET, history=1, direct=True,
+                               replicas=self.replicas))
 
     async def start(self) -> None:
         await self._bucket()

@@ -218,9 +218,9 @@ class HubService:
         # ones (and when nothing changed there is no reload at all).
         await edge.sync_nats_users()
         await edge.ensure_layout()
-        await publish_roots(edge.js, self.keyring, self.store)
+        await publish_roots(edge.js, self.keyring, self.store, self.config.nats_replicas)
         await self.timestamps.restore()  # signed now if due, else put back if KV differs
-        await allow_fleet_consumers(edge.js)
+        await allow_fleet_consumers(edge.js, self.config.nats_replicas)
         # The lease, if it is free (a standby keeps trying under the supervisor below).
         if await self.leadership.begin():
             # Before serving: a stop between a ledger commit and its KV write left devices
@@ -235,7 +235,8 @@ class HubService:
         checkpointer.may_sign = self.leadership.leads
         # Model transparency: proof bundles of witnessed releases (hub.log.transparency).
         self.transparency = TransparencyPublisher(
-            self.store, checkpointer.checkpoints, lambda: self.keyring.root, edge.js)
+            self.store, checkpointer.checkpoints, lambda: self.keyring.root, edge.js,
+            self.config.nats_replicas)
         self.ledger_publishing.api.on_cosigned = self.transparency.sync
         await self.transparency.start()
         transparency = self.transparency

@@ -117,22 +117,25 @@ class NatsEdge:
 
     async def ensure_layout(self) -> None:
         js = self.js
+        replicas = self.config.nats_replicas
         # `models`: every blob the hub accepted (only the hub reads it); `releases`: the
         # released model blobs, the one bucket devices may read.
         for bucket in (MODELS_BUCKET, RELEASES_BUCKET):
             try:
                 await js.object_store(bucket)
+                await ensure_replicas(js, f"OBJ_{bucket}", replicas)
             except (BucketNotFoundError, NotFoundError):
-                await js.create_object_store(bucket, config=ObjectStoreConfig())
+                await js.create_object_store(bucket, config=ObjectStoreConfig(
+                    replicas=replicas))
         for bucket in (MANIFESTS_BUCKET, ASSIGNMENTS_BUCKET):
-            try:
-                await js.key_value(bucket)
-            except (BucketNotFoundError, NotFoundError):
-                # direct=True: devices read it with direct gets only (allow_fleet_consumers)
-                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
-                                                         direct=True))
+            await ensure_kv(js, bucket, replicas)
+        names = [f"OBJ_{MODELS_BUCKET}", f"OBJ_{RELEASES_BUCKET}", f"KV_{MANIFESTS_BUCKET}",
+                 f"KV_{ASSIGNMENTS_BUCKET}"]
         for wanted in stream_configs(self.config):
             await ensure_stream(js, wanted)
+            names.append(str(wanted.name))
+        if replicas > 1:
+            await wait_for_leaders(js, names)
 
     # ------------------------------------------------------------ the operator API
 
@@ -278,8 +281,60 @@ class NatsEdge:
 
 
 DAY_S = 86400.0
-# What ensure_stream sets on a stream that exists already (an older hub's, without them).
-LIMIT_FIELDS = ("max_age", "max_bytes", "max_msgs_per_subject", "discard", "max_msg_size")
+# What ensure_stream sets on a stream that exists already (an older hub's, without them;
+# num_replicas: a home that moved from one server to a cluster, or back).
+LIMIT_FIELDS = ("max_age", "max_bytes", "max_msgs_per_subject", "discard", "max_msg_size",
+                "num_replicas")
+
+
+LEADER_WAIT_S = 30.0
+
+
+async def wait_for_leaders(js: JetStreamContext, streams: list[str],
+                           timeout: float = LEADER_WAIT_S) -> None:
+    """Until each replicated stream has elected its leader: a stream created (or scaled)
+    a moment ago answers its first reads with "no responders" until then, which would
+    fail the first command that reads it (an upload, a download)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for stream in streams:
+        while True:
+            with contextlib.suppress(Exception):
+                info = await js.stream_info(stream)
+                if info.cluster is None or info.cluster.leader:
+                    break
+            if loop.time() > deadline:
+                log.warning("stream %s has no leader yet after %g s", stream, timeout)
+                return
+            await asyncio.sleep(0.1)
+
+
+async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int) -> None:
+    """A KV bucket (history 1) at `replicas`, made or brought to it in place."""
+    try:
+        await js.key_value(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        # direct=True: devices read it with direct gets only (allow_fleet_consumers)
+        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, direct=True,
+                                                 replicas=replicas))
+        return
+    await ensure_replicas(js, f"KV_{bucket}", replicas)
+
+
+async def ensure_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Scale an existing stream (a bucket's too) to `replicas` in place: nats-server
+    moves its data to the new peers and keeps it, messages and consumers alike. A
+    server that cannot (fewer nodes than replicas) refuses: logged, the hub runs on."""
+    info = await js.stream_info(stream)
+    if info.config.num_replicas == replicas:
+        return
+    info.config.num_replicas = replicas
+    try:
+        await js.update_stream(info.config)
+    except Exception as exc:
+        log.warning("cannot set %d replicas on stream %s: %s", replicas, stream, exc)
+        return
+    log.info("stream %s now has %d replicas", stream, replicas)
 
 
 def stream_configs(config: HubConfig) -> list[StreamConfig]:
@@ -299,6 +354,7 @@ def stream_configs(config: HubConfig) -> list[StreamConfig]:
             max_bytes=config.reports_max_bytes,
             max_msgs_per_subject=config.reports_max_msgs_per_subject,
             discard=DiscardPolicy.OLD,
+            num_replicas=config.nats_replicas,
         ),
         StreamConfig(
             name=LEDGER_STREAM,
@@ -306,8 +362,10 @@ def stream_configs(config: HubConfig) -> list[StreamConfig]:
             max_age=config.ledger_feed_max_age_days * DAY_S,
             max_bytes=config.ledger_feed_max_bytes,
             discard=DiscardPolicy.OLD,
+            num_replicas=config.nats_replicas,
         ),
-        uploads_stream(config.uploads_max_bytes, config.uploads_max_age_seconds),
+        replace(uploads_stream(config.uploads_max_bytes, config.uploads_max_age_seconds),
+                num_replicas=config.nats_replicas),
     ]
 
 
@@ -332,12 +390,12 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> bool:
     return True
 
 
-async def allow_fleet_consumers(js: JetStreamContext) -> None:
+async def allow_fleet_consumers(js: JetStreamContext, replicas: int | None = None) -> None:
     """On the buckets every device reads: allow direct gets (the only way a device reads
     them: it runs no JetStream call in the hub's account, docs/PROTOCOL.md
     "Permissions"; a bucket an older hub made has none), raise max_consumers, and cap
     the inactive threshold of consumers (idempotent; devices make none any more, the
-    caps stay as a second line)."""
+    caps stay as a second line); with `replicas`, also scale them to it."""
     from edge_agent.protocol.names import ROOTS_BUCKET, TRANSPARENCY_BUCKET
 
     buckets = (f"KV_{ASSIGNMENTS_BUCKET}", f"KV_{MANIFESTS_BUCKET}", f"KV_{ROOTS_BUCKET}",
@@ -353,10 +411,13 @@ async def allow_fleet_consumers(js: JetStreamContext) -> None:
         limits = info.config.consumer_limits
         if (info.config.max_consumers == FLEET_MAX_CONSUMERS and limits is not None
                 and limits.inactive_threshold == FLEET_CONSUMER_INACTIVE_S
-                and info.config.allow_direct):
+                and info.config.allow_direct
+                and replicas in (None, info.config.num_replicas)):
             continue
         info.config.allow_direct = True
         info.config.max_consumers = FLEET_MAX_CONSUMERS
+        if replicas is not None:
+            info.config.num_replicas = replicas
         info.config.consumer_limits = StreamConsumerLimits(
             inactive_threshold=FLEET_CONSUMER_INACTIVE_S,
             max_ack_pending=None if limits is None else limits.max_ack_pending)

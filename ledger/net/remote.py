@@ -30,7 +30,7 @@ from ledger.encoding import canonical_decode, canonical_encode
 from ledger.entry import Entry
 from ledger.errors import EncodingError, EntryError, LedgerError
 from ledger.merkle import HASHES, TreeHash
-from ledger.retry import connect_for_good
+from ledger.retry import connect_for_good, nats_servers
 
 log = logging.getLogger("ledger.remote")
 
@@ -169,7 +169,7 @@ class LedgerClient:
         try:
             # nats-py can stall after a failed TLS handshake instead of raising: bound it.
             nc = await asyncio.wait_for(
-                nats.connect(url, name=name, connect_timeout=timeout,
+                nats.connect(nats_servers(url), name=name, connect_timeout=timeout,
                              max_reconnect_attempts=3, allow_reconnect=True,
                              error_cb=keep, **options),
                 timeout)
