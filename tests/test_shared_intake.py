@@ -29,6 +29,7 @@ from hub import events as ev
 from hub.client import HubClient
 from hub.devices.reports import REPORT_ACK_WAIT_S
 from hub.telemetry.ingest import AGG, DEVS
+from ledger.signing import SigningKey
 from testkit.fleet_sim import SimFleet
 from tests.test_hub_leader import Hubs, entries, release_model, until
 from tests.test_hub_leader import hubs as hubs  # the fixture
@@ -74,6 +75,13 @@ async def start_fleet(hubs: Hubs, model_files: dict[str, Path], tmp_path: Path,
     return sim
 
 
+async def hub_client(hubs: Hubs) -> HubClient:
+    """On NATS as the hub's own user: consumer info is the hub account's."""
+    key = SigningKey.load(hubs.config.operator_key_path("admin"))
+    return await HubClient.connect(hubs.nats_url, key, timeout=5,
+                                   auth=hubs.config.nats_auth("hub"))
+
+
 def applied_entries(hubs: Hubs) -> Counter[str]:
     return Counter(e.subject for e in entries(hubs) if e.kind == ev.DEVICE_UPDATE_APPLIED)
 
@@ -117,8 +125,8 @@ async def test_two_hubs_share_intake_and_count_each_window_once(
     assert {s["intake"]["windows_total"] for s in split.values()} == {windows}
     # Status reports are the leader's: exactly one ledger entry per device's report.
     assert set(applied_entries(hubs).values()) == {1}
-    async with await hubs.client() as admin:
-        js = admin.nc.jetstream()
+    async with await hub_client(hubs) as raw:
+        js = raw.nc.jetstream()
         for durable in (REPORTS_DURABLE, STATUS_DURABLE):
             info = await js.consumer_info(REPORTS_STREAM, durable)
             assert info.num_pending == 0 and info.num_ack_pending == 0, (durable, info)
@@ -148,8 +156,8 @@ async def test_a_hub_killed_mid_intake_loses_and_doubles_nothing(
             took = time.monotonic() - killed_at
             await asyncio.sleep(1.5)
             assert db_windows(hubs) == (windows, inferences)
-            js = admin.nc.jetstream()
-            info = await js.consumer_info(REPORTS_STREAM, REPORTS_DURABLE)
+            async with await hub_client(hubs) as raw:
+                info = await raw.nc.jetstream().consumer_info(REPORTS_STREAM, REPORTS_DURABLE)
             assert info.num_pending == 0 and info.num_ack_pending == 0, info
             print(f"\nkilled pid {standby} after it counted {before} windows; all {windows} "
                   f"windows counted {took:.1f} s later, {info.num_redelivered} redelivered")
