@@ -130,8 +130,8 @@ async def one_run(hubs: int, args: argparse.Namespace, pg: PgServer, tmp: Path
         deadline = time.monotonic() + 30
         while set(split) != pids and time.monotonic() < deadline:
             status = await admin.call("status")
-            split[int(status["leadership"]["this"]["pid"])] = \
-                int(status["intake"]["this_process"]["windows_counted"])
+            mine = (status.get("intake") or {}).get("this_process") or {}  # older hubs: none
+            split[int(status["leadership"]["this"]["pid"])] = int(mine.get("windows_counted", -1))
         result["split"] = [split.get(p.pid, -1) for p in procs]
         await nc.close()
         await admin.close()
