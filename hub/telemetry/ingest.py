@@ -279,6 +279,7 @@ class TelemetryIngest:
                     aggs[(r["device"], r["digest"], r["counter"])] = _agg_of(r)
                 devs: dict[str, _Dev] = {
                     r["device"]: _dev_of(r) for r in conn.execute(select(DEVS)).mappings()}
+            rows = len(devs)  # as the sums query counts them
             for (device, _, _), a in aggs.items():
                 dev = devs.setdefault(device, _Dev())
                 dev.inferences += a.inferences
@@ -291,33 +292,45 @@ class TelemetryIngest:
             self._added: dict[str, tuple[int, int]] = {}  # device -> (inferences, errors)
             self._windows = sum(d.windows for d in devs.values())
             self._duplicates = sum(d.duplicates for d in devs.values())
-            self._db_sums = (len(devs), self._windows, self._duplicates)
+            self._db_sums = self._latest_sums = (rows, self._windows, self._duplicates)
             self._checked_at = time.monotonic()
 
-    def _fresh(self) -> None:
-        """Before a read: load the committed counts again if another process (or this
-        one) committed since they were loaded; checked at most every `refresh_s`, and
-        not while windows are offered and not flushed (a batch being stored)."""
-        with self._lock:
-            now = time.monotonic()
-            if self._pending or self._pending_dups or now - self._checked_at < self.refresh_s:
-                return
+    def _committed_sums(self) -> tuple[int, int, int]:
+        """(devices, windows, duplicates) as committed now, asked at most every
+        `refresh_s` (else the last answer)."""
+        now = time.monotonic()
+        if now - self._checked_at >= self.refresh_s:
             self._checked_at = now
             with self.engine.connect() as conn:
-                sums = _sums(conn)
-            if sums != self._db_sums:
+                self._latest_sums = _sums(conn)
+        return self._latest_sums
+
+    def _fresh(self) -> None:
+        """Before a read of the counts: load them again if another process (or this
+        one) committed since they were loaded; not while windows are offered and not
+        flushed (a batch being stored)."""
+        with self._lock:
+            if self._pending or self._pending_dups:
+                return
+            if self._committed_sums() != self._db_sums:
                 self._load()
 
     @property
     def windows_total(self) -> int:
-        """Windows counted (by every process), plus those this one offered unflushed."""
-        self._fresh()
-        return self._windows
+        """Windows counted (by every process), plus those this one offered unflushed.
+        One sums query at most every `refresh_s`, no reload (the rollout controller
+        asks each tick to see whether telemetry moved)."""
+        with self._lock:
+            if self._pending or self._pending_dups:
+                return self._windows
+            return self._committed_sums()[1]
 
     @property
     def duplicates_total(self) -> int:
-        self._fresh()
-        return self._duplicates
+        with self._lock:
+            if self._pending or self._pending_dups:
+                return self._duplicates
+            return self._committed_sums()[2]
 
     # ------------------------------------------------------------ intake
 
@@ -458,7 +471,7 @@ class TelemetryIngest:
         self._pending, self._pending_dups, self._latest = [], {}, {}
         self.counted_here += result.counted
         self.raced_here += result.duplicates
-        self._db_sums = sums
+        self._db_sums = self._latest_sums = sums
         self._windows, self._duplicates = sums[1], sums[2]
         return result
 
