@@ -7,6 +7,12 @@ are fetched in batches and acknowledged only once the batch is stored, so a hub 
 loses nothing (JetStream redelivers) and a redelivered status report is recognised by
 its (boot, seq) and not recorded twice.
 
+Two durable consumers (`ensure_report_consumers`): every hub process pulls from
+REPORTS_DURABLE (all report subjects; it counts telemetry, refuses what is on no known
+subject, and acknowledges status reports untouched), the leader alone from
+STATUS_DURABLE (status subjects; its appends are fenced). A report must travel on the
+subject of its kind, so a status report can never reach the ledger through a standby.
+
 Poison input (docs/PROTOCOL.md "Bounds"): every report is checked on its own; one that
 breaks a rule (malformed, past a bound, oversized, from an unknown or revoked device,
 badly signed, a replay, over its device's rate) is refused, counted by reason
@@ -55,7 +61,8 @@ from ledger.storage.store import NewEvent
 log = logging.getLogger("hub")
 
 # Reports per fetch: each batch costs a head query, a device query and one telemetry
-# transaction, so larger batches share them; below the consumer's 1,000 unacked messages.
+# transaction, so larger batches share them; two batches per process in flight stay well
+# below REPORT_MAX_ACK_PENDING.
 REPORT_BATCH = 512
 REPORT_SUBJECTS = "fleet.report.>"
 # A report fetched and not acknowledged in this long goes to another process (or back to
