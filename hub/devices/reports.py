@@ -37,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
-from sqlalchemy import case
+from sqlalchemy import bindparam, case
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from edge_agent import protocol as proto
@@ -54,7 +54,7 @@ from hub.commands.writer import LedgerWriter
 from hub.devices import state as device_state
 from hub.devices.state import REVOKED
 from hub.governance import state as governance
-from hub.telemetry.ingest import FlushResult, TelemetryIngest, upsert
+from hub.telemetry.ingest import FlushResult, TelemetryIngest, insert_missing
 from ledger.errors import StoreError
 from ledger.storage.store import NewEvent
 
@@ -513,8 +513,11 @@ class ReportIntake:
         the same rows: both insert missing ones without conflict and update in device
         order, the newer time winning."""
         table = device_state.TELEMETRY
+        devices = sorted(seen)
         with self.writer.store.engine.begin() as conn:
-            upsert(conn, table, [{"device": d, "last_seen": seen[d]} for d in sorted(seen)],
-                   ["device"], lambda new: {"last_seen": case(
-                       (table.c.last_seen < new.last_seen, new.last_seen),
-                       else_=table.c.last_seen)})
+            insert_missing(conn, table, [{"device": d, "last_seen": 0} for d in devices])
+            conn.execute(table.update().where(table.c.device == bindparam("k_device"))
+                         .values(last_seen=case((table.c.last_seen < bindparam("ts"),
+                                                 bindparam("ts")),
+                                                else_=table.c.last_seen)),
+                         [{"k_device": d, "ts": seen[d]} for d in devices])

@@ -32,11 +32,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, select
+from sqlalchemy import Connection, Engine, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
@@ -80,6 +80,9 @@ class TelemetryDeviceRow(SQLModel, table=True):
 AGG = SQLModel.metadata.tables[TelemetryAggRow.__tablename__]
 DEVS = SQLModel.metadata.tables[TelemetryDeviceRow.__tablename__]
 int64_columns(AGG, DEVS)
+_AGG_VALUES = ("model", "version", "windows", "inferences", "errors", "latency_buckets",
+               "output_hist", "first_ts", "last_ts")
+_DEV_VALUES = ("seen", "windows", "duplicates", "dropped")
 
 
 @dataclass
@@ -93,6 +96,7 @@ class _Agg:
     outputs: list[list[int]] = field(default_factory=list)
     first_ts: int = 0
     last_ts: int = 0
+    stored: bool = False
 
 
 @dataclass
@@ -102,6 +106,7 @@ class _Dev:
     windows: int = 0
     duplicates: int = 0
     dropped: int = 0
+    stored: bool = False
     inferences: int = 0  # totals over this device's aggregates (memory only)
     errors: int = 0
 
@@ -152,11 +157,12 @@ def _add(into: list[int], more: Iterable[int]) -> list[int]:
 def _agg_of(r: Any) -> _Agg:
     return _Agg(r["model"], r["version"], r["windows"], r["inferences"], r["errors"],
                 json.loads(r["latency_buckets"]), json.loads(r["output_hist"]), r["first_ts"],
-                r["last_ts"])
+                r["last_ts"], stored=True)
 
 
 def _dev_of(r: Any) -> _Dev:
-    return _Dev(*_load_seen(r["seen"]), r["windows"], r["duplicates"], r["dropped"])
+    return _Dev(*_load_seen(r["seen"]), r["windows"], r["duplicates"], r["dropped"],
+                stored=True)
 
 
 def _sums(conn: Connection) -> tuple[int, int, int]:
@@ -219,29 +225,17 @@ class FlushResult:
     refused: list[proto.TelemetryWindow] = field(default_factory=list)
 
 
-def _dialect_insert(conn: Connection, table: Any) -> Any:
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
-
-
 def insert_missing(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
-    """Insert the rows whose key is not there yet, in one statement (two processes may
-    insert the same new device at once: the second one waits for the first and inserts
-    nothing)."""
-    if rows:
-        conn.execute(_dialect_insert(conn, table).values(rows).on_conflict_do_nothing())
-
-
-def upsert(conn: Connection, table: Any, rows: list[dict[str, Any]], keys: list[str],
-           assign: Callable[[Any], dict[str, Any]] | None = None) -> None:
-    """Insert the rows, or update those whose key is there, in one statement (a batch's
-    rows as one multi-row INSERT ... ON CONFLICT DO UPDATE, not one statement per row).
-    `assign(excluded)` gives the updated columns' values; by default the new row's."""
+    """Insert the rows whose key is not there yet (two processes may insert the same new
+    device at once: the second one waits for the first and inserts nothing)."""
     if not rows:
         return
-    stmt = _dialect_insert(conn, table).values(rows)
-    values = assign(stmt.excluded) if assign is not None else \
-        {c: stmt.excluded[c] for c in rows[0] if c not in keys}
-    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=values))
+    stmt: Any
+    if conn.dialect.name == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(table).on_conflict_do_nothing()
+    conn.execute(stmt, rows)
 
 
 class TelemetryIngest:
@@ -421,6 +415,7 @@ class TelemetryIngest:
             aggs = {(r["device"], r["digest"], r["counter"]): _agg_of(r)
                     for r in conn.execute(select(AGG).where(AGG.c.device.in_(devices)))
                     .mappings()}
+            stored = set(aggs)
             for device, n in dups.items():
                 devs[device].duplicates += n
             for dev in devs.values():  # the device totals, for the overflow check
@@ -443,13 +438,23 @@ class TelemetryIngest:
                 added[w.device] = (n + w.count, e + w.errors)
                 if w.device not in latest or w.end >= latest[w.device].end:
                     latest[w.device] = w
-            upsert(conn, DEVS, [{"device": d, "seen": _dump_seen(dev), "windows": dev.windows,
-                                 "duplicates": dev.duplicates, "dropped": dev.dropped}
-                                for d, dev in sorted(devs.items())], ["device"])
+            conn.execute(update(DEVS).where(DEVS.c.device == bindparam("k_device")).values(
+                {c: bindparam(c) for c in _DEV_VALUES}),
+                [{"k_device": d, "seen": _dump_seen(dev), "windows": dev.windows,
+                  "duplicates": dev.duplicates, "dropped": dev.dropped}
+                 for d, dev in sorted(devs.items())])
             touched = sorted({(w.device, w.digest, w.counter) for w in pending} & set(aggs))
-            upsert(conn, AGG, [{"device": k[0], "digest": k[1], "counter": k[2],
-                                **self._agg_values(aggs[k])} for k in touched],
-                   ["device", "digest", "counter"])
+            inserts = [{"device": k[0], "digest": k[1], "counter": k[2],
+                        **self._agg_values(aggs[k])} for k in touched if k not in stored]
+            updates = [{"k_device": k[0], "k_digest": k[1], "k_counter": k[2],
+                        **self._agg_values(aggs[k])} for k in touched if k in stored]
+            if inserts:
+                conn.execute(insert(AGG), inserts)
+            if updates:
+                conn.execute(update(AGG).where(
+                    AGG.c.device == bindparam("k_device"), AGG.c.digest == bindparam("k_digest"),
+                    AGG.c.counter == bindparam("k_counter")).values(
+                        {c: bindparam(c) for c in _AGG_VALUES}), updates)
             self._latest, self._added = latest, added
             self._write_device_counters(conn)
             sums = _sums(conn)
@@ -461,6 +466,8 @@ class TelemetryIngest:
             if key not in aggs:
                 del self._aggs[key]  # only an offer that was not counted made it
         self._aggs.update({k: a for k, a in aggs.items()})
+        for a in aggs.values():
+            a.stored = True
         self._pending, self._pending_dups, self._latest = [], {}, {}
         self.counted_here += result.counted
         self.raced_here += result.duplicates
@@ -483,19 +490,20 @@ class TelemetryIngest:
         if not self._latest:
             return
         table = device_state.TELEMETRY
-
-        def assign(new: Any) -> dict[str, Any]:
-            newer = table.c.last_seen <= new.last_seen
-            return {"inferences": table.c.inferences + new.inferences,
-                    "errors": table.c.errors + new.errors,
-                    **{c: case((newer, new[c]), else_=table.c[c])
-                       for c in ("last_seen", "boot", "window_seq", "latency_ms_p95")}}
-
-        upsert(conn, table, [
-            {"device": d, "inferences": self._added.get(d, (0, 0))[0],
-             "errors": self._added.get(d, (0, 0))[1], "last_seen": w.end, "boot": w.boot,
-             "window_seq": w.seq, "latency_ms_p95": float(w.latency_ms_p95)}
-            for d, w in sorted(self._latest.items())], ["device"], assign)
+        devices = sorted(self._latest)
+        insert_missing(conn, table, [{"device": d, "last_seen": 0} for d in devices])
+        newer = table.c.last_seen <= bindparam("end")
+        conn.execute(update(table).where(table.c.device == bindparam("k_device")).values(
+            inferences=table.c.inferences + bindparam("d_inferences"),
+            errors=table.c.errors + bindparam("d_errors"),
+            last_seen=case((newer, bindparam("end")), else_=table.c.last_seen),
+            boot=case((newer, bindparam("w_boot")), else_=table.c.boot),
+            window_seq=case((newer, bindparam("w_seq")), else_=table.c.window_seq),
+            latency_ms_p95=case((newer, bindparam("p95")), else_=table.c.latency_ms_p95)),
+            [{"k_device": d, "d_inferences": self._added.get(d, (0, 0))[0],
+              "d_errors": self._added.get(d, (0, 0))[1], "end": self._latest[d].end,
+              "w_boot": self._latest[d].boot, "w_seq": self._latest[d].seq,
+              "p95": float(self._latest[d].latency_ms_p95)} for d in devices])
 
     # ------------------------------------------------------------ views
 
