@@ -290,6 +290,8 @@ class TelemetryIngest:
             self._pending_dups: dict[str, int] = {}  # device -> duplicates offered
             self._latest: dict[str, proto.TelemetryWindow] = {}
             self._added: dict[str, tuple[int, int]] = {}  # device -> (inferences, errors)
+            # Devices of the batch being flushed that may have no device_telemetry row yet.
+            self._fresh_counters: set[str] = set()
             self._windows = sum(d.windows for d in devs.values())
             self._duplicates = sum(d.duplicates for d in devs.values())
             self._db_sums = self._latest_sums = (rows, self._windows, self._duplicates)
@@ -404,9 +406,11 @@ class TelemetryIngest:
         pending, dups = self._pending, self._pending_dups
         devices = sorted({w.device for w in pending} | set(dups))
         result = FlushResult()
+        # Rows are never deleted: a device this process has seen committed has its row.
+        unknown = [d for d in devices if d not in self._devs or not self._devs[d].stored]
         with self.engine.begin() as conn:
             insert_missing(conn, DEVS, [{"device": d, "seen": "{}", "windows": 0,
-                                          "duplicates": 0, "dropped": 0} for d in devices])
+                                          "duplicates": 0, "dropped": 0} for d in unknown])
             # The rows of this batch's devices, locked in device order: every writer of
             # a device's counts (DEVS and its AGG rows) holds its DEVS row first.
             devs = {r["device"]: _dev_of(r) for r in conn.execute(
@@ -416,6 +420,9 @@ class TelemetryIngest:
                     for r in conn.execute(select(AGG).where(AGG.c.device.in_(devices)))
                     .mappings()}
             stored = set(aggs)
+            # A device with a window counted before has its device_telemetry row (the
+            # same transaction wrote both).
+            self._fresh_counters = {d for d, dev in devs.items() if dev.windows == 0}
             for device, n in dups.items():
                 devs[device].duplicates += n
             for dev in devs.values():  # the device totals, for the overflow check
@@ -491,7 +498,8 @@ class TelemetryIngest:
             return
         table = device_state.TELEMETRY
         devices = sorted(self._latest)
-        insert_missing(conn, table, [{"device": d, "last_seen": 0} for d in devices])
+        insert_missing(conn, table, [{"device": d, "last_seen": 0} for d in devices
+                                     if d in self._fresh_counters])
         newer = table.c.last_seen <= bindparam("end")
         conn.execute(update(table).where(table.c.device == bindparam("k_device")).values(
             inferences=table.c.inferences + bindparam("d_inferences"),
