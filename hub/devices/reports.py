@@ -222,6 +222,7 @@ class ReportIntake:
     def __init__(self, writer: LedgerWriter, telemetry: TelemetryIngest) -> None:
         self.writer = writer
         self.telemetry = telemetry
+        self._flush_in_thread = telemetry.engine.dialect.name == "postgresql"
         self.refused_by_reason: dict[str, int] = {}  # since the hub started
         # Reports stored since the hub started, by kind: "telemetry" or the status event.
         self.accepted_by_kind: dict[str, int] = {}
@@ -323,7 +324,14 @@ class ReportIntake:
             await self._commit(batch)
             # Only a batch that offered windows flushes: the status intake (the leader's)
             # and the shared intake share one TelemetryIngest in a process.
-            flushed = self.telemetry.flush() if batch.telemetry else FlushResult()
+            flushed = FlushResult()
+            if batch.telemetry and self._flush_in_thread:
+                # PostgreSQL: the flush may wait for another hub process's row locks (up
+                # to the stalled-transaction bound if that process is paused); the event
+                # loop (the lease, the API) must not wait with it.
+                flushed = await asyncio.to_thread(self.telemetry.flush)
+            elif batch.telemetry:  # SQLite: one process, in the loop as before
+                flushed = self.telemetry.flush()
         except Exception as exc:
             if batch.telemetry:
                 self.telemetry.rollback()

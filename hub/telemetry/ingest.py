@@ -265,6 +265,15 @@ class TelemetryIngest:
                 table.create(conn, checkfirst=True)
         self.last_lag_s = 0.0
         self.last_ingest_ns = 0
+        # The batch a flush is writing (taken from `_pending` under the lock; written
+        # without it), and what its transaction found.
+        self._flushing: list[proto.TelemetryWindow] = []
+        self._flushing_dups: dict[str, int] = {}
+        self._unknown: list[str] = []  # its devices that may have no row yet
+        self._latest: dict[str, proto.TelemetryWindow] = {}
+        self._added: dict[str, tuple[int, int]] = {}  # device -> (inferences, errors)
+        # Devices of the batch being flushed that may have no device_telemetry row yet.
+        self._fresh_counters: set[str] = set()
         self._load()
 
     def _load(self) -> None:
@@ -288,10 +297,6 @@ class TelemetryIngest:
             self._devs = devs
             self._pending: list[proto.TelemetryWindow] = []  # offered, not yet flushed
             self._pending_dups: dict[str, int] = {}  # device -> duplicates offered
-            self._latest: dict[str, proto.TelemetryWindow] = {}
-            self._added: dict[str, tuple[int, int]] = {}  # device -> (inferences, errors)
-            # Devices of the batch being flushed that may have no device_telemetry row yet.
-            self._fresh_counters: set[str] = set()
             self._windows = sum(d.windows for d in devs.values())
             self._duplicates = sum(d.duplicates for d in devs.values())
             self._db_sums = self._latest_sums = (rows, self._windows, self._duplicates)
@@ -386,11 +391,19 @@ class TelemetryIngest:
         with self._lock:
             if not (self._pending or self._pending_dups):
                 return FlushResult()
-            try:
-                return self._write()
-            except BaseException:
-                self._load()
-                raise
+            # The batch leaves `_pending` now: the transaction runs without the lock (it
+            # may wait for another process's row locks; reads go on meanwhile).
+            self._flushing, self._flushing_dups = self._pending, self._pending_dups
+            self._pending, self._pending_dups = [], {}
+            devices = {w.device for w in self._flushing} | set(self._flushing_dups)
+            # Rows are never deleted: a device this process saw committed has its row.
+            self._unknown = sorted(d for d in devices
+                                   if d not in self._devs or not self._devs[d].stored)
+        try:
+            return self._write()
+        except BaseException:
+            self._load()
+            raise
 
     def reload(self) -> None:
         """Read the counts as committed, dropping what was offered and not flushed."""
@@ -403,11 +416,9 @@ class TelemetryIngest:
                 self._load()
 
     def _write(self) -> FlushResult:
-        pending, dups = self._pending, self._pending_dups
+        pending, dups, unknown = self._flushing, self._flushing_dups, self._unknown
         devices = sorted({w.device for w in pending} | set(dups))
         result = FlushResult()
-        # Rows are never deleted: a device this process has seen committed has its row.
-        unknown = [d for d in devices if d not in self._devs or not self._devs[d].stored]
         with self.engine.begin() as conn:
             insert_missing(conn, DEVS, [{"device": d, "seen": "{}", "windows": 0,
                                           "duplicates": 0, "dropped": 0} for d in unknown])
@@ -467,19 +478,21 @@ class TelemetryIngest:
             sums = _sums(conn)
         # Committed: this process now knows these devices' counts as the database has
         # them (including what other processes counted for them).
-        for device, dev in devs.items():
-            self._devs[device] = dev
-        for key in [k for k in self._aggs if k[0] in devs]:
-            if key not in aggs:
-                del self._aggs[key]  # only an offer that was not counted made it
-        self._aggs.update({k: a for k, a in aggs.items()})
-        for a in aggs.values():
-            a.stored = True
-        self._pending, self._pending_dups, self._latest = [], {}, {}
-        self.counted_here += result.counted
-        self.raced_here += result.duplicates
-        self._db_sums = self._latest_sums = sums
-        self._windows, self._duplicates = sums[1], sums[2]
+        with self._lock:
+            for device, dev in devs.items():
+                self._devs[device] = dev
+            for key in [k for k in self._aggs if k[0] in devs]:
+                if key not in aggs:
+                    del self._aggs[key]  # only an offer that was not counted made it
+            self._aggs.update({k: a for k, a in aggs.items()})
+            for a in aggs.values():
+                a.stored = True
+            self._flushing, self._flushing_dups, self._latest = [], {}, {}
+            self.counted_here += result.counted
+            self.raced_here += result.duplicates
+            self._db_sums = self._latest_sums = sums
+            if not (self._pending or self._pending_dups):
+                self._windows, self._duplicates = sums[1], sums[2]
         return result
 
     @staticmethod
