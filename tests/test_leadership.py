@@ -28,7 +28,7 @@ from hub.commands.leadership import (
     WriteLock,
 )
 from hub.commands.writer import LedgerWriter
-from hub.telemetry.ingest import TelemetryIngest
+from hub.telemetry.ingest import FlushResult, TelemetryIngest
 from ledger.storage.store import LedgerStore, NewEvent
 
 pytestmark = pytest.mark.timeout(60)
@@ -181,30 +181,51 @@ async def test_the_writer_lock_holds_across_processes(fresh_pg_url: str) -> None
         b.close()
 
 
-async def test_a_deposed_leaders_telemetry_flush_is_refused(fresh_pg_url: str) -> None:
+def test_two_processes_counting_the_same_windows_count_each_once(fresh_pg_url: str) -> None:
+    """Every hub process counts telemetry (the shared intake), no fence: two processes
+    that both got the same windows (a redelivery after an ack wait) and flush at the same
+    moment count each window once, and the totals add up across processes."""
     from edge_agent import protocol as proto
 
-    with hub_store(fresh_pg_url) as store:
-        old_lease, old = leading(store.engine, "old", 30)
-        old.epoch, old.valid_until = old_lease.acquire(), math.inf
-        telemetry = TelemetryIngest(store.engine)
-        telemetry.fence = lambda conn: old.fence_in(conn, old.check())
-        def window(seq: int) -> proto.TelemetryWindow:
-            return proto.TelemetryWindow(
-                device="d1", boot="b", seq=seq, model="m", version="1", digest="ab" * 32,
-                start=1, end=2, count=5, errors=0, latency_ms_p50=1.0, latency_ms_p95=1.0,
-                latency_ms_max=1.0, counter=1, latency_buckets=[5])
+    def window(seq: int, device: str = "d1") -> proto.TelemetryWindow:
+        return proto.TelemetryWindow(
+            device=device, boot="b", seq=seq, model="m", version="1", digest="ab" * 32,
+            start=1, end=2 + seq, count=5, errors=seq % 2, latency_ms_p50=1.0,
+            latency_ms_p95=1.0, latency_ms_max=1.0, counter=1, latency_buckets=[5])
 
-        assert telemetry.offer(window(1))
-        telemetry.flush()
-        expire(store.engine)
-        new_lease, _ = leading(store.engine, "new", 30)
-        assert new_lease.acquire() == 2
-        assert telemetry.offer(window(2))
-        with pytest.raises(Fenced):
-            telemetry.flush()
-        fresh = TelemetryIngest(store.engine)  # what the new leader reloads
-        assert fresh.windows_total == 1
+    with hub_store(fresh_pg_url) as store:
+        a, b = (TelemetryIngest(store.engine, refresh_s=0.0) for _ in range(2))
+        for round_ in range(5):
+            seqs = range(round_ * 40, round_ * 40 + 40)
+            for ingest in (a, b):  # both fetched the same windows, of two devices
+                for seq in seqs:
+                    assert ingest.offer(window(seq, f"d{seq % 2}"))
+            own = [window(1000 + round_, "only-a")]  # and one each no other process has
+            a.offer(own[0])
+            b.offer(window(2000 + round_, "only-b"))
+            start = threading.Barrier(2)
+            results: list[FlushResult] = []
+
+            def flush(ingest: TelemetryIngest, start: threading.Barrier = start,
+                      results: list[FlushResult] = results) -> None:
+                start.wait()
+                results.append(ingest.flush())
+
+            threads = [threading.Thread(target=flush, args=(i,)) for i in (a, b)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert sum(r.counted for r in results) == 40 + 2
+            assert sum(r.duplicates for r in results) == 40
+        fresh = TelemetryIngest(store.engine)  # what any process reads
+        assert fresh.windows_total == 5 * 42 and fresh.duplicates_total == 5 * 40
+        rows = {r["device"]: r for r in fresh.device_rows()}
+        assert rows["d0"]["windows"] == rows["d1"]["windows"] == 100
+        assert rows["d0"]["inferences"] == 500 and rows["d1"]["errors"] == 100
+        assert rows["only-a"]["windows"] == rows["only-b"]["windows"] == 5
+        assert a.counted_here + b.counted_here == 5 * 42
+        assert a.windows_total == b.windows_total == 5 * 42  # every process shows the same
 
 
 def test_a_second_hub_on_one_sqlite_ledger_is_refused(tmp_path: Path) -> None:

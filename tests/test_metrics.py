@@ -35,6 +35,7 @@ FAMILIES = {  # name (as the parser names it) -> type
     "fleet_rollout_current_wave": "gauge", "fleet_rollout_devices": "gauge",
     "fleet_inferences": "counter", "fleet_inference_errors": "counter",
     "fleet_inference_latency_seconds": "histogram", "fleet_telemetry_windows": "counter",
+    "fleet_telemetry_windows_counted_here": "counter",
     "fleet_telemetry_duplicates": "counter", "fleet_telemetry_dropped": "counter",
     "fleet_telemetry_ingest_lag_seconds": "gauge",
     "fleet_telemetry_last_ingest_timestamp_seconds": "gauge",

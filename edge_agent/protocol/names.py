@@ -56,7 +56,12 @@ def assignment_key(device: str) -> str:
 # ---------------------------------------------------------------- streams
 
 REPORTS_STREAM: Final = "REPORTS"
-REPORTS_DURABLE: Final = "hub-reports"  # the hub's durable consumer on REPORTS
+# The hub's durable consumers on REPORTS (hub.devices.reports): every hub process pulls
+# from REPORTS_DURABLE (all report subjects; it counts telemetry), the leader alone from
+# STATUS_DURABLE (status subjects only; they become ledger events).
+REPORTS_DURABLE: Final = "hub-reports"
+STATUS_DURABLE: Final = "hub-status"
+STATUS_REPORT_SUBJECTS: Final = "fleet.report.*.status"
 LEDGER_STREAM: Final = "LEDGER"
 # Staging of operator uploads: the hub reads an upload's chunks, checks them, stores the
 # blob in MODELS_BUCKET itself and purges the upload (hub.uploads).

@@ -306,9 +306,15 @@ def status(
                       + f"; answered by pid {this.get('pid')} ({this.get('role')})"
                       + "".join(f"\n  {escape(str(p['host']))} pid {p['pid']}: {p['role']}"
                                 for p in lead.get("processes") or []), highlight=False)
+        intake = result.get("intake") or {}
+        if intake:
+            mine = intake.get("this_process") or {}
+            out.print(f"telemetry windows counted: {intake['windows_total']:,} by every hub "
+                      f"process, {mine.get('windows_counted', 0):,} by this one (pid "
+                      f"{(lead.get('this') or {}).get('pid')})", highlight=False)
         reasons = result.get("refused_by_reason") or {}
         detail = ", ".join(f"{escape(str(k))} {v}" for k, v in sorted(reasons.items()))
-        out.print(f"refused reports since start: {result['refused_reports']}"
+        out.print(f"refused reports since start (this process): {result['refused_reports']}"
                   + (f" ({detail})" if detail else ""), highlight=False)
         tasks = result.get("tasks") or []
         if tasks:

@@ -7,6 +7,12 @@ are fetched in batches and acknowledged only once the batch is stored, so a hub 
 loses nothing (JetStream redelivers) and a redelivered status report is recognised by
 its (boot, seq) and not recorded twice.
 
+Two durable consumers (`ensure_report_consumers`): every hub process pulls from
+REPORTS_DURABLE (all report subjects; it counts telemetry, refuses what is on no known
+subject, and acknowledges status reports untouched), the leader alone from
+STATUS_DURABLE (status subjects; its appends are fenced). A report must travel on the
+subject of its kind, so a status report can never reach the ledger through a standby.
+
 Poison input (docs/PROTOCOL.md "Bounds"): every report is checked on its own; one that
 breaks a rule (malformed, past a bound, oversized, from an unknown or revoked device,
 badly signed, a replay, over its device's rate) is refused, counted by reason
@@ -29,28 +35,42 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from sqlalchemy import select
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from sqlalchemy import bindparam, case
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from edge_agent import protocol as proto
 from edge_agent.protocol import ProtocolError, SignedEnvelope, report_signed_by
 from edge_agent.protocol.bins import check_edges
-from edge_agent.protocol.names import REPORTS_DURABLE, REPORTS_STREAM
+from edge_agent.protocol.names import (
+    REPORTS_DURABLE,
+    REPORTS_STREAM,
+    STATUS_DURABLE,
+    STATUS_REPORT_SUBJECTS,
+)
 from hub import events as ev
 from hub.commands.writer import LedgerWriter
 from hub.devices import state as device_state
 from hub.devices.state import REVOKED
 from hub.governance import state as governance
-from hub.telemetry.ingest import TelemetryIngest
+from hub.telemetry.ingest import FlushResult, TelemetryIngest, insert_missing
 from ledger.errors import StoreError
 from ledger.storage.store import NewEvent
 
 log = logging.getLogger("hub")
 
 # Reports per fetch: each batch costs a head query, a device query and one telemetry
-# transaction, so larger batches share them; below the consumer's 1,000 unacked messages.
+# transaction, so larger batches share them; two batches per process in flight stay well
+# below REPORT_MAX_ACK_PENDING.
 REPORT_BATCH = 512
 REPORT_SUBJECTS = "fleet.report.>"
+# A report fetched and not acknowledged in this long goes to another process (or back to
+# this one): after a process dies mid-batch, its batch comes back after this.
+REPORT_ACK_WAIT_S = 30.0
+# Reports fetched and not yet acknowledged, over every hub process: each holds up to two
+# batches (one processed, one fetched meanwhile), so several processes fit.
+REPORT_MAX_ACK_PENDING = 20_000
 # Status reports that become ledger entries, per device: a burst of STATUS_BURST, then
 # STATUS_PER_MINUTE a minute (a device reports a handful per update); the excess is
 # refused (reason "rate"). With MAX_STATUS_REPORT_BYTES this bounds what one device can
@@ -74,6 +94,70 @@ class StorageUnavailable(Exception):
 
 class Refusal(proto.ProtocolError):
     """A report refused for a rule of the hub (not of the wire format)."""
+
+
+def is_status_subject(subject: str) -> bool:
+    """Whether `subject` is a status report's (`fleet.report.<device>.status`), the
+    subjects STATUS_DURABLE takes."""
+    parts = subject.split(".")
+    return len(parts) == 4 and parts[3] == "status"
+
+
+async def ensure_report_consumers(js: JetStreamContext) -> None:
+    """Create the hub's two durable consumers on REPORTS, or bring them to this hub's
+    settings (idempotent; every hub process calls it at start, several at once is
+    fine). A home made by an older hub has REPORTS_DURABLE alone, which took status
+    reports too: STATUS_DURABLE is then created to start at its acknowledgement floor,
+    so a status report it had not acknowledged yet is taken by the new consumer, and
+    one it had is not delivered again."""
+    start: int | None = None
+    try:
+        old = await js.consumer_info(REPORTS_STREAM, REPORTS_DURABLE)
+        start = old.ack_floor.stream_seq + 1 if old.ack_floor is not None else None
+    except NotFoundError:
+        pass
+    shared = ConsumerConfig(
+        durable_name=REPORTS_DURABLE, filter_subject=REPORT_SUBJECTS,
+        ack_policy=AckPolicy.EXPLICIT, ack_wait=REPORT_ACK_WAIT_S,
+        max_ack_pending=REPORT_MAX_ACK_PENDING, deliver_policy=DeliverPolicy.ALL)
+    await _create_or_update(js, shared)
+    try:
+        await js.consumer_info(REPORTS_STREAM, STATUS_DURABLE)
+        exists = True
+    except NotFoundError:
+        exists = False
+    status = ConsumerConfig(
+        durable_name=STATUS_DURABLE, filter_subject=STATUS_REPORT_SUBJECTS,
+        ack_policy=AckPolicy.EXPLICIT, ack_wait=REPORT_ACK_WAIT_S,
+        max_ack_pending=REPORT_MAX_ACK_PENDING,
+        deliver_policy=DeliverPolicy.ALL if start is None or exists
+        else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=None if start is None or exists else start)
+    await _create_or_update(js, status)
+
+
+async def _create_or_update(js: JetStreamContext, wanted: ConsumerConfig) -> None:
+    """Add the durable, or update the settings an update may change (never where it
+    starts: that is fixed at creation)."""
+    name = wanted.durable_name
+    assert name is not None
+    try:
+        info = await js.consumer_info(REPORTS_STREAM, name)
+    except NotFoundError:
+        try:
+            await js.add_consumer(REPORTS_STREAM, wanted)
+            log.info("consumer %s on %s created", name, REPORTS_STREAM)
+            return
+        except Exception:  # another hub process made it meanwhile
+            info = await js.consumer_info(REPORTS_STREAM, name)
+    have = info.config
+    if (have.filter_subject, have.ack_wait, have.max_ack_pending) == \
+            (wanted.filter_subject, wanted.ack_wait, wanted.max_ack_pending):
+        return
+    have.ack_wait, have.max_ack_pending = wanted.ack_wait, wanted.max_ack_pending
+    have.filter_subject = wanted.filter_subject
+    await js.add_consumer(REPORTS_STREAM, have)  # an update of an existing durable
+    log.info("consumer %s on %s updated", name, REPORTS_STREAM)
 
 
 def storage_failure(exc: BaseException) -> bool:
@@ -131,12 +215,14 @@ class ReportBatch:
     seen: dict[str, int] = field(default_factory=dict)  # device -> newest report ts
     last: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=dict)  # accepted reports by kind
+    telemetry: bool = False  # whether windows were offered to the TelemetryIngest
 
 
 class ReportIntake:
     def __init__(self, writer: LedgerWriter, telemetry: TelemetryIngest) -> None:
         self.writer = writer
         self.telemetry = telemetry
+        self._flush_in_thread = telemetry.engine.dialect.name == "postgresql"
         self.refused_by_reason: dict[str, int] = {}  # since the hub started
         # Reports stored since the hub started, by kind: "telemetry" or the status event.
         self.accepted_by_kind: dict[str, int] = {}
@@ -155,10 +241,19 @@ class ReportIntake:
         return sum(self.refused_by_reason.values())
 
     async def consume(self, js: JetStreamContext) -> None:
-        """Fetch, store and acknowledge reports until cancelled; StorageUnavailable
-        once a batch could not be stored (it is negatively acknowledged first)."""
-        sub = await js.pull_subscribe(REPORT_SUBJECTS, durable=REPORTS_DURABLE,
-                                      stream=REPORTS_STREAM)
+        """The shared intake, on every hub process: fetch, store and acknowledge reports
+        from REPORTS_DURABLE until cancelled (StorageUnavailable once a batch could not
+        be stored). Telemetry windows are counted; status reports are acknowledged
+        untouched (the leader takes them from STATUS_DURABLE); anything else is refused."""
+        await self._consume(js, REPORTS_DURABLE, skip_status=True)
+
+    async def consume_status(self, js: JetStreamContext) -> None:
+        """The leader's intake: status reports from STATUS_DURABLE into the ledger
+        (fenced appends), until cancelled or StorageUnavailable."""
+        await self._consume(js, STATUS_DURABLE, skip_status=False)
+
+    async def _consume(self, js: JetStreamContext, durable: str, skip_status: bool) -> None:
+        sub = await js.pull_subscribe_bind(durable, stream=REPORTS_STREAM)
 
         async def fetch() -> list[Msg]:
             try:
@@ -166,7 +261,7 @@ class ReportIntake:
             except TimeoutError:
                 return []
             except Exception as exc:  # disconnected: nats-py reconnects; try again shortly
-                log.warning("report fetch failed: %s", exc)
+                log.warning("report fetch (%s) failed: %s", durable, exc)
                 await asyncio.sleep(0.5)
                 return []
 
@@ -179,7 +274,9 @@ class ReportIntake:
                 pending = asyncio.create_task(fetch())
                 if not msgs:
                     continue
-                error = await self.take_or_error([(m.subject, m.data) for m in msgs])
+                take = [m for m in msgs
+                        if not (skip_status and is_status_subject(m.subject))]
+                error = await self.take_or_error([(m.subject, m.data) for m in take])
                 if error is None:
                     # Acknowledged only once the batch is stored: counted exactly once.
                     for msg in msgs:
@@ -217,17 +314,33 @@ class ReportIntake:
                 self._refuse(subject, exc.reason, str(exc))
             except Exception as exc:
                 if storage_failure(exc):
-                    self.telemetry.rollback()
+                    if batch.telemetry:
+                        self.telemetry.rollback()
                     return self._storage_failed("cannot read for a report", exc)
                 # One poisonous report must never stop intake for the whole fleet.
                 self._refuse(subject, "error", f"could not be processed: {exc!r}")
                 log.debug("report on %s could not be processed", subject, exc_info=exc)
         try:
             await self._commit(batch)
-            self.telemetry.flush()  # rolls the counts back itself if it fails
+            # Only a batch that offered windows flushes: the status intake (the leader's)
+            # and the shared intake share one TelemetryIngest in a process.
+            flushed = FlushResult()
+            if batch.telemetry and self._flush_in_thread:
+                # PostgreSQL: the flush may wait for another hub process's row locks (up
+                # to the stalled-transaction bound if that process is paused); the event
+                # loop (the lease, the API) must not wait with it.
+                flushed = await asyncio.to_thread(self.telemetry.flush)
+            elif batch.telemetry:  # SQLite: one process, in the loop as before
+                flushed = self.telemetry.flush()
         except Exception as exc:
-            self.telemetry.rollback()
+            if batch.telemetry:
+                self.telemetry.rollback()
             return self._storage_failed("reports could not be stored", exc)
+        for w in flushed.refused:  # past 2**63-1 only with what another process counted
+            batch.kinds["telemetry"] -= 1
+            self._refuse(f"fleet.report.{w.device}.telemetry", "bounds",
+                         "telemetry: the window's counts would carry the device's totals "
+                         "past 2**63-1")
         for kind, n in batch.kinds.items():
             self.accepted_by_kind[kind] = self.accepted_by_kind.get(kind, 0) + n
         return None
@@ -333,8 +446,14 @@ class ReportIntake:
                           reason="unknown-device")
         if device["state"] == REVOKED:
             raise Refusal(f"report from revoked device {report.device}", reason="revoked")
+        kind = "telemetry" if isinstance(report, proto.TelemetryWindow) else "status"
+        if parts[3] != kind:
+            # The hub's consumers split by subject (status: the leader's alone), so a
+            # report must travel on the subject of its kind.
+            raise Refusal(f"a {kind} report on {subject}", reason="subject")
         if isinstance(report, proto.TelemetryWindow):
             self.telemetry.check(report, self._output_shape(report))
+            batch.telemetry = True
             self.telemetry.offer(report)
             batch.kinds["telemetry"] = batch.kinds.get("telemetry", 0) + 1
             return
@@ -398,13 +517,15 @@ class ReportIntake:
                                  f"its ledger event could not be stored: {exc}")
 
     def _touch_many(self, seen: dict[str, int]) -> None:
+        """Last-seen times of status reports. Telemetry intake (any hub process) writes
+        the same rows: both insert missing ones without conflict and update in device
+        order, the newer time winning."""
         table = device_state.TELEMETRY
+        devices = sorted(seen)
         with self.writer.store.engine.begin() as conn:
-            rows = {r.device: r.last_seen for r in conn.execute(
-                select(table.c.device, table.c.last_seen).where(table.c.device.in_(list(seen))))}
-            for device, ts in seen.items():
-                if device not in rows:
-                    conn.execute(table.insert().values(device=device, last_seen=ts))
-                elif ts > (rows[device] or 0):
-                    conn.execute(table.update().where(table.c.device == device)
-                                 .values(last_seen=ts))
+            insert_missing(conn, table, [{"device": d, "last_seen": 0} for d in devices])
+            conn.execute(table.update().where(table.c.device == bindparam("k_device"))
+                         .values(last_seen=case((table.c.last_seen < bindparam("ts"),
+                                                 bindparam("ts")),
+                                                else_=table.c.last_seen)),
+                         [{"k_device": d, "ts": seen[d]} for d in devices])

@@ -44,7 +44,7 @@ from hub.devices.assignments import AssignmentIssuer
 from hub.devices.deploy import DeployCommands
 from hub.devices.enrolment import EnrolmentCommands
 from hub.devices.reads import DeviceReads
-from hub.devices.reports import REFUSAL_REASONS, ReportIntake
+from hub.devices.reports import REFUSAL_REASONS, ReportIntake, ensure_report_consumers
 from hub.devices.tokens import TokenCommands, TokenEnrolment
 from hub.governance.models import ModelCommands
 from hub.governance.operators import OperatorCommands, bootstrap_admin
@@ -108,13 +108,9 @@ class HubService:
         self.effects: Effects = effects if effects is not None else self.edge
         # Signing keys come from the keyring: after `hub keys rotate` the new key signs.
         self.keyring = Keyring(config)
+        # Every process counts telemetry (the shared intake); the counts are the
+        # database's, so no fence: see hub.telemetry.ingest.
         self.telemetry = TelemetryIngest(self.store.engine)
-        leadership = self.leadership
-        # Only the leader counts telemetry: a deposed leader's flush is refused.
-        self.telemetry.fence = lambda conn: leadership.fence_in(conn, leadership.check())
-        # A standby's reads of telemetry show what the leader has committed.
-        telemetry = self.telemetry
-        leadership.on_standby = lambda: asyncio.to_thread(telemetry.reload)
         self.reports = ReportIntake(self.writer, self.telemetry)
         issuer = AssignmentIssuer(lambda: self.keyring.signers("director"),
                                   config.assignment_ttl_s, self.clock.wall_ns)
@@ -221,6 +217,7 @@ class HubService:
         await publish_roots(edge.js, self.keyring, self.store, self.config.nats_replicas)
         await self.timestamps.restore()  # signed now if due, else put back if KV differs
         await allow_fleet_consumers(edge.js, self.config.nats_replicas)
+        await ensure_report_consumers(edge.js)
         # The lease, if it is free (a standby keeps trying under the supervisor below).
         if await self.leadership.begin():
             # Before serving: a stop between a ledger commit and its KV write left devices
@@ -248,8 +245,11 @@ class HubService:
 
         self.reconciler.transparency = bundles
         await checkpointer.hand_over()
-        # The leader's work (intake, rollouts, reconcile, checkpoints) starts and stops
-        # with the lease: `_lead` and `_follow`.
+        # The shared report intake (telemetry) runs on every process; the leader's work
+        # (status intake, rollouts, reconcile, checkpoints) starts and stops with the
+        # lease: `_lead` and `_follow`.
+        js = edge.js
+        self.supervisor.start("intake", lambda: self.reports.consume(js))
         self.supervisor.start("leadership", self.leadership.run)
         if self.config.metrics_listen is not None:
             host, port = parse_listen(self.config.metrics_listen)
@@ -282,13 +282,10 @@ class HubService:
             self._first_lead = False
         else:  # taken over: the previous leader may have stopped between ledger and KV
             await self._sync_assignments()
-        # Count from what the previous leader committed, not from what this process
-        # read when it started.
-        await asyncio.to_thread(self.telemetry.reload)
         js = self.edge.js
         publishing = self.ledger_publishing
         assert publishing is not None
-        for name, run in (("reports", lambda: self.reports.consume(js)),
+        for name, run in (("reports", lambda: self.reports.consume_status(js)),
                           ("rollouts", self.controller.run),
                           ("reconcile", self.reconciler.run),
                           ("checkpointer", publishing.checkpointer.run),
@@ -297,11 +294,11 @@ class HubService:
             self.supervisor.start(name, run)
 
     async def _follow(self) -> None:
-        """This process stopped leading: stop the leader's work. Reports fetched and
-        not stored stay unacknowledged and go to the leader after their ack wait."""
+        """This process stopped leading: stop the leader's work. Status reports fetched
+        and not stored stay unacknowledged and go to the leader after their ack wait;
+        telemetry intake goes on."""
         for name in ("reports", "rollouts", "reconcile", "checkpointer", "timestamp"):
             await self.supervisor.stop_task(name)
-        self.telemetry.rollback()
 
     async def stop(self) -> None:
         await self.edge.drain_api()
@@ -341,6 +338,15 @@ class HubService:
     def _status(self, cmd: VerifiedCommand) -> Any:
         return self.status_map()
 
+    def intake_status(self) -> dict[str, Any]:
+        """Report intake: this process's share and the totals of every process."""
+        t = self.telemetry
+        return {"windows_total": t.windows_total, "duplicates_total": t.duplicates_total,
+                "this_process": {"windows_counted": t.counted_here,
+                                 "windows_raced": t.raced_here,
+                                 "accepted_by_kind": dict(self.reports.accepted_by_kind),
+                                 "refused": self.reports.refused}}
+
     def status_map(self) -> dict[str, Any]:
         """The `status` read verb's answer (`hub status`; the dashboard's overview)."""
         head = self.store.head()
@@ -354,8 +360,11 @@ class HubService:
             **fleet,
             "entries": 0 if head is None else head.seq + 1,
             "head": "" if head is None else head.hash.hex(),
+            # Refusals and accepted reports are this process's (each process refuses
+            # what it fetched); the telemetry totals are every process's (the database).
             "refused_reports": self.reports.refused,
             "refused_by_reason": dict(self.reports.refused_by_reason),
+            "intake": self.intake_status(),
             "tasks": self.supervisor.states(),
             # Requests dropped because of their reply subject (hub/home/replies.py).
             "refused_replies": dict(self.edge.replies.counts),

@@ -9,29 +9,35 @@ MAX_HOLES): a window can arrive after a later one (a fetch lost in a NATS restar
 redelivered only after the ack wait, while newer windows flow), and it must still count.
 Status reports share the seq counter, so some holes are never filled; the bound keeps
 them from piling up.
-`offer` counts in memory; `flush` writes everything counted since the last flush in one
+`offer` counts in memory; `flush` writes everything offered since the last flush in one
 transaction, and the report consumer acknowledges the messages only after that, so a
 window is counted exactly once across hub and NATS restarts.
 
 Telemetry is not a lifecycle fact: these tables are not rebuilt from the ledger. What
 the rollout controller concludes from them is, with the numbers, in the ledger.
 
-With several hub processes (hub.commands.leadership) only the leader counts: the
-aggregates and the per-boot dedupe are held here and written as totals, so two
-counters would overwrite each other. `fence` (set by the hub) runs in the flush's
-transaction and refuses a deposed leader's flush; a new leader `reload`s what the
-previous one committed before it counts, and a standby reloads to answer reads.
+With several hub processes (hub.commands.leadership) every process counts: they share
+the REPORTS durable consumer, and a window goes to whichever fetched it. So the
+database, not a process's memory, holds the counts: `flush` locks the rows of its
+batch's devices (in device order), decides the per-boot dedupe again on the committed
+row, and writes the committed totals plus its windows. Two processes that got the same
+window (one died or stalled past the ack wait after fetching it) count it once; no
+leader fence is needed, any live process may count. Reads load the committed counts
+again once another process has counted (checked at most every `refresh_s`), so every
+process shows the same numbers.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
 from edge_agent import protocol as proto
@@ -77,7 +83,6 @@ int64_columns(AGG, DEVS)
 _AGG_VALUES = ("model", "version", "windows", "inferences", "errors", "latency_buckets",
                "output_hist", "first_ts", "last_ts")
 _DEV_VALUES = ("seen", "windows", "duplicates", "dropped")
-_COUNTER_VALUES = ("last_seen", "boot", "window_seq", "latency_ms_p95", "inferences", "errors")
 
 
 @dataclass
@@ -149,46 +154,190 @@ def _add(into: list[int], more: Iterable[int]) -> list[int]:
     return into
 
 
+def _agg_of(r: Any) -> _Agg:
+    return _Agg(r["model"], r["version"], r["windows"], r["inferences"], r["errors"],
+                json.loads(r["latency_buckets"]), json.loads(r["output_hist"]), r["first_ts"],
+                r["last_ts"], stored=True)
+
+
+def _dev_of(r: Any) -> _Dev:
+    return _Dev(*_load_seen(r["seen"]), r["windows"], r["duplicates"], r["dropped"],
+                stored=True)
+
+
+def _sums(conn: Connection) -> tuple[int, int, int]:
+    """(devices, windows, duplicates) as committed: they only grow, so a change of any
+    tells a reader that some process counted."""
+    row = conn.execute(select(func.count(), func.coalesce(func.sum(DEVS.c.windows), 0),
+                              func.coalesce(func.sum(DEVS.c.duplicates), 0))).one()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _past_int64(a: _Agg | None, dev: _Dev | None, w: proto.TelemetryWindow) -> bool:
+    """Whether counting `w` would carry a sum of its assignment or device past 2**63-1."""
+    sums = [w.count + (a.inferences if a else 0), w.errors + (a.errors if a else 0),
+            w.count + (dev.inferences if dev else 0), (a.windows + 1) if a else 1]
+    if a is not None:
+        sums += [x + y for x, y in zip(a.latency, w.latency_buckets, strict=False)]
+        for mine, theirs in zip(a.outputs, w.output_hist, strict=False):
+            sums += [x + y for x, y in zip(mine, theirs, strict=False)]
+    return max(sums) > proto.MAX_INT64
+
+
+def _count_into(dev: _Dev, aggs: dict[tuple[str, str, int], _Agg],
+                w: proto.TelemetryWindow) -> bool:
+    """Add `w` to its device and assignment aggregate unless the device's dedupe says it
+    was counted (then count a duplicate); True if counted."""
+    if not _first_time(dev, w.boot, w.seq):
+        dev.duplicates += 1
+        return False
+    if len(dev.seen) > MAX_BOOTS_REMEMBERED:  # oldest boots first (insertion order)
+        for boot in list(dev.seen)[: len(dev.seen) - MAX_BOOTS_REMEMBERED]:
+            del dev.seen[boot]
+            dev.holes.pop(boot, None)
+    dev.windows += 1
+    dev.dropped = max(dev.dropped, w.dropped)
+    agg = aggs.setdefault((w.device, w.digest, w.counter),
+                          _Agg(w.model, w.version, first_ts=w.start))
+    agg.windows += 1
+    agg.inferences += w.count
+    agg.errors += w.errors
+    dev.inferences += w.count
+    dev.errors += w.errors
+    _add(agg.latency, w.latency_buckets)
+    for k, hist in enumerate(w.output_hist):
+        if len(agg.outputs) <= k:
+            agg.outputs.append([])
+        _add(agg.outputs[k], hist)
+    agg.last_ts = max(agg.last_ts, w.end)
+    return True
+
+
+@dataclass
+class FlushResult:
+    """What one flush stored: windows counted, windows found counted already (by this
+    process, or by another one that raced on the same redelivered window), and windows
+    refused inside the transaction (their sums would pass 2**63-1 only together with
+    what another process counted meanwhile)."""
+
+    counted: int = 0
+    duplicates: int = 0
+    refused: list[proto.TelemetryWindow] = field(default_factory=list)
+
+
+def insert_missing(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert the rows whose key is not there yet (two processes may insert the same new
+    device at once: the second one waits for the first and inserts nothing)."""
+    if not rows:
+        return
+    stmt: Any
+    if conn.dialect.name == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(table).on_conflict_do_nothing()
+    conn.execute(stmt, rows)
+
+
 class TelemetryIngest:
-    def __init__(self, engine: Engine) -> None:
+    """Telemetry counts of every hub process on one database.
+
+    Intake: `check` and `offer` judge a window against what this process knows (the
+    committed counts it loaded, plus what it offered since); `flush` then commits the
+    offered windows in one transaction, holding the `telemetry_devices` row of each
+    device (in device order, so two processes never deadlock): the per-boot dedupe is
+    decided again there, on the committed row, and the totals are the committed ones
+    plus this batch's windows. So any number of processes may count at once, each
+    window is counted once even when two processes race on it (a redelivery after an
+    ack wait), and nothing needs the leader's fence.
+
+    Reads (`view`, `device_rows`, `windows_total`, ...) answer from the committed counts:
+    at most `refresh_s` after another process committed, a read sees it (one cheap sums
+    query tells whether anything changed)."""
+
+    def __init__(self, engine: Engine, refresh_s: float = 1.0) -> None:
         self.engine = engine
-        # Raises inside the flush's transaction if this process may not count (it is
-        # not the leader); None: it always may (one process).
-        self.fence: Callable[[Connection], None] | None = None
+        self.refresh_s = refresh_s
+        self._lock = threading.RLock()
+        self.counted_here = 0  # windows this process counted (committed) since it started
+        self.raced_here = 0  # windows it found counted already in the flush's transaction
         with engine.begin() as conn:
             for table in (AGG, DEVS, device_state.TELEMETRY):
                 table.create(conn, checkfirst=True)
+        self.last_lag_s = 0.0
+        self.last_ingest_ns = 0
+        # The batch a flush is writing (taken from `_pending` under the lock; written
+        # without it), and what its transaction found.
+        self._flushing: list[proto.TelemetryWindow] = []
+        self._flushing_dups: dict[str, int] = {}
+        self._unknown: list[str] = []  # its devices that may have no row yet
+        self._latest: dict[str, proto.TelemetryWindow] = {}
+        self._added: dict[str, tuple[int, int]] = {}  # device -> (inferences, errors)
+        # Devices of the batch being flushed that may have no device_telemetry row yet.
+        self._fresh_counters: set[str] = set()
         self._load()
 
     def _load(self) -> None:
-        """The counts as committed (at start, and after a flush that failed: what was
-        counted since the last commit is forgotten, and counted again when JetStream
-        redelivers the reports, which were not acknowledged)."""
-        aggs: dict[tuple[str, str, int], _Agg] = {}
-        with self.engine.connect() as conn:  # read fully before anything is replaced
-            for r in conn.execute(select(AGG)).mappings():
-                aggs[(r["device"], r["digest"], r["counter"])] = _Agg(
-                    r["model"], r["version"], r["windows"], r["inferences"], r["errors"],
-                    json.loads(r["latency_buckets"]), json.loads(r["output_hist"]),
-                    r["first_ts"], r["last_ts"], stored=True)
-            devs: dict[str, _Dev] = {
-                r["device"]: _Dev(*_load_seen(r["seen"]), r["windows"], r["duplicates"],
-                                  r["dropped"], stored=True)
-                for r in conn.execute(select(DEVS)).mappings()
-            }
-        for (device, _, _), a in aggs.items():
-            dev = devs.setdefault(device, _Dev())
-            dev.inferences += a.inferences
-            dev.errors += a.errors
-        self._aggs = aggs
-        self._devs = devs
-        self._dirty_aggs: set[tuple[str, str, int]] = set()
-        self._dirty_devs: set[str] = set()
-        self._latest: dict[str, proto.TelemetryWindow] = {}
-        self.windows_total = sum(d.windows for d in self._devs.values())
-        self.duplicates_total = sum(d.duplicates for d in self._devs.values())
-        self.last_lag_s = 0.0
-        self.last_ingest_ns = 0
+        """The counts as committed (at start, when another process committed more, and
+        after a flush that failed: what was offered since the last flush is forgotten,
+        and counted again when JetStream redelivers the reports, which were not
+        acknowledged)."""
+        with self._lock:
+            aggs: dict[tuple[str, str, int], _Agg] = {}
+            with self.engine.connect() as conn:  # read fully before anything is replaced
+                for r in conn.execute(select(AGG)).mappings():
+                    aggs[(r["device"], r["digest"], r["counter"])] = _agg_of(r)
+                devs: dict[str, _Dev] = {
+                    r["device"]: _dev_of(r) for r in conn.execute(select(DEVS)).mappings()}
+            rows = len(devs)  # as the sums query counts them
+            for (device, _, _), a in aggs.items():
+                dev = devs.setdefault(device, _Dev())
+                dev.inferences += a.inferences
+                dev.errors += a.errors
+            self._aggs = aggs
+            self._devs = devs
+            self._pending: list[proto.TelemetryWindow] = []  # offered, not yet flushed
+            self._pending_dups: dict[str, int] = {}  # device -> duplicates offered
+            self._windows = sum(d.windows for d in devs.values())
+            self._duplicates = sum(d.duplicates for d in devs.values())
+            self._db_sums = self._latest_sums = (rows, self._windows, self._duplicates)
+            self._checked_at = time.monotonic()
+
+    def _committed_sums(self) -> tuple[int, int, int]:
+        """(devices, windows, duplicates) as committed now, asked at most every
+        `refresh_s` (else the last answer)."""
+        now = time.monotonic()
+        if now - self._checked_at >= self.refresh_s:
+            self._checked_at = now
+            with self.engine.connect() as conn:
+                self._latest_sums = _sums(conn)
+        return self._latest_sums
+
+    def _fresh(self) -> None:
+        """Before a read of the counts: load them again if another process (or this
+        one) committed since they were loaded; not while windows are offered and not
+        flushed (a batch being stored)."""
+        with self._lock:
+            if self._pending or self._pending_dups:
+                return
+            if self._committed_sums() != self._db_sums:
+                self._load()
+
+    @property
+    def windows_total(self) -> int:
+        """Windows counted (by every process), plus those this one offered unflushed.
+        One sums query at most every `refresh_s`, no reload (the rollout controller
+        asks each tick to see whether telemetry moved)."""
+        with self._lock:
+            if self._pending or self._pending_dups:
+                return self._windows
+            return self._committed_sums()[1]
+
+    @property
+    def duplicates_total(self) -> int:
+        with self._lock:
+            if self._pending or self._pending_dups:
+                return self._duplicates
+            return self._committed_sums()[2]
 
     # ------------------------------------------------------------ intake
 
@@ -198,7 +347,8 @@ class TelemetryIngest:
         would carry a sum past 2**63-1, or whose output histograms do not have the
         shape of the release's drift bins (`output_shape`, bins per output, when the
         hub knows the release) or, else, of the windows counted before for the same
-        assignment. Changes nothing."""
+        assignment. Changes nothing. (`flush` checks the sums again on the committed
+        row: another process may have counted meanwhile.)"""
         a = self._aggs.get((w.device, w.digest, w.counter))
         dev = self._devs.get(w.device)
         shape = [len(h) for h in w.output_hist]
@@ -212,120 +362,138 @@ class TelemetryIngest:
             raise proto.ProtocolError(
                 f"telemetry: output histograms of shape {shape}, earlier windows of this "
                 f"assignment had {[len(h) for h in a.outputs]}", reason="bounds")
-        sums = [w.count + (a.inferences if a else 0), w.errors + (a.errors if a else 0),
-                w.count + (dev.inferences if dev else 0), (a.windows + 1) if a else 1]
-        if a is not None:
-            sums += [x + y for x, y in zip(a.latency, w.latency_buckets, strict=False)]
-            for mine, theirs in zip(a.outputs, w.output_hist, strict=False):
-                sums += [x + y for x, y in zip(mine, theirs, strict=False)]
-        if max(sums) > proto.MAX_INT64:
+        if _past_int64(a, dev, w):
             raise proto.ProtocolError(
                 "telemetry: the window's counts would carry the device's totals past "
                 "2**63-1", reason="bounds")
 
     def offer(self, w: proto.TelemetryWindow) -> bool:
-        """Count a window unless it was counted before; True if counted. The caller
-        has `check`ed it."""
-        dev = self._devs.setdefault(w.device, _Dev())
-        self._dirty_devs.add(w.device)
-        if not _first_time(dev, w.boot, w.seq):
-            dev.duplicates += 1
-            self.duplicates_total += 1
-            return False
-        if len(dev.seen) > MAX_BOOTS_REMEMBERED:  # oldest boots first (insertion order)
-            for boot in list(dev.seen)[: len(dev.seen) - MAX_BOOTS_REMEMBERED]:
-                del dev.seen[boot]
-                dev.holes.pop(boot, None)
-        dev.windows += 1
-        dev.dropped = max(dev.dropped, w.dropped)
-        self.windows_total += 1
-        key = (w.device, w.digest, w.counter)
-        agg = self._aggs.setdefault(key, _Agg(w.model, w.version, first_ts=w.start))
-        agg.windows += 1
-        agg.inferences += w.count
-        agg.errors += w.errors
-        dev.inferences += w.count
-        dev.errors += w.errors
-        _add(agg.latency, w.latency_buckets)
-        for k, hist in enumerate(w.output_hist):
-            if len(agg.outputs) <= k:
-                agg.outputs.append([])
-            _add(agg.outputs[k], hist)
-        agg.last_ts = max(agg.last_ts, w.end)
-        self._dirty_aggs.add(key)
-        self._latest[w.device] = w
-        now = time.time_ns()
-        self.last_ingest_ns = now
-        self.last_lag_s = max(0.0, (now - w.end) / 1e9)
-        return True
+        """Count a window unless this process knows it counted (False); `flush` stores
+        it, and decides again on the committed counts. The caller has `check`ed it."""
+        with self._lock:
+            dev = self._devs.setdefault(w.device, _Dev())
+            if not _count_into(dev, self._aggs, w):
+                self._pending_dups[w.device] = self._pending_dups.get(w.device, 0) + 1
+                self._duplicates += 1
+                return False
+            self._windows += 1
+            self._pending.append(w)
+            now = time.time_ns()
+            self.last_ingest_ns = now
+            self.last_lag_s = max(0.0, (now - w.end) / 1e9)
+            return True
 
-    def flush(self) -> None:
-        """Write what was counted since the last flush, in one transaction. If it
-        fails, the counts go back to what was committed (so nothing is marked stored,
-        or seen, that is not in the database) and the error is raised: the caller
-        must not acknowledge the reports counted since the last flush."""
-        if not (self._dirty_aggs or self._dirty_devs):
-            return
+    def flush(self) -> FlushResult:
+        """Store what was offered since the last flush, in one transaction. If it
+        fails, the counts go back to what was committed (so nothing is marked seen that
+        is not in the database) and the error is raised: the caller must not
+        acknowledge the reports offered since the last flush."""
+        with self._lock:
+            if not (self._pending or self._pending_dups):
+                return FlushResult()
+            # The batch leaves `_pending` now: the transaction runs without the lock (it
+            # may wait for another process's row locks; reads go on meanwhile).
+            self._flushing, self._flushing_dups = self._pending, self._pending_dups
+            self._pending, self._pending_dups = [], {}
+            devices = {w.device for w in self._flushing} | set(self._flushing_dups)
+            # Rows are never deleted: a device this process saw committed has its row.
+            self._unknown = sorted(d for d in devices
+                                   if d not in self._devs or not self._devs[d].stored)
         try:
-            self._write()
+            return self._write()
         except BaseException:
             self._load()
             raise
 
     def reload(self) -> None:
-        """Read the counts as committed, dropping what was counted and not flushed (a
-        new leader before it counts; a standby, whose reads would be stale)."""
+        """Read the counts as committed, dropping what was offered and not flushed."""
         self._load()
 
     def rollback(self) -> None:
-        """Forget what was counted since the last flush (its reports are redelivered)."""
-        if self._dirty_aggs or self._dirty_devs:
-            self._load()
+        """Forget what was offered since the last flush (its reports are redelivered)."""
+        with self._lock:
+            if self._pending or self._pending_dups:
+                self._load()
 
-    def _write(self) -> None:
-        stored: list[_Agg | _Dev] = []  # marked stored only once the commit succeeded
-        # Rows are grouped into one executemany per table and statement: a flush after a
-        # fetched batch of 256 windows is a handful of statements, not ~800.
+    def _write(self) -> FlushResult:
+        pending, dups, unknown = self._flushing, self._flushing_dups, self._unknown
+        devices = sorted({w.device for w in pending} | set(dups))
+        result = FlushResult()
         with self.engine.begin() as conn:
-            if self.fence is not None:
-                self.fence(conn)
-            inserts: list[dict[str, Any]] = []
-            updates: list[dict[str, Any]] = []
-            for key in sorted(self._dirty_aggs):
-                a = self._aggs[key]
-                row = {"device": key[0], "digest": key[1], "counter": key[2],
-                       **self._agg_values(a)}
-                (updates if a.stored else inserts).append(row)
-                stored.append(a)
+            insert_missing(conn, DEVS, [{"device": d, "seen": "{}", "windows": 0,
+                                          "duplicates": 0, "dropped": 0} for d in unknown])
+            # The rows of this batch's devices, locked in device order: every writer of
+            # a device's counts (DEVS and its AGG rows) holds its DEVS row first.
+            devs = {r["device"]: _dev_of(r) for r in conn.execute(
+                select(DEVS).where(DEVS.c.device.in_(devices)).order_by(DEVS.c.device)
+                .with_for_update()).mappings()}
+            aggs = {(r["device"], r["digest"], r["counter"]): _agg_of(r)
+                    for r in conn.execute(select(AGG).where(AGG.c.device.in_(devices)))
+                    .mappings()}
+            stored = set(aggs)
+            # A device with a window counted before has its device_telemetry row (the
+            # same transaction wrote both).
+            self._fresh_counters = {d for d, dev in devs.items() if dev.windows == 0}
+            for device, n in dups.items():
+                devs[device].duplicates += n
+            for dev in devs.values():  # the device totals, for the overflow check
+                dev.inferences = dev.errors = 0
+            for (device, _, _), a in aggs.items():
+                devs[device].inferences += a.inferences
+                devs[device].errors += a.errors
+            latest: dict[str, proto.TelemetryWindow] = {}
+            added: dict[str, tuple[int, int]] = {}  # device -> (inferences, errors)
+            for w in pending:
+                dev = devs[w.device]
+                if _past_int64(aggs.get((w.device, w.digest, w.counter)), dev, w):
+                    result.refused.append(w)
+                    continue
+                if not _count_into(dev, aggs, w):
+                    result.duplicates += 1  # another process counted it meanwhile
+                    continue
+                result.counted += 1
+                n, e = added.get(w.device, (0, 0))
+                added[w.device] = (n + w.count, e + w.errors)
+                if w.device not in latest or w.end >= latest[w.device].end:
+                    latest[w.device] = w
+            conn.execute(update(DEVS).where(DEVS.c.device == bindparam("k_device")).values(
+                {c: bindparam(c) for c in _DEV_VALUES}),
+                [{"k_device": d, "seen": _dump_seen(dev), "windows": dev.windows,
+                  "duplicates": dev.duplicates, "dropped": dev.dropped}
+                 for d, dev in sorted(devs.items())])
+            touched = sorted({(w.device, w.digest, w.counter) for w in pending} & set(aggs))
+            inserts = [{"device": k[0], "digest": k[1], "counter": k[2],
+                        **self._agg_values(aggs[k])} for k in touched if k not in stored]
+            updates = [{"k_device": k[0], "k_digest": k[1], "k_counter": k[2],
+                        **self._agg_values(aggs[k])} for k in touched if k in stored]
             if inserts:
                 conn.execute(insert(AGG), inserts)
             if updates:
                 conn.execute(update(AGG).where(
                     AGG.c.device == bindparam("k_device"), AGG.c.digest == bindparam("k_digest"),
                     AGG.c.counter == bindparam("k_counter")).values(
-                        {c: bindparam(c) for c in _AGG_VALUES}),
-                    [{**{c: r[c] for c in _AGG_VALUES}, "k_device": r["device"],
-                      "k_digest": r["digest"], "k_counter": r["counter"]} for r in updates])
-            inserts, updates = [], []
-            for device in sorted(self._dirty_devs):
-                d = self._devs[device]
-                row = {"device": device, "seen": _dump_seen(d), "windows": d.windows,
-                       "duplicates": d.duplicates, "dropped": d.dropped}
-                (updates if d.stored else inserts).append(row)
-                stored.append(d)
-            if inserts:
-                conn.execute(insert(DEVS), inserts)
-            if updates:
-                conn.execute(update(DEVS).where(DEVS.c.device == bindparam("k_device")).values(
-                    {c: bindparam(c) for c in _DEV_VALUES}),
-                    [{**{c: r[c] for c in _DEV_VALUES}, "k_device": r["device"]}
-                     for r in updates])
+                        {c: bindparam(c) for c in _AGG_VALUES}), updates)
+            self._latest, self._added = latest, added
             self._write_device_counters(conn)
-        for item in stored:
-            item.stored = True
-        self._dirty_aggs.clear()
-        self._dirty_devs.clear()
-        self._latest.clear()
+            sums = _sums(conn)
+        # Committed: this process now knows these devices' counts as the database has
+        # them (including what other processes counted for them).
+        with self._lock:
+            for device, dev in devs.items():
+                self._devs[device] = dev
+            for key in [k for k in self._aggs if k[0] in devs]:
+                if key not in aggs:
+                    del self._aggs[key]  # only an offer that was not counted made it
+            self._aggs.update({k: a for k, a in aggs.items()})
+            for a in aggs.values():
+                a.stored = True
+            self._flushing, self._flushing_dups, self._latest = [], {}, {}
+            self.counted_here += result.counted
+            self.raced_here += result.duplicates
+            self._db_sums = self._latest_sums = sums
+            if not (self._pending or self._pending_dups):
+                self._windows, self._duplicates = sums[1], sums[2]
+        return result
 
     @staticmethod
     def _agg_values(a: _Agg) -> dict[str, Any]:
@@ -335,28 +503,28 @@ class TelemetryIngest:
                 "first_ts": a.first_ts, "last_ts": a.last_ts}
 
     def _write_device_counters(self, conn: Connection) -> None:
-        """The per-device totals `hub devices` shows (table device_telemetry)."""
+        """The per-device totals `hub devices` shows (table device_telemetry): added to
+        what is there (another process may count the same device), the newest window's
+        fields where it is newer. Report intake's last-seen times (status reports) write
+        the same rows; both take them in device order."""
         if not self._latest:
             return
         table = device_state.TELEMETRY
-        existing = {r[0] for r in conn.execute(
-            select(table.c.device).where(table.c.device.in_(list(self._latest))))}
-        inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        for device, w in self._latest.items():
-            dev = self._devs[device]
-            values = {"last_seen": w.end, "boot": w.boot, "window_seq": w.seq,
-                      "latency_ms_p95": float(w.latency_ms_p95),
-                      "inferences": dev.inferences, "errors": dev.errors}
-            if device in existing:
-                updates.append({**values, "k_device": device})
-            else:
-                inserts.append({**values, "device": device})
-        if inserts:
-            conn.execute(insert(table), inserts)
-        if updates:
-            conn.execute(update(table).where(table.c.device == bindparam("k_device")).values(
-                {c: bindparam(c) for c in _COUNTER_VALUES}), updates)
+        devices = sorted(self._latest)
+        insert_missing(conn, table, [{"device": d, "last_seen": 0} for d in devices
+                                     if d in self._fresh_counters])
+        newer = table.c.last_seen <= bindparam("end")
+        conn.execute(update(table).where(table.c.device == bindparam("k_device")).values(
+            inferences=table.c.inferences + bindparam("d_inferences"),
+            errors=table.c.errors + bindparam("d_errors"),
+            last_seen=case((newer, bindparam("end")), else_=table.c.last_seen),
+            boot=case((newer, bindparam("w_boot")), else_=table.c.boot),
+            window_seq=case((newer, bindparam("w_seq")), else_=table.c.window_seq),
+            latency_ms_p95=case((newer, bindparam("p95")), else_=table.c.latency_ms_p95)),
+            [{"k_device": d, "d_inferences": self._added.get(d, (0, 0))[0],
+              "d_errors": self._added.get(d, (0, 0))[1], "end": self._latest[d].end,
+              "w_boot": self._latest[d].boot, "w_seq": self._latest[d].seq,
+              "p95": float(self._latest[d].latency_ms_p95)} for d in devices])
 
     # ------------------------------------------------------------ views
 
@@ -364,6 +532,7 @@ class TelemetryIngest:
              reference: list[dict[str, Any]] | None) -> ro.TelemetryView:
         """Telemetry summed over (device, digest, counter) assignments, with PSI against
         the release's reference histograms (validation payload)."""
+        self._fresh()
         inferences = errors = 0
         latency: list[int] = []
         outputs: list[list[int]] = []
@@ -392,6 +561,7 @@ class TelemetryIngest:
         over every assignment of it, or only `keys`, and only assignments whose first
         window started at or after `since_ns`: (outputs, inferences, devices,
         assignments, first_ts, last_ts). For re-basing the drift reference."""
+        self._fresh()
         outputs: list[list[int]] = []
         inferences = assignments = 0
         devices: set[str] = set()
@@ -413,6 +583,7 @@ class TelemetryIngest:
         return outputs, inferences, len(devices), assignments, first_ts, last_ts
 
     def totals_by_model(self) -> dict[tuple[str, str], tuple[int, int]]:
+        self._fresh()
         out: dict[tuple[str, str], tuple[int, int]] = {}
         for a in self._aggs.values():
             n, e = out.get((a.model, a.version), (0, 0))
@@ -420,12 +591,14 @@ class TelemetryIngest:
         return out
 
     def latency_by_model(self) -> dict[tuple[str, str], list[int]]:
+        self._fresh()
         out: dict[tuple[str, str], list[int]] = {}
         for a in self._aggs.values():
             _add(out.setdefault((a.model, a.version), []), a.latency)
         return out
 
     def device_rows(self, device: str | None = None) -> list[dict[str, Any]]:
+        self._fresh()
         rows = []
         for (d, digest, counter), a in sorted(self._aggs.items()):
             if device is not None and d != device:
@@ -446,6 +619,7 @@ class TelemetryIngest:
         not fit one NATS reply (256 KiB by default) at 1,000 devices, so the fleet view
         is paged, worst first by default. Each row is the device's totals plus the model
         it reported last; `device_rows(device)` has the per-model detail."""
+        self._fresh()
         if sort not in DEVICE_SORTS:
             raise ValueError(f"unknown sort {sort!r}; use one of {', '.join(DEVICE_SORTS)}")
         latest: dict[str, tuple[tuple[str, str, int], _Agg]] = {}
@@ -477,10 +651,12 @@ class TelemetryIngest:
 
     @property
     def dropped_total(self) -> int:
+        self._fresh()
         return sum(d.dropped for d in self._devs.values())
 
     @property
     def inferences_total(self) -> int:
+        self._fresh()
         return sum(a.inferences for a in self._aggs.values())
 
 

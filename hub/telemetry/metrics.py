@@ -203,8 +203,12 @@ class HubCollector(Collector):
             buckets.append(("+Inf", sum(counts)))
             h.add_metric([model, version], buckets, latency_sum_s(counts))
         yield h
-        yield CounterMetricFamily("fleet_telemetry_windows", "Telemetry windows counted.",
-                                  value=t.windows_total)
+        yield CounterMetricFamily("fleet_telemetry_windows", "Telemetry windows counted, "
+                                  "by every hub process (the database's total: the same on "
+                                  "each process).", value=t.windows_total)
+        yield CounterMetricFamily("fleet_telemetry_windows_counted_here", "Telemetry windows "
+                                  "this hub process counted since it started (sum over the "
+                                  "processes).", value=t.counted_here)
         yield CounterMetricFamily("fleet_telemetry_duplicates", "Telemetry windows received "
                                   "again and not counted.", value=t.duplicates_total)
         yield CounterMetricFamily("fleet_telemetry_dropped", "Reports devices dropped from "

@@ -23,7 +23,7 @@ from edge_agent.protocol import boot_id
 from edge_agent.protocol.names import REPORTS_DURABLE, REPORTS_STREAM
 from hub import events as ev
 from hub.errors import HubError
-from hub.telemetry.ingest import TelemetryIngest
+from hub.telemetry.ingest import FlushResult, TelemetryIngest
 from ledger.signing import SigningKey
 from ledger.storage.store import LedgerStore
 from testkit.fleet_sim import SimFleet
@@ -72,10 +72,10 @@ async def test_intake_survives_a_full_disk_and_counts_everything_once(
                 raise disk_full()
             return append_many(self, *args, **kwargs)
 
-        def failing_write(self: TelemetryIngest) -> None:
+        def failing_write(self: TelemetryIngest) -> FlushResult:
             if failing["on"]:
                 raise disk_full()
-            write(self)
+            return write(self)
 
         monkeypatch.setattr(LedgerStore, "append_many", failing_append)
         monkeypatch.setattr(TelemetryIngest, "_write", failing_write)
