@@ -41,7 +41,6 @@ import logging
 import os
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import nats  # noqa: E402
 from nats.js.api import KeyValueConfig, StreamConfig  # noqa: E402
 
 from hub.client import HubClient  # noqa: E402
@@ -190,7 +188,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(home)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     hub_log = (tmp / "hub.log").open("wb")
-    hub = subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--home", str(home),
+    profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve() / "hub.prof")] \
+        if args.profile else []
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    hub = subprocess.Popen([sys.executable, *profile, "-m", "hub.cli", "serve", "--home", str(home),
                             "--log-level", "ERROR"], env=env, stdout=subprocess.DEVNULL,
                            stderr=hub_log)
     assert server.pid is not None
@@ -360,6 +362,9 @@ def main() -> int:
                    help="one blob download per shard process (default) or per device")
     p.add_argument("--assignment-bytes", type=int, default=600)
     p.add_argument("--report-bytes", type=int, default=400)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="run the hub under cProfile, stats into DIR/hub.prof (slows it: "
+                        "for finding where time goes, not for figures)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args()

@@ -29,7 +29,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from edge_agent import protocol as proto
@@ -402,9 +402,13 @@ class ReportIntake:
         with self.writer.store.engine.begin() as conn:
             rows = {r.device: r.last_seen for r in conn.execute(
                 select(table.c.device, table.c.last_seen).where(table.c.device.in_(list(seen))))}
-            for device, ts in seen.items():
-                if device not in rows:
-                    conn.execute(table.insert().values(device=device, last_seen=ts))
-                elif ts > (rows[device] or 0):
-                    conn.execute(table.update().where(table.c.device == device)
-                                 .values(last_seen=ts))
+            new = [{"device": d, "last_seen": ts} for d, ts in seen.items() if d not in rows]
+            newer = [{"d": d, "ts": ts} for d, ts in seen.items()
+                     if d in rows and ts > (rows[d] or 0)]
+            # One executemany each, not one statement per device: a wave of 5,000
+            # applied reports touched 5,000 rows one by one (~0.8 ms each).
+            if new:
+                conn.execute(table.insert(), new)
+            if newer:
+                conn.execute(table.update().where(table.c.device == bindparam("d"))
+                             .values(last_seen=bindparam("ts")), newer)
