@@ -227,6 +227,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         r["enroll_load"] = load()
 
         t = time.perf_counter()
+        cpu0 = procs["hub"].cpu()
         shards = ScaleShards(server.url, config.trust_root_path, args.devices, args.procs,
                              prefix="s", salt=salt, shared_blob=args.shared_blob)
         await shards.start()
@@ -235,6 +236,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # The `started` reports of every device are taken by the hub; wait until it is
         # quiet (nothing more in the ledger for a while), then measure.
         await asyncio.sleep(args.settle)
+        r["connect_hub_cpu_s"] = procs["hub"].cpu() - cpu0  # the `started` reports
         r["idle_before"] = await sample_idle(procs, args.idle_seconds)
 
         jetstream = jetstream_dir(home)
@@ -310,7 +312,8 @@ def report(r: dict[str, Any]) -> None:
     print(f"devices: {n} in {r['procs']} processes, model {r['model_bytes'] / 2**20:.2f} MiB,"
           f" waves {r['waves']}; enroll {r['enroll_s']:.1f} s (hub CPU "
           f"{r['enroll_hub_cpu_s']:.1f} s, load {r['enroll_load']}), all connected and "
-          f"watching {r['connect_s']:.1f} s")
+          f"watching {r['connect_s']:.1f} s (hub CPU for their `started` reports "
+          f"{r['connect_hub_cpu_s']:.1f} s)")
     print("| measure | value | load (1 min) |")
     print("|---|---|---|")
     for i, ro in enumerate(r["rollouts"]):
