@@ -244,6 +244,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             size0 = ledger_bytes(home)
             nats0 = dir_bytes(jetstream)
             cpu0 = {k: p.cpu() for k, p in procs.items()}
+            sims = [Proc(pid) for pid in shards.pids]
+            sim0 = sum(p.cpu() for p in sims)
             load0 = load()
             body = {"model": "scale", "version": version, "target": "all",
                     "waves": args.waves, "min_success": 1.0, "max_failure": 0.0,
@@ -268,6 +270,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "waves_done": [(e["ts"] - start_ns) / 1e9 for e in status["events"]
                                if e["kind"] == "rollout.wave_completed"],
                 **{f"{k}_cpu_s": p.cpu() - cpu0[k] for k, p in procs.items()},
+                "sim_cpu_s": sum(p.cpu() for p in sims) - sim0,
                 "ledger_bytes": ledger_bytes(home) - size0,
                 "nats_store_bytes": dir_bytes(jetstream) - nats0,
             })
@@ -325,6 +328,12 @@ def report(r: dict[str, Any]) -> None:
               f"{ro['hub_cpu_s'] * 1e3 / n:.2f} ms/device | |")
         print(f"| nats-server CPU during it | {ro['nats_cpu_s']:.1f} s = "
               f"{ro['nats_cpu_s'] * 1e3 / n:.2f} ms/device | |")
+        print(f"| simulator processes' CPU during it | {ro['sim_cpu_s']:.1f} s = "
+              f"{ro['sim_cpu_s'] * 1e3 / n:.2f} ms/device | |")
+        total = ro["hub_cpu_s"] + ro["nats_cpu_s"] + ro["sim_cpu_s"]
+        cores = os.cpu_count() or 1
+        print(f"| all three / {cores} cores: the converge time this box allows alone | "
+              f"{total / cores:.1f} s | |")
         print(f"| SQLite growth (file + WAL) / JetStream store growth | "
               f"{ro['ledger_bytes'] / n:,.0f} / {ro['nats_store_bytes'] / n:,.0f} B/device"
               " | |")
