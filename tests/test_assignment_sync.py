@@ -71,3 +71,47 @@ async def test_an_assignment_committed_but_never_put_in_kv_reaches_the_device_af
     finally:
         await nc.close()
         await sim.stop()
+
+
+async def test_reconciliation_never_writes_over_a_key_that_moved_after_it_read_it(
+    fleet: Fleet, model_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The round reads the ledger and the whole bucket (seconds at 10,000 devices), then
+    writes what KV lacked; a newer assignment the controller wrote meanwhile must not be
+    overwritten with the older one (compare-and-set on the revision it read)."""
+    from hub.devices import assignment_sync
+
+    await fleet.release_model(model_files["1"], "kws", "1")
+    device = "race-1"
+    async with await fleet.client() as admin:
+        await admin.call("device.enroll", {"device": device})
+        await admin.call("deploy", {"model": "kws", "version": "1", "devices": [device]})
+    await fleet.feed.wait_for(lambda _: bool(fleet.feed.of_kind(ev.DEVICE_ASSIGNED, device)),
+                              what=f"the assignment of {device} in the ledger")
+    nc = await fleet.connect()
+    try:
+        js = nc.jetstream()
+        kv = await js.key_value(ASSIGNMENTS_BUCKET)
+        read = (await kv.get(device)).revision
+        assert read is not None
+        newer = b"written after the round read the bucket"
+        await kv.put(device, newer)
+
+        # What the round read: the key unreadable at the old revision, or not there yet.
+        for stale in ({device: (-1, read)}, {}):
+            async def stale_read(_kv: object, snapshot: dict[str, tuple[int, int]] = stale
+                                 ) -> dict[str, tuple[int, int]]:
+                return snapshot
+
+            monkeypatch.setattr(assignment_sync, "kv_counters", stale_read)
+            result = await assignment_sync.reconcile_assignments(js, fleet.hub.store.engine)
+            assert result.restored == []
+            assert (await kv.get(device)).value == newer
+        monkeypatch.undo()
+        # A round that reads the key as it is puts the ledger's assignment back.
+        result = await assignment_sync.reconcile_assignments(js, fleet.hub.store.engine)
+        assert result.restored == [device]
+        assert (await kv.get(device)).value == fleet.feed.of_kind(
+            ev.DEVICE_ASSIGNED, device)[-1].payload["assignment"]
+    finally:
+        await nc.close()

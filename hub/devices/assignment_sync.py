@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from sqlalchemy import Engine, select
 
@@ -42,10 +43,10 @@ class SyncResult:
     ahead: list[str] = field(default_factory=list)  # KV newer than the ledger: left alone
 
 
-async def kv_counters(kv: KeyValue) -> dict[str, int]:
-    """device -> counter of the assignment KV holds now (-1: unreadable), read with one
-    watch over the bucket rather than one request per device."""
-    out: dict[str, int] = {}
+async def kv_counters(kv: KeyValue) -> dict[str, tuple[int, int]]:
+    """device -> (counter of the assignment KV holds now (-1: unreadable), its KV
+    revision), read with one watch over the bucket rather than one request per device."""
+    out: dict[str, tuple[int, int]] = {}
     watcher = await kv.watchall(ignore_deletes=True)
     try:
         while True:
@@ -54,9 +55,10 @@ async def kv_counters(kv: KeyValue) -> dict[str, int]:
                 break
             try:
                 doc = proto.SignedEnvelope.decode(entry.value or b"", "assignment")
-                out[entry.key] = proto.Assignment.from_map(doc.document("assignment")).counter
+                counter = proto.Assignment.from_map(doc.document("assignment")).counter
             except proto.ProtocolError:
-                out[entry.key] = -1  # garbage in KV: the ledger's envelope replaces it
+                counter = -1  # garbage in KV: the ledger's envelope replaces it
+            out[entry.key] = (counter, entry.revision or 0)
             if entry.delta == 0:  # nothing pending after this one (the marker may follow)
                 break
     finally:
@@ -85,8 +87,11 @@ async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncRes
     kv = await js.key_value(ASSIGNMENTS_BUCKET)
     in_kv = await kv_counters(kv)
     writes: list[tuple[str, bytes]] = []
+    seen: dict[str, int] = {}  # device -> the KV revision its decision was made on (0: none)
     for device in sorted(issued):
-        have, want = in_kv.get(device), issued[device]
+        have, revision = in_kv.get(device, (None, 0))
+        want = issued[device]
+        seen[device] = revision
         if have is not None and have > want:
             result.ahead.append(device)  # not from this ledger; the device refuses replays
             continue
@@ -100,11 +105,24 @@ async def reconcile_assignments(js: JetStreamContext, engine: Engine) -> SyncRes
             continue
         writes.append((device, envelope))
 
+    lost: set[str] = set()
+
     async def put(device: str, envelope: bytes) -> None:
-        await kv.put(device, envelope)
+        # Only over the value this decision read: the ledger and KV were read a while
+        # ago (10,000 keys take seconds), and the controller may have committed and
+        # written a newer assignment meanwhile; an unconditional put would put the
+        # older one back over it (seen at 10,000 devices: devices refused counter 1
+        # after applying 2). A key that moved is left to the next round.
+        try:
+            if seen[device]:
+                await kv.update(device, envelope, last=seen[device])
+            else:
+                await kv.create(device, envelope)
+        except KeyWrongLastSequenceError:
+            lost.add(device)
 
     await write_all(put, writes)  # batched; the first failure is raised after them all
-    result.restored = [device for device, _ in writes]
+    result.restored = [device for device, _ in writes if device not in lost]
     if result.restored:
         log.warning("restored %d assignment(s) the ledger has but KV did not (a hub stop "
                     "between commit and KV write, a write left, a key deleted): %s",

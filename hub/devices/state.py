@@ -21,7 +21,9 @@ class DeviceRow(SQLModel, table=True):
     __tablename__ = "proj_devices"
     device: str = Field(primary_key=True)
     enrolled_seq: int
-    public: bytes | None = None  # the device's Ed25519 key: its status reports are signed
+    # the device's Ed25519 key: its status reports are signed; indexed for
+    # identity_holder (an enrolment asks whether the key is taken)
+    public: bytes | None = Field(default=None, index=True)
     counter: int = 0  # last assignment counter the hub issued
     assigned_model: str | None = None
     assigned_version: str | None = None

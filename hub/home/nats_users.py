@@ -37,10 +37,12 @@ def identity_holder(conn: Connection, public: bytes) -> str | None:
     """Who already holds `public` as their key (and so NATS identity): "device ID" or
     "operator NAME" (revoked ones too: a key is never handed to a second identity), or
     None. Two users with one nkey make nats-server refuse the whole users file."""
-    for device, key in conn.execute(select(device_state.DEVICES.c.device,
-                                           device_state.DEVICES.c.public)).all():
-        if key == public:
-            return f"device {device}"
+    # Asked by the database, not by reading every device: one enrolment of 10,000 read
+    # them all (O(n) per enrolment, O(n^2) for a fleet; 12 s of 2,000 enrolments).
+    device = conn.execute(select(device_state.DEVICES.c.device)
+                          .where(device_state.DEVICES.c.public == public).limit(1)).scalar()
+    if device is not None:
+        return f"device {device}"
     for op in governance.list_operators(conn):
         if op["public"] == public:
             return f"operator {op['name']}"

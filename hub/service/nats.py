@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -61,6 +62,9 @@ MAX_REQUEST_BYTES = 256 * 1024
 # lets reads and short writes answer while a slow one (validation) runs. Past it, the
 # subscription waits, and NATS holds the requests.
 MAX_CONCURRENT_REQUESTS = 16
+# Gives back the API slot of the request the current task answers (serve_api).
+_API_SLOT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "api_slot", default=None)
 # Every device holds a watch consumer on the assignments and trust-root buckets, plus one
 # per model download; nats-server (2.11+) caps a stream at 1,000 consumers unless the
 # stream says otherwise (err 10026 "maximum consumers limit reached").
@@ -152,12 +156,21 @@ class NatsEdge:
             # nats-py runs one subscription's callbacks one after another: hand each
             # request to a task of its own so a long command does not hold up the next.
             await self._api_slots.acquire()
-            task = asyncio.create_task(self._answer(router, msg), name=f"api {msg.subject}")
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    self._api_slots.release()
+
+            task = asyncio.create_task(self._answer(router, msg, release),
+                                       name=f"api {msg.subject}")
             self._api_tasks.add(task)
 
             def done(t: asyncio.Task[None]) -> None:
                 self._api_tasks.discard(t)
-                self._api_slots.release()
+                release()
 
             task.add_done_callback(done)
 
@@ -165,7 +178,8 @@ class NatsEdge:
         # appended) by one of them, not by all.
         await self.nc.subscribe(API_PREFIX + ">", queue=API_QUEUE, cb=on_request)
 
-    async def _answer(self, router: Router, msg: Msg) -> None:
+    async def _answer(self, router: Router, msg: Msg, release: Callable[[], None]) -> None:
+        _API_SLOT.set(release)  # this task's own context: see sync_nats_users
         verb = msg.subject[len(API_PREFIX):]
         try:
             if len(msg.data) > MAX_REQUEST_BYTES:
@@ -263,6 +277,13 @@ class NatsEdge:
         if not wait:
             self.nats_users.request()
             return False
+        # A command that only waits for the reload (an enrolment, after its commit)
+        # gives its API slot back: the next commands commit meanwhile and share the next
+        # reload. Held, 16 enrolments shared one reload, and a reload of a users file
+        # of 10,000 devices takes seconds (O(n^2) for a fleet's enrolment).
+        release = _API_SLOT.get()
+        if release is not None:
+            release()
         return await self.nats_users.sync()
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
