@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -68,8 +70,11 @@ def check_users_text(server_conf: Path, users_name: str, text: str) -> None:
                         "before they are written")
         return
     directory = server_conf.parent
-    candidate = directory / f"{users_name}.check"
-    check_conf = directory / f"{server_conf.name}.check"
+    # Names of this check alone: two hub processes on one home (a leader and a standby),
+    # or two threads of one, may check at once, and one must not remove the other's files.
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    candidate = directory / f"{users_name}.{token}.check"
+    check_conf = directory / f"{server_conf.name}.{token}.check"
     try:
         conf = server_conf.read_text()
     except OSError:
