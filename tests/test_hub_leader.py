@@ -83,9 +83,9 @@ class Hubs:
     def name_of(self, pid: int) -> str:
         return next(n for n, p in self.procs.items() if p.pid == pid)
 
-    async def client(self) -> HubClient:
+    async def client(self, timeout: float = 5) -> HubClient:
         key = SigningKey.load(self.config.operator_key_path("admin"))
-        return await HubClient.connect(self.nats_url, key, timeout=5,
+        return await HubClient.connect(self.nats_url, key, timeout=timeout,
                                        auth=self.config.operator_auth(key))
 
     def stop(self) -> None:
@@ -100,6 +100,15 @@ class Hubs:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+async def enroll(hubs: Hubs, sim: SimFleet, **kwargs: str) -> None:
+    """Enrol the simulated devices, all at once. Each enrolment rewrites the NATS users
+    file, has nats-server check it (`-t`) and confirms the reload, one after the other:
+    the last of N can wait many seconds on a busy machine, so the client waits 60 s, not
+    the 5 s the other calls (which must fail fast while a leader is dead) wait."""
+    async with await hubs.client(timeout=60) as admin:
+        await sim.enroll(admin, **kwargs)
 
 
 async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -191,8 +200,8 @@ async def test_leader_killed_mid_rollout_the_standby_completes_it(
                    rate=4.0, window=0.5)
     acknowledged: list[str] = []
     try:
+        await enroll(hubs, sim, group="lab")
         async with await hubs.client() as admin:
-            await sim.enroll(admin, group="lab")
             await sim.start()
             rid = str((await admin.call("rollout.create", {
                 "model": "kws", "version": "1", "target": "group=lab",
@@ -257,8 +266,8 @@ async def test_a_paused_leader_wakes_fenced_and_telemetry_is_counted_once(
     sim = SimFleet(hubs.nats_url, tmp_path / "sim", hubs.config.trust_root_path, N,
                    rate=20.0, window=0.2)
     try:
+        await enroll(hubs, sim)
         async with await hubs.client() as admin:
-            await sim.enroll(admin)
             await sim.start()
             await admin.call("deploy", {"model": "kws", "version": "1", "all": True})
 

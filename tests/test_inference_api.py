@@ -412,6 +412,43 @@ def test_connections_over_the_limit_are_answered_busy_and_closed(sock_dir: Path)
         api.stop()
 
 
+def test_a_busy_answer_is_given_when_the_agent_closed_before_the_request_went_out(
+        sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of the test above, forced: the agent answers BUSY and closes before the
+    caller has sent its request, so the send fails (broken pipe); the caller still gets
+    the agent's answer."""
+    path = sock_dir / "busy.sock"
+    answered = threading.Event()
+    busy = {"ok": False, "code": wire.BUSY, "id": None,
+            "error": "the agent serves at most 2 connections at once"}
+
+    def turn_away(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        conn.sendall(wire.encode_frame(busy, wire.MAX_FRAME_BYTES))
+        conn.close()
+        answered.set()
+
+    connect = InferenceClient._connected
+
+    def connect_then_wait(self: InferenceClient) -> Any:
+        out = connect(self)
+        assert answered.wait(10)  # the agent has answered and closed: now send
+        return out
+
+    monkeypatch.setattr(InferenceClient, "_connected", connect_then_wait)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        thread = threading.Thread(target=turn_away, args=(listener,))
+        thread.start()
+        try:
+            with pytest.raises(AgentUnreachable, match="at most 2") as caught:
+                InferenceClient(path, timeout=10).health()
+            assert caught.value.code == wire.BUSY
+        finally:
+            thread.join(10)
+
+
 def test_model_switch_during_calls_is_atomic(api: ServerThread) -> None:
     directs = {"1": load(1), "2": load(2)}
     stop = threading.Event()

@@ -114,10 +114,21 @@ class InferenceClient:
             request = wire.encode_frame({"op": op, "id": rid, **fields}, self.max_frame)
             try:
                 sock, reader = self._connected()
-                sock.sendall(request)
-                length = wire.frame_length(_read_exactly(reader, wire.HEADER.size),
-                                           self.max_frame)
-                reply = wire.decode_body(_read_exactly(reader, length))
+                unsent: OSError | None = None
+                try:
+                    sock.sendall(request)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    # An agent that turns a connection away (BUSY) answers and closes
+                    # without reading: its answer can be waiting although the send failed.
+                    unsent = exc
+                try:
+                    length = wire.frame_length(_read_exactly(reader, wire.HEADER.size),
+                                               self.max_frame)
+                    reply = wire.decode_body(_read_exactly(reader, length))
+                except OSError:
+                    if unsent is not None:
+                        raise unsent from None  # nothing was waiting: the send's error
+                    raise
             except wire.WireError as exc:
                 self.close()
                 raise InferenceError(f"the agent's reply is malformed: {exc}",

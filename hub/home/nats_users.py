@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
 
 from sqlalchemy import Connection, Engine, select
 
@@ -15,9 +17,18 @@ from hub.devices.state import REVOKED
 from hub.governance import state as governance
 from hub.home.config import HubConfig
 from hub.home.nats_check import confirm_reload
-from hub.home.nats_config import ca_path, load_credentials, probe_seed, reload_server, write_users
+from hub.home.nats_config import (
+    ca_path,
+    load_credentials,
+    probe_seed,
+    reload_server,
+    server_conf_path,
+    write_users,
+)
 
 log = logging.getLogger(__name__)
+
+USERS_LOCK = "users.lock"  # beside users.conf: held while it is written and reloaded
 
 
 def nats_users(conn: Connection) -> list[tuple[str, bytes]]:
@@ -61,14 +72,27 @@ def apply_nats_users(config: HubConfig, devices: list[tuple[str, bytes]],
     (it is not written), NatsReloadUnconfirmed if the server did not take it."""
     if not load_credentials(config.home):
         return False
-    if not write_users(config.home, devices, operators) and not force:
+    # One writer at a time, across processes: two hub processes on one home (a leader and
+    # a standby) both sync; without the lock one's file could replace the other's between
+    # its write and its reload, and the first one's reload probe would never get in.
+    with _users_lock(config):
+        if not write_users(config.home, devices, operators) and not force:
+            return True
+        if not reload_server(config.home):
+            return False
+        seed = probe_seed(config.home)
+        if seed is not None:  # a users file written before reload probes has none
+            confirm_reload(config.nats_url, seed, ca_path(config.home))
         return True
-    if not reload_server(config.home):
-        return False
-    seed = probe_seed(config.home)
-    if seed is not None:  # a users file written before reload probes has none
-        confirm_reload(config.nats_url, seed, ca_path(config.home))
-    return True
+
+
+@contextlib.contextmanager
+def _users_lock(config: HubConfig) -> Iterator[None]:
+    """An exclusive lock on the home's NATS users (released when the file closes, also
+    if the process dies)."""
+    with open(server_conf_path(config.home).parent / USERS_LOCK, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 class NatsUsersSync:
