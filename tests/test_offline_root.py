@@ -551,3 +551,34 @@ def test_import_refuses_a_role_key_this_hub_does_not_hold() -> None:
         read_signed_root(current, data, online)
     planned, change = read_signed_root(current, data, [*online, new_key])
     assert planned.added and change.keyid == new_key.keyid and change.version == 2
+
+
+def test_a_witness_root_is_prepared_and_read_back_with_the_online_rules() -> None:
+    """Pure: `prepare_request` builds a witness root with the online builders (their
+    refusals too), the offline signature makes it importable, and `--rotate witness` /
+    `--revoke WITNESS_KEYID` point to the witness options."""
+    from hub.keys.keyring import KeyChangeRefused
+    from hub.keys.offline import prepare_request, read_signed_root, sign_request
+
+    keys = {role: SigningKey.generate() for role in ("root", "release", "director", "log")}
+    current = TrustRoot.from_envelope(TrustRoot.build({r: [k] for r, k in keys.items()}))
+    online = [k for r, k in keys.items() if r != "root"]
+    witness = SigningKey.generate()
+    request, new_key = prepare_request(current, online, add_witness=("w.example/1",
+                                       witness.public), origin="hub.example/log")
+    assert new_key is None and request.change["action"] == "add-witness"
+    planned, change = read_signed_root(
+        current, sign_request(request, keys["root"]).envelope().encode(), online)
+    assert (change.role, change.keyid, planned.added) == ("witness", witness.keyid, True)
+    root_2 = TrustRoot.from_envelope(change.root)
+    assert root_2.names[witness.keyid] == "w.example/1"
+    assert root_2.names[keys["log"].keyid] == "hub.example/log"
+    for kwargs, words in (
+        ({"remove_witness": "w.example/1"}, "is the only witness"),
+        ({"add_witness": ("w.example/1", SigningKey.generate().public)}, "already"),
+        ({"rotate": "witness"}, "--add-witness"),
+        ({"revoke": witness.keyid}, "--remove-witness w.example/1"),
+        ({"remove_witness": "w.example/1", "rotate": "log"}, "give one change"),
+    ):
+        with pytest.raises(KeyChangeRefused, match=words):
+            prepare_request(root_2, online, origin="hub.example/log", **kwargs)
