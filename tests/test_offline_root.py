@@ -31,7 +31,7 @@ from ledger.encoding import canonical_encode
 from ledger.signing import SigningKey
 from tests.device_kit import deploy_and_wait
 from tests.fleet import REPO_ROOT, Fleet, ledger_state
-from tests.test_ledger_witness_nats import run_cli
+from tests.test_ledger_witness_nats import enroll, read_until, run_cli
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -368,6 +368,128 @@ async def test_a_second_root_key_and_a_threshold_of_two(fleet: Fleet, tmp_path: 
     assert fleet.feed.of_kind(ev.KEYS_REVOKED)[-1].payload["offline"] is True
 
 
+async def prepare_sign_import(fleet: Fleet, tmp_path: Path, out_name: str,
+                              *change: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One trust root change through the three steps: (the offline review, the import)."""
+    request = tmp_path / out_name
+    rc, out, err = await hub("keys", "root", "prepare", *change, "--out", str(request),
+                             *home_args(fleet))
+    assert rc == 0 and "unsigned" in out, (rc, out, err)
+    out, _ = await offline_sign(tmp_path, request, root_key_file(tmp_path), "--json")
+    reviewed = json.loads(out)
+    assert reviewed["signatures"]["complete"] is True
+    rc, out, err = await hub("keys", "root", "import", str(request), *home_args(fleet),
+                             "--json")
+    assert rc == 0, (rc, out, err)
+    return reviewed, json.loads(out)
+
+
+async def listed_witnesses(fleet: Fleet) -> dict[str, str]:
+    rc, out, err = await hub("witness", "list", "--json", *home_args(fleet))
+    assert rc == 0, (rc, out, err)
+    return {w["name"]: w["keyid"] for w in json.loads(out)["witnesses"]}
+
+
+async def test_witnesses_added_and_removed_with_the_root_key_offline(
+    fleet: Fleet, tmp_path: Path,
+) -> None:
+    """`hub witness add|remove` on an offline-root hub refuses, naming the commands; the
+    same change through prepare / sign (offline) / import is recorded as the online
+    command records it, lands in HOME/witnesses, and a real `ledger witness` process
+    then has its cosignature stored by the hub."""
+    home = fleet.config.home
+    names = ("witness.example/w1", "witness.example/w2")
+    vkeys = {}
+    for name in names:
+        code, out, err = await run_cli("witness-key", "--out",
+                                       str(tmp_path / f"{name[-2:]}.key"), "--name", name)
+        assert code == 0, err
+        vkeys[name] = out.strip()
+    w1, w2 = names
+
+    # Online: refused with the three commands to run, nothing changed.
+    before = await snapshot(fleet)
+    rc, out, err = await hub("witness", "add", w1, "--pubkey", vkeys[w1], *home_args(fleet))
+    assert rc == 1, (rc, out, err)
+    assert "root key is offline" in err and "hub keys root prepare --add-witness " \
+        f"{w1} --pubkey" in err and "--out root-2.json" in err, err
+    await unchanged(fleet, before)
+
+    # Offline: the review names the witness; the import records what `hub witness add`
+    # records (keys.rotated, role witness, its name and vkey), plus offline: true.
+    reviewed, imported = await prepare_sign_import(
+        fleet, tmp_path, "root-2.json", "--add-witness", w1, "--pubkey", vkeys[w1])
+    assert reviewed["changed"] == ["witness"] and reviewed["change"]["name"] == w1
+    role = next(r for r in reviewed["roles"] if r["role"] == "witness")
+    (w1_id,) = role["added"]
+    assert role["names"][w1_id] == w1 and role["threshold"] == 1
+    assert imported["role"] == "witness" and imported["name"] == w1
+    assert imported["keyid"] == w1_id and imported["offline"] is True
+    entry = fleet.feed.of_kind(ev.KEYS_ROTATED)[-1]
+    assert entry.payload["role"] == "witness" and entry.payload["name"] == w1
+    assert entry.payload["vkey"] == vkeys[w1] and entry.payload["offline"] is True
+    assert set(entry.payload) == {"role", "keyid", "threshold", "version", "root",
+                                  "key_file", "name", "vkey", "offline", "command"}
+    assert current_root(fleet) == 2
+    assert await latest_in_kv(fleet) == fleet.config.trust_root_path.read_bytes()
+    assert await listed_witnesses(fleet) == {w1: w1_id}
+    assert vkeys[w1] in (home / "witnesses").read_text()
+
+    # A real `ledger witness` process cosigns the next checkpoint; the hub stores it.
+    assert fleet.hub.ledger_publishing is not None
+    checkpointer = fleet.hub.ledger_publishing.checkpointer
+    await checkpointer.sign_now()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ledger.cli", "witness", "--nats", fleet.url_as("witness"),
+        "--log-vkey", str(home / "log.vkey"), "--key", str(tmp_path / "w1.key"),
+        "--name", w1, "--state", str(tmp_path / "w1-state.json"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        await read_until(proc.stdout, "cosigned")  # caught up, and subscribed
+        await enroll(fleet, "dev-cosigned")
+        cp = await checkpointer.sign_now()
+        assert cp is not None
+        line = await read_until(proc.stdout, f"tree size {cp.size};")
+        assert w1 in line, line  # the hub stored it
+        stored = checkpointer.checkpoints.get(cp.size)
+        assert stored is not None and [c.name for c in stored.cosignatures] == [w1]
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+
+    # The last witness cannot go (as online); its replacement comes first.
+    rc, out, err = await hub("keys", "root", "prepare", "--remove-witness", w1, "--out",
+                             str(tmp_path / "no.json"), *home_args(fleet))
+    assert rc == 1 and "is the only witness" in err, (rc, out, err)
+    assert not (tmp_path / "no.json").exists()
+    _, imported = await prepare_sign_import(
+        fleet, tmp_path, "root-3.json", "--add-witness", w2, "--pubkey", vkeys[w2])
+    assert imported["name"] == w2 and imported["version"] == 3
+
+    before = await snapshot(fleet)
+    rc, out, err = await hub("witness", "remove", w1, *home_args(fleet))
+    assert rc == 1, (rc, out, err)
+    assert "root key is offline" in err and f"hub keys root prepare --remove-witness {w1}" \
+        in err, err
+    await unchanged(fleet, before)
+
+    reviewed, imported = await prepare_sign_import(
+        fleet, tmp_path, "root-4.json", "--remove-witness", w1)
+    role = next(r for r in reviewed["roles"] if r["role"] == "witness")
+    assert role["removed"] == [w1_id] and role["names"][w1_id] == w1
+    assert imported["keyid"] == w1_id and imported["version"] == 4
+    entry = fleet.feed.of_kind(ev.KEYS_REVOKED)[-1]
+    assert (entry.payload["role"], entry.payload["name"]) == ("witness", w1)
+    assert entry.payload["offline"] is True
+    assert set(await listed_witnesses(fleet)) == {w2}
+    assert vkeys[w1] not in (home / "witnesses").read_text()
+    assert vkeys[w2] in (home / "witnesses").read_text()
+    root = TrustRoot.load(fleet.config.trust_root_path)
+    assert root.version == 4 and w1_id not in root.keys
+    assert fleet.hub.store.verify().ok
+
+
 async def offline_keygen(tmp_path: Path, path: Path) -> tuple[str, str]:
     offline_home = tmp_path / "offline-machine"
     offline_home.mkdir(exist_ok=True)
@@ -429,3 +551,34 @@ def test_import_refuses_a_role_key_this_hub_does_not_hold() -> None:
         read_signed_root(current, data, online)
     planned, change = read_signed_root(current, data, [*online, new_key])
     assert planned.added and change.keyid == new_key.keyid and change.version == 2
+
+
+def test_a_witness_root_is_prepared_and_read_back_with_the_online_rules() -> None:
+    """Pure: `prepare_request` builds a witness root with the online builders (their
+    refusals too), the offline signature makes it importable, and `--rotate witness` /
+    `--revoke WITNESS_KEYID` point to the witness options."""
+    from hub.keys.keyring import KeyChangeRefused
+    from hub.keys.offline import prepare_request, read_signed_root, sign_request
+
+    keys = {role: SigningKey.generate() for role in ("root", "release", "director", "log")}
+    current = TrustRoot.from_envelope(TrustRoot.build({r: [k] for r, k in keys.items()}))
+    online = [k for r, k in keys.items() if r != "root"]
+    witness = SigningKey.generate()
+    request, new_key = prepare_request(current, online, add_witness=("w.example/1",
+                                       witness.public), origin="hub.example/log")
+    assert new_key is None and request.change["action"] == "add-witness"
+    planned, change = read_signed_root(
+        current, sign_request(request, keys["root"]).envelope().encode(), online)
+    assert (change.role, change.keyid, planned.added) == ("witness", witness.keyid, True)
+    root_2 = TrustRoot.from_envelope(change.root)
+    assert root_2.names[witness.keyid] == "w.example/1"
+    assert root_2.names[keys["log"].keyid] == "hub.example/log"
+    for kwargs, words in (
+        ({"remove_witness": "w.example/1"}, "is the only witness"),
+        ({"add_witness": ("w.example/1", SigningKey.generate().public)}, "already"),
+        ({"rotate": "witness"}, "--add-witness"),
+        ({"revoke": witness.keyid}, "--remove-witness w.example/1"),
+        ({"remove_witness": "w.example/1", "rotate": "log"}, "give one change"),
+    ):
+        with pytest.raises(KeyChangeRefused, match=words):
+            prepare_request(root_2, online, origin="hub.example/log", **kwargs)

@@ -19,7 +19,7 @@ from edge_agent.trust.inclusion import (
 )
 from edge_agent.trust.root import TrustRoot
 from hub.keys.keyring import plan_next_root
-from hub.keys.witnesses import plan_witness_root
+from hub.keys.witness_roots import plan_witness_root
 from hub.log.transparency import witnessed_enough
 from ledger.checkpoint import Checkpoint, cosign, sign_checkpoint
 from ledger.encoding import canonical_decode, canonical_encode

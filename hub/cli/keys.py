@@ -157,7 +157,8 @@ def witness_add(
 ) -> None:
     """Add a witness key to the trust root (admin role): trust root N+1 lists it in the
     witness role under NAME (and names the log key with the hub's origin), the hub stores
-    its cosignatures (HOME/witnesses) and devices walk to the new root."""
+    its cosignatures (HOME/witnesses) and devices walk to the new root. With the root key
+    offline: `hub keys root prepare --add-witness NAME --pubkey KEY`, sign, import."""
     body: dict[str, Any] = {"name": name, "pubkey": pubkey}
     if threshold is not None:
         body["threshold"] = threshold
@@ -182,7 +183,8 @@ def witness_remove(
     """Remove a witness (admin role), e.g. one whose key leaked or that stopped
     cosigning: trust root N+1 no longer lists it, devices stop counting its cosignatures
     and the hub stops storing them. The last witness cannot be removed (add its
-    replacement first), and the threshold is lowered only when you say so."""
+    replacement first), and the threshold is lowered only when you say so. With the root
+    key offline: `hub keys root prepare --remove-witness NAME`, sign, import."""
     body: dict[str, Any] = {"name": name}
     if threshold is not None:
         body["threshold"] = threshold

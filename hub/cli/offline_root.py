@@ -100,7 +100,8 @@ def _print_review(doc: dict[str, Any], console: Console) -> None:
             name = role["names"].get(keyid)
             console.print(f"    + {keyid}{f' ({escape(name)})' if name else ''}")
         for keyid in role["removed"]:
-            console.print(f"    - {keyid}")
+            name = role["names"].get(keyid)
+            console.print(f"    - {keyid}{f' ({escape(name)})' if name else ''}")
     unchanged = [r["role"] for r in doc["roles"] if r["role"] not in doc["changed"]]
     console.print(f"  unchanged: {', '.join(unchanged) or 'none'}")
     for label in ("previous", "new"):
@@ -114,6 +115,9 @@ def _print_review(doc: dict[str, Any], console: Console) -> None:
     'hub keys root prepare --rotate log --out root-3.json --home hub-home',
     'hub keys root prepare --revoke 1be27cea36ab6045f4b4176ac3c74d59 --out root-4.json',
     'hub keys root prepare --rotate root --pubkey HEX --threshold 2 --out root-5.json',
+    'hub keys root prepare --add-witness witness.example/w1 --pubkey "$(cat w1.key.vkey)" '
+    '--out root-6.json',
+    'hub keys root prepare --remove-witness witness.example/w0 --out root-7.json',
 ))
 def root_prepare(
     out_file: Path = typer.Option(..., "--out", help="Where to write the signing request "
@@ -123,24 +127,38 @@ def root_prepare(
         "log, timestamp: the hub makes and keeps it in HOME/keys; root: give --pubkey)."),
     revoke: str | None = typer.Option(None, "--revoke", metavar="KEYID",
                                       help="Remove this key from its role."),
+    add_witness: str | None = typer.Option(
+        None, "--add-witness", metavar="NAME", help="Add a witness (its key name, as in "
+        "its vkey) with its key given by --pubkey, as `hub witness add` does."),
+    remove_witness: str | None = typer.Option(
+        None, "--remove-witness", metavar="NAME", help="Remove the witness NAME (see "
+        "`hub witness list`), as `hub witness remove` does."),
     threshold: int | None = typer.Option(
         None, "--threshold", min=1, help="New threshold for the role (default: unchanged)."),
     pubkey: str | None = typer.Option(
         None, "--pubkey", help="--rotate root: the new root key's public key (64 hex "
-        "digits, from `hub keys root keygen` on the offline machine)."),
+        "digits, from `hub keys root keygen` on the offline machine). --add-witness: the "
+        "witness's key (64 hex digits, or the vkey `ledger witness-key` printed)."),
     home: Path = HOME, as_json: bool = JSON,
 ) -> None:
     """Build trust root N+1 for one change without signing it, on the hub's machine
-    (reads HOME, needs no running hub): the same document `hub keys rotate` or `revoke`
-    would make. Carry the file to the offline machine for `hub keys root sign`, then
-    bring it back for `hub keys root import`. Nothing changes until the import."""
+    (reads HOME, needs no running hub): the same document `hub keys rotate`, `revoke`,
+    `hub witness add` or `remove` would make. Carry the file to the offline machine for
+    `hub keys root sign`, then bring it back for `hub keys root import`. Nothing changes
+    until the import."""
     from hub.keys.keyring import Keyring
     from hub.keys.offline import prepare_request
+    from hub.keys.witness_roots import parse_witness_key
 
     config = hub_config(home, None, server=True)
     keyring = Keyring(config)
     public = None
-    if pubkey is not None:
+    witness = None
+    if add_witness is not None:
+        if pubkey is None:
+            raise UsageError("--add-witness needs the witness's key: --pubkey HEX|VKEY")
+        witness = (add_witness, parse_witness_key(add_witness, pubkey))
+    elif pubkey is not None:
         try:
             raw = bytes.fromhex(pubkey.strip())
         except ValueError as exc:
@@ -149,7 +167,9 @@ def root_prepare(
             raise UsageError("--pubkey must be a 32-byte Ed25519 public key (64 hex digits)")
         public = PublicKey(raw)
     request, new_key = prepare_request(keyring.root, keyring.held, rotate=rotate,
-                                       revoke=revoke, threshold=threshold, pubkey=public)
+                                       revoke=revoke, add_witness=witness,
+                                       remove_witness=remove_witness, origin=config.origin,
+                                       threshold=threshold, pubkey=public)
     # The new role key is on disk before any root names it (as `hub keys rotate` does);
     # it signs nothing until the imported root lists it.
     key_file = keyring.save_new_key(request.change["role"], new_key) if new_key else None
@@ -246,9 +266,9 @@ def root_import(
     """Hand trust root N+1, signed with the offline root key(s), to the hub (admin role).
     The hub checks it as a device would (version N+1, a threshold of root N's and of root
     N+1's root keys, unexpired), then records it (`keys.rotated` / `keys.revoked`, with
-    `offline: true`), stores and publishes it exactly as `hub keys rotate` / `revoke` do;
-    a revoked release or director key has what it signed re-signed. A refused root
-    changes nothing."""
+    `offline: true`), stores and publishes it exactly as `hub keys rotate` / `revoke`
+    (or `hub witness add` / `remove`: HOME/witnesses too) do; a revoked release or
+    director key has what it signed re-signed. A refused root changes nothing."""
     request = _read_request(request_file)
     config = hub_config(home, nats_url)
     result = call(config, key, timeout, "keys.import_root",
@@ -257,9 +277,10 @@ def root_import(
 
     def render(r: dict[str, Any]) -> None:
         what = "added to" if "resigned_manifests" not in r else "removed from"
-        out.print(f"trust root version {r['version']} imported: key {r['keyid']} {what} "
-                  f"the {r['role']} role (threshold {r['threshold']}); devices pick it up "
-                  "from the KV bucket `roots`")
+        named = f" (witness {escape(r['name'])})" if r.get("name") else ""
+        out.print(f"trust root version {r['version']} imported: key {r['keyid']}{named} "
+                  f"{what} the {r['role']} role (threshold {r['threshold']}); devices pick "
+                  "it up from the KV bucket `roots`")
         if r.get("resigned_manifests") or r.get("resigned_assignments"):
             out.print(f"re-signed {r['resigned_manifests']} manifest(s) and "
                       f"{r['resigned_assignments']} assignment(s)")

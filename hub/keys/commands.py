@@ -40,7 +40,7 @@ from hub.devices.assignments import AssignmentIssuer, write_all
 from hub.governance import rules as lc
 from hub.governance import state as governance
 from hub.home.config import HubConfig
-from hub.keys.keyring import KeyChange, KeyChangeRefused, Keyring, plan_next_root
+from hub.keys.keyring import WITNESS_ROLE, KeyChange, KeyChangeRefused, Keyring, plan_next_root
 from hub.keys.offline import OFFLINE_HINT, read_signed_root
 from hub.log.checkpointer import saved_log_vkeys, write_log_vkey
 from ledger.signing import SigningKey
@@ -72,6 +72,17 @@ class RootChanges:
                    "command": cmd.envelope}
         return NewEvent(kind, cmd.operator.keyid, ev.root_subject(change.version), payload)
 
+    def require_root_key(self, args: str) -> None:
+        """Refuse an online root change when the hub holds none of the root keys: say
+        which commands make the change with the offline key instead (`args`: the
+        change, as `hub keys root prepare` takes it)."""
+        # HOME/keys is read again: `hub keys root export-offline` may have moved the root
+        # key out, and `hub keys root prepare` may have added a role key, since the start.
+        self.keyring.reload()
+        root = self.keyring.root
+        if not root.role_signers("root", self.keyring.held):
+            raise KeyChangeRefused(OFFLINE_HINT.format(version=root.version + 1, args=args))
+
     def commit(self, change: KeyChange, revoked: str | None = None) -> AfterCommit:
         async def effect() -> None:
             data = change.root.encode()
@@ -91,9 +102,16 @@ class RootChanges:
         return effect
 
 
+# How a witness root signed offline is recorded (hub.keys.witnesses.WitnessCommands
+# .imported): the very event and effects of `hub witness add|remove`.
+WitnessImport = Callable[[VerifiedCommand, KeyChange, dict[str, Any]], Outcome]
+
+
 class KeyCommands:
-    def __init__(self, roots: RootChanges, issuer: AssignmentIssuer) -> None:
+    def __init__(self, roots: RootChanges, issuer: AssignmentIssuer,
+                 witness_import: WitnessImport) -> None:
         self.roots = roots
+        self.witness_import = witness_import
         self.keyring = roots.keyring
         self.effects = roots.effects
         self.issuer = issuer
@@ -120,20 +138,10 @@ class KeyCommands:
 
     # ------------------------------------------------------------ writes
 
-    def _root_key_held(self, args: str) -> None:
-        """Refuse an online root change when the hub holds none of the root keys: say
-        which commands make the change with the offline key instead."""
-        # HOME/keys is read again: `hub keys root export-offline` may have moved the root
-        # key out, and `hub keys root prepare` may have added a role key, since the start.
-        self.keyring.reload()
-        root = self.keyring.root
-        if not root.role_signers("root", self.keyring.held):
-            raise KeyChangeRefused(OFFLINE_HINT.format(version=root.version + 1, args=args))
-
     def rotate(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         body = Body(cmd.body)
         role, threshold = body.text("role"), body.positive("threshold")
-        self._root_key_held(f"--rotate {role}"
+        self.roots.require_root_key(f"--rotate {role}"
                             + (f" --threshold {threshold}" if threshold else ""))
         new_key = SigningKey.generate()
         change = plan_next_root(self.keyring.root, self.keyring.held, role, add=new_key,
@@ -145,7 +153,7 @@ class KeyCommands:
     def revoke(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
         keyid = Body(cmd.body).text("keyid")
         role = self._role_of(keyid)
-        self._root_key_held(f"--revoke {keyid}")
+        self.roots.require_root_key(f"--revoke {keyid}")
         held = [k for k in self.keyring.held if k.keyid != keyid]
         revoked = [k for k in self.keyring.held if k.keyid == keyid]
         # The revoked key still counts for root N (it is listed there).
@@ -162,8 +170,9 @@ class KeyCommands:
         self.keyring.reload()  # the key `hub keys root prepare` wrote for a rotated role
         planned, change = read_signed_root(self.keyring.root, data, self.keyring.held)
         extra = {"offline": True}
+        if change.role == WITNESS_ROLE:
+            return self.witness_import(cmd, change, extra)
         if not planned.added:
-            self._role_of(change.keyid)  # a witness key: refused, pointing at `hub witness`
             return self._revocation(conn, cmd, change, extra)
         held = [k for k in self.keyring.held if k.keyid == change.keyid]
         key_file = self.keyring.new_key_path(change.role, held[0]).name if held else ""

@@ -328,8 +328,16 @@ def plan_next_root(
     planned = build_next_root(current, role, add.public if add is not None else None,
                               remove, threshold, now)
     candidates = [*held, *([add] if add is not None else [])]
-    signers = root_key_signers(current, planned.document, candidates)
+    change = sign_next_root(current, planned, candidates, now)
     # The role's own keys: never without, if the hub is to sign for it. Witnesses hold
     # their own keys: the hub signs nothing in that role.
     check_hub_can_sign(planned.document, candidates, role)
+    return change
+
+
+def sign_next_root(current: TrustRoot, planned: NextRoot, candidates: Sequence[SigningKey],
+                   now: int | None = None) -> KeyChange:
+    """Root N+1 signed online with the held root keys of root N and N+1, then verified
+    with the devices' chain rule."""
+    signers = root_key_signers(current, planned.document, candidates)
     return verify_change(current, planned, sign_root(planned.document, signers), now)

@@ -13,7 +13,8 @@ needs and nothing it must trust blindly:
 
 `hub keys root prepare` (on the hub: `prepare_request`) builds root N+1 exactly as the
 online path would (hub.keys.keyring.build_next_root; a rotated online role's new key is
-made and kept in HOME/keys, the root role's new key comes as a public key) and writes the
+made and kept in HOME/keys, the root role's new key comes as a public key; a witness
+added or removed: hub.keys.witness_roots, as `hub witness add|remove`) and writes the
 request with no signature. `hub keys root sign` (`sign_request`, pure: no HOME, no NATS,
 no database) shows what changes from root N to N+1 as decoded from the bytes themselves,
 refuses a request that does not parse, is not version N+1, has expired, carries a
@@ -22,7 +23,8 @@ carries this key's signature, and adds one signature (domain `root`). Root keys 
 turn until both thresholds, root N's and root N+1's, are met (`threshold_status`).
 `hub keys root import` hands the signed root to the hub, which checks it with the
 devices' chain rule (`read_signed_root`) and records and publishes it like an online
-rotation (hub.keys.commands).
+rotation (hub.keys.commands), a witness change like `hub witness add|remove`
+(hub.keys.witnesses: the same event, HOME/witnesses, the checkpointer's cosigners).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from hub.keys.keyring import (
     build_next_root,
     check_hub_can_sign,
 )
+from hub.keys.witness_roots import build_witness_removal, build_witness_root
 from ledger.signing import PublicKey, SigningKey
 
 REQUEST_TYPE = "fleetledger/root-signing-request"
@@ -150,7 +153,10 @@ def review(previous: TrustRoot, new: TrustRoot) -> dict[str, Any]:
             "threshold": new.roles[role].threshold if role in new.roles else None,
             "previous_threshold": (previous.roles[role].threshold
                                    if role in previous.roles else None),
-            "names": {k: new.names[k] for k in new_ids if k in new.names},
+            # A removed key's name as root N gave it (a witness's, in the review).
+            "names": {**{k: previous.names[k] for k in old_ids
+                         if k not in new_ids and k in previous.names},
+                      **{k: new.names[k] for k in new_ids if k in new.names}},
         })
     return {"version": new.version, "previous_version": previous.version,
             "expires": new.expires, "roles": roles,
@@ -232,18 +238,38 @@ def _peek_version(data: bytes) -> int | str:
 
 def prepare_request(current: TrustRoot, held: Sequence[SigningKey], *,
                     rotate: str | None = None, revoke: str | None = None,
+                    add_witness: tuple[str, PublicKey] | None = None,
+                    remove_witness: str | None = None, origin: str = "",
                     threshold: int | None = None, pubkey: PublicKey | None = None,
                     now: int | None = None) -> tuple[RootRequest, SigningKey | None]:
     """Root N+1 for one change, unsigned, and the new role key the hub must keep (None
-    for the root role, whose new key was made offline and comes as `pubkey`, and for a
-    revocation). Refuses what the online path refuses."""
-    if (rotate is None) == (revoke is None):
-        raise KeyChangeRefused("give one change: --rotate ROLE or --revoke KEYID")
+    for the root role, whose new key was made offline and comes as `pubkey`, for a
+    revocation and for a witness, whose key is its own). `add_witness`: (name, key),
+    `origin` the hub's (it names the log key). Refuses what the online path refuses,
+    with the same build functions."""
+    given = [c for c in (rotate, revoke, add_witness, remove_witness) if c is not None]
+    if len(given) != 1:
+        raise KeyChangeRefused("give one change: --rotate ROLE, --revoke KEYID, "
+                               "--add-witness NAME or --remove-witness NAME")
     new_key: SigningKey | None = None
+    if add_witness is not None or remove_witness is not None:
+        # The witness's own key: nothing for the hub to make, keep or sign with.
+        if add_witness is not None:
+            name = add_witness[0]
+            planned = build_witness_root(current, name, add_witness[1], origin, threshold,
+                                         now)
+        else:
+            assert remove_witness is not None
+            name = remove_witness
+            planned = build_witness_removal(current, name, threshold, now)
+        change = {"action": "add-witness" if planned.added else "remove-witness",
+                  "role": planned.role, "keyid": planned.keyid,
+                  "threshold": planned.threshold, "name": name}
+        return RootRequest(current.envelope.encode(), planned.signed, (), change), None
     if rotate is not None:
         if rotate == WITNESS_ROLE:
             raise KeyChangeRefused("witness keys are the witnesses' own: see "
-                                   "`hub witness add`")
+                                   "--add-witness NAME --pubkey KEY")
         if rotate == ROOT_ROLE:
             if pubkey is None:
                 raise KeyChangeRefused(
@@ -266,7 +292,8 @@ def prepare_request(current: TrustRoot, held: Sequence[SigningKey], *,
             raise KeyChangeRefused(f"key {revoke} is in no role of trust root version "
                                    f"{current.version}; see `hub keys show`")
         if roles[0] == WITNESS_ROLE:
-            raise KeyChangeRefused(f"{revoke} is a witness key: see `hub witness remove`")
+            name = current.names.get(revoke, "NAME")
+            raise KeyChangeRefused(f"{revoke} is a witness key: use --remove-witness {name}")
         planned = build_next_root(current, roles[0], remove=revoke, threshold=threshold,
                                   now=now)
         check_hub_can_sign(planned.document, [k for k in held if k.keyid != revoke],
@@ -300,12 +327,16 @@ def read_signed_root(current: TrustRoot, data: bytes, held: Sequence[SigningKey]
             "from `hub keys root prepare`: one key added to or removed from one role")
     entry = changed[0]
     role = str(entry["role"])
-    if role == WITNESS_ROLE:
-        raise KeyChangeRefused("root refused: witness changes are made with `hub witness "
-                               "add|remove`")
     added = bool(entry["added"])
     keyid = str(entry["added"][0] if added else entry["removed"][0])
-    if added and role != ROOT_ROLE and keyid not in {k.keyid for k in held}:
+    if role == WITNESS_ROLE:
+        if role not in new.roles:
+            raise KeyChangeRefused(f"root refused: root {new.version} removes the last "
+                                   "witness; add its replacement first")
+        if added and not new.names.get(keyid):
+            raise KeyChangeRefused(f"root refused: root {new.version} adds witness key "
+                                   f"{keyid} without a name")
+    elif added and role != ROOT_ROLE and keyid not in {k.keyid for k in held}:
         raise KeyChangeRefused(
             f"root refused: it adds {role} key {keyid}, which this hub does not hold "
             "(HOME/keys): prepare the root on this hub (`hub keys root prepare`)")

@@ -3,8 +3,9 @@ root (model transparency).
 
 A witness key is a public key only (the witness holds its seed; `ledger witness-key`
 prints its vkey), so `hub keys rotate` (which makes a key the hub holds) does not fit.
-`plan_witness_root` (pure) makes root N+1 with the key added to the `witness` role
-(created on first use, threshold 1 unless given) under the witness's C2SP name, and
+`plan_witness_root` (pure, hub/keys/witness_roots.py) makes root N+1 with the key
+added to the `witness` role (created on first use, threshold 1 unless given) under the
+witness's C2SP name, and
 names the log keys with the hub's origin if the root does not name them yet (roots
 from before model transparency). It is signed like every rotation: by the held keys of
 root N's root role, which is also root N+1's (unchanged), and checked with the device's
@@ -18,144 +19,40 @@ Removal (`plan_witness_removal`) is root N+1 without the key, recorded as `keys.
 lowers the threshold on its own (that is a security decision the admin states with
 `--threshold`), and it refuses to remove the last witness: devices that require
 inclusion could then install nothing, so the replacement is added first.
+
+With the root key offline, `hub witness add|remove` is refused with the commands to run
+instead: `hub keys root prepare --add-witness NAME --pubkey KEY | --remove-witness NAME`
+builds the same root N+1 (hub/keys/witness_roots.py), the offline machine signs it, and
+`hub keys root import` records it through `WitnessCommands.imported`: the same event
+(with `offline: true`) and the same effects (HOME/witnesses, the root published).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Sequence
+import shlex
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection
 
-from edge_agent.trust.chain import root_document, sign_root, verify_next_root
-from edge_agent.trust.root import TrustError, TrustRoot
+from edge_agent.trust.root import TrustRoot
 from hub import events as ev
 from hub.commands.envelope import VerifiedCommand
 from hub.commands.outcome import Body, CommandError, Outcome, Verbs
 from hub.keys.commands import RootChanges
-from hub.keys.keyring import ROOT_TTL_NS, WITNESS_ROLE, KeyChange, KeyChangeRefused, plan_next_root
+from hub.keys.keyring import WITNESS_ROLE, KeyChange
+from hub.keys.witness_roots import (
+    parse_witness_key,
+    plan_witness_removal,
+    plan_witness_root,
+    witness_keyid,
+    witness_vkey,
+)
 from hub.log.checkpointer import WITNESSES_NAME, load_witness_keys
 from ledger.durable import atomic_write
 from ledger.errors import NoteError
-from ledger.note import CosignatureVerifier, parse_vkey, valid_key_name
-from ledger.signing import PublicKey, SigningKey
-
-
-def parse_witness_key(name: str, pubkey: str) -> PublicKey:
-    """A witness public key from 64 hex digits, or from its cosignature vkey (whose name
-    must then be `name`)."""
-    if not valid_key_name(name):
-        raise KeyChangeRefused(f"witness name {name!r} is not a valid C2SP key name "
-                               "(no spaces, no '+')")
-    text = pubkey.strip()
-    if "+" in text:
-        try:
-            vkey = parse_vkey(text)
-        except NoteError as exc:
-            raise KeyChangeRefused(f"--pubkey: {exc}") from exc
-        if not isinstance(vkey, CosignatureVerifier):
-            raise KeyChangeRefused("--pubkey: not a cosignature (type 0x04) vkey")
-        if vkey.name != name:
-            raise KeyChangeRefused(f"--pubkey names witness {vkey.name!r}, not {name!r}")
-        return PublicKey(vkey.public_key)
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError as exc:
-        raise KeyChangeRefused("--pubkey must be 64 hex digits or a witness vkey") from exc
-    if len(raw) != 32:
-        raise KeyChangeRefused("--pubkey must be a 32-byte Ed25519 public key (64 hex digits)")
-    return PublicKey(raw)
-
-
-def plan_witness_root(
-    current: TrustRoot,
-    held: Sequence[SigningKey],
-    name: str,
-    public: PublicKey,
-    origin: str,
-    threshold: int | None = None,
-    now: int | None = None,
-) -> KeyChange:
-    """Root `current.version + 1` with witness `name` (key `public`) added."""
-    now = now if now is not None else time.time_ns()
-    if public.keyid in current.keys:
-        raise KeyChangeRefused(f"key {public.keyid} is already in the trust root")
-    if name in {current.names.get(k) for k in
-                (current.roles[WITNESS_ROLE].keyids if WITNESS_ROLE in current.roles else ())}:
-        raise KeyChangeRefused(f"a witness named {name!r} is already in the trust root")
-    if not valid_key_name(origin):
-        raise KeyChangeRefused(f"origin {origin!r} is not a valid C2SP key name")
-    publics = {role: [current.keys[k] for k in spec.keyids if k in current.keys]
-               for role, spec in current.roles.items()}
-    thresholds = {role: spec.threshold for role, spec in current.roles.items()}
-    publics.setdefault(WITNESS_ROLE, []).append(public)
-    thresholds[WITNESS_ROLE] = threshold if threshold is not None else thresholds.get(
-        WITNESS_ROLE, 1)
-    count = len(publics[WITNESS_ROLE])
-    if not 1 <= thresholds[WITNESS_ROLE] <= count:
-        raise KeyChangeRefused(f"threshold {thresholds[WITNESS_ROLE]} for the witness role "
-                               f"needs 1 to {count} keys")
-    names = dict(current.names)
-    names[public.keyid] = name
-    for keyid in current.roles["log"].keyids if "log" in current.roles else ():
-        names.setdefault(keyid, origin)
-    version = current.version + 1
-    doc = root_document(publics, thresholds, version, now + ROOT_TTL_NS, names)
-    signers = current.role_signers("root", list(held))
-    if len(signers) < current.roles["root"].threshold:
-        raise KeyChangeRefused(f"the hub holds {len(signers)} of the "
-                               f"{current.roles['root'].threshold} root keys needed"
-                               + ("; with the root key offline, witness changes are not "
-                                  "supported yet" if not signers else ""))
-    envelope = sign_root(doc, signers)
-    try:
-        verify_next_root(current, envelope.encode(), now)
-    except TrustError as exc:
-        raise KeyChangeRefused(f"the new root does not verify: {exc}") from exc
-    return KeyChange(WITNESS_ROLE, public.keyid, envelope, version, thresholds[WITNESS_ROLE])
-
-
-def witness_keyid(current: TrustRoot, name: str) -> str:
-    """The key id of the witness named `name` in `current`, or `KeyChangeRefused`."""
-    listed = current.roles[WITNESS_ROLE].keyids if WITNESS_ROLE in current.roles else ()
-    for keyid in listed:
-        if current.names.get(keyid) == name:
-            return keyid
-    known = ", ".join(sorted(current.names[k] for k in listed if k in current.names))
-    raise KeyChangeRefused(f"no witness named {name!r} in trust root version "
-                           f"{current.version} (witnesses: {known or 'none'})")
-
-
-def plan_witness_removal(
-    current: TrustRoot,
-    held: Sequence[SigningKey],
-    name: str,
-    threshold: int | None = None,
-    now: int | None = None,
-) -> KeyChange:
-    """Root `current.version + 1` without witness `name`."""
-    keyid = witness_keyid(current, name)
-    role = current.roles[WITNESS_ROLE]
-    remaining = len(role.keyids) - 1
-    if remaining == 0:
-        raise KeyChangeRefused(
-            f"{name!r} is the only witness: without one, devices running with "
-            "--require-inclusion could install nothing; add its replacement first "
-            "(`hub witness add`), then remove it")
-    if threshold is None and role.threshold > remaining:
-        raise KeyChangeRefused(
-            f"devices require {role.threshold} cosignatures and {remaining} witness(es) "
-            f"would be left; give --threshold 1..{remaining} to lower it, or add a "
-            "witness first")
-    return plan_next_root(current, held, WITNESS_ROLE, remove=keyid, threshold=threshold,
-                          now=now)
-
-
-def witness_vkey(name: str, public: PublicKey) -> str:
-    return CosignatureVerifier(name, public.raw).vkey()
+from ledger.note import CosignatureVerifier, parse_vkey
 
 
 def add_to_witness_file(path: Path, vkey: str) -> None:
@@ -197,13 +94,45 @@ class WitnessCommands:
         if not isinstance(name, str) or not isinstance(pubkey, str):
             raise CommandError("witness.add needs 'name' and 'pubkey' (text)")
         threshold = Body(cmd.body).positive("threshold")
-        keyring = self.roots.keyring
         public = parse_witness_key(name, pubkey)
+        self.roots.require_root_key(
+            f"--add-witness {shlex.quote(name)} --pubkey {public.raw.hex()}"
+            + (f" --threshold {threshold}" if threshold else ""))
+        keyring = self.roots.keyring
         change = plan_witness_root(keyring.root, keyring.held, name, public,
                                    self.roots.config.origin, threshold)
+        return self.added(cmd, change, {})
+
+    def remove(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
+        name = cmd.body.get("name")
+        if not isinstance(name, str):
+            raise CommandError("witness.remove needs 'name' (text)")
+        threshold = Body(cmd.body).positive("threshold")
+        witness_keyid(self.roots.keyring.root, name)  # an unknown name: refused first
+        self.roots.require_root_key(f"--remove-witness {shlex.quote(name)}"
+                                    + (f" --threshold {threshold}" if threshold else ""))
+        keyring = self.roots.keyring
+        change = plan_witness_removal(keyring.root, keyring.held, name, threshold)
+        return self.removed(cmd, change, {})
+
+    def imported(self, cmd: VerifiedCommand, change: KeyChange,
+                 extra: dict[str, Any]) -> Outcome:
+        """A witness root signed offline (`hub keys root import`), checked already: the
+        same event and effects as `add` / `remove`."""
+        current = self.roots.keyring.root
+        if change.keyid in current.keys:
+            return self.removed(cmd, change, extra)
+        return self.added(cmd, change, extra)
+
+    def added(self, cmd: VerifiedCommand, change: KeyChange,
+              extra: dict[str, Any]) -> Outcome:
+        """Root N+1 with witness `change.keyid`: `keys.rotated` (role `witness`), then
+        its vkey into HOME/witnesses and the root stored and published."""
+        new = TrustRoot.from_envelope(change.root, allow_expired=True)  # verified already
+        name, public = new.names[change.keyid], new.keys[change.keyid]
         vkey = witness_vkey(name, public)
         event = self.roots.event(cmd, ev.KEYS_ROTATED, change,
-                                 {"key_file": "", "name": name, "vkey": vkey})
+                                 {"key_file": "", "name": name, "vkey": vkey, **extra})
         commit_root = self.roots.commit(change)
         path = self.roots.config.home / WITNESSES_NAME
 
@@ -213,21 +142,19 @@ class WitnessCommands:
 
         result: dict[str, Any] = {"role": WITNESS_ROLE, "name": name, "keyid": change.keyid,
                                   "version": change.version, "threshold": change.threshold,
-                                  "vkey": vkey}
+                                  "vkey": vkey, **extra}
         return Outcome([event], result, [effect])
 
-    def remove(self, conn: Connection, cmd: VerifiedCommand) -> Outcome:
-        name = cmd.body.get("name")
-        if not isinstance(name, str):
-            raise CommandError("witness.remove needs 'name' (text)")
-        threshold = Body(cmd.body).positive("threshold")
-        keyring = self.roots.keyring
-        keyid = witness_keyid(keyring.root, name)
-        public = keyring.root.keys[keyid]
-        change = plan_witness_removal(keyring.root, keyring.held, name, threshold)
+    def removed(self, cmd: VerifiedCommand, change: KeyChange,
+                extra: dict[str, Any]) -> Outcome:
+        """Root N+1 without witness `change.keyid`: `keys.revoked` (role `witness`), then
+        the root stored and published and its vkey out of HOME/witnesses."""
+        current = self.roots.keyring.root
+        name, public = current.names[change.keyid], current.keys[change.keyid]
         vkey = witness_vkey(name, public)
         event = self.roots.event(cmd, ev.KEYS_REVOKED, change, {
-            "name": name, "vkey": vkey, "resigned_manifests": 0, "resigned_assignments": 0})
+            "name": name, "vkey": vkey, "resigned_manifests": 0, "resigned_assignments": 0,
+            **extra})
         commit_root = self.roots.commit(change)
         path = self.roots.config.home / WITNESSES_NAME
 
@@ -235,7 +162,7 @@ class WitnessCommands:
             await commit_root()  # first: devices stop counting its cosignatures
             remove_from_witness_file(path, public.raw)
 
-        result: dict[str, Any] = {"role": WITNESS_ROLE, "name": name, "keyid": keyid,
+        result: dict[str, Any] = {"role": WITNESS_ROLE, "name": name, "keyid": change.keyid,
                                   "version": change.version, "threshold": change.threshold,
-                                  "vkey": vkey}
+                                  "vkey": vkey, **extra}
         return Outcome([event], result, [effect])

@@ -123,6 +123,7 @@ class HubService:
         if effects is None:  # a hub without NATS publishes no timestamp
             roots.after_publish = self.timestamps.root_changed
         engine = self.store.engine
+        witnesses = WitnessCommands(roots)
         # Validation jobs (hub/commands/jobs.py); the ones a previous run left running
         # are marked failed ("hub restarted") now.
         self.jobs = Jobs(engine)
@@ -135,8 +136,8 @@ class HubService:
             TokenCommands(config, self.clock.wall_ns).handlers(),
             DeployCommands(issuer, self.effects).handlers(),
             DeviceReads(engine).handlers(),
-            KeyCommands(roots, issuer).handlers(),
-            WitnessCommands(roots).handlers(),
+            KeyCommands(roots, issuer, witnesses.imported).handlers(),
+            witnesses.handlers(),
             RolloutCommands(issuer, self.effects).handlers(),
             RolloutReads(engine, self.telemetry).handlers(),
             RebaseCommands(self.telemetry).handlers(),
