@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -185,11 +185,19 @@ async def release(admin: HubClient, alice: HubClient, model: Path, version: str,
     console.print(f"alice approved, admin released kws/{version}; deploying to all devices")
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now (the hub binds it next)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def dashboard_url(procs: Processes, timeout: float = 30.0) -> str:
+    """The dashboard's address as the hub logged it ("dashboard on URL"). With port 0 the
+    hub binds a free port itself: no other process (a parallel test's server) can take
+    it between a pick and the bind."""
+    log = procs.logs / "hub.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"dashboard on (http://[^\s\"]+)", log.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+        procs.check_alive()
+        time.sleep(0.1)
+    raise RuntimeError(f"the hub did not log its dashboard address within {timeout:.0f} s")
 
 
 def main() -> int:
@@ -256,9 +264,10 @@ def main() -> int:
         security = "no authentication" if args.no_auth else (
             "users and per-device nkeys" + (", TLS" if args.tls else ""))
         console.print(f"nats-server {nats_server.url} (pid {nats_server.pid}; {security})")
-        web = args.web or f"127.0.0.1:{free_port()}"
+        web = args.web or "127.0.0.1:0"
         procs.start("hub", [str(BIN / "hub"), "serve", "--home", str(home), "--web", web])
-        console.print(f"dashboard (read-only): http://{web}/")
+        web_url = dashboard_url(procs)
+        console.print(f"dashboard (read-only): {web_url}")
         asyncio.run(drive(load_config(home), models, devices, procs, data))
         env = dict(os.environ, COLUMNS="110")
         subprocess.run([str(BIN / "hub"), "devices", "--home", str(home)], env=env, check=True)
@@ -269,7 +278,7 @@ def main() -> int:
         console.print(f"demo finished in {time.monotonic() - started:.1f} s; "
                       f"logs and ledger in {data}")
         if args.keep:
-            console.print(f"still serving: dashboard http://{web}/ ; Ctrl-C stops everything")
+            console.print(f"still serving: dashboard {web_url} ; Ctrl-C stops everything")
             while True:
                 procs.check_alive()
                 time.sleep(1)

@@ -3,7 +3,7 @@
 
 Each server gets its configuration as it is (ports, store dir, routes, leaf remotes)
 and a log file of its own; it is stopped or killed by the PID we started, nothing else.
-`free_port_run` finds consecutive free loopback ports, as `hub init --cluster` numbers
+`free_port_run` reserves consecutive free loopback ports, as `hub init --cluster` numbers
 the nodes' ports up from the first.
 """
 
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,25 +22,13 @@ from pathlib import Path
 import nats
 
 from testkit.nats_server import NatsServerError, find_nats_server
+from testkit.ports import reserve_port_run
 
 
 def free_port_run(count: int, tries: int = 200) -> int:
-    """The first of `count` consecutive loopback ports that are free right now."""
-    for _ in range(tries):
-        base = random.randrange(20_000, 60_000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise NatsServerError(f"no run of {count} free ports found")
+    """The first of `count` consecutive loopback ports, reserved across test processes
+    (testkit/ports.py): free now and not handed to anyone else while this process runs."""
+    return reserve_port_run(count, tries)
 
 
 @dataclass

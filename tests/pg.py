@@ -18,7 +18,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+from testkit.ports import address_in_use, pick_port
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 PG_USER = "postgres"
@@ -61,12 +62,6 @@ def find_pg_bin() -> Path:
     if initdb and (Path(initdb).parent / "postgres").is_file():
         return Path(initdb).parent
     raise PgUnavailable(INSTALL_HINT)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PgServer:
@@ -137,9 +132,10 @@ class PgServer:
             raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr.strip()}")
 
     def _launch(self) -> None:
-        # The port is chosen before the server binds it; on the rare clash, try another.
-        for _attempt in range(3):
-            self.port = _free_port()
+        # The port is chosen before the server binds it (PostgreSQL cannot bind port 0
+        # and report it); when another process took it in between, try another.
+        for _attempt in range(5):
+            self.port = pick_port()
             log = self.base_dir / f"postgres-{self.port}.log"
             with open(log, "wb") as log_file:
                 # Popen(user=...) rather than runuser: the PID we hold is the postmaster's
@@ -173,7 +169,7 @@ class PgServer:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 text = log.read_text(errors="replace")
-                if "could not bind" in text or "already in use" in text:
+                if "could not bind" in text or address_in_use(text):
                     return False  # port clash: the caller retries on another port
                 raise RuntimeError(f"PostgreSQL exited at start-up:\n{text[-2000:]}")
             try:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from hub.errors import HubError
 from ledger import cli as ledger_cli
 from ledger.signing import SigningKey
 from testkit.nats_server import EmbeddedNats
+from testkit.ports import closed_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("root", "release", "director", "log")
@@ -299,21 +299,16 @@ def test_edge_agent_with_a_missing_trust_root_exits_2(tmp_path: Path) -> None:
     clear_error(done, 2, "cannot read trust root", "nope.bin")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def devices_without_nats(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[str, subprocess.CompletedProcess[str]]:
     """`hub devices` against a port nobody listens on (run once: it takes seconds)."""
     home = tmp_path_factory.mktemp("nonats") / "home"
-    url = f"nats://127.0.0.1:{free_port()}"
-    assert run("hub.cli", "init", str(home), "--nats", url).returncode == 0
-    return url, run("hub.cli", "devices", "--home", str(home))
+    with closed_port() as port:  # held: no parallel test's server can take it meanwhile
+        url = f"nats://127.0.0.1:{port}"
+        assert run("hub.cli", "init", str(home), "--nats", url).returncode == 0
+        return url, run("hub.cli", "devices", "--home", str(home))
 
 
 def test_hub_devices_without_nats_exits_3_naming_the_url(
@@ -539,10 +534,11 @@ def test_deploy_and_rollout_refuse_two_model_spellings_before_calling_the_hub(
 
 def test_hub_status_wait_gives_up_with_exit_3(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    url = f"nats://127.0.0.1:{free_port()}"
-    assert run("hub.cli", "init", str(home), "--nats", url).returncode == 0
-    started = time.monotonic()
-    done = run("hub.cli", "status", "--wait", "1", "--home", str(home))
+    with closed_port() as port:  # held: no parallel test's server can take it meanwhile
+        url = f"nats://127.0.0.1:{port}"
+        assert run("hub.cli", "init", str(home), "--nats", url).returncode == 0
+        started = time.monotonic()
+        done = run("hub.cli", "status", "--wait", "1", "--home", str(home))
     clear_error(done, 3, url)
     assert time.monotonic() - started >= 1
 

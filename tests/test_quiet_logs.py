@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from hub.home.config import HubConfig
 from ledger.retry import backoff_delay, failure_reason
 from ledger.signing import SigningKey
 from testkit.nats_server import EmbeddedNats
+from testkit.ports import closed_port
 from tests.fleet import REPO_ROOT
 
 WINDOW_S = 3.0  # the window the log rate is measured over
@@ -30,12 +30,6 @@ WINDOW_S = 3.0  # the window the log rate is measured over
 # so at most 5 lines, plus the start-up lines of each command.
 MAX_LINES = 10
 STOP_WITHIN_S = 2.0
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env() -> dict[str, str]:
@@ -88,6 +82,14 @@ class Running:
 
 
 @pytest.fixture
+def closed_url() -> Iterator[str]:
+    """A NATS URL whose port refuses connections for the whole test (held, so that no
+    server of a parallel test can take it)."""
+    with closed_port() as port:
+        yield f"nats://127.0.0.1:{port}"
+
+
+@pytest.fixture
 def running() -> Iterator[list[Running]]:
     started: list[Running] = []
     yield started
@@ -111,9 +113,9 @@ def agent_args(hub_home: HubConfig, tmp_path: Path, url: str, *extra: str) -> li
 
 
 def test_edge_agent_with_nats_down_logs_a_line_per_retry_and_stops_on_sigterm(
-    tmp_path: Path, hub_home: HubConfig, running: list[Running],
+    tmp_path: Path, hub_home: HubConfig, running: list[Running], closed_url: str,
 ) -> None:
-    url = f"nats://127.0.0.1:{closed_port()}"
+    url = closed_url
     agent = Running(agent_args(hub_home, tmp_path, url), tmp_path / "agent.log")
     running.append(agent)
     lines = agent.lines_over_window("connecting to NATS")
@@ -126,9 +128,9 @@ def test_edge_agent_with_nats_down_logs_a_line_per_retry_and_stops_on_sigterm(
 
 
 def test_hub_serve_with_nats_down_logs_json_and_stops_on_sigterm(
-    tmp_path: Path, hub_home: HubConfig, running: list[Running],
+    tmp_path: Path, hub_home: HubConfig, running: list[Running], closed_url: str,
 ) -> None:
-    url = f"nats://127.0.0.1:{closed_port()}"
+    url = closed_url
     hub = Running(["hub.cli", "serve", "--home", str(hub_home.home), "--nats", url,
                    "--wait-nats", "60", "--log-format", "json"], tmp_path / "hub.log")
     running.append(hub)
@@ -145,9 +147,9 @@ def test_hub_serve_with_nats_down_logs_json_and_stops_on_sigterm(
 
 
 def test_hub_serve_gives_up_after_wait_nats_with_exit_3(
-    tmp_path: Path, hub_home: HubConfig, running: list[Running],
+    tmp_path: Path, hub_home: HubConfig, running: list[Running], closed_url: str,
 ) -> None:
-    url = f"nats://127.0.0.1:{closed_port()}"
+    url = closed_url
     hub = Running(["hub.cli", "serve", "--home", str(hub_home.home), "--nats", url,
                    "--wait-nats", "1"], tmp_path / "hub.log")
     running.append(hub)
@@ -158,13 +160,13 @@ def test_hub_serve_gives_up_after_wait_nats_with_exit_3(
 
 
 def test_ledger_witness_with_nats_down_logs_json_and_stops_on_sigterm(
-    tmp_path: Path, hub_home: HubConfig, running: list[Running],
+    tmp_path: Path, hub_home: HubConfig, running: list[Running], closed_url: str,
 ) -> None:
     key = tmp_path / "w1.key"
     subprocess.run([sys.executable, "-m", "ledger.cli", "witness-key", "--out", str(key),
                     "--name", "witness.example/w1"], env=env(), check=True,
                    capture_output=True, timeout=60)
-    url = f"nats://127.0.0.1:{closed_port()}"
+    url = closed_url
     witness = Running(["ledger.cli", "witness", "--nats", url, "--log-key",
                        str(hub_home.home / "log.vkey"), "--key", str(key), "--name",
                        "witness.example/w1", "--state", str(tmp_path / "w1.json"),

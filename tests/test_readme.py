@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from testkit.nats_server import find_nats_server
+from testkit.ports import PortInUse, address_in_use, start_on_free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"
@@ -40,12 +40,6 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.nats, pytest.mark.tflite]
 
 def bash_blocks(text: str) -> list[str]:
     return re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def script_of(blocks: list[str], port: int) -> str:
@@ -98,17 +92,15 @@ def stop(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def test_the_readme_runs_as_written(tmp_path: Path) -> None:
-    blocks = bash_blocks(README.read_text())
-    assert "scripts/demo" in blocks[0] and "scripts/test" in blocks[0]
-    work = tmp_path / "readme"
+def run_readme(root: Path, blocks: list[str], env: dict[str, str],
+               port: int) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    """The README's blocks as one script in ROOT/readme-PORT with PORT for 4222; every
+    background process stopped after. `PortInUse` when its nats-server found the port
+    taken (by a parallel test, between the pick and the bind)."""
+    work = root / f"readme-{port}"
     work.mkdir()
     make_venv(work)
-    port = free_port()
-    (work / "readme.sh").write_text(script_of(blocks[1:], port))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FLEET_HUB_HOME", "LEDGER_DB", "FLEET_OPERATOR_KEY", "VIRTUAL_ENV")}
-    env["COLUMNS"] = "120"
+    (work / "readme.sh").write_text(script_of(blocks, port))
     try:
         done = subprocess.run(["bash", "readme.sh"], cwd=work, env=env, capture_output=True,
                               text=True, timeout=280, check=False)
@@ -116,6 +108,21 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
         pids = (work / "pids").read_text().split() if (work / "pids").exists() else []
         for pid in reversed(pids):  # the agent and witness first, the NATS server last
             stop(int(pid))
+    if done.returncode != 0 and any(address_in_use(p.read_text(errors="replace"))
+                                    for p in work.glob("bg-*.log")):
+        raise PortInUse(f"port {port} was taken")
+    return done, pids, work
+
+
+def test_the_readme_runs_as_written(tmp_path: Path) -> None:
+    blocks = bash_blocks(README.read_text())
+    assert "scripts/demo" in blocks[0] and "scripts/test" in blocks[0]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FLEET_HUB_HOME", "LEDGER_DB", "FLEET_OPERATOR_KEY", "VIRTUAL_ENV")}
+    env["COLUMNS"] = "120"
+    # The README's nats-server is told its port: retried on another if it was taken.
+    done, pids, work = start_on_free_port(
+        lambda port: run_readme(tmp_path, blocks[1:], env, port), tries=3)
     logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
                    for p in sorted(work.glob("bg-*.log")))
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-4000:]}{logs}"

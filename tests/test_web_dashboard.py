@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -553,12 +552,6 @@ async def test_chromium_shows_live_progress_the_page_did_not_have(
 # ---------------------------------------------------------------- `hub serve --web`
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_hub_serve_web_serves_the_dashboard_as_a_supervised_task(
     tmp_path: Path, bare_nats_server: EmbeddedNats,
 ) -> None:
@@ -568,17 +561,24 @@ def test_hub_serve_web_serves_the_dashboard_as_a_supervised_task(
     home = tmp_path / "home"
     init_home(home, bare_nats_server.url, "ledger.db", False, nats_auth=False)
     (tmp_path / "web.token").write_text(TOKEN + "\n")
-    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.pop("FLEET_HUB_HOME", None)
+    # Port 0: the hub binds a free port itself and logs it (no pick-then-bind race with
+    # parallel tests); the test reads it from the "dashboard on" line.
     with open(tmp_path / "hub.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hub.cli", "serve", "--home", str(home),
-             "--web", f"127.0.0.1:{port}", "--web-token-file", str(tmp_path / "web.token")],
+             "--web", "127.0.0.1:0", "--web-token-file", str(tmp_path / "web.token")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
+        while not (bound := re.search(r"dashboard on http://127\.0\.0\.1:(\d+)/",
+                                      (tmp_path / "hub.log").read_text())):
+            assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+            assert time.monotonic() < deadline, "the hub did not log its dashboard address"
+            time.sleep(0.1)
+        port = int(bound.group(1))
+        url = f"http://127.0.0.1:{port}"
         while True:
             assert proc.poll() is None, (tmp_path / "hub.log").read_text()
             with contextlib.suppress(httpx.HTTPError):

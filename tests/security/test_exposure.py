@@ -14,17 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from hub.home.config import HomeError, init_home
+from hub.home.config import HomeError, HubConfig, init_home
 from hub.home.nats_config import jetstream_dir, listen_address, server_conf_path
 from testkit.nats_server import find_nats_server
+from testkit.ports import PortInUse, address_in_use, start_on_free_port
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def non_loopback_address() -> str | None:
@@ -64,29 +59,40 @@ def test_hub_init_refuses_a_nats_url_it_cannot_listen_on(tmp_path: Path) -> None
     assert not (tmp_path / "hub").exists()
 
 
+def serve_written_config(tmp_path: Path, port: int) -> tuple[
+        HubConfig, subprocess.Popen[bytes], str]:
+    """`hub init --nats nats://127.0.0.1:PORT`, then a nats-server run with nothing but
+    the file it wrote, until ready: the config, the server and its log. `PortInUse` when
+    a parallel test took the port first (`start_on_free_port` then tries another)."""
+    config = init_home(tmp_path / f"hub-{port}", f"nats://127.0.0.1:{port}")
+    log_path = tmp_path / f"nats-{port}.log"
+    proc = subprocess.Popen([find_nats_server(), "-c", str(server_conf_path(config.home)),
+                             "-l", str(log_path)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while "Server is ready" not in (log := log_path.read_text() if log_path.exists() else ""):
+        if proc.poll() is not None and address_in_use(log):
+            raise PortInUse(log)
+        assert proc.poll() is None, log
+        assert time.monotonic() < deadline, log
+        time.sleep(0.05)
+    return config, proc, log
+
+
 @pytest.mark.nats  # starts a nats-server (not through EmbeddedNats: with the file alone)
 def test_the_written_config_listens_only_where_nats_says(tmp_path: Path) -> None:
-    port = free_port()
-    config = init_home(tmp_path / "hub", f"nats://127.0.0.1:{port}")
-    conf = server_conf_path(config.home)
-    text = conf.read_text()
-    assert re.search(rf'^listen: "127\.0\.0\.1:{port}"$', text, re.M), text
+    # The port is written into the config before the server binds it: retried on a clash.
+    config, proc, log = start_on_free_port(lambda port: serve_written_config(tmp_path, port))
+    port = int(listen_address(config.nats_url).rsplit(":", 1)[1])
     store = jetstream_dir(config.home).resolve()  # the server adds jetstream/ itself
-    assert f'jetstream {{ store_dir: "{store.parent}" }}' in text, text
-    assert "/tmp/nats" not in text
-
-    # The server run with nothing but that file: bound to loopback, store in the home.
-    log_path = tmp_path / "nats.log"
-    proc = subprocess.Popen([find_nats_server(), "-c", str(conf), "-l", str(log_path)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
-        while "Server is ready" not in (log := log_path.read_text() if log_path.exists()
-                                        else ""):
-            assert proc.poll() is None, log
-            assert time.monotonic() < deadline, log
-            time.sleep(0.05)
+        conf = server_conf_path(config.home)
+        text = conf.read_text()
+        assert re.search(rf'^listen: "127\.0\.0\.1:{port}"$', text, re.M), text
+        assert f'jetstream {{ store_dir: "{store.parent}" }}' in text, text
+        assert "/tmp/nats" not in text
+
+        # The server run with nothing but that file: bound to loopback, store in the home.
         assert f"Listening for client connections on 127.0.0.1:{port}" in log, log
         assert f'Store Directory: "{store}"' in log, log
         assert reachable("127.0.0.1", port)
