@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import Error as JsError
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from edge_agent.protocol import ProtocolError, decode_map
 from edge_agent.protocol.names import (
@@ -207,7 +207,7 @@ class HubClient:
                 headers = {UPLOAD_CHUNK_HEADER: str(index),
                            "Nats-Msg-Id": f"{upload_id}.{index}"}
                 try:
-                    await js.publish(subject, chunk, stream=UPLOADS_STREAM, headers=headers)
+                    await publish_chunk(js, subject, chunk, headers)
                 except NoStreamResponseError as exc:
                     raise Unreachable("the hub's upload stream is not there; start `hub "
                                       "serve` first") from exc
@@ -274,3 +274,22 @@ class HubClient:
             if state == "cancelled":
                 raise Refused(f"validation job {job} was cancelled; nothing was recorded")
             await asyncio.sleep(poll_s)
+
+
+# A stream of a cluster answers 503 while its replicas elect a leader (just made, or a
+# node lost); the message id makes a resent chunk a no-op, so asking again is safe.
+UNAVAILABLE_RETRY_S = 10.0
+
+
+async def publish_chunk(js: Any, subject: str, chunk: bytes, headers: dict[str, str],
+                        ) -> None:
+    """One upload chunk into UPLOADS, tried again for a while on "unavailable"."""
+    deadline = asyncio.get_running_loop().time() + UNAVAILABLE_RETRY_S
+    while True:
+        try:
+            await js.publish(subject, chunk, stream=UPLOADS_STREAM, headers=headers)
+            return
+        except ServiceUnavailableError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.25)
