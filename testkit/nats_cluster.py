@@ -10,8 +10,6 @@ the nodes' ports up from the first.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import nats
 
-from testkit.nats_server import NatsServerError, find_nats_server
+from testkit.nats_server import NatsServerError, find_nats_server, kill_process, stop_process
 from testkit.ports import reserve_port_run
 
 
@@ -69,22 +67,12 @@ class ConfiguredNats:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (then SIGKILL) the server we started; its store stays."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
+        stop_process(self.process, timeout)
         self.process = None
 
     def kill(self) -> None:
         """SIGKILL, as a crash of the machine would."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_process(self.process)
         self.process = None
 
 

@@ -108,22 +108,12 @@ class EmbeddedNats:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server we started (by its PID), keeping the store for a restart."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
+        stop_process(self.process, timeout)
         self.process = None
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_process(self.process)
         self.process = None
 
     def restart(self) -> None:
@@ -145,3 +135,21 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a server we started (by its PID), SIGKILL if it does not go in time."""
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+
+
+def kill_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL a server we started, as a crash would."""
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
